@@ -1,0 +1,263 @@
+"""The one orchestration entry: ``quantize(model, recipe) -> model``, ``save(model, dir)``, ``load(dir)``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moequant import __version__
+from moequant.alloc.recipe import Recipe
+from moequant.errors import MoequantError
+from moequant.formats.checkpoint import (CHECKPOINT_FORMAT_VERSION, QUANT_METHOD, AtomicDir, ShardReader,
+                                         read_quantization_config, write_shards)
+from moequant.formats.registry import FORMATS, encode
+from moequant.models.adapters import Target, adapter_for, iter_targets
+from moequant.nn.packed import packed_names, packed_tensor
+from moequant.nn.quant_experts import QuantExperts
+from moequant.nn.quant_linear import QuantLinear
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TensorRecord:
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    rule: str | None
+    method: str | None  # config short name, None when kept
+    bits_per_weight: float | None = None
+    nbytes: int = 0
+
+
+@dataclass
+class QuantReport:
+    """What ``quantize`` did: every target weight, quantized or kept, and the rule that decided."""
+
+    recipe: dict[str, Any]
+    tensors: list[TensorRecord] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> list[TensorRecord]:
+        return [t for t in self.tensors if t.method is not None]
+
+    @property
+    def kept(self) -> list[TensorRecord]:
+        return [t for t in self.tensors if t.method is None]
+
+    def bits_per_weight(self) -> float:
+        """Every stored bit of the quantized tensors / their number of weights."""
+        q = self.quantized
+        n = sum(_numel(t.shape) for t in q)
+        return 8.0 * sum(t.nbytes for t in q) / n if n else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "bits_per_weight": self.bits_per_weight(),
+                "quantized_tensors": [asdict(t) for t in self.quantized],
+                "kept_tensors": [asdict(t) for t in self.kept]}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# ------------------------------------------------------------------------------------------------
+# quantize
+# ------------------------------------------------------------------------------------------------
+
+def quantize(model: nn.Module, recipe: Recipe, *, progress: bool = True) -> nn.Module:
+    """Quantize ``model`` in place with ``recipe`` (round-to-nearest per codec), layer by layer.
+
+    Every ``nn.Linear`` inside the decoder layers and every fused expert tensor is a target; the
+    first matching rule decides its method or keeps it. Afterwards every target a rule assigned a
+    method is verified to be stored packed (``MoequantError`` otherwise). The report is attached as
+    ``model.moequant_report``.
+    """
+    adapter = adapter_for(model)
+    targets = list(iter_targets(model, adapter))
+    if not targets:
+        raise MoequantError(f"{adapter.model_type}: found no linear or expert weights to quantize")
+    report = QuantReport(recipe=recipe.to_dict())
+    by_layer: dict[int, list[Target]] = {}
+    for t in targets:
+        by_layer.setdefault(t.layer, []).append(t)
+    bar = tqdm(sorted(by_layer), desc="quantize", unit="layer", disable=not progress)
+    for layer in bar:
+        experts: dict[str, dict[str, Any]] = {}
+        for t in by_layer[layer]:
+            config, rule = recipe.match(t.name, t.kind)
+            module = model.get_submodule(t.module)
+            weight = getattr(module, t.param)
+            if config is None:
+                report.tensors.append(TensorRecord(t.name, t.kind, t.shape, rule, None, None,
+                                                   weight.numel() * weight.element_size()))
+                if t.kind == "experts":
+                    experts.setdefault(t.module, {})[t.param] = weight.detach()
+                continue
+            try:
+                qt = encode(weight.detach().to(torch.float32), config)
+            except ValueError as e:
+                raise MoequantError(f"{t.name} {tuple(t.shape)}: {e}") from None
+            report.tensors.append(TensorRecord(t.name, t.kind, t.shape, rule, config.short_name,
+                                               qt.bits_per_weight(), qt.nbytes()))
+            if t.kind == "linear":
+                _set_module(model, t.module, QuantLinear(qt, module.bias))
+            else:
+                experts.setdefault(t.module, {})[t.param] = qt
+        for mname, parts in experts.items():
+            if any(not isinstance(v, torch.Tensor) for v in parts.values()):
+                old = model.get_submodule(mname)
+                _set_module(model, mname, QuantExperts(parts["gate_up_proj"], parts["down_proj"], old.act_fn))
+    verify_quantized(model, report)
+    model.moequant_report = report
+    model.moequant_recipe = recipe
+    return model
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def verify_quantized(model: nn.Module, report: QuantReport) -> None:
+    """Every tensor the recipe assigned a method is stored packed in the model; fail loudly otherwise."""
+    missing = []
+    for t in report.quantized:
+        module_name, _, param = t.name.rpartition(".")
+        mod = model.get_submodule(module_name)
+        if param not in packed_names(mod):
+            missing.append(t.name)
+    if missing:
+        raise MoequantError(f"{len(missing)} targeted tensors are not stored quantized: {missing[:5]}")
+
+
+# ------------------------------------------------------------------------------------------------
+# sizes
+# ------------------------------------------------------------------------------------------------
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer the model holds (shared storage counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes() if t.device.type != "meta" else 0
+    return total
+
+
+def packed_modules(model: nn.Module) -> dict[str, Any]:
+    """``{param_name: QuantizedTensor}`` of every packed weight in the model."""
+    out = {}
+    for mname, mod in model.named_modules():
+        for p in packed_names(mod):
+            out[f"{mname}.{p}"] = packed_tensor(mod, p)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# save / load
+# ------------------------------------------------------------------------------------------------
+
+def save(model: nn.Module, out_dir: str | Path, *, tokenizer: Any = None, overwrite: bool = False,
+         extra: dict[str, Any] | None = None) -> Path:
+    """Write a packed checkpoint (see ``moequant.formats.checkpoint``); nothing is left half-written."""
+    out = Path(out_dir)
+    packed = packed_modules(model)
+    if not packed:
+        raise MoequantError("model has no quantized tensors: run moequant.quantize first")
+    state: dict[str, torch.Tensor] = {}
+    for name, qt in packed.items():
+        state.update(qt.to_state_dict(name))
+    packed_keys = set(state)
+    tied: dict[str, str] = {}
+    seen: dict[tuple[int, int], str] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name in packed_keys:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen and tuple(t.shape) == tuple(state[seen[key]].shape):
+            tied[name] = seen[key]
+            continue
+        seen[key] = name
+        state[name] = t.detach()
+    recipe = getattr(model, "moequant_recipe", None)
+    qcfg = {"quant_method": QUANT_METHOD, "format_version": CHECKPOINT_FORMAT_VERSION,
+            "moequant_version": __version__, "recipe": recipe.to_dict() if recipe else None,
+            "tensors": {n: qt.meta() for n, qt in packed.items()}, "tied": tied, **(extra or {})}
+    config = model.config.to_dict()
+    config["quantization_config"] = qcfg
+    with AtomicDir(out, overwrite=overwrite) as tmp:
+        write_shards(state, tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return out
+
+
+def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Build the model from its config without allocating full-precision weights, swap in
+    ``QuantLinear`` / ``QuantExperts`` built straight from the packed tensors, load the kept tensors."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    qcfg = read_quantization_config(path)
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    reader = ShardReader(path)
+    used: set[str] = set()
+    experts: dict[str, dict[str, Any]] = {}
+    for name, meta in qcfg["tensors"].items():
+        cls = FORMATS.get(meta["format"])
+        keys = {f"{name}_{d}": reader.get(f"{name}_{d}").to(device) for d in cls.data_names}
+        used.update(keys)
+        qt = cls.from_state_dict(keys, name, meta)
+        module_name, _, param = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if isinstance(module, nn.Linear):
+            bias = reader.get(f"{module_name}.bias").to(device) if module.bias is not None else None
+            if bias is not None:
+                used.add(f"{module_name}.bias")
+            _set_module(model, module_name, QuantLinear(qt, bias))
+        else:
+            experts.setdefault(module_name, {})[param] = qt
+    for mname, parts in experts.items():
+        old = model.get_submodule(mname)
+        for p in ("gate_up_proj", "down_proj"):
+            if p not in parts:
+                parts[p] = reader.get(f"{mname}.{p}").to(device)
+                used.add(f"{mname}.{p}")
+        _set_module(model, mname, QuantExperts(parts["gate_up_proj"], parts["down_proj"], old.act_fn))
+    rest = {k: reader.get(k).to(device) for k in reader.keys() if k not in used}
+    for dropped, kept in qcfg.get("tied", {}).items():
+        rest[dropped] = rest[kept]
+    result = model.load_state_dict(rest, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise MoequantError(f"{path}: tensors the model does not have: {result.unexpected_keys[:5]}")
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise MoequantError(f"{path}: checkpoint lacks tensors {still_meta[:5]}")
+    recipe = qcfg.get("recipe")
+    model.moequant_recipe = Recipe.from_dict(recipe) if recipe else None
+    model.eval()
+    return model

@@ -1,0 +1,236 @@
+"""Command line: parses arguments into typed jobs and calls ``moequant.runs``; prints results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from moequant.errors import MoequantError
+
+
+def _method_config(args: argparse.Namespace):
+    from moequant.codecs.config import LutConfig, UniformConfig
+
+    if args.method == "int":
+        return UniformConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asym,
+                             clip_search=not args.no_clip_search, clip_steps=args.clip_steps, clip_min=args.clip_min)
+    if args.method in ("nf4", "fp4"):
+        return LutConfig(lut=args.method, block_size=args.block_size, double_quant=args.double_quant)
+    raise MoequantError(f"unknown --method {args.method!r}")
+
+
+def _recipe(args: argparse.Namespace):
+    from moequant.alloc.recipe import DEFAULT_KEEP, Recipe
+
+    if args.recipe:
+        path = Path(args.recipe)
+        if not path.is_file():
+            raise MoequantError(f"--recipe {path}: no such file")
+        try:
+            return Recipe.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, ValueError) as e:
+            raise MoequantError(f"--recipe {path}: {e}") from None
+    keep = DEFAULT_KEEP + tuple(args.keep or ())
+    return Recipe.uniform(_method_config(args), keep=keep)
+
+
+def _add_method_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default="int", choices=["int", "nf4", "fp4"], help="codec (default int)")
+    g.add_argument("--bits", type=int, default=4, help="bits per code for --method int (2, 3, 4, 5, 6, 8)")
+    g.add_argument("--group-size", type=int, default=128, help="input columns per scale (-1 = whole row)")
+    g.add_argument("--asym", action="store_true", help="asymmetric grid with an integer zero point")
+    g.add_argument("--no-clip-search", action="store_true", help="plain absmax/minmax scales (no MSE clip search)")
+    g.add_argument("--clip-steps", type=int, default=16, help="shrink factors tried per group (default 16)")
+    g.add_argument("--clip-min", type=float, default=0.65, help="smallest shrink factor (default 0.65)")
+    g.add_argument("--block-size", type=int, default=64, help="absmax block for nf4/fp4 (default 64)")
+    g.add_argument("--double-quant", action="store_true", help="quantize nf4/fp4 block scales to 8 bits")
+    g.add_argument("--recipe", help="JSON recipe file (overrides the method flags)")
+    g.add_argument("--keep", action="append", help="extra parameter pattern to keep in full precision "
+                   "(exact name or re:REGEX), repeatable")
+
+
+def _print_json_or_table(result: dict[str, Any], json_path: str | None, lines: list[str]) -> None:
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=1))
+    print("\n".join(lines))
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from moequant.runs import QuantizeJob, run_quantize
+
+    job = QuantizeJob(args.model, _recipe(args), Path(args.out), overwrite=args.overwrite,
+                      kept_dtype=args.kept_dtype, progress=not args.quiet)
+    r = run_quantize(job, sys.argv[1:])
+    lines = [f"quantized {len(r['quantized_tensors'])} tensors, kept {len(r['kept_tensors'])} -> {r['out']}",
+             f"  bits/weight (quantized tensors): {r['bits_per_weight']:.4f}",
+             f"  bits/weight (whole model):       {r['bits_per_weight_model']:.4f}",
+             f"  checkpoint: {r['checkpoint_bytes'] / 2**20:.1f} MiB, resident: {r['resident_bytes'] / 2**20:.1f} MiB "
+             f"(ideal {r['ideal_bytes'] / 2**20:.1f} MiB)",
+             f"  report: {Path(r['out']) / 'report.json'}"]
+    _print_json_or_table(r, None, lines)
+    return 0
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from moequant.runs import PplJob, run_ppl
+
+    job = PplJob(args.model, data=args.data, split=args.split, seqlen=args.seqlen, stride=args.stride,
+                 add_bos=not args.no_bos, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                 progress=not args.quiet)
+    r = run_ppl(job, sys.argv[1:])
+    lo, hi = r["ci95"]
+    _print_json_or_table(r, args.json, [f"{args.model} {args.data}/{args.split}: PPL {r['ppl']:.3f} "
+                                        f"[95% CI {lo:.3f}, {hi:.3f}] over {r['tokens']} tokens, "
+                                        f"{r['n_windows']} windows of {r['seqlen']}"])
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from moequant.runs import run_inspect
+
+    r = run_inspect(Path(args.path))
+    lines = [f"{'tensor':60s} {'format':22s} {'shape':>18s} {'bits/w':>7s}"]
+    for t in r["quantized_tensors"]:
+        lines.append(f"{t['name']:60s} {t['format']:22s} {str(tuple(t['shape'])):>18s} {t['bits_per_weight']:7.3f}")
+    lines.append(f"kept in full precision: {len(r['kept_tensors'])} tensors, {r['kept_bytes'] / 2**20:.1f} MiB")
+    for t in r["kept_tensors"]:
+        lines.append(f"  {t['name']:58s} {t['dtype']:10s} {str(tuple(t['shape'])):>18s}")
+    lines.append(f"bits/weight: {r['bits_per_weight']:.4f} (quantized tensors), "
+                 f"{r['bits_per_weight_model']:.4f} (whole model)")
+    lines.append(f"checkpoint {r['checkpoint_bytes']} B, resident {r['resident_bytes']} B, ideal {r['ideal_bytes']} B "
+                 f"(resident/ideal {r['resident_over_ideal']:.4f})")
+    _print_json_or_table(r, args.json, lines)
+    return 0
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from moequant.zoo.corpora import CORPORA
+    from moequant.zoo.models import BUILT_MODELS, GGUF_MODELS, resolve_alias
+    from moequant.zoo.fetch import cache_root
+
+    if args.zoo_cmd == "list":
+        print("models:")
+        for a, s in GGUF_MODELS.items():
+            print(f"  {a:24s} {s.description}")
+        for a in BUILT_MODELS:
+            print(f"  {a:24s} tiny OLMoE trained here (`moequant zoo build {a}`)")
+        print("corpora:")
+        for a, c in CORPORA.items():
+            print(f"  {a:24s} {c.description} (train/valid/test)")
+        print(f"cache: {cache_root()}")
+        return 0
+    if args.zoo_cmd == "fetch":
+        print(resolve_alias(args.alias))
+        return 0
+    if args.zoo_cmd == "build":
+        from moequant.zoo.tiny_olmoe import VARIANTS, build_tiny_olmoe
+
+        if args.alias not in VARIANTS:
+            raise MoequantError(f"cannot build {args.alias!r} (buildable: {', '.join(VARIANTS)})")
+        out = Path(args.out) if args.out else cache_root() / "models" / args.alias
+        if out.exists() and not args.overwrite:
+            raise MoequantError(f"{out} already exists (pass --overwrite to rebuild)")
+        cfg = VARIANTS[args.alias]
+        if args.max_minutes is not None:
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, max_minutes=args.max_minutes)
+        print(build_tiny_olmoe(out, args.alias, config=cfg, progress=not args.quiet))
+        return 0
+    raise MoequantError(f"unknown zoo command {args.zoo_cmd!r}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from moequant.demo import DemoJob, run_demo
+
+    job = DemoJob(model=args.model, bits=tuple(args.bits), out=Path(args.out), max_tokens=args.max_tokens,
+                  overwrite=args.overwrite, progress=not args.quiet)
+    r = run_demo(job, sys.argv[1:])
+    print(r["table"])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moequant", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and write a packed checkpoint")
+    q.add_argument("model", help="zoo alias, local HF directory, .gguf file, or hub id")
+    q.add_argument("--out", required=True, help="output directory (must not exist)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    q.add_argument("--kept-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the tensors kept in full precision (default: as loaded)")
+    _add_method_args(q)
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="evaluate a model")
+    esub = e.add_subparsers(dest="eval_cmd", required=True)
+    pp = esub.add_parser("ppl", help="perplexity in windows, with a bootstrap CI")
+    pp.add_argument("model", help="checkpoint directory, zoo alias, HF directory, .gguf or hub id")
+    pp.add_argument("--data", default="ptb", help="corpus alias (ptb, shakespeare, wikitext2, c4) or a text file")
+    pp.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    pp.add_argument("--seqlen", type=int, default=512)
+    pp.add_argument("--stride", type=int, default=None, help="window stride (default: seqlen, no overlap)")
+    pp.add_argument("--no-bos", action="store_true", help="do not prepend BOS to each window")
+    pp.add_argument("--batch-size", type=int, default=4)
+    pp.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the split")
+    pp.add_argument("--json", help="write the full result (per-window NLL included) to this file")
+    pp.set_defaults(func=cmd_eval_ppl)
+
+    i = sub.add_parser("inspect", help="per-tensor formats, bits/weight and sizes of a checkpoint")
+    i.add_argument("path")
+    i.add_argument("--json", help="write the result to this file")
+    i.set_defaults(func=cmd_inspect)
+
+    z = sub.add_parser("zoo", help="built-in models and corpora")
+    zsub = z.add_subparsers(dest="zoo_cmd", required=True)
+    zsub.add_parser("list", help="list aliases")
+    zf = zsub.add_parser("fetch", help="assemble a model alias into the cache")
+    zf.add_argument("alias")
+    zb = zsub.add_parser("build", help="train a tiny OLMoE fixture (tiny-olmoe, tiny-olmoe-collapsed)")
+    zb.add_argument("alias")
+    zb.add_argument("--out", help="directory (default: the cache)")
+    zb.add_argument("--max-minutes", type=float, default=None, help="training time budget")
+    zb.add_argument("--overwrite", action="store_true")
+    z.set_defaults(func=cmd_zoo)
+
+    d = sub.add_parser("demo", help="quantize a zoo model at several bit widths, report size and PPL")
+    d.add_argument("--model", default="smollm2-135m")
+    d.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--max-tokens", type=int, default=16384, help="PTB test tokens to score (default 16384)")
+    d.add_argument("--overwrite", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except MoequantError as e:
+        print(f"moequant: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, KeyError) as e:
+        if args.verbose:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"moequant: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moequant: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

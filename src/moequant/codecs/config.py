@@ -1,0 +1,124 @@
+"""Typed, frozen, versioned method configs. Each serialises to ``{"type": ClassName, "version": v, ...}``.
+
+Nothing below the CLI sees argv or loose option dicts: it sees one of these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method config. Subclasses are frozen dataclasses with a ``VERSION``."""
+
+    VERSION: ClassVar[int] = 1
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the option when a field is out of range."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": type(self).__name__, "version": self.VERSION}
+        for f in dataclasses.fields(self):
+            out[f.name] = getattr(self, f.name)
+        return out
+
+    @property
+    def short_name(self) -> str:
+        """A human label such as ``int4-g128``."""
+        return type(self).__name__
+
+
+@dataclass(frozen=True)
+class UniformConfig(MethodConfig):
+    """Uniform integer grid, one scale (and zero point when asymmetric) per group of ``group_size``
+    consecutive input columns.
+
+    symmetric: midrise grid ``(q - (2^b - 1)/2) * s`` with ``s`` from the group's absmax (no zero
+    point stored); asymmetric: ``(q - z) * s`` with an integer zero point ``z`` stored at ``bits`` bits.
+    clip_search: per group, try ``clip_steps`` shrink factors evenly spaced in ``[clip_min, 1]`` of the
+    range and keep the one with the smallest squared error (optionally Hessian-diagonal weighted).
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = True
+    clip_search: bool = True
+    clip_steps: int = 16
+    clip_min: float = 0.65
+    scale_dtype: str = "float16"
+
+    SUPPORTED_BITS: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 8)
+
+    def validate(self) -> None:
+        if self.bits not in self.SUPPORTED_BITS:
+            raise ValueError(f"--bits {self.bits} is not supported by the int codec (choose from {self.SUPPORTED_BITS})")
+        if self.group_size < 0 or self.group_size == 0:
+            raise ValueError(f"--group-size must be positive or -1 (whole row), got {self.group_size}")
+        if self.clip_steps < 1:
+            raise ValueError(f"clip_steps must be >= 1, got {self.clip_steps}")
+        if not 0.0 < self.clip_min <= 1.0:
+            raise ValueError(f"clip_min must be in (0, 1], got {self.clip_min}")
+        if self.scale_dtype not in ("float16", "bfloat16", "float32"):
+            raise ValueError(f"scale_dtype must be float16, bfloat16 or float32, got {self.scale_dtype}")
+
+    @property
+    def short_name(self) -> str:
+        g = "row" if self.group_size == -1 else f"g{self.group_size}"
+        return f"int{self.bits}{'' if self.symmetric else 'a'}-{g}{'-clip' if self.clip_search else ''}"
+
+
+@dataclass(frozen=True)
+class LutConfig(MethodConfig):
+    """A 1-D lookup table (NF4, FP4, or any named LUT) with blockwise absmax scaling along the input dim.
+
+    double_quant: the per-block absmax scales are themselves quantized to 8 bits in blocks of
+    ``dq_block_size`` (QLoRA's double quantization), with one fp32 scale per such block.
+    """
+
+    lut: str = "nf4"
+    block_size: int = 64
+    double_quant: bool = False
+    dq_block_size: int = 256
+
+    KNOWN_LUTS: ClassVar[tuple[str, ...]] = ("nf4", "fp4")
+
+    def validate(self) -> None:
+        if self.lut not in self.KNOWN_LUTS:
+            raise ValueError(f"unknown LUT {self.lut!r} (choose from {self.KNOWN_LUTS})")
+        if self.block_size <= 0:
+            raise ValueError(f"--block-size must be positive, got {self.block_size}")
+        if self.dq_block_size <= 0:
+            raise ValueError(f"dq_block_size must be positive, got {self.dq_block_size}")
+
+    @property
+    def short_name(self) -> str:
+        return f"{self.lut}-b{self.block_size}{'-dq' if self.double_quant else ''}"
+
+
+CONFIG_TYPES: dict[str, type[MethodConfig]] = {
+    "UniformConfig": UniformConfig,
+    "LutConfig": LutConfig,
+}
+
+
+def config_from_dict(d: dict[str, Any]) -> MethodConfig:
+    """Inverse of ``MethodConfig.to_dict``; rejects unknown types and newer versions."""
+    d = dict(d)
+    name = d.pop("type", None)
+    version = d.pop("version", 1)
+    if name not in CONFIG_TYPES:
+        raise ValueError(f"unknown method config type {name!r} (known: {sorted(CONFIG_TYPES)})")
+    cls = CONFIG_TYPES[name]
+    if version > cls.VERSION:
+        raise ValueError(f"{name} version {version} is newer than this moequant supports ({cls.VERSION})")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - fields
+    if unknown:
+        raise ValueError(f"{name}: unknown fields {sorted(unknown)}")
+    return cls(**d)

@@ -1,0 +1,1 @@
+"""Packed tensor formats: one ``QuantizedTensor`` class per (codec x packing)."""

@@ -1,0 +1,139 @@
+"""Checkpoint files: safetensors shards + ``model.safetensors.index.json`` + ``config.json`` carrying
+``quantization_config``. No pickle anywhere.
+
+Contract (``moequant`` checkpoint format version 1):
+- ``config.json`` is the model's own config plus ``quantization_config = {"quant_method": "moequant",
+  "format_version": 1, "moequant_version", "recipe", "tensors": {param_name: meta}, "tied": {dropped: kept}}``
+  where each ``meta`` is ``QuantizedTensor.meta()`` (format id and version, logical shape, attributes);
+- a quantized parameter ``P`` is stored as the tensors ``P_<data>`` of its format's ``data_names``;
+- every other parameter and persistent buffer is stored under its own name in its own dtype; a
+  parameter that shares storage with an earlier one (tied embeddings) is stored once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moequant.errors import MoequantError
+
+CHECKPOINT_FORMAT_VERSION = 1
+QUANT_METHOD = "moequant"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def write_shards(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = 2 << 30) -> list[str]:
+    """Write ``tensors`` into shards of at most ``max_shard_bytes`` (one tensor never split)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        nb = t.numel() * t.element_size()
+        if shards[-1] and size + nb > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nb
+    n = len(shards)
+    files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map = {}
+    for fname, shard in zip(files, shards):
+        save_file(shard, str(out_dir / fname), metadata={"format": "pt", "producer": QUANT_METHOD})
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(out_dir / INDEX_NAME, "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1, sort_keys=True)
+    return files
+
+
+class ShardReader:
+    """Lazy access to the tensors of a checkpoint directory (one file or an index of shards)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        elif (self.path / "model.safetensors").is_file():
+            with safe_open(str(self.path / "model.safetensors"), framework="pt") as f:
+                self.weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise MoequantError(f"{self.path}: no model.safetensors or {INDEX_NAME}")
+        self._open: dict[str, Any] = {}
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.weight_map
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.weight_map:
+            raise MoequantError(f"{self.path}: checkpoint lacks tensor {key!r}")
+        fname = self.weight_map[key]
+        if fname not in self._open:
+            fpath = self.path / fname
+            if not fpath.is_file():
+                raise MoequantError(f"{self.path}: shard {fname} listed in the index is missing")
+            self._open[fname] = safe_open(str(fpath), framework="pt")
+        return self._open[fname].get_tensor(key)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for k in self.keys():
+            yield k, self.get(k)
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """Bytes of every file in the checkpoint directory (safetensors headers and JSON included)."""
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())
+
+
+def read_quantization_config(path: Path) -> dict[str, Any]:
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        raise MoequantError(f"{path}: no config.json (not a checkpoint directory)")
+    cfg = json.loads(cfg_path.read_text())
+    q = cfg.get("quantization_config")
+    if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD:
+        raise MoequantError(f"{cfg_path}: not a moequant checkpoint (quantization_config.quant_method != 'moequant')")
+    if int(q.get("format_version", 0)) > CHECKPOINT_FORMAT_VERSION:
+        raise MoequantError(f"{cfg_path}: checkpoint format {q['format_version']} is newer than this moequant "
+                            f"supports ({CHECKPOINT_FORMAT_VERSION}); upgrade moequant")
+    return q
+
+
+class AtomicDir:
+    """Write a directory under a temp name beside ``out`` and rename it into place on success.
+
+    Refuses an existing ``out`` unless ``overwrite``; on any exception the temp dir is removed.
+    """
+
+    def __init__(self, out: Path, overwrite: bool = False) -> None:
+        self.out = Path(out)
+        self.overwrite = overwrite
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        if self.out.exists() and not self.overwrite:
+            raise MoequantError(f"output directory {self.out} already exists (choose another --out or remove it)")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self.tmp.chmod(0o755)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.tmp is not None
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        os.replace(self.tmp, self.out)

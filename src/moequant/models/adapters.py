@@ -1,0 +1,108 @@
+"""Per-architecture data: where the decoder layers, the quantizable linears and the fused 3-D experts
+live, and what is protected (kept in full precision) by default. Adapters are data, not code paths:
+one runner serves every architecture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from moequant.errors import MoequantError
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """Where things live in a ``transformers`` causal LM of one ``model_type``.
+
+    layers: dotted path of the decoder ``ModuleList``.
+    experts: path of the fused experts module inside a layer (``None`` for dense models); it holds
+        ``gate_up_proj [E, 2I, H]`` (gate rows first, then up) and ``down_proj [E, H, I]``.
+    router: path of the router inside a layer (protected).
+    protected: regexes of parameter names kept in full precision by default (beyond the router).
+    """
+
+    model_type: str
+    layers: str = "model.layers"
+    experts: str | None = None
+    router: str | None = None
+    expert_params: tuple[str, ...] = ("gate_up_proj", "down_proj")
+    protected: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.experts is not None
+
+
+_DENSE = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "gemma")
+_MOE = ("olmoe", "qwen3_moe", "qwen2_moe", "mixtral")
+
+ADAPTERS: dict[str, ModelAdapter] = {
+    **{t: ModelAdapter(t) for t in _DENSE},
+    **{t: ModelAdapter(t, experts="mlp.experts", router="mlp.gate") for t in _MOE},
+}
+# Qwen2-MoE's shared expert has a scalar sigmoid gate Linear(H, 1): routing, so protected.
+ADAPTERS["qwen2_moe"] = ModelAdapter("qwen2_moe", experts="mlp.experts", router="mlp.gate",
+                                     protected=(r".*\.mlp\.shared_expert_gate\.weight$",))
+
+
+def adapter_for(model_or_type: nn.Module | str) -> ModelAdapter:
+    model_type = model_or_type if isinstance(model_or_type, str) else getattr(model_or_type.config, "model_type", "?")
+    try:
+        return ADAPTERS[model_type]
+    except KeyError:
+        raise MoequantError(f"unsupported architecture {model_type!r} (supported: {', '.join(sorted(ADAPTERS))})") from None
+
+
+@dataclass(frozen=True)
+class Target:
+    """A weight that a recipe may quantize.
+
+    name: full parameter name (``model.layers.0.mlp.experts.gate_up_proj``).
+    module: full name of the module that owns it; kind: ``linear`` (2-D ``[N, K]``) or ``experts``
+    (3-D ``[E, N, K]``); layer: decoder layer index.
+    """
+
+    name: str
+    module: str
+    param: str
+    kind: str
+    shape: tuple[int, ...]
+    layer: int
+
+
+def decoder_layers(model: nn.Module, adapter: ModelAdapter) -> nn.ModuleList:
+    layers = model.get_submodule(adapter.layers)
+    if not isinstance(layers, nn.ModuleList):
+        raise MoequantError(f"{adapter.model_type}: {adapter.layers} is not a ModuleList")
+    return layers
+
+
+def iter_targets(model: nn.Module, adapter: ModelAdapter) -> Iterator[Target]:
+    """Every quantizable weight in decoder order: ``nn.Linear`` weights and fused expert tensors.
+    The router is skipped (it is never a target)."""
+    for i, layer in enumerate(decoder_layers(model, adapter)):
+        prefix = f"{adapter.layers}.{i}"
+        experts = _get(layer, adapter.experts) if adapter.experts else None
+        router = _get(layer, adapter.router) if adapter.router else None
+        for mname, mod in layer.named_modules():
+            if mod is router:
+                continue
+            full = f"{prefix}.{mname}" if mname else prefix
+            if experts is not None and mod is experts:
+                for p in adapter.expert_params:
+                    t = getattr(mod, p, None)
+                    if isinstance(t, torch.Tensor) and t.dim() == 3:
+                        yield Target(f"{full}.{p}", full, p, "experts", tuple(t.shape), i)
+            elif isinstance(mod, nn.Linear):
+                yield Target(f"{full}.weight", full, "weight", "linear", tuple(mod.weight.shape), i)
+
+
+def _get(layer: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return layer.get_submodule(path)
+    except AttributeError:
+        return None  # e.g. a dense MLP layer inside an MoE model (Qwen3-MoE mlp_only_layers)

@@ -1,0 +1,40 @@
+"""``QuantLinear``: a linear layer that stores only its packed weight and dequantizes it per call."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moequant.formats.base import QuantizedTensor
+from moequant.nn.packed import packed_tensor, register_packed
+
+
+class QuantLinear(nn.Module):
+    """``y = x Ŵᵀ + b`` with ``Ŵ`` decoded from the packed ``weight_*`` buffers at call time.
+
+    Only the packed data is resident; the dequantized weight lives for the duration of one call.
+    """
+
+    def __init__(self, qweight: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if len(qweight.shape) != 2:
+            raise ValueError(f"QuantLinear needs a 2-D weight, got {qweight.shape}")
+        self.out_features, self.in_features = qweight.shape
+        register_packed(self, "weight", qweight)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @property
+    def qweight(self) -> QuantizedTensor:
+        return packed_tensor(self, "weight")
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.qweight.dequantize(dtype)  # [N, K]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.qweight.dequantize(x.dtype)  # [N, K]
+        return F.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        q = self.qweight
+        return f"in={self.in_features}, out={self.out_features}, {q.format_id}, {q.bits_per_weight():.3f} bpw"

@@ -1,0 +1,38 @@
+"""What every JSON result records: the command, package versions and the machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+from typing import Any
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("moequant", "torch", "transformers", "accelerate", "safetensors", "tokenizers", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    args = sys.argv[1:] if argv is None else argv
+    return "moequant " + " ".join(shlex.quote(a) for a in args)
+
+
+def run_info(argv: list[str] | None = None) -> dict[str, Any]:
+    return {"command": command_line(argv), "versions": versions(), "machine": machine()}

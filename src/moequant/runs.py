@@ -1,0 +1,146 @@
+"""Whole jobs behind the CLI (quantize a model to a directory, score perplexity, inspect a
+checkpoint), each taking a typed job description and returning the JSON-able result it also writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moequant.alloc.recipe import Recipe
+from moequant.errors import MoequantError
+from moequant.runinfo import run_info
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuantizeJob:
+    model: str
+    recipe: Recipe
+    out: Path
+    overwrite: bool = False
+    kept_dtype: str = "auto"  # dtype of kept (full precision) tensors: auto = as loaded
+    progress: bool = True
+
+
+def run_quantize(job: QuantizeJob, argv: list[str] | None = None) -> dict[str, Any]:
+    from moequant import api
+    from moequant.formats.checkpoint import checkpoint_bytes
+    from moequant.models.loader import load_model
+
+    if job.out.exists() and not job.overwrite:
+        raise MoequantError(f"output directory {job.out} already exists (choose another --out or pass --overwrite)")
+    t0 = time.time()
+    model, tok, resolved = load_model(job.model)
+    if job.kept_dtype != "auto":
+        model.to(getattr(torch, job.kept_dtype))
+    t_load = time.time() - t0
+    t0 = time.time()
+    api.quantize(model, job.recipe, progress=job.progress)
+    t_quant = time.time() - t0
+    report = model.moequant_report
+    api.save(model, job.out, tokenizer=tok, overwrite=job.overwrite)
+    sizes = model_sizes(model)
+    result = {
+        "model": job.model, "source": resolved.kind, "out": str(job.out),
+        "config": job.recipe.to_dict(),
+        "bits_per_weight": report.bits_per_weight(),
+        "checkpoint_bytes": checkpoint_bytes(job.out),
+        **sizes,
+        "quantized_tensors": report.to_dict()["quantized_tensors"],
+        "kept_tensors": report.to_dict()["kept_tensors"],
+        "seconds": {"load": round(t_load, 2), "quantize": round(t_quant, 2)},
+        **run_info(argv),
+    }
+    (job.out / "report.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def model_sizes(model: torch.nn.Module) -> dict[str, Any]:
+    """Resident bytes (unique storages of every parameter and buffer) next to the ideal: packed bytes
+    of the quantized tensors + bytes of everything kept; bits/weight over the whole model."""
+    from moequant import api
+
+    packed = api.packed_modules(model)
+    packed_bytes = sum(q.nbytes() for q in packed.values())
+    packed_weights = sum(q.numel for q in packed.values())
+    seen = {t.untyped_storage().data_ptr() for q in packed.values() for t in q.data.values()}
+    kept_bytes = kept_weights = 0
+    params = {id(p) for p in model.parameters()}
+    for t in list(model.parameters()) + list(model.buffers()):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        kept_bytes += t.numel() * t.element_size()
+        kept_weights += t.numel() if id(t) in params else 0
+    resident = api.resident_bytes(model)
+    ideal = packed_bytes + kept_bytes
+    total_weights = packed_weights + kept_weights
+    return {"resident_bytes": resident, "ideal_bytes": ideal, "packed_bytes": packed_bytes,
+            "kept_bytes": kept_bytes, "resident_over_ideal": resident / ideal if ideal else float("nan"),
+            "bits_per_weight_model": 8.0 * ideal / total_weights if total_weights else float("nan")}
+
+
+@dataclass(frozen=True)
+class PplJob:
+    model: str
+    data: str = "ptb"
+    split: str = "test"
+    seqlen: int = 512
+    stride: int | None = None
+    add_bos: bool = True
+    batch_size: int = 4
+    max_tokens: int | None = None
+    progress: bool = True
+
+
+def run_ppl(job: PplJob, argv: list[str] | None = None, model=None, tokenizer=None) -> dict[str, Any]:
+    from moequant.eval.perplexity import PplConfig, evaluate_perplexity, tokenize_corpus
+    from moequant.models.loader import load_model
+    from moequant.zoo.corpora import load_text
+
+    if model is None:
+        model, tokenizer, _ = load_model(job.model)
+    if tokenizer is None:
+        raise MoequantError(f"model {job.model!r} has no tokenizer: perplexity needs one")
+    text = load_text(job.data, job.split)
+    ids = tokenize_corpus(tokenizer, text)
+    bos = tokenizer.bos_token_id if job.add_bos else None
+    if job.add_bos and bos is None:
+        raise MoequantError(f"model {job.model!r}: tokenizer has no BOS token; pass --no-bos")
+    cfg = PplConfig(seqlen=job.seqlen, stride=job.stride, add_bos=job.add_bos, batch_size=job.batch_size,
+                    max_tokens=job.max_tokens)
+    t0 = time.time()
+    res = evaluate_perplexity(model, ids, cfg, bos, progress=job.progress)
+    out = {"model": job.model, "data": job.data, "split": job.split, **res.to_dict(),
+           "seconds": round(time.time() - t0, 2), **run_info(argv)}
+    if not math.isfinite(out["ppl"]):
+        log.warning("perplexity is not finite")
+    return out
+
+
+def run_inspect(path: Path) -> dict[str, Any]:
+    from moequant import api
+    from moequant.formats.checkpoint import checkpoint_bytes, read_quantization_config
+
+    qcfg = read_quantization_config(path)
+    model = api.load(path)
+    tensors = []
+    for name, qt in api.packed_modules(model).items():
+        tensors.append({"name": name, "format": qt.format_id, "shape": list(qt.shape),
+                        "bits_per_weight": qt.bits_per_weight(), "bytes": qt.nbytes(),
+                        **{k: v for k, v in qt.attrs.items()}})
+    kept = [{"name": n, "shape": list(p.shape), "dtype": str(p.dtype).replace("torch.", ""),
+             "bytes": p.numel() * p.element_size()} for n, p in model.named_parameters()]
+    n_q = sum(math.prod(t["shape"]) for t in tensors)
+    return {"path": str(path), "checkpoint_bytes": checkpoint_bytes(path), **model_sizes(model),
+            "bits_per_weight": 8.0 * sum(t["bytes"] for t in tensors) / n_q if n_q else float("nan"),
+            "recipe": qcfg.get("recipe"), "quantized_tensors": tensors, "kept_tensors": kept}

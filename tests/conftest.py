@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random-init configs of every supported architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3_text", "olmoe", "qwen3_moe", "qwen2_moe", "mixtral")
+MOE_ARCHS = ("olmoe", "qwen3_moe", "qwen2_moe", "mixtral")
+
+
+def tiny_config(arch: str):
+    import transformers as tf
+
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=256, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "llama":
+        return tf.LlamaConfig(intermediate_size=128, **common)
+    if arch == "qwen2":
+        return tf.Qwen2Config(intermediate_size=128, **common)
+    if arch == "qwen3":
+        return tf.Qwen3Config(intermediate_size=128, head_dim=16, **common)
+    if arch == "gemma3_text":
+        return tf.Gemma3TextConfig(intermediate_size=128, head_dim=16, sliding_window=32, **common)
+    if arch == "olmoe":
+        return tf.OlmoeConfig(intermediate_size=64, num_experts=4, num_experts_per_tok=2, **common)
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=64, num_experts=4,
+                                 num_experts_per_tok=2, head_dim=16, **common)
+    if arch == "qwen2_moe":
+        return tf.Qwen2MoeConfig(intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+                                 num_experts=4, num_experts_per_tok=2, **common)
+    if arch == "mixtral":
+        return tf.MixtralConfig(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, **common)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
+    model.eval()
+    return model
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
