@@ -47,3 +47,17 @@ def tiny_model(arch: str, seed: int = 0):
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP stalls when the 2 shared cores are busy."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def sqnr(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB."""
+    return float(10 * torch.log10(w.pow(2).sum() / (w - w_hat).pow(2).sum()))

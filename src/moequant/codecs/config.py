@@ -58,7 +58,7 @@ class UniformConfig(MethodConfig):
     def validate(self) -> None:
         if self.bits not in self.SUPPORTED_BITS:
             raise ValueError(f"--bits {self.bits} is not supported by the int codec (choose from {self.SUPPORTED_BITS})")
-        if self.group_size < 0 or self.group_size == 0:
+        if self.group_size != -1 and self.group_size <= 0:
             raise ValueError(f"--group-size must be positive or -1 (whole row), got {self.group_size}")
         if self.clip_steps < 1:
             raise ValueError(f"clip_steps must be >= 1, got {self.clip_steps}")

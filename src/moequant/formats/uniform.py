@@ -1,0 +1,110 @@
+"""Bit-packed uniform integer tensors: ``UniformTensor`` (symmetric) and ``UniformAsymTensor`` (asymmetric).
+
+Layout (``uniform-packed`` v1 and ``uniform-asym-packed`` v1), for a logical weight ``[..., N, K]`` with
+``G = K / group_size`` groups per row (``group_size = -1``: one group of the whole row):
+
+- ``codes``: uint8 ``[..., N, packed_len(K, bits)]``, each row's ``K`` codes packed by ``bitpack`` at
+  ``bits`` bits (little-endian, rows padded to whole chunks);
+- ``scale``: ``[..., N, G]`` in ``scale_dtype`` (float16 / bfloat16 / float32);
+- ``zero`` (asymmetric only): uint8 ``[..., N, packed_len(G, bits)]``, each row's ``G`` integer zero
+  points packed at ``bits`` bits.
+
+Decoding: symmetric ``w = (q - (2^bits - 1) / 2) * scale``; asymmetric ``w = (q - zero) * scale``.
+Attributes: ``bits``, ``group_size`` (as configured, ``-1`` allowed), ``symmetric``, ``scale_dtype``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+
+from moequant.codecs.config import MethodConfig, UniformConfig
+from moequant.codecs.uniform import resolve_group_size, uniform_dequantize, uniform_quantize
+from moequant.formats.base import QuantizedTensor
+from moequant.formats.bitpack import pack, packed_len, unpack
+
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def hessian_diag(hessian: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor | None:
+    """``hessian`` with as many dims as ``w`` is a full ``[..., K, K]`` matrix (its diagonal is taken);
+    with one dim fewer it already is the diagonal ``[..., K]``. -> ``[..., K]`` or None."""
+    if hessian is None:
+        return None
+    k = w.shape[-1]
+    if hessian.dim() == w.dim() and tuple(hessian.shape[-2:]) == (k, k):
+        return torch.diagonal(hessian, dim1=-2, dim2=-1)  # [..., K]
+    if hessian.dim() == w.dim() - 1 and hessian.shape[-1] == k:
+        return hessian
+    raise ValueError(f"hessian {tuple(hessian.shape)} fits neither [..., K, K] nor [..., K] for weight {tuple(w.shape)}")
+
+
+def _check_config(cls_name: str, config: MethodConfig, symmetric: bool) -> UniformConfig:
+    if not isinstance(config, UniformConfig):
+        raise TypeError(f"{cls_name} needs a UniformConfig, got {type(config).__name__}")
+    if config.symmetric != symmetric:
+        raise ValueError(f"{cls_name} stores {'symmetric' if symmetric else 'asymmetric'} grids; "
+                         f"config has symmetric={config.symmetric} (use formats.registry.tensor_class_for)")
+    return config
+
+
+class _UniformBase(QuantizedTensor):
+    """Shared encode / decode / size accounting of the two uniform formats."""
+
+    config_type: ClassVar[type[MethodConfig]] = UniformConfig
+    attr_names: ClassVar[tuple[str, ...]] = ("bits", "group_size", "symmetric", "scale_dtype")
+    symmetric: ClassVar[bool] = True
+
+    @classmethod
+    def encode(cls, w: torch.Tensor, config: MethodConfig, hessian: torch.Tensor | None = None) -> "QuantizedTensor":
+        cfg = _check_config(cls.__name__, config, cls.symmetric)
+        codes, scale, zero = uniform_quantize(
+            w, cfg.bits, cfg.group_size, cfg.symmetric, cfg.clip_search, cfg.clip_steps, cfg.clip_min,
+            hdiag=hessian_diag(hessian, w), scale_dtype=SCALE_DTYPES[cfg.scale_dtype])
+        data = {"codes": pack(codes, cfg.bits),  # [..., N, packed_len(K, bits)]
+                "scale": scale.to(SCALE_DTYPES[cfg.scale_dtype])}  # [..., N, G]
+        if zero is not None:
+            data["zero"] = pack(zero, cfg.bits)  # [..., N, packed_len(G, bits)]
+        attrs: dict[str, Any] = {"bits": cfg.bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
+                                 "scale_dtype": cfg.scale_dtype}
+        return cls(tuple(w.shape), data, attrs)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        bits, k = self.attrs["bits"], self.shape[-1]
+        gs = resolve_group_size(k, self.attrs["group_size"])
+        codes = unpack(self.data["codes"], bits, k)  # [..., N, K]
+        zero = None
+        if "zero" in self.data:
+            zero = unpack(self.data["zero"], bits, k // gs)  # [..., N, G]
+        return uniform_dequantize(codes, self.data["scale"], zero, gs, bits).to(dtype)
+
+    @classmethod
+    def expected_bits_per_weight(cls, shape: tuple[int, ...], config: MethodConfig) -> float:
+        cfg = _check_config(cls.__name__, config, cls.symmetric)
+        *lead, n, k = shape
+        g = k // resolve_group_size(k, cfg.group_size)
+        scale_bits = torch.finfo(SCALE_DTYPES[cfg.scale_dtype]).bits
+        row_bits = 8 * packed_len(k, cfg.bits) + g * scale_bits
+        if not cfg.symmetric:
+            row_bits += 8 * packed_len(g, cfg.bits)
+        return math.prod(lead) * n * row_bits / math.prod(shape)
+
+
+class UniformTensor(_UniformBase):
+    """Symmetric midrise int-k: packed ``codes`` + ``scale`` (see the module docstring)."""
+
+    format_id: ClassVar[str] = "uniform-packed"
+    format_version: ClassVar[int] = 1
+    data_names: ClassVar[tuple[str, ...]] = ("codes", "scale")
+    symmetric: ClassVar[bool] = True
+
+
+class UniformAsymTensor(_UniformBase):
+    """Asymmetric int-k: packed ``codes`` + ``scale`` + packed integer ``zero`` (see the module docstring)."""
+
+    format_id: ClassVar[str] = "uniform-asym-packed"
+    format_version: ClassVar[int] = 1
+    data_names: ClassVar[tuple[str, ...]] = ("codes", "scale", "zero")
+    symmetric: ClassVar[bool] = False

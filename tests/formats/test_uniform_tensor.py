@@ -1,0 +1,131 @@
+"""Packed uniform tensors: state-dict round trips, expert slicing, bit counting, quality, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import sqnr
+from moequant.codecs.config import UniformConfig
+from moequant.codecs.uniform import uniform_dequantize, uniform_quantize
+from moequant.formats.registry import FORMATS, encode, from_state_dict, tensor_class_for
+from moequant.formats.uniform import UniformAsymTensor, UniformTensor
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _gauss(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+CASES = [
+    ((3, 96, 320), UniformConfig(bits=4, group_size=64)),
+    ((3, 96, 320), UniformConfig(bits=3, group_size=64, symmetric=False)),
+    ((830, 544), UniformConfig(bits=3, group_size=32, clip_steps=4)),
+    ((830, 544), UniformConfig(bits=5, group_size=32, symmetric=False, clip_search=False)),
+    ((2, 2, 24, 48), UniformConfig(bits=6, group_size=-1, scale_dtype="bfloat16")),
+    ((2, 40, 64), UniformConfig(bits=2, group_size=16, symmetric=False, scale_dtype="float32")),
+    ((2, 40, 64), UniformConfig(bits=8, group_size=64)),
+]
+
+
+@pytest.mark.parametrize("shape,cfg", CASES, ids=[c.short_name for _, c in CASES])
+def test_state_dict_round_trip(shape, cfg) -> None:
+    w = _gauss(*shape)
+    qt = encode(w, cfg)
+    assert type(qt) is tensor_class_for(cfg)
+    sd = qt.to_state_dict("layer.weight")
+    expected_names = {"layer.weight_codes", "layer.weight_scale"} | (set() if cfg.symmetric else {"layer.weight_zero"})
+    assert set(sd) == expected_names
+    meta = qt.meta()
+    back = from_state_dict({k: v.clone() for k, v in sd.items()}, "layer.weight", meta)
+    assert type(back) is type(qt) and back.attrs == qt.attrs and back.shape == qt.shape
+    assert torch.equal(back.dequantize(), qt.dequantize())
+    assert back.dequantize(torch.bfloat16).dtype == torch.bfloat16
+    # matches the pure codec bit for bit
+    codes, scale, zero = uniform_quantize(w, cfg.bits, cfg.group_size, cfg.symmetric, cfg.clip_search,
+                                          cfg.clip_steps, cfg.clip_min,
+                                          scale_dtype=getattr(torch, cfg.scale_dtype))
+    assert torch.equal(qt.dequantize(), uniform_dequantize(codes, scale, zero, cfg.group_size, cfg.bits))
+    assert qt.bits_per_weight() == pytest.approx(type(qt).expected_bits_per_weight(shape, cfg), abs=0)
+
+
+@pytest.mark.parametrize("cfg", [UniformConfig(bits=3, group_size=64),
+                                 UniformConfig(bits=2, group_size=32, symmetric=False)])
+
+def test_select_expert(cfg) -> None:
+    w = _gauss(3, 96, 320, seed=1)  # [E, N, K]
+    qt = encode(w, cfg)
+    full = qt.dequantize()
+    for e in range(3):
+        sub = qt.select(e)
+        assert sub.shape == (96, 320)
+        assert torch.equal(sub.dequantize(), full[e])
+
+
+def test_stored_layout() -> None:
+    qt = encode(_gauss(3, 96, 320), UniformConfig(bits=3, group_size=64, symmetric=False))
+    assert qt.format_id == "uniform-asym-packed"
+    assert qt.data["codes"].shape == (3, 96, 120) and qt.data["codes"].dtype == torch.uint8  # 320 * 3 / 8
+    assert qt.data["scale"].shape == (3, 96, 5) and qt.data["scale"].dtype == torch.float16
+    assert qt.data["zero"].shape == (3, 96, 3) and qt.data["zero"].dtype == torch.uint8  # 5 codes -> one 3-byte chunk
+    assert qt.meta() == {"format": "uniform-asym-packed", "format_version": 1, "shape": [3, 96, 320], "bits": 3,
+                         "group_size": 64, "symmetric": False, "scale_dtype": "float16"}
+
+
+def test_bits_per_weight_hand_count() -> None:
+    w = _gauss(256, 512)
+    qt = encode(w, UniformConfig(bits=4, group_size=128))
+    assert qt.bits_per_weight() == 4 + 16 / 128 == 4.125
+    qa = encode(w, UniformConfig(bits=2, group_size=128, symmetric=False))
+    assert qa.bits_per_weight() == 2 + (16 + 2) / 128
+    assert UniformAsymTensor.expected_bits_per_weight((256, 512), UniformConfig(bits=2, symmetric=False)) == 2 + 18 / 128
+    # 3-bit zero points of 5 groups occupy one whole 3-byte chunk: padding counts
+    cfg = UniformConfig(bits=3, group_size=64, symmetric=False)
+    assert UniformAsymTensor.expected_bits_per_weight((96, 320), cfg) == (120 * 8 + 5 * 16 + 24) / 320
+    # bf16 / fp32 scales
+    assert UniformTensor.expected_bits_per_weight((8, 256), UniformConfig(bits=4, scale_dtype="float32")) == 4.25
+    assert UniformTensor.expected_bits_per_weight((4, 8, 256), UniformConfig(bits=4, group_size=-1)) == 4 + 16 / 256
+
+
+def test_quality_through_format() -> None:
+    w = _gauss(256, 512)
+    got = {b: sqnr(w, encode(w, UniformConfig(bits=b, symmetric=b != 2)).dequantize()) for b in (2, 3, 4)}
+    assert got[4] >= 19.9 and got[3] >= 14.4 and got[2] >= 8.4  # measured 20.00 / 14.49 / 8.51 dB
+
+
+def test_hessian_full_and_diag_agree() -> None:
+    w = _gauss(2, 32, 64, seed=2)  # [E, N, K]
+    x = _gauss(2, 200, 64, seed=3) * torch.linspace(0.1, 3, 64)
+    h = x.transpose(-1, -2) @ x / 200  # [E, K, K]
+    cfg = UniformConfig(bits=3, group_size=32)
+    a = encode(w, cfg, hessian=h)
+    b = encode(w, cfg, hessian=torch.diagonal(h, dim1=-2, dim2=-1))
+    c = encode(w, cfg)
+    assert torch.equal(a.dequantize(), b.dequantize())
+    assert not torch.equal(a.dequantize(), c.dequantize())
+    with pytest.raises(ValueError, match="hessian"):
+        encode(w, cfg, hessian=torch.ones(2, 63))
+
+
+def test_errors() -> None:
+    with pytest.raises(ValueError, match="group size 48 .*K=100"):
+        encode(_gauss(4, 100), UniformConfig(bits=4, group_size=48))
+    with pytest.raises(ValueError, match="group size 48 .*K=100"):
+        UniformTensor.expected_bits_per_weight((4, 100), UniformConfig(bits=4, group_size=48))
+    for bits in (1, 7):
+        with pytest.raises(ValueError, match=f"--bits {bits}"):
+            UniformConfig(bits=bits)
+    with pytest.raises(ValueError, match="symmetric"):
+        UniformTensor.encode(_gauss(4, 128), UniformConfig(symmetric=False))
+    with pytest.raises(ValueError, match="format 'uniform-packed' is not 'uniform-asym-packed'"):
+        qt = encode(_gauss(4, 128), UniformConfig())
+        UniformAsymTensor.from_state_dict(qt.to_state_dict("p"), "p", qt.meta())
+    with pytest.raises(KeyError, match="nope"):
+        from_state_dict({}, "p", {"format": "nope"})
+
+
+def test_registry() -> None:
+    assert FORMATS.names() == ["lut4-dq-packed", "lut4-packed", "uniform-asym-packed", "uniform-packed"]
+    assert FORMATS.get("uniform-packed") is UniformTensor
