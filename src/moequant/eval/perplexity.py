@@ -1,0 +1,219 @@
+"""Perplexity of a causal LM over a token stream, with the NLL of every window kept.
+
+Protocol (``make_windows``; the same for every model and every peer):
+
+1. The whole split is tokenized once, without special tokens (``tokenize_corpus``), into a stream
+   ``t[0..n)``. ``max_tokens`` (if set) keeps only ``t[0..max_tokens)``, from the start.
+2. Window ``i`` starts at ``begin_i = i * stride`` and holds the tokens ``t[begin_i .. end_i)`` with
+   ``end_i = min(begin_i + seqlen, n)``; windows are made until one reaches the end of the stream
+   (``end_i == n``). ``stride`` defaults to ``seqlen``: non-overlapping windows. A final partial
+   window is kept and scored on what it has.
+3. With ``add_bos`` the BOS id is prepended to every window as context: the model sees
+   ``[BOS] + t[begin_i .. end_i)`` (``seqlen + 1`` positions for a full window), BOS is never scored,
+   and the window's first token is predicted from BOS alone. Without BOS the model sees
+   ``t[begin_i .. end_i)`` and a window's first token cannot be predicted.
+4. Scored tokens of window ``i`` are the absolute positions ``[max(prev_end, begin_i + s), end_i)``
+   where ``prev_end = end_{i-1}`` (0 for the first window) and ``s = 0`` with BOS, ``1`` without.
+   They are always the *last* ``n_scored`` tokens of the window. Consequences:
+   - ``stride == seqlen`` with BOS: every token of the stream is scored exactly once;
+   - ``stride == seqlen`` without BOS: every token but the first of each window is scored once
+     (``n - number_of_windows`` tokens);
+   - ``stride < seqlen`` (the Hugging Face sliding protocol): window ``i > 0`` scores only the tokens
+     no earlier window scored (its last ``stride`` tokens, fewer at the end), with the
+     ``seqlen - stride`` tokens before them as extra context; every token from the first (without
+     BOS: from the second) is scored exactly once.
+   A window that would score nothing (a final window of one token without BOS) is dropped.
+5. Token ``t[j]`` at window position ``p`` is scored with the log-probability the logits at position
+   ``p - 1`` give it, in fp32 (``log_softmax`` / cross-entropy). PPL = exp(sum NLL / scored tokens);
+   the per-window NLL sums and counts are kept for paired bootstrap comparisons.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moequant.eval.bootstrap import bootstrap_ci
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PplConfig:
+    """Perplexity protocol: window length, stride (``None`` = ``seqlen``, non-overlapping), BOS
+    prepended as unscored context, windows per forward pass, and an optional cap on stream tokens."""
+
+    seqlen: int = 512
+    stride: int | None = None
+    add_bos: bool = True
+    batch_size: int = 4
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.seqlen < (1 if self.add_bos else 2):
+            raise ValueError(f"seqlen must be >= {1 if self.add_bos else 2}, got {self.seqlen}")
+        if self.stride is not None and not 1 <= self.stride <= self.seqlen:
+            raise ValueError(f"stride must be in [1, seqlen={self.seqlen}], got {self.stride}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
+
+    @property
+    def effective_stride(self) -> int:
+        return self.seqlen if self.stride is None else self.stride
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PplResult:
+    """Perplexity of one run. ``nll_per_window[i]`` is the NLL sum (nats) over the
+    ``tokens_per_window[i]`` scored tokens of window ``i``; ``ci95`` is a percentile bootstrap over
+    windows (``bootstrap_ci``, 2000 replicates, seed 0)."""
+
+    ppl: float
+    nll_mean: float
+    ci95: tuple[float, float]
+    tokens: int
+    seqlen: int
+    stride: int
+    add_bos: bool
+    n_windows: int
+    nll_per_window: list[float]
+    tokens_per_window: list[int]
+    max_tokens: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ci95"] = list(self.ci95)
+        return out
+
+
+# ---------------------------------------------------------------- windows (pure)
+
+
+def make_windows(token_ids: torch.Tensor, seqlen: int, stride: int | None = None, bos_id: int | None = None,
+                 max_tokens: int | None = None) -> list[tuple[torch.Tensor, int]]:
+    """Cut the stream ``token_ids`` [n] into model inputs by the module's protocol.
+
+    Returns ``(input_ids [L], n_scored)`` per window, ``L = window tokens + (1 if bos_id is not None)``;
+    the scored tokens are the last ``n_scored`` of ``input_ids``. ``bos_id=None`` means no BOS."""
+    stride = seqlen if stride is None else stride
+    if seqlen < 1 or not 1 <= stride <= seqlen:
+        raise ValueError(f"need seqlen >= 1 and 1 <= stride <= seqlen, got seqlen={seqlen}, stride={stride}")
+    ids = token_ids.reshape(-1).long()  # [n]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]  # [min(n, max_tokens)]
+    n = ids.numel()
+    skip_first = 0 if bos_id is not None else 1
+    windows: list[tuple[torch.Tensor, int]] = []
+    prev_end = 0
+    for begin in range(0, n, stride):
+        end = min(begin + seqlen, n)
+        n_scored = end - max(prev_end, begin + skip_first)
+        body = ids[begin:end]  # [end - begin]
+        if bos_id is not None:
+            body = torch.cat([body.new_full((1,), bos_id), body])  # [end - begin + 1]
+        if n_scored > 0:
+            windows.append((body, n_scored))
+        prev_end = end
+        if end == n:
+            break
+    return windows
+
+
+def window_nll(logits: torch.Tensor, input_ids: torch.Tensor, n_scored: int) -> float:
+    """NLL sum (fp32, nats) of the last ``n_scored`` tokens of ``input_ids`` [L] under ``logits`` [L, V],
+    where ``logits[p]`` predicts ``input_ids[p + 1]``."""
+    length = input_ids.numel()
+    if not 1 <= n_scored <= length - 1:
+        raise ValueError(f"n_scored={n_scored} must be in [1, {length - 1}] for a window of {length} tokens")
+    pred = logits[length - 1 - n_scored:length - 1].float()  # [n_scored, V]
+    target = input_ids[length - n_scored:].to(pred.device)  # [n_scored]
+    return float(F.cross_entropy(pred, target, reduction="sum"))
+
+
+# ---------------------------------------------------------------- glue
+
+
+def _input_device(model: torch.nn.Module) -> torch.device:
+    get_emb = getattr(model, "get_input_embeddings", None)
+    emb = get_emb() if callable(get_emb) else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return emb.weight.device
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _forward_kwargs(model: torch.nn.Module) -> dict[str, Any]:
+    # A KV cache is useless for one scoring pass; only pass the flag to models that know it.
+    config = getattr(model, "config", None)
+    return {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}
+
+
+def _batches(windows: list[tuple[torch.Tensor, int]], batch_size: int) -> list[list[int]]:
+    """Window indices grouped by input length (order of first appearance), chunked to ``batch_size``."""
+    by_len: dict[int, list[int]] = defaultdict(list)
+    for i, (ids, _) in enumerate(windows):
+        by_len[ids.numel()].append(i)
+    return [idx[k:k + batch_size] for idx in by_len.values() for k in range(0, len(idx), batch_size)]
+
+
+def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor, config: PplConfig,
+                        bos_id: int | None, progress: bool = True) -> PplResult:
+    """Perplexity of ``model`` (``model(input_ids).logits`` -> [B, L, V]) on the stream ``token_ids`` [n]."""
+    from tqdm.auto import tqdm
+
+    if config.add_bos and bos_id is None:
+        raise ValueError("add_bos=True needs a bos_id (the tokenizer has none: pass add_bos=False)")
+    windows = make_windows(token_ids, config.seqlen, config.effective_stride,
+                           bos_id if config.add_bos else None, config.max_tokens)
+    if not windows:
+        raise ValueError(f"no window to score in a stream of {token_ids.numel()} tokens")
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    longest = max(ids.numel() for ids, _ in windows)
+    if isinstance(max_pos, int) and longest > max_pos:
+        log.warning("windows of %d positions exceed the model's max_position_embeddings=%d", longest, max_pos)
+
+    device, kwargs = _input_device(model), _forward_kwargs(model)
+    nll = [0.0] * len(windows)
+    batches = _batches(windows, config.batch_size)
+    with torch.inference_mode():
+        for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+            input_ids = torch.stack([windows[i][0] for i in batch]).to(device)  # [B, L]
+            logits = model(input_ids, **kwargs).logits  # [B, L, V]
+            for row, i in enumerate(batch):
+                nll[i] = window_nll(logits[row], input_ids[row], windows[i][1])
+    counts = [n_scored for _, n_scored in windows]
+    total_nll, total_tokens = sum(nll), sum(counts)
+    nll_mean = total_nll / total_tokens
+    result = PplResult(
+        ppl=math.exp(nll_mean), nll_mean=nll_mean,
+        ci95=bootstrap_ci(nll, counts), tokens=total_tokens, seqlen=config.seqlen,
+        stride=config.effective_stride, add_bos=config.add_bos, n_windows=len(windows),
+        nll_per_window=nll, tokens_per_window=counts, max_tokens=config.max_tokens,
+    )
+    log.info("perplexity %.4f (95%% CI %.4f-%.4f) over %d tokens in %d windows", result.ppl, *result.ci95,
+             result.tokens, result.n_windows)
+    return result
+
+
+def tokenize_corpus(tokenizer: Any, text: str) -> torch.Tensor:
+    """Token ids of ``text`` without special tokens, from one encode of the whole text: [n] int64.
+
+    The text is *not* split into chunks: splitting changes the ids with many tokenizers (a
+    SentencePiece tokenizer adds its dummy prefix space to every chunk; Llama-3/Qwen pre-tokenizers
+    merge runs of newlines across a would-be boundary), and the fast (Rust) tokenizers encode a
+    multi-megabyte split in one call in seconds. ``verbose=False`` silences transformers' "sequence
+    length is longer than the specified maximum" warning, which concerns feeding the whole sequence
+    to the model at once; we never do (see ``make_windows``)."""
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)  # [n]
