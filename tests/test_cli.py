@@ -1,6 +1,7 @@
 """CLI: bad input gives one clear line on stderr and a non-zero exit; nothing half-written."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -45,7 +46,13 @@ def test_quantize_inspect_end_to_end(capsys, tmp_path, tiny_dir):
                            "--out", str(out))
     assert rc == 0, err
     rep = json.loads((out / "report.json").read_text())
-    assert rep["bits_per_weight"] == pytest.approx(2 + (16 + 2) / 32)
+    # every row stores K/4 bytes of codes, K/32 fp16 scales and its K/32 2-bit zeros padded to whole bytes
+    def row_bits(k):
+        return 2 * k + 16 * (k // 32) + 8 * -(-(2 * (k // 32)) // 8)
+    rows = [(math.prod(t["shape"][:-1]), t["shape"][-1]) for t in rep["quantized_tensors"]]
+    expected = sum(r * row_bits(k) for r, k in rows) / sum(r * k for r, k in rows)
+    assert rep["bits_per_weight"] == pytest.approx(expected, rel=1e-12)
+    assert 2.5625 < rep["bits_per_weight"] < 2.8
     assert len(rep["quantized_tensors"]) == 2 * (4 + 2)  # q,k,v,o + 2 expert tensors per layer
     assert {"command", "versions", "config", "kept_tensors"} <= rep.keys()
     rc, stdout, err = _run(capsys, "-q", "inspect", str(out), "--json", str(tmp_path / "i.json"))

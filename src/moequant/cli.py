@@ -147,11 +147,11 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from moequant.demo import DemoJob, run_demo
+    from moequant.sweep import SweepJob, demo_configs, run_sweep
 
-    job = DemoJob(model=args.model, bits=tuple(args.bits), out=Path(args.out), max_tokens=args.max_tokens,
-                  overwrite=args.overwrite, progress=not args.quiet)
-    r = run_demo(job, sys.argv[1:])
+    job = SweepJob(model=args.model, configs=demo_configs(tuple(args.bits)), out=Path(args.out),
+                   max_tokens=args.max_tokens or None, overwrite=args.overwrite, progress=not args.quiet)
+    r = run_sweep(job, sys.argv[1:])
     print(r["table"])
     return 0
 
@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--max-tokens", type=int, default=16384, help="PTB test tokens to score (default 16384)")
+    d.add_argument("--max-tokens", type=int, default=16384, help="PTB test tokens to score (default 16384; 0 = the whole split)")
     d.add_argument("--overwrite", action="store_true")
     d.set_defaults(func=cmd_demo)
     return p

@@ -1,6 +1,7 @@
-"""The README's main job: quantize a zoo model at several bit widths (RTN with MSE clip search),
-save each packed checkpoint, load it back natively, and report bits/weight, sizes and perplexity
-next to the unquantized model, all scored on the same PTB test windows."""
+"""Quantize one model with several method configs, save each packed checkpoint, load it back
+natively, and report bits/weight, sizes and perplexity next to the unquantized model — all scored on
+the same windows, with a paired bootstrap CI of the PPL ratio. The README's main job (``moequant
+demo``) and the benchmark tables are sweeps."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moequant.codecs.config import MethodConfig
 from moequant.errors import MoequantError
 from moequant.runinfo import run_info
 
@@ -17,26 +19,27 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class DemoJob:
-    model: str = "smollm2-135m"
-    bits: tuple[int, ...] = (4, 3, 2)
-    out: Path = Path("runs/demo")
+class SweepJob:
+    model: str
+    configs: tuple[MethodConfig, ...]
+    out: Path
+    data: str = "ptb"
+    split: str = "test"
     max_tokens: int | None = 16384
     seqlen: int = 512
-    group_size: int = 128
     overwrite: bool = False
     progress: bool = True
 
 
-def demo_config(bits: int, group_size: int):
+def demo_configs(bits: tuple[int, ...], group_size: int = 128) -> tuple[MethodConfig, ...]:
     """int4/int3 symmetric, int2 asymmetric (a 4-level symmetric grid wastes a level on Gaussian
     weights), all with MSE clip search."""
     from moequant.codecs.config import UniformConfig
 
-    return UniformConfig(bits=bits, group_size=group_size, symmetric=bits > 2, clip_search=True)
+    return tuple(UniformConfig(bits=b, group_size=group_size, symmetric=b > 2, clip_search=True) for b in bits)
 
 
-def run_demo(job: DemoJob, argv: list[str] | None = None) -> dict[str, Any]:
+def run_sweep(job: SweepJob, argv: list[str] | None = None) -> dict[str, Any]:
     from moequant import api
     from moequant.alloc.recipe import Recipe
     from moequant.eval.bootstrap import paired_delta_ci
@@ -47,7 +50,7 @@ def run_demo(job: DemoJob, argv: list[str] | None = None) -> dict[str, Any]:
     if job.out.exists() and not job.overwrite:
         raise MoequantError(f"output directory {job.out} already exists (pass --overwrite or choose --out)")
     job.out.mkdir(parents=True, exist_ok=True)
-    ppl_job = PplJob(job.model, "ptb", "test", seqlen=job.seqlen, max_tokens=job.max_tokens, progress=job.progress)
+    ppl_job = PplJob(job.model, job.data, job.split, seqlen=job.seqlen, max_tokens=job.max_tokens, progress=job.progress)
     model, tok, _ = load_model(job.model)
     base = run_ppl(ppl_job, argv, model=model, tokenizer=tok)
     base_sizes = model_sizes(model)
@@ -55,8 +58,7 @@ def run_demo(job: DemoJob, argv: list[str] | None = None) -> dict[str, Any]:
              "resident_bytes": base_sizes["resident_bytes"], "ppl": base["ppl"], "ci95": base["ci95"],
              "ratio_ci95": None}]
     del model
-    for bits in job.bits:
-        cfg = demo_config(bits, job.group_size)
+    for cfg in job.configs:
         model, tok, _ = load_model(job.model)
         api.quantize(model, Recipe.uniform(cfg), progress=job.progress)
         ckpt = job.out / cfg.short_name
@@ -74,14 +76,14 @@ def run_demo(job: DemoJob, argv: list[str] | None = None) -> dict[str, Any]:
                      "ppl": res["ppl"], "ci95": res["ci95"], "ratio_ci95": list(delta.ratio_ci)})
         del qmodel
     table = format_table(job, rows)
-    result = {"model": job.model, "data": "ptb/test", "max_tokens": job.max_tokens, "seqlen": job.seqlen,
+    result = {"model": job.model, "data": f"{job.data}/{job.split}", "max_tokens": job.max_tokens, "seqlen": job.seqlen,
               "tokens": base["tokens"], "rows": rows, "table": table, **run_info(argv)}
     (job.out / "summary.json").write_text(json.dumps(result, indent=1))
     return result
 
 
-def format_table(job: DemoJob, rows: list[dict[str, Any]]) -> str:
-    head = (f"{job.model}, PTB test ({'first ' + str(job.max_tokens) if job.max_tokens else 'all'} tokens, "
+def format_table(job: SweepJob, rows: list[dict[str, Any]]) -> str:
+    head = (f"{job.model}, {job.data}/{job.split} ({'first ' + str(job.max_tokens) if job.max_tokens else 'all'} tokens, "
             f"windows of {job.seqlen} with BOS)")
     lines = [head, "",
              "| method | bits/weight (quantized tensors) | checkpoint MiB | resident MiB | PPL [95% CI] | PPL ratio vs fp [95% CI] |",
