@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import torch
 
+# Stored scale dtypes by config name.
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
 # Rows per chunk are chosen so one [rows, K] fp32 temporary stays under this many elements (16 MiB);
 # the search holds about eight of them at once.
 _CHUNK_ELEMS = 1 << 22
@@ -64,32 +67,38 @@ def _grid(wg: torch.Tensor, shrink: float, bits: int, symmetric: bool, scale_dty
     if symmetric:
         half = qmax / 2
         s = _round_scale(shrink * wg.abs().amax(-1, keepdim=True) / half, scale_dtype)  # [R, G, 1]
-        q = torch.clamp(torch.round(wg / s + half), 0, qmax)  # [R, G, g]
-        return q, s, None
+        return round_to_grid(wg, s, None, bits), s, None  # [R, G, g]
     lo = wg.amin(-1, keepdim=True).clamp(max=0)  # [R, G, 1]
     hi = wg.amax(-1, keepdim=True).clamp(min=0)  # [R, G, 1]
     s = _round_scale(shrink * (hi - lo) / qmax, scale_dtype)  # [R, G, 1]
     z = torch.clamp(torch.round(-shrink * lo / s), 0, qmax)  # [R, G, 1]
-    q = torch.clamp(torch.round(wg / s + z), 0, qmax)  # [R, G, g]
-    return q, s, z
+    return round_to_grid(wg, s, z, bits), s, z  # [R, G, g]
 
 
-def _decode_grid(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int) -> torch.Tensor:
+def round_to_grid(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Nearest grid codes (float) for ``w`` given a broadcastable scale ``s`` and zero ``z`` (None = symmetric)."""
+    qmax = (1 << bits) - 1
+    return torch.clamp(torch.round(w / s + (qmax / 2 if z is None else z)), 0, qmax)
+
+
+def decode_grid(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Codes ``q`` -> values ``(q - h) * s`` (symmetric midpoint ``h``) or ``(q - z) * s``."""
     return (q - ((1 << bits) - 1) / 2) * s if z is None else (q - z) * s
 
 
-def _quantize_rows(wg: torch.Tensor, hg: torch.Tensor | None, bits: int, symmetric: bool,
+def fit_groups(wg: torch.Tensor, hg: torch.Tensor | None, bits: int, symmetric: bool,
                    shrinks: list[float], scale_dtype: torch.dtype
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One chunk of rows: wg ``[R, G, g]`` (``hg`` same shape or None) -> best codes, scale, zero per group."""
+    """Clip search on rows of groups: wg ``[R, G, g]`` (``hg`` same shape or None) -> best codes ``[R, G, g]``,
+    scale ``[R, G, 1]``, zero ``[R, G, 1]`` (None when symmetric); codes and zero are float."""
     best_q, best_s, best_z = _grid(wg, shrinks[0], bits, symmetric, scale_dtype)
     if len(shrinks) == 1:
         return best_q, best_s, best_z
-    d = wg - _decode_grid(best_q, best_s, best_z, bits)
+    d = wg - decode_grid(best_q, best_s, best_z, bits)
     best_err = (d * d if hg is None else hg * d * d).sum(-1, keepdim=True)  # [R, G, 1]
     for shrink in shrinks[1:]:
         q, s, z = _grid(wg, shrink, bits, symmetric, scale_dtype)
-        d = wg - _decode_grid(q, s, z, bits)
+        d = wg - decode_grid(q, s, z, bits)
         err = (d * d if hg is None else hg * d * d).sum(-1, keepdim=True)  # [R, G, 1]
         better = err < best_err  # [R, G, 1]
         best_err = torch.where(better, err, best_err)
@@ -130,7 +139,7 @@ def uniform_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: boo
     for r0 in range(0, m, rows):
         r1 = min(m, r0 + rows)
         hg = None if hd is None else hd[torch.arange(r0, r1, device=w.device) // n]  # [R, G, g]
-        q, s, z = _quantize_rows(wf[r0:r1], hg, bits, symmetric, shrinks, scale_dtype)
+        q, s, z = fit_groups(wf[r0:r1], hg, bits, symmetric, shrinks, scale_dtype)
         codes[r0:r1] = q.to(torch.uint8)
         scale[r0:r1] = s
         if zero is not None:
@@ -151,4 +160,4 @@ def uniform_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     q = codes.to(torch.float32).reshape(*lead, n, g, gs)  # [..., N, G, g]
     s = scale.to(torch.float32).unsqueeze(-1)  # [..., N, G, 1]
     z = None if zero is None else zero.to(torch.float32).unsqueeze(-1)  # [..., N, G, 1]
-    return _decode_grid(q, s, z, bits).reshape(*lead, n, k)
+    return decode_grid(q, s, z, bits).reshape(*lead, n, k)

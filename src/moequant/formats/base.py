@@ -50,6 +50,12 @@ class QuantizedTensor(ABC):
     def encode(cls, w: torch.Tensor, config: MethodConfig, hessian: torch.Tensor | None = None) -> "QuantizedTensor":
         """w ``[..., N, K]`` -> packed tensor. ``hessian`` ``[..., K, K]`` or ``[..., K]`` (diag) may weight errors."""
 
+    @classmethod
+    @abstractmethod
+    def from_parts(cls, shape: tuple[int, ...], parts: dict[str, torch.Tensor], config: MethodConfig
+                   ) -> "QuantizedTensor":
+        """Pack the codec's unpacked parts (``codecs.columns.ColumnQuantizer.parts``) into this format."""
+
     @abstractmethod
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """-> ``[*shape]`` in ``dtype``."""

@@ -82,9 +82,16 @@ class LutTensor(_LutBase):
     def encode(cls, w: torch.Tensor, config: MethodConfig, hessian: torch.Tensor | None = None) -> "QuantizedTensor":
         cfg = _check_config(cls.__name__, config, False)
         codes, absmax = lut_quantize(w, lut_values(cfg.lut), cfg.block_size, torch.float16)
-        data = {"codes": pack(codes, CODE_BITS),  # [..., N, K/2]
-                "absmax": absmax.to(torch.float16)}  # [..., N, NB]
-        return cls(tuple(w.shape), data, _attrs(cfg))
+        return cls.from_parts(tuple(w.shape), {"codes": codes, "absmax": absmax}, cfg)
+
+    @classmethod
+    def from_parts(cls, shape: tuple[int, ...], parts: dict[str, torch.Tensor], config: MethodConfig
+                   ) -> "QuantizedTensor":
+        """Pack ``codes`` uint8 ``[..., N, K]`` and ``absmax`` ``[..., N, NB]`` (values exact in float16)."""
+        cfg = _check_config(cls.__name__, config, False)
+        data = {"codes": pack(parts["codes"], CODE_BITS),  # [..., N, K/2]
+                "absmax": parts["absmax"].to(torch.float16)}  # [..., N, NB]
+        return cls(tuple(shape), data, _attrs(cfg))
 
     def _absmax(self) -> torch.Tensor:
         return self.data["absmax"].to(torch.float32)
@@ -110,11 +117,19 @@ class LutDqTensor(_LutBase):
         a_codes, a_scale, a_offset = dq_quantize(block_absmax(w, cfg.block_size), cfg.dq_block_size)
         absmax = dq_dequantize(a_codes, a_scale, a_offset, cfg.dq_block_size)  # [..., N, NB] as decoded
         codes = lut_assign(w, lut_values(cfg.lut), absmax, cfg.block_size)  # [..., N, K]
-        data = {"codes": pack(codes, CODE_BITS),  # [..., N, K/2]
-                "absmax_codes": a_codes,  # [..., N, NB]
-                "absmax_scale": a_scale,  # [..., D]
-                "absmax_offset": a_offset}  # [..., 1]
-        return cls(tuple(w.shape), data, _attrs(cfg))
+        parts = {"codes": codes, "absmax_codes": a_codes, "absmax_scale": a_scale, "absmax_offset": a_offset}
+        return cls.from_parts(tuple(w.shape), parts, cfg)
+
+    @classmethod
+    def from_parts(cls, shape: tuple[int, ...], parts: dict[str, torch.Tensor], config: MethodConfig
+                   ) -> "QuantizedTensor":
+        """Pack ``codes`` uint8 ``[..., N, K]``; the double-quantized absmax parts are stored as given:
+        ``absmax_codes`` uint8 ``[..., N, NB]``, ``absmax_scale`` fp32 ``[..., D]``, ``absmax_offset`` ``[..., 1]``."""
+        cfg = _check_config(cls.__name__, config, True)
+        data = {"codes": pack(parts["codes"], CODE_BITS),  # [..., N, K/2]
+                "absmax_codes": parts["absmax_codes"], "absmax_scale": parts["absmax_scale"],
+                "absmax_offset": parts["absmax_offset"]}
+        return cls(tuple(shape), data, _attrs(cfg))
 
     def _absmax(self) -> torch.Tensor:
         return dq_dequantize(self.data["absmax_codes"], self.data["absmax_scale"], self.data["absmax_offset"],

@@ -21,11 +21,9 @@ from typing import Any, ClassVar
 import torch
 
 from moequant.codecs.config import MethodConfig, UniformConfig
-from moequant.codecs.uniform import resolve_group_size, uniform_dequantize, uniform_quantize
+from moequant.codecs.uniform import SCALE_DTYPES, resolve_group_size, uniform_dequantize, uniform_quantize
 from moequant.formats.base import QuantizedTensor
 from moequant.formats.bitpack import pack, packed_len, unpack
-
-SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def hessian_diag(hessian: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor | None:
@@ -63,13 +61,22 @@ class _UniformBase(QuantizedTensor):
         codes, scale, zero = uniform_quantize(
             w, cfg.bits, cfg.group_size, cfg.symmetric, cfg.clip_search, cfg.clip_steps, cfg.clip_min,
             hdiag=hessian_diag(hessian, w), scale_dtype=SCALE_DTYPES[cfg.scale_dtype])
-        data = {"codes": pack(codes, cfg.bits),  # [..., N, packed_len(K, bits)]
-                "scale": scale.to(SCALE_DTYPES[cfg.scale_dtype])}  # [..., N, G]
-        if zero is not None:
-            data["zero"] = pack(zero, cfg.bits)  # [..., N, packed_len(G, bits)]
+        parts = {"codes": codes, "scale": scale} if zero is None else {"codes": codes, "scale": scale, "zero": zero}
+        return cls.from_parts(tuple(w.shape), parts, cfg)
+
+    @classmethod
+    def from_parts(cls, shape: tuple[int, ...], parts: dict[str, torch.Tensor], config: MethodConfig
+                   ) -> "QuantizedTensor":
+        """Pack unpacked ``codes`` uint8 ``[..., N, K]``, ``scale`` ``[..., N, G]`` (values exact in the
+        scale dtype) and, when asymmetric, ``zero`` uint8 ``[..., N, G]``."""
+        cfg = _check_config(cls.__name__, config, cls.symmetric)
+        data = {"codes": pack(parts["codes"], cfg.bits),  # [..., N, packed_len(K, bits)]
+                "scale": parts["scale"].to(SCALE_DTYPES[cfg.scale_dtype])}  # [..., N, G]
+        if not cfg.symmetric:
+            data["zero"] = pack(parts["zero"], cfg.bits)  # [..., N, packed_len(G, bits)]
         attrs: dict[str, Any] = {"bits": cfg.bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
                                  "scale_dtype": cfg.scale_dtype}
-        return cls(tuple(w.shape), data, attrs)
+        return cls(tuple(shape), data, attrs)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         bits, k = self.attrs["bits"], self.shape[-1]

@@ -1,0 +1,53 @@
+"""``SolverConfig``: how rounding errors are handled (RTN or GPTQ/BlockLDLQ) and whether the weights are
+made incoherent first (random Hadamard transform)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+SOLVERS = ("rtn", "ldlq")
+INCOHERENCE = ("none", "rht")
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """solver: ``rtn`` (round each weight, no Hessian) or ``ldlq`` (GPTQ/BlockLDLQ error feedback; needs
+    calibration Hessians). damp: ``λ`` in ``H + λ·mean(diag H)·I``. lazy: columns per lazy-update batch.
+    act_order: process columns by decreasing ``diag(H)`` (scalar codecs only). incoherence: ``rht``
+    applies a random Hadamard transform with random signs on both sides before quantizing; seed: the
+    base seed of the sign vectors (each tensor derives its own from it and its name)."""
+
+    solver: str = "rtn"
+    damp: float = 0.01
+    lazy: int = 128
+    act_order: bool = False
+    incoherence: str = "none"
+    seed: int = 0
+
+    VERSION: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        if self.solver not in SOLVERS:
+            raise ValueError(f"--solver {self.solver!r} is not one of {SOLVERS}")
+        if self.incoherence not in INCOHERENCE:
+            raise ValueError(f"--incoherence {self.incoherence!r} is not one of {INCOHERENCE}")
+        if not self.damp >= 0:
+            raise ValueError(f"--damp must be >= 0, got {self.damp}")
+        if self.lazy < 1:
+            raise ValueError(f"lazy batch must be >= 1, got {self.lazy}")
+        if self.act_order and self.solver != "ldlq":
+            raise ValueError("--act-order needs --solver ldlq")
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.solver == "ldlq"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "SolverConfig", "version": self.VERSION, "solver": self.solver, "damp": self.damp,
+                "lazy": self.lazy, "act_order": self.act_order, "incoherence": self.incoherence, "seed": self.seed}
+
+    @property
+    def short_name(self) -> str:
+        s = self.solver + ("+act" if self.act_order else "")
+        return s + ("+rht" if self.incoherence == "rht" else "")
