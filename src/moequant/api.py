@@ -4,130 +4,49 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from moequant import __version__
 from moequant.alloc.recipe import Recipe
 from moequant.errors import MoequantError
 from moequant.formats.checkpoint import (CHECKPOINT_FORMAT_VERSION, QUANT_METHOD, AtomicDir, ShardReader,
                                          read_quantization_config, write_shards)
-from moequant.formats.registry import FORMATS, encode
-from moequant.models.adapters import Target, adapter_for, iter_targets
+from moequant.formats.registry import FORMATS
+from moequant.layerwise import Calibration, quantize_model, set_module
 from moequant.nn.packed import packed_names, packed_tensor
 from moequant.nn.quant_experts import QuantExperts
 from moequant.nn.quant_linear import QuantLinear
+from moequant.report import QuantReport, TensorRecord  # noqa: F401  (re-exported)
+from moequant.solvers.config import SolverConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TensorRecord:
-    name: str
-    kind: str
-    shape: tuple[int, ...]
-    rule: str | None
-    method: str | None  # config short name, None when kept
-    bits_per_weight: float | None = None
-    nbytes: int = 0
-
-
-@dataclass
-class QuantReport:
-    """What ``quantize`` did: every target weight, quantized or kept, and the rule that decided."""
-
-    recipe: dict[str, Any]
-    tensors: list[TensorRecord] = field(default_factory=list)
-
-    @property
-    def quantized(self) -> list[TensorRecord]:
-        return [t for t in self.tensors if t.method is not None]
-
-    @property
-    def kept(self) -> list[TensorRecord]:
-        return [t for t in self.tensors if t.method is None]
-
-    def bits_per_weight(self) -> float:
-        """Every stored bit of the quantized tensors / their number of weights."""
-        q = self.quantized
-        n = sum(_numel(t.shape) for t in q)
-        return 8.0 * sum(t.nbytes for t in q) / n if n else float("nan")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"recipe": self.recipe, "bits_per_weight": self.bits_per_weight(),
-                "quantized_tensors": [asdict(t) for t in self.quantized],
-                "kept_tensors": [asdict(t) for t in self.kept]}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 # ------------------------------------------------------------------------------------------------
 # quantize
 # ------------------------------------------------------------------------------------------------
 
-def quantize(model: nn.Module, recipe: Recipe, *, progress: bool = True) -> nn.Module:
-    """Quantize ``model`` in place with ``recipe`` (round-to-nearest per codec), layer by layer.
+def quantize(model: nn.Module, recipe: Recipe, calib: Calibration | None = None, *,
+             solver: SolverConfig | None = None, progress: bool = True) -> nn.Module:
+    """Quantize ``model`` in place with ``recipe``, decoder layer by decoder layer.
 
     Every ``nn.Linear`` inside the decoder layers and every fused expert tensor is a target; the
-    first matching rule decides its method or keeps it. Afterwards every target a rule assigned a
-    method is verified to be stored packed (``MoequantError`` otherwise). The report is attached as
+    first matching rule decides its method or keeps it. ``solver`` (default RTN) says how rounding
+    errors are handled; ``calib`` (token windows + Hessian options, see ``moequant.layerwise``) is
+    needed for ``SolverConfig(solver="ldlq")``: each layer's Hessians are then accumulated on what
+    the already-quantized layers before it produce. Afterwards every target a rule assigned a method
+    is verified to be stored packed (``MoequantError`` otherwise). The report is attached as
     ``model.moequant_report``.
     """
-    adapter = adapter_for(model)
-    targets = list(iter_targets(model, adapter))
-    if not targets:
-        raise MoequantError(f"{adapter.model_type}: found no linear or expert weights to quantize")
-    report = QuantReport(recipe=recipe.to_dict())
-    by_layer: dict[int, list[Target]] = {}
-    for t in targets:
-        by_layer.setdefault(t.layer, []).append(t)
-    bar = tqdm(sorted(by_layer), desc="quantize", unit="layer", disable=not progress)
-    for layer in bar:
-        experts: dict[str, dict[str, Any]] = {}
-        for t in by_layer[layer]:
-            config, rule = recipe.match(t.name, t.kind)
-            module = model.get_submodule(t.module)
-            weight = getattr(module, t.param)
-            if config is None:
-                report.tensors.append(TensorRecord(t.name, t.kind, t.shape, rule, None, None,
-                                                   weight.numel() * weight.element_size()))
-                if t.kind == "experts":
-                    experts.setdefault(t.module, {})[t.param] = weight.detach()
-                continue
-            try:
-                qt = encode(weight.detach().to(torch.float32), config)
-            except ValueError as e:
-                raise MoequantError(f"{t.name} {tuple(t.shape)}: {e}") from None
-            report.tensors.append(TensorRecord(t.name, t.kind, t.shape, rule, config.short_name,
-                                               qt.bits_per_weight(), qt.nbytes()))
-            if t.kind == "linear":
-                _set_module(model, t.module, QuantLinear(qt, module.bias))
-            else:
-                experts.setdefault(t.module, {})[t.param] = qt
-        for mname, parts in experts.items():
-            if any(not isinstance(v, torch.Tensor) for v in parts.values()):
-                old = model.get_submodule(mname)
-                _set_module(model, mname, QuantExperts(parts["gate_up_proj"], parts["down_proj"], old.act_fn))
+    report = quantize_model(model, recipe, calib, solver or SolverConfig(), progress)
     verify_quantized(model, report)
     model.moequant_report = report
     model.moequant_recipe = recipe
     return model
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def verify_quantized(model: nn.Module, report: QuantReport) -> None:
@@ -229,7 +148,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
     experts: dict[str, dict[str, Any]] = {}
     for name, meta in qcfg["tensors"].items():
         cls = FORMATS.get(meta["format"])
-        keys = {f"{name}_{d}": reader.get(f"{name}_{d}").to(device) for d in cls.data_names}
+        keys = {f"{name}_{d}": reader.get(f"{name}_{d}").to(device) for d in cls.names_for(meta)}
         used.update(keys)
         qt = cls.from_state_dict(keys, name, meta)
         module_name, _, param = name.rpartition(".")
@@ -238,7 +157,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
             bias = reader.get(f"{module_name}.bias").to(device) if module.bias is not None else None
             if bias is not None:
                 used.add(f"{module_name}.bias")
-            _set_module(model, module_name, QuantLinear(qt, bias))
+            set_module(model, module_name, QuantLinear(qt, bias))
         else:
             experts.setdefault(module_name, {})[param] = qt
     for mname, parts in experts.items():
@@ -247,7 +166,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
             if p not in parts:
                 parts[p] = reader.get(f"{mname}.{p}").to(device)
                 used.add(f"{mname}.{p}")
-        _set_module(model, mname, QuantExperts(parts["gate_up_proj"], parts["down_proj"], old.act_fn))
+        set_module(model, mname, QuantExperts(parts["gate_up_proj"], parts["down_proj"], old.act_fn))
     rest = {k: reader.get(k).to(device) for k in reader.keys() if k not in used}
     for dropped, kept in qcfg.get("tied", {}).items():
         rest[dropped] = rest[kept]

@@ -54,6 +54,52 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    "(exact name or re:REGEX), repeatable")
 
 
+def _add_solver_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("solver and calibration")
+    g.add_argument("--solver", default="rtn", choices=["rtn", "ldlq"],
+                   help="rtn: round to nearest; ldlq: GPTQ/BlockLDLQ error feedback with calibration Hessians")
+    g.add_argument("--incoherence", default="none", choices=["none", "rht"],
+                   help="rht: random Hadamard transform with random signs on both sides before quantizing")
+    g.add_argument("--damp", type=float, default=0.01, help="Hessian damping λ (H + λ·mean(diag H)·I), default 0.01")
+    g.add_argument("--act-order", action="store_true", help="LDLQ columns by decreasing Hessian diagonal")
+    g.add_argument("--seed", type=int, default=0, help="seed of the RHT sign vectors (default 0)")
+    g.add_argument("--calib", default=None, help="calibration text: corpus alias or text file (default ptb when "
+                   "--solver ldlq); its train split is used")
+    g.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    g.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
+    g.add_argument("--calib-seed", type=int, default=0, help="seed of the window positions (default 0)")
+    g.add_argument("--calib-batch-size", type=int, default=8)
+    g.add_argument("--hessian", default="per-expert", choices=["per-expert", "layer-mean", "layer-token-weighted"],
+                   help="Hessian of each expert: its own routed tokens (default), or a layer aggregate")
+    g.add_argument("--min-expert-tokens", type=int, default=None,
+                   help="experts with fewer routed calibration tokens are 'starved' (default: see README)")
+    g.add_argument("--starved-policy", default="shrink", choices=["shrink", "layer", "rtn"],
+                   help="what a starved expert's Hessian becomes (default shrink towards the layer's)")
+    g.add_argument("--offload", action="store_true",
+                   help="keep calibration activations in files (memory-mapped) instead of RAM")
+
+
+def _solver_and_calib(args: argparse.Namespace):
+    from moequant.calib.data import CalibData
+    from moequant.layerwise import HessianConfig
+    from moequant.solvers.config import SolverConfig
+
+    try:
+        solver = SolverConfig(solver=args.solver, damp=args.damp, act_order=args.act_order,
+                              incoherence=args.incoherence, seed=args.seed)
+        calib = None
+        if args.calib or solver.needs_hessian:
+            calib = CalibData(data=args.calib or "ptb", split="train", samples=args.calib_samples,
+                              seqlen=args.calib_seqlen, seed=args.calib_seed)
+        hessian = HessianConfig(mode=args.hessian, min_expert_tokens=args.min_expert_tokens,
+                                starved_policy=args.starved_policy)
+    except ValueError as e:
+        raise MoequantError(str(e)) from None
+    if args.calib_batch_size < 1:
+        raise MoequantError(f"--calib-batch-size must be >= 1, got {args.calib_batch_size}")
+    return solver, calib, hessian
+
+
 def _print_json_or_table(result: dict[str, Any], json_path: str | None, lines: list[str]) -> None:
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
@@ -64,10 +110,15 @@ def _print_json_or_table(result: dict[str, Any], json_path: str | None, lines: l
 def cmd_quantize(args: argparse.Namespace) -> int:
     from moequant.runs import QuantizeJob, run_quantize
 
+    solver, calib, hessian = _solver_and_calib(args)
     job = QuantizeJob(args.model, _recipe(args), Path(args.out), overwrite=args.overwrite,
-                      kept_dtype=args.kept_dtype, progress=not args.quiet)
+                      kept_dtype=args.kept_dtype, progress=not args.quiet, solver=solver, calib=calib,
+                      hessian=hessian, calib_batch_size=args.calib_batch_size, offload=args.offload)
     r = run_quantize(job, sys.argv[1:])
-    lines = [f"quantized {len(r['quantized_tensors'])} tensors, kept {len(r['kept_tensors'])} -> {r['out']}",
+    lines = []
+    if r.get("table") and not args.quiet:
+        lines += [r["table"], ""]
+    lines += [f"quantized {len(r['quantized_tensors'])} tensors, kept {len(r['kept_tensors'])} -> {r['out']}",
              f"  bits/weight (quantized tensors): {r['bits_per_weight']:.4f}",
              f"  bits/weight (whole model):       {r['bits_per_weight_model']:.4f}",
              f"  checkpoint: {r['checkpoint_bytes'] / 2**20:.1f} MiB, resident: {r['resident_bytes'] / 2**20:.1f} MiB "
@@ -149,7 +200,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from moequant.sweep import SweepJob, demo_configs, run_sweep
 
-    job = SweepJob(model=args.model, configs=demo_configs(tuple(args.bits)), out=Path(args.out),
+    job = SweepJob(model=args.model, entries=demo_configs(tuple(args.bits), args.group_size), out=Path(args.out),
                    max_tokens=args.max_tokens or None, overwrite=args.overwrite, progress=not args.quiet)
     r = run_sweep(job, sys.argv[1:])
     print(r["table"])
@@ -169,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--kept-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the tensors kept in full precision (default: as loaded)")
     _add_method_args(q)
+    _add_solver_args(q)
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="evaluate a model")
@@ -205,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="quantize a zoo model at several bit widths, report size and PPL")
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    d.add_argument("--group-size", type=int, default=64,
+                   help="input columns per scale (default 64: SmolLM2's 576 and 1536 are not multiples of 128)")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--max-tokens", type=int, default=16384, help="PTB test tokens to score (default 16384; 0 = the whole split)")
     d.add_argument("--overwrite", action="store_true")

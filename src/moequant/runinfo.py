@@ -36,3 +36,10 @@ def command_line(argv: list[str] | None = None) -> str:
 
 def run_info(argv: list[str] | None = None) -> dict[str, Any]:
     return {"command": command_line(argv), "versions": versions(), "machine": machine()}
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux ``ru_maxrss`` is in KiB)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

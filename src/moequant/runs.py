@@ -14,8 +14,11 @@ from typing import Any
 import torch
 
 from moequant.alloc.recipe import Recipe
+from moequant.calib.data import CalibData
 from moequant.errors import MoequantError
-from moequant.runinfo import run_info
+from moequant.layerwise import HessianConfig
+from moequant.runinfo import peak_rss_bytes, run_info
+from moequant.solvers.config import SolverConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,11 @@ class QuantizeJob:
     overwrite: bool = False
     kept_dtype: str = "auto"  # dtype of kept (full precision) tensors: auto = as loaded
     progress: bool = True
+    solver: SolverConfig = SolverConfig()
+    calib: CalibData | None = None  # calibration text; required by solver="ldlq"
+    hessian: HessianConfig = HessianConfig()
+    calib_batch_size: int = 8
+    offload: bool = False  # calibration activations in memory-mapped files
 
 
 def run_quantize(job: QuantizeJob, argv: list[str] | None = None) -> dict[str, Any]:
@@ -42,8 +50,15 @@ def run_quantize(job: QuantizeJob, argv: list[str] | None = None) -> dict[str, A
     if job.kept_dtype != "auto":
         model.to(getattr(torch, job.kept_dtype))
     t_load = time.time() - t0
+    calib = None
+    if job.calib is not None:
+        from moequant.calib.data import calibration_tokens
+        from moequant.layerwise import Calibration
+
+        calib = Calibration(calibration_tokens(tok, job.calib), batch_size=job.calib_batch_size, hessian=job.hessian,
+                            spill_dir=True if job.offload else None, source=job.calib.to_dict())
     t0 = time.time()
-    api.quantize(model, job.recipe, progress=job.progress)
+    api.quantize(model, job.recipe, calib, solver=job.solver, progress=job.progress)
     t_quant = time.time() - t0
     report = model.moequant_report
     api.save(model, job.out, tokenizer=tok, overwrite=job.overwrite)
@@ -54,8 +69,9 @@ def run_quantize(job: QuantizeJob, argv: list[str] | None = None) -> dict[str, A
         "bits_per_weight": report.bits_per_weight(),
         "checkpoint_bytes": checkpoint_bytes(job.out),
         **sizes,
-        "quantized_tensors": report.to_dict()["quantized_tensors"],
-        "kept_tensors": report.to_dict()["kept_tensors"],
+        **{k: v for k, v in report.to_dict().items() if k not in ("recipe", "bits_per_weight")},
+        "table": report.table(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "seconds": {"load": round(t_load, 2), "quantize": round(t_quant, 2)},
         **run_info(argv),
     }

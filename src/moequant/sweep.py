@@ -1,27 +1,53 @@
-"""Quantize one model with several method configs, save each packed checkpoint, load it back
-natively, and report bits/weight, sizes and perplexity next to the unquantized model — all scored on
-the same windows, with a paired bootstrap CI of the PPL ratio. The README's main job (``moequant
-demo``) and the benchmark tables are sweeps."""
+"""Quantize one model with several methods, save each packed checkpoint, load it back natively, and
+report bits/weight, sizes and perplexity next to the unquantized model — all scored on the same
+windows, with a paired bootstrap CI of the PPL ratio to the unquantized model and, for chosen pairs,
+between two methods. The README's main job (``moequant demo``) and the benchmark tables are sweeps."""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moequant.calib.data import CalibData
 from moequant.codecs.config import MethodConfig
 from moequant.errors import MoequantError
-from moequant.runinfo import run_info
+from moequant.layerwise import HessianConfig
+from moequant.runinfo import peak_rss_bytes, run_info
+from moequant.solvers.config import SolverConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class SweepEntry:
+    """One method of a sweep: a codec config applied to every target, a solver, and (for LDLQ) the
+    calibration text and Hessian options."""
+
+    config: MethodConfig
+    solver: SolverConfig = SolverConfig()
+    calib: CalibData | None = None
+    hessian: HessianConfig = HessianConfig()
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        if self.label:
+            return self.label
+        name = self.config.short_name
+        if self.solver.solver != "rtn" or self.solver.incoherence != "none":
+            name += f" {self.solver.short_name}"
+        if self.calib is not None and self.hessian.mode != "per-expert":
+            name += f" H={self.hessian.mode}"
+        return name
+
+
+@dataclass(frozen=True)
 class SweepJob:
     model: str
-    configs: tuple[MethodConfig, ...]
+    entries: tuple[SweepEntry, ...]
     out: Path
     data: str = "ptb"
     split: str = "test"
@@ -29,14 +55,17 @@ class SweepJob:
     seqlen: int = 512
     overwrite: bool = False
     progress: bool = True
+    pairs: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # (A, B) names: paired CI of PPL_A / PPL_B
 
 
-def demo_configs(bits: tuple[int, ...], group_size: int = 128) -> tuple[MethodConfig, ...]:
+def demo_configs(bits: tuple[int, ...], group_size: int = 64) -> tuple[SweepEntry, ...]:
     """int4/int3 symmetric, int2 asymmetric (a 4-level symmetric grid wastes a level on Gaussian
-    weights), all with MSE clip search."""
+    weights), all RTN with MSE clip search. Group 64 because SmolLM2's widths (576, 1536) are not
+    multiples of 128."""
     from moequant.codecs.config import UniformConfig
 
-    return tuple(UniformConfig(bits=b, group_size=group_size, symmetric=b > 2, clip_search=True) for b in bits)
+    return tuple(SweepEntry(UniformConfig(bits=b, group_size=group_size, symmetric=b > 2, clip_search=True))
+                 for b in bits)
 
 
 def run_sweep(job: SweepJob, argv: list[str] | None = None) -> dict[str, Any]:
@@ -44,53 +73,99 @@ def run_sweep(job: SweepJob, argv: list[str] | None = None) -> dict[str, Any]:
     from moequant.alloc.recipe import Recipe
     from moequant.eval.bootstrap import paired_delta_ci
     from moequant.formats.checkpoint import checkpoint_bytes
+    from moequant.layerwise import check_recipe
+    from moequant.models.adapters import adapter_for, iter_targets
     from moequant.models.loader import load_model
     from moequant.runs import PplJob, model_sizes, run_ppl
 
     if job.out.exists() and not job.overwrite:
         raise MoequantError(f"output directory {job.out} already exists (pass --overwrite or choose --out)")
-    job.out.mkdir(parents=True, exist_ok=True)
+    names = [e.name for e in job.entries]
+    if len(set(names)) != len(names):
+        raise MoequantError(f"sweep methods must have distinct names, got {names}")
+    for a, b in job.pairs:
+        if a not in names or b not in names:
+            raise MoequantError(f"pair ({a!r}, {b!r}) names a method not in the sweep {names}")
     ppl_job = PplJob(job.model, job.data, job.split, seqlen=job.seqlen, max_tokens=job.max_tokens, progress=job.progress)
     model, tok, _ = load_model(job.model)
+    targets = list(iter_targets(model, adapter_for(model)))
+    for e in job.entries:  # fail before any scoring
+        check_recipe(targets, Recipe.uniform(e.config))
+    job.out.mkdir(parents=True, exist_ok=True)
     base = run_ppl(ppl_job, argv, model=model, tokenizer=tok)
     base_sizes = model_sizes(model)
     rows = [{"method": "fp32 (unquantized)", "bits_per_weight": 32.0, "checkpoint_bytes": None,
-             "resident_bytes": base_sizes["resident_bytes"], "ppl": base["ppl"], "ci95": base["ci95"],
-             "ratio_ci95": None}]
+             "resident_bytes": base_sizes["resident_bytes"], "ideal_bytes": None, "ppl": base["ppl"],
+             "ci95": base["ci95"], "ratio_ci95": None}]
     del model
-    for cfg in job.configs:
+    scored: dict[str, dict[str, Any]] = {}
+    for e in job.entries:
+        ckpt = job.out / e.name.replace(" ", "_").replace("=", "-")
         model, tok, _ = load_model(job.model)
-        api.quantize(model, Recipe.uniform(cfg), progress=job.progress)
-        ckpt = job.out / cfg.short_name
+        calib = _calibration(e, tok)
+        api.quantize(model, Recipe.uniform(e.config), calib, solver=e.solver, progress=job.progress)
+        report = model.moequant_report
         api.save(model, ckpt, tokenizer=tok, overwrite=job.overwrite)
-        bpw = model.moequant_report.bits_per_weight()
+        (ckpt / "report.json").write_text(json.dumps({**report.to_dict(), **run_info(argv)}, indent=1))
         del model
         qmodel = api.load(ckpt)
         sizes = model_sizes(qmodel)
         res = run_ppl(ppl_job, argv, model=qmodel, tokenizer=tok)
         (ckpt / "ppl.json").write_text(json.dumps(res, indent=1))
+        del qmodel
+        scored[e.name] = res
         delta = paired_delta_ci(base["nll_per_window"], base["tokens_per_window"],
                                 res["nll_per_window"], res["tokens_per_window"])
-        rows.append({"method": cfg.short_name, "bits_per_weight": bpw, "checkpoint_bytes": checkpoint_bytes(ckpt),
-                     "resident_bytes": sizes["resident_bytes"], "ideal_bytes": sizes["ideal_bytes"],
-                     "ppl": res["ppl"], "ci95": res["ci95"], "ratio_ci95": list(delta.ratio_ci)})
-        del qmodel
-    table = format_table(job, rows)
+        proxies = [t.proxy for t in report.quantized if t.proxy is not None]
+        rows.append({"method": e.name, "config": e.config.to_dict(), "solver": e.solver.to_dict(),
+                     "calibration": report.calibration, "bits_per_weight": report.bits_per_weight(),
+                     "checkpoint_bytes": checkpoint_bytes(ckpt), "resident_bytes": sizes["resident_bytes"],
+                     "ideal_bytes": sizes["ideal_bytes"], "ppl": res["ppl"], "ci95": res["ci95"],
+                     "ratio_ci95": list(delta.ratio_ci),
+                     "mean_proxy": sum(proxies) / len(proxies) if proxies else None,
+                     "starved_experts": [s.__dict__ for s in report.starved], "checkpoint": str(ckpt)})
+    pairs = []
+    for a, b in job.pairs:
+        d = paired_delta_ci(scored[b]["nll_per_window"], scored[b]["tokens_per_window"],
+                            scored[a]["nll_per_window"], scored[a]["tokens_per_window"])
+        pairs.append({"a": a, "b": b, "ppl_a": scored[a]["ppl"], "ppl_b": scored[b]["ppl"],
+                      "ratio_a_over_b_ci95": list(d.ratio_ci), "verdict": d.verdict})
+    table = format_table(job, rows, pairs)
     result = {"model": job.model, "data": f"{job.data}/{job.split}", "max_tokens": job.max_tokens, "seqlen": job.seqlen,
-              "tokens": base["tokens"], "rows": rows, "table": table, **run_info(argv)}
+              "tokens": base["tokens"], "n_windows": base["n_windows"], "rows": rows, "pairs": pairs, "table": table,
+              "peak_rss_bytes": peak_rss_bytes(), **run_info(argv)}
     (job.out / "summary.json").write_text(json.dumps(result, indent=1))
     return result
 
 
-def format_table(job: SweepJob, rows: list[dict[str, Any]]) -> str:
+def _calibration(e: SweepEntry, tok: Any):
+    if e.calib is None:
+        return None
+    from moequant.calib.data import calibration_tokens
+    from moequant.layerwise import Calibration
+
+    return Calibration(calibration_tokens(tok, e.calib), hessian=e.hessian, source=e.calib.to_dict())
+
+
+def format_table(job: SweepJob, rows: list[dict[str, Any]], pairs: list[dict[str, Any]] | None = None) -> str:
     head = (f"{job.model}, {job.data}/{job.split} ({'first ' + str(job.max_tokens) if job.max_tokens else 'all'} tokens, "
             f"windows of {job.seqlen} with BOS)")
     lines = [head, "",
-             "| method | bits/weight (quantized tensors) | checkpoint MiB | resident MiB | PPL [95% CI] | PPL ratio vs fp [95% CI] |",
+             "| method | bits/weight (quantized tensors) | checkpoint MiB | resident MiB (ideal) | PPL [95% CI] "
+             "| PPL ratio vs fp [95% CI] |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         ck = "-" if r["checkpoint_bytes"] is None else f"{r['checkpoint_bytes'] / 2**20:.1f}"
+        res = f"{r['resident_bytes'] / 2**20:.1f}"
+        if r.get("ideal_bytes"):
+            res += f" ({r['ideal_bytes'] / 2**20:.1f})"
         ratio = "-" if r["ratio_ci95"] is None else f"[{r['ratio_ci95'][0]:.3f}, {r['ratio_ci95'][1]:.3f}]"
-        lines.append(f"| {r['method']} | {r['bits_per_weight']:.3f} | {ck} | {r['resident_bytes'] / 2**20:.1f} | "
+        lines.append(f"| {r['method']} | {r['bits_per_weight']:.3f} | {ck} | {res} | "
                      f"{r['ppl']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | {ratio} |")
+    if pairs:
+        lines += ["", "| A | B | PPL A | PPL B | PPL A / PPL B [95% paired CI] | verdict |", "|---|---|---|---|---|---|"]
+        for p in pairs:
+            lo, hi = p["ratio_a_over_b_ci95"]
+            lines.append(f"| {p['a']} | {p['b']} | {p['ppl_a']:.2f} | {p['ppl_b']:.2f} | [{lo:.4f}, {hi:.4f}] "
+                         f"| {p['verdict']} |")
     return "\n".join(lines)

@@ -40,13 +40,13 @@ def test_quant_experts_decodes_only_routed_experts(monkeypatch):
     cfg = UniformConfig(bits=4, group_size=32)
     q = QuantExperts(encode(ex.gate_up_proj.detach(), cfg), encode(ex.down_proj.detach(), cfg), ex.act_fn)
     decoded = []
-    orig = QuantExperts.expert_weight
+    orig = QuantExperts._expert_linear
 
-    def spy(self, name, e, dtype=torch.float32):
+    def spy(self, name, e, x):
         decoded.append(e)
-        return orig(self, name, e, dtype)
+        return orig(self, name, e, x)
 
-    monkeypatch.setattr(QuantExperts, "expert_weight", spy)
+    monkeypatch.setattr(QuantExperts, "_expert_linear", spy)
     idx = torch.tensor([[0, 2], [2, 0], [0, 2]])
     q(torch.randn(3, 64), idx, torch.full((3, 2), 0.5))
     assert sorted(set(decoded)) == [0, 2] and len(decoded) == 4

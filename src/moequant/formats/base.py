@@ -30,14 +30,15 @@ class QuantizedTensor(ABC):
     attr_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, shape: tuple[int, ...], data: dict[str, torch.Tensor], attrs: dict[str, Any]) -> None:
-        missing = [n for n in self.data_names if n not in data]
-        if missing:
-            raise ValueError(f"{self.format_id}: missing data tensors {missing}")
         missing = [n for n in self.attr_names if n not in attrs]
         if missing:
             raise ValueError(f"{self.format_id}: missing attributes {missing}")
+        names = self.names_for(attrs)
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise ValueError(f"{self.format_id}: missing data tensors {missing}")
         self.shape = tuple(int(s) for s in shape)
-        self.data = {n: data[n] for n in self.data_names}
+        self.data = {n: data[n] for n in names}
         self.attrs = {n: attrs[n] for n in self.attr_names}
         lead = self.shape[:-2]
         for n, t in self.data.items():
@@ -66,6 +67,19 @@ class QuantizedTensor(ABC):
         """Bits per weight this format will store for ``shape`` under ``config`` (no encoding needed)."""
 
     # --- provided ------------------------------------------------------------------------------
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [..., K] -> x Ŵᵀ + b [..., N]`` for a 2-D tensor (reference path: decode, then matmul).
+        Formats that can do better (rotate activations, fused kernels) override it."""
+        if len(self.shape) != 2:
+            raise ValueError(f"{self.format_id}: linear() needs a 2-D tensor, shape is {self.shape}")
+        return torch.nn.functional.linear(x, self.dequantize(x.dtype), bias)
+
+    @classmethod
+    def names_for(cls, attrs: dict[str, Any]) -> tuple[str, ...]:
+        """The stored data tensors of an instance with ``attrs`` (``data_names`` unless a wrapper format
+        stores its inner format's tensors too)."""
+        return cls.data_names
+
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
@@ -105,13 +119,13 @@ class QuantizedTensor(ABC):
             raise ValueError(f"{prefix}: format {meta.get('format')!r} is not {cls.format_id!r}")
         if int(meta.get("format_version", 1)) > cls.format_version:
             raise ValueError(f"{prefix}: {cls.format_id} version {meta['format_version']} is newer than supported")
+        attrs = {n: meta[n] for n in cls.attr_names}
         data = {}
-        for n in cls.data_names:
+        for n in cls.names_for(attrs):
             key = f"{prefix}_{n}"
             if key not in tensors:
                 raise KeyError(f"checkpoint lacks tensor {key!r} ({cls.format_id})")
             data[n] = tensors[key]
-        attrs = {n: meta[n] for n in cls.attr_names}
         return cls(tuple(meta["shape"]), data, attrs)
 
     def __repr__(self) -> str:

@@ -9,6 +9,7 @@ import torch
 from moequant.codecs.config import LutConfig, MethodConfig, UniformConfig
 from moequant.formats.base import QuantizedTensor
 from moequant.formats.lut import LutDqTensor, LutTensor
+from moequant.formats.rotated import RotatedTensor
 from moequant.formats.uniform import UniformAsymTensor, UniformTensor
 from moequant.registry import Registry
 
@@ -22,7 +23,7 @@ def make_format_registry(classes: Iterable[type[QuantizedTensor]]) -> Registry[t
 
 
 FORMATS: Registry[type[QuantizedTensor]] = make_format_registry(
-    (UniformTensor, UniformAsymTensor, LutTensor, LutDqTensor))
+    (UniformTensor, UniformAsymTensor, LutTensor, LutDqTensor, RotatedTensor))
 
 
 def tensor_class_for(config: MethodConfig) -> type[QuantizedTensor]:

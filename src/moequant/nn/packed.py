@@ -23,7 +23,7 @@ def register_packed(module: nn.Module, name: str, qt: QuantizedTensor) -> None:
 def packed_tensor(module: nn.Module, name: str) -> QuantizedTensor:
     """The ``QuantizedTensor`` view over the module's current buffers (no copy)."""
     cls, shape, attrs = module._packed_specs[name]
-    return cls(shape, {d: getattr(module, f"{name}_{d}") for d in cls.data_names}, attrs)
+    return cls(shape, {d: getattr(module, f"{name}_{d}") for d in cls.names_for(attrs)}, attrs)
 
 
 def packed_names(module: nn.Module) -> list[str]:

@@ -44,6 +44,12 @@ class QuantExperts(nn.Module):
             return packed_tensor(self, name).select(e).dequantize(dtype)
         return getattr(self, name)[e].to(dtype)
 
+    def _expert_linear(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        """``x Wᵀ`` with expert ``e``'s weight ``name``, from its packed slice when packed."""
+        if self.is_packed(name):
+            return packed_tensor(self, name).select(e).linear(x)
+        return F.linear(x, getattr(self, name)[e].to(x.dtype))
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)  # [T, H]
@@ -53,8 +59,8 @@ class QuantExperts(nn.Module):
                 continue  # masked / padded slots
             token_idx, slot = torch.where(top_k_index == e)  # [n_e], [n_e]
             x = hidden_states[token_idx]  # [n_e, H]
-            gate, up = F.linear(x, self.expert_weight("gate_up_proj", e, x.dtype)).chunk(2, dim=-1)  # [n_e, I] x2
-            h = F.linear(self.act_fn(gate) * up, self.expert_weight("down_proj", e, x.dtype))  # [n_e, H]
+            gate, up = self._expert_linear("gate_up_proj", e, x).chunk(2, dim=-1)  # [n_e, I] x2
+            h = self._expert_linear("down_proj", e, self.act_fn(gate) * up)  # [n_e, H]
             h = h * top_k_weights[token_idx, slot, None].to(h.dtype)
             out.index_add_(0, token_idx, h.to(out.dtype))
         return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moequant.formats.base import QuantizedTensor
@@ -11,10 +10,9 @@ from moequant.nn.packed import packed_tensor, register_packed
 
 
 class QuantLinear(nn.Module):
-    """``y = x Ŵᵀ + b`` with ``Ŵ`` decoded from the packed ``weight_*`` buffers at call time.
-
-    Only the packed data is resident; the dequantized weight lives for the duration of one call.
-    """
+    """``y = x Ŵᵀ + b`` computed from the packed ``weight_*`` buffers at call time
+    (``QuantizedTensor.linear``: decode then matmul, or a format's own path — a rotated tensor rotates
+    the activations instead). Only the packed data is resident; a decoded weight lives for one call."""
 
     def __init__(self, qweight: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -32,8 +30,7 @@ class QuantLinear(nn.Module):
         return self.qweight.dequantize(dtype)  # [N, K]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.qweight.dequantize(x.dtype)  # [N, K]
-        return F.linear(x, w, self.bias)
+        return self.qweight.linear(x, self.bias)  # [..., N]
 
     def extra_repr(self) -> str:
         q = self.qweight

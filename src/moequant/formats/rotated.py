@@ -1,0 +1,121 @@
+"""``RotatedTensor`` (format ``rht`` v1): a packed tensor of the *incoherent* weight
+``W̃ = H_N S_V W S_U H_Kᵀ`` plus the random sign vectors that undo the rotation.
+
+``H_n`` is the orthonormal Hadamard-type transform of ``solvers.incoherence`` (fast Walsh–Hadamard,
+Kronecker with a small block for non-powers of two) and ``S_U``, ``S_V`` are diagonal ±1 matrices.
+Stored tensors, for a logical weight ``[..., N, K]`` (every expert has its own signs):
+
+- ``sign_in``: uint8 ``[..., packed_len(K, 1)]``, bit ``k`` = 1 where ``S_U[k] = -1`` (1 bit per sign);
+- ``sign_out``: uint8 ``[..., packed_len(N, 1)]``, likewise for ``S_V``;
+- ``inner_<data>``: the inner format's tensors (any registered format), which encode ``W̃``.
+
+Attributes: ``inner`` = the inner tensor's ``meta()``. Decoding: ``W = S_V H_Nᵀ W̃ H_K S_U``. At run
+time ``y = W x`` is computed without decoding ``W``: ``y = S_V H_Nᵀ (W̃ (H_K S_U x))``
+(``linear``). The signs count towards ``bits_per_weight`` like every other stored bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from moequant.codecs.config import MethodConfig
+from moequant.formats.base import QuantizedTensor
+from moequant.formats.bitpack import pack, unpack
+
+INNER = "inner_"
+
+
+def _pack_signs(s: torch.Tensor) -> torch.Tensor:
+    return pack((s < 0).to(torch.uint8), 1)  # [..., packed_len(n, 1)]
+
+
+def _unpack_signs(b: torch.Tensor, n: int) -> torch.Tensor:
+    return 1.0 - 2.0 * unpack(b, 1, n).to(torch.float32)  # [..., n] of ±1
+
+
+class RotatedTensor(QuantizedTensor):
+    format_id: ClassVar[str] = "rht"
+    format_version: ClassVar[int] = 1
+    config_type: ClassVar[type[MethodConfig]] = MethodConfig
+    data_names: ClassVar[tuple[str, ...]] = ("sign_in", "sign_out")
+    attr_names: ClassVar[tuple[str, ...]] = ("inner",)
+
+    @classmethod
+    def names_for(cls, attrs: dict[str, Any]) -> tuple[str, ...]:
+        return cls.data_names + tuple(INNER + n for n in _inner_class(attrs["inner"]).names_for(attrs["inner"]))
+
+    @classmethod
+    def wrap(cls, inner: QuantizedTensor, incoherence: Any) -> "RotatedTensor":
+        """``inner`` encodes ``W̃``; ``incoherence`` (``solvers.incoherence.Incoherence``) holds signs
+        ``[..., K]`` / ``[..., N]`` (or shared ``[K]`` / ``[N]``, which are broadcast over the experts)."""
+        *lead, n, k = inner.shape
+        s_in = torch.broadcast_to(incoherence.sign_in, (*lead, k))  # [..., K]
+        s_out = torch.broadcast_to(incoherence.sign_out, (*lead, n))  # [..., N]
+        data = {"sign_in": _pack_signs(s_in), "sign_out": _pack_signs(s_out),
+                **{INNER + d: t for d, t in inner.data.items()}}
+        return cls(inner.shape, data, {"inner": inner.meta()})
+
+    @classmethod
+    def encode(cls, w: torch.Tensor, config: MethodConfig, hessian: torch.Tensor | None = None) -> "QuantizedTensor":
+        raise TypeError("RotatedTensor wraps an encoded tensor: use solvers.solve.solve_tensor with incoherence='rht'")
+
+    @classmethod
+    def from_parts(cls, shape: tuple[int, ...], parts: dict[str, torch.Tensor], config: MethodConfig
+                   ) -> "QuantizedTensor":
+        raise TypeError("RotatedTensor wraps an encoded tensor: use RotatedTensor.wrap")
+
+    @classmethod
+    def expected_bits_per_weight(cls, shape: tuple[int, ...], config: MethodConfig) -> float:
+        raise TypeError("the bits of a rotated tensor are the inner format's plus (N + K) sign bits per matrix")
+
+    # --- views ------------------------------------------------------------------------------------
+    @property
+    def inner(self) -> QuantizedTensor:
+        meta = self.attrs["inner"]
+        cls = _inner_class(meta)
+        return cls(tuple(meta["shape"]), {d: self.data[INNER + d] for d in cls.names_for(meta)},
+                   {a: meta[a] for a in cls.attr_names})
+
+    def incoherence(self):
+        from moequant.solvers.incoherence import Incoherence
+
+        *_, n, k = self.shape
+        return Incoherence(sign_in=_unpack_signs(self.data["sign_in"], k),
+                           sign_out=_unpack_signs(self.data["sign_out"], n))
+
+    def select(self, index: int) -> "QuantizedTensor":
+        if len(self.shape) < 3:
+            raise ValueError(f"{self.format_id}: select() needs a leading expert dim, shape is {self.shape}")
+        inner = self.inner.select(index)
+        data = {n: t[index] for n, t in self.data.items()}
+        return RotatedTensor(self.shape[1:], data, {"inner": inner.meta()})
+
+    def to(self, device: torch.device | str) -> "QuantizedTensor":
+        return RotatedTensor(self.shape, {n: t.to(device) for n, t in self.data.items()}, dict(self.attrs))
+
+    # --- decoding -----------------------------------------------------------------------------------
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        w_rot = self.inner.dequantize(torch.float32)  # [..., N, K]
+        return self.incoherence().weight_inverse(w_rot).to(dtype)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [..., K] -> x Wᵀ + b [..., N]`` for a 2-D tensor, rotating the activations instead of
+        decoding ``W``."""
+        if len(self.shape) != 2:
+            raise ValueError(f"linear() needs a 2-D tensor, shape is {self.shape}; select an expert first")
+        inc = self.incoherence()
+        xr = inc.transform_input(x.to(torch.float32))  # [..., K]
+        y = inc.restore_output(F.linear(xr, self.inner.dequantize(torch.float32))).to(x.dtype)  # [..., N]
+        return y if bias is None else y + bias
+
+
+def _inner_class(meta: dict[str, Any]) -> type[QuantizedTensor]:
+    from moequant.formats.registry import FORMATS
+
+    cls = FORMATS.get(meta["format"])
+    if cls is RotatedTensor:
+        raise ValueError("a rotated tensor cannot wrap another rotated tensor")
+    return cls

@@ -1,0 +1,91 @@
+"""What ``quantize`` did: every target weight (quantized or kept, by which rule), the solver's proxy
+losses, calibration token counts, starved experts and shared-input groups."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class TensorRecord:
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    rule: str | None
+    method: str | None  # config short name, None when kept
+    bits_per_weight: float | None = None
+    nbytes: int = 0
+    solver: str | None = None
+    proxy: float | None = None  # mean over experts of tr(ΔHΔᵀ)/tr(WHWᵀ)
+    proxy_per_expert: list[float] | None = None
+    tokens: int | None = None  # calibration tokens behind the Hessian
+    expert_tokens: list[int] | None = None  # routed tokens per expert
+    seconds: float | None = None
+
+
+@dataclass
+class StarvedRecord:
+    tensor: str
+    expert: int
+    tokens: int
+    policy: str
+
+
+@dataclass
+class QuantReport:
+    """The report attached to a quantized model as ``model.moequant_report``."""
+
+    recipe: dict[str, Any]
+    solver: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
+    tensors: list[TensorRecord] = field(default_factory=list)
+    starved: list[StarvedRecord] = field(default_factory=list)
+    shared_inputs: list[list[str]] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> list[TensorRecord]:
+        return [t for t in self.tensors if t.method is not None]
+
+    @property
+    def kept(self) -> list[TensorRecord]:
+        return [t for t in self.tensors if t.method is None]
+
+    def bits_per_weight(self) -> float:
+        """Every stored bit of the quantized tensors / their number of weights."""
+        q = self.quantized
+        n = sum(math.prod(t.shape) for t in q)
+        return 8.0 * sum(t.nbytes for t in q) / n if n else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "solver": self.solver, "calibration": self.calibration,
+                "bits_per_weight": self.bits_per_weight(),
+                "quantized_tensors": [asdict(t) for t in self.quantized],
+                "kept_tensors": [asdict(t) for t in self.kept],
+                "starved_experts": [asdict(s) for s in self.starved],
+                "shared_inputs": self.shared_inputs}
+
+    def table(self) -> str:
+        """A readable per-tensor table (markdown)."""
+        lines = ["| tensor | method | bits/weight | proxy loss | tokens | seconds |", "|---|---|---|---|---|---|"]
+        for t in self.tensors:
+            proxy = "-" if t.proxy is None else f"{t.proxy:.4g}"
+            tok = "-" if t.tokens is None else str(t.tokens)
+            if t.expert_tokens is not None:
+                tok = f"{sum(t.expert_tokens)} routed (min {min(t.expert_tokens)})"
+            bpw = "-" if t.bits_per_weight is None else f"{t.bits_per_weight:.3f}"
+            sec = "-" if t.seconds is None else f"{t.seconds:.1f}"
+            method = t.method if t.method else f"kept ({t.rule})"
+            if t.solver and t.method:
+                method += f" {t.solver}"
+            lines.append(f"| {t.name} | {method} | {bpw} | {proxy} | {tok} | {sec} |")
+        if self.starved:
+            lines += ["", "Starved experts (fewer routed calibration tokens than the threshold):", "",
+                      "| tensor | expert | tokens | policy |", "|---|---|---|---|"]
+            lines += [f"| {s.tensor} | {s.expert} | {s.tokens} | {s.policy} |" for s in self.starved]
+        if self.shared_inputs:
+            lines += ["", "Tensors sharing one input Hessian: " +
+                      "; ".join(", ".join(n.rsplit(".", 2)[-2] for n in g) for g in self.shared_inputs[:3]) +
+                      (" ... (every layer alike)" if len(self.shared_inputs) > 3 else "")]
+        return "\n".join(lines)
