@@ -1,0 +1,122 @@
+"""Layer-by-layer calibration: feed the calibration batches through the decoder one layer at a time.
+
+1. ``capture``: every decoder layer is swapped for a catcher and the model is run once per batch; the
+   catcher of layer 0 keeps the hidden states entering the decoder, and every catcher keeps the
+   keyword arguments its layer is called with (attention mask, position embeddings... — per layer,
+   since e.g. Gemma3 alternates sliding and full attention), then passes the hidden states through
+   unchanged. Nothing else of the model runs beyond the embeddings (``logits_to_keep=1``).
+2. ``run(i)``: the batches go through layer ``i`` alone — once under a ``LayerCapture`` to accumulate
+   its Hessians, and once more after it has been quantized, to produce the inputs of layer ``i + 1``
+   (so each layer is calibrated on what the already-quantized layers before it really produce).
+
+The hidden states of all batches are held in memory (``samples x seqlen x hidden`` in the model's
+dtype) or, with ``spill_dir``, in files that are memory-mapped back.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moequant.models.adapters import ModelAdapter, decoder_layers
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for decoder layer ``index`` while the inputs are captured."""
+
+    def __init__(self, index: int, wrapped: nn.Module, runner: "LayerwiseRunner") -> None:
+        super().__init__()
+        self.index = index
+        self.__dict__["_wrapped"] = wrapped
+        self.__dict__["_runner"] = runner
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_wrapped"], name)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args:
+            raise TypeError(f"decoder layer {self.index} called with positional arguments beyond the hidden "
+                            "states; moequant's runner supports transformers v5 keyword calls only")
+        self.__dict__["_runner"]._record(self.index, hidden_states, kwargs)
+        return hidden_states
+
+
+class LayerwiseRunner:
+    """Holds the hidden states entering the current layer for every calibration batch."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, tokens: torch.Tensor, batch_size: int = 8,
+                 spill_dir: Path | None = None) -> None:
+        self.model = model
+        self.layers = decoder_layers(model, adapter)
+        self.batches = list(tokens.split(batch_size))  # [B, L] each
+        self.spill_dir = spill_dir
+        self.inputs: list[torch.Tensor] = []  # [B, L, H] per batch
+        self._generation = 0
+        self.kwargs: list[dict[int, dict[str, Any]]] = [{} for _ in self.layers]  # per layer, by batch size
+        self._capture()
+
+    def _record(self, index: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        b = hidden.shape[0]
+        if b not in self.kwargs[index]:
+            self.kwargs[index][b] = {k: v for k, v in kwargs.items() if k != "past_key_values"}
+        if index == 0:
+            self.inputs.append(self._store(hidden.detach(), len(self.inputs)))
+
+    def _capture(self) -> None:
+        originals = list(self.layers)
+        device = next(self.model.parameters()).device
+        try:
+            for i, layer in enumerate(originals):
+                self.layers[i] = _Catcher(i, layer, self)
+            with torch.no_grad():
+                for batch in self.batches:
+                    ids = batch.to(device)
+                    try:
+                        self.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                    except TypeError:
+                        self.model(input_ids=ids, use_cache=False)
+        finally:
+            for i, layer in enumerate(originals):
+                self.layers[i] = layer
+
+    def _store(self, t: torch.Tensor, j: int) -> torch.Tensor:
+        if self.spill_dir is None:
+            return t
+        # two generations of files: the inputs being read are never the files being written
+        path = Path(self.spill_dir) / f"act_{self._generation % 2}_{j}.bin"
+        t = t.contiguous().cpu()
+        t.view(-1).view(torch.uint8).numpy().tofile(path)
+        return torch.from_file(str(path), shared=False, size=t.numel(), dtype=t.dtype).view(t.shape)
+
+    @property
+    def tokens(self) -> int:
+        return sum(int(b.numel()) for b in self.batches)
+
+    def run(self, index: int, keep_outputs: bool) -> None:
+        """Run every batch through layer ``index``; with ``keep_outputs`` the outputs become the inputs
+        of the next layer."""
+        layer = self.layers[index]
+        outs = []
+        self._generation += 1 if keep_outputs else 0
+        with torch.no_grad():
+            for j, x in enumerate(self.inputs):
+                y = layer(x, **self.kwargs[index][x.shape[0]])
+                if isinstance(y, tuple):
+                    y = y[0]
+                if keep_outputs:
+                    outs.append(self._store(y.detach(), j))
+        if keep_outputs:
+            self.inputs = outs

@@ -1,0 +1,111 @@
+"""One weight tensor, one method: (optionally) rotate it incoherent, quantize it with RTN or LDLQ, pack
+it. Experts of a fused ``[E, N, K]`` tensor are solved one at a time, each with its own Hessian."""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+
+from moequant.codecs.columns import column_quantizer
+from moequant.codecs.config import MethodConfig
+from moequant.formats.base import QuantizedTensor
+from moequant.formats.registry import encode, tensor_class_for
+from moequant.solvers.config import SolverConfig
+from moequant.solvers.ldlq import ldlq, proxy_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SolveInfo:
+    """What solving one tensor measured: the proxy loss ``tr(ΔHΔᵀ)/tr(WHWᵀ)`` (per expert for 3-D
+    tensors; None without a Hessian) in the original basis, and the seconds it took."""
+
+    proxy: list[float] | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def mean_proxy(self) -> float | None:
+        return None if self.proxy is None else sum(self.proxy) / len(self.proxy)
+
+
+def tensor_seed(base: int, name: str) -> int:
+    """A per-tensor seed for sign vectors: stable across runs and machines (CRC32 of the name)."""
+    return (base * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 31)
+
+
+def damp(h: torch.Tensor, lam: float) -> torch.Tensor:
+    """``H + λ·mean(diag H)·I`` per matrix ``[..., K, K]``; dead inputs (zero diagonal) get 1 on the
+    diagonal so the factorisation exists (their columns never reach the output anyway)."""
+    h = h.to(torch.float64).clone()
+    d = torch.diagonal(h, dim1=-2, dim2=-1)  # [..., K] view
+    dead = d == 0
+    mean = d.mean(-1, keepdim=True)  # [..., 1]
+    d.add_(lam * torch.where(mean > 0, mean, torch.ones_like(mean)))
+    d.masked_fill_(dead, 1.0)
+    return h
+
+
+def solve_tensor(w: torch.Tensor, config: MethodConfig, solver: SolverConfig, hessian: torch.Tensor | None,
+                 where: str, damp_fn=damp) -> tuple[QuantizedTensor, SolveInfo]:
+    """Quantize ``w [N, K]`` or ``[E, N, K]`` under ``config``.
+
+    ``hessian``: ``[K, K]`` (shared by every expert) or ``[E, K, K]``, undamped, float64; None for RTN
+    without calibration. With ``solver.incoherence == "rht"`` the weight and Hessian are rotated
+    (``W̃ = H_N S_V W S_U H_Kᵀ``), the rotated weight is quantized and the result is wrapped so that
+    decoding and the runtime undo the rotation.
+    """
+    t0 = time.time()
+    w = w.detach().to(torch.float32)
+    h = None if hessian is None else hessian.to(torch.float64)
+    inc = None
+    if solver.incoherence == "rht":
+        from moequant.solvers.incoherence import Incoherence
+
+        inc = Incoherence.make(tuple(w.shape), seed=tensor_seed(solver.seed, where))
+        w = inc.weight(w)
+        h = None if h is None else inc.hessian(h)
+    info = SolveInfo()
+    if solver.solver == "rtn" or h is None:
+        if solver.needs_hessian:
+            raise ValueError(f"{where}: solver {solver.solver!r} needs a calibration Hessian")
+        inner = encode(w, config)
+        if h is not None:
+            w_hat = inner.dequantize()
+            info.proxy = _per_expert(lambda e: proxy_loss(_at(w, e), _at(w_hat, e), _at_h(h, e)), w)
+    else:
+        parts, proxies = [], []
+        for e in range(w.shape[0] if w.dim() == 3 else 1):
+            we, he = _at(w, e), _at_h(h, e)
+            q = column_quantizer(config, we, hdiag=torch.diagonal(he).to(torch.float32))
+            res = ldlq(we, damp_fn(he, solver.damp), q, lazy=solver.lazy, act_order=solver.act_order,
+                       h_proxy=he, where=where if w.dim() == 2 else f"{where} expert {e}")
+            parts.append(q.parts())
+            proxies.append(res.proxy)
+        stacked = parts[0] if w.dim() == 2 else {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
+        inner = tensor_class_for(config).from_parts(tuple(w.shape), stacked, config)
+        info.proxy = proxies
+    qt = inner
+    if inc is not None:
+        from moequant.formats.rotated import RotatedTensor
+
+        qt = RotatedTensor.wrap(inner, inc)
+    info.seconds = time.time() - t0
+    return qt, info
+
+
+def _at(w: torch.Tensor, e: int) -> torch.Tensor:
+    return w if w.dim() == 2 else w[e]
+
+
+def _at_h(h: torch.Tensor, e: int) -> torch.Tensor:
+    return h if h.dim() == 2 else h[e]
+
+
+def _per_expert(fn, w: torch.Tensor) -> list[float]:
+    return [fn(e) for e in range(w.shape[0] if w.dim() == 3 else 1)]
