@@ -114,20 +114,28 @@ def save(model: nn.Module, out_dir: str | Path, *, tokenizer: Any = None, overwr
         seen[key] = name
         state[name] = t.detach()
     recipe = getattr(model, "moequant_recipe", None)
-    qcfg = {"quant_method": QUANT_METHOD, "format_version": CHECKPOINT_FORMAT_VERSION,
-            "moequant_version": __version__, "recipe": recipe.to_dict() if recipe else None,
-            "tensors": {n: qt.meta() for n, qt in packed.items()}, "tied": tied, **(extra or {})}
-    config = model.config.to_dict()
-    config["quantization_config"] = qcfg
     with AtomicDir(out, overwrite=overwrite) as tmp:
         write_shards(state, tmp)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        write_checkpoint_config(tmp, model.config.to_dict(), {n: qt.meta() for n, qt in packed.items()}, recipe,
+                                tied, extra, getattr(model, "generation_config", None), tokenizer)
     return out
+
+
+def write_checkpoint_config(out: Path, model_config: dict[str, Any], metas: dict[str, Any], recipe: Recipe | None,
+                            tied: dict[str, str], extra: dict[str, Any] | None = None, generation_config: Any = None,
+                            tokenizer: Any = None) -> None:
+    """``config.json`` with ``quantization_config`` (see ``formats.checkpoint``), the generation config
+    and the tokenizer files."""
+    qcfg = {"quant_method": QUANT_METHOD, "format_version": CHECKPOINT_FORMAT_VERSION,
+            "moequant_version": __version__, "recipe": recipe.to_dict() if recipe else None,
+            "tensors": metas, "tied": tied, **(extra or {})}
+    config = dict(model_config)
+    config["quantization_config"] = qcfg
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+    if generation_config is not None:
+        generation_config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:

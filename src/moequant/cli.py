@@ -76,7 +76,8 @@ def _add_solver_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--starved-policy", default="shrink", choices=["shrink", "layer", "rtn"],
                    help="what a starved expert's Hessian becomes (default shrink towards the layer's)")
     g.add_argument("--offload", action="store_true",
-                   help="keep calibration activations in files (memory-mapped) instead of RAM")
+                   help="hold one decoder layer's weights in memory at a time (streamed from the safetensors "
+                   "files) and keep calibration activations in files")
 
 
 def _solver_and_calib(args: argparse.Namespace):

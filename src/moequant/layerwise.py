@@ -84,7 +84,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: Calibration | None, 
         bar = tqdm(sorted(by_layer), desc="quantize", unit="layer", disable=not progress)
         for layer in bar:
             bar.set_postfix_str(f"layer {layer}")
-            _quantize_layer(model, adapter, layer, by_layer[layer], recipe, calib, solver, runner, report)
+            quantize_layer(model, adapter, layer, by_layer[layer], recipe, calib, solver, runner, report)
     return report
 
 
@@ -121,7 +121,7 @@ class _maybe_tmpdir:
             self.tmp.cleanup()
 
 
-def _quantize_layer(model: nn.Module, adapter: ModelAdapter, layer: int, targets: list[Target], recipe: Recipe,
+def quantize_layer(model: nn.Module, adapter: ModelAdapter, layer: int, targets: list[Target], recipe: Recipe,
                     calib: Calibration | None, solver: SolverConfig, runner: Any, report: QuantReport) -> None:
     stats: dict[str, Any] = {}
     plan = [(t, *recipe.match(t.name, t.kind)) for t in targets]

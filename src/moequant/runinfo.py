@@ -34,8 +34,24 @@ def command_line(argv: list[str] | None = None) -> str:
     return "moequant " + " ".join(shlex.quote(a) for a in args)
 
 
+def git_commit() -> str | None:
+    """The commit of the source tree moequant runs from (``+dirty`` when it has changes), or None."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def run_info(argv: list[str] | None = None) -> dict[str, Any]:
-    return {"command": command_line(argv), "versions": versions(), "machine": machine()}
+    return {"command": command_line(argv), "versions": versions(), "machine": machine(), "git": git_commit()}
 
 
 def peak_rss_bytes() -> int:
@@ -43,3 +59,12 @@ def peak_rss_bytes() -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (``/proc/self/statm``; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -17,7 +17,7 @@ from moequant.alloc.recipe import Recipe
 from moequant.calib.data import CalibData
 from moequant.errors import MoequantError
 from moequant.layerwise import HessianConfig
-from moequant.runinfo import peak_rss_bytes, run_info
+from moequant.runinfo import current_rss_bytes, peak_rss_bytes, run_info
 from moequant.solvers.config import SolverConfig
 
 log = logging.getLogger(__name__)
@@ -35,43 +35,65 @@ class QuantizeJob:
     calib: CalibData | None = None  # calibration text; required by solver="ldlq"
     hessian: HessianConfig = HessianConfig()
     calib_batch_size: int = 8
-    offload: bool = False  # calibration activations in memory-mapped files
+    offload: bool = False  # stream the weights layer by layer from safetensors, activations in files
 
 
 def run_quantize(job: QuantizeJob, argv: list[str] | None = None) -> dict[str, Any]:
     from moequant import api
     from moequant.formats.checkpoint import checkpoint_bytes
-    from moequant.models.loader import load_model
+    from moequant.models.loader import load_model, load_tokenizer, resolve_model_spec
 
     if job.out.exists() and not job.overwrite:
         raise MoequantError(f"output directory {job.out} already exists (choose another --out or pass --overwrite)")
+    rss0 = current_rss_bytes()
     t0 = time.time()
-    model, tok, resolved = load_model(job.model)
-    if job.kept_dtype != "auto":
-        model.to(getattr(torch, job.kept_dtype))
+    if job.offload:
+        resolved = resolve_model_spec(job.model)
+        if resolved.kind not in ("alias", "dir") or resolved.gguf_file:
+            raise MoequantError(f"--offload streams safetensors files: {job.model!r} is a {resolved.kind} model "
+                                "(use a zoo alias or a local Hugging Face directory)")
+        if job.kept_dtype != "auto":
+            raise MoequantError("--offload keeps the stored dtype of unquantized tensors; drop --kept-dtype")
+        model, tok = None, load_tokenizer(resolved)
+    else:
+        model, tok, resolved = load_model(job.model)
+        if job.kept_dtype != "auto":
+            model.to(getattr(torch, job.kept_dtype))
     t_load = time.time() - t0
     calib = None
     if job.calib is not None:
         from moequant.calib.data import calibration_tokens
         from moequant.layerwise import Calibration
 
+        if tok is None:
+            raise MoequantError(f"{job.model}: no tokenizer, cannot tokenize the calibration text")
         calib = Calibration(calibration_tokens(tok, job.calib), batch_size=job.calib_batch_size, hessian=job.hessian,
-                            spill_dir=True if job.offload else None, source=job.calib.to_dict())
+                            source=job.calib.to_dict())
     t0 = time.time()
-    api.quantize(model, job.recipe, calib, solver=job.solver, progress=job.progress)
-    t_quant = time.time() - t0
-    report = model.moequant_report
-    api.save(model, job.out, tokenizer=tok, overwrite=job.overwrite)
+    if job.offload:
+        from moequant.offload import quantize_offloaded
+
+        report = quantize_offloaded(Path(resolved.path), job.out, job.recipe, calib, job.solver, tokenizer=tok,
+                                    overwrite=job.overwrite, progress=job.progress)
+        t_quant = time.time() - t0
+        peak = peak_rss_bytes()
+        model = api.load(job.out)
+    else:
+        api.quantize(model, job.recipe, calib, solver=job.solver, progress=job.progress)
+        t_quant = time.time() - t0
+        report = model.moequant_report
+        api.save(model, job.out, tokenizer=tok, overwrite=job.overwrite)
+        peak = peak_rss_bytes()
     sizes = model_sizes(model)
     result = {
-        "model": job.model, "source": resolved.kind, "out": str(job.out),
+        "model": job.model, "source": resolved.kind, "out": str(job.out), "offload": job.offload,
         "config": job.recipe.to_dict(),
         "bits_per_weight": report.bits_per_weight(),
         "checkpoint_bytes": checkpoint_bytes(job.out),
         **sizes,
         **{k: v for k, v in report.to_dict().items() if k not in ("recipe", "bits_per_weight")},
         "table": report.table(),
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak, "rss_before_load_bytes": rss0,
         "seconds": {"load": round(t_load, 2), "quantize": round(t_quant, 2)},
         **run_info(argv),
     }

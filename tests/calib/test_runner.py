@@ -36,11 +36,11 @@ def test_layerwise_matches_forward(arch, spill, tmp_path):
     tokens = torch.randint(3, 256, (5, 24), generator=torch.Generator().manual_seed(0))
     ref = _last_layer_output(model, tokens)
     runner = LayerwiseRunner(model, adapter_for(model), tokens, batch_size=3, spill_dir=tmp_path if spill else None)
-    assert [x.shape[0] for x in runner.inputs] == [3, 2] and runner.tokens == 5 * 24
+    assert [runner.hidden(j).shape[0] for j in range(2)] == [3, 2] and runner.tokens == 5 * 24
     for i in range(len(runner.layers)):
         runner.run(i, keep_outputs=True)
-    for got, want in zip(runner.inputs, ref):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for j, want in enumerate(ref):
+        torch.testing.assert_close(runner.hidden(j), want, rtol=1e-5, atol=1e-5)
     if spill:
         assert sorted(p.name for p in tmp_path.iterdir())[:2] == ["act_0_0.bin", "act_0_1.bin"]
 

@@ -4,21 +4,22 @@
    catcher of layer 0 keeps the hidden states entering the decoder, and every catcher keeps the
    keyword arguments its layer is called with (attention mask, position embeddings... — per layer,
    since e.g. Gemma3 alternates sliding and full attention), then passes the hidden states through
-   unchanged. Nothing else of the model runs beyond the embeddings (``logits_to_keep=1``).
+   unchanged; the last catcher stops the forward, so the final norm and the head never run.
 2. ``run(i)``: the batches go through layer ``i`` alone — once under a ``LayerCapture`` to accumulate
    its Hessians, and once more after it has been quantized, to produce the inputs of layer ``i + 1``
    (so each layer is calibrated on what the already-quantized layers before it really produce).
 
 The hidden states of all batches are held in memory (``samples x seqlen x hidden`` in the model's
-dtype) or, with ``spill_dir``, in files that are memory-mapped back.
+dtype) or, with ``spill_dir``, in files read back one batch at a time.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,7 +51,10 @@ class _Catcher(nn.Module):
         if args:
             raise TypeError(f"decoder layer {self.index} called with positional arguments beyond the hidden "
                             "states; moequant's runner supports transformers v5 keyword calls only")
-        self.__dict__["_runner"]._record(self.index, hidden_states, kwargs)
+        runner = self.__dict__["_runner"]
+        runner._record(self.index, hidden_states, kwargs)
+        if self.index == len(runner.layers) - 1:
+            raise _Stop  # the final norm and the head are not needed
         return hidden_states
 
 
@@ -58,12 +62,17 @@ class LayerwiseRunner:
     """Holds the hidden states entering the current layer for every calibration batch."""
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, tokens: torch.Tensor, batch_size: int = 8,
-                 spill_dir: Path | None = None) -> None:
+                 spill_dir: Path | None = None, embed_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        """``embed_fn``: token ids ``[B, L]`` -> input embeddings ``[B, L, H]``, for a model whose
+        embedding table is not loaded (streaming); the model then runs from ``inputs_embeds``."""
         self.model = model
+        self.embed_fn = embed_fn
+        self.device = torch.device(device)
         self.layers = decoder_layers(model, adapter)
         self.batches = list(tokens.split(batch_size))  # [B, L] each
         self.spill_dir = spill_dir
-        self.inputs: list[torch.Tensor] = []  # [B, L, H] per batch
+        self.inputs: list[Any] = []  # per batch: [B, L, H] tensor, or (file, shape, dtype) when spilled
         self._generation = 0
         self.kwargs: list[dict[int, dict[str, Any]]] = [{} for _ in self.layers]  # per layer, by batch size
         self._capture()
@@ -77,29 +86,42 @@ class LayerwiseRunner:
 
     def _capture(self) -> None:
         originals = list(self.layers)
-        device = next(self.model.parameters()).device
         try:
             for i, layer in enumerate(originals):
                 self.layers[i] = _Catcher(i, layer, self)
             with torch.no_grad():
                 for batch in self.batches:
-                    ids = batch.to(device)
+                    ids = batch.to(self.device)
+                    inputs = {"input_ids": ids} if self.embed_fn is None else {"inputs_embeds": self.embed_fn(ids)}
                     try:
-                        self.model(input_ids=ids, use_cache=False, logits_to_keep=1)
-                    except TypeError:
-                        self.model(input_ids=ids, use_cache=False)
+                        self.model(**inputs, use_cache=False)
+                    except _Stop:
+                        pass
         finally:
             for i, layer in enumerate(originals):
                 self.layers[i] = layer
 
-    def _store(self, t: torch.Tensor, j: int) -> torch.Tensor:
+    def _store(self, t: torch.Tensor, j: int) -> Any:
+        """Keep batch ``j``'s hidden states: the tensor itself, or (spilled) a file and its shape."""
         if self.spill_dir is None:
             return t
         # two generations of files: the inputs being read are never the files being written
         path = Path(self.spill_dir) / f"act_{self._generation % 2}_{j}.bin"
         t = t.contiguous().cpu()
         t.view(-1).view(torch.uint8).numpy().tofile(path)
-        return torch.from_file(str(path), shared=False, size=t.numel(), dtype=t.dtype).view(t.shape)
+        return (path, tuple(t.shape), t.dtype)
+
+    def hidden(self, j: int) -> torch.Tensor:
+        """Hidden states ``[B, L, H]`` entering the current layer for batch ``j``."""
+        return self._fetch(j)
+
+    def _fetch(self, j: int) -> torch.Tensor:
+        x = self.inputs[j]
+        if isinstance(x, torch.Tensor):
+            return x
+        path, shape, dtype = x
+        raw = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+        return raw.view(dtype).view(shape)
 
     @property
     def tokens(self) -> int:
@@ -112,7 +134,8 @@ class LayerwiseRunner:
         outs = []
         self._generation += 1 if keep_outputs else 0
         with torch.no_grad():
-            for j, x in enumerate(self.inputs):
+            for j in range(len(self.inputs)):
+                x = self._fetch(j).to(self.device)
                 y = layer(x, **self.kwargs[index][x.shape[0]])
                 if isinstance(y, tuple):
                     y = y[0]

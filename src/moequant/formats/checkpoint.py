@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -76,6 +77,9 @@ class ShardReader:
         return key in self.weight_map
 
     def get(self, key: str) -> torch.Tensor:
+        return self._handle(key).get_tensor(key)
+
+    def _handle(self, key: str) -> Any:
         if key not in self.weight_map:
             raise MoequantError(f"{self.path}: checkpoint lacks tensor {key!r}")
         fname = self.weight_map[key]
@@ -84,11 +88,30 @@ class ShardReader:
             if not fpath.is_file():
                 raise MoequantError(f"{self.path}: shard {fname} listed in the index is missing")
             self._open[fname] = safe_open(str(fpath), framework="pt")
-        return self._open[fname].get_tensor(key)
+        return self._open[fname]
+
+    def slice(self, key: str) -> Any:
+        """A lazy slice object: ``reader.slice(k)[a:b]`` reads only those rows."""
+        return self._handle(key).get_slice(key)
+
+    def raw_location(self, key: str) -> tuple[Path, dict[str, Any], int]:
+        """(file, its header entry for ``key``, absolute byte offset of the tensor's data)."""
+        self._handle(key)
+        path = self.path / self.weight_map[key]
+        header, data_start = safetensors_header(path)
+        info = header[key]
+        return path, info, data_start + info["data_offsets"][0]
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for k in self.keys():
             yield k, self.get(k)
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(header dict, byte offset where the data section starts) of a safetensors file."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)), 8 + n
 
 
 def checkpoint_bytes(path: Path) -> int:

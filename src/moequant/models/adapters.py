@@ -23,6 +23,10 @@ class ModelAdapter:
         ``gate_up_proj [E, 2I, H]`` (gate rows first, then up) and ``down_proj [E, H, I]``.
     router: path of the router inside a layer (protected).
     protected: regexes of parameter names kept in full precision by default (beyond the router).
+    disk_renames: ``(in-memory, on-disk)`` substrings where a checkpoint written by ``save_pretrained``
+        names a module differently (Mixtral's ``mlp.`` is ``block_sparse_moe.`` on disk).
+    disk_expert_names: the per-expert linear names on disk for (gate, up, down); the fused tensors are
+        ``gate_up_proj[e] = cat(gate, up)`` and ``down_proj[e] = down``.
     """
 
     model_type: str
@@ -31,6 +35,8 @@ class ModelAdapter:
     router: str | None = None
     expert_params: tuple[str, ...] = ("gate_up_proj", "down_proj")
     protected: tuple[str, ...] = field(default_factory=tuple)
+    disk_renames: tuple[tuple[str, str], ...] = ()
+    disk_expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 
     @property
     def is_moe(self) -> bool:
@@ -44,6 +50,8 @@ ADAPTERS: dict[str, ModelAdapter] = {
     **{t: ModelAdapter(t) for t in _DENSE},
     **{t: ModelAdapter(t, experts="mlp.experts", router="mlp.gate") for t in _MOE},
 }
+ADAPTERS["mixtral"] = ModelAdapter("mixtral", experts="mlp.experts", router="mlp.gate",
+                                   disk_renames=((".mlp.", ".block_sparse_moe."),), disk_expert_names=("w1", "w3", "w2"))
 # Qwen2-MoE's shared expert has a scalar sigmoid gate Linear(H, 1): routing, so protected.
 ADAPTERS["qwen2_moe"] = ModelAdapter("qwen2_moe", experts="mlp.experts", router="mlp.gate",
                                      protected=(r".*\.mlp\.shared_expert_gate\.weight$",))

@@ -62,7 +62,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module
         from moequant.api import load
 
         model = load(r.path)
-        return model, _tokenizer(r), r
+        return model, load_tokenizer(r), r
     kwargs: dict = {"dtype": dtype}
     if r.gguf_file:
         kwargs["gguf_file"] = r.gguf_file
@@ -77,10 +77,10 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module
     except ValueError as e:
         raise MoequantError(f"could not load model {spec!r}: {str(e).splitlines()[0]}") from None
     model.eval()
-    return model, _tokenizer(r), r
+    return model, load_tokenizer(r), r
 
 
-def _tokenizer(r: ResolvedModel):
+def load_tokenizer(r: ResolvedModel):
     from transformers import AutoTokenizer
 
     try:

@@ -1,0 +1,153 @@
+"""Streaming weights for ``--offload``: build a model on the meta device, fill one decoder layer at a
+time from the safetensors files, empty it again, and write the output checkpoint piece by piece.
+
+- ``read_param``: one in-memory parameter name -> its tensor from disk, assembling fused experts
+  (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``) from the per-expert linears that
+  ``save_pretrained`` writes, with the adapter's on-disk renames (Mixtral's ``block_sparse_moe``, ``w1/w3/w2``).
+- ``materialize`` / ``release``: a module's parameters from disk / back to the meta device.
+- ``embed_rows``: embeddings of token ids read row by row (the table is never loaded whole).
+- ``StreamingWriter``: safetensors shards written as they come, plus tensors copied from the source
+  files in chunks of raw bytes (embeddings and head are never held in memory), then the index.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from moequant.errors import MoequantError
+from moequant.formats.checkpoint import INDEX_NAME, QUANT_METHOD, ShardReader
+from moequant.models.adapters import ModelAdapter
+
+_COPY_CHUNK = 16 << 20  # bytes per read when copying a tensor between files
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def _disk_names(name: str, adapter: ModelAdapter) -> list[str]:
+    out = [name]
+    for mem, disk in adapter.disk_renames:
+        if mem in name:
+            out.append(name.replace(mem, disk))
+    return out
+
+
+def read_param(reader: ShardReader, name: str, adapter: ModelAdapter, shape: tuple[int, ...]) -> torch.Tensor:
+    """The tensor of parameter/buffer ``name`` (expected ``shape``) from the checkpoint."""
+    for key in _disk_names(name, adapter):
+        if key in reader:
+            return reader.get(key)
+    base, _, param = name.rpartition(".")
+    if len(shape) == 3 and param in ("gate_up_proj", "down_proj"):
+        g, u, d = adapter.disk_expert_names
+        for b in _disk_names(base, adapter):
+            if f"{b}.0.{d}.weight" not in reader:
+                continue
+            if param == "gate_up_proj":
+                return torch.stack([torch.cat([reader.get(f"{b}.{e}.{g}.weight"), reader.get(f"{b}.{e}.{u}.weight")])
+                                    for e in range(shape[0])])  # [E, 2I, H]
+            return torch.stack([reader.get(f"{b}.{e}.{d}.weight") for e in range(shape[0])])  # [E, H, I]
+    raise MoequantError(f"{reader.path}: checkpoint has no tensor for {name} {tuple(shape)}")
+
+
+def materialize(module: nn.Module, prefix: str, reader: ShardReader, adapter: ModelAdapter,
+                dtype: torch.dtype | None = None) -> None:
+    """Load every meta parameter and buffer of ``module`` (full names ``prefix.<name>``) from disk."""
+    state = {}
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if not t.is_meta:
+            continue
+        v = read_param(reader, f"{prefix}.{name}", adapter, tuple(t.shape))
+        if tuple(v.shape) != tuple(t.shape):
+            raise MoequantError(f"{reader.path}: {prefix}.{name} has shape {tuple(v.shape)}, the model expects "
+                                f"{tuple(t.shape)}")
+        state[name] = v.to(dtype if dtype is not None and v.is_floating_point() else v.dtype)
+    module.load_state_dict(state, strict=False, assign=True)
+
+
+def release(module: nn.Module) -> None:
+    """Move every tensor of ``module`` to the meta device (frees its memory)."""
+    module.to(torch.device("meta"))
+
+
+def embed_rows(reader: ShardReader, key: str, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``table[ids]`` for an embedding table stored under ``key``, reading only the rows used:
+    ids ``[B, L]`` -> ``[B, L, H]``."""
+    uniq, inv = torch.unique(ids, return_inverse=True)
+    sl = reader.slice(key)
+    rows = torch.stack([sl[i:i + 1][0] for i in uniq.tolist()]).to(dtype)  # [U, H]
+    return rows[inv]
+
+
+class StreamingWriter:
+    """Write a checkpoint directory shard by shard (``add``), or by raw copy from a source checkpoint
+    (``copy``), then ``finish`` with the index. Tensors keep their dtype and bytes exactly."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out = Path(out_dir)
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+        self._n = 0
+
+    def _next_name(self) -> str:
+        self._n += 1
+        return f"model-{self._n:05d}.safetensors"
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        if not tensors:
+            return
+        fname = self._next_name()
+        flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(flat, str(self.out / fname), metadata={"format": "pt", "producer": QUANT_METHOD})
+        self._record(fname, {k: v.numel() * v.element_size() for k, v in flat.items()})
+
+    def _record(self, fname: str, sizes: dict[str, int]) -> None:
+        for k, nb in sizes.items():
+            if k in self.weight_map:
+                raise MoequantError(f"tensor {k} written twice")
+            self.weight_map[k] = fname
+            self.total += nb
+
+    def copy(self, reader: ShardReader, keys: dict[str, str]) -> None:
+        """Copy ``{source_key: output_name}`` byte for byte into one new shard, in chunks."""
+        if not keys:
+            return
+        entries, offset = {}, 0
+        sources = []
+        for src, dst in keys.items():
+            path, info, start = reader.raw_location(src)
+            nbytes = info["data_offsets"][1] - info["data_offsets"][0]
+            entries[dst] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + nbytes]}
+            sources.append((path, start, nbytes))
+            offset += nbytes
+        header = json.dumps({"__metadata__": {"format": "pt", "producer": QUANT_METHOD}, **entries},
+                            separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        fname = self._next_name()
+        with open(self.out / fname, "wb") as f:
+            f.write(struct.pack("<Q", len(header)))
+            f.write(header)
+            for path, start, nbytes in sources:
+                with open(path, "rb") as src:
+                    src.seek(start)
+                    left = nbytes
+                    while left:
+                        chunk = src.read(min(_COPY_CHUNK, left))
+                        if not chunk:
+                            raise MoequantError(f"{path}: truncated safetensors file")
+                        f.write(chunk)
+                        left -= len(chunk)
+        self._record(fname, {dst: e["data_offsets"][1] - e["data_offsets"][0] for dst, e in entries.items()})
+
+    def finish(self) -> None:
+        with open(self.out / INDEX_NAME, "w") as f:
+            json.dump({"metadata": {"total_size": self.total}, "weight_map": self.weight_map}, f, indent=1,
+                      sort_keys=True)
+

@@ -1,0 +1,159 @@
+"""``--offload``: quantize a safetensors checkpoint holding at most one decoder layer's weights in memory.
+
+The model is built on the meta device. Calibration inputs of layer 0 come from embedding rows read one
+by one; then, for each layer: its weights are read from disk, its Hessians accumulated, it is
+quantized exactly as in memory (``layerwise._quantize_layer``), the calibration batches go through
+the quantized layer, its packed and kept tensors are written as one new shard, and it is emptied
+back to the meta device. Embeddings, final norm and head are copied byte for byte from the source
+files at the end. Activations live in files (read back one batch at a time). The result has the
+same tensors, bit for bit, as quantizing in memory and ``api.save``.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moequant.alloc.recipe import Recipe
+from moequant.errors import MoequantError
+from moequant.formats.checkpoint import AtomicDir, ShardReader
+from moequant.layerwise import Calibration, check_recipe, quantize_layer
+from moequant.models.adapters import Target, adapter_for, decoder_layers, iter_targets
+from moequant.models.streaming import StreamingWriter, _disk_names, embed_rows, materialize, release
+from moequant.nn.packed import packed_names, packed_tensor
+from moequant.report import QuantReport
+from moequant.solvers.config import SolverConfig
+
+log = logging.getLogger(__name__)
+
+
+def skeleton(path: Path) -> nn.Module:
+    """The model of the HF directory ``path`` with every parameter on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+def quantize_offloaded(path: Path, out: Path, recipe: Recipe, calib: Calibration | None, solver: SolverConfig,
+                       tokenizer: Any = None, overwrite: bool = False, progress: bool = True) -> QuantReport:
+    from moequant.api import write_checkpoint_config
+
+    path = Path(path)
+    reader = ShardReader(path)
+    model = skeleton(path)
+    adapter = adapter_for(model)
+    layers = decoder_layers(model, adapter)
+    targets = list(iter_targets(model, adapter))
+    check_recipe(targets, recipe)
+    if solver.needs_hessian and calib is None:
+        raise MoequantError(f"solver {solver.solver!r} needs calibration data")
+    report = QuantReport(recipe=recipe.to_dict(), solver=solver.to_dict(),
+                         calibration=None if calib is None else calib.to_dict())
+    by_layer: dict[int, list[Target]] = {}
+    for t in targets:
+        by_layer.setdefault(t.layer, []).append(t)
+    emb_name = _param_name(model, model.get_input_embeddings())
+    with AtomicDir(out, overwrite=overwrite) as tmp:
+        writer = StreamingWriter(tmp)
+        runner = None
+        if calib is not None:
+            from moequant.calib.runner import LayerwiseRunner
+
+            scale = getattr(model.get_input_embeddings(), "embed_scale", None)
+
+            def embed(ids: torch.Tensor) -> torch.Tensor:
+                e = embed_rows(reader, _disk_key(reader, emb_name, adapter), ids, torch.float32)  # [B, L, H]
+                return e if scale is None else e * scale.to(e.dtype)
+
+            spill = tempfile.TemporaryDirectory(prefix="moequant-act-", dir=Path(out).parent)
+            runner = LayerwiseRunner(model, adapter, calib.tokens, calib.batch_size, spill_dir=Path(spill.name),
+                                     embed_fn=embed)
+        metas: dict[str, Any] = {}
+        bar = tqdm(range(len(layers)), desc="quantize (offload)", unit="layer", disable=not progress)
+        for i in bar:
+            prefix = f"{adapter.layers}.{i}"
+            materialize(layers[i], prefix, reader, adapter)
+            if i in by_layer:
+                quantize_layer(model, adapter, i, by_layer[i], recipe, calib, solver, runner, report)
+            elif runner is not None:
+                runner.run(i, keep_outputs=True)
+            writer.add(_layer_state(layers[i], prefix, metas))
+            release(layers[i])
+        if runner is not None:
+            del runner
+            spill.cleanup()
+        tied = _tied(model, reader, adapter)
+        writer.copy(reader, _rest_keys(model, reader, adapter, adapter.layers + ".", tied))
+        writer.finish()
+        write_checkpoint_config(tmp, model.config.to_dict(), metas, recipe, tied,
+                                generation_config=getattr(model, "generation_config", None), tokenizer=tokenizer)
+    return report
+
+
+def _param_name(model: nn.Module, module: nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return f"{name}.weight"
+    raise MoequantError("input embeddings not found in the model")
+
+
+def _disk_key(reader: ShardReader, name: str, adapter) -> str:
+    for k in _disk_names(name, adapter):
+        if k in reader:
+            return k
+    raise MoequantError(f"{reader.path}: checkpoint has no tensor {name}")
+
+
+def _layer_state(layer: nn.Module, prefix: str, metas: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Packed tensors (``P_<data>``) and every other parameter / persistent buffer of a decoder layer."""
+    out: dict[str, torch.Tensor] = {}
+    packed_keys = set()
+    for mname, mod in layer.named_modules():
+        for p in packed_names(mod):
+            full = f"{prefix}.{mname}.{p}" if mname else f"{prefix}.{p}"
+            qt = packed_tensor(mod, p)
+            metas[full] = qt.meta()
+            sd = qt.to_state_dict(full)
+            out.update(sd)
+            packed_keys.update(f"{mname}.{p}_{d}" if mname else f"{p}_{d}" for d in qt.data)
+    for name, t in layer.state_dict().items():
+        if name not in packed_keys:
+            out[f"{prefix}.{name}"] = t
+    return out
+
+
+def _rest_keys(model: nn.Module, reader: ShardReader, adapter, prefix: str, tied: dict[str, str]) -> dict[str, str]:
+    """``{disk key: model name}`` of every tensor outside the decoder layers (tied copies excluded)."""
+    out = {}
+    for name in model.state_dict():
+        if name.startswith(prefix) or name in tied:
+            continue
+        for k in _disk_names(name, adapter):
+            if k in reader:
+                out[k] = name
+                break
+    return out
+
+
+def _tied(model: nn.Module, reader: ShardReader, adapter) -> dict[str, str]:
+    """Tied weights ``{dropped: kept}`` the way ``api.save`` records them (the head shares the embeddings)."""
+    tied = {}
+    if getattr(model.config, "tie_word_embeddings", False):
+        out_emb = model.get_output_embeddings()
+        if out_emb is not None:
+            tied[_param_name(model, out_emb)] = _param_name(model, model.get_input_embeddings())
+    missing = [n for n in model.state_dict() if not n.startswith(adapter.layers + ".") and n not in tied
+               and not any(k in reader for k in _disk_names(n, adapter))]
+    if missing:
+        raise MoequantError(f"{reader.path}: checkpoint lacks {missing[:5]}")
+    return tied
