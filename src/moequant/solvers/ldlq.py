@@ -56,10 +56,12 @@ def inverse_cholesky_upper(h: torch.Tensor, where: str = "") -> torch.Tensor:
     bump = 0.0
     base = float(torch.diagonal(h).mean()) or 1.0
     for attempt in range(9):
-        chol, info = torch.linalg.cholesky_ex(h + bump * eye)
+        chol, info = torch.linalg.cholesky_ex(h + bump * eye if bump else h)
         if int(info) == 0:
             hinv = torch.cholesky_inverse(chol)
+            del chol  # K x K float64 each: free what is no longer needed before the next factorisation
             u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if int(info) == 0:
                 if bump:
                     log.warning("%s: Hessian needed extra damping %.3g to factorise", where or "tensor", bump)
@@ -93,6 +95,7 @@ def ldlq(w: torch.Tensor, h_damped: torch.Tensor, quantizer: ColumnQuantizer, *,
         work = work[:, perm]
         h = h[perm][:, perm]
     u = inverse_cholesky_upper(h, where).to(torch.float32)  # [K, K]
+    del h
     w_hat = torch.zeros_like(work)  # [R, K] in processing order
     for b0 in range(0, k, lazy):
         b1 = min(k, b0 + lazy)

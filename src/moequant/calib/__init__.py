@@ -1,0 +1,1 @@
+"""Calibration: token batches, layer-by-layer capture, Hessian statistics."""

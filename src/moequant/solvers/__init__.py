@@ -1,0 +1,1 @@
+"""Solvers: RTN, GPTQ/BlockLDLQ error feedback, incoherence processing."""
