@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -100,3 +101,45 @@ def test_config_json_carries_formats_and_recipe(tmp_path):
     meta = q["tensors"]["model.layers.1.mlp.experts.down_proj"]
     assert meta["shape"] == [4, 64, 64] and meta["bits"] == 3 and meta["format"]
     assert q["recipe"]["rules"][-1]["config"]["type"] == "UniformConfig"
+
+
+def _logit_err(q, ref, x):
+    with torch.no_grad():
+        return float((q(x).logits - ref).pow(2).mean() / ref.pow(2).mean())
+
+
+@pytest.mark.parametrize("arch", ["llama", "olmoe"])
+def test_ldlq_and_rht_beat_rtn_and_round_trip(arch, tmp_path):
+    from moequant.layerwise import Calibration
+    from moequant.solvers.config import SolverConfig
+
+    torch.manual_seed(0)
+    base = tiny_model(arch).eval()
+    gen = torch.Generator().manual_seed(1)
+    calib = torch.randint(3, 256, (16, 32), generator=gen)
+    x = torch.randint(3, 256, (4, 32), generator=gen)
+    with torch.no_grad():
+        ref = base(x).logits
+    recipe = Recipe.uniform(UniformConfig(bits=2, group_size=32, symmetric=False))
+    errs = {}
+    for name, solver in {"rtn": SolverConfig(), "ldlq": SolverConfig(solver="ldlq"),
+                         "rht": SolverConfig(solver="ldlq", incoherence="rht")}.items():
+        m = copy.deepcopy(base)
+        api.quantize(m, recipe, None if name == "rtn" else Calibration(calib), solver=solver, progress=False)
+        errs[name] = _logit_err(m, ref, x)
+        if name == "rht":
+            out = api.save(m, tmp_path / "rht")
+            loaded = api.load(out)
+            with torch.no_grad():
+                torch.testing.assert_close(loaded(x).logits, m(x).logits, rtol=0, atol=0)
+            meta = json.loads((out / "config.json").read_text())["quantization_config"]["tensors"]
+            assert {v["format"] for v in meta.values()} == {"rht"}
+    assert errs["ldlq"] < 0.9 * errs["rtn"] and errs["rht"] < 0.9 * errs["rtn"], errs
+
+
+def test_ldlq_without_calibration_is_an_error():
+    from moequant.solvers.config import SolverConfig
+
+    with pytest.raises(MoequantError, match="needs calibration"):
+        api.quantize(tiny_model("llama"), Recipe.uniform(UniformConfig(bits=4, group_size=32)),
+                     solver=SolverConfig(solver="ldlq"), progress=False)

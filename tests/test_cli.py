@@ -71,3 +71,60 @@ def test_group_size_must_divide(capsys, tmp_path, tiny_dir):
     assert rc == 2 and "48" in err and "model.layers.0" in err
     assert not (tmp_path / "o").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["tiny"]
+
+
+@pytest.fixture()
+def tok_model_dir(tmp_path):
+    """A tiny OLMoE with a real (tiny) BPE tokenizer, and a text file to calibrate and score on."""
+    from moequant.zoo.tiny_olmoe import train_tokenizer
+
+    words = " ".join(f"w{(i * 7919) % 97}" for i in range(4000))
+    text = "\n".join(words[i:i + 80] for i in range(0, len(words), 80))
+    (tmp_path / "text.txt").write_text(text)
+    tok = train_tokenizer([text], 320)
+    torch.manual_seed(0)
+    import transformers as tf
+
+    cfg = tf.OlmoeConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, num_experts=4, num_experts_per_tok=2, vocab_size=320,
+                         max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    d = tmp_path / "tok_model"
+    tf.OlmoeForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d, tmp_path / "text.txt"
+
+
+def test_ldlq_rht_end_to_end_and_offload(capsys, tmp_path, tok_model_dir):
+    d, text = tok_model_dir
+    common = ["--bits", "2", "--asym", "--group-size", "32", "--solver", "ldlq", "--incoherence", "rht",
+              "--calib", str(text), "--calib-samples", "8", "--calib-seqlen", "32", "--min-expert-tokens", "40"]
+    rc, stdout, err = _run(capsys, "-q", "quantize", str(d), *common, "--out", str(tmp_path / "q"))
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "q" / "report.json").read_text())
+    assert rep["solver"]["solver"] == "ldlq" and rep["solver"]["incoherence"] == "rht"
+    assert rep["calibration"]["tokens"] == 8 * 32 and rep["calibration"]["hessian"]["mode"] == "per-expert"
+    assert all(t["proxy"] is not None and 0 < t["proxy"] < 1 for t in rep["quantized_tensors"])
+    experts = [t for t in rep["quantized_tensors"] if t["kind"] == "experts"]
+    assert all(sum(t["expert_tokens"]) == 8 * 32 * 2 for t in experts)  # every token visits top-2 experts
+    starved = {(s["tensor"], s["expert"]) for s in rep["starved_experts"]}
+    low = {(t["name"], e) for t in experts for e, n in enumerate(t["expert_tokens"]) if n < 40}
+    assert starved == low
+    assert any("q_proj" in g[0] and len(g) == 3 for g in rep["shared_inputs"])
+    rc, stdout, err = _run(capsys, "-q", "eval", "ppl", str(tmp_path / "q"), "--data", str(text), "--seqlen", "32",
+                           "--json", str(tmp_path / "p.json"))
+    assert rc == 0, err
+    assert json.loads((tmp_path / "p.json").read_text())["ppl"] > 1
+    rc, _, err = _run(capsys, "-q", "quantize", str(d), *common, "--offload", "--out", str(tmp_path / "q_off"))
+    assert rc == 0, err
+    from test_offload import assert_same_checkpoint
+
+    assert_same_checkpoint(tmp_path / "q", tmp_path / "q_off")
+
+
+def test_solver_option_errors(capsys, tmp_path, tiny_dir):
+    rc, _, err = _run(capsys, "-q", "quantize", str(tiny_dir), "--solver", "ldlq", "--calib-samples", "0",
+                      "--out", str(tmp_path / "o"))
+    assert rc == 2 and "--calib-samples" in err
+    rc, _, err = _run(capsys, "-q", "quantize", str(tiny_dir), "--act-order", "--out", str(tmp_path / "o"))
+    assert rc == 2 and "--act-order needs --solver ldlq" in err
+    assert not (tmp_path / "o").exists()

@@ -5,8 +5,10 @@ through it; ``calib.hessian`` holds the math, this file only decides what each s
   input ``x [..., K]`` to a ``HessianStat``. Linears fed the *same* tensor within one layer forward
   (q/k/v; gate/up of a dense MLP or of Qwen2-MoE's shared expert, plus its scalar gate) share one
   statistic, accumulated once. An input is recognised by its memory: data pointer, shape, strides,
-  dtype and device. Every input seen during a layer forward is referenced until that forward ends,
-  so its memory cannot be recycled for a different tensor that would then look identical.
+  dtype, device and in-place version counter (absent under ``torch.inference_mode``). Every input
+  seen during a layer forward is referenced until that forward ends, so its memory cannot be
+  recycled for a different tensor that would then look identical. Groups are fixed by the first
+  call of each linear.
 - The fused experts module gets a pre-hook that sees ``(hidden_states [T, H], top_k_index [T, k],
   top_k_weights [T, k])``, positional or by keyword. For every expert ``e`` some token is routed to,
   ``x_e = hidden_states[tokens of e]`` ``[n_e, H]`` goes to ``gate_up_proj``'s statistic and
@@ -30,8 +32,10 @@ _EXPERT_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
 
 
 def _memory_key(x: torch.Tensor) -> tuple[Any, ...]:
-    """Two tensors with this key read the same numbers (same memory, same layout)."""
-    return x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device
+    """Two live tensors with this key read the same numbers: same memory, layout and, outside
+    inference mode (whose tensors keep no version counter), no in-place write in between."""
+    version = None if x.is_inference() else x._version
+    return x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, version
 
 
 class LayerCapture:
