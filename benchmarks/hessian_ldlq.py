@@ -1,0 +1,87 @@
+"""Issue #3 tables: RTN vs LDLQ vs LDLQ+RHT, and the per-expert Hessian ablation.
+
+    # dense: int3 and int2 (group 64), RTN (clip search) / LDLQ / LDLQ+RHT, PTB test
+    python benchmarks/hessian_ldlq.py solvers --model smollm2-135m --json benchmarks/results/ldlq_smollm2-135m.json
+    # MoE: LDLQ+RHT at int3 / int2 with per-expert, layer-mean and layer-token-weighted expert Hessians
+    python benchmarks/hessian_ldlq.py ablation --model tiny-olmoe --json benchmarks/results/ablation_tiny-olmoe.json
+
+Calibration: PTB train, 128 windows of 512 tokens, seed 0 (never the evaluation text). Every method is
+scored on the same PTB test windows; the pair table gives paired bootstrap CIs of PPL ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from moequant.calib.data import CalibData
+from moequant.codecs.config import UniformConfig
+from moequant.layerwise import HessianConfig
+from moequant.solvers.config import SolverConfig
+from moequant.sweep import SweepEntry, SweepJob, run_sweep
+
+RTN = SolverConfig()
+LDLQ = SolverConfig(solver="ldlq")
+LDLQ_RHT = SolverConfig(solver="ldlq", incoherence="rht")
+
+
+def _int(bits: int, group: int) -> UniformConfig:
+    return UniformConfig(bits=bits, group_size=group, symmetric=bits > 2, clip_search=True)
+
+
+def solvers_plan(group: int, calib: CalibData) -> tuple[tuple[SweepEntry, ...], tuple[tuple[str, str], ...]]:
+    entries, pairs = [], []
+    for bits in (3, 2):
+        cfg = _int(bits, group)
+        rtn = SweepEntry(cfg, RTN, label=f"{cfg.short_name} rtn")
+        ldlq = SweepEntry(cfg, LDLQ, calib, label=f"{cfg.short_name} ldlq")
+        rht = SweepEntry(cfg, LDLQ_RHT, calib, label=f"{cfg.short_name} ldlq+rht")
+        entries += [rtn, ldlq, rht]
+        pairs += [(ldlq.name, rtn.name), (rht.name, rtn.name), (rht.name, ldlq.name)]
+    return tuple(entries), tuple(pairs)
+
+
+def ablation_plan(group: int, calib: CalibData) -> tuple[tuple[SweepEntry, ...], tuple[tuple[str, str], ...]]:
+    entries, pairs = [], []
+    for bits in (3, 2):
+        cfg = _int(bits, group)
+        rows = {mode: SweepEntry(cfg, LDLQ_RHT, calib, HessianConfig(mode=mode), label=f"{cfg.short_name} H={mode}")
+                for mode in ("per-expert", "layer-mean", "layer-token-weighted")}
+        entries += [SweepEntry(cfg, RTN, label=f"{cfg.short_name} rtn"), *rows.values()]
+        pairs += [(rows["per-expert"].name, rows["layer-mean"].name),
+                  (rows["per-expert"].name, rows["layer-token-weighted"].name),
+                  (rows["per-expert"].name, f"{cfg.short_name} rtn")]
+    return tuple(entries), tuple(pairs)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("plan", choices=["solvers", "ablation"])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=0, help="0 = the whole PTB test split")
+    p.add_argument("--work", default="runs/bench")
+    p.add_argument("--json", required=True)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    calib = CalibData("ptb", "train", args.calib_samples, args.calib_seqlen, seed=0)
+    plan = solvers_plan if args.plan == "solvers" else ablation_plan
+    entries, pairs = plan(args.group_size, calib)
+    job = SweepJob(model=args.model, entries=entries, out=Path(args.work) / f"{args.plan}-{args.model}",
+                   max_tokens=args.max_tokens or None, overwrite=True, progress=False, pairs=pairs)
+    argv = ["benchmarks/hessian_ldlq.py", *sys.argv[1:]]
+    result = run_sweep(job, argv)
+    result["command"] = "python " + " ".join(argv)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    print(result["table"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
