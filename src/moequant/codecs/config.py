@@ -101,9 +101,50 @@ class LutConfig(MethodConfig):
         return f"{self.lut}-b{self.block_size}{'-dq' if self.double_quant else ''}"
 
 
+@dataclass(frozen=True)
+class TrellisConfig(MethodConfig):
+    """QTIP bitshift-trellis code (Tseng et al., NeurIPS 2024).
+
+    A tile of ``tile x tile`` weights (``T = tile²``, default 16 x 16 = 256) is a walk on a trellis whose
+    state has ``L`` bits; each step emits ``V`` weights and shifts in ``bits * V`` new bits, so a
+    tail-biting tile costs exactly ``bits * T`` bits. ``code`` maps a state to ``V`` values: ``hyb``
+    (hash + a learned ``2^Q x 2`` LUT), ``1mad`` or ``3inst`` (computed, no LUT). Each row has one
+    scale (fp16) that brings it to the code's unit variance.
+    """
+
+    bits: int = 2
+    L: int = 16
+    V: int = 2
+    tile: int = 16
+    code: str = "hyb"
+    Q: int = 9
+    tail_biting: bool = True
+
+    CODES: ClassVar[tuple[str, ...]] = ("hyb", "1mad", "3inst")
+
+    def validate(self) -> None:
+        if self.bits not in (1, 2, 3, 4):
+            raise ValueError(f"--bits {self.bits} is not supported by the trellis codec (choose from 1, 2, 3, 4)")
+        if self.code not in self.CODES:
+            raise ValueError(f"--trellis-code {self.code!r} is not one of {self.CODES}")
+        if self.V not in (1, 2):
+            raise ValueError(f"--trellis-v must be 1 or 2, got {self.V}")
+        if not self.bits * self.V < self.L <= 24:
+            raise ValueError(f"--trellis-l {self.L} must exceed bits*V={self.bits * self.V} and be at most 24")
+        if self.tile <= 0 or (self.tile * self.tile) % self.V:
+            raise ValueError(f"tile {self.tile}: tile*tile must be a positive multiple of V={self.V}")
+        if self.code == "hyb" and (self.V != 2 or not 1 <= self.Q <= 15):
+            raise ValueError(f"the hyb code needs V=2 and 1 <= Q <= 15 (got V={self.V}, Q={self.Q})")
+
+    @property
+    def short_name(self) -> str:
+        return f"trellis{self.bits}-{self.code}-L{self.L}"
+
+
 CONFIG_TYPES: dict[str, type[MethodConfig]] = {
     "UniformConfig": UniformConfig,
     "LutConfig": LutConfig,
+    "TrellisConfig": TrellisConfig,
 }
 
 
