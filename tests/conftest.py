@@ -61,3 +61,10 @@ def one_thread():
 def sqnr(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB."""
     return float(10 * torch.log10(w.pow(2).sum() / (w - w_hat).pow(2).sum()))
+
+
+def close_fp32_products(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Hessian sums are fp32 partial products added in float64: equal to a float64 reference to ~1e-7
+    of the matrix's scale (a wrong token, routing or scaling is off by far more)."""
+    scale = float(want.abs().max()) or 1.0
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=0, atol=2e-6 * scale)

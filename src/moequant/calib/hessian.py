@@ -1,4 +1,5 @@
-"""Hessian statistics for GPTQ/LDLQ, accumulated in float64 without keeping any activation.
+"""Hessian statistics for GPTQ/LDLQ, accumulated in float64 without keeping any activation (partial
+products of up to 2,048 tokens are fp32 GEMMs, summed in float64; see ``_accumulate``).
 
 A linear layer ``y = W x`` quantized to ``Ŵ = W - Δ`` loses ``E‖Δ x‖² = tr(Δ H Δᵀ)`` on average, with
 ``H = E[x xᵀ]`` the second moment of its input. We keep only the running sum ``Σ x xᵀ`` ``[K, K]``
@@ -54,9 +55,19 @@ MODES = ("per-expert", "layer-mean", "layer-token-weighted")
 POLICIES = ("shrink", "layer", "rtn")
 
 
-def _rows64(x: torch.Tensor) -> torch.Tensor:
-    """``[..., K]`` -> ``[T, K]`` float64, detached: one row per token."""
-    return x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+# Tokens per partial product. Each chunk's ``xᵀx`` is one fp32 GEMM (relative error ~1e-7); the chunks
+# are added into the float64 running sum, so the total never drifts however many tokens arrive. The
+# fp32 GEMM is 2x faster than float64 on this CPU (2048 x 4864: 1.0 s vs 2.0 s) and far faster on GPUs.
+_CHUNK_TOKENS = 2048
+
+
+def _accumulate(acc: torch.Tensor, x: torch.Tensor) -> int:
+    """``acc [K, K] += xᵀx`` for ``x [..., K]`` (one row per token) -> number of tokens."""
+    x = x.detach().reshape(-1, x.shape[-1])  # [T, K]
+    for t0 in range(0, x.shape[0], _CHUNK_TOKENS):
+        c = x[t0:t0 + _CHUNK_TOKENS].to(torch.float32)  # [t, K]
+        acc.add_((c.T @ c).to(torch.float64))
+    return x.shape[0]
 
 
 @dataclass
@@ -75,9 +86,7 @@ class HessianStat:
 
     def add(self, x: torch.Tensor) -> None:
         """x ``[..., K]``: every row is one token."""
-        x = _rows64(x)  # [T, K]
-        self.xtx.addmm_(x.T, x)
-        self.count += x.shape[0]
+        self.count += _accumulate(self.xtx, x)
 
     def mean(self) -> torch.Tensor:
         """``H = Σ x xᵀ / n`` ``[K, K]``."""
@@ -102,9 +111,7 @@ class ExpertHessianStat:
 
     def add(self, e: int, x: torch.Tensor) -> None:
         """x ``[n, K]``: the tokens routed to expert ``e``."""
-        x = _rows64(x)  # [n, K]
-        self.xtx[e].addmm_(x.T, x)
-        self.counts[e] += x.shape[0]
+        self.counts[e] += _accumulate(self.xtx[e], x)
 
     def mean_per_expert(self) -> torch.Tensor:
         """``H_e`` ``[E, K, K]``; an expert without tokens gets a zero matrix (no estimate at all:
