@@ -59,7 +59,7 @@ def test_offload_rtn_bit_identical(arch, tmp_path):
     torch.testing.assert_close(api.load(off)(x).logits, api.load(ref)(x).logits, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "olmoe"])
+@pytest.mark.parametrize("arch", ["llama", "olmoe", "gemma3_text"])
 def test_offload_ldlq_rht_bit_identical(arch, tmp_path):
     """Calibrated LDLQ + RHT: the streamed runner (embedding rows read from disk, activations in files)
     gives the same checkpoint as the in-memory runner."""

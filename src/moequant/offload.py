@@ -70,10 +70,14 @@ def quantize_offloaded(path: Path, out: Path, recipe: Recipe, calib: Calibration
             from moequant.calib.runner import LayerwiseRunner
 
             scale = getattr(model.get_input_embeddings(), "embed_scale", None)
+            # the rows of every token id the calibration uses, read once: [U, H]
+            uniq = torch.unique(calib.tokens)
+            rows = embed_rows(reader, _disk_key(reader, emb_name, adapter), uniq, torch.float32)
+            if scale is not None:
+                rows = rows * scale.to(rows.dtype)
 
             def embed(ids: torch.Tensor) -> torch.Tensor:
-                e = embed_rows(reader, _disk_key(reader, emb_name, adapter), ids, torch.float32)  # [B, L, H]
-                return e if scale is None else e * scale.to(e.dtype)
+                return rows[torch.searchsorted(uniq, ids)]  # [B, L, H]
 
             spill = tempfile.TemporaryDirectory(prefix="moequant-act-", dir=Path(out).parent)
             runner = LayerwiseRunner(model, adapter, calib.tokens, calib.batch_size, spill_dir=Path(spill.name),

@@ -82,7 +82,13 @@ def embed_rows(reader: ShardReader, key: str, ids: torch.Tensor, dtype: torch.dt
     ids ``[B, L]`` -> ``[B, L, H]``."""
     uniq, inv = torch.unique(ids, return_inverse=True)
     sl = reader.slice(key)
-    rows = torch.stack([sl[i:i + 1][0] for i in uniq.tolist()]).to(dtype)  # [U, H]
+    parts, ids_sorted = [], uniq.tolist()
+    start = 0
+    for i in range(1, len(ids_sorted) + 1):  # read runs of consecutive ids as one slice
+        if i == len(ids_sorted) or ids_sorted[i] != ids_sorted[i - 1] + 1:
+            parts.append(sl[ids_sorted[start]:ids_sorted[i - 1] + 1])
+            start = i
+    rows = torch.cat(parts).to(dtype)  # [U, H]
     return rows[inv]
 
 
