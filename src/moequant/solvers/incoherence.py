@@ -88,17 +88,35 @@ def _block(m: int) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r))[None, :]
 
 
+# The power-of-two transform is applied as a Kronecker product of dense Sylvester blocks of at most
+# 2^_FACTOR_BITS: H_{2^k} = H_{2^a} ⊗ H_{2^b} ⊗ ..., one small matmul per factor along its own axis
+# (cost n·Σ 2^a_i per vector instead of n², and BLAS-fast unlike butterfly passes in torch).
+_FACTOR_BITS = 6
+
+
+@functools.lru_cache(maxsize=32)
+def _sylvester(p: int) -> torch.Tensor:
+    """Orthonormal Sylvester–Hadamard matrix of order ``p`` (a power of two), float64. Cached."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < p:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(p)
+
+
 def _fwht(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Orthonormal Sylvester–Walsh–Hadamard transform along ``dim`` (a power-of-two length)."""
     x = x.movedim(dim, -1)
     p = x.shape[-1]
     lead = x.shape[:-1]
-    h = 1
-    while h < p:
-        y = x.reshape(*lead, p // (2 * h), 2, h)
-        x = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2).reshape(*lead, p)
-        h *= 2
-    return (x / math.sqrt(p)).movedim(-1, dim)
+    k = p.bit_length() - 1
+    sizes = [1 << min(_FACTOR_BITS, k - i) for i in range(0, k, _FACTOR_BITS)]  # high bits first
+    y = x.reshape(*lead, *sizes)
+    nf = len(sizes)
+    for i, f in enumerate(sizes):
+        h = _sylvester(f).to(dtype=x.dtype, device=x.device)  # symmetric
+        axis = len(lead) + i
+        y = (y.movedim(axis, -1) @ h).movedim(-1, axis) if i < nf - 1 else y @ h
+    return y.reshape(*lead, p).movedim(-1, dim)
 
 
 def hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
