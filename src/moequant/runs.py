@@ -173,7 +173,8 @@ def run_inspect(path: Path) -> dict[str, Any]:
     model = api.load(path)
     tensors = []
     for name, qt in api.packed_modules(model).items():
-        tensors.append({"name": name, "format": qt.format_id, "shape": list(qt.shape),
+        fmt = qt.format_id + (f"({qt.inner.format_id})" if hasattr(qt, "inner") else "")  # rht(uniform-packed)
+        tensors.append({"name": name, "format": fmt, "shape": list(qt.shape),
                         "bits_per_weight": qt.bits_per_weight(), "bytes": qt.nbytes(),
                         **{k: v for k, v in qt.attrs.items()}})
     kept = [{"name": n, "shape": list(p.shape), "dtype": str(p.dtype).replace("torch.", ""),
