@@ -201,8 +201,17 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from moequant.sweep import SweepJob, demo_configs, run_sweep
 
-    job = SweepJob(model=args.model, entries=demo_configs(tuple(args.bits), args.group_size), out=Path(args.out),
-                   max_tokens=args.max_tokens or None, overwrite=args.overwrite, progress=not args.quiet)
+    from moequant.calib.data import CalibData
+    from moequant.solvers.config import SolverConfig
+
+    try:
+        solver = SolverConfig(solver=args.solver, incoherence=args.incoherence)
+    except ValueError as e:
+        raise MoequantError(str(e)) from None
+    calib = CalibData() if solver.needs_hessian else None
+    job = SweepJob(model=args.model, entries=demo_configs(tuple(args.bits), args.group_size, solver, calib),
+                   out=Path(args.out), max_tokens=args.max_tokens or None, overwrite=args.overwrite,
+                   progress=not args.quiet)
     r = run_sweep(job, sys.argv[1:])
     print(r["table"])
     return 0
@@ -263,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--max-tokens", type=int, default=16384, help="PTB test tokens to score (default 16384; 0 = the whole split)")
     d.add_argument("--overwrite", action="store_true")
+    d.add_argument("--solver", default="rtn", choices=["rtn", "ldlq"],
+                   help="ldlq: calibrate on PTB train (128 x 512 tokens) and use GPTQ/LDLQ error feedback")
+    d.add_argument("--incoherence", default="none", choices=["none", "rht"])
     d.set_defaults(func=cmd_demo)
     return p
 

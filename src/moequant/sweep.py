@@ -58,14 +58,15 @@ class SweepJob:
     pairs: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # (A, B) names: paired CI of PPL_A / PPL_B
 
 
-def demo_configs(bits: tuple[int, ...], group_size: int = 64) -> tuple[SweepEntry, ...]:
+def demo_configs(bits: tuple[int, ...], group_size: int = 64, solver: SolverConfig = SolverConfig(),
+                 calib: CalibData | None = None) -> tuple[SweepEntry, ...]:
     """int4/int3 symmetric, int2 asymmetric (a 4-level symmetric grid wastes a level on Gaussian
-    weights), all RTN with MSE clip search. Group 64 because SmolLM2's widths (576, 1536) are not
-    multiples of 128."""
+    weights), all with MSE clip search, RTN unless ``solver`` says otherwise. Group 64 because
+    SmolLM2's widths (576, 1536) are not multiples of 128."""
     from moequant.codecs.config import UniformConfig
 
-    return tuple(SweepEntry(UniformConfig(bits=b, group_size=group_size, symmetric=b > 2, clip_search=True))
-                 for b in bits)
+    return tuple(SweepEntry(UniformConfig(bits=b, group_size=group_size, symmetric=b > 2, clip_search=True),
+                            solver, calib) for b in bits)
 
 
 def run_sweep(job: SweepJob, argv: list[str] | None = None) -> dict[str, Any]:

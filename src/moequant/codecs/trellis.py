@@ -1,0 +1,330 @@
+"""QTIP bitshift-trellis codec (Tseng et al., NeurIPS 2024): codes, Viterbi with tail-biting, bit packing.
+
+Pure tensor math, no I/O. Notation: ``K`` = bits per weight (``config.bits``), ``V`` values per step,
+``kv = K·V`` new bits per step, ``L`` state bits, a tile of ``T = tile²`` weights is ``S = T / V`` steps.
+
+**Trellis.** A tile is a walk ``s_0 … s_{S-1}`` on states of ``L`` bits with
+``s_t = ((s_{t-1} << kv) mod 2^L) | c_t``, ``c_t in [0, 2^kv)``. Equivalently the walk is a bitstream
+``b`` (MSB first) and ``s_t = b[t·kv : t·kv + L]`` read as an ``L``-bit integer, the first bit the
+most significant. Step ``t`` emits the ``V`` values ``code(s_t)`` for tile positions ``[t·V, t·V + V)``;
+positions run row-major inside the tile (position ``r·tile + c`` is row ``r``, column ``c``).
+
+**Codes** (state -> ``V`` float32 values, ``code_values`` builds the whole ``[2^L, V]`` table):
+
+- ``hyb`` (V = 2): ``h = s·(s+1) mod 2^32``, ``idx = (h >> (15-Q)) & (2^Q - 1)``, value ``lut[idx]``
+  (a ``[2^Q, 2]`` table) with component **0** negated when bit 15 of ``h`` is set — the component
+  QTIP's ``quantlut_sym`` flips. The LUT starts as a 2-D k-means of N(0, I₂) (``hyb_lut_init``).
+- ``1mad`` (V = 1): ``x = (s·34038481 + 76625530) mod 2^32``; value = (sum of the 4 bytes of x − 510)
+  / 147.800537109375 — a sum of four near-uniform bytes, near-Gaussian with unit variance.
+- ``3inst`` (V = 1): ``x = (s·89226354 + 64248484) mod 2^32``; ``y = (x & 0x8FFF8FFF) ^ 0x3B603B60``;
+  value = fp16(y >> 16) + fp16(y & 0xFFFF), the add done in fp16 as the paper's kernel does (each
+  half keeps its sign and 12 low bits and gets exponent bits fixed to land in ±[0.125, 2)).
+
+QTIP defines 1MAD and 3INST with V = 1 only; ``code_values`` rejects them with V = 2.
+
+**Scale.** ``source_rms(config, values)`` is the RMS a weight row is brought to before Viterbi: the
+code table's RMS for computed codes; 1 for ``hyb``, whose LUT is fitted to N(0, I₂) (its centroids have
+RMS < 1, and matching the table's RMS instead would shrink the source and cost MSE).
+
+**Viterbi** minimises ``Σ_t Σ_v w_{t,v} (code(s_t)_v − x_{t,v})²`` over valid walks. The predecessors of
+``s`` are ``p = (s >> kv) + j·2^(L-kv)``, ``j in [0, 2^kv)``; the backpointer keeps ``j`` (uint8) per
+step and per ``s >> kv``. Memory per tile is about ``S·2^(L-kv)`` bytes of backpointers plus
+``16·2^L`` bytes of cost rows; tiles are processed in chunks so that this stays under ``max_bytes``
+(default 512 MiB; L=16, K=2, V=2, T=256: ~1.6 MB per tile, ~330 tiles per chunk).
+
+**Tail-biting** (the default): the tile is a cyclic bitstream of exactly ``K·T = S·kv`` bits,
+``s_t = b[(t·kv + i) mod K·T for i < L]``. The constraint implemented is
+``s_{S-1} mod 2^(L-kv) == s_0 >> kv`` (the last state's low ``L-kv`` bits are the first state's high
+bits); it needs ``S·kv >= L``. QTIP's two passes: (1) free Viterbi on the tile rolled by ``S/2`` steps, so
+the wrap point sits mid-sequence; the high ``L-kv`` bits ``o`` of the state it picks for original step 0
+are kept; (2) Viterbi with ``s_0 >> kv == o`` and ``s_{S-1} mod 2^(L-kv) == o``. Free start
+(``tail_biting=False``) stores the first state's ``L`` bits in full: ``K·T + L − kv`` bits per tile.
+
+**Packing.** Chunk ``c_t = s_t >> (L-kv)`` (the ``kv`` bits step ``t`` brings in first). Stored bits:
+``c_0 … c_{S-1}`` (``K·T`` bits), then, without tail-biting, the low ``L-kv`` bits of ``s_{S-1}``. Bits
+go MSB first into uint16 words (bit ``i`` of the stream is bit ``15 − i mod 16`` of word ``i // 16``),
+zero-padded to whole words: ``ceil(bits / 16)`` words per tile, exactly ``K·T / 16`` when tail-biting
+and ``16 | K·T`` (every tile of 16x16 or 4x4).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moequant.codecs.config import TrellisConfig
+
+_INF = float("inf")
+MAX_BYTES = 512 << 20  # default Viterbi memory bound per chunk of tiles
+
+
+# --- geometry -------------------------------------------------------------------------------------
+def steps_per_tile(config: TrellisConfig) -> int:
+    """``S = tile² / V``."""
+    return config.tile * config.tile // config.V
+
+
+def tile_bits(config: TrellisConfig) -> int:
+    """Stored bits of one tile: ``K·T`` with tail-biting, ``K·T + L − K·V`` with a free start."""
+    kv = config.bits * config.V
+    extra = 0 if config.tail_biting else config.L - kv
+    return steps_per_tile(config) * kv + extra
+
+
+def words_per_tile(config: TrellisConfig) -> int:
+    """uint16 words per tile (``tile_bits`` rounded up to whole words)."""
+    return -(-tile_bits(config) // 16)
+
+
+def check_geometry(config: TrellisConfig) -> None:
+    """Raise ``ValueError`` when a tile is too short for the state (``S·K·V >= L`` is needed)."""
+    if steps_per_tile(config) * config.bits * config.V < config.L:
+        raise ValueError(f"tile {config.tile}: {steps_per_tile(config)} steps of {config.bits * config.V} bits "
+                         f"cannot hold an L={config.L} state; use a larger tile or smaller L")
+
+
+def to_tiles(w: torch.Tensor, tile: int) -> torch.Tensor:
+    """``w [..., N, K] -> [..., N/tile, K/tile, tile²]``: tile ``(i, j)`` covers rows ``[i·tile, …)`` and
+    columns ``[j·tile, …)``, its weights row-major."""
+    *lead, n, k = w.shape
+    if n % tile or k % tile:
+        raise ValueError(f"trellis tiles of {tile}x{tile} need N and K multiples of {tile}, got {n}x{k}")
+    t = w.reshape(*lead, n // tile, tile, k // tile, tile).transpose(-3, -2)  # [..., N/t, K/t, t, t]
+    return t.reshape(*lead, n // tile, k // tile, tile * tile)
+
+
+def from_tiles(tiles: torch.Tensor, tile: int) -> torch.Tensor:
+    """Inverse of ``to_tiles``: ``[..., N/tile, K/tile, tile²] -> [..., N, K]``."""
+    *lead, nr, nc, _ = tiles.shape
+    t = tiles.reshape(*lead, nr, nc, tile, tile).transpose(-3, -2)  # [..., N/t, t, K/t, t]
+    return t.reshape(*lead, nr * tile, nc * tile)
+
+
+# --- codes ----------------------------------------------------------------------------------------
+def _hyb_values(states: torch.Tensor, lut: torch.Tensor, q: int) -> torch.Tensor:
+    h = (states * (states + 1)) & 0xFFFFFFFF  # [n]
+    idx = (h >> (15 - q)) & ((1 << q) - 1)  # [n]
+    sign = 1.0 - 2.0 * ((h >> 15) & 1).to(torch.float32)  # [n]
+    vals = lut.to(torch.float32)[idx].clone()  # [n, 2]
+    vals[:, 0] *= sign
+    return vals
+
+
+def _1mad_values(states: torch.Tensor) -> torch.Tensor:
+    x = (states * 34038481 + 76625530) & 0xFFFFFFFF  # [n]
+    y = (x & 255) + ((x >> 8) & 255) + ((x >> 16) & 255) + ((x >> 24) & 255)  # [n]
+    return ((y - 510).to(torch.float32) / 147.800537109375).unsqueeze(-1)  # [n, 1]
+
+
+def _fp16_from_bits(bits16: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^16) -> float16 with those bits."""
+    return (bits16 - ((bits16 >> 15) << 16)).to(torch.int16).view(torch.float16)
+
+
+def _3inst_values(states: torch.Tensor) -> torch.Tensor:
+    x = (states * 89226354 + 64248484) & 0xFFFFFFFF  # [n]
+    y = (x & 0x8FFF8FFF) ^ 0x3B603B60  # [n]
+    total = _fp16_from_bits(y >> 16) + _fp16_from_bits(y & 0xFFFF)  # [n] fp16 add
+    return total.to(torch.float32).unsqueeze(-1)  # [n, 1]
+
+
+def code_values(config: TrellisConfig, lut: torch.Tensor | None = None) -> torch.Tensor:
+    """The full state -> values table ``[2^L, V]`` float32. ``lut [2^Q, 2]`` is required for ``hyb``."""
+    states = torch.arange(1 << config.L, dtype=torch.int64)  # [2^L]
+    if config.code == "hyb":
+        if lut is None or tuple(lut.shape) != (1 << config.Q, 2):
+            raise ValueError(f"the hyb code needs a [{1 << config.Q}, 2] LUT, got "
+                             f"{None if lut is None else tuple(lut.shape)}")
+        return _hyb_values(states, lut, config.Q)
+    if config.V != 1:
+        raise ValueError(f"the {config.code} code emits one value per state (QTIP defines it for V=1); "
+                         f"got V={config.V}")
+    return _1mad_values(states) if config.code == "1mad" else _3inst_values(states)
+
+
+def hyb_lut_init(q: int, seed: int = 0, iters: int = 12, per_centroid: int = 64) -> torch.Tensor:
+    """Deterministic 2-D k-means of ``per_centroid · 2^Q`` N(0, I₂) samples -> ``[2^Q, 2]`` float32.
+
+    Lloyd's algorithm from the first ``2^Q`` samples (``iters`` rounds; an empty cell keeps its
+    centroid); the result is sorted by component 0, then component 1.
+    """
+    k = 1 << q
+    gen = torch.Generator().manual_seed(seed)
+    data = torch.randn(k * per_centroid, 2, generator=gen, dtype=torch.float64)  # [n, 2]
+    cent = data[:k].clone()  # [k, 2]
+    for _ in range(iters):
+        assign = torch.cdist(data, cent).argmin(-1)  # [n]
+        sums = torch.zeros_like(cent).index_add_(0, assign, data)  # [k, 2]
+        counts = torch.bincount(assign, minlength=k).to(torch.float64).unsqueeze(-1)  # [k, 1]
+        cent = torch.where(counts > 0, sums / counts.clamp_min(1), cent)
+    cent = cent[cent[:, 1].argsort(stable=True)]
+    cent = cent[cent[:, 0].argsort(stable=True)]
+    return cent.to(torch.float32)
+
+
+def code_rms(values: torch.Tensor) -> float:
+    """RMS of a code table ``[2^L, V]`` (over every state and component)."""
+    return float(values.to(torch.float64).square().mean().sqrt())
+
+
+def source_rms(config: TrellisConfig, values: torch.Tensor) -> float:
+    """The RMS a weight row is scaled to before Viterbi (see the module docstring)."""
+    return 1.0 if config.code == "hyb" else code_rms(values)
+
+
+# --- Viterbi --------------------------------------------------------------------------------------
+def _chunk_tiles(steps: int, L: int, kv: int, max_bytes: int) -> int:
+    per_tile = steps * (1 << (L - kv)) + 16 * (1 << L) + 12 * (1 << (L - kv))
+    return max(1, max_bytes // per_tile)
+
+
+def _viterbi_chunk(feats: torch.Tensor, table: torch.Tensor, L: int, kv: int,
+                   start_high: torch.Tensor | None, end_low: torch.Tensor | None) -> torch.Tensor:
+    b, steps, _ = feats.shape
+    n, m = 1 << L, 1 << kv
+    r = n >> kv
+    state = torch.arange(n, dtype=torch.int64)  # [2^L]
+    cost = feats[:, 0] @ table  # [b, 2^L]
+    if start_high is not None:
+        cost.masked_fill_((state >> kv).unsqueeze(0) != start_high.unsqueeze(-1), _INF)
+    back = torch.empty(b, steps, r, dtype=torch.uint8)  # [b, S, 2^(L-kv)]: j of the best predecessor
+    for t in range(1, steps):
+        best, j = cost.view(b, m, r).min(dim=1)  # [b, r]: min over p = q + j·r
+        back[:, t] = j
+        torch.mm(feats[:, t], table, out=cost)
+        cost.view(b, r, m).add_(best.unsqueeze(-1))
+    if end_low is not None:
+        cost.masked_fill_((state & (r - 1)).unsqueeze(0) != end_low.unsqueeze(-1), _INF)
+    out = torch.empty(b, steps, dtype=torch.int64)  # [b, S]
+    s = cost.argmin(-1)  # [b]
+    out[:, -1] = s
+    for t in range(steps - 1, 0, -1):
+        q = s >> kv
+        s = q + back[:, t].gather(1, q.unsqueeze(-1)).squeeze(-1).to(torch.int64) * r
+        out[:, t - 1] = s
+    return out
+
+
+def viterbi(x: torch.Tensor, values: torch.Tensor, L: int, kv: int, start_high: torch.Tensor | None = None,
+            end_low: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+            max_bytes: int = MAX_BYTES) -> torch.Tensor:
+    """Best walk for each of ``B`` sequences -> states int64 ``[B, S]``.
+
+    x ``[B, S, V]``; values ``[2^L, V]``; ``kv`` new bits per step; ``start_high`` int ``[B]``: when
+    given, ``s_0 >> kv`` must equal it; ``end_low`` int ``[B]``: ``s_{S-1} mod 2^(L-kv)`` must equal it;
+    ``weights [B, S, V]`` (>= 0) weight the squared errors. Tiles are processed ``max_bytes`` at a time.
+    """
+    b, steps, v = x.shape
+    if values.shape != (1 << L, v):
+        raise ValueError(f"values {tuple(values.shape)} do not match L={L}, V={v}")
+    if not 0 < kv < L or kv > 8:
+        raise ValueError(f"kv={kv} must be in [1, min(8, L-1)]")
+    vals = values.to(torch.float32)
+    table = torch.cat([vals.square(), vals], -1).T.contiguous()  # [2V, 2^L]
+    x = x.to(torch.float32)
+    w = torch.ones_like(x) if weights is None else weights.to(torch.float32)
+    # err(s) = Σ_v w_v (val_v(s)² − 2 val_v(s) x_v), dropping the constant Σ w x²
+    feats = torch.cat([w, -2.0 * w * x], -1)  # [B, S, 2V]
+    out = torch.empty(b, steps, dtype=torch.int64)  # [B, S]
+    chunk = _chunk_tiles(steps, L, kv, max_bytes)
+    for i in range(0, b, chunk):
+        sl = slice(i, i + chunk)
+        out[sl] = _viterbi_chunk(feats[sl].contiguous(), table, L, kv,
+                                 None if start_high is None else start_high[sl].to(torch.int64),
+                                 None if end_low is None else end_low[sl].to(torch.int64))
+    return out
+
+
+def viterbi_tail_biting(x: torch.Tensor, values: torch.Tensor, L: int, kv: int,
+                        weights: torch.Tensor | None = None, max_bytes: int = MAX_BYTES) -> torch.Tensor:
+    """Two-pass tail-biting Viterbi (module docstring) -> states int64 ``[B, S]`` with
+    ``s_{S-1} mod 2^(L-kv) == s_0 >> kv``."""
+    half = x.shape[1] // 2
+    w_rolled = None if weights is None else weights.roll(half, 1)
+    first = viterbi(x.roll(half, 1), values, L, kv, weights=w_rolled, max_bytes=max_bytes)  # [B, S]
+    overlap = first[:, half] >> kv  # [B]: rolled step `half` is original step 0
+    return viterbi(x, values, L, kv, start_high=overlap, end_low=overlap, weights=weights, max_bytes=max_bytes)
+
+
+# --- packing --------------------------------------------------------------------------------------
+def _to_bits(v: torch.Tensor, nbits: int) -> torch.Tensor:
+    """int ``[..., n]`` -> uint8 bits ``[..., n·nbits]``, each value MSB first."""
+    shifts = torch.arange(nbits - 1, -1, -1, dtype=torch.int64)
+    return ((v.to(torch.int64).unsqueeze(-1) >> shifts) & 1).to(torch.uint8).flatten(-2)
+
+
+def _from_bits(bits: torch.Tensor, nbits: int) -> torch.Tensor:
+    """uint8 bits ``[..., n·nbits]`` (MSB first) -> int64 ``[..., n]``."""
+    shifts = torch.arange(nbits - 1, -1, -1, dtype=torch.int64)
+    return (bits.unflatten(-1, (-1, nbits)).to(torch.int64) << shifts).sum(-1)
+
+
+def pack_tile_bits(states: torch.Tensor, config: TrellisConfig) -> torch.Tensor:
+    """states ``[B, S]`` -> uint16 words ``[B, words_per_tile]`` (layout in the module docstring)."""
+    L, kv = config.L, config.bits * config.V
+    bits = _to_bits(states >> (L - kv), kv)  # [B, S·kv]
+    if not config.tail_biting:
+        bits = torch.cat([bits, _to_bits(states[:, -1:] & ((1 << (L - kv)) - 1), L - kv)], -1)
+    pad = words_per_tile(config) * 16 - bits.shape[-1]
+    bits = torch.nn.functional.pad(bits, (0, pad))
+    return _from_bits(bits, 16).to(torch.uint16)
+
+
+def unpack_tile_states(words: torch.Tensor, config: TrellisConfig) -> torch.Tensor:
+    """uint16 words ``[B, words_per_tile]`` -> states int64 ``[B, S]`` (inverse of ``pack_tile_bits``)."""
+    L, kv, steps = config.L, config.bits * config.V, steps_per_tile(config)
+    if words.shape[-1] != words_per_tile(config):
+        raise ValueError(f"{words.shape[-1]} words per tile; {config.short_name} stores {words_per_tile(config)}")
+    bits = _to_bits(words.to(torch.int32), 16)[:, :tile_bits(config)]  # [B, bits]
+    # extend the stream to L + (S-1)·kv bits (cyclically when tail-biting), padded to whole chunks
+    ext = bits[:, :L - kv] if config.tail_biting else bits.new_zeros(bits.shape[0], 0)
+    bits = torch.cat([bits, ext], -1)
+    span = -(-(L - kv) // kv)  # chunks after the last one that the last state reaches into
+    bits = torch.nn.functional.pad(bits, (0, (steps + span) * kv - bits.shape[-1]))
+    chunks = _from_bits(bits, kv)  # [B, S + span]
+    acc = torch.zeros(bits.shape[0], steps, dtype=torch.int64)  # [B, S]
+    for u in range(span + 1):
+        acc = (acc << kv) | chunks[:, u:u + steps]
+    return acc >> ((span + 1) * kv - L)
+
+
+# --- tiles ----------------------------------------------------------------------------------------
+def encode_tiles(x: torch.Tensor, config: TrellisConfig, lut: torch.Tensor | None = None,
+                 weights: torch.Tensor | None = None, max_bytes: int = MAX_BYTES
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x ``[B, T]`` (tile positions row-major, already at the code's scale) -> (uint16 words
+    ``[B, words_per_tile]``, states int64 ``[B, S]``). ``weights [B, T]`` weight the squared errors."""
+    check_geometry(config)
+    values = code_values(config, lut)  # [2^L, V]
+    kv, steps = config.bits * config.V, steps_per_tile(config)
+    xs = x.reshape(x.shape[0], steps, config.V)  # [B, S, V]
+    ws = None if weights is None else weights.reshape(xs.shape)
+    if config.tail_biting:
+        states = viterbi_tail_biting(xs, values, config.L, kv, ws, max_bytes)
+    else:
+        states = viterbi(xs, values, config.L, kv, weights=ws, max_bytes=max_bytes)
+    return pack_tile_bits(states, config), states
+
+
+def decode_states(states: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """states ``[..., S]`` -> values ``[..., S·V]`` (tile positions row-major)."""
+    return values[states].flatten(-2)
+
+
+def decode_tiles(words: torch.Tensor, config: TrellisConfig, lut: torch.Tensor | None = None) -> torch.Tensor:
+    """uint16 words ``[B, words_per_tile]`` -> float32 ``[B, T]``."""
+    return decode_states(unpack_tile_states(words, config), code_values(config, lut))
+
+
+def fp16_row_scale(w: torch.Tensor, target_rms: float) -> torch.Tensor:
+    """Per-row scale ``rms(row) / target_rms`` rounded to fp16 (zero rows get 1) -> float32 ``[..., N]``."""
+    rms = w.to(torch.float64).square().mean(-1).sqrt() / target_rms  # [..., N]
+    fmax = torch.finfo(torch.float16).max
+    tiny = torch.finfo(torch.float16).tiny
+    scale = torch.where(rms > 0, rms.clamp(tiny, fmax), torch.ones_like(rms))
+    return scale.to(torch.float16).to(torch.float32)
+
+
+def mse_per_weight(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Mean squared error per weight."""
+    return float((x.to(torch.float64) - x_hat.to(torch.float64)).square().mean())
+
