@@ -143,9 +143,9 @@ def quantize_layer(model: nn.Module, adapter: ModelAdapter, layer: int, targets:
             if t.kind == "experts":
                 experts.setdefault(t.module, {})[t.param] = weight.detach()
             continue
-        hessian, rec = _hessian_for(t, stats.get(t.name), calib, report)
+        hessian, h_eval, rec = _hessian_for(t, stats.get(t.name), calib, report)
         try:
-            qt, info = solve_tensor(weight.detach(), config, solver, hessian, t.name)
+            qt, info = solve_tensor(weight.detach(), config, solver, hessian, t.name, h_eval=h_eval)
         except ValueError as e:
             raise MoequantError(f"{t.name} {tuple(t.shape)}: {e}") from None
         report.tensors.append(TensorRecord(
@@ -165,14 +165,15 @@ def quantize_layer(model: nn.Module, adapter: ModelAdapter, layer: int, targets:
 
 
 def _hessian_for(t: Target, stat: Any, calib: Calibration | None, report: QuantReport
-                 ) -> tuple[torch.Tensor | None, dict[str, Any]]:
-    """The undamped Hessian a target is solved with, and what to record about it."""
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
+    """The undamped Hessian a target is solved with, the one its proxy loss is measured with (an
+    expert's own ``H_e`` — its solve Hessian when it saw no token), and what to record."""
     if calib is None:
-        return None, {}
+        return None, None, {}
     if stat is None:
         raise MoequantError(f"{t.name}: calibration captured no inputs for this tensor")
     if t.kind == "linear":
-        return stat.mean(), {"tokens": int(stat.count)}
+        return stat.mean(), None, {"tokens": int(stat.count)}
     from moequant.calib.hessian import expert_hessians
 
     hc = calib.hessian
@@ -181,7 +182,9 @@ def _hessian_for(t: Target, stat: Any, calib: Calibration | None, report: QuantR
         report.starved.append(StarvedRecord(t.name, s.expert, s.count, s.policy))
         log.warning("%s expert %d: %d routed calibration tokens (< %d): %s", t.name, s.expert, s.count,
                     hc.resolved_min_tokens, s.policy)
-    return h, {"expert_tokens": [int(c) for c in stat.counts.tolist()]}
+    seen = (stat.counts > 0)[:, None, None]
+    h_eval = torch.where(seen, stat.mean_per_expert(), h)  # [E, K, K]
+    return h, h_eval, {"expert_tokens": [int(c) for c in stat.counts.tolist()]}
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:

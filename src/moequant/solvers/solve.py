@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moequant.calib.hessian import damp
 from moequant.codecs.columns import column_quantizer
 from moequant.codecs.config import MethodConfig
 from moequant.formats.base import QuantizedTensor
@@ -39,30 +40,20 @@ def tensor_seed(base: int, name: str) -> int:
     return (base * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 31)
 
 
-def damp(h: torch.Tensor, lam: float) -> torch.Tensor:
-    """``H + λ·mean(diag H)·I`` per matrix ``[..., K, K]``; dead inputs (zero diagonal) get 1 on the
-    diagonal so the factorisation exists (their columns never reach the output anyway)."""
-    h = h.to(torch.float64).clone()
-    d = torch.diagonal(h, dim1=-2, dim2=-1)  # [..., K] view
-    dead = d == 0
-    mean = d.mean(-1, keepdim=True)  # [..., 1]
-    d.add_(lam * torch.where(mean > 0, mean, torch.ones_like(mean)))
-    d.masked_fill_(dead, 1.0)
-    return h
-
-
 def solve_tensor(w: torch.Tensor, config: MethodConfig, solver: SolverConfig, hessian: torch.Tensor | None,
-                 where: str, damp_fn=damp) -> tuple[QuantizedTensor, SolveInfo]:
+                 where: str, h_eval: torch.Tensor | None = None) -> tuple[QuantizedTensor, SolveInfo]:
     """Quantize ``w [N, K]`` or ``[E, N, K]`` under ``config``.
 
     ``hessian``: ``[K, K]`` (shared by every expert) or ``[E, K, K]``, undamped, float64; None for RTN
-    without calibration. With ``solver.incoherence == "rht"`` the weight and Hessian are rotated
+    without calibration. ``h_eval`` (default ``hessian``): the Hessian the reported proxy loss is
+    measured with — for the Hessian ablation, each expert's own ``H_e`` whatever it was solved with. With ``solver.incoherence == "rht"`` the weight and Hessian are rotated
     (``W̃ = H_N S_V W S_U H_Kᵀ``), the rotated weight is quantized and the result is wrapped so that
     decoding and the runtime undo the rotation.
     """
     t0 = time.time()
     w = w.detach().to(torch.float32)
     h = None if hessian is None else hessian.to(torch.float64)
+    h_ev = h if h_eval is None else h_eval.to(torch.float64)
     inc = None
     if solver.incoherence == "rht":
         from moequant.solvers.incoherence import Incoherence
@@ -70,6 +61,7 @@ def solve_tensor(w: torch.Tensor, config: MethodConfig, solver: SolverConfig, he
         inc = Incoherence.make(tuple(w.shape), seed=tensor_seed(solver.seed, where))
         w = inc.weight(w)
         h = None if h is None else inc.hessian(h)
+        h_ev = h if h_eval is None else inc.hessian(h_ev)
     info = SolveInfo()
     if solver.solver == "rtn" or h is None:
         if solver.needs_hessian:
@@ -77,14 +69,15 @@ def solve_tensor(w: torch.Tensor, config: MethodConfig, solver: SolverConfig, he
         inner = encode(w, config)
         if h is not None:
             w_hat = inner.dequantize()
-            info.proxy = _per_expert(lambda e: proxy_loss(_at(w, e), _at(w_hat, e), _at_h(h, e)), w)
+            info.proxy = _per_expert(lambda e: proxy_loss(_at(w, e), _at(w_hat, e), _at_h(h_ev, e)), w)
     else:
         parts, proxies = [], []
         for e in range(w.shape[0] if w.dim() == 3 else 1):
             we, he = _at(w, e), _at_h(h, e)
+            label = where if w.dim() == 2 else f"{where} expert {e}"
             q = column_quantizer(config, we, hdiag=torch.diagonal(he).to(torch.float32))
-            res = ldlq(we, damp_fn(he, solver.damp), q, lazy=solver.lazy, act_order=solver.act_order,
-                       h_proxy=he, where=where if w.dim() == 2 else f"{where} expert {e}")
+            res = ldlq(we, damp(he, solver.damp, where=label), q, lazy=solver.lazy, act_order=solver.act_order,
+                       h_proxy=_at_h(h_ev, e), where=label)
             parts.append(q.parts())
             proxies.append(res.proxy)
         stacked = parts[0] if w.dim() == 2 else {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
