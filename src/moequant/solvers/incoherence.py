@@ -1,20 +1,31 @@
 """Incoherence processing: a random Hadamard transform (RHT) on both sides of a weight matrix.
 
-With ``H_n`` an orthonormal ``n × n`` Hadamard-type matrix and ``S_U``, ``S_V`` diagonal random ±1
-matrices, a weight ``W [N, K]`` is quantized as ``W̃ = H_N S_V W S_U H_Kᵀ`` under the Hessian
-``H̃ = H_K S_U H S_U H_Kᵀ``. Orthogonality keeps the layer's error ``tr(Δ H Δᵀ)`` unchanged, while
-the rotation spreads outliers over every entry so that ``W̃`` looks i.i.d. Gaussian (QuIP#'s
-incoherence). At run time ``y = W x = S_V H_Nᵀ W̃ (H_K S_U x)``.
+**The math.** ``H_n`` is an orthonormal ``n × n`` Hadamard-type matrix (``H_nᵀ H_n = I``) and ``S_U``
+(``[K]``), ``S_V`` (``[N]``) are random ±1 diagonals. A weight ``W [N, K]`` is quantized in the rotated
+basis ``W̃ = H_N S_V W S_U H_Kᵀ`` under the rotated Hessian ``H̃ = H_K S_U H S_U H_Kᵀ``. Both rotations
+are orthogonal, so the layer error is unchanged, ``tr(Δ H Δᵀ) = tr(Δ̃ H̃ Δ̃ᵀ)`` with ``Δ̃`` the rotated
+error, while every entry of ``W̃`` mixes all entries of ``W``: outliers are spread thin and ``W̃``
+looks i.i.d. Gaussian (QuIP#'s incoherence), which is what scalar and vector codes quantize best.
+At run time ``W`` is never rebuilt: ``y = W x = S_V H_Nᵀ W̃ (H_K S_U x)``. Expert tensors
+``[E, N, K]`` use one sign pair for every expert (``[K]``, ``[N]``) or one per expert (``[E, K]``, ``[E, N]``).
 
-**Any dimension** ``n = p · m`` with ``p`` a power of two: ``H_n = H_p ⊗ B_m`` where ``H_p`` is the
-Sylvester–Hadamard matrix applied by a fast Walsh–Hadamard transform (``O(n log n)``, no ``n × n``
-matrix) and ``B_m`` a small orthonormal block. The rule for ``B_m``: let ``o`` be the odd part of
-``n``; if ``o = 1`` there is no block. Otherwise the smallest ``m = o · 2^j`` (``j ≥ 1``, ``m | n``)
-for which a Paley construction gives a true Hadamard matrix is used — Paley I when ``m - 1`` is a
-prime ``≡ 3 (mod 4)``, Paley II when ``m / 2 - 1`` is a prime ``≡ 1 (mod 4)`` — so every entry of
-``H_n`` has magnitude ``1/√n`` (576 = 16·36, 768 = 64·12, 896 = 32·28, 1536 = 128·12,
-3072 = 256·12, 4864 = 64·76). If none exists (e.g. an odd ``n`` such as 7), ``B_o`` is a random
-orthogonal matrix from a fixed seed (QR of a Gaussian) — orthonormal, only "incoherent" on average.
+**Any dimension.** ``n = p · m`` with ``p`` a power of two and ``H_n = H_p ⊗ B_m``: ``H_p`` is the
+Sylvester–Walsh–Hadamard matrix and ``B_m`` a small orthonormal block. The rule for ``m``: with ``o``
+the odd part of ``n``, ``o = 1`` needs no block (``m = 1``); otherwise take the *smallest*
+``m = o · 2^j`` (``j ≥ 1``, ``m | n``) for which a Paley construction gives a true Hadamard matrix
+(Paley I: ``m - 1`` a prime ``≡ 3 mod 4``; Paley II: ``m/2 - 1`` a prime ``≡ 1 mod 4``). Then every
+entry of ``H_n`` is ``±1/√n`` and the power-of-two part stays as large as a true Hadamard allows
+(576 = 16·36, 768 = 64·12, 896 = 32·28, 1536 = 128·12, 3072 = 256·12, 4864 = 64·76). A true Hadamard
+spreads any spike uniformly, so it is preferred to a smaller odd block. When no Paley order divides
+``n`` (odd ``n`` such as 7, or 6 = 2·3), ``B_o`` is a random orthogonal matrix (QR of a Gaussian
+seeded by ``o``): a pure function of the size (nothing to store) that maps every fixed direction to
+a random one. A DCT block would not do: it maps a constant vector to a single spike.
+
+**Fast application.** ``v ↦ H_n v`` never forms ``H_n``: ``v`` is viewed as a tensor
+``[f_1, …, f_r, m]`` and one small matrix is applied along each axis, using
+``H_p = H_{f_1} ⊗ … ⊗ H_{f_r}`` (Sylvester blocks of order ``f_i ≤ 2^_FACTOR_BITS``). That costs
+``n · (Σ f_i + m)`` per vector, the ``O(n log n)`` of a butterfly FWHT up to a small constant, with
+``log p / _FACTOR_BITS`` batched matmuls instead of ``log p`` memory passes.
 """
 
 from __future__ import annotations
@@ -25,33 +36,37 @@ from dataclasses import dataclass
 
 import torch
 
+# Largest Sylvester factor applied as one dense matmul: 2^5 measured at least as fast as 2^6 and the
+# butterfly FWHT on CPU (x [4096, 3072] fp32, one thread); every cap gives the same matrix.
+_FACTOR_BITS = 5
+
 
 def _is_prime(q: int) -> bool:
-    return q >= 2 and all(q % d for d in range(2, int(math.isqrt(q)) + 1))
+    return q >= 2 and all(q % d for d in range(2, math.isqrt(q) + 1))
 
 
 def _jacobsthal(q: int) -> torch.Tensor:
-    """``Q[i, j] = χ(j - i)`` with ``χ`` the quadratic character mod the prime ``q``."""
+    """``Q[i, j] = χ(j - i)`` with ``χ`` the quadratic character modulo the prime ``q``."""
     squares = {(x * x) % q for x in range(1, q)}
     chi = torch.tensor([0] + [1 if a in squares else -1 for a in range(1, q)], dtype=torch.float64)
-    idx = (torch.arange(q)[None, :] - torch.arange(q)[:, None]) % q
+    idx = (torch.arange(q)[None, :] - torch.arange(q)[:, None]) % q  # [q, q]
     return chi[idx]  # [q, q]
 
 
 def _paley(m: int) -> torch.Tensor | None:
-    """A ±1 Hadamard matrix of order ``m`` by Paley I or II, or None."""
+    """A ±1 Hadamard matrix ``[m, m]`` (float64) by Paley I or II, or None when neither applies."""
     if _is_prime(m - 1) and (m - 1) % 4 == 3:
         q = m - 1
         s = torch.zeros(m, m, dtype=torch.float64)
-        s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, _jacobsthal(q)
+        s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, _jacobsthal(q)  # skew conference matrix
         h = torch.eye(m, dtype=torch.float64) + s
     elif m % 2 == 0 and _is_prime(m // 2 - 1) and (m // 2 - 1) % 4 == 1:
         q = m // 2 - 1
         s = torch.zeros(q + 1, q + 1, dtype=torch.float64)
-        s[0, 1:], s[1:, 0], s[1:, 1:] = 1, 1, _jacobsthal(q)
+        s[0, 1:], s[1:, 0], s[1:, 1:] = 1, 1, _jacobsthal(q)  # symmetric conference matrix
         zero = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
         one = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
-        h = torch.kron(s, one) + torch.kron((s == 0).to(torch.float64), zero)
+        h = torch.kron(s, one) + torch.kron((s == 0).to(torch.float64), zero)  # [m, m]
     else:
         return None
     assert torch.equal(h @ h.T, m * torch.eye(m, dtype=torch.float64)), f"Paley construction failed for {m}"
@@ -59,7 +74,7 @@ def _paley(m: int) -> torch.Tensor | None:
 
 
 def hadamard_factors(n: int) -> tuple[int, int]:
-    """``(p, m)`` with ``p · m = n``, ``p`` a power of two and ``m`` the block order (see the module rule)."""
+    """``(p, m)`` with ``p · m = n``, ``p`` a power of two and ``m`` the block order (module rule)."""
     if n < 1:
         raise ValueError(f"transform size must be positive, got {n}")
     odd = n
@@ -75,9 +90,16 @@ def hadamard_factors(n: int) -> tuple[int, int]:
     return n // odd, odd
 
 
-@functools.lru_cache(maxsize=64)
+def _sylvester(p: int) -> torch.Tensor:
+    """Orthonormal Sylvester–Hadamard matrix ``[p, p]`` (``p`` a power of two), float64."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < p:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(p)
+
+
 def _block(m: int) -> torch.Tensor:
-    """The orthonormal ``m × m`` block ``B_m`` (float64). Cached: a pure function of ``m``."""
+    """The orthonormal block ``B_m [m, m]`` (float64): scaled Paley matrix or seeded random orthogonal."""
     h = _paley(m)
     if h is not None:
         return h / math.sqrt(m)
@@ -85,57 +107,46 @@ def _block(m: int) -> torch.Tensor:
         return torch.ones(1, 1, dtype=torch.float64)
     g = torch.Generator().manual_seed(m)
     q, r = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r))[None, :]
+    return (q * torch.sign(torch.diagonal(r))[None, :]).contiguous()  # unique Q: positive diagonal of R
 
 
-# The power-of-two transform is applied as a Kronecker product of dense Sylvester blocks of at most
-# 2^_FACTOR_BITS: H_{2^k} = H_{2^a} ⊗ H_{2^b} ⊗ ..., one small matmul per factor along its own axis
-# (cost n·Σ 2^a_i per vector instead of n², and BLAS-fast unlike butterfly passes in torch).
-_FACTOR_BITS = 6
-
-
-@functools.lru_cache(maxsize=32)
-def _sylvester(p: int) -> torch.Tensor:
-    """Orthonormal Sylvester–Hadamard matrix of order ``p`` (a power of two), float64. Cached."""
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < p:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / math.sqrt(p)
-
-
-def _fwht(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Orthonormal Sylvester–Walsh–Hadamard transform along ``dim`` (a power-of-two length)."""
-    x = x.movedim(dim, -1)
-    p = x.shape[-1]
-    lead = x.shape[:-1]
+def _factor_sizes(n: int) -> list[int]:
+    """Orders ``[f_1, …, f_r, (m)]`` with ``H_n = H_{f_1} ⊗ … ⊗ H_{f_r} ⊗ B_m``, outermost first."""
+    p, m = hadamard_factors(n)
     k = p.bit_length() - 1
-    sizes = [1 << min(_FACTOR_BITS, k - i) for i in range(0, k, _FACTOR_BITS)]  # high bits first
-    y = x.reshape(*lead, *sizes)
-    nf = len(sizes)
-    for i, f in enumerate(sizes):
-        h = _sylvester(f).to(dtype=x.dtype, device=x.device)  # symmetric
-        axis = len(lead) + i
-        y = (y.movedim(axis, -1) @ h).movedim(-1, axis) if i < nf - 1 else y @ h
-    return y.reshape(*lead, p).movedim(-1, dim)
+    sizes = [1 << min(_FACTOR_BITS, k - i) for i in range(0, k, _FACTOR_BITS)]
+    return sizes + ([m] if m > 1 else [])
+
+
+@functools.lru_cache(maxsize=64)
+def _factor(f: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The ``[f, f]`` Kronecker factor of order ``f`` in ``dtype`` on ``device`` (cached: pure in its args)."""
+    mat = _sylvester(f) if f & (f - 1) == 0 else _block(f)
+    return mat.to(dtype=dtype, device=device)
 
 
 def hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """``x @ H_nᵀ`` (every vector along the last dim mapped to ``H_n v``), or ``x @ H_n`` with
-    ``transpose`` (``v ↦ H_nᵀ v``). ``n = x.shape[-1]``; any leading dims; float32 or float64."""
+    """``x @ H_nᵀ`` (each vector ``v`` along the last dim mapped to ``H_n v``), or ``x @ H_n`` with
+    ``transpose`` (``v ↦ H_nᵀ v``); ``n = x.shape[-1]``, any leading dims, any float dtype."""
     n = x.shape[-1]
-    p, m = hadamard_factors(n)
-    y = x.reshape(*x.shape[:-1], p, m)  # v as a [p, m] matrix X: H_n v = H_p X B_mᵀ
-    if m > 1:
-        b = _block(m).to(x.dtype).to(x.device)
-        y = y @ (b if transpose else b.T)
-    if p > 1:
-        y = _fwht(y, dim=-2)
+    sizes = _factor_sizes(n)
+    if not sizes:
+        return x.clone()
+    y = x.reshape(-1, n)  # [R, n]
+    rows, inner = y.shape[0], n  # y is viewed as [rows, f, inner] for the current factor
+    for f in sizes:
+        mat = _factor(f, x.dtype, x.device)  # [f, f]
+        mat = mat.T if transpose else mat
+        inner //= f
+        y = y.reshape(rows, f) @ mat.T if inner == 1 else torch.matmul(mat, y.reshape(rows, f, inner))
+        rows *= f
     return y.reshape(x.shape)
 
 
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The dense ``H_n`` that ``hadamard_transform`` applies (for tests and small ``n``)."""
-    return hadamard_transform(torch.eye(n, dtype=torch.float64)).T.contiguous().to(dtype)
+    """The dense ``H_n = H_p ⊗ B_m [n, n]`` that ``hadamard_transform`` applies (tests, small ``n``)."""
+    p, m = hadamard_factors(n)
+    return torch.kron(_sylvester(p), _block(m)).to(dtype)
 
 
 def random_signs(n: int, seed: int, dtype: torch.dtype = torch.float32, count: int | None = None) -> torch.Tensor:
@@ -145,55 +156,119 @@ def random_signs(n: int, seed: int, dtype: torch.dtype = torch.float32, count: i
     return (torch.randint(0, 2, shape, generator=g) * 2 - 1).to(dtype)
 
 
+def _times_signs(t: torch.Tensor, s: torch.Tensor, dim: int, what: str) -> torch.Tensor:
+    """``t`` scaled by the signs ``s [n]`` (or per expert ``[E, n]``, aligned with ``t``'s leading dim)
+    along ``dim`` (-1 or -2)."""
+    per_expert = s.dim() == 2
+    bad_lead = per_expert and (t.dim() < 1 - dim or t.shape[0] != s.shape[0])
+    if bad_lead or t.dim() < -dim or t.shape[dim] != s.shape[-1]:
+        lead = " (per-expert signs need a leading expert dim, or pass expert=)" if per_expert else ""
+        raise ValueError(f"{what} of shape {tuple(t.shape)} does not match signs {tuple(s.shape)} on dim {dim}{lead}")
+    tail = [1] * (-dim - 1)
+    if per_expert:
+        s = s.reshape(s.shape[0], *[1] * (t.dim() - 1 + dim), s.shape[1], *tail)  # [E, 1.., n, (1)]
+    else:
+        s = s.reshape(s.shape[0], *tail)  # [n, (1)]
+    return t * s.to(dtype=t.dtype, device=t.device)
+
+
 def _left(a: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """``H_N A`` (or ``H_Nᵀ A``) for ``a [..., N, K]``: transform the columns."""
+    """``H_N A`` (or ``H_Nᵀ A``) for ``a [..., N, K]``: the transform applied to the columns."""
     return hadamard_transform(a.transpose(-1, -2), transpose).transpose(-1, -2)
 
 
-@dataclass
+@dataclass(eq=False)
 class Incoherence:
-    """Sign vectors of one tensor: ``sign_in`` ``[K]`` or ``[E, K]`` (``S_U``), ``sign_out`` ``[N]`` or
-    ``[E, N]`` (``S_V``), float ±1. The Hadamard parts are fixed by the sizes."""
+    """The random signs of one tensor; the Hadamard parts are fixed by the sizes.
+
+    ``sign_in``: ``S_U``, ±1 ``[K]`` (shared) or ``[E, K]`` (per expert). ``sign_out``: ``S_V``, ±1
+    ``[N]`` or ``[E, N]``. Per-expert signs act on tensors whose leading dim is the expert, or on one
+    expert's tensor when ``expert=`` names it; shared signs ignore ``expert``.
+    """
 
     sign_in: torch.Tensor
     sign_out: torch.Tensor
 
+    def __post_init__(self) -> None:
+        if self.sign_in.dim() not in (1, 2) or self.sign_out.dim() not in (1, 2):
+            raise ValueError(f"signs must be [n] or [E, n], got {tuple(self.sign_in.shape)} and "
+                             f"{tuple(self.sign_out.shape)}")
+        if self.sign_in.dim() == 2 == self.sign_out.dim() and self.sign_in.shape[0] != self.sign_out.shape[0]:
+            raise ValueError(f"per-expert signs disagree on E: {tuple(self.sign_in.shape)} vs "
+                             f"{tuple(self.sign_out.shape)}")
+
     @classmethod
-    def make(cls, shape: tuple[int, ...], seed: int) -> "Incoherence":
-        """Signs for a ``[N, K]`` or ``[E, N, K]`` weight; each expert gets its own, all from ``seed``."""
-        *lead, n, k = shape
-        count = lead[0] if lead else None
-        if len(lead) > 1:
+    def make(cls, shape: tuple[int, ...], seed: int, per_expert: bool = False) -> "Incoherence":
+        """Signs for a ``[N, K]`` or ``[E, N, K]`` weight from ``seed``: shared by the experts, or with
+        ``per_expert`` one pair per expert (``[E, K]``, ``[E, N]``)."""
+        if len(shape) not in (2, 3):
             raise ValueError(f"incoherence supports [N, K] or [E, N, K] weights, got {tuple(shape)}")
+        *lead, n, k = shape
+        count = lead[0] if lead and per_expert else None
         return cls(random_signs(k, seed, count=count), random_signs(n, seed + 1, count=count))
 
-    def _check(self, w: torch.Tensor) -> None:
-        if w.shape[-1] != self.sign_in.shape[-1] or w.shape[-2] != self.sign_out.shape[-1]:
-            raise ValueError(f"weight {tuple(w.shape)} does not match signs {tuple(self.sign_out.shape)} x "
-                             f"{tuple(self.sign_in.shape)}")
+    def select(self, e: int) -> "Incoherence":
+        """The transform of expert ``e`` (shared signs: the same transform)."""
+        return Incoherence(_pick(self.sign_in, e), _pick(self.sign_out, e))
 
-    def weight(self, w: torch.Tensor) -> torch.Tensor:
+    def _at(self, expert: int | None) -> "Incoherence":
+        return self if expert is None else self.select(expert)
+
+    def weight(self, w: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         """``W̃ = H_N S_V W S_U H_Kᵀ`` for ``w [..., N, K]``."""
-        self._check(w)
-        a = hadamard_transform(w * self.sign_in.to(w.dtype).unsqueeze(-2))  # W S_U H_Kᵀ
-        return _left(a * self.sign_out.to(w.dtype).unsqueeze(-1))  # H_N S_V (...)
+        inc = self._at(expert)
+        a = _times_signs(_times_signs(w, inc.sign_in, -1, "weight"), inc.sign_out, -2, "weight")  # S_V W S_U
+        return _left(hadamard_transform(a))  # H_N (...) H_Kᵀ
 
-    def weight_inverse(self, w_rot: torch.Tensor) -> torch.Tensor:
-        """``W = S_V H_Nᵀ W̃ H_K S_U``."""
-        self._check(w_rot)
-        a = _left(w_rot, transpose=True) * self.sign_out.to(w_rot.dtype).unsqueeze(-1)  # S_V H_Nᵀ W̃
-        return hadamard_transform(a, transpose=True) * self.sign_in.to(w_rot.dtype).unsqueeze(-2)  # (...) H_K S_U
+    def weight_inverse(self, w_rot: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        """``W = S_V H_Nᵀ W̃ H_K S_U`` for ``w_rot [..., N, K]``."""
+        inc = self._at(expert)
+        a = hadamard_transform(_left(w_rot, transpose=True), transpose=True)  # H_Nᵀ W̃ H_K
+        return _times_signs(_times_signs(a, inc.sign_in, -1, "rotated weight"), inc.sign_out, -2, "rotated weight")
 
-    def hessian(self, h: torch.Tensor) -> torch.Tensor:
-        """``H̃ = H_K S_U H S_U H_Kᵀ`` for ``h [K, K]`` or ``[E, K, K]`` (float64 stays float64)."""
-        s = self.sign_in.to(h.dtype)
-        a = h * s.unsqueeze(-1) * s.unsqueeze(-2)  # S_U H S_U
+    def hessian(self, h: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        """``H̃ = H_K S_U H S_U H_Kᵀ`` for ``h [K, K]`` or ``[E, K, K]``, in ``h``'s dtype; a shared
+        ``[K, K]`` under per-expert signs gives ``[E, K, K]``."""
+        inc = self._at(expert)
+        s = inc.sign_in
+        if h.dim() not in (2, 3) or h.shape[-1] != h.shape[-2]:
+            raise ValueError(f"hessian must be [K, K] or [E, K, K], got {tuple(h.shape)}")
+        if s.dim() == 2 and h.dim() == 2:
+            h = h.expand(s.shape[0], *h.shape)  # [E, K, K]
+        a = _times_signs(_times_signs(h, s, -1, "hessian"), s, -2, "hessian")  # S_U H S_U
         return _left(hadamard_transform(a))  # H_K (...) H_Kᵀ
 
-    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
-        """``H_K S_U x`` along the last dim of ``x [..., K]`` (2-D tensors' signs)."""
-        return hadamard_transform(x * self.sign_in.to(x.dtype))
+    def transform_input(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        """``H_K S_U x`` for every ``x`` along the last dim of ``x [..., K]``."""
+        return hadamard_transform(_times_signs(x, self._at(expert).sign_in, -1, "input"))
 
-    def restore_output(self, y: torch.Tensor) -> torch.Tensor:
-        """``S_V H_Nᵀ y`` along the last dim of ``y [..., N]``."""
-        return hadamard_transform(y, transpose=True) * self.sign_out.to(y.dtype)
+    def restore_output(self, y: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        """``S_V H_Nᵀ y`` for every ``y`` along the last dim of ``y [..., N]``."""
+        return _times_signs(hadamard_transform(y, transpose=True), self._at(expert).sign_out, -1, "output")
+
+    def to_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """``{prefix}sign_in`` / ``{prefix}sign_out`` as int8 ±1 tensors of the signs' shapes."""
+        out = {}
+        for name, s in (("sign_in", self.sign_in), ("sign_out", self.sign_out)):
+            if not bool((s.abs() == 1).all()):
+                raise ValueError(f"{name} {tuple(s.shape)} holds values other than ±1")
+            out[prefix + name] = s.to(torch.int8)
+        return out
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str = "",
+                        dtype: torch.dtype = torch.float32) -> "Incoherence":
+        return cls(sd[prefix + "sign_in"].to(dtype), sd[prefix + "sign_out"].to(dtype))
+
+    def nbytes(self) -> int:
+        """Bytes of ``to_state_dict`` (one int8 per sign)."""
+        return self.sign_in.numel() + self.sign_out.numel()
+
+
+def _pick(s: torch.Tensor, e: int) -> torch.Tensor:
+    """Expert ``e``'s signs from ``[E, n]``; shared ``[n]`` signs as they are."""
+    if s.dim() == 1:
+        return s
+    if not 0 <= e < s.shape[0]:
+        raise ValueError(f"expert {e} out of range for per-expert signs {tuple(s.shape)}")
+    return s[e]

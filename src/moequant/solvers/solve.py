@@ -58,7 +58,7 @@ def solve_tensor(w: torch.Tensor, config: MethodConfig, solver: SolverConfig, he
     if solver.incoherence == "rht":
         from moequant.solvers.incoherence import Incoherence
 
-        inc = Incoherence.make(tuple(w.shape), seed=tensor_seed(solver.seed, where))
+        inc = Incoherence.make(tuple(w.shape), seed=tensor_seed(solver.seed, where), per_expert=True)
         w = inc.weight(w)
         h = None if h is None else inc.hessian(h)
         h_ev = h if h_eval is None else inc.hessian(h_ev)
