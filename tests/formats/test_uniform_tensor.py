@@ -127,5 +127,6 @@ def test_errors() -> None:
 
 
 def test_registry() -> None:
-    assert FORMATS.names() == ["lut4-dq-packed", "lut4-packed", "rht", "uniform-asym-packed", "uniform-packed"]
+    assert FORMATS.names() == ["lut4-dq-packed", "lut4-packed", "rht", "trellis-packed", "uniform-asym-packed",
+                              "uniform-packed"]
     assert FORMATS.get("uniform-packed") is UniformTensor

@@ -6,10 +6,11 @@ from typing import Any, Iterable
 
 import torch
 
-from moequant.codecs.config import LutConfig, MethodConfig, UniformConfig
+from moequant.codecs.config import LutConfig, MethodConfig, TrellisConfig, UniformConfig
 from moequant.formats.base import QuantizedTensor
 from moequant.formats.lut import LutDqTensor, LutTensor
 from moequant.formats.rotated import RotatedTensor
+from moequant.formats.trellis import TrellisTensor
 from moequant.formats.uniform import UniformAsymTensor, UniformTensor
 from moequant.registry import Registry
 
@@ -23,7 +24,7 @@ def make_format_registry(classes: Iterable[type[QuantizedTensor]]) -> Registry[t
 
 
 FORMATS: Registry[type[QuantizedTensor]] = make_format_registry(
-    (UniformTensor, UniformAsymTensor, LutTensor, LutDqTensor, RotatedTensor))
+    (UniformTensor, UniformAsymTensor, LutTensor, LutDqTensor, RotatedTensor, TrellisTensor))
 
 
 def tensor_class_for(config: MethodConfig) -> type[QuantizedTensor]:
@@ -32,6 +33,8 @@ def tensor_class_for(config: MethodConfig) -> type[QuantizedTensor]:
         return UniformTensor if config.symmetric else UniformAsymTensor
     if isinstance(config, LutConfig):
         return LutDqTensor if config.double_quant else LutTensor
+    if isinstance(config, TrellisConfig):
+        return TrellisTensor
     raise ValueError(f"no packed format for {type(config).__name__}")
 
 

@@ -1,0 +1,133 @@
+"""QTIP bitshift-trellis tensors: ``TrellisTensor`` (format ``trellis-packed`` v1).
+
+Layout, for a logical weight ``[..., N, K]`` (leading dims are experts; ``N`` and ``K`` multiples of
+``tile``; ``S = tile² / V`` steps per tile; the math and bit layout are in ``codecs.trellis``):
+
+- ``words``: uint16 ``[..., N/tile, K/tile, W]``: tile ``(i, j)`` covers rows ``[i·tile, (i+1)·tile)``
+  and columns ``[j·tile, (j+1)·tile)``, its weights read row-major; its ``W = ceil(bits_per_tile / 16)``
+  words hold the tile's bitstream MSB first (``K·T`` bits with tail-biting, ``K·T + L − K·V`` without);
+- ``scale``: float16 ``[..., N]``, one per row;
+- ``lut`` (``hyb`` only): float16 ``[..., 2^Q, 2]``, the HYB lookup table, one per matrix (the
+  encoder starts every matrix from ``hyb_lut_init(Q, seed=0)``; fine-tuning may change it).
+
+Decoding: ``w[r, c] = code(s)[v] · scale[r]`` where ``s`` is the state of the step covering ``(r, c)``
+(``codecs.trellis.reconstruct``), computed in float32 from the fp16 LUT and scale, so it equals the
+encoder's reconstruction bit for bit. Attributes: ``bits``, ``L``, ``V``, ``tile``, ``code``, ``Q``,
+``tail_biting`` (the fields of ``TrellisConfig``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+
+from moequant.codecs.config import MethodConfig, TrellisConfig
+from moequant.codecs.trellis import (code_values, hyb_lut_init, pack_tile_bits, quantize_matrix, reconstruct,
+                                     unpack_tile_states, words_per_tile)
+from moequant.formats.base import QuantizedTensor
+from moequant.formats.uniform import hessian_diag
+
+_ATTRS = ("bits", "L", "V", "tile", "code", "Q", "tail_biting")
+
+
+def _check_config(config: MethodConfig) -> TrellisConfig:
+    if not isinstance(config, TrellisConfig):
+        raise TypeError(f"TrellisTensor needs a TrellisConfig, got {type(config).__name__}")
+    return config
+
+
+def initial_lut(config: TrellisConfig) -> torch.Tensor | None:
+    """The HYB LUT the encoder starts from, rounded to its stored fp16 values (float32 ``[2^Q, 2]``),
+    or None for computed codes."""
+    if config.code != "hyb":
+        return None
+    return hyb_lut_init(config.Q).to(torch.float16).to(torch.float32)
+
+
+class TrellisTensor(QuantizedTensor):
+    """Packed trellis ``words`` + per-row fp16 ``scale`` (+ fp16 ``lut`` for hyb); see the module docstring."""
+
+    format_id: ClassVar[str] = "trellis-packed"
+    format_version: ClassVar[int] = 1
+    config_type: ClassVar[type[MethodConfig]] = TrellisConfig
+    data_names: ClassVar[tuple[str, ...]] = ("words", "scale", "lut")
+    attr_names: ClassVar[tuple[str, ...]] = _ATTRS
+
+    @classmethod
+    def names_for(cls, attrs: dict[str, Any]) -> tuple[str, ...]:
+        return cls.data_names if attrs["code"] == "hyb" else ("words", "scale")
+
+    @property
+    def config(self) -> TrellisConfig:
+        return TrellisConfig(**self.attrs)
+
+    @classmethod
+    def encode(cls, w: torch.Tensor, config: MethodConfig, hessian: torch.Tensor | None = None) -> "QuantizedTensor":
+        """RTN-style: per-row scale to the code's RMS, then Viterbi per tile; a Hessian (``[..., K, K]`` or
+        its diagonal ``[..., K]``) weights each column's squared error by its diagonal."""
+        cfg = _check_config(config)
+        lut = initial_lut(cfg)
+        states, scale, _ = quantize_matrix(w, cfg, lut, hessian_diag(hessian, w))
+        parts = {"states": states, "scale": scale}
+        if lut is not None:
+            parts["lut"] = lut
+        return cls.from_parts(tuple(w.shape), parts, cfg)
+
+    @classmethod
+    def from_parts(cls, shape: tuple[int, ...], parts: dict[str, torch.Tensor], config: MethodConfig
+                   ) -> "QuantizedTensor":
+        """Pack the parts a trellis encoder produces:
+
+        - ``states``: integer ``[..., N/tile, K/tile, S]`` (each tile's walk; a solver fills it tile column
+          by tile column), or already packed ``words`` uint16 ``[..., N/tile, K/tile, W]``;
+        - ``scale``: ``[..., N]``, fp16-exact;
+        - ``lut`` (hyb): ``[2^Q, 2]`` shared by every matrix, or ``[..., 2^Q, 2]``; fp16-exact.
+        """
+        cfg = _check_config(config)
+        *lead, n, k = shape
+        tiles = (*lead, n // cfg.tile, k // cfg.tile)
+        if n % cfg.tile or k % cfg.tile:
+            raise ValueError(f"trellis tiles of {cfg.tile}x{cfg.tile} need N and K multiples of {cfg.tile}, "
+                             f"got {n}x{k}")
+        if "words" in parts:
+            words = parts["words"].to(torch.uint16)
+        else:
+            states = parts["states"]
+            words = pack_tile_bits(states.reshape(-1, states.shape[-1]), cfg)
+        data = {"words": words.reshape(*tiles, words_per_tile(cfg)),  # [..., N/t, K/t, W]
+                "scale": parts["scale"].to(torch.float16).reshape(*lead, n)}  # [..., N]
+        if cfg.code == "hyb":
+            lut = parts["lut"].to(torch.float16)
+            data["lut"] = lut.expand(*lead, *lut.shape[-2:]).clone()  # [..., 2^Q, 2]
+        attrs = {name: getattr(cfg, name) for name in _ATTRS}
+        return cls(tuple(shape), data, attrs)
+
+    def states(self) -> torch.Tensor:
+        """Every tile's walk, int64 ``[..., N/tile, K/tile, S]``."""
+        words = self.data["words"]
+        flat = unpack_tile_states(words.reshape(-1, words.shape[-1]), self.config)  # [B, S]
+        return flat.reshape(*words.shape[:-1], flat.shape[-1])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        cfg = self.config
+        states, scale = self.states(), self.data["scale"]
+        if cfg.code != "hyb":
+            return reconstruct(states, code_values(cfg), scale, cfg.tile).to(dtype)
+        lead = self.shape[:-2]
+        luts = self.data["lut"].reshape(-1, *self.data["lut"].shape[-2:])  # [E, 2^Q, 2]
+        states = states.reshape(-1, *states.shape[len(lead):])  # [E, N/t, K/t, S]
+        scale = scale.reshape(-1, scale.shape[-1])  # [E, N]
+        out = [reconstruct(states[e], code_values(cfg, luts[e].to(torch.float32)), scale[e], cfg.tile)
+               for e in range(luts.shape[0])]
+        return torch.stack(out).reshape(self.shape).to(dtype)
+
+    @classmethod
+    def expected_bits_per_weight(cls, shape: tuple[int, ...], config: MethodConfig) -> float:
+        cfg = _check_config(config)
+        *lead, n, k = shape
+        matrix_bits = (n // cfg.tile) * (k // cfg.tile) * words_per_tile(cfg) * 16 + n * 16
+        if cfg.code == "hyb":
+            matrix_bits += (1 << cfg.Q) * 2 * 16
+        return math.prod(lead) * matrix_bits / math.prod(shape)
