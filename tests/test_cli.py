@@ -9,6 +9,8 @@ import torch
 from conftest import tiny_model
 from moequant.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _run(capsys, *argv):
     rc = main(list(argv))
@@ -128,3 +130,17 @@ def test_solver_option_errors(capsys, tmp_path, tiny_dir):
     rc, _, err = _run(capsys, "-q", "quantize", str(tiny_dir), "--act-order", "--out", str(tmp_path / "o"))
     assert rc == 2 and "--act-order needs --solver ldlq" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_trellis_ldlq_rht_end_to_end(capsys, tmp_path, tok_model_dir):
+    d, text = tok_model_dir
+    rc, _, err = _run(capsys, "-q", "quantize", str(d), "--method", "trellis", "--bits", "2", "--trellis-l", "8",
+                      "--trellis-tile", "4", "--solver", "ldlq", "--incoherence", "rht", "--calib", str(text), "--calib-samples", "4",
+                      "--calib-seqlen", "32", "--out", str(tmp_path / "t"))
+    assert rc == 0, err
+    q = json.loads((tmp_path / "t" / "config.json").read_text())["quantization_config"]["tensors"]
+    assert {m["format"] for m in q.values()} == {"rht"} and {m["inner"]["format"] for m in q.values()} == {"trellis-packed"}
+    rep = json.loads((tmp_path / "t" / "report.json").read_text())
+    assert all(0 < t["proxy"] < 1 for t in rep["quantized_tensors"])
+    rc, _, err = _run(capsys, "-q", "quantize", str(d), "--method", "trellis", "--bits", "5", "--out", str(tmp_path / "x"))
+    assert rc == 2 and "--bits 5" in err

@@ -20,6 +20,11 @@ def _method_config(args: argparse.Namespace):
                              clip_search=not args.no_clip_search, clip_steps=args.clip_steps, clip_min=args.clip_min)
     if args.method in ("nf4", "fp4"):
         return LutConfig(lut=args.method, block_size=args.block_size, double_quant=args.double_quant)
+    if args.method == "trellis":
+        from moequant.codecs.config import TrellisConfig
+
+        return TrellisConfig(bits=args.bits, L=args.trellis_l, V=args.trellis_v, code=args.trellis_code,
+                             tile=args.trellis_tile, tail_biting=not args.no_tail_biting)
     raise MoequantError(f"unknown --method {args.method!r}")
 
 
@@ -40,8 +45,9 @@ def _recipe(args: argparse.Namespace):
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("method")
-    g.add_argument("--method", default="int", choices=["int", "nf4", "fp4"], help="codec (default int)")
-    g.add_argument("--bits", type=int, default=4, help="bits per code for --method int (2, 3, 4, 5, 6, 8)")
+    g.add_argument("--method", default="int", choices=["int", "nf4", "fp4", "trellis"], help="codec (default int)")
+    g.add_argument("--bits", type=int, default=4,
+                   help="bits per weight code: --method int 2, 3, 4, 5, 6, 8; --method trellis 1-4")
     g.add_argument("--group-size", type=int, default=128, help="input columns per scale (-1 = whole row)")
     g.add_argument("--asym", action="store_true", help="asymmetric grid with an integer zero point")
     g.add_argument("--no-clip-search", action="store_true", help="plain absmax/minmax scales (no MSE clip search)")
@@ -49,6 +55,12 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-min", type=float, default=0.65, help="smallest shrink factor (default 0.65)")
     g.add_argument("--block-size", type=int, default=64, help="absmax block for nf4/fp4 (default 64)")
     g.add_argument("--double-quant", action="store_true", help="quantize nf4/fp4 block scales to 8 bits")
+    g.add_argument("--trellis-l", type=int, default=16, help="trellis state bits L (default 16)")
+    g.add_argument("--trellis-v", type=int, default=2, help="weights per trellis step V (default 2)")
+    g.add_argument("--trellis-code", default="hyb", choices=["hyb", "1mad", "3inst"],
+                   help="state -> value code (default hyb; 1mad/3inst need --trellis-v 1)")
+    g.add_argument("--trellis-tile", type=int, default=16, help="tile side: tile x tile weights per walk (default 16)")
+    g.add_argument("--no-tail-biting", action="store_true", help="store each tile's start state in full")
     g.add_argument("--recipe", help="JSON recipe file (overrides the method flags)")
     g.add_argument("--keep", action="append", help="extra parameter pattern to keep in full precision "
                    "(exact name or re:REGEX), repeatable")

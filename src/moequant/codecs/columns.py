@@ -21,7 +21,9 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from moequant.codecs.config import LutConfig, MethodConfig, UniformConfig
+from moequant.codecs.config import LutConfig, MethodConfig, TrellisConfig, UniformConfig
+from moequant.codecs.trellis import (check_geometry, code_rms, code_values, fp16_row_scale, initial_lut,
+                                     quantize_matrix, steps_per_tile)
 from moequant.codecs.lut import block_absmax, dq_dequantize, dq_quantize, lut_assign, lut_dequantize, lut_values
 from moequant.codecs.uniform import (SCALE_DTYPES, decode_grid, fit_groups, resolve_group_size, round_to_grid,
                                      shrink_factors)
@@ -128,6 +130,44 @@ class LutColumns(ColumnQuantizer):
         return {"codes": self.codes, "absmax": self.absmax}
 
 
+class TrellisColumns(ColumnQuantizer):
+    """QTIP trellis tiles, ``tile`` columns at a time (BlockLDLQ): each call encodes the ``N/tile`` tiles
+    of one tile column jointly (Viterbi per tile, error weighted by the Hessian diagonal); the error of
+    the whole block is fed forward by the solver. Row scales (and the HYB LUT) are fixed up front from
+    the weight the quantizer is built with, so ``fit`` is a no-op."""
+
+    def __init__(self, rows: int, cols: int, config: TrellisConfig, w0: torch.Tensor,
+                 hdiag: torch.Tensor | None = None) -> None:
+        super().__init__(rows, cols)
+        check_geometry(config)
+        if rows % config.tile or cols % config.tile:
+            raise ValueError(f"trellis tiles of {config.tile}x{config.tile} need both dims divisible by "
+                             f"{config.tile}, got [{rows}, {cols}]")
+        self.cfg = config
+        self.block = self.group = config.tile
+        self.lut = initial_lut(config)  # [2^Q, 2] fp16-exact, or None
+        self.scale = fp16_row_scale(w0.to(torch.float32), code_rms(code_values(config, self.lut)))  # [R]
+        self.hdiag = None if hdiag is None else hdiag.detach().to(torch.float32)  # [K]
+        self.states = torch.zeros(rows // config.tile, cols // config.tile, steps_per_tile(config),
+                                  dtype=torch.int64)  # [R/t, K/t, S]
+
+    def fit(self, c0: int, w: torch.Tensor) -> None:
+        pass
+
+    def round(self, c0: int, w: torch.Tensor) -> torch.Tensor:
+        t = self.cfg.tile
+        hd = None if self.hdiag is None else self.hdiag[c0:c0 + t]
+        states, _, w_hat = quantize_matrix(w, self.cfg, self.lut, hdiag=hd, scale=self.scale)  # [R/t, 1, S]
+        self.states[:, c0 // t] = states[:, 0]
+        return w_hat
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        out = {"states": self.states, "scale": self.scale}
+        if self.lut is not None:
+            out["lut"] = self.lut
+        return out
+
+
 def column_quantizer(config: MethodConfig, w: torch.Tensor, hdiag: torch.Tensor | None = None) -> ColumnQuantizer:
     """The column quantizer of ``config`` for one matrix ``w [R, K]``."""
     rows, cols = w.shape
@@ -137,4 +177,6 @@ def column_quantizer(config: MethodConfig, w: torch.Tensor, hdiag: torch.Tensor 
         if cols % config.block_size:
             raise ValueError(f"block size {config.block_size} does not divide the input dim K={cols}")
         return LutColumns(rows, cols, config, w)
+    if isinstance(config, TrellisConfig):
+        return TrellisColumns(rows, cols, config, w, hdiag)
     raise ValueError(f"{type(config).__name__} has no column quantizer (it cannot be driven by LDLQ)")

@@ -54,6 +54,8 @@ and ``16 | K·T`` (every tile of 16x16 or 4x4).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from moequant.codecs.config import TrellisConfig
@@ -167,6 +169,20 @@ def hyb_lut_init(q: int, seed: int = 0, iters: int = 8, per_centroid: int = 32) 
         cent = torch.where(counts > 0, sums / counts.clamp_min(1), cent)
     cent = cent[cent[:, 1].argsort(stable=True)]
     return cent[cent[:, 0].argsort(stable=True)].to(torch.float32)
+
+
+def initial_lut(config: TrellisConfig) -> torch.Tensor | None:
+    """The HYB LUT the encoder starts from, rounded to its stored fp16 values (float32 ``[2^Q, 2]``),
+    or None for computed codes."""
+    if config.code != "hyb":
+        return None
+    return _initial_lut(config.Q).clone()
+
+
+@functools.lru_cache(maxsize=8)
+def _initial_lut(q: int) -> torch.Tensor:
+    """Cached: a pure function of ``Q`` (k-means from a fixed seed), needed once per encoded matrix."""
+    return hyb_lut_init(q).to(torch.float16).to(torch.float32)
 
 
 def code_rms(values: torch.Tensor) -> float:

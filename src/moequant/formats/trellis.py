@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from moequant.codecs.config import MethodConfig, TrellisConfig
-from moequant.codecs.trellis import (code_values, hyb_lut_init, pack_tile_bits, quantize_matrix, reconstruct,
+from moequant.codecs.trellis import (code_values, initial_lut, pack_tile_bits, quantize_matrix, reconstruct,
                                      unpack_tile_states, words_per_tile)
 from moequant.formats.base import QuantizedTensor
 from moequant.formats.uniform import hessian_diag
@@ -36,14 +36,6 @@ def _check_config(config: MethodConfig) -> TrellisConfig:
     if not isinstance(config, TrellisConfig):
         raise TypeError(f"TrellisTensor needs a TrellisConfig, got {type(config).__name__}")
     return config
-
-
-def initial_lut(config: TrellisConfig) -> torch.Tensor | None:
-    """The HYB LUT the encoder starts from, rounded to its stored fp16 values (float32 ``[2^Q, 2]``),
-    or None for computed codes."""
-    if config.code != "hyb":
-        return None
-    return hyb_lut_init(config.Q).to(torch.float16).to(torch.float32)
 
 
 class TrellisTensor(QuantizedTensor):
