@@ -69,6 +69,7 @@ def run_quantize(job: QuantizeJob, argv: list[str] | None = None) -> dict[str, A
             raise MoequantError(f"{job.model}: no tokenizer, cannot tokenize the calibration text")
         calib = Calibration(calibration_tokens(tok, job.calib), batch_size=job.calib_batch_size, hessian=job.hessian,
                             source=job.calib.to_dict())
+    peak_before = peak_rss_bytes()  # loading, tokenizing the calibration text
     t0 = time.time()
     if job.offload:
         from moequant.offload import quantize_offloaded
@@ -93,7 +94,7 @@ def run_quantize(job: QuantizeJob, argv: list[str] | None = None) -> dict[str, A
         **sizes,
         **{k: v for k, v in report.to_dict().items() if k not in ("recipe", "bits_per_weight")},
         "table": report.table(),
-        "peak_rss_bytes": peak, "rss_before_load_bytes": rss0,
+        "peak_rss_bytes": peak, "rss_before_load_bytes": rss0, "peak_rss_before_quantize_bytes": peak_before,
         "seconds": {"load": round(t_load, 2), "quantize": round(t_quant, 2)},
         **run_info(argv),
     }
