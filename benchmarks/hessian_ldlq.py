@@ -1,7 +1,9 @@
 """Issue #3 tables: RTN vs LDLQ vs LDLQ+RHT, and the per-expert Hessian ablation.
 
     # dense: int3 and int2 (group 64), RTN (clip search) / LDLQ / LDLQ+RHT, PTB test
-    python benchmarks/hessian_ldlq.py solvers --model smollm2-135m --json benchmarks/results/ldlq_smollm2-135m.json
+    python benchmarks/hessian_ldlq.py solvers --model smollm2-135m --json benchmarks/results/solvers_smollm2-135m.json
+    # the same without the RTN rows (take those from foundation_rtn.py; pair them with paired.py)
+    python benchmarks/hessian_ldlq.py ldlq --model smollm2-135m --json benchmarks/results/ldlq_smollm2-135m.json
     # MoE: LDLQ+RHT at int3 / int2 with per-expert, layer-mean and layer-token-weighted expert Hessians
     python benchmarks/hessian_ldlq.py ablation --model tiny-olmoe --json benchmarks/results/ablation_tiny-olmoe.json
 
@@ -44,6 +46,18 @@ def solvers_plan(group: int, calib: CalibData) -> tuple[tuple[SweepEntry, ...], 
     return tuple(entries), tuple(pairs)
 
 
+def ldlq_plan(group: int, calib: CalibData) -> tuple[tuple[SweepEntry, ...], tuple[tuple[str, str], ...]]:
+    """LDLQ and LDLQ+RHT only (RTN rows come from foundation_rtn.py on the same windows; compare them
+    with benchmarks/paired.py)."""
+    entries = []
+    for solver, tag in ((LDLQ, "ldlq"), (LDLQ_RHT, "ldlq+rht")):
+        for bits in (3, 2):
+            cfg = _int(bits, group)
+            entries.append(SweepEntry(cfg, solver, calib, label=f"{cfg.short_name} {tag}"))
+    pairs = tuple((f"{_int(b, group).short_name} ldlq+rht", f"{_int(b, group).short_name} ldlq") for b in (3, 2))
+    return tuple(entries), pairs
+
+
 def ablation_plan(group: int, calib: CalibData) -> tuple[tuple[SweepEntry, ...], tuple[tuple[str, str], ...]]:
     entries, pairs = [], []
     for bits in (3, 2):
@@ -59,7 +73,7 @@ def ablation_plan(group: int, calib: CalibData) -> tuple[tuple[SweepEntry, ...],
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("plan", choices=["solvers", "ablation"])
+    p.add_argument("plan", choices=["solvers", "ldlq", "ablation"])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--calib-samples", type=int, default=128)
@@ -70,7 +84,7 @@ def main() -> int:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)
     calib = CalibData("ptb", "train", args.calib_samples, args.calib_seqlen, seed=0)
-    plan = solvers_plan if args.plan == "solvers" else ablation_plan
+    plan = {"solvers": solvers_plan, "ldlq": ldlq_plan, "ablation": ablation_plan}[args.plan]
     entries, pairs = plan(args.group_size, calib)
     job = SweepJob(model=args.model, entries=entries, out=Path(args.work) / f"{args.plan}-{args.model}",
                    max_tokens=args.max_tokens or None, overwrite=True, progress=False, pairs=pairs)
