@@ -156,13 +156,13 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
     experts: dict[str, dict[str, Any]] = {}
     for name, meta in qcfg["tensors"].items():
         cls = FORMATS.get(meta["format"])
-        keys = {f"{name}_{d}": reader.get(f"{name}_{d}").to(device) for d in cls.names_for(meta)}
+        keys = {f"{name}_{d}": reader.read(f"{name}_{d}").to(device) for d in cls.names_for(meta)}
         used.update(keys)
         qt = cls.from_state_dict(keys, name, meta)
         module_name, _, param = name.rpartition(".")
         module = model.get_submodule(module_name)
         if isinstance(module, nn.Linear):
-            bias = reader.get(f"{module_name}.bias").to(device) if module.bias is not None else None
+            bias = reader.read(f"{module_name}.bias").to(device) if module.bias is not None else None
             if bias is not None:
                 used.add(f"{module_name}.bias")
             set_module(model, module_name, QuantLinear(qt, bias))
@@ -172,10 +172,10 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
         old = model.get_submodule(mname)
         for p in ("gate_up_proj", "down_proj"):
             if p not in parts:
-                parts[p] = reader.get(f"{mname}.{p}").to(device)
+                parts[p] = reader.read(f"{mname}.{p}").to(device)
                 used.add(f"{mname}.{p}")
         set_module(model, mname, QuantExperts(parts["gate_up_proj"], parts["down_proj"], old.act_fn))
-    rest = {k: reader.get(k).to(device) for k in reader.keys() if k not in used}
+    rest = {k: reader.read(k).to(device) for k in reader.keys() if k not in used}
     for dropped, kept in qcfg.get("tied", {}).items():
         rest[dropped] = rest[kept]
     result = model.load_state_dict(rest, strict=False, assign=True)

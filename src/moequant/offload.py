@@ -28,7 +28,7 @@ from moequant.models.adapters import Target, adapter_for, decoder_layers, iter_t
 from moequant.models.streaming import StreamingWriter, _disk_names, embed_rows, materialize, release
 from moequant.nn.packed import packed_names, packed_tensor
 from moequant.report import QuantReport
-from moequant.runinfo import current_rss_bytes, peak_rss_bytes
+from moequant.runinfo import current_rss_bytes, peak_rss_bytes, return_free_memory
 from moequant.solvers.config import SolverConfig
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ def quantize_offloaded(path: Path, out: Path, recipe: Recipe, calib: Calibration
                 runner.run(i, keep_outputs=True)
             writer.add(_layer_state(layers[i], prefix, metas))
             release(layers[i])
+            return_free_memory()
             log.info("layer %d written: rss %.0f MiB, peak so far %.0f MiB", i, current_rss_bytes() / 2**20,
                      peak_rss_bytes() / 2**20)
         if runner is not None:

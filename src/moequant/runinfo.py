@@ -68,3 +68,19 @@ def current_rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def return_free_memory() -> None:
+    """Collect garbage and ask glibc to hand freed heap pages back to the OS (``malloc_trim``).
+
+    The streaming path frees one layer's tensors per step; without the trim, glibc keeps the freed
+    arenas and the process's RSS creeps up layer after layer (measured on SmolLM2: +170 MiB of anonymous
+    memory over 30 layers, flat with the trim). A no-op where glibc is not the allocator."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -29,6 +29,11 @@ from moequant.errors import MoequantError
 CHECKPOINT_FORMAT_VERSION = 1
 QUANT_METHOD = "moequant"
 INDEX_NAME = "model.safetensors.index.json"
+# torch dtype <-> safetensors dtype string
+ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+_TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
 
 
 def write_shards(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = 2 << 30) -> list[str]:
@@ -69,6 +74,7 @@ class ShardReader:
         else:
             raise MoequantError(f"{self.path}: no model.safetensors or {INDEX_NAME}")
         self._open: dict[str, Any] = {}
+        self._headers: dict[Path, tuple[dict[str, Any], int]] = {}
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
@@ -90,6 +96,23 @@ class ShardReader:
             self._open[fname] = safe_open(str(fpath), framework="pt")
         return self._open[fname]
 
+    def read(self, key: str) -> torch.Tensor:
+        """``key``'s tensor read with plain file reads into fresh memory, not through the mmap that
+        ``get`` uses: its pages leave the process when the tensor is freed (the streaming path reads
+        every layer once, and mmapped pages would stay counted in RSS until the kernel reclaims them)."""
+        path, info, start = self.raw_location(key)
+        dtype = _TORCH_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise MoequantError(f"{path}: tensor {key!r} has dtype {info['dtype']}, which moequant cannot read")
+        nbytes = info["data_offsets"][1] - info["data_offsets"][0]
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start)
+            got = f.readinto(memoryview(out.numpy()))
+        if got != nbytes:
+            raise MoequantError(f"{path}: truncated safetensors file (tensor {key!r})")
+        return out.view(dtype).reshape(info["shape"])
+
     def slice(self, key: str) -> Any:
         """A lazy slice object: ``reader.slice(k)[a:b]`` reads only those rows."""
         return self._handle(key).get_slice(key)
@@ -98,7 +121,9 @@ class ShardReader:
         """(file, its header entry for ``key``, absolute byte offset of the tensor's data)."""
         self._handle(key)
         path = self.path / self.weight_map[key]
-        header, data_start = safetensors_header(path)
+        if path not in self._headers:
+            self._headers[path] = safetensors_header(path)
+        header, data_start = self._headers[path]
         info = header[key]
         return path, info, data_start + info["data_offsets"][0]
 

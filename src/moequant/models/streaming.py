@@ -26,9 +26,6 @@ from moequant.formats.checkpoint import INDEX_NAME, QUANT_METHOD, ShardReader
 from moequant.models.adapters import ModelAdapter
 
 _COPY_CHUNK = 16 << 20  # bytes per read when copying a tensor between files
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
 
 
 def _disk_names(name: str, adapter: ModelAdapter) -> list[str]:
@@ -43,7 +40,7 @@ def read_param(reader: ShardReader, name: str, adapter: ModelAdapter, shape: tup
     """The tensor of parameter/buffer ``name`` (expected ``shape``) from the checkpoint."""
     for key in _disk_names(name, adapter):
         if key in reader:
-            return reader.get(key)
+            return reader.read(key)
     base, _, param = name.rpartition(".")
     if len(shape) == 3 and param in ("gate_up_proj", "down_proj"):
         g, u, d = adapter.disk_expert_names
@@ -51,9 +48,9 @@ def read_param(reader: ShardReader, name: str, adapter: ModelAdapter, shape: tup
             if f"{b}.0.{d}.weight" not in reader:
                 continue
             if param == "gate_up_proj":
-                return torch.stack([torch.cat([reader.get(f"{b}.{e}.{g}.weight"), reader.get(f"{b}.{e}.{u}.weight")])
+                return torch.stack([torch.cat([reader.read(f"{b}.{e}.{g}.weight"), reader.read(f"{b}.{e}.{u}.weight")])
                                     for e in range(shape[0])])  # [E, 2I, H]
-            return torch.stack([reader.get(f"{b}.{e}.{d}.weight") for e in range(shape[0])])  # [E, H, I]
+            return torch.stack([reader.read(f"{b}.{e}.{d}.weight") for e in range(shape[0])])  # [E, H, I]
     raise MoequantError(f"{reader.path}: checkpoint has no tensor for {name} {tuple(shape)}")
 
 
