@@ -288,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ldlq: calibrate on PTB train (128 x 512 tokens) and use GPTQ/LDLQ error feedback")
     d.add_argument("--incoherence", default="none", choices=["none", "rht"])
     d.set_defaults(func=cmd_demo)
+
+    from moequant.eval.compare_cli import add_compare_parser
+
+    add_compare_parser(sub)
     return p
 
 
