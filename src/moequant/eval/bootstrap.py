@@ -11,8 +11,14 @@ draws from its own ``numpy.random.Generator``; no global RNG state is read or ch
   indices and applies it to both runs, so the between-window variance cancels in the difference.
 - ``bootstrap_mean_ci`` / ``paired_mean_delta_ci``: the same for per-item scores such as 0/1 accuracy.
 
-Intervals are percentile intervals: the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the
-``n_boot`` replicate statistics.
+Intervals are *expanded* percentile intervals (Hesterberg 2015, "What teachers should know about the
+bootstrap", sec. 6.2): the ``a`` and ``1 - a`` quantiles of the ``n_boot`` replicate statistics with
+``a = Phi(-sqrt(n / (n - 1)) * t_{n-1, (1 + level) / 2})`` for ``n`` resampled units, instead of the
+plain ``(1 - level) / 2``. The plain percentile interval is too narrow for few units: the bootstrap
+spreads like the plug-in standard deviation (divisor ``n``) times a normal quantile, where
+``s / sqrt(n)`` (divisor ``n - 1``) times a Student-t quantile is right. At 32 windows it covered the
+truth 93.2% of the time instead of 95% (4,000 simulated data sets, see
+``tests/eval/test_bootstrap_coverage.py``); expanded, 95.1%. For large ``n`` both coincide.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+import math
+from statistics import NormalDist
 
 import numpy as np
 
@@ -62,9 +71,45 @@ def _replicates(n: int, n_boot: int, seed: int, stat: Callable[[np.ndarray], np.
     return np.concatenate(parts, axis=0)  # [n_boot, ...]
 
 
-def _percentile(stats: np.ndarray, level: float) -> tuple[float, float]:
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(stats, [alpha, 1.0 - alpha])
+def t_quantile(p: float, df: int) -> float:
+    """Quantile ``p`` (in (0.5, 1)) of Student's t with ``df`` degrees of freedom: exact for df 1 and 2,
+    by bisection on the closed-form CDF for df 3, else the Cornish-Fisher expansion in 1/df (Abramowitz &
+    Stegun 26.7.5): for p <= 0.995 within 0.25% of the exact value at df 4, 0.01% from df 9."""
+    if df < 1 or not 0.5 < p < 1.0:
+        raise ValueError(f"need df >= 1 and 0.5 < p < 1, got df={df}, p={p}")
+    if df == 1:
+        return math.tan(math.pi * (p - 0.5))
+    if df == 2:
+        return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+    if df == 3:
+        def cdf3(t: float) -> float:
+            u = t / math.sqrt(3.0)
+            return 0.5 + (u / (1 + u * u) + math.atan(u)) / math.pi
+
+        lo, hi = 0.0, 1e3
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if cdf3(mid) < p else (lo, mid)
+        return 0.5 * (lo + hi)
+    z = NormalDist().inv_cdf(p)
+    g = ((z**3 + z) / 4, (5 * z**5 + 16 * z**3 + 3 * z) / 96, (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
+         (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160)
+    return z + sum(gk / df ** (k + 1) for k, gk in enumerate(g))
+
+
+def expanded_tail(n: int, level: float) -> float:
+    """Lower tail probability ``a`` of the expanded percentile interval for ``n`` resampled units:
+    ``Phi(-sqrt(n / (n - 1)) * t_{n-1, (1 + level) / 2})``; the plain ``(1 - level) / 2`` for ``n < 2``
+    (one unit: every replicate is the same)."""
+    if n < 2:
+        return (1.0 - level) / 2.0
+    return NormalDist().cdf(-math.sqrt(n / (n - 1)) * t_quantile((1.0 + level) / 2.0, n - 1))
+
+
+def _percentile(stats: np.ndarray, level: float, n: int) -> tuple[float, float]:
+    """Expanded percentile interval of the replicate statistics ``stats`` [n_boot] of ``n`` units."""
+    a = expanded_tail(n, level)
+    lo, hi = np.quantile(stats, [a, 1.0 - a])
     return float(lo), float(hi)
 
 
@@ -106,7 +151,7 @@ def bootstrap_ci(per_window_nll_sums: ArrayLike, per_window_counts: ArrayLike, n
     _check_args(n_boot, level)
     s, c = _ppl_inputs("per_window_nll_sums", per_window_nll_sums, "per_window_counts", per_window_counts)
     stats = _replicates(s.size, n_boot, seed, lambda idx: np.exp(s[idx].sum(1) / c[idx].sum(1)))
-    return _percentile(stats, level)
+    return _percentile(stats, level, s.size)
 
 
 @dataclass(frozen=True)
@@ -164,8 +209,8 @@ def paired_delta_ci(nll_a: ArrayLike, counts_a: ArrayLike, nll_b: ArrayLike, cou
 
     stats = _replicates(sa.size, n_boot, seed, delta_and_ratio)  # [n_boot, 2]
     ppl_a, ppl_b = float(np.exp(sa.sum() / ca.sum())), float(np.exp(sb.sum() / ca.sum()))
-    return PplDelta(ppl_a=ppl_a, ppl_b=ppl_b, delta=ppl_b - ppl_a, delta_ci=_percentile(stats[:, 0], level),
-                    ratio=ppl_b / ppl_a, ratio_ci=_percentile(stats[:, 1], level), n_windows=int(sa.size),
+    return PplDelta(ppl_a=ppl_a, ppl_b=ppl_b, delta=ppl_b - ppl_a, delta_ci=_percentile(stats[:, 0], level, sa.size),
+                    ratio=ppl_b / ppl_a, ratio_ci=_percentile(stats[:, 1], level, sa.size), n_windows=int(sa.size),
                     n_boot=n_boot, level=level, seed=seed)
 
 
@@ -177,7 +222,7 @@ def bootstrap_mean_ci(values: ArrayLike, n_boot: int = 2000, seed: int = 0,
     """Percentile bootstrap CI of the mean of per-item values (e.g. 0/1 correctness)."""
     _check_args(n_boot, level)
     v = _as_1d("values", values)  # [n]
-    return _percentile(_replicates(v.size, n_boot, seed, lambda idx: v[idx].mean(1)), level)
+    return _percentile(_replicates(v.size, n_boot, seed, lambda idx: v[idx].mean(1)), level, v.size)
 
 
 @dataclass(frozen=True)
@@ -218,5 +263,5 @@ def paired_mean_delta_ci(values_a: ArrayLike, values_b: ArrayLike, n_boot: int =
     diff = b - a  # [n]; the mean of a resampled difference is the difference of the resampled means
     stats = _replicates(a.size, n_boot, seed, lambda idx: diff[idx].mean(1))
     return MeanDelta(mean_a=float(a.mean()), mean_b=float(b.mean()), delta=float(diff.mean()),
-                     delta_ci=_percentile(stats, level), n_items=int(a.size), n_boot=n_boot, level=level,
+                     delta_ci=_percentile(stats, level, a.size), n_items=int(a.size), n_boot=n_boot, level=level,
                      seed=seed, higher_is_better=higher_is_better)
