@@ -134,7 +134,9 @@ def _report(bits: float, experts: bool) -> dict:
         tensors += [{"name": f"model.layers.{i}.mlp.experts.{p}", "kind": "experts", "method": "int4-g64-clip",
                      "solver": "ldlq", "proxy": 0.02, "proxy_per_expert": [0.01 * (1 + e + i) for e in range(8)]}
                     for i in range(3) for p in ("gate_up_proj", "down_proj")]
-    return {"bits_per_weight": bits, "checkpoint_bytes": 3 * 2**20, "quantized_tensors": tensors}
+    starved = [{"tensor": "model.layers.1.mlp.experts.down_proj", "expert": 6, "tokens": 3, "policy": "shrink"}]
+    return {"bits_per_weight": bits, "checkpoint_bytes": 3 * 2**20, "quantized_tensors": tensors,
+            "starved_experts": starved if experts else []}
 
 
 def _tasks(correct: np.ndarray, norm: np.ndarray, shape: str = "eval tasks", order=None) -> dict:

@@ -28,6 +28,7 @@ from moequant.eval.compare import (
 from moequant.eval.runs_io import (
     Run,
     check_unique_names,
+    data_slug,
     find_ppl,
     find_tasks,
     load_run,
@@ -80,8 +81,8 @@ def _pick_baseline(runs: list[Run], spec: str | None) -> Run:
 
 def _evaluate_ppl(run: Run, data: str, split: str, reference: dict[str, Any] | None, job: CompareJob,
                   argv: list[str] | None) -> tuple[Path, dict[str, Any]]:
-    """Score ``run`` (a checkpoint directory) on the windows of ``reference`` (or the defaults) and save
-    ``RUN/ppl-<data>.json``."""
+    """Score ``run`` (its checkpoint directory, or run.json's "model") on the windows of ``reference`` (or
+    the defaults) and save ``RUN/ppl-<data>.json`` (next to the file for a bare-file run)."""
     from moequant.runs import PplJob, run_ppl
 
     d = job.eval_defaults
@@ -92,12 +93,12 @@ def _evaluate_ppl(run: Run, data: str, split: str, reference: dict[str, Any] | N
         max_tokens = reference.get("max_tokens")
     else:
         seqlen, stride, add_bos, max_tokens = d.seqlen, d.stride, d.add_bos, d.max_tokens
-    ppl_job = PplJob(str(run.path), data=data, split=split, seqlen=seqlen, stride=stride, add_bos=add_bos,
+    ppl_job = PplJob(str(run.model_spec), data=data, split=split, seqlen=seqlen, stride=stride, add_bos=add_bos,
                      batch_size=d.batch_size, max_tokens=max_tokens, progress=job.progress)
     log.info("%s has no %s perplexity JSON: scoring it (%d-token windows, max_tokens=%s)", run.name, data, seqlen,
              max_tokens)
     result = run_ppl(ppl_job, argv)
-    path = run.path / ppl_filename(data)
+    path = (run.path if run.is_dir else run.path.parent) / ppl_filename(data)
     write_json_atomic(path, result)
     return path, result
 
@@ -108,8 +109,9 @@ def _ppl_block(runs: list[Run], base: Run, data: str, job: CompareJob, argv: lis
     missing = [r for r in runs if found[r.name] is None]
     reference = found[base.name][1] if found[base.name] else next((f[1] for f in found.values() if f), None)
     for r in missing:
-        if not (job.evaluate_missing and r.is_checkpoint):
-            why = "it is not a checkpoint directory" if not r.is_checkpoint else "--no-evaluate was given"
+        if not (job.evaluate_missing and r.model_spec):
+            why = ("it is not a checkpoint directory and has no run.json \"model\"" if not r.model_spec
+                   else "--no-evaluate was given")
             raise MoequantError(f"run {r.path} has no perplexity JSON for {data}/{job.split} (looked for "
                                 f"{ppl_filename(data)} and ppl.json) and cannot be scored here: {why}. Write one "
                                 f"with `moequant eval ppl MODEL --data {data} --json "
@@ -176,13 +178,13 @@ def _plots(result: dict[str, Any], runs: list[Run], tmp: Path) -> list[str]:
     bpw = {r.name: r.bits_per_weight for r in runs}
     for data, block in result["ppl"].items():
         title = f"Perplexity, {protocol_text(block['protocol'])}"
-        name = f"ppl_{data}.png"
+        name = f"ppl_{data_slug(data)}.png"
         plot_ppl(block["rows"], result["baseline"], title, tmp / name)
         files.append(name)
         base_row = next(r for r in block["rows"] if r["run"] == result["baseline"])
         points = [{**row, "bits_per_weight": bpw[row["run"]]} for row in block["rows"]
                   if row["run"] != result["baseline"] and bpw[row["run"]] is not None]
-        name = f"frontier_{data}.png"
+        name = f"frontier_{data_slug(data)}.png"
         plot_frontier(points, base_row, f"bits/weight vs perplexity, {data}/{block['protocol'].get('split')}",
                       tmp / name)
         files.append(name)

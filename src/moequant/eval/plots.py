@@ -139,6 +139,16 @@ def expert_proxy_matrices(report: dict[str, Any]) -> dict[str, tuple[list[int], 
     return out
 
 
+def starved_cells(report: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """(parameter, layer, expert) of every starved expert the report lists."""
+    out = []
+    for st in report.get("starved_experts") or []:
+        m = _LAYER.search(st.get("tensor", ""))
+        if m is not None:
+            out.append((st["tensor"].rsplit(".", 1)[-1], int(m.group(1)), int(st["expert"])))
+    return out
+
+
 def plot_proxy_heatmap(report: dict[str, Any], title: str, path: Path) -> bool:
     """Layer x expert heat map of the proxy loss (log colour scale), one panel per fused expert tensor.
     Returns False (and writes nothing) when the report has no per-expert proxy losses (RTN without
@@ -157,10 +167,16 @@ def plot_proxy_heatmap(report: dict[str, Any], title: str, path: Path) -> bool:
     n_experts = max(a.shape[1] for a in arrays.values())
     fig, axes = plt.subplots(1, len(arrays), figsize=(1.2 + 0.42 * n_experts * len(arrays) + 1.5 * len(arrays),
                                                       1.6 + 0.38 * n_layers), squeeze=False)
+    starved = starved_cells(report)
     im = None
     for ax, (param, a) in zip(axes[0], arrays.items()):
         layers = mats[param][0]
         im = ax.imshow(a, aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
+        cells = [(layers.index(li), e) for (p, li, e) in starved if p == param and li in layers]
+        if cells:
+            ax.scatter([e for _, e in cells], [r for r, _ in cells], marker="x", s=40, color="red", linewidths=1.5,
+                       label="starved expert")
+            ax.legend(fontsize=7, loc="upper right", bbox_to_anchor=(1.0, 1.16), frameon=False)
         ax.set_title(param, fontsize=9)
         ax.set_xlabel("expert")
         ax.set_ylabel("layer")

@@ -15,7 +15,10 @@ Layout of a run directory (the sweep's ``RUN/report.json`` + ``RUN/ppl.json``, e
 | ``ppl-<data>.json`` | ``moequant eval ppl RUN --data <data> --json RUN/ppl-<data>.json``, ``moequant compare`` | perplexity on ``<data>`` |
 | ``ppl.json`` | sweeps (``moequant demo``), peer scripts | perplexity; used for ``<data>`` when its ``data`` field says so (or has none) |
 | ``tasks.json``, ``tasks-*.json`` | ``moequant eval tasks RUN --json RUN/tasks.json`` | ``{"tasks": {NAME: {"acc", "acc_norm", "per_example": [...]}}}`` |
-| ``run.json`` | you, optional | ``{"name", "method", "bits_per_weight", "checkpoint_bytes"}`` for runs without a report |
+| ``run.json`` | you, optional | ``{"name", "method", "bits_per_weight", "checkpoint_bytes", "model"}`` |
+
+``run.json``'s ``"model"`` (a zoo alias, HF directory, .gguf or hub id) lets ``moequant compare`` score a
+run that is not a checkpoint directory (e.g. the unquantized baseline) on a corpus it has no JSON for.
 
 Run metadata (name, method, bits/weight, checkpoint bytes) is taken, first found wins, from
 ``run.json``, then ``report.json``, then the fields of the evaluation JSON itself (peer ``ppl.json``
@@ -28,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,9 +49,15 @@ EVAL_JSON_PREFIXES = ("ppl", "tasks", "compare")  # eval outputs, never counted 
 PPL_FIELDS = ("nll_per_window", "tokens_per_window")
 
 
+def data_slug(data: str) -> str:
+    """A corpus alias as is (``ptb``); a text file by its stem (``/x/my text.txt`` -> ``my_text``)."""
+    name = Path(data).stem if ("/" in data or Path(data).suffix) else data
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "data"
+
+
 def ppl_filename(data: str) -> str:
-    """``ppl-<data>.json``: the perplexity JSON of a run directory for corpus alias ``data``."""
-    return f"ppl-{data}.json"
+    """``ppl-<data>.json``: the perplexity JSON of a run directory for corpus ``data`` (``data_slug``)."""
+    return f"ppl-{data_slug(data)}.json"
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -92,6 +102,7 @@ class Run:
     bits_per_weight_model: float | None = None  # whole model, when recorded
     checkpoint_bytes: int | None = None
     is_checkpoint: bool = False  # a directory ``moequant.api.load`` / the loader can evaluate
+    model_spec: str | None = None  # what to load to score this run: the checkpoint dir, or run.json's "model"
     report: dict[str, Any] | None = None
     file_json: dict[str, Any] | None = None  # the bare file's content when the run is a file
     sources: dict[str, str] = field(default_factory=dict)  # field -> file it came from
@@ -100,6 +111,7 @@ class Run:
         return {"name": self.name, "path": str(self.path), "method": self.method,
                 "bits_per_weight": self.bits_per_weight, "bits_per_weight_model": self.bits_per_weight_model,
                 "checkpoint_bytes": self.checkpoint_bytes, "is_checkpoint": self.is_checkpoint,
+                "model_spec": self.model_spec,
                 "sources": dict(self.sources)}
 
 
@@ -177,11 +189,12 @@ def load_run(spec: str | Path) -> Run:
         default_name = path.parent.name if path.name == LEGACY_PPL or path.name.startswith("ppl-") else path.stem
     name = str(meta.get("name") or default_name)
     sources = {k: v for k, v in (("bits_per_weight", bpw_src), ("checkpoint_bytes", ck_src)) if v}
+    model_spec = str(path) if is_checkpoint else (str(meta["model"]) if meta.get("model") else None)
     return Run(name=name, path=path, is_dir=is_dir, method=str(method),
                bits_per_weight=None if bpw is None else float(bpw),
                bits_per_weight_model=None if bpw_model is None else float(bpw_model),
                checkpoint_bytes=None if ck is None else int(ck), is_checkpoint=is_checkpoint, report=report,
-               file_json=file_json, sources=sources)
+               file_json=file_json, sources=sources, model_spec=model_spec)
 
 
 def check_unique_names(runs: list[Run]) -> None:

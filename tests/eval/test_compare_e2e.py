@@ -1,0 +1,68 @@
+"""moequant compare end to end on a tiny OLMoE with a real tokenizer: runs without a perplexity JSON are
+scored (on the windows the others used) and their JSON saved; the LDLQ run's per-expert proxies become a
+heat map."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+
+@pytest.fixture()
+def tiny_runs(tmp_path):
+    from moequant.zoo.tiny_olmoe import train_tokenizer
+    import transformers as tf
+
+    words = " ".join(f"w{(i * 7919) % 97}" for i in range(3000))
+    text = "\n".join(words[i:i + 80] for i in range(0, len(words), 80))
+    (tmp_path / "text.txt").write_text(text)
+    tok = train_tokenizer([text], 320)
+    torch.manual_seed(0)
+    cfg = tf.OlmoeConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, num_experts=4, num_experts_per_tok=2, vocab_size=320,
+                         max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    d = tmp_path / "model"
+    tf.OlmoeForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d, tmp_path / "text.txt"
+
+
+def test_compare_scores_missing_runs_and_plots_expert_proxies(tiny_runs, tmp_path, one_thread, capsys):
+    from moequant.cli import main
+
+    model, text = tiny_runs
+    q4, q2 = tmp_path / "q4", tmp_path / "q2"
+    assert main(["-q", "quantize", str(model), "--bits", "4", "--group-size", "32", "--out", str(q4)]) == 0
+    assert main(["-q", "quantize", str(model), "--bits", "2", "--asym", "--group-size", "32", "--solver", "ldlq",
+                 "--calib", str(text), "--calib-samples", "8", "--calib-seqlen", "32", "--out", str(q2)]) == 0
+    base = tmp_path / "fp"
+    base.mkdir()
+    (base / "run.json").write_text(json.dumps({"name": "fp", "model": str(model)}))  # not a checkpoint: scored by model
+    # q4 was scored by hand; the others are scored by compare on q4's windows (seqlen 32, first 600 tokens)
+    assert main(["-q", "eval", "ppl", str(q4), "--data", str(text), "--seqlen", "32", "--max-tokens", "600",
+                 "--json", str(q4 / "ppl-text.json")]) == 0
+    out = tmp_path / "cmp"
+    assert main(["-q", "compare", str(base), str(q4), str(q2), "--ppl", str(text), "--out", str(out),
+                 "--n-boot", "300"]) == 0
+    capsys.readouterr()
+    res = json.loads((out / "compare.json").read_text())
+    jsons = {name: json.loads((tmp_path / name / "ppl-text.json").read_text()) for name in ("fp", "q4", "q2")}
+    assert sorted(res["evaluated"]) == sorted(str(tmp_path / n / "ppl-text.json") for n in ("fp", "q2"))
+    for name, j in jsons.items():
+        assert (j["seqlen"], j["max_tokens"], j["tokens_per_window"]) == (32, 600, jsons["q4"]["tokens_per_window"])
+    rows = {r["run"]: r for r in res["ppl"][str(text)]["rows"]}
+    for name in ("q4", "q2"):
+        assert rows[name]["ppl"] == pytest.approx(jsons[name]["ppl"], rel=1e-9)
+        assert rows[name]["ratio"] == pytest.approx(jsons[name]["ppl"] / jsons["fp"]["ppl"], rel=1e-9)
+        assert rows[name]["ratio_ci"][0] <= rows[name]["ratio"] <= rows[name]["ratio_ci"][1]
+    # the 4-bit copy of a random model is far closer to it than the 2-bit one
+    assert abs(rows["q4"]["ratio"] - 1) < abs(rows["q2"]["ratio"] - 1)
+    assert "proxy_q2.png" in res["plots"] and "proxy_q4.png" not in res["plots"]  # RTN records no proxies
+    assert {p.name for p in out.iterdir()} == {"compare.json", "report.md", "ppl_text.png", "frontier_text.png",
+                                               "proxy_q2.png"}
+    # a second comparison finds the saved JSONs and scores nothing
+    assert main(["-q", "compare", str(base), str(q2), "--ppl", str(text), "--out", str(out), "--no-plots",
+                 "--no-evaluate"]) == 0
+    assert json.loads((out / "compare.json").read_text())["evaluated"] == []
