@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the split")
     pp.add_argument("--json", help="write the full result (per-window NLL included) to this file")
     pp.set_defaults(func=cmd_eval_ppl)
+    from moequant.eval.tasks_cli import add_tasks_parser
+
+    add_tasks_parser(esub)
 
     i = sub.add_parser("inspect", help="per-tensor formats, bits/weight and sizes of a checkpoint")
     i.add_argument("path")

@@ -1,0 +1,138 @@
+"""``moequant eval tasks``: zero-shot multiple-choice accuracy through lm-eval-harness on a model we
+load ourselves (zoo alias, packed checkpoint, HF directory, .gguf, hub id).
+
+Local tasks (BIG-bench tasks converted to JSONL, or any JSONL file of ``input`` / ``choices`` /
+``answer`` records) run with the hub switched off; other names go to lm-eval as they are (they need
+the hub). The result keeps every example's per-choice log-likelihoods so two runs can be compared
+pairwise (``moequant.eval.tasks_metrics.task_acc_delta``)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from moequant.errors import MoequantError
+from moequant.eval.tasks_local import PROMPT, is_local_task, prepare_local_tasks, task_label
+from moequant.eval.tasks_metrics import score_example, summarize_task
+from moequant.runinfo import run_info
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TasksJob:
+    model: str
+    tasks: tuple[str, ...]
+    limit: int | None = None  # first N examples of each task, in file order
+    batch_size: int = 8
+    max_length: int | None = None  # None: the model's own limit
+    seed: int = 0  # lm-eval's seeds and the bootstrap's
+    n_boot: int = 2000
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise MoequantError("--tasks: give at least one task")
+        if self.limit is not None and self.limit < 1:
+            raise MoequantError(f"--limit must be >= 1, got {self.limit}")
+        if self.batch_size < 1:
+            raise MoequantError(f"--batch-size must be >= 1, got {self.batch_size}")
+
+
+def parse_task_list(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+@contextlib.contextmanager
+def hub_offline(on: bool) -> Iterator[None]:
+    """Set ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` to 1 while local-only tasks run; restored after."""
+    if not on:
+        yield
+        return
+    from moequant.eval.lm_eval_adapter import OFFLINE_VARS
+
+    old = {v: os.environ.get(v) for v in OFFLINE_VARS}
+    os.environ.update({v: "1" for v in OFFLINE_VARS})
+    try:
+        yield
+    finally:
+        for v, val in old.items():
+            if val is None:
+                os.environ.pop(v, None)
+            else:
+                os.environ[v] = val
+
+
+def _task_examples(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-example records from lm-eval samples: idx, answer, per-choice log-likelihoods and
+    character lengths, predictions and 0/1 correctness (ours, from the log-likelihoods)."""
+    from moequant.eval.lm_eval_adapter import sample_logliks
+
+    out = []
+    for s in samples:
+        doc = s["doc"]
+        ll = sample_logliks(s)
+        choices = list(doc["choices"])
+        answer = int(s["target"])
+        if len(ll) != len(choices):
+            raise MoequantError(f"lm-eval returned {len(ll)} log-likelihoods for {len(choices)} choices")
+        out.append({"idx": int(doc.get("idx", s["doc_id"])), "doc_id": int(s["doc_id"]), "answer": answer,
+                    "loglik": ll, "choice_chars": [len(c) for c in choices], **score_example(ll, choices, answer)})
+    return out
+
+
+def evaluate_loaded(model: Any, tokenizer: Any, job: TasksJob, *, model_info: dict[str, Any] | None = None,
+                    argv: list[str] | None = None) -> dict[str, Any]:
+    """Run ``job.tasks`` on an already loaded model; returns the JSON-able result."""
+    from moequant.eval.lm_eval_adapter import load_tasks, lm_eval_version, make_lm, run_tasks
+
+    local = [t for t in job.tasks if is_local_task(t)]
+    hub = [t for t in job.tasks if not is_local_task(t)]
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="moequant-tasks-") as tmp, hub_offline(not hub):
+        lt = prepare_local_tasks(local, Path(tmp))
+        names = [lt.lm_eval_names[task_label(t)] if t in local else t for t in job.tasks]
+        labels = dict(zip(names, [task_label(t) for t in job.tasks]))
+        tasks = load_tasks(names, lt.include_dir if local else None, include_defaults=bool(hub))
+        lm = make_lm(model, tokenizer, batch_size=job.batch_size, max_length=job.max_length)
+        raw = run_tasks(lm, tasks, job.limit, job.seed)
+    results: dict[str, Any] = {}
+    for name in names:
+        label = labels[name]
+        ex = _task_examples(raw["samples"][name])
+        summary = summarize_task(ex, n_boot=job.n_boot, seed=job.seed)
+        lm_metrics = raw["results"].get(name, {})
+        results[label] = {**summary, "lm_eval_task": name,
+                          "lm_eval": {m: lm_metrics.get(f"{m},none") for m in ("acc", "acc_norm")},
+                          "data": lt.provenance.get(label, {"source": "lm-eval (hub)"}), "examples": ex}
+    return {"model": job.model, **(model_info or {}), "tasks": [task_label(t) for t in job.tasks],
+            "limit": job.limit, "seed": job.seed, "batch_size": job.batch_size, "max_length": job.max_length,
+            "n_boot": job.n_boot, "num_fewshot": 0, "prompt": {"context": PROMPT, "continuation": " {choice}",
+            "acc_norm": "log-likelihood / characters of the choice"},
+            "lm_eval_version": lm_eval_version(), "results": results, "seconds": round(time.time() - t0, 2),
+            **run_info(argv)}
+
+
+def run_tasks_job(job: TasksJob, argv: list[str] | None = None) -> dict[str, Any]:
+    """Check the task names, load the model, evaluate. Hub tasks fail in one line when offline."""
+    from moequant.eval.lm_eval_adapter import _import_lm_eval, check_hub_tasks
+    from moequant.zoo.bigbench import BIGBENCH_TASKS
+
+    _import_lm_eval()
+    hub = [t for t in job.tasks if not is_local_task(t)]
+    check_hub_tasks(hub, ", ".join(BIGBENCH_TASKS) + ", or a .jsonl file")
+    missing = [t for t in job.tasks if t.endswith(".jsonl") and not Path(t).is_file()]
+    if missing:
+        raise MoequantError(f"--tasks: no such file {missing[0]}")
+    with hub_offline(not hub):
+        from moequant.models.loader import load_model
+
+        model, tokenizer, resolved = load_model(job.model)
+    if tokenizer is None:
+        raise MoequantError(f"model {job.model!r} has no tokenizer: eval tasks needs one")
+    return evaluate_loaded(model, tokenizer, job, model_info={"source": resolved.kind}, argv=argv)

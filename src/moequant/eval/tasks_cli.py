@@ -1,0 +1,44 @@
+"""Argument parsing and printing for ``moequant eval tasks`` (the work is in ``moequant.eval.tasks``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def add_tasks_parser(esub) -> None:
+    """Register ``eval tasks`` on the ``eval`` subparsers."""
+    t = esub.add_parser("tasks", help="zero-shot multiple-choice accuracy through lm-eval-harness")
+    t.add_argument("model", help="checkpoint directory, zoo alias, HF directory, .gguf or hub id")
+    t.add_argument("--tasks", required=True,
+                   help="comma-separated: local BIG-bench tasks (social_iqa, logical_deduction, "
+                   "abstract_narrative_understanding, timedial, ...), a .jsonl file of input/choices/answer "
+                   "records, or lm-eval task names (hellaswag, arc_easy, ...: need the Hugging Face hub)")
+    t.add_argument("--limit", type=int, default=None, help="first N examples of each task (file order)")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--max-length", type=int, default=None, help="longest input in tokens (default: the model's)")
+    t.add_argument("--seed", type=int, default=0, help="lm-eval seeds and bootstrap seed (default 0)")
+    t.add_argument("--json", help="write the full result (per-example log-likelihoods included) to this file")
+    t.set_defaults(func=cmd_eval_tasks)
+
+
+def cmd_eval_tasks(args: argparse.Namespace) -> int:
+    from moequant.eval.tasks import TasksJob, parse_task_list, run_tasks_job
+
+    job = TasksJob(args.model, parse_task_list(args.tasks), limit=args.limit, batch_size=args.batch_size,
+                   max_length=args.max_length, seed=args.seed)
+    r = run_tasks_job(job, sys.argv[1:])
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text(json.dumps(r, indent=1))
+        os.replace(tmp, path)
+    for name, t in r["results"].items():
+        a, an = t["acc_ci95"], t["acc_norm_ci95"]
+        print(f"{args.model} {name}: acc {t['acc']:.4f} [95% CI {a[0]:.4f}, {a[1]:.4f}]  "
+              f"acc_norm {t['acc_norm']:.4f} [95% CI {an[0]:.4f}, {an[1]:.4f}]  n={t['n']} (chance {t['chance']:.3f})")
+    return 0

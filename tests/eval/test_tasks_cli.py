@@ -1,0 +1,101 @@
+"""``moequant eval tasks`` end to end on a tiny model and a tiny local JSONL task: JSON written,
+per-example log-likelihoods right, identical numbers run to run; hub tasks fail in one line offline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from moequant.cli import main  # noqa: E402
+from moequant.eval.tasks_metrics import task_acc_delta  # noqa: E402
+
+
+def _run(capsys, *argv):
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def tiny_dir_and_task(tmp_path_factory):
+    import transformers as tf
+
+    from moequant.zoo.tiny_olmoe import train_tokenizer
+
+    d = tmp_path_factory.mktemp("tasks")
+    words = " ".join(f"w{(i * 7919) % 97}" for i in range(3000))
+    tok = train_tokenizer([words], 320)
+    cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=320, max_position_embeddings=128, bos_token_id=0,
+                         eos_token_id=1, pad_token_id=2)
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(cfg).save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    with open(d / "toy.jsonl", "w") as f:
+        for i in range(12):
+            ch = [f"w{(i * 5) % 97}", f"w{(i * 5 + 1) % 97} w{(i * 5 + 2) % 97}", f"w{(i * 3 + 50) % 97}"]
+            f.write(json.dumps({"input": f"w{i} w{i + 1} w{i + 2}", "choices": ch, "answer": i % 3}) + "\n")
+    return d
+
+
+def test_end_to_end_reproducible(capsys, one_thread, tiny_dir_and_task, tmp_path):
+    d = tiny_dir_and_task
+    args = ["-q", "eval", "tasks", str(d / "model"), "--tasks", str(d / "toy.jsonl"), "--limit", "10",
+            "--batch-size", "4", "--seed", "3"]
+    rc, out, err = _run(capsys, *args, "--json", str(tmp_path / "a.json"))
+    assert rc == 0, err
+    assert "toy: acc" in out
+    rc, _, err = _run(capsys, *args, "--json", str(tmp_path / "b.json"))
+    assert rc == 0, err
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["results"] == b["results"]  # every number, per-example log-likelihoods included
+    r = a["results"]["toy"]
+    ex = r["examples"]
+    assert [e["idx"] for e in ex] == list(range(10))  # --limit keeps the first N in file order
+    assert r["n"] == 10 and a["limit"] == 10 and a["seed"] == 3 and a["tasks"] == ["toy"]
+    assert a["command"].startswith("moequant ") and "torch" in a["versions"]
+    assert r["data"]["jsonl_sha256"] and r["chance"] == pytest.approx(1 / 3)
+    # correctness and the summaries follow from the stored log-likelihoods
+    for e in ex:
+        assert len(e["loglik"]) == 3 and e["pred"] == max(range(3), key=lambda k: e["loglik"][k])
+        norm = [ll / c for ll, c in zip(e["loglik"], e["choice_chars"])]
+        assert e["pred_norm"] == max(range(3), key=lambda k: norm[k])
+        assert e["acc"] == int(e["pred"] == e["answer"]) and e["acc_norm"] == int(e["pred_norm"] == e["answer"])
+    assert r["acc"] == pytest.approx(sum(e["acc"] for e in ex) / 10)
+    assert r["acc_norm"] == pytest.approx(sum(e["acc_norm"] for e in ex) / 10)
+    assert r["lm_eval"]["acc"] == pytest.approx(r["acc"]) and r["lm_eval"]["acc_norm"] == pytest.approx(r["acc_norm"])
+    lo, hi = r["acc_ci95"]
+    assert lo <= r["acc"] <= hi
+    # the first example's first choice, by hand: "Q: w0 w1 w2\nA:" + " w0"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(d / "model")
+    model = AutoModelForCausalLM.from_pretrained(d / "model").eval()
+    ctx, cont = "Q: w0 w1 w2\nA:", " w0"
+    whole, n_ctx = tok(ctx + cont)["input_ids"], len(tok(ctx)["input_ids"])
+    with torch.no_grad():
+        logp = model(torch.tensor([whole])).logits.double().log_softmax(-1)[0]
+    want = float(sum(logp[p - 1, whole[p]] for p in range(n_ctx, len(whole))))
+    assert ex[0]["loglik"][0] == pytest.approx(want, abs=1e-4)
+    # pairing: a run against itself differs by exactly 0
+    dlt = task_acc_delta(a, b, "toy")
+    assert dlt.delta == 0.0 and dlt.delta_ci == (0.0, 0.0) and dlt.n == 10
+
+
+def test_hub_task_offline_is_one_line(capsys, monkeypatch, tiny_dir_and_task):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc, out, err = _run(capsys, "-q", "eval", "tasks", str(tiny_dir_and_task / "model"), "--tasks",
+                        "social_iqa,hellaswag")
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("moequant: error: task(s) hellaswag need the Hugging Face hub")
+    assert "HF_HUB_OFFLINE=1" in err and "social_iqa" in err  # names the local alternatives
+
+
+def test_missing_task_file(capsys, tiny_dir_and_task, tmp_path):
+    rc, _, err = _run(capsys, "-q", "eval", "tasks", str(tiny_dir_and_task / "model"), "--tasks",
+                      str(tmp_path / "nope.jsonl"))
+    assert rc == 2 and "nope.jsonl" in err and err.count("\n") == 1
