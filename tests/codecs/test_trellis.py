@@ -130,7 +130,10 @@ def test_two_bit_mse_on_gaussian(lut, code, V, bound):
 PACK_CASES = [TrellisConfig(bits=2, L=16, V=2, tile=16), TrellisConfig(bits=3, L=16, V=2, tile=16),
               TrellisConfig(bits=4, L=16, V=2, tile=4), TrellisConfig(bits=3, L=8, V=1, tile=2, code="1mad"),
               TrellisConfig(bits=2, L=12, V=2, tile=16, tail_biting=False),
-              TrellisConfig(bits=3, L=13, V=1, tile=4, code="3inst", tail_biting=False)]
+              TrellisConfig(bits=3, L=13, V=1, tile=4, code="3inst", tail_biting=False),
+              # the widest state (24 bits read across three words) and kv not dividing 16
+              TrellisConfig(bits=4, L=24, V=2, tile=16), TrellisConfig(bits=3, L=23, V=1, tile=4, code="1mad"),
+              TrellisConfig(bits=3, L=22, V=2, tile=16, tail_biting=False)]
 
 
 @pytest.mark.parametrize("cfg", PACK_CASES, ids=lambda c: f"{c.short_name}-V{c.V}-t{c.tile}-tb{int(c.tail_biting)}")
