@@ -6,6 +6,8 @@
     python benchmarks/hessian_ldlq.py ldlq --model smollm2-135m --json benchmarks/results/ldlq_smollm2-135m.json
     # MoE: LDLQ+RHT at int3 / int2 with per-expert, layer-mean and layer-token-weighted expert Hessians
     python benchmarks/hessian_ldlq.py ablation --model tiny-olmoe --json benchmarks/results/ablation_tiny-olmoe.json
+    # issue #4: 2-bit trellis (LDLQ+RHT) vs int2 LDLQ+RHT vs int2 RTN; on MoE also trellis with layer-mean H
+    python benchmarks/hessian_ldlq.py trellis --model tiny-olmoe --trellis-l 16 --layer-mean --json benchmarks/results/trellis_tiny-olmoe.json
 
 Calibration: PTB train, 128 windows of 512 tokens, seed 0 (never the evaluation text). Every method is
 scored on the same PTB test windows; the pair table gives paired bootstrap CIs of PPL ratios.
@@ -20,7 +22,7 @@ import sys
 from pathlib import Path
 
 from moequant.calib.data import CalibData
-from moequant.codecs.config import UniformConfig
+from moequant.codecs.config import TrellisConfig, UniformConfig
 from moequant.layerwise import HessianConfig
 from moequant.solvers.config import SolverConfig
 from moequant.sweep import SweepEntry, SweepJob, run_sweep
@@ -71,21 +73,45 @@ def ablation_plan(group: int, calib: CalibData) -> tuple[tuple[SweepEntry, ...],
     return tuple(entries), tuple(pairs)
 
 
+def trellis_plan(group: int, calib: CalibData, L: int = 16,
+                 moe: bool = False) -> tuple[tuple[SweepEntry, ...], tuple[tuple[str, str], ...]]:
+    """2-bit trellis (HYB, V=2, tail-biting) vs int2 (asym, group ``group``), both LDLQ+RHT, and int2
+    RTN; with ``moe`` also the trellis with layer-mean expert Hessians (the ablation repeated)."""
+    cfg2 = _int(2, group)
+    tr = TrellisConfig(bits=2, L=L)
+    rtn = SweepEntry(cfg2, RTN, label=f"{cfg2.short_name} rtn")
+    i2 = SweepEntry(cfg2, LDLQ_RHT, calib, label=f"{cfg2.short_name} ldlq+rht")
+    t2 = SweepEntry(tr, LDLQ_RHT, calib, label=f"{tr.short_name} ldlq+rht")
+    entries = [rtn, i2, t2]
+    pairs = [(t2.name, i2.name), (t2.name, rtn.name), (i2.name, rtn.name)]
+    if moe:
+        lm = SweepEntry(tr, LDLQ_RHT, calib, HessianConfig(mode="layer-mean"), label=f"{tr.short_name} H=layer-mean")
+        entries.append(lm)
+        pairs.append((t2.name, lm.name))
+    return tuple(entries), tuple(pairs)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("plan", choices=["solvers", "ldlq", "ablation"])
+    p.add_argument("plan", choices=["solvers", "ldlq", "ablation", "trellis"])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=0, help="0 = the whole PTB test split")
+    p.add_argument("--trellis-l", type=int, default=16, help="trellis plan: state bits L")
+    p.add_argument("--layer-mean", action="store_true",
+                   help="trellis plan, MoE models: add the trellis with layer-mean expert Hessians")
     p.add_argument("--work", default="runs/bench")
     p.add_argument("--json", required=True)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)
     calib = CalibData("ptb", "train", args.calib_samples, args.calib_seqlen, seed=0)
-    plan = {"solvers": solvers_plan, "ldlq": ldlq_plan, "ablation": ablation_plan}[args.plan]
-    entries, pairs = plan(args.group_size, calib)
+    if args.plan == "trellis":
+        entries, pairs = trellis_plan(args.group_size, calib, args.trellis_l, moe=args.layer_mean)
+    else:
+        plan = {"solvers": solvers_plan, "ldlq": ldlq_plan, "ablation": ablation_plan}[args.plan]
+        entries, pairs = plan(args.group_size, calib)
     job = SweepJob(model=args.model, entries=entries, out=Path(args.work) / f"{args.plan}-{args.model}",
                    max_tokens=args.max_tokens or None, overwrite=True, progress=False, pairs=pairs)
     argv = ["benchmarks/hessian_ldlq.py", *sys.argv[1:]]
