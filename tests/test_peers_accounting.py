@@ -1,0 +1,75 @@
+"""Bits/weight accounting of the peer scripts (benchmarks/peers): counted from stored tensors, not nominal.
+
+The GGUF test needs only gguf-py (a core dependency); the HQQ test skips cleanly without ``hqq``."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+PEERS = Path(__file__).resolve().parents[1] / "benchmarks" / "peers"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(PEERS))
+    try:
+        spec = importlib.util.spec_from_file_location(f"peers_{name}", PEERS / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(PEERS))
+
+
+def test_gguf_bits_counts_decoder_linears_only(tmp_path):
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    mod = _load("llamacpp_peer")
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    rng = np.random.default_rng(0)
+    q8 = gguf.quants.quantize(rng.standard_normal((64, 96)).astype(np.float32), T.Q8_0)  # 34 B per 32 weights
+    w.add_tensor("blk.0.attn_q.weight", q8, raw_shape=q8.shape, raw_dtype=T.Q8_0)
+    w.add_tensor("blk.0.ffn_down.weight", rng.standard_normal((32, 64)).astype(np.float16))  # F16
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(96, np.float32))  # not a linear
+    w.add_tensor("token_embd.weight", rng.standard_normal((10, 96)).astype(np.float16))  # not in blk.
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    acct = mod.gguf_bits(path)
+    n_q8, n_f16 = 64 * 96, 32 * 64
+    assert acct["quantized_elements"] == n_q8 + n_f16
+    assert acct["quantized_bytes"] == n_q8 // 32 * 34 + n_f16 * 2
+    assert acct["bits_per_weight"] == pytest.approx((n_q8 * 8.5 + n_f16 * 16) / (n_q8 + n_f16))
+    assert acct["tensor_types"] == {"Q8_0": 1, "F16": 1}
+    assert acct["non_block_tensors"] == {"token_embd.weight": "F16"}
+
+
+@pytest.mark.parametrize("bits, expected", [(4, 4.5), (2, 2.5), (3, None)])
+def test_hqq_bits_from_stored_tensors(bits, expected, one_thread):
+    pytest.importorskip("hqq")
+    mod = _load("hqq_peer")
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.q_proj = torch.nn.Linear(128, 48, bias=False)  # 96 groups of 64
+
+    m = Tiny()
+    w0 = m.q_proj.weight.detach().clone()
+    _, acct = mod.quantize_hqq(m, bits, 64)
+    assert acct["quantized_elements"] == 48 * 128
+    bpw = 8 * acct["quantized_bytes"] / acct["quantized_elements"]
+    if expected is None:  # 3-bit: ten codes per int32, 96 group rows padded to 100 -> 10 words per column of 64
+        expected = (10 * 64 * 32 + 96 * 2 * 16) / (48 * 128)
+    assert bpw == pytest.approx(expected)
+    err = (m.q_proj.weight - w0).pow(2).mean() / w0.pow(2).mean()
+    assert 0 < err < {4: 0.02, 3: 0.06, 2: 0.3}[bits]  # weights replaced by HQQ's decode, not left alone
