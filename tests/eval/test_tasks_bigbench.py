@@ -81,3 +81,15 @@ def test_bad_records_name_the_file(tmp_path, line, what):
     with pytest.raises(MoequantError, match=what) as e:
         read_records(p)
     assert "bad.jsonl" in str(e.value)
+
+
+def test_cached_task_json_with_wrong_bytes_is_refused(tmp_path, monkeypatch):
+    from moequant.zoo.bigbench import fetch_task_jsons
+
+    monkeypatch.setenv("MOEQUANT_CACHE", str(tmp_path))
+    t = BIGBENCH_TASKS["social_iqa"]
+    p = tmp_path / "packages" / "bigbench-1.0.0" / t.member
+    p.parent.mkdir(parents=True)
+    p.write_text(json.dumps(SYNTHETIC))  # in the cache, but not bigbench's file: no download, an error
+    with pytest.raises(MoequantError, match="SHA-256 .*social_iqa/task.json"):
+        fetch_task_jsons(["social_iqa"])

@@ -39,23 +39,32 @@ class BigbenchTask:
     name: str
     member: str
     description: str
+    sha256: str  # of the task.json in bigbench-1.0.0
 
 
-def _bt(name: str, sub: str, description: str) -> BigbenchTask:
-    return BigbenchTask(name, f"bigbench/benchmark_tasks/{sub}/task.json", description)
+def _bt(name: str, sub: str, description: str, sha256: str) -> BigbenchTask:
+    return BigbenchTask(name, f"bigbench/benchmark_tasks/{sub}/task.json", description, sha256)
 
 
 BIGBENCH_TASKS: dict[str, BigbenchTask] = {t.name: t for t in (
-    _bt("social_iqa", "social_iqa", "Social IQa: motivations and reactions in everyday situations (1,954 ex., 3 choices)"),
+    _bt("social_iqa", "social_iqa",
+        "Social IQa: motivations and reactions in everyday situations (1,954 ex., 3 choices)",
+        "edc9f568b70ae6d4af0783764dbe4e4f18aa1242c675a93f534338d73a565348"),
     _bt("logical_deduction", "logical_deduction/three_objects",
-        "logical_deduction, three_objects subtask: order of 3 objects (300 ex., 3 choices)"),
-    _bt("logical_deduction_five_objects", "logical_deduction/five_objects", "logical_deduction, 5 objects (500 ex.)"),
-    _bt("logical_deduction_seven_objects", "logical_deduction/seven_objects", "logical_deduction, 7 objects (700 ex.)"),
+        "logical_deduction, three_objects subtask: order of 3 objects (300 ex., 3 choices)",
+        "5e3f4a7569cb70bb1469374d3d34fb7883445a9d5743e1a81fd8dcdaf6fcb40f"),
+    _bt("logical_deduction_five_objects", "logical_deduction/five_objects", "logical_deduction, 5 objects (500 ex.)",
+        "552dec4d5067bdbe033e78e80fdf1f5a8061d17b385379b8ec5104fa17d07918"),
+    _bt("logical_deduction_seven_objects", "logical_deduction/seven_objects", "logical_deduction, 7 objects (700 ex.)",
+        "5e24146d600b1b2e2d8958e23851e7c958b1a7644a2540fa0de7fa3e51a68cf7"),
     _bt("abstract_narrative_understanding", "abstract_narrative_understanding/4_distractors",
-        "abstract_narrative_understanding, 4_distractors subtask: proverb for a narrative (1,000 ex., 5 choices)"),
+        "abstract_narrative_understanding, 4_distractors subtask: proverb for a narrative (1,000 ex., 5 choices)",
+        "66ed0deb50b8d8fafdc54fb90f96dcfdc7d814f281ca4d96347954178e8aa55b"),
     _bt("abstract_narrative_understanding_9_distractors", "abstract_narrative_understanding/9_distractors",
-        "abstract_narrative_understanding, 9 distractors (1,000 ex., 10 choices)"),
-    _bt("timedial", "timedial", "TimeDial: temporal span that fits a dialog (2,550 ex., 3 choices)"),
+        "abstract_narrative_understanding, 9 distractors (1,000 ex., 10 choices)",
+        "f56f4e8d0c2f511c9ff0a41b5eaa01e61b0a1163af4b564d72205a960c5d3d11"),
+    _bt("timedial", "timedial", "TimeDial: temporal span that fits a dialog (2,550 ex., 3 choices)",
+        "fccc6b6981fcd3bacdf9a3467e6be9ada9efcd75510175d98b1c8e9269bb5cfb"),
 )}
 
 
@@ -164,6 +173,8 @@ def fetch_task_jsons(names: list[str]) -> dict[str, Path]:
     if not all(t.is_file() for t in targets):
         try:
             paths = fetch_members(BIGBENCH_DIST, BIGBENCH_VERSION, members)
+            for n, t in zip(names, paths):
+                check_task_sha256(n, t)
             return dict(zip(names, paths))
         except MoequantError as e:
             log.info("pip could not fetch %s==%s (%s); downloading the sdist from the index",
@@ -173,11 +184,21 @@ def fetch_task_jsons(names: list[str]) -> dict[str, Path]:
                      for t in BIGBENCH_TASKS.values()]
             missing = [(m, t) for m, t in every if not t.is_file()]
             _download_members([m for m, _ in missing], [t for _, t in missing])
+    for n, t in zip(names, targets):
+        check_task_sha256(n, t)
     return dict(zip(names, targets))
 
 
+def check_task_sha256(name: str, path: Path) -> None:
+    """The file must be bigbench-1.0.0's ``task.json`` of ``name``, byte for byte."""
+    got, want = sha256_file(path), BIGBENCH_TASKS[name].sha256
+    if got != want:
+        raise MoequantError(f"{path}: SHA-256 {got[:16]}... is not that of {BIGBENCH_DIST}=={BIGBENCH_VERSION}'s "
+                            f"{BIGBENCH_TASKS[name].member} ({want[:16]}...); delete the file to fetch it again")
+
+
 def build_task_jsonl(name: str, out_dir: Path, src: Path | None = None) -> dict[str, Any]:
-    """Convert task ``name`` (its ``task.json`` at ``src``, fetched when None) into
+    """Convert task ``name`` (its ``task.json`` at ``src``; fetched and SHA-256-checked when None) into
     ``out_dir/<name>.jsonl`` (reused when its source hash matches); returns provenance: member,
     SHA-256 of task.json and of the JSONL, example count."""
     src = src or fetch_task_jsons([name])[name]
