@@ -230,6 +230,8 @@ def test_compare_refusals(run_dirs, tmp_path, base_nll):
         run_compare(CompareJob(runs=(str(fp), str(other)), **job))
     with pytest.raises(MoequantError, match="no perplexity JSON for shakespeare.*not a checkpoint"):
         run_compare(CompareJob(runs=(str(fp), str(q4)), **{**job, "ppl": ("shakespeare",)}))
+    with pytest.raises(MoequantError, match="one JSON file without perplexity on shakespeare/test; pass its folder"):
+        run_compare(CompareJob(runs=(str(peer),), **{**job, "ppl": ("shakespeare",)}))
     with pytest.raises(MoequantError, match="the baseline .* has no result for task 'piqa'"):
         run_compare(CompareJob(runs=(str(fp), str(q4)), **{**job, "ppl": (), "tasks": ("piqa",)}))
     tasks_job = {**job, "ppl": (), "tasks": ("social_iqa",)}

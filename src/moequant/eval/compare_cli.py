@@ -110,12 +110,14 @@ def _ppl_block(runs: list[Run], base: Run, data: str, job: CompareJob, argv: lis
     reference = found[base.name][1] if found[base.name] else next((f[1] for f in found.values() if f), None)
     for r in missing:
         if not (job.evaluate_missing and r.model_spec):
+            if not r.is_dir:
+                raise MoequantError(f"run {r.path} is one JSON file without perplexity on {data}/{job.split}; "
+                                    f"pass its folder holding {ppl_filename(data)} instead")
             why = ("it is not a checkpoint directory and has no run.json \"model\"" if not r.model_spec
                    else "--no-evaluate was given")
             raise MoequantError(f"run {r.path} has no perplexity JSON for {data}/{job.split} (looked for "
                                 f"{ppl_filename(data)} and ppl.json) and cannot be scored here: {why}. Write one "
-                                f"with `moequant eval ppl MODEL --data {data} --json "
-                                f"{r.path if r.is_dir else r.path.parent}/{ppl_filename(data)}`")
+                                f"with `moequant eval ppl MODEL --data {data} --json {r.path / ppl_filename(data)}`")
         found[r.name] = _evaluate_ppl(r, data, job.split, reference, job, argv)
         evaluated.append(str(found[r.name][0]))
         reference = reference or found[r.name][1]

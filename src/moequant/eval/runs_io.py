@@ -176,8 +176,10 @@ def load_run(spec: str | Path) -> Run:
     peer = from_evals("peer")[0]
     peer_cfg = from_evals("config")[0]
     peer_label = None
-    if peer is not None:
+    if peer not in (None, "none", ""):  # peer scripts write peer "none" for their own unquantized check
         peer_label = f"{peer} {peer_cfg}" if isinstance(peer_cfg, str) else str(peer)
+    elif isinstance(peer_cfg, str):
+        peer_label = peer_cfg
     method, _ = _first((meta.get("method"), RUN_META), (_method_from_report(rep) if report else None, REPORT),
                        (peer_label, "eval json"))
     if method is None:
