@@ -57,7 +57,7 @@ def test_end_to_end_reproducible(capsys, one_thread, tiny_dir_and_task, tmp_path
     ex = r["examples"]
     assert [e["idx"] for e in ex] == list(range(10))  # --limit keeps the first N in file order
     assert r["n"] == 10 and a["limit"] == 10 and a["seed"] == 3 and a["tasks"] == ["toy"]
-    assert a["command"].startswith("moequant ") and "torch" in a["versions"]
+    assert a["command"].startswith("moequant ") and "torch" in a["versions"] and a["bos_added"] is False
     assert r["data"]["jsonl_sha256"] and r["chance"] == pytest.approx(1 / 3)
     # correctness and the summaries follow from the stored log-likelihoods
     for e in ex:
@@ -93,6 +93,9 @@ def test_hub_task_offline_is_one_line(capsys, monkeypatch, tiny_dir_and_task):
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("moequant: error: task(s) hellaswag need the Hugging Face hub")
     assert "HF_HUB_OFFLINE=1" in err and "social_iqa" in err  # names the local alternatives
+    rc, _, err = _run(capsys, "-q", "eval", "tasks", str(tiny_dir_and_task / "model"), "--tasks", "no_such_task")
+    assert rc == 2 and err.count("\n") == 1
+    assert "task(s) no_such_task are not local tasks; lm-eval's own tasks need the Hugging Face hub" in err
 
 
 def test_missing_task_file(capsys, tiny_dir_and_task, tmp_path):

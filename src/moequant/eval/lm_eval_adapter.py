@@ -86,9 +86,11 @@ def check_hub_tasks(names: list[str], local_hint: str) -> None:
     if not names:
         return
     reason = hub_offline_reason()
-    if reason:
-        raise MoequantError(f"task(s) {', '.join(names)} need the Hugging Face hub, which is not reachable here "
-                            f"({reason}); local tasks: {local_hint}")
+    if not reason:
+        return
+    what = "need" if all(n in HUB_TASKS for n in names) else "are not local tasks; lm-eval's own tasks need"
+    raise MoequantError(f"task(s) {', '.join(names)} {what} the Hugging Face hub, which is not reachable here "
+                        f"({reason}); local tasks: {local_hint}")
 
 
 def load_tasks(lm_eval_names: list[str], include_dir: Path | None, include_defaults: bool) -> dict[str, Any]:

@@ -110,7 +110,10 @@ def evaluate_loaded(model: Any, tokenizer: Any, job: TasksJob, *, model_info: di
         results[label] = {**summary, "lm_eval_task": name,
                           "lm_eval": {m: lm_metrics.get(f"{m},none") for m in ("acc", "acc_norm")},
                           "data": lt.provenance.get(label, {"source": "lm-eval (hub)"}), "examples": ex}
+    probe = tokenizer("Q:")["input_ids"]
+    bos_added = bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id
     return {"model": job.model, **(model_info or {}), "tasks": [task_label(t) for t in job.tasks],
+            "bos_added": bos_added,
             "limit": job.limit, "seed": job.seed, "batch_size": job.batch_size, "max_length": job.max_length,
             "n_boot": job.n_boot, "num_fewshot": 0, "prompt": {"context": PROMPT, "continuation": " {choice}",
             "acc_norm": "log-likelihood / characters of the choice"},
