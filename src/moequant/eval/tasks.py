@@ -132,9 +132,10 @@ def run_tasks_job(job: TasksJob, argv: list[str] | None = None) -> dict[str, Any
     missing = [t for t in job.tasks if t.endswith(".jsonl") and not Path(t).is_file()]
     if missing:
         raise MoequantError(f"--tasks: no such file {missing[0]}")
-    with hub_offline(not hub):
-        from moequant.models.loader import load_model
+    from moequant.models.loader import load_model, resolve_model_spec
 
+    # a hub model id still loads from the hub; everything else loads (and imports) with the hub off
+    with hub_offline(not hub and resolve_model_spec(job.model).kind != "hub"):
         model, tokenizer, resolved = load_model(job.model)
     if tokenizer is None:
         raise MoequantError(f"model {job.model!r} has no tokenizer: eval tasks needs one")
