@@ -228,6 +228,11 @@ def test_compare_refusals(run_dirs, tmp_path, base_nll):
     other = _write(tmp_path / "other" / "ppl.json", {**ppl_json(base_nll), "seqlen": 256})
     with pytest.raises(MoequantError, match="seqlen"):
         run_compare(CompareJob(runs=(str(fp), str(other)), **job))
+    fake = tmp_path / "fake_ckpt"  # looks like a checkpoint without a PPL JSON: scoring it would fail to load
+    _write(fake / "config.json", {})
+    (fake / "model.safetensors").write_bytes(b"")
+    with pytest.raises(MoequantError, match="seqlen"):  # the mismatch is found before any scoring
+        run_compare(CompareJob(runs=(str(fp), str(fake), str(other)), **job))
     with pytest.raises(MoequantError, match="no perplexity JSON for shakespeare.*not a checkpoint"):
         run_compare(CompareJob(runs=(str(fp), str(q4)), **{**job, "ppl": ("shakespeare",)}))
     with pytest.raises(MoequantError, match="one JSON file without perplexity on shakespeare/test; pass its folder"):

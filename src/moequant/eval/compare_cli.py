@@ -82,7 +82,7 @@ def _pick_baseline(runs: list[Run], spec: str | None) -> Run:
 def _evaluate_ppl(run: Run, data: str, split: str, reference: dict[str, Any] | None, job: CompareJob,
                   argv: list[str] | None) -> tuple[Path, dict[str, Any]]:
     """Score ``run`` (its checkpoint directory, or run.json's "model") on the windows of ``reference`` (or
-    the defaults) and save ``RUN/ppl-<data>.json`` (next to the file for a bare-file run)."""
+    the defaults) and save ``RUN/ppl-<data>.json``."""
     from moequant.runs import PplJob, run_ppl
 
     d = job.eval_defaults
@@ -98,7 +98,7 @@ def _evaluate_ppl(run: Run, data: str, split: str, reference: dict[str, Any] | N
     log.info("%s has no %s perplexity JSON: scoring it (%d-token windows, max_tokens=%s)", run.name, data, seqlen,
              max_tokens)
     result = run_ppl(ppl_job, argv)
-    path = (run.path if run.is_dir else run.path.parent) / ppl_filename(data)
+    path = run.path / ppl_filename(data)
     write_json_atomic(path, result)
     return path, result
 
@@ -107,17 +107,23 @@ def _ppl_block(runs: list[Run], base: Run, data: str, job: CompareJob, argv: lis
                evaluated: list[str]) -> dict[str, Any]:
     found = {r.name: find_ppl(r, data, job.split) for r in runs}
     missing = [r for r in runs if found[r.name] is None]
-    reference = found[base.name][1] if found[base.name] else next((f[1] for f in found.values() if f), None)
-    for r in missing:
+    for r in missing:  # every refusal before the first (slow) scoring
+        if not r.is_dir:
+            raise MoequantError(f"run {r.path} is one JSON file without perplexity on {data}/{job.split}; "
+                                f"pass its folder holding {ppl_filename(data)} instead")
         if not (job.evaluate_missing and r.model_spec):
-            if not r.is_dir:
-                raise MoequantError(f"run {r.path} is one JSON file without perplexity on {data}/{job.split}; "
-                                    f"pass its folder holding {ppl_filename(data)} instead")
             why = ("it is not a checkpoint directory and has no run.json \"model\"" if not r.model_spec
                    else "--no-evaluate was given")
             raise MoequantError(f"run {r.path} has no perplexity JSON for {data}/{job.split} (looked for "
                                 f"{ppl_filename(data)} and ppl.json) and cannot be scored here: {why}. Write one "
                                 f"with `moequant eval ppl MODEL --data {data} --json {r.path / ppl_filename(data)}`")
+    have = [r for r in runs if found[r.name] is not None]
+    ref = base if found[base.name] is not None else (have[0] if have else None)
+    for r in have:
+        if r is not ref:
+            check_same_windows(str(found[ref.name][0]), found[ref.name][1], str(found[r.name][0]), found[r.name][1])
+    reference = found[ref.name][1] if ref is not None else None
+    for r in missing:
         found[r.name] = _evaluate_ppl(r, data, job.split, reference, job, argv)
         evaluated.append(str(found[r.name][0]))
         reference = reference or found[r.name][1]
