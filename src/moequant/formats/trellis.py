@@ -24,8 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from moequant.codecs.config import MethodConfig, TrellisConfig
-from moequant.codecs.trellis import (code_values, initial_lut, pack_tile_bits, quantize_matrix, reconstruct,
-                                     unpack_tile_states, words_per_tile)
+from moequant.codecs.trellis import initial_lut, pack_tile_bits, quantize_matrix, unpack_tile_states, words_per_tile
 from moequant.formats.base import QuantizedTensor
 from moequant.formats.uniform import hessian_diag
 
@@ -103,16 +102,19 @@ class TrellisTensor(QuantizedTensor):
         return flat.reshape(*words.shape[:-1], flat.shape[-1])
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Decoded through the ``moequant::trellis_dequant`` op (``kernels.trellis``), one matrix at a time."""
+        from moequant.kernels.trellis import dequant
+
         cfg = self.config
-        states, scale = self.states(), self.data["scale"]
-        if cfg.code != "hyb":
-            return reconstruct(states, code_values(cfg), scale, cfg.tile).to(dtype)
+        words, scale = self.data["words"], self.data["scale"]
         lead = self.shape[:-2]
-        luts = self.data["lut"].reshape(-1, *self.data["lut"].shape[-2:])  # [E, 2^Q, 2]
-        states = states.reshape(-1, *states.shape[len(lead):])  # [E, N/t, K/t, S]
+        if not lead:
+            return dequant(words, scale, self.data.get("lut"), cfg).to(dtype)
+        words = words.reshape(-1, *words.shape[len(lead):])  # [E, N/t, K/t, W]
         scale = scale.reshape(-1, scale.shape[-1])  # [E, N]
-        out = [reconstruct(states[e], code_values(cfg, luts[e].to(torch.float32)), scale[e], cfg.tile)
-               for e in range(luts.shape[0])]
+        luts = self.data.get("lut")
+        luts = None if luts is None else luts.reshape(-1, *luts.shape[-2:])  # [E, 2^Q, 2]
+        out = [dequant(words[e], scale[e], None if luts is None else luts[e], cfg) for e in range(words.shape[0])]
         return torch.stack(out).reshape(self.shape).to(dtype)
 
     @classmethod
