@@ -178,6 +178,11 @@ def _num(x: float) -> str:
     return f"{x:.0f}"
 
 
+def _ratio(x: float) -> str:
+    """4 decimals near 1 (where the gate is decided), the PPL format for blow-ups."""
+    return f"{x:.4f}" if x < 10 else _num(x)
+
+
 def _interval(ci: list[float] | None, fmt=_num) -> str:
     return "-" if ci is None else f"[{fmt(ci[0])}, {fmt(ci[1])}]"
 
@@ -197,7 +202,7 @@ def markdown_report(result: dict[str, Any]) -> str:
     base = result["baseline"]
     runs = {r["name"]: r for r in result["runs"]}
     lines = ["# moequant compare", "",
-             f"Baseline: **{base}** (`{runs[base]['path']}`). Intervals: {st['level']:.0%} percentile bootstrap "
+             f"Baseline: **{base}** (`{runs[base]['path']}`). Intervals: {st['level']:.0%} expanded percentile bootstrap "
              f"over windows (PPL) or examples (accuracy), {st['n_boot']} replicates, seed {st['seed']}; ratios and "
              "deltas are paired (the same resampled windows/examples for both runs).",
              "",
@@ -211,7 +216,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         for row in block["rows"]:
             r = runs[row["run"]]
             ratio = "1 (baseline)" if row["ratio_ci"] is None else (
-                f"{row['ratio']:.4f} {_interval(row['ratio_ci'], lambda x: f'{x:.4f}')}")
+                f"{_ratio(row['ratio'])} {_interval(row['ratio_ci'], _ratio)}")
             lines.append(f"| {row['run']} | {r['method']} | {_bpw(r['bits_per_weight'])} | "
                          f"{_mib(r['checkpoint_bytes'])} | {_num(row['ppl'])} {_interval(row['ci'])} | {ratio} | "
                          f"{row['verdict']} |")

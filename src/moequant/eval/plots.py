@@ -42,6 +42,11 @@ def _save(fig: Any, path: Path) -> None:
     write_bytes_atomic(path, buf.getvalue())
 
 
+def _fmt(v: float) -> str:
+    """4 significant digits below 1000, whole numbers with thousands separators above."""
+    return f"{v:.4g}" if abs(v) < 1000 else f"{v:,.0f}"
+
+
 def _log_y(values: list[float]) -> bool:
     lo, hi = min(values), max(values)
     return lo > 0 and hi / lo > 20
@@ -51,8 +56,9 @@ def _plain_log_ticks(ax: Any, lo: float, hi: float) -> None:
     """Log y axis labelled with plain numbers (``25``, ``1e+04``), minor ticks labelled within a decade."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    fmt = FuncFormatter(lambda v, _: f"{v:g}")
+    fmt = FuncFormatter(lambda v, _: _fmt(v))
     ax.yaxis.set_major_formatter(fmt)
+    ax.grid(axis="y", alpha=0.3, which="both" if hi / lo < 100 else "major")
     if hi / lo < 10:
         ax.yaxis.set_minor_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)))
         ax.yaxis.set_minor_formatter(fmt)
@@ -76,15 +82,17 @@ def plot_ppl(rows: list[dict[str, Any]], baseline: str, title: str, path: Path) 
     base_ppl = next(r["ppl"] for r in rows if r["run"] == baseline)
     ax.axhline(base_ppl, color="tab:gray", ls="--", lw=1, label=f"baseline {baseline}: {base_ppl:.4g}")
     for i, v in enumerate(ppl):
-        ax.annotate(f"{v:.4g}", (i, v), textcoords="offset points", xytext=(8, 0), va="center", fontsize=8)
+        ax.annotate(_fmt(v), (i, v), textcoords="offset points", xytext=(8, 0), va="center", fontsize=8)
     ax.set_xticks(range(len(rows)), names, rotation=20 if len(rows) > 4 else 0, ha="right" if len(rows) > 4 else "center")
+    ax.set_xlim(-0.5, len(rows) - 0.5 + 0.3)  # room for the last value label
     if log_y:
         ax.set_yscale("log")
         _plain_log_ticks(ax, min(lows), max(highs))
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
-    ax.grid(axis="y", alpha=0.3, which="both")
+    if not log_y:
+        ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
 
 
@@ -102,9 +110,9 @@ def plot_frontier(points: list[dict[str, Any]], baseline: dict[str, Any], title:
         y = [p["ppl"] for p in pts]
         err = [[p["ppl"] - p["ci"][0] for p in pts], [p["ci"][1] - p["ppl"] for p in pts]]  # [2, n]
         ax.errorbar(x, y, yerr=err, fmt="o", color="tab:blue", capsize=4, label="run, PPL with 95% CI")
-        for p in pts:
-            ax.annotate(p["run"], (p["bits_per_weight"], p["ppl"]), textcoords="offset points", xytext=(6, 4),
-                        fontsize=8)
+        for p, dy in zip(pts, _label_offsets(pts)):
+            ax.annotate(p["run"], (p["bits_per_weight"], p["ppl"]), textcoords="offset points", xytext=(7, dy),
+                        va="center", fontsize=8)
         span = max(x) - min(x)
         ax.set_xlim(min(x) - 0.15 * span - 0.3, max(x) + 0.35 * span + 0.5)
     ax.set_yscale("log")
@@ -115,8 +123,22 @@ def plot_frontier(points: list[dict[str, Any]], baseline: dict[str, Any], title:
     ax.set_ylabel("perplexity (log scale, lower is better)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
-    ax.grid(alpha=0.3, which="both")
+    ax.grid(axis="x", alpha=0.3)
     _save(fig, path)
+
+
+def _label_offsets(pts: list[dict[str, Any]]) -> list[float]:
+    """Vertical label offsets (points) so that runs at (nearly) the same bits/weight do not overprint:
+    within a group, the highest PPL's label goes up, the next ones 11 points lower each."""
+    out = [0.0] * len(pts)
+    groups: dict[float, list[int]] = {}
+    for i, p in enumerate(pts):
+        groups.setdefault(round(p["bits_per_weight"] * 10) / 10, []).append(i)
+    for idx in groups.values():
+        idx.sort(key=lambda i: -pts[i]["ppl"])
+        for k, i in enumerate(idx):
+            out[i] = 5.5 * (len(idx) - 1) - 11.0 * k
+    return out
 
 
 def expert_proxy_matrices(report: dict[str, Any]) -> dict[str, tuple[list[int], list[list[float]]]]:
