@@ -254,6 +254,7 @@ def run_compare(job: CompareJob, argv: list[str] | None = None) -> dict[str, Any
     result.update(job.extra)
     job.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=job.out.parent, prefix=f".{job.out.name}.tmp-"))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700
     try:
         result["plots"] = _plots(result, runs, tmp) if job.plots else []
         result["report_md"] = markdown_report(result)
