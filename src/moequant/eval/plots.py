@@ -206,6 +206,7 @@ def plot_proxy_heatmap(report: dict[str, Any], title: str, path: Path) -> bool:
         ax.set_yticks(range(a.shape[0]), [str(i) for i in layers])
         ax.tick_params(labelsize=7)
     cbar = fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9)
+    cbar.ax.tick_params(labelsize=7)
     cbar.set_label(r"proxy loss $\mathrm{tr}(\Delta H \Delta^\top) / \mathrm{tr}(W H W^\top)$ (log scale)",
                    fontsize=8)
     fig.suptitle(title, fontsize=10, y=1.0 + 0.25 / (1.6 + 0.38 * n_layers))
