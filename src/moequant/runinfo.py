@@ -84,3 +84,35 @@ def return_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+class RssSampler:
+    """Highest RSS seen while the ``with`` block runs, sampled every ``interval`` s by a daemon thread.
+
+    ``ru_maxrss`` is a process-lifetime maximum, so it cannot tell a phase's peak from an earlier one
+    (tokenizing the calibration text); this can. ``peak_bytes`` is valid after the block (and, as a
+    running value, during it)."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval = interval
+        self.peak_bytes = 0
+        self._stop = None
+        self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
+
+    def __enter__(self) -> "RssSampler":
+        import threading
+
+        self.peak_bytes = current_rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, current_rss_bytes())

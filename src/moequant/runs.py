@@ -17,7 +17,7 @@ from moequant.alloc.recipe import Recipe
 from moequant.calib.data import CalibData
 from moequant.errors import MoequantError
 from moequant.layerwise import HessianConfig
-from moequant.runinfo import current_rss_bytes, peak_rss_bytes, run_info
+from moequant.runinfo import RssSampler, current_rss_bytes, peak_rss_bytes, run_info
 from moequant.solvers.config import SolverConfig
 
 log = logging.getLogger(__name__)
@@ -70,12 +70,14 @@ def run_quantize(job: QuantizeJob, argv: list[str] | None = None) -> dict[str, A
         calib = Calibration(calibration_tokens(tok, job.calib), batch_size=job.calib_batch_size, hessian=job.hessian,
                             source=job.calib.to_dict())
     peak_before = peak_rss_bytes()  # loading, tokenizing the calibration text
+    rss_start = current_rss_bytes()
     t0 = time.time()
     if job.offload:
         from moequant.offload import quantize_offloaded
 
-        report = quantize_offloaded(Path(resolved.path), job.out, job.recipe, calib, job.solver, tokenizer=tok,
-                                    overwrite=job.overwrite, progress=job.progress)
+        with RssSampler() as sampler:
+            report = quantize_offloaded(Path(resolved.path), job.out, job.recipe, calib, job.solver, tokenizer=tok,
+                                        overwrite=job.overwrite, progress=job.progress)
         t_quant = time.time() - t0
         peak = peak_rss_bytes()
         model = api.load(job.out)
@@ -95,6 +97,9 @@ def run_quantize(job: QuantizeJob, argv: list[str] | None = None) -> dict[str, A
         **{k: v for k, v in report.to_dict().items() if k not in ("recipe", "bits_per_weight")},
         "table": report.table(),
         "peak_rss_bytes": peak, "rss_before_load_bytes": rss0, "peak_rss_before_quantize_bytes": peak_before,
+        # offload only: RSS when the layer loop starts and the highest RSS sampled during it
+        "rss_start_quantize_bytes": rss_start if job.offload else None,
+        "peak_rss_quantize_bytes": sampler.peak_bytes if job.offload else None,
         "seconds": {"load": round(t_load, 2), "quantize": round(t_quant, 2)},
         **run_info(argv),
     }
