@@ -176,7 +176,7 @@ def run_dirs(tmp_path, base_nll):
     return fp, q4, q2, peer
 
 
-def test_run_layout_and_metadata(run_dirs):
+def test_run_layout_and_metadata(run_dirs, tmp_path):
     fp, q4, q2, peer = run_dirs
     r = load_run(q4)
     assert (r.name, r.bits_per_weight, r.checkpoint_bytes, r.method) == ("q4", 4.25, 3 * 2**20, "int4-g64-clip ldlq")
@@ -188,6 +188,14 @@ def test_run_layout_and_metadata(run_dirs):
     p = load_run(peer)
     assert (p.name, p.bits_per_weight) == ("HQQ 4-bit", 4.52)  # run.json wins over the JSON's own fields
     assert load_run(fp).method == "unquantized (m)"
+    # bare eval JSONs are named after their folder; two in one folder become folder/stem
+    from moequant.eval.runs_io import check_unique_names
+
+    files = [_write(tmp_path / "eval" / d / f"{t}.json", _tasks(np.ones(4, int), np.ones(4, int)))
+             for d, t in (("fp", "social_iqa"), ("int4", "social_iqa"), ("int4", "again"))]
+    runs = [load_run(f) for f in files]
+    check_unique_names(runs)
+    assert [r.name for r in runs] == ["fp", "int4/social_iqa", "int4/again"]
 
 
 def test_compare_writes_report_json_and_plots(run_dirs, tmp_path, one_thread):

@@ -189,7 +189,7 @@ def load_run(spec: str | Path) -> Run:
     if is_dir:
         default_name = path.name
     else:
-        default_name = path.parent.name if path.name == LEGACY_PPL or path.name.startswith("ppl-") else path.stem
+        default_name = path.resolve().parent.name or path.stem  # runs/peers/hqq-int4/ppl.json -> hqq-int4
     name = str(meta.get("name") or default_name)
     sources = {k: v for k, v in (("bits_per_weight", bpw_src), ("checkpoint_bytes", ck_src)) if v}
     model_spec = str(path) if is_checkpoint else (str(meta["model"]) if meta.get("model") else None)
@@ -201,6 +201,11 @@ def load_run(spec: str | Path) -> Run:
 
 
 def check_unique_names(runs: list[Run]) -> None:
+    """Bare-file runs named after the same folder become ``folder/stem``; any other clash is an error."""
+    names = [r.name for r in runs]
+    for r in runs:
+        if not r.is_dir and names.count(r.name) > 1 and r.name == r.path.resolve().parent.name:
+            r.name = f"{r.name}/{r.path.stem}"
     seen: dict[str, Path] = {}
     for r in runs:
         if r.name in seen:
