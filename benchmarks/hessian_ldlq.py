@@ -8,6 +8,8 @@
     python benchmarks/hessian_ldlq.py ablation --model tiny-olmoe --json benchmarks/results/ablation_tiny-olmoe.json
     # issue #4: 2-bit trellis (LDLQ+RHT) vs int2 LDLQ+RHT vs int2 RTN; on MoE also trellis with layer-mean H
     python benchmarks/hessian_ldlq.py trellis --model tiny-olmoe --trellis-l 16 --layer-mean --json benchmarks/results/trellis_tiny-olmoe.json
+    # dense: the trellis row alone, paired with the `solvers` sweep's int2 rows by benchmarks/paired.py
+    python benchmarks/hessian_ldlq.py trellis --model smollm2-135m --trellis-l 12 --trellis-only --max-tokens 32768 --json ...
 
 Calibration: PTB train, 128 windows of 512 tokens, seed 0 (never the evaluation text). Every method is
 scored on the same PTB test windows; the pair table gives paired bootstrap CIs of PPL ratios.
@@ -73,8 +75,8 @@ def ablation_plan(group: int, calib: CalibData) -> tuple[tuple[SweepEntry, ...],
     return tuple(entries), tuple(pairs)
 
 
-def trellis_plan(group: int, calib: CalibData, L: int = 16,
-                 moe: bool = False) -> tuple[tuple[SweepEntry, ...], tuple[tuple[str, str], ...]]:
+def trellis_plan(group: int, calib: CalibData, L: int = 16, moe: bool = False,
+                 baselines: bool = True) -> tuple[tuple[SweepEntry, ...], tuple[tuple[str, str], ...]]:
     """2-bit trellis (HYB, V=2, tail-biting) vs int2 (asym, group ``group``), both LDLQ+RHT, and int2
     RTN; with ``moe`` also the trellis with layer-mean expert Hessians (the ablation repeated)."""
     cfg2 = _int(2, group)
@@ -82,6 +84,8 @@ def trellis_plan(group: int, calib: CalibData, L: int = 16,
     rtn = SweepEntry(cfg2, RTN, label=f"{cfg2.short_name} rtn")
     i2 = SweepEntry(cfg2, LDLQ_RHT, calib, label=f"{cfg2.short_name} ldlq+rht")
     t2 = SweepEntry(tr, LDLQ_RHT, calib, label=f"{tr.short_name} ldlq+rht")
+    if not baselines:  # the int2 rows come from another sweep on the same windows (pair with paired.py)
+        return (t2,), ()
     entries = [rtn, i2, t2]
     pairs = [(t2.name, i2.name), (t2.name, rtn.name), (i2.name, rtn.name)]
     if moe:
@@ -100,6 +104,8 @@ def main() -> int:
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=0, help="0 = the whole PTB test split")
     p.add_argument("--trellis-l", type=int, default=16, help="trellis plan: state bits L")
+    p.add_argument("--trellis-only", action="store_true",
+                   help="trellis plan: only the trellis row (int2 rows from a `solvers` sweep on the same windows)")
     p.add_argument("--layer-mean", action="store_true",
                    help="trellis plan, MoE models: add the trellis with layer-mean expert Hessians")
     p.add_argument("--work", default="runs/bench")
@@ -108,7 +114,8 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO)
     calib = CalibData("ptb", "train", args.calib_samples, args.calib_seqlen, seed=0)
     if args.plan == "trellis":
-        entries, pairs = trellis_plan(args.group_size, calib, args.trellis_l, moe=args.layer_mean)
+        entries, pairs = trellis_plan(args.group_size, calib, args.trellis_l, moe=args.layer_mean,
+                                      baselines=not args.trellis_only)
     else:
         plan = {"solvers": solvers_plan, "ldlq": ldlq_plan, "ablation": ablation_plan}[args.plan]
         entries, pairs = plan(args.group_size, calib)
