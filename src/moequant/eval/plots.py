@@ -105,21 +105,24 @@ def plot_frontier(points: list[dict[str, Any]], baseline: dict[str, Any], title:
                label=f"baseline {baseline['run']}: PPL {baseline['ppl']:.4g}")
     ax.axhspan(baseline["ci"][0], baseline["ci"][1], color="tab:gray", alpha=0.15, label="baseline 95% CI")
     pts = sorted(points, key=lambda p: p["bits_per_weight"])
+    dodged = False
     if pts:
-        x = [p["bits_per_weight"] for p in pts]
+        bits = [p["bits_per_weight"] for p in pts]
+        span = max(bits) - min(bits)
+        x = _dodge(pts, 0.05 * max(span, 1.0))
+        dodged = any(abs(a - b) > 1e-12 for a, b in zip(x, bits))
         y = [p["ppl"] for p in pts]
         err = [[p["ppl"] - p["ci"][0] for p in pts], [p["ci"][1] - p["ppl"] for p in pts]]  # [2, n]
         ax.errorbar(x, y, yerr=err, fmt="o", color="tab:blue", capsize=4, label="run, PPL with 95% CI")
-        for p, dy in zip(pts, _label_offsets(pts)):
-            ax.annotate(p["run"], (p["bits_per_weight"], p["ppl"]), textcoords="offset points", xytext=(7, dy),
-                        va="center", fontsize=8)
-        span = max(x) - min(x)
+        for p, xi, dy in zip(pts, x, _label_offsets(pts)):
+            ax.annotate(p["run"], (xi, p["ppl"]), textcoords="offset points", xytext=(7, dy), va="center", fontsize=8)
         ax.set_xlim(min(x) - 0.15 * span - 0.3, max(x) + 0.35 * span + 0.5)
     ax.set_yscale("log")
     lows = [baseline["ci"][0]] + [p["ci"][0] for p in pts]
     highs = [baseline["ci"][1]] + [p["ci"][1] for p in pts]
     _plain_log_ticks(ax, min(lows), max(highs))
-    ax.set_xlabel("bits per weight (quantized tensors, every stored bit)")
+    ax.set_xlabel("bits per weight (quantized tensors, every stored bit)"
+                  + ("\nruns with equal bits/weight are drawn side by side" if dodged else ""))
     ax.set_ylabel("perplexity (log scale, lower is better)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
@@ -127,15 +130,28 @@ def plot_frontier(points: list[dict[str, Any]], baseline: dict[str, Any], title:
     _save(fig, path)
 
 
+def _groups(pts: list[dict[str, Any]]) -> list[list[int]]:
+    """Indices of runs with the same bits/weight (to 0.1), each group by decreasing PPL."""
+    groups: dict[float, list[int]] = {}
+    for i, p in enumerate(pts):
+        groups.setdefault(round(p["bits_per_weight"] * 10) / 10, []).append(i)
+    return [sorted(idx, key=lambda i: -pts[i]["ppl"]) for idx in groups.values()]
+
+
+def _dodge(pts: list[dict[str, Any]], step: float) -> list[float]:
+    """x positions: runs sharing a bits/weight are spread ``step`` apart around it, highest PPL leftmost."""
+    x = [p["bits_per_weight"] for p in pts]
+    for idx in _groups(pts):
+        for k, i in enumerate(idx):
+            x[i] += step * (k - (len(idx) - 1) / 2)
+    return x
+
+
 def _label_offsets(pts: list[dict[str, Any]]) -> list[float]:
     """Vertical label offsets (points) so that runs at (nearly) the same bits/weight do not overprint:
     within a group, the highest PPL's label goes up, the next ones 11 points lower each."""
     out = [0.0] * len(pts)
-    groups: dict[float, list[int]] = {}
-    for i, p in enumerate(pts):
-        groups.setdefault(round(p["bits_per_weight"] * 10) / 10, []).append(i)
-    for idx in groups.values():
-        idx.sort(key=lambda i: -pts[i]["ppl"])
+    for idx in _groups(pts):
         for k, i in enumerate(idx):
             out[i] = 5.5 * (len(idx) - 1) - 11.0 * k
     return out
