@@ -114,13 +114,17 @@ def plot_frontier(points: list[dict[str, Any]], baseline: dict[str, Any], title:
         y = [p["ppl"] for p in pts]
         err = [[p["ppl"] - p["ci"][0] for p in pts], [p["ci"][1] - p["ppl"] for p in pts]]  # [2, n]
         ax.errorbar(x, y, yerr=err, fmt="o", color="tab:blue", capsize=4, label="run, PPL with 95% CI")
-        for p, xi, dy in zip(pts, x, _label_offsets(pts)):
-            ax.annotate(p["run"], (xi, p["ppl"]), textcoords="offset points", xytext=(7, dy), va="center", fontsize=8)
         ax.set_xlim(min(x) - 0.15 * span - 0.3, max(x) + 0.35 * span + 0.5)
     ax.set_yscale("log")
     lows = [baseline["ci"][0]] + [p["ci"][0] for p in pts]
     highs = [baseline["ci"][1]] + [p["ci"][1] for p in pts]
     _plain_log_ticks(ax, min(lows), max(highs))
+    if pts:
+        ax.set_ylim(*ax.get_ylim())  # freeze the limits so that data -> display is final for label placement
+        names = [p["run"] for p in pts]
+        for name, xi, yi, dy in zip(names, x, y, _label_offsets(ax, fig.dpi, x, y, names)):
+            ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(7, dy), va="center", fontsize=8,
+                        arrowprops=dict(arrowstyle="-", lw=0.5, color="gray") if abs(dy) > 6 else None)
     ax.set_xlabel("bits per weight (quantized tensors, every stored bit)"
                   + ("\nruns with equal bits/weight are drawn side by side" if dodged else ""))
     ax.set_ylabel("perplexity (log scale, lower is better)")
@@ -147,13 +151,25 @@ def _dodge(pts: list[dict[str, Any]], step: float) -> list[float]:
     return x
 
 
-def _label_offsets(pts: list[dict[str, Any]]) -> list[float]:
-    """Vertical label offsets (points) so that runs at (nearly) the same bits/weight do not overprint:
-    within a group, the highest PPL's label goes up, the next ones 11 points lower each."""
-    out = [0.0] * len(pts)
-    for idx in _groups(pts):
-        for k, i in enumerate(idx):
-            out[i] = 5.5 * (len(idx) - 1) - 11.0 * k
+def _label_offsets(ax: Any, dpi: float, x: list[float], y: list[float], names: list[str]) -> list[float]:
+    """Vertical offsets (points) of the labels right of each point so that no label overlaps another label
+    or a marker: from the top point down, each label takes the free slot nearest its point (0, +h, -h,
+    +2h, ...)."""
+    import numpy as np
+
+    xy = ax.transData.transform(np.column_stack([x, y])) * 72.0 / dpi  # [n, 2] in points
+    height, char, marker = 10.5, 4.6, 5.0  # 8-point text: line height, mean character width; marker radius
+    boxes = [(px - marker, px + marker, py - marker, py + marker) for px, py in xy]  # (x0, x1, y0, y1)
+    out = [0.0] * len(x)
+    for i in sorted(range(len(x)), key=lambda i: -xy[i, 1]):
+        x0, x1 = xy[i, 0] + 7, xy[i, 0] + 7 + char * len(names[i])
+        for k in range(0, 4 * len(x) + 2):
+            dy = height * ((k + 1) // 2) * (1 if k % 2 else -1)
+            y0, y1 = xy[i, 1] + dy - height / 2, xy[i, 1] + dy + height / 2
+            if not any(x0 < bx1 and bx0 < x1 and y0 < by1 and by0 < y1 for bx0, bx1, by0, by1 in boxes):
+                break
+        boxes.append((x0, x1, y0, y1))
+        out[i] = dy
     return out
 
 
