@@ -283,3 +283,8 @@ def test_cli_baseline_flag_and_gate_exit_code(run_dirs, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| q4 | int4-g64-clip ldlq | 4.250 | 3.0 |" in printed
     assert main(["-q", "compare", str(fp), str(q4), "--ppl", "", "--out", str(out)]) == 2
+    # --tasks alone compares tasks only (no default PTB)
+    assert main(["-q", "compare", str(fp), str(q2), "--tasks", "social_iqa", "--out", str(out), "--no-plots",
+                 "--n-boot", "500"]) == 0
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["ppl"] == {} and saved["tasks"]["social_iqa"]["metrics"]["acc"]["q2"]["verdict"] == GATE_WORSE

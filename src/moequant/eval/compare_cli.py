@@ -282,7 +282,8 @@ def _csv(value: str) -> tuple[str, ...]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    job = CompareJob(runs=tuple(args.runs), out=Path(args.out), ppl=_csv(args.ppl), tasks=_csv(args.tasks),
+    ppl = _csv(args.ppl) if args.ppl is not None else (() if args.tasks else ("ptb",))
+    job = CompareJob(runs=tuple(args.runs), out=Path(args.out), ppl=ppl, tasks=_csv(args.tasks),
                      baseline=args.baseline, split=args.split,
                      stats=StatsConfig(n_boot=args.n_boot, seed=args.seed, level=args.level),
                      evaluate_missing=not args.no_evaluate,
@@ -302,8 +303,8 @@ def add_compare_parser(sub: Any) -> None:
                        "a gate verdict per run, report.md, compare.json and plots")
     c.add_argument("runs", nargs="+", help="run directories (checkpoints with report.json, or folders holding "
                    "ppl-<data>.json / ppl.json / tasks.json) or bare ppl.json / tasks JSON files")
-    c.add_argument("--ppl", default="ptb", help="comma-separated corpora to compare on (default ptb; '' for none); "
-                   "a checkpoint without RUN/ppl-<data>.json is scored and the JSON saved")
+    c.add_argument("--ppl", default=None, help="comma-separated corpora to compare on (default: ptb, or none when "
+                   "--tasks is given); a checkpoint without RUN/ppl-<data>.json is scored and the JSON saved")
     c.add_argument("--tasks", default="", help="comma-separated zero-shot tasks read from RUN/tasks.json")
     c.add_argument("--baseline", help="the run every other is compared with (default: the first)")
     c.add_argument("--out", default="runs/compare", help="output directory (default runs/compare; replaced if it "
