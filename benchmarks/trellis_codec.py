@@ -5,7 +5,8 @@ tail-biting vs free start, the tile length's effect on the tail-biting cost) and
     python benchmarks/trellis_codec.py --json benchmarks/results/trellis_codec.json
 
 Every MSE row encodes the same seeded sample (``--weights`` values, default 2^16 = 256 tiles of 16x16)
-at unit scale: no row scales, no LUT tuning, the codec alone. Free start stores L - K·V bits more per
+scaled to the code's RMS (as the quantizer's row scales do; MSE is reported in the data's units), with
+the initial LUT: the codec alone. Free start stores L - K·V bits more per
 tile than tail-biting, so it is not a same-rate comparison; the ``tile`` rows show the gap shrinking as
 the tile (and so the bits those extra bits are spread over) grows. Throughput is measured on one
 process with whatever threads torch gets (``torch.get_num_threads()`` is recorded): run it alone.
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from moequant.codecs.config import TrellisConfig
-from moequant.codecs.trellis import code_values, decode_tiles, encode_tiles, initial_lut, mse_per_weight
+from moequant.codecs.trellis import code_rms, code_values, decode_tiles, encode_tiles, initial_lut, mse_per_weight
 from moequant.runinfo import run_info
 
 log = logging.getLogger("trellis_codec")
@@ -41,13 +42,17 @@ def measure(cfg: TrellisConfig, x: torch.Tensor) -> dict:
     t = cfg.tile * cfg.tile
     tiles = x[: (x.numel() // t) * t].reshape(-1, t)  # [B, T]
     lut = initial_lut(cfg)
+    values = code_values(cfg, lut)  # [2^L, V]
+    # as the quantizer does with its row scales: bring the data to the code's RMS, then measure the
+    # error back in the data's units
+    s = code_rms(values)
     t0 = time.perf_counter()
-    words, states = encode_tiles(tiles, cfg, lut)
+    words, states = encode_tiles(tiles * s, cfg, lut)
     secs = time.perf_counter() - t0
-    rec = code_values(cfg, lut)[states].reshape(tiles.shape)  # the encoder's reconstruction [B, T]
+    rec = values[states].reshape(tiles.shape)  # the encoder's reconstruction [B, T], at the code's scale
     dec = decode_tiles(words, cfg, lut)  # [B, T] from the packed words alone
     return {"config": cfg.to_dict(), "name": cfg.short_name, "tile_weights": t, "tiles": tiles.shape[0],
-            "weights": tiles.numel(), "mse": mse_per_weight(tiles, rec), "seconds": secs,
+            "code_rms": s, "weights": tiles.numel(), "mse": mse_per_weight(tiles, rec / s), "seconds": secs,
             "weights_per_s": tiles.numel() / secs, "decode_exact": bool(torch.equal(rec, dec)),
             "stored_bits_per_tile": int(words.shape[-1]) * 16}
 
