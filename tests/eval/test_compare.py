@@ -196,6 +196,11 @@ def test_run_layout_and_metadata(run_dirs, tmp_path):
     runs = [load_run(f) for f in files]
     check_unique_names(runs)
     assert [r.name for r in runs] == ["fp", "int4/social_iqa", "int4/again"]
+    # an eval JSON written elsewhere finds its checkpoint's report.json through its "model" field
+    elsewhere = _write(tmp_path / "eval" / "q4" / "social_iqa.json", {**_tasks(np.ones(4, int), np.ones(4, int)),
+                                                                       "model": str(q4)})
+    r = load_run(elsewhere)
+    assert (r.name, r.bits_per_weight, r.method) == ("q4", 4.25, "int4-g64-clip ldlq")
 
 
 def test_compare_writes_report_json_and_plots(run_dirs, tmp_path, one_thread):

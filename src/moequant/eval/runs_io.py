@@ -23,7 +23,8 @@ run that is not a checkpoint directory (e.g. the unquantized baseline) on a corp
 Run metadata (name, method, bits/weight, checkpoint bytes) is taken, first found wins, from
 ``run.json``, then ``report.json``, then the fields of the evaluation JSON itself (peer ``ppl.json``
 files carry ``bits_per_weight``, ``checkpoint_bytes``, ``peer`` and ``config``). For a bare file the
-``run.json`` next to it counts.
+``run.json`` next to it counts, and the ``report.json`` of the checkpoint its ``"model"`` field names
+(``moequant eval ppl/tasks runs/x --json elsewhere.json`` records ``"model": "runs/x"``).
 """
 
 from __future__ import annotations
@@ -164,13 +165,18 @@ def load_run(spec: str | Path) -> Run:
                 return e[key], "eval json"
         return None, "eval json"
 
+    report_src = REPORT
+    if report is None and not is_dir:  # an eval JSON of a checkpoint: its "model" is the checkpoint directory
+        model = from_evals("model")[0]
+        if isinstance(model, str) and (Path(model) / REPORT).is_file():
+            report, report_src = read_json(Path(model) / REPORT), str(Path(model) / REPORT)
     rep = report or {}
-    bpw, bpw_src = _first((meta.get("bits_per_weight"), RUN_META), (rep.get("bits_per_weight"), REPORT),
+    bpw, bpw_src = _first((meta.get("bits_per_weight"), RUN_META), (rep.get("bits_per_weight"), report_src),
                           from_evals("bits_per_weight"))
     bpw_model, _ = _first((meta.get("bits_per_weight_model"), RUN_META), (rep.get("bits_per_weight_model"), REPORT),
                           from_evals("bits_per_weight_model"))
     is_checkpoint = is_dir and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
-    ck, ck_src = _first((meta.get("checkpoint_bytes"), RUN_META), (rep.get("checkpoint_bytes"), REPORT),
+    ck, ck_src = _first((meta.get("checkpoint_bytes"), RUN_META), (rep.get("checkpoint_bytes"), report_src),
                         from_evals("checkpoint_bytes"))
     if ck is None and is_checkpoint:
         ck, ck_src = _checkpoint_bytes_on_disk(path), "files on disk"
