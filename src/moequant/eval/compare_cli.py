@@ -9,7 +9,7 @@ import logging
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from moequant.eval.runs_io import (
     Run,
     check_unique_names,
     data_slug,
+    file_slug,
     find_ppl,
     find_tasks,
     load_run,
@@ -67,7 +68,6 @@ class CompareJob:
     eval_defaults: EvalDefaults = EvalDefaults()
     plots: bool = True
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _pick_baseline(runs: list[Run], spec: str | None) -> Run:
@@ -199,7 +199,7 @@ def _plots(result: dict[str, Any], runs: list[Run], tmp: Path) -> list[str]:
     for r in runs:
         if r.report is None:
             continue
-        name = f"proxy_{r.name}.png"
+        name = f"proxy_{file_slug(r.name)}.png"
         if plot_proxy_heatmap(r.report, f"{r.name}: per-expert proxy loss", tmp / name):
             files.append(name)
     return files
@@ -251,7 +251,6 @@ def run_compare(job: CompareJob, argv: list[str] | None = None) -> dict[str, Any
         result["tasks"][task] = _task_block(runs, base, task, job)
     result["evaluated"] = evaluated
     result.update(run_info(argv))
-    result.update(job.extra)
     job.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=job.out.parent, prefix=f".{job.out.name}.tmp-"))
     tmp.chmod(0o755)  # mkdtemp makes it 0700

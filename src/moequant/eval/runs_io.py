@@ -50,10 +50,14 @@ EVAL_JSON_PREFIXES = ("ppl", "tasks", "compare")  # eval outputs, never counted 
 PPL_FIELDS = ("nll_per_window", "tokens_per_window")
 
 
+def file_slug(name: str) -> str:
+    """``name`` safe as one file name: runs of other characters than ``A-Za-z0-9_.-`` become ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip(".") or "_"
+
+
 def data_slug(data: str) -> str:
     """A corpus alias as is (``ptb``); a text file by its stem (``/x/my text.txt`` -> ``my_text``)."""
-    name = Path(data).stem if ("/" in data or Path(data).suffix) else data
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "data"
+    return file_slug(Path(data).stem if ("/" in data or Path(data).suffix) else data)
 
 
 def ppl_filename(data: str) -> str:
