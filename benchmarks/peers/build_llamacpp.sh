@@ -35,6 +35,8 @@ if ! python -c "import llama_cpp" 2>/dev/null; then
     CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" nice -n 5 pip install -c constraints.txt \
         "$B/llama_cpp_python-$VER.tar.gz"
 fi
+# convert_hf_to_gguf.py imports sentencepiece before it looks for tokenizer.model.
+python -c "import sentencepiece" 2>/dev/null || pip install -c constraints.txt sentencepiece
 LIBDIR=$(python - <<'EOF'
 import importlib.util, pathlib
 print(pathlib.Path(importlib.util.find_spec("llama_cpp").origin).parent / "lib")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -29,8 +30,9 @@ def types_cell(d: dict) -> str:
     if "tensor_types" in acct:
         return ", ".join(f"{k}×{v}" for k, v in sorted(acct["tensor_types"].items(), key=lambda kv: -kv[1]))
     ex = acct.get("stored_tensor_examples")
-    if ex:
-        return "; ".join(sorted(ex))[:120]
+    if ex:  # "W_q:uint8[2592, 64] scale:float16[5184, 1] ... for [576, 576]" -> "W_q uint8, scale float16, ..."
+        parts = re.findall(r"([\w.]+):(\w+)\[", sorted(ex)[0])
+        return ", ".join(f"{k} {dt}" for k, dt in parts)
     if d.get("peer") == "moequant":
         return "packed int codes + fp16 group scales (+ int zero)"
     return "-"

@@ -143,7 +143,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--types", nargs="+", default=["F16", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ3_XXS", "IQ2_XS"])
     p.add_argument("--max-tokens", type=int, default=16384, help="0 = whole PTB test split")
-    p.add_argument("--imatrix-chunks", type=int, default=128)
+    p.add_argument("--imatrix-chunks", type=int, default=32)
     p.add_argument("--imatrix-iq-only", action="store_true", help="imatrix for IQ types only (default: all types)")
     p.add_argument("--default-embeddings", action="store_true",
                    help="let llama-quantize choose the token-embedding type (default: keep it f16)")
