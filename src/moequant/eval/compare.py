@@ -202,7 +202,8 @@ def markdown_report(result: dict[str, Any]) -> str:
     base = result["baseline"]
     runs = {r["name"]: r for r in result["runs"]}
     lines = ["# moequant compare", "",
-             f"Baseline: **{base}** (`{runs[base]['path']}`). Intervals: {st['level']:.0%} expanded percentile bootstrap "
+             f"Baseline: **{base}** (`{runs[base]['path']}`). Intervals: {st['level']:.0%} expanded percentile "
+             "bootstrap "
              f"over windows (PPL) or examples (accuracy), {st['n_boot']} replicates, seed {st['seed']}; ratios and "
              "deltas are paired (the same resampled windows/examples for both runs).",
              "",

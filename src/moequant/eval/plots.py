@@ -83,7 +83,8 @@ def plot_ppl(rows: list[dict[str, Any]], baseline: str, title: str, path: Path) 
     ax.axhline(base_ppl, color="tab:gray", ls="--", lw=1, label=f"baseline {baseline}: {base_ppl:.4g}")
     for i, v in enumerate(ppl):
         ax.annotate(_fmt(v), (i, v), textcoords="offset points", xytext=(8, 0), va="center", fontsize=8)
-    ax.set_xticks(range(len(rows)), names, rotation=20 if len(rows) > 4 else 0, ha="right" if len(rows) > 4 else "center")
+    tilt = len(rows) > 4
+    ax.set_xticks(range(len(rows)), names, rotation=20 if tilt else 0, ha="right" if tilt else "center")
     ax.set_xlim(-0.5, len(rows) - 0.5 + 0.3)  # room for the last value label
     if log_y:
         ax.set_yscale("log")

@@ -9,13 +9,15 @@ A *run* is one of:
 
 Layout of a run directory (the sweep's ``RUN/report.json`` + ``RUN/ppl.json``, extended by corpus):
 
-| file | written by | holds |
-|---|---|---|
-| ``report.json`` | ``moequant quantize``, sweeps | ``bits_per_weight``, per-tensor records (proxy losses) |
-| ``ppl-<data>.json`` | ``moequant eval ppl RUN --data <data> --json RUN/ppl-<data>.json``, ``moequant compare`` | perplexity on ``<data>`` |
-| ``ppl.json`` | sweeps (``moequant demo``), peer scripts | perplexity; used for ``<data>`` when its ``data`` field says so (or has none) |
-| ``tasks.json``, ``tasks-*.json`` | ``moequant eval tasks RUN --json RUN/tasks.json`` | ``{"tasks": {NAME: {"acc", "acc_norm", "per_example": [...]}}}`` |
-| ``run.json`` | you, optional | ``{"name", "method", "bits_per_weight", "checkpoint_bytes", "model"}`` |
+- ``report.json`` (``moequant quantize``, sweeps): ``bits_per_weight``, per-tensor records (proxy losses);
+- ``ppl-<data>.json`` (``moequant eval ppl RUN --data <data> --json RUN/ppl-<data>.json``, or
+  ``moequant compare`` itself): perplexity on ``<data>``;
+- ``ppl.json`` (sweeps such as ``moequant demo``, peer scripts): perplexity, used for ``<data>`` when
+  its ``data`` field says so (or it has none);
+- ``tasks.json``, ``tasks-*.json`` (``moequant eval tasks RUN --json RUN/tasks.json``):
+  ``{"results": {NAME: {"acc", "acc_norm", "examples": [{"idx", "answer", "acc", "acc_norm"}, ...]}}}``
+  (``{"tasks": {NAME: {..., "per_example": [{"correct", "correct_norm"}]}}}`` is read too);
+- ``run.json`` (you, optional): ``{"name", "method", "bits_per_weight", "checkpoint_bytes", "model"}``.
 
 ``run.json``'s ``"model"`` (a zoo alias, HF directory, .gguf or hub id) lets ``moequant compare`` score a
 run that is not a checkpoint directory (e.g. the unquantized baseline) on a corpus it has no JSON for.
