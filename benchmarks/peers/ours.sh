@@ -4,6 +4,7 @@
 #     bash benchmarks/peers/ours.sh                  # int4 / int3 (sym) and int2 (asym), RTN + MSE clip, g64
 #     LDLQ=1 bash benchmarks/peers/ours.sh           # also --solver ldlq --incoherence rht (PTB train calib; slow)
 #     MAX_TOKENS=0 bash benchmarks/peers/ours.sh     # whole PTB test split (default 16384 tokens)
+#     NICE=0 bash benchmarks/peers/ours.sh           # niceness of the jobs (default 5)
 #
 # Each run: `moequant quantize ... --out runs/peers/ours-<cfg>` then
 # `moequant eval ppl runs/peers/ours-<cfg> --data ptb --max-tokens N --json runs/peers/ours-<cfg>/ppl.json`;
@@ -15,13 +16,15 @@ cd "$ROOT"
 . .venv/bin/activate
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 N=${MAX_TOKENS:-16384}
+NICE=${NICE:-5}
+CALIB_SAMPLES=${CALIB_SAMPLES:-64}  # LDLQ calibration windows of 512 PTB-train tokens (CLI default 128; 64 for time)
 run() {  # name, quantize args...
     local name=$1; shift
     local out=runs/peers/ours-$name
     if [ -f "$out/ppl.json" ]; then echo "skip $out (has ppl.json)"; return; fi
     rm -rf "$out"
-    nice -n 5 moequant -q quantize smollm2-135m "$@" --out "$out" >"runs/peers/logs/ours-$name.quantize.log" 2>&1
-    nice -n 5 moequant -q eval ppl "$out" --data ptb --max-tokens "$N" --json "$out/ppl.json.tmp"
+    nice -n "$NICE" moequant -q quantize smollm2-135m "$@" --out "$out" >"runs/peers/logs/ours-$name.quantize.log" 2>&1
+    nice -n "$NICE" moequant -q eval ppl "$out" --data ptb --max-tokens "$N" --json "$out/ppl.json.tmp"
     python benchmarks/peers/ours_tag.py "$out" "$name"
 }
 mkdir -p runs/peers/logs
@@ -29,6 +32,6 @@ run int4-g64 --method int --bits 4 --group-size 64
 run int3-g64 --method int --bits 3 --group-size 64
 run int2a-g64 --method int --bits 2 --group-size 64 --asym
 if [ "${LDLQ:-0}" = 1 ]; then
-    run int3-g64-ldlq-rht --method int --bits 3 --group-size 64 --solver ldlq --incoherence rht --calib ptb
-    run int2a-g64-ldlq-rht --method int --bits 2 --group-size 64 --asym --solver ldlq --incoherence rht --calib ptb
+    run int3-g64-ldlq-rht --method int --bits 3 --group-size 64 --solver ldlq --incoherence rht --calib ptb --calib-samples "$CALIB_SAMPLES"
+    run int2a-g64-ldlq-rht --method int --bits 2 --group-size 64 --asym --solver ldlq --incoherence rht --calib ptb --calib-samples "$CALIB_SAMPLES"
 fi
