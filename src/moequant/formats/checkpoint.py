@@ -32,7 +32,7 @@ INDEX_NAME = "model.safetensors.index.json"
 # torch dtype <-> safetensors dtype string
 ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.bool: "BOOL"}
+             torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64"}
 _TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
 
 
