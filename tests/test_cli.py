@@ -142,5 +142,10 @@ def test_trellis_ldlq_rht_end_to_end(capsys, tmp_path, tok_model_dir):
     assert {m["format"] for m in q.values()} == {"rht"} and {m["inner"]["format"] for m in q.values()} == {"trellis-packed"}
     rep = json.loads((tmp_path / "t" / "report.json").read_text())
     assert all(0 < t["proxy"] < 1 for t in rep["quantized_tensors"])
+    # the checkpoint loads back (uint16 trellis words) and scores a finite PPL
+    rc, _, err = _run(capsys, "-q", "eval", "ppl", str(tmp_path / "t"), "--data", str(text), "--seqlen", "32",
+                      "--max-tokens", "256", "--json", str(tmp_path / "p.json"))
+    assert rc == 0, err
+    assert 1 < json.loads((tmp_path / "p.json").read_text())["ppl"] < 1e4
     rc, _, err = _run(capsys, "-q", "quantize", str(d), "--method", "trellis", "--bits", "5", "--out", str(tmp_path / "x"))
     assert rc == 2 and "--bits 5" in err
