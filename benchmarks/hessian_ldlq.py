@@ -84,10 +84,9 @@ def trellis_plan(group: int, calib: CalibData, L: int = 16, moe: bool = False,
     rtn = SweepEntry(cfg2, RTN, label=f"{cfg2.short_name} rtn")
     i2 = SweepEntry(cfg2, LDLQ_RHT, calib, label=f"{cfg2.short_name} ldlq+rht")
     t2 = SweepEntry(tr, LDLQ_RHT, calib, label=f"{tr.short_name} ldlq+rht")
+    entries, pairs = [rtn, i2, t2], [(t2.name, i2.name), (t2.name, rtn.name), (i2.name, rtn.name)]
     if not baselines:  # the int2 rows come from another sweep on the same windows (pair with paired.py)
-        return (t2,), ()
-    entries = [rtn, i2, t2]
-    pairs = [(t2.name, i2.name), (t2.name, rtn.name), (i2.name, rtn.name)]
+        entries, pairs = [t2], []
     if moe:
         lm = SweepEntry(tr, LDLQ_RHT, calib, HessianConfig(mode="layer-mean"), label=f"{tr.short_name} H=layer-mean")
         entries.append(lm)
@@ -105,7 +104,7 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=0, help="0 = the whole PTB test split")
     p.add_argument("--trellis-l", type=int, default=16, help="trellis plan: state bits L")
     p.add_argument("--trellis-only", action="store_true",
-                   help="trellis plan: only the trellis row (int2 rows from a `solvers` sweep on the same windows)")
+                   help="trellis plan: only the trellis rows (int2 rows from another sweep on the same windows)")
     p.add_argument("--layer-mean", action="store_true",
                    help="trellis plan, MoE models: add the trellis with layer-mean expert Hessians")
     p.add_argument("--work", default="runs/bench")
