@@ -15,6 +15,7 @@ from moequant.eval.compare import (
     GATE_BETTER,
     GATE_NO_WORSE,
     GATE_WORSE,
+    GateConfig,
     StatsConfig,
     acc_gate,
     acc_row,
@@ -78,6 +79,18 @@ def test_gate_wording_at_the_edges():
     assert acc_gate((-0.10, -0.01)) == GATE_WORSE  # higher accuracy is better
     assert acc_gate((0.01, 0.10)) == GATE_BETTER
     assert acc_gate((-0.02, 0.0)) == GATE_NO_WORSE
+
+
+def test_gate_tolerances():
+    # a real but tiny loss (llama.cpp F16 vs fp32 measured 1.0002 [1.0001, 1.0002]) is "worse" at margin 0
+    assert ppl_gate((1.0001, 1.0002)) == GATE_WORSE
+    assert ppl_gate((1.0001, 1.0002), margin=0.01) == GATE_NO_WORSE
+    assert ppl_gate((1.0101, 1.02), margin=0.01) == GATE_WORSE  # the whole CI beyond the 1% tolerance
+    assert ppl_gate((0.98, 0.99), margin=0.01) == GATE_BETTER  # "better" keeps its strict meaning
+    assert acc_gate((-0.03, -0.005), margin=0.01) == GATE_NO_WORSE
+    assert acc_gate((-0.03, -0.011), margin=0.01) == GATE_WORSE
+    with pytest.raises(MoequantError, match="--ppl-margin"):
+        GateConfig(ppl_margin=-0.1)
 
 
 def test_acc_verdicts_on_constructed_cases():
@@ -283,6 +296,8 @@ def test_cli_baseline_flag_and_gate_exit_code(run_dirs, tmp_path, capsys):
             "--n-boot", "500"]
     assert main(argv) == 0
     assert main(argv + ["--fail-on-worse"]) == 1  # q2 is worse than fp
+    assert main(argv + ["--fail-on-worse", "--ppl-margin", "0.5"]) == 0  # q2 is exp(0.2) = 1.22x: within 50%
+    assert "Gate with tolerances" in (out / "report.md").read_text()
     assert main(["-q", "compare", str(q4), "--baseline", str(fp), "--out", str(out), "--no-plots",
                  "--fail-on-worse"]) == 0
     printed = capsys.readouterr().out

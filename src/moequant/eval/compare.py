@@ -11,6 +11,11 @@ resamples window (example) indices once and applies them to both runs. With ``[l
 - accuracy, from the CI of ``acc_run - acc_base``: "worse" when ``hi < 0``, "better" when ``lo > 0``,
   otherwise "no worse than baseline within CI".
 
+With a tolerance (``GateConfig``: ``ppl_margin`` m, ``acc_margin`` a) "worse" needs ``lo > 1 + m``
+(resp. ``hi < -a``): the data must rule out every degradation up to the tolerance. The default is 0; a
+paired CI over thousands of tokens resolves differences of 0.02% (llama.cpp's F16 copy of the model is
+"worse" than fp32 at m = 0), so a gate in CI usually wants m > 0.
+
 "No worse than baseline within CI" means the data cannot tell the run from the baseline at that level:
 it is not a proof of equivalence (a wide CI passes easily; read its width), and with many rows some
 "worse"/"better" verdicts are expected by chance (no multiple-comparison correction).
@@ -64,19 +69,44 @@ class StatsConfig:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class GateConfig:
+    """Tolerances of the gate: a run is "worse" only when its whole CI lies beyond them.
+    ``ppl_margin``: relative PPL increase (0.01 = 1%); ``acc_margin``: accuracy drop (0.01 = 1 point)."""
+
+    ppl_margin: float = 0.0
+    acc_margin: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ppl_margin < 1.0 or not 0.0 <= self.acc_margin < 1.0:
+            raise MoequantError(f"--ppl-margin and --acc-margin must be in [0, 1), got {self.ppl_margin}, "
+                                f"{self.acc_margin}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def gate(verdict: str) -> str:
     """Map ``verdict_from_ci``'s words to the gate's: better / worse / no worse than baseline within CI."""
     return {BETTER: GATE_BETTER, WORSE: GATE_WORSE}.get(verdict, GATE_NO_WORSE)
 
 
-def ppl_gate(ratio_ci: tuple[float, float]) -> str:
-    """Gate verdict from the CI of PPL_run / PPL_base (lower is better)."""
-    return gate(verdict_from_ci(ratio_ci[0] - 1.0, ratio_ci[1] - 1.0, lower_is_better=True))
+def ppl_gate(ratio_ci: tuple[float, float], margin: float = 0.0) -> str:
+    """Gate verdict from the CI of PPL_run / PPL_base (lower is better): "worse" when the whole CI lies
+    above ``1 + margin``, "better" when it lies below 1."""
+    if ratio_ci[0] > 1.0 + margin:
+        return GATE_WORSE
+    v = gate(verdict_from_ci(ratio_ci[0] - 1.0, ratio_ci[1] - 1.0, lower_is_better=True))
+    return GATE_NO_WORSE if v == GATE_WORSE else v  # worse, but within the tolerance
 
 
-def acc_gate(delta_ci: tuple[float, float]) -> str:
-    """Gate verdict from the CI of acc_run - acc_base (higher is better)."""
-    return gate(verdict_from_ci(delta_ci[0], delta_ci[1], lower_is_better=False))
+def acc_gate(delta_ci: tuple[float, float], margin: float = 0.0) -> str:
+    """Gate verdict from the CI of acc_run - acc_base (higher is better): "worse" when the whole CI lies
+    below ``-margin``, "better" when it lies above 0."""
+    if delta_ci[1] < -margin:
+        return GATE_WORSE
+    v = gate(verdict_from_ci(delta_ci[0], delta_ci[1], lower_is_better=False))
+    return GATE_NO_WORSE if v == GATE_WORSE else v  # worse, but within the tolerance
 
 
 # ---------------------------------------------------------------- perplexity
@@ -107,7 +137,8 @@ def check_same_windows(base_where: str, base: dict[str, Any], where: str, obj: d
                             f"{ta[i]}: not the same windows (another tokenizer, text or protocol)")
 
 
-def ppl_row(obj: dict[str, Any], base: dict[str, Any] | None, stats: StatsConfig) -> dict[str, Any]:
+def ppl_row(obj: dict[str, Any], base: dict[str, Any] | None, stats: StatsConfig,
+            gate_cfg: GateConfig = GateConfig()) -> dict[str, Any]:
     """PPL with its CI and, unless ``base`` is None (the baseline's own row), the paired ratio / delta CI
     against ``base`` and the gate verdict. Both JSONs must hold the same windows (checked before)."""
     nll, counts = obj["nll_per_window"], obj["tokens_per_window"]  # [n_windows], [n_windows]
@@ -119,7 +150,7 @@ def ppl_row(obj: dict[str, Any], base: dict[str, Any] | None, stats: StatsConfig
     d = paired_delta_ci(base["nll_per_window"], base["tokens_per_window"], nll, counts, n_boot=stats.n_boot,
                         seed=stats.seed, level=stats.level)
     return {**row, "ratio": d.ratio, "ratio_ci": list(d.ratio_ci), "delta": d.delta, "delta_ci": list(d.delta_ci),
-            "verdict": ppl_gate(d.ratio_ci)}
+            "verdict": ppl_gate(d.ratio_ci, gate_cfg.ppl_margin)}
 
 
 # ---------------------------------------------------------------- tasks
@@ -148,7 +179,8 @@ def align_examples(base_where: str, base: Any, where: str, run: Any) -> list[flo
     return [run.scores[pos[k]] for k in base.ids]
 
 
-def acc_row(scores: list[float], base_scores: list[float] | None, stats: StatsConfig) -> dict[str, Any]:
+def acc_row(scores: list[float], base_scores: list[float] | None, stats: StatsConfig,
+            gate_cfg: GateConfig = GateConfig()) -> dict[str, Any]:
     """Accuracy (mean of 0/1 scores) with its CI and, unless ``base_scores`` is None, the paired CI of
     acc - acc_base and the gate verdict."""
     ci = bootstrap_mean_ci(scores, n_boot=stats.n_boot, seed=stats.seed, level=stats.level)
@@ -156,7 +188,7 @@ def acc_row(scores: list[float], base_scores: list[float] | None, stats: StatsCo
     if base_scores is None:
         return {**row, "delta": 0.0, "delta_ci": None, "verdict": GATE_BASELINE}
     d = paired_mean_delta_ci(base_scores, scores, n_boot=stats.n_boot, seed=stats.seed, level=stats.level)
-    return {**row, "delta": d.delta, "delta_ci": list(d.delta_ci), "verdict": acc_gate(d.delta_ci)}
+    return {**row, "delta": d.delta, "delta_ci": list(d.delta_ci), "verdict": acc_gate(d.delta_ci, gate_cfg.acc_margin)}
 
 
 # ---------------------------------------------------------------- markdown
@@ -196,6 +228,17 @@ def protocol_text(p: dict[str, Any]) -> str:
             f"{p.get('seqlen', '?')} tokens {bos}{overlap}")
 
 
+def _gate_text(g: dict[str, Any]) -> str:
+    m, a = g.get("ppl_margin", 0.0), g.get("acc_margin", 0.0)
+    if not m and not a:
+        return (f"Gate: **worse** = the whole CI of PPL/PPL_base lies above 1 (of acc - acc_base: below 0); "
+                f"**better** = the whole CI on the good side; **{GATE_NO_WORSE}** = the CI contains 1 (0): "
+                "no difference detectable at this level, not a proof of equivalence.")
+    return (f"Gate with tolerances: **worse** = the whole CI of PPL/PPL_base lies above {1 + m:g} (of "
+            f"acc - acc_base: below {-100 * a:g} points); **better** = the whole CI below 1 (above 0); "
+            f"**{GATE_NO_WORSE}** = otherwise: a loss within the tolerance cannot be ruled out.")
+
+
 def markdown_report(result: dict[str, Any]) -> str:
     """The ``report.md`` of a comparison ``result`` (the ``compare.json`` content)."""
     st = result["stats"]
@@ -207,9 +250,7 @@ def markdown_report(result: dict[str, Any]) -> str:
              f"over windows (PPL) or examples (accuracy), {st['n_boot']} replicates, seed {st['seed']}; ratios and "
              "deltas are paired (the same resampled windows/examples for both runs).",
              "",
-             f"Gate: **worse** = the whole CI of PPL/PPL_base lies above 1 (of acc - acc_base: below 0); "
-             f"**better** = the whole CI on the good side; **{GATE_NO_WORSE}** = the CI contains 1 (0): "
-             "no difference detectable at this level, not a proof of equivalence.", ""]
+             _gate_text(result.get("gate_config") or {}), ""]
     for data, block in result["ppl"].items():
         lines += [f"## Perplexity: {protocol_text(block['protocol'])}", "",
                   "| run | method | bits/weight | checkpoint MiB | PPL [95% CI] | PPL / baseline [95% paired CI] "

@@ -16,6 +16,7 @@ from typing import Any
 from moequant.errors import MoequantError
 from moequant.eval.compare import (
     GATE_WORSE,
+    GateConfig,
     StatsConfig,
     acc_row,
     align_examples,
@@ -64,6 +65,7 @@ class CompareJob:
     baseline: str | None = None  # a path among ``runs`` or a run name; default the first run
     split: str = "test"
     stats: StatsConfig = StatsConfig()
+    gate: GateConfig = GateConfig()
     evaluate_missing: bool = True
     eval_defaults: EvalDefaults = EvalDefaults()
     plots: bool = True
@@ -135,7 +137,7 @@ def _ppl_block(runs: list[Run], base: Run, data: str, job: CompareJob, argv: lis
     for r in runs:
         path, obj = found[r.name]
         rows.append({"run": r.name, "file": str(path),
-                     **ppl_row(obj, None if r is base else base_obj, job.stats)})
+                     **ppl_row(obj, None if r is base else base_obj, job.stats, job.gate)})
     protocol = {"data": data, "split": job.split, **ppl_protocol(base_obj)}
     return {"protocol": protocol, "rows": rows}
 
@@ -172,7 +174,7 @@ def _task_block(runs: list[Run], base: Run, task: str, job: CompareJob) -> dict[
             where = f"{path} task {task}"
             scores = b_scores.scores if r is base else align_examples(
                 bwhere, b_scores, where, per_example_scores(res, m, where))
-            rows[r.name] = acc_row(scores, None if r is base else b_scores.scores, job.stats)
+            rows[r.name] = acc_row(scores, None if r is base else b_scores.scores, job.stats, job.gate)
         out["metrics"][m] = rows
         out["n_examples"] = len(b_scores.scores)
     out["files"] = {name: str(p) for name, (p, _) in per_run.items()}
@@ -241,9 +243,11 @@ def run_compare(job: CompareJob, argv: list[str] | None = None) -> dict[str, Any
     runs = [base] + [r for r in runs if r is not base]
     evaluated: list[str] = []
     result: dict[str, Any] = {"baseline": base.name, "runs": [r.to_dict() for r in runs], "stats": job.stats.to_dict(),
+                              "gate_config": job.gate.to_dict(),
                               "gate": {"better": "whole CI of PPL/PPL_base below 1 (of acc - acc_base above 0)",
-                                       "worse": "whole CI of PPL/PPL_base above 1 (of acc - acc_base below 0)",
-                                       "no worse than baseline within CI": "the CI contains 1 (resp. 0)"},
+                                       "worse": "whole CI of PPL/PPL_base above 1 + ppl_margin (of acc - acc_base "
+                                                "below -acc_margin)",
+                                       "no worse than baseline within CI": "neither"},
                               "ppl": {}, "tasks": {}}
     for data in job.ppl:
         result["ppl"][data] = _ppl_block(runs, base, data, job, argv, evaluated)
@@ -285,6 +289,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     job = CompareJob(runs=tuple(args.runs), out=Path(args.out), ppl=ppl, tasks=_csv(args.tasks),
                      baseline=args.baseline, split=args.split,
                      stats=StatsConfig(n_boot=args.n_boot, seed=args.seed, level=args.level),
+                     gate=GateConfig(ppl_margin=args.ppl_margin, acc_margin=args.acc_margin),
                      evaluate_missing=not args.no_evaluate,
                      eval_defaults=EvalDefaults(seqlen=args.seqlen, max_tokens=args.max_tokens or None,
                                                 batch_size=args.batch_size),
@@ -312,6 +317,10 @@ def add_compare_parser(sub: Any) -> None:
     c.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates (default 2000)")
     c.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     c.add_argument("--level", type=float, default=0.95, help="CI level (default 0.95)")
+    c.add_argument("--ppl-margin", type=float, default=0.0, help="gate tolerance: 'worse' only when the whole CI "
+                   "of PPL/PPL_base lies above 1 + this (e.g. 0.01 = 1%%; default 0)")
+    c.add_argument("--acc-margin", type=float, default=0.0, help="gate tolerance: 'worse' only when the whole CI "
+                   "of acc - acc_base lies below minus this (e.g. 0.01 = 1 point; default 0)")
     c.add_argument("--no-evaluate", action="store_true", help="fail instead of scoring runs that lack a PPL JSON")
     c.add_argument("--seqlen", type=int, default=512, help="window length when no run has a PPL JSON to copy")
     c.add_argument("--max-tokens", type=int, default=16384,
