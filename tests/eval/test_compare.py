@@ -24,7 +24,7 @@ from moequant.eval.compare import (
     ppl_row,
 )
 from moequant.eval.compare_cli import CompareJob, run_compare
-from moequant.eval.runs_io import find_ppl, load_run
+from moequant.eval.runs_io import find_ppl, find_tasks, load_run
 
 N_WIN, SEQ = 40, 512
 STATS = StatsConfig(n_boot=1000, seed=0)
@@ -214,6 +214,12 @@ def test_run_layout_and_metadata(run_dirs, tmp_path):
                                                                        "model": str(q4)})
     r = load_run(elsewhere)
     assert (r.name, r.bits_per_weight, r.method) == ("q4", 4.25, "int4-g64-clip ldlq")
+    # ... and so does a folder of tasks-*.json files written by `eval tasks runs/q4 --json DIR/tasks-x.json`
+    folder = _write(tmp_path / "zs" / "q4" / "tasks-social_iqa.json",
+                    {**_tasks(np.ones(4, int), np.ones(4, int)), "model": str(q4)}).parent
+    r = load_run(folder)
+    assert (r.name, r.bits_per_weight, r.method, list(find_tasks(r))) == ("q4", 4.25, "int4-g64-clip ldlq",
+                                                                          ["social_iqa"])
 
 
 def test_compare_writes_report_json_and_plots(run_dirs, tmp_path, one_thread):

@@ -162,7 +162,10 @@ def load_run(spec: str | Path) -> Run:
     meta = read_json(folder / RUN_META) if (folder / RUN_META).is_file() else {}
     report = read_json(folder / REPORT) if is_dir and (folder / REPORT).is_file() else None
     file_json = None if is_dir else read_json(path)
-    evals = [file_json] if file_json is not None else [read_json(p) for p in sorted(folder.glob("ppl*.json"))]
+    if file_json is not None:
+        evals = [file_json]
+    else:
+        evals = [read_json(p) for p in [*sorted(folder.glob("ppl*.json")), *sorted(folder.glob("tasks*.json"))]]
     evals = [e for e in evals if e]
 
     def from_evals(key: str) -> tuple[Any, str]:
@@ -172,7 +175,7 @@ def load_run(spec: str | Path) -> Run:
         return None, "eval json"
 
     report_src = REPORT
-    if report is None and not is_dir:  # an eval JSON of a checkpoint: its "model" is the checkpoint directory
+    if report is None:  # eval JSONs written elsewhere: their "model" is the checkpoint directory
         model = from_evals("model")[0]
         if isinstance(model, str) and (Path(model) / REPORT).is_file():
             report, report_src = read_json(Path(model) / REPORT), str(Path(model) / REPORT)
