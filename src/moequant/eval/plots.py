@@ -18,6 +18,8 @@ from typing import Any
 from moequant.errors import MoequantError
 from moequant.eval.runs_io import write_bytes_atomic
 
+MAX_FRONTIER_BITS = 8.5  # runs above this (fp16/bf16 copies) are listed under the frontier, not drawn
+
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
 
@@ -101,7 +103,9 @@ def plot_frontier(points: list[dict[str, Any]], baseline: dict[str, Any], title:
     """``points``: ``{"run", "bits_per_weight", "ppl", "ci"}`` for runs with a known bits/weight;
     ``baseline``: ``{"run", "ppl", "ci"}``, drawn as a horizontal line with its CI as a band."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    hidden = [p for p in points if p["bits_per_weight"] > MAX_FRONTIER_BITS]  # fp16 copies etc. squash the axis
+    points = [p for p in points if p["bits_per_weight"] <= MAX_FRONTIER_BITS]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4) if len(points) <= 8 else (7.6, 5.4))
     ax.axhline(baseline["ppl"], color="tab:gray", ls="--", lw=1,
                label=f"baseline {baseline['run']}: PPL {baseline['ppl']:.4g}")
     ax.axhspan(baseline["ci"][0], baseline["ci"][1], color="tab:gray", alpha=0.15, label="baseline 95% CI")
@@ -132,6 +136,10 @@ def plot_frontier(points: list[dict[str, Any]], baseline: dict[str, Any], title:
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(axis="x", alpha=0.3)
+    if hidden:
+        ax.text(0.01, 0.01, f"not shown (> {MAX_FRONTIER_BITS:g} bits/weight): "
+                + ", ".join(f"{p['run']} ({p['bits_per_weight']:.3g} b/w, PPL {_fmt(p['ppl'])})" for p in hidden),
+                transform=ax.transAxes, fontsize=7, color="dimgray", va="bottom")
     _save(fig, path)
 
 
@@ -159,6 +167,8 @@ def _label_offsets(ax: Any, dpi: float, x: list[float], y: list[float], names: l
     import numpy as np
 
     xy = ax.transData.transform(np.column_stack([x, y])) * 72.0 / dpi  # [n, 2] in points
+    frame = ax.get_window_extent()
+    bottom, top = frame.y0 * 72.0 / dpi, frame.y1 * 72.0 / dpi
     height, char, marker = 10.5, 4.6, 5.0  # 8-point text: line height, mean character width; marker radius
     boxes = [(px - marker, px + marker, py - marker, py + marker) for px, py in xy]  # (x0, x1, y0, y1)
     out = [0.0] * len(x)
@@ -167,7 +177,8 @@ def _label_offsets(ax: Any, dpi: float, x: list[float], y: list[float], names: l
         for k in range(0, 4 * len(x) + 2):
             dy = height * ((k + 1) // 2) * (1 if k % 2 else -1)
             y0, y1 = xy[i, 1] + dy - height / 2, xy[i, 1] + dy + height / 2
-            if not any(x0 < bx1 and bx0 < x1 and y0 < by1 and by0 < y1 for bx0, bx1, by0, by1 in boxes):
+            inside = bottom + 2 <= y0 and y1 <= top - 2
+            if inside and not any(x0 < bx1 and bx0 < x1 and y0 < by1 and by0 < y1 for bx0, bx1, by0, by1 in boxes):
                 break
         boxes.append((x0, x1, y0, y1))
         out[i] = dy
