@@ -14,7 +14,9 @@ Steps (each a ``moequant`` command, recorded in the output):
    ``runs/zs/eval/<model>.repeat/tasks-<task>.json`` and checks
    that every number (per-example log-likelihoods included) is identical;
 4. paired deltas (model - fp) per task and metric; everything into
-   ``benchmarks/results/zero_shot_smollm2-135m.json`` and a markdown table on stdout.
+   ``benchmarks/results/zero_shot_smollm2-135m.json``, every model's per-example results (all tasks,
+   ``eval tasks`` JSON shape) into ``benchmarks/results/zero_shot_smollm2-135m_<model>.json``, and a
+   markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def _limits(text: str) -> dict[str, int | None]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--limits", default="social_iqa=500,logical_deduction=300,abstract_narrative_understanding=100",
+    p.add_argument("--limits", default="social_iqa=500,logical_deduction=200,abstract_narrative_understanding=60",
                    help="task=N (first N examples; 0 = all), comma-separated; one evaluation per model and task")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
@@ -155,6 +157,17 @@ def main() -> int:
     tmp = Path(args.out + ".partial")
     tmp.write_text(json.dumps(out, indent=1))
     os.replace(tmp, args.out)
+    # per model, every task with its per-example log-likelihoods, in the `eval tasks` JSON shape
+    # (``moequant compare`` and ``task_acc_delta`` read these files as they are)
+    for n in specs:
+        merged = {k: v for k, v in results[n][tasks[0]].items() if k not in ("results", "command", "seconds")}
+        merged.update(tasks=tasks, limit=limits, results={t: results[n][t]["results"][t] for t in tasks},
+                      commands={t: results[n][t]["command"] for t in tasks},
+                      seconds={t: results[n][t]["seconds"] for t in tasks})
+        path = Path(args.out.removesuffix(".json") + f"_{n}.json")
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text(json.dumps(merged, separators=(",", ":")))
+        os.replace(tmp, path)
 
     print("\n| model | task | n | acc [95% CI] | acc_norm [95% CI] | Δacc vs fp [95% CI] | Δacc_norm vs fp [95% CI] |")
     print("|---|---|---|---|---|---|---|")
