@@ -64,3 +64,21 @@ def test_paired_delta_matches_by_idx_and_refuses_mismatches():
         task_acc_delta(_run([1]), _run([1]), "u")
     with pytest.raises(MoequantError, match="metric"):
         task_acc_delta(_run([1]), _run([1]), "t", metric="f1")
+
+
+def test_examples_from_lm_eval_samples_of_hub_shaped_tasks():
+    from moequant.eval.tasks import task_examples
+
+    def sample(doc_id, lls, target, doc):
+        return {"doc_id": doc_id, "doc": doc, "target": target, "resps": [[(ll, False)] for ll in lls]}
+
+    choices = {"endings": ["aa", "bbbb", "c"]}
+    samples = [sample(0, [-2.0, -3.0, -2.5], 1, choices),         # index target
+               sample(1, [-9.0, -4.0, -1.5], "c", choices),       # target given as the choice's text
+               sample(2, [-1.0, -6.0, -5.0], [0, 2], choices)]    # several right choices
+    ex = task_examples(samples, lambda doc: doc["endings"])
+    assert [e["answer"] for e in ex] == [1, 2, [0, 2]] and [e["idx"] for e in ex] == [0, 1, 2]
+    # per character: [-1, -0.75, -2.5], [-4.5, -1, -1.5], [-0.5, -1.5, -5]
+    assert [(e["pred"], e["pred_norm"]) for e in ex] == [(0, 1), (2, 1), (0, 0)]
+    assert [(e["acc"], e["acc_norm"]) for e in ex] == [(0, 1), (1, 0), (1, 1)]
+    assert ex[0]["choice_chars"] == [2, 4, 1]

@@ -94,8 +94,8 @@ def check_hub_tasks(names: list[str], local_hint: str) -> None:
 
 
 def load_tasks(lm_eval_names: list[str], include_dir: Path | None, include_defaults: bool) -> dict[str, Any]:
-    """lm-eval Task objects by name (datasets are loaded here: hub tasks download now). Errors become
-    one-line ``MoequantError``s."""
+    """lm-eval Task objects by name, the requested leaf tasks first, then the subtasks of requested
+    groups (datasets are loaded here: hub tasks download now). Errors become one-line ``MoequantError``s."""
     _import_lm_eval()
     from lm_eval.tasks import TaskManager
 
@@ -108,11 +108,11 @@ def load_tasks(lm_eval_names: list[str], include_dir: Path | None, include_defau
     except (ConnectionError, OSError) as e:
         raise MoequantError(f"could not load task(s) {', '.join(lm_eval_names)}: {str(e).splitlines()[0]} "
                             "(the Hugging Face hub is needed for lm-eval's own tasks)") from None
-    tasks = loaded["tasks"] if isinstance(loaded, dict) and "tasks" in loaded else loaded
-    missing = [n for n in lm_eval_names if n not in tasks]
-    if missing:
-        raise MoequantError(f"task(s) {', '.join(missing)} are groups, not single tasks: name their subtasks")
-    return {n: tasks[n] for n in lm_eval_names}
+    leaves = loaded["tasks"]  # every leaf task: a group (lambada, ...) is evaluated as its subtasks
+    if not leaves:
+        raise MoequantError(f"task(s) {', '.join(lm_eval_names)}: lm-eval loaded no task")
+    first = {n: leaves[n] for n in lm_eval_names if n in leaves}
+    return {**first, **{n: t for n, t in leaves.items() if n not in first}}
 
 
 def run_tasks(lm: Any, tasks: dict[str, Any], limit: int | None, seed: int) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from moequant.errors import MoequantError
 from moequant.eval.tasks_local import PROMPT, is_local_task, prepare_local_tasks, task_label
-from moequant.eval.tasks_metrics import score_example, summarize_task
+from moequant.eval.tasks_metrics import summarize_task
 from moequant.runinfo import run_info
 
 log = logging.getLogger(__name__)
@@ -68,21 +68,56 @@ def hub_offline(on: bool) -> Iterator[None]:
                 os.environ[v] = val
 
 
-def _task_examples(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per-example records from lm-eval samples: idx, answer, per-choice log-likelihoods and
-    character lengths, predictions and 0/1 correctness (ours, from the log-likelihoods)."""
+def _gold_indices(target: Any, choices: list[str]) -> list[int]:
+    """lm-eval's target of a multiple-choice doc: an index, a choice's text, or a list of indices."""
+    if isinstance(target, (list, tuple)):
+        return [int(t) for t in target]
+    if isinstance(target, str):
+        if target in choices:
+            return [choices.index(target)]
+        if target.strip().isdigit():
+            return [int(target)]
+        raise MoequantError(f"lm-eval target {target!r} is neither a choice nor an index")
+    return [int(target)]
+
+
+def task_examples(samples: list[dict[str, Any]], doc_to_choice: Any) -> list[dict[str, Any]]:
+    """Per-example records from lm-eval multiple-choice samples: idx, answer (an index, or a list when
+    several choices are right), per-choice log-likelihoods and character lengths, predictions and 0/1
+    ``acc`` / ``acc_norm`` (ours, from the log-likelihoods)."""
     from moequant.eval.lm_eval_adapter import sample_logliks
+    from moequant.eval.tasks_metrics import predictions
 
     out = []
     for s in samples:
         doc = s["doc"]
         ll = sample_logliks(s)
-        choices = list(doc["choices"])
-        answer = int(s["target"])
+        choices = [str(c) for c in doc_to_choice(doc)]
         if len(ll) != len(choices):
             raise MoequantError(f"lm-eval returned {len(ll)} log-likelihoods for {len(choices)} choices")
-        out.append({"idx": int(doc.get("idx", s["doc_id"])), "doc_id": int(s["doc_id"]), "answer": answer,
-                    "loglik": ll, "choice_chars": [len(c) for c in choices], **score_example(ll, choices, answer)})
+        gold = _gold_indices(s["target"], choices)
+        pred, pred_norm = predictions(ll, [len(c) for c in choices])
+        idx = doc.get("idx", s["doc_id"]) if isinstance(doc, dict) else s["doc_id"]
+        out.append({"idx": idx, "doc_id": int(s["doc_id"]), "answer": gold[0] if len(gold) == 1 else gold,
+                    "loglik": ll, "choice_chars": [len(c) for c in choices], "pred": pred, "pred_norm": pred_norm,
+                    "acc": int(pred in gold), "acc_norm": int(pred_norm in gold)})
+    return out
+
+
+def _other_task_result(samples: list[dict[str, Any]], lm_metrics: dict[str, Any], n_boot: int,
+                       seed: int) -> dict[str, Any]:
+    """A task that is not multiple choice (lambada, ...): lm-eval's numeric per-sample metrics, and a
+    bootstrap CI for ``acc`` when it has one."""
+    from moequant.eval.bootstrap import bootstrap_mean_ci
+
+    ex = [{"idx": s["doc_id"], "doc_id": int(s["doc_id"]),
+           **{m: float(s[m]) for m in s.get("metrics", []) if isinstance(s.get(m), (int, float))}} for s in samples]
+    out: dict[str, Any] = {"n": len(ex)}
+    if ex and all("acc" in e for e in ex):
+        out["acc"] = sum(e["acc"] for e in ex) / len(ex)
+        out["acc_ci95"] = list(bootstrap_mean_ci([e["acc"] for e in ex], n_boot=n_boot, seed=seed))
+    out["lm_eval"] = {k.split(",")[0]: v for k, v in lm_metrics.items() if isinstance(v, (int, float))}
+    out["examples"] = ex
     return out
 
 
@@ -96,23 +131,31 @@ def evaluate_loaded(model: Any, tokenizer: Any, job: TasksJob, *, model_info: di
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="moequant-tasks-") as tmp, hub_offline(not hub):
         lt = prepare_local_tasks(local, Path(tmp))
-        names = [lt.lm_eval_names[task_label(t)] if t in local else t for t in job.tasks]
-        labels = dict(zip(names, [task_label(t) for t in job.tasks]))
-        tasks = load_tasks(names, lt.include_dir if local else None, include_defaults=bool(hub))
+        requested = [lt.lm_eval_names[task_label(t)] if t in local else t for t in job.tasks]
+        labels = dict(zip(requested, [task_label(t) for t in job.tasks]))
+        tasks = load_tasks(requested, lt.include_dir if local else None, include_defaults=bool(hub))
+        names = list(tasks)  # a group's subtasks appear under their own names
+        labels.update({n: n for n in names if n not in labels})
         lm = make_lm(model, tokenizer, batch_size=job.batch_size, max_length=job.max_length)
         raw = run_tasks(lm, tasks, job.limit, job.seed)
     results: dict[str, Any] = {}
     for name in names:
         label = labels[name]
-        ex = _task_examples(raw["samples"][name])
-        summary = summarize_task(ex, n_boot=job.n_boot, seed=job.seed)
         lm_metrics = raw["results"].get(name, {})
+        data = lt.provenance.get(label, {"source": "lm-eval (hub)"})
+        if getattr(tasks[name], "OUTPUT_TYPE", None) != "multiple_choice":
+            results[label] = {**_other_task_result(raw["samples"][name], lm_metrics, job.n_boot, job.seed),
+                              "lm_eval_task": name, "output_type": getattr(tasks[name], "OUTPUT_TYPE", None),
+                              "data": data}
+            continue
+        ex = task_examples(raw["samples"][name], tasks[name].doc_to_choice)
+        summary = summarize_task(ex, n_boot=job.n_boot, seed=job.seed)
         results[label] = {**summary, "lm_eval_task": name,
                           "lm_eval": {m: lm_metrics.get(f"{m},none") for m in ("acc", "acc_norm")},
-                          "data": lt.provenance.get(label, {"source": "lm-eval (hub)"}), "examples": ex}
+                          "data": data, "examples": ex}
     probe = tokenizer("Q:")["input_ids"]
     bos_added = bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id
-    return {"model": job.model, **(model_info or {}), "tasks": [task_label(t) for t in job.tasks],
+    return {"model": job.model, **(model_info or {}), "tasks": [labels[n] for n in names],
             "bos_added": bos_added,
             "limit": job.limit, "seed": job.seed, "batch_size": job.batch_size, "max_length": job.max_length,
             "n_boot": job.n_boot, "num_fewshot": 0, "prompt": {"context": PROMPT, "continuation": " {choice}",

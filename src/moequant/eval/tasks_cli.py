@@ -38,7 +38,10 @@ def cmd_eval_tasks(args: argparse.Namespace) -> int:
         tmp.write_text(json.dumps(r, indent=1))
         os.replace(tmp, path)
     for name, t in r["results"].items():
-        a, an = t["acc_ci95"], t["acc_norm_ci95"]
-        print(f"{args.model} {name}: acc {t['acc']:.4f} [95% CI {a[0]:.4f}, {a[1]:.4f}]  "
-              f"acc_norm {t['acc_norm']:.4f} [95% CI {an[0]:.4f}, {an[1]:.4f}]  n={t['n']} (chance {t['chance']:.3f})")
+        parts = [f"{m} {t[m]:.4f} [95% CI {t[m + '_ci95'][0]:.4f}, {t[m + '_ci95'][1]:.4f}]"
+                 for m in ("acc", "acc_norm") if m in t and m + "_ci95" in t]
+        if not parts:
+            parts = [f"{k} {v:.4f}" for k, v in t.get("lm_eval", {}).items() if isinstance(v, (int, float))]
+        chance = f" (chance {t['chance']:.3f})" if "chance" in t else ""
+        print(f"{args.model} {name}: " + "  ".join(parts) + f"  n={t['n']}{chance}")
     return 0
