@@ -52,16 +52,17 @@ def inverse_cholesky_upper(h: torch.Tensor, where: str = "") -> torch.Tensor:
     positive definite (rounding), the diagonal is raised by 10× steps of 1e-6·mean(diag) and a warning
     is logged; after 8 tries it is an error naming ``where``."""
     h = h.to(torch.float64)
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     bump = 0.0
     base = float(torch.diagonal(h).mean()) or 1.0
     for attempt in range(9):
-        chol, info = torch.linalg.cholesky_ex(h + bump * eye if bump else h)
+        # K x K float64 each (180 MiB at K = 4864): no identity matrix, no copy of h unless bumped
+        chol, info = torch.linalg.cholesky_ex(h + bump * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+                                              if bump else h)
         if int(info) == 0:
-            hinv = torch.cholesky_inverse(chol)
-            del chol  # K x K float64 each: free what is no longer needed before the next factorisation
-            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            del hinv
+            # one K x K buffer from here on: H⁻¹ overwrites the factor, then U overwrites H⁻¹
+            u = torch.cholesky_inverse(chol, out=chol)
+            info = torch.empty((), dtype=torch.int32, device=h.device)
+            torch.linalg.cholesky_ex(u, upper=True, out=(u, info))
             if int(info) == 0:
                 if bump:
                     log.warning("%s: Hessian needed extra damping %.3g to factorise", where or "tensor", bump)
