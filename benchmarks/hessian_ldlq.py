@@ -38,9 +38,10 @@ def _int(bits: int, group: int) -> UniformConfig:
     return UniformConfig(bits=bits, group_size=group, symmetric=bits > 2, clip_search=True)
 
 
-def solvers_plan(group: int, calib: CalibData) -> tuple[tuple[SweepEntry, ...], tuple[tuple[str, str], ...]]:
+def solvers_plan(group: int, calib: CalibData, bits_list: tuple[int, ...] = (3, 2)
+                 ) -> tuple[tuple[SweepEntry, ...], tuple[tuple[str, str], ...]]:
     entries, pairs = [], []
-    for bits in (3, 2):
+    for bits in bits_list:
         cfg = _int(bits, group)
         rtn = SweepEntry(cfg, RTN, label=f"{cfg.short_name} rtn")
         ldlq = SweepEntry(cfg, LDLQ, calib, label=f"{cfg.short_name} ldlq")
@@ -102,6 +103,7 @@ def main() -> int:
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=0, help="0 = the whole PTB test split")
+    p.add_argument("--bits", type=int, nargs="+", default=[3, 2], help="solvers plan: bit widths (default 3 2)")
     p.add_argument("--trellis-l", type=int, default=16, help="trellis plan: state bits L")
     p.add_argument("--trellis-only", action="store_true",
                    help="trellis plan: only the trellis rows (int2 rows from another sweep on the same windows)")
@@ -115,8 +117,10 @@ def main() -> int:
     if args.plan == "trellis":
         entries, pairs = trellis_plan(args.group_size, calib, args.trellis_l, moe=args.layer_mean,
                                       baselines=not args.trellis_only)
+    elif args.plan == "solvers":
+        entries, pairs = solvers_plan(args.group_size, calib, tuple(args.bits))
     else:
-        plan = {"solvers": solvers_plan, "ldlq": ldlq_plan, "ablation": ablation_plan}[args.plan]
+        plan = {"ldlq": ldlq_plan, "ablation": ablation_plan}[args.plan]
         entries, pairs = plan(args.group_size, calib)
     job = SweepJob(model=args.model, entries=entries, out=Path(args.work) / f"{args.plan}-{args.model}",
                    max_tokens=args.max_tokens or None, overwrite=True, progress=False, pairs=pairs)
