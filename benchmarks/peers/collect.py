@@ -34,7 +34,10 @@ def types_cell(d: dict) -> str:
         parts = re.findall(r"([\w.]+):(\w+)\[", sorted(ex)[0])
         return ", ".join(f"{k} {dt}" for k, dt in parts)
     if d.get("peer") == "moequant":
-        return "packed int codes + fp16 group scales (+ int zero)"
+        rules = ((d.get("config_detail") or {}).get("recipe") or {}).get("rules") or []
+        cfg = next((r.get("config") for r in rules if isinstance(r, dict) and r.get("config")), None) or {}
+        zero = f" + {cfg.get('bits')}-bit zero" if cfg.get("symmetric") is False else ""
+        return f"packed {cfg.get('bits', '?')}-bit codes + {cfg.get('scale_dtype', 'fp16')} scale{zero} per {cfg.get('group_size', '?')}"
     return "-"
 
 
