@@ -2,13 +2,13 @@
 
     # dense: int3 and int2 (group 64), RTN (clip search) / LDLQ / LDLQ+RHT, PTB test
     python benchmarks/hessian_ldlq.py solvers --model smollm2-135m --json benchmarks/results/solvers_smollm2-135m.json
-    # the same without the RTN rows (take those from foundation_rtn.py; pair them with paired.py)
+    # the same without the RTN rows (take those from foundation_rtn.py; pair them with pairs.py)
     python benchmarks/hessian_ldlq.py ldlq --model smollm2-135m --json benchmarks/results/ldlq_smollm2-135m.json
     # MoE: LDLQ+RHT at int3 / int2 with per-expert, layer-mean and layer-token-weighted expert Hessians
     python benchmarks/hessian_ldlq.py ablation --model tiny-olmoe --json benchmarks/results/ablation_tiny-olmoe.json
     # issue #4: 2-bit trellis (LDLQ+RHT) vs int2 LDLQ+RHT vs int2 RTN; on MoE also trellis with layer-mean H
     python benchmarks/hessian_ldlq.py trellis --model tiny-olmoe --trellis-l 16 --layer-mean --json benchmarks/results/trellis_tiny-olmoe.json
-    # dense: the trellis row alone, paired with the `solvers` sweep's int2 rows by benchmarks/paired.py
+    # dense: the trellis row alone, paired with the `solvers` sweep's int2 rows by benchmarks/pairs.py
     python benchmarks/hessian_ldlq.py trellis --model smollm2-135m --trellis-l 12 --trellis-only --max-tokens 32768 --json ...
 
 Calibration: PTB train, 128 windows of 512 tokens, seed 0 (never the evaluation text). Every method is
@@ -53,7 +53,7 @@ def solvers_plan(group: int, calib: CalibData, bits_list: tuple[int, ...] = (3, 
 
 def ldlq_plan(group: int, calib: CalibData) -> tuple[tuple[SweepEntry, ...], tuple[tuple[str, str], ...]]:
     """LDLQ and LDLQ+RHT only (RTN rows come from foundation_rtn.py on the same windows; compare them
-    with benchmarks/paired.py)."""
+    with benchmarks/pairs.py)."""
     entries = []
     for solver, tag in ((LDLQ, "ldlq"), (LDLQ_RHT, "ldlq+rht")):
         for bits in (3, 2):
@@ -86,7 +86,7 @@ def trellis_plan(group: int, calib: CalibData, L: int = 16, moe: bool = False,
     i2 = SweepEntry(cfg2, LDLQ_RHT, calib, label=f"{cfg2.short_name} ldlq+rht")
     t2 = SweepEntry(tr, LDLQ_RHT, calib, label=f"{tr.short_name} ldlq+rht")
     entries, pairs = [rtn, i2, t2], [(t2.name, i2.name), (t2.name, rtn.name), (i2.name, rtn.name)]
-    if not baselines:  # the int2 rows come from another sweep on the same windows (pair with paired.py)
+    if not baselines:  # the int2 rows come from another sweep on the same windows (pair with pairs.py)
         entries, pairs = [t2], []
     if moe:
         lm = SweepEntry(tr, LDLQ_RHT, calib, HessianConfig(mode="layer-mean"), label=f"{tr.short_name} H=layer-mean")
