@@ -37,7 +37,12 @@ def types_cell(d: dict) -> str:
         rules = ((d.get("config_detail") or {}).get("recipe") or {}).get("rules") or []
         cfg = next((r.get("config") for r in rules if isinstance(r, dict) and r.get("config")), None) or {}
         zero = f" + {cfg.get('bits')}-bit zero" if cfg.get("symmetric") is False else ""
-        return f"packed {cfg.get('bits', '?')}-bit codes + {cfg.get('scale_dtype', 'fp16')} scale{zero} per {cfg.get('group_size', '?')}"
+        solver = (d.get("config_detail") or {}).get("solver") or {}
+        extra = ""
+        if solver.get("incoherence", "none") != "none":  # RHT stores its signs: counted in bits_per_weight
+            extra = f" ({solver.get('solver')} solver, {solver['incoherence']} signs)"
+        return (f"packed {cfg.get('bits', '?')}-bit codes + {cfg.get('scale_dtype', 'fp16')} scale{zero} per "
+                f"{cfg.get('group_size', '?')}{extra}")
     return "-"
 
 
