@@ -3,7 +3,7 @@
 #
 #     bash benchmarks/peers/ours.sh                  # int4 / int3 (sym) and int2 (asym), RTN + MSE clip, g64
 #     LDLQ=1 bash benchmarks/peers/ours.sh           # also --solver ldlq --incoherence rht (PTB train calib; slow)
-#     MAX_TOKENS=0 bash benchmarks/peers/ours.sh     # whole PTB test split (default 16384 tokens)
+#     MAX_TOKENS=0 bash benchmarks/peers/ours.sh     # whole PTB test split (default 16384 tokens; delete runs/peers/ours-* first: existing runs are skipped)
 #     NICE=0 bash benchmarks/peers/ours.sh           # niceness of the jobs (default 5)
 #
 # Each run: `moequant quantize ... --out runs/peers/ours-<cfg>` then
@@ -16,6 +16,7 @@ cd "$ROOT"
 . .venv/bin/activate
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 N=${MAX_TOKENS:-16384}
+MT=(--max-tokens "$N"); [ "$N" = 0 ] && MT=()  # moequant eval ppl: no flag = whole split
 NICE=${NICE:-5}
 CALIB_SAMPLES=${CALIB_SAMPLES:-64}  # LDLQ calibration windows of 512 PTB-train tokens (CLI default 128; 64 for time)
 run() {  # name, quantize args...
@@ -24,7 +25,7 @@ run() {  # name, quantize args...
     if [ -f "$out/ppl.json" ]; then echo "skip $out (has ppl.json)"; return; fi
     rm -rf "$out"
     nice -n "$NICE" moequant -q quantize smollm2-135m "$@" --out "$out" >"runs/peers/logs/ours-$name.quantize.log" 2>&1
-    nice -n "$NICE" moequant -q eval ppl "$out" --data ptb --max-tokens "$N" --json "$out/ppl.json.tmp"
+    nice -n "$NICE" moequant -q eval ppl "$out" --data ptb "${MT[@]}" --json "$out/ppl.json.tmp"
     python benchmarks/peers/ours_tag.py "$out" "$name"
 }
 mkdir -p runs/peers/logs
