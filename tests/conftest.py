@@ -68,3 +68,46 @@ def close_fp32_products(got: torch.Tensor, want: torch.Tensor) -> None:
     of the matrix's scale (a wrong token, routing or scaling is off by far more)."""
     scale = float(want.abs().max()) or 1.0
     torch.testing.assert_close(got, want.to(got.dtype), rtol=0, atol=2e-6 * scale)
+
+
+# --- tiny models with a real (tiny) BPE tokenizer, for tests that tokenize text -------------------------
+def toy_words(n: int) -> str:
+    """``n`` space-separated pseudo-words ``w0 … w96`` in a fixed order."""
+    return " ".join(f"w{(i * 7919) % 97}" for i in range(n))
+
+
+def toy_lines(words: str) -> str:
+    """``words`` cut into lines of 80 characters."""
+    return "\n".join(words[i:i + 80] for i in range(0, len(words), 80))
+
+
+def toy_tok_model(arch: str, tok_text: str):
+    """(tokenizer trained on ``tok_text``, vocab 320; seeded random-init ``arch`` model, "llama" or "olmoe")."""
+    import transformers as tf
+
+    from moequant.zoo.tiny_olmoe import train_tokenizer
+
+    tok = train_tokenizer([tok_text], 320)
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=320, max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(intermediate_size=128, **common))
+    elif arch == "olmoe":
+        model = tf.OlmoeForCausalLM(tf.OlmoeConfig(intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                                                   **common))
+    else:
+        raise ValueError(arch)
+    return tok, model
+
+
+def save_toy_olmoe(tmp_path, name: str, n_words: int):
+    """A tiny OLMoE with its tokenizer saved in ``tmp_path/name``, and ``tmp_path/text.txt`` (the
+    tokenizer's training text) to calibrate and score on -> (model dir, text file)."""
+    text = toy_lines(toy_words(n_words))
+    (tmp_path / "text.txt").write_text(text)
+    tok, model = toy_tok_model("olmoe", text)
+    d = tmp_path / name
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d, tmp_path / "text.txt"

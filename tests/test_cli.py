@@ -4,9 +4,8 @@ import json
 import math
 
 import pytest
-import torch
 
-from conftest import tiny_model
+from conftest import save_toy_olmoe, tiny_model
 from moequant.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,22 +77,7 @@ def test_group_size_must_divide(capsys, tmp_path, tiny_dir):
 @pytest.fixture()
 def tok_model_dir(tmp_path):
     """A tiny OLMoE with a real (tiny) BPE tokenizer, and a text file to calibrate and score on."""
-    from moequant.zoo.tiny_olmoe import train_tokenizer
-
-    words = " ".join(f"w{(i * 7919) % 97}" for i in range(4000))
-    text = "\n".join(words[i:i + 80] for i in range(0, len(words), 80))
-    (tmp_path / "text.txt").write_text(text)
-    tok = train_tokenizer([text], 320)
-    torch.manual_seed(0)
-    import transformers as tf
-
-    cfg = tf.OlmoeConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=64, num_experts=4, num_experts_per_tok=2, vocab_size=320,
-                         max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    d = tmp_path / "tok_model"
-    tf.OlmoeForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d, tmp_path / "text.txt"
+    return save_toy_olmoe(tmp_path, "tok_model", 4000)
 
 
 def test_ldlq_rht_end_to_end_and_offload(capsys, tmp_path, tok_model_dir):

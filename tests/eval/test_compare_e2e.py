@@ -7,26 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from conftest import save_toy_olmoe
 
 
 @pytest.fixture()
 def tiny_runs(tmp_path):
-    from moequant.zoo.tiny_olmoe import train_tokenizer
-    import transformers as tf
-
-    words = " ".join(f"w{(i * 7919) % 97}" for i in range(3000))
-    text = "\n".join(words[i:i + 80] for i in range(0, len(words), 80))
-    (tmp_path / "text.txt").write_text(text)
-    tok = train_tokenizer([text], 320)
-    torch.manual_seed(0)
-    cfg = tf.OlmoeConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=64, num_experts=4, num_experts_per_tok=2, vocab_size=320,
-                         max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    d = tmp_path / "model"
-    tf.OlmoeForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d, tmp_path / "text.txt"
+    return save_toy_olmoe(tmp_path, "model", 3000)
 
 
 def test_compare_scores_missing_runs_and_plots_expert_proxies(tiny_runs, tmp_path, one_thread, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import toy_tok_model, toy_words
 
 pytest.importorskip("lm_eval")
 
@@ -20,18 +21,8 @@ PAIRS = [("Q: w3 w10 w17\nA:", " w24"), ("Q: w5\nA:", " w12 w19 w26"), ("Q: w40 
 
 @pytest.fixture(scope="module")
 def tok_and_model():
-    import transformers as tf
-
-    from moequant.zoo.tiny_olmoe import train_tokenizer
-
-    words = " ".join(f"w{(i * 7919) % 97}" for i in range(3000))
-    tok = train_tokenizer([words], 320)
-    cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=320, max_position_embeddings=128, bos_token_id=0,
-                         eos_token_id=1, pad_token_id=2)
-    torch.manual_seed(0)
-    model = tf.LlamaForCausalLM(cfg).eval()
-    return tok, model
+    tok, model = toy_tok_model("llama", toy_words(3000))
+    return tok, model.eval()
 
 
 def direct_loglik(model, tok, context: str, continuation: str) -> float:

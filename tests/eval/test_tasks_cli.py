@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import toy_tok_model, toy_words
 
 pytest.importorskip("lm_eval")
 
@@ -22,18 +23,9 @@ def _run(capsys, *argv):
 
 @pytest.fixture(scope="module")
 def tiny_dir_and_task(tmp_path_factory):
-    import transformers as tf
-
-    from moequant.zoo.tiny_olmoe import train_tokenizer
-
     d = tmp_path_factory.mktemp("tasks")
-    words = " ".join(f"w{(i * 7919) % 97}" for i in range(3000))
-    tok = train_tokenizer([words], 320)
-    cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=320, max_position_embeddings=128, bos_token_id=0,
-                         eos_token_id=1, pad_token_id=2)
-    torch.manual_seed(0)
-    tf.LlamaForCausalLM(cfg).save_pretrained(d / "model")
+    tok, model = toy_tok_model("llama", toy_words(3000))
+    model.save_pretrained(d / "model")
     tok.save_pretrained(d / "model")
     with open(d / "toy.jsonl", "w") as f:
         for i in range(12):
