@@ -13,10 +13,7 @@ Contract (``moequant`` checkpoint format version 1):
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moequant.errors import MoequantError
+from moequant.fsutil import AtomicDir  # noqa: F401  (re-exported: it moved to fsutil)
 
 CHECKPOINT_FORMAT_VERSION = 1
 QUANT_METHOD = "moequant"
@@ -156,32 +154,3 @@ def read_quantization_config(path: Path) -> dict[str, Any]:
         raise MoequantError(f"{cfg_path}: checkpoint format {q['format_version']} is newer than this moequant "
                             f"supports ({CHECKPOINT_FORMAT_VERSION}); upgrade moequant")
     return q
-
-
-class AtomicDir:
-    """Write a directory under a temp name beside ``out`` and rename it into place on success.
-
-    Refuses an existing ``out`` unless ``overwrite``; on any exception the temp dir is removed.
-    """
-
-    def __init__(self, out: Path, overwrite: bool = False) -> None:
-        self.out = Path(out)
-        self.overwrite = overwrite
-        self.tmp: Path | None = None
-
-    def __enter__(self) -> Path:
-        if self.out.exists() and not self.overwrite:
-            raise MoequantError(f"output directory {self.out} already exists (choose another --out or remove it)")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
-        self.tmp.chmod(0o755)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        assert self.tmp is not None
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        os.replace(self.tmp, self.out)
