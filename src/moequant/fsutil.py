@@ -287,6 +287,27 @@ def check_output(out: str | Path, overwrite: bool, what: str = "--out", sources:
         check_replaceable(out, what, sources, is_ours, kind)
 
 
+def is_moequant_result(path: Path) -> bool:
+    """A JSON result file moequant wrote: an object recording a ``moequant …`` command."""
+    obj = _json_obj(Path(path))
+    return obj is not None and str(obj.get("command", "")).startswith("moequant ")
+
+
+def check_json_output(path: str | Path, what: str = "--json") -> None:
+    """A result file: writable now, and an existing file only if moequant wrote it (or it is empty) —
+    ``--json model/config.json`` must not destroy the model's config."""
+    check_writable(path, what)
+    p = Path(path).expanduser()
+    if p.is_file() and p.stat().st_size > 0 and not is_moequant_result(p):
+        raise MoequantError(f"{what} {path}: exists and is not a moequant result JSON; choose another file "
+                            "or remove it yourself")
+
+
+def input_paths(*specs: str | Path | None) -> list[Path]:
+    """The local files/directories among model specs (zoo aliases and hub ids are not paths)."""
+    return [Path(s).expanduser() for s in specs if s and Path(s).expanduser().exists()]
+
+
 # ------------------------------------------------------------------------------------- atomic directory
 
 class AtomicDir:

@@ -3,7 +3,6 @@ checkpoint), each taking a typed job description and returning the JSON-able res
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -43,8 +42,10 @@ def run_quantize(job: QuantizeJob, argv: list[str] | None = None) -> dict[str, A
     from moequant.formats.checkpoint import checkpoint_bytes
     from moequant.models.loader import load_model, load_tokenizer, resolve_model_spec
 
-    if job.out.exists() and not job.overwrite:
-        raise MoequantError(f"output directory {job.out} already exists (choose another --out or pass --overwrite)")
+    from moequant.fsutil import atomic_write_json, check_output, input_paths
+
+    # before any work: writable, not the input model, and only a moequant output may be replaced
+    check_output(job.out, job.overwrite, "--out", sources=input_paths(job.model))
     rss0 = current_rss_bytes()
     t0 = time.time()
     if job.offload:
@@ -103,7 +104,7 @@ def run_quantize(job: QuantizeJob, argv: list[str] | None = None) -> dict[str, A
         "seconds": {"load": round(t_load, 2), "quantize": round(t_quant, 2)},
         **run_info(argv),
     }
-    (job.out / "report.json").write_text(json.dumps(result, indent=1))
+    atomic_write_json(job.out / "report.json", result)
     return result
 
 
@@ -171,7 +172,7 @@ def run_ppl(job: PplJob, argv: list[str] | None = None, model=None, tokenizer=No
     return out
 
 
-def run_inspect(path: Path) -> dict[str, Any]:
+def run_inspect(path: Path, argv: list[str] | None = None) -> dict[str, Any]:
     from moequant import api
     from moequant.formats.checkpoint import checkpoint_bytes, read_quantization_config
 
@@ -188,4 +189,4 @@ def run_inspect(path: Path) -> dict[str, Any]:
     n_q = sum(math.prod(t["shape"]) for t in tensors)
     return {"path": str(path), "checkpoint_bytes": checkpoint_bytes(path), **model_sizes(model),
             "bits_per_weight": 8.0 * sum(t["bytes"] for t in tensors) / n_q if n_q else float("nan"),
-            "recipe": qcfg.get("recipe"), "quantized_tensors": tensors, "kept_tensors": kept}
+            "recipe": qcfg.get("recipe"), "quantized_tensors": tensors, "kept_tensors": kept, **run_info(argv)}

@@ -5,7 +5,6 @@ between two methods. The README's main job (``moequant demo``) and the benchmark
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,13 +75,14 @@ def run_sweep(job: SweepJob, argv: list[str] | None = None) -> dict[str, Any]:
     from moequant.alloc.recipe import Recipe
     from moequant.eval.bootstrap import paired_delta_ci
     from moequant.formats.checkpoint import checkpoint_bytes
+    from moequant.fsutil import AtomicDir, atomic_write_json, check_output, input_paths
     from moequant.layerwise import check_recipe
     from moequant.models.adapters import adapter_for, iter_targets
     from moequant.models.loader import load_model
     from moequant.runs import PplJob, model_sizes, run_ppl
 
-    if job.out.exists() and not job.overwrite:
-        raise MoequantError(f"output directory {job.out} already exists (pass --overwrite or choose --out)")
+    # before any work: writable, not the input model, and only a moequant output may be replaced
+    check_output(job.out, job.overwrite, "--out", sources=input_paths(job.model))
     names = [e.name for e in job.entries]
     if len(set(names)) != len(names):
         raise MoequantError(f"sweep methods must have distinct names, got {names}")
@@ -94,50 +94,53 @@ def run_sweep(job: SweepJob, argv: list[str] | None = None) -> dict[str, Any]:
     targets = list(iter_targets(model, adapter_for(model)))
     for e in job.entries:  # fail before any scoring
         check_recipe(targets, Recipe.uniform(e.config))
-    job.out.mkdir(parents=True, exist_ok=True)
-    base = run_ppl(ppl_job, argv, model=model, tokenizer=tok)
-    base_sizes = model_sizes(model)
-    rows = [{"method": "fp32 (unquantized)", "bits_per_weight": 32.0, "checkpoint_bytes": None,
-             "resident_bytes": base_sizes["resident_bytes"], "ideal_bytes": None, "ppl": base["ppl"],
-             "ci95": base["ci95"], "ratio_ci95": None}]
-    del model
-    scored: dict[str, dict[str, Any]] = {}
-    for e in job.entries:
-        ckpt = job.out / e.name.replace(" ", "_").replace("=", "-")
-        model, tok, _ = load_model(job.model)
-        calib = _calibration(e, tok)
-        api.quantize(model, Recipe.uniform(e.config), calib, solver=e.solver, progress=job.progress)
-        report = model.moequant_report
-        api.save(model, ckpt, tokenizer=tok, overwrite=job.overwrite)
-        (ckpt / "report.json").write_text(json.dumps({**report.to_dict(), **run_info(argv)}, indent=1))
+    # the whole sweep is built in a temp directory beside --out and renamed into place when complete:
+    # an interrupted sweep leaves the previous --out as it was
+    with AtomicDir(job.out, overwrite=job.overwrite, what="--out") as tmp:
+        base = run_ppl(ppl_job, argv, model=model, tokenizer=tok)
+        base_sizes = model_sizes(model)
+        rows = [{"method": "fp32 (unquantized)", "bits_per_weight": 32.0, "checkpoint_bytes": None,
+                 "resident_bytes": base_sizes["resident_bytes"], "ideal_bytes": None, "ppl": base["ppl"],
+                 "ci95": base["ci95"], "ratio_ci95": None}]
         del model
-        qmodel = api.load(ckpt)
-        sizes = model_sizes(qmodel)
-        res = run_ppl(ppl_job, argv, model=qmodel, tokenizer=tok)
-        (ckpt / "ppl.json").write_text(json.dumps(res, indent=1))
-        del qmodel
-        scored[e.name] = res
-        delta = paired_delta_ci(base["nll_per_window"], base["tokens_per_window"],
-                                res["nll_per_window"], res["tokens_per_window"])
-        proxies = [t.proxy for t in report.quantized if t.proxy is not None]
-        rows.append({"method": e.name, "config": e.config.to_dict(), "solver": e.solver.to_dict(),
-                     "calibration": report.calibration, "bits_per_weight": report.bits_per_weight(),
-                     "checkpoint_bytes": checkpoint_bytes(ckpt), "resident_bytes": sizes["resident_bytes"],
-                     "ideal_bytes": sizes["ideal_bytes"], "ppl": res["ppl"], "ci95": res["ci95"],
-                     "ratio_ci95": list(delta.ratio_ci),
-                     "mean_proxy": sum(proxies) / len(proxies) if proxies else None,
-                     "starved_experts": [s.__dict__ for s in report.starved], "checkpoint": str(ckpt)})
-    pairs = []
-    for a, b in job.pairs:
-        d = paired_delta_ci(scored[b]["nll_per_window"], scored[b]["tokens_per_window"],
-                            scored[a]["nll_per_window"], scored[a]["tokens_per_window"])
-        pairs.append({"a": a, "b": b, "ppl_a": scored[a]["ppl"], "ppl_b": scored[b]["ppl"],
-                      "ratio_a_over_b_ci95": list(d.ratio_ci), "verdict": d.verdict})
-    table = format_table(job, rows, pairs)
-    result = {"model": job.model, "data": f"{job.data}/{job.split}", "max_tokens": job.max_tokens, "seqlen": job.seqlen,
-              "tokens": base["tokens"], "n_windows": base["n_windows"], "rows": rows, "pairs": pairs, "table": table,
-              "peak_rss_bytes": peak_rss_bytes(), **run_info(argv)}
-    (job.out / "summary.json").write_text(json.dumps(result, indent=1))
+        scored: dict[str, dict[str, Any]] = {}
+        for e in job.entries:
+            dirname = e.name.replace(" ", "_").replace("=", "-")
+            ckpt, work = job.out / dirname, tmp / dirname  # final path (recorded), path while the sweep runs
+            model, tok, _ = load_model(job.model)
+            calib = _calibration(e, tok)
+            api.quantize(model, Recipe.uniform(e.config), calib, solver=e.solver, progress=job.progress)
+            report = model.moequant_report
+            api.save(model, work, tokenizer=tok)
+            atomic_write_json(work / "report.json", {**report.to_dict(), **run_info(argv)})
+            del model
+            qmodel = api.load(work)
+            sizes = model_sizes(qmodel)
+            res = run_ppl(ppl_job, argv, model=qmodel, tokenizer=tok)
+            atomic_write_json(work / "ppl.json", res)
+            del qmodel
+            scored[e.name] = res
+            delta = paired_delta_ci(base["nll_per_window"], base["tokens_per_window"],
+                                    res["nll_per_window"], res["tokens_per_window"])
+            proxies = [t.proxy for t in report.quantized if t.proxy is not None]
+            rows.append({"method": e.name, "config": e.config.to_dict(), "solver": e.solver.to_dict(),
+                         "calibration": report.calibration, "bits_per_weight": report.bits_per_weight(),
+                         "checkpoint_bytes": checkpoint_bytes(work), "resident_bytes": sizes["resident_bytes"],
+                         "ideal_bytes": sizes["ideal_bytes"], "ppl": res["ppl"], "ci95": res["ci95"],
+                         "ratio_ci95": list(delta.ratio_ci),
+                         "mean_proxy": sum(proxies) / len(proxies) if proxies else None,
+                         "starved_experts": [s.__dict__ for s in report.starved], "checkpoint": str(ckpt)})
+        pairs = []
+        for a, b in job.pairs:
+            d = paired_delta_ci(scored[b]["nll_per_window"], scored[b]["tokens_per_window"],
+                                scored[a]["nll_per_window"], scored[a]["tokens_per_window"])
+            pairs.append({"a": a, "b": b, "ppl_a": scored[a]["ppl"], "ppl_b": scored[b]["ppl"],
+                          "ratio_a_over_b_ci95": list(d.ratio_ci), "verdict": d.verdict})
+        table = format_table(job, rows, pairs)
+        result = {"model": job.model, "data": f"{job.data}/{job.split}", "max_tokens": job.max_tokens,
+                  "seqlen": job.seqlen, "tokens": base["tokens"], "n_windows": base["n_windows"], "rows": rows,
+                  "pairs": pairs, "table": table, "peak_rss_bytes": peak_rss_bytes(), **run_info(argv)}
+        atomic_write_json(tmp / "summary.json", result)
     return result
 
 
