@@ -26,6 +26,7 @@ def _problem(r: int = 64, k: int = 128, seed: int = 0) -> tuple[torch.Tensor, to
 
 
 CONFIGS = [UniformConfig(bits=3, group_size=32), UniformConfig(bits=3, group_size=-1, clip_search=False),
+           UniformConfig(bits=3, group_size=48), UniformConfig(bits=4, group_size=96, symmetric=False),  # partial last group
            UniformConfig(bits=2, group_size=32, symmetric=False), LutConfig(block_size=32),
            LutConfig(block_size=32, double_quant=True)]
 

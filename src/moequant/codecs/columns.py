@@ -25,8 +25,8 @@ from moequant.codecs.config import LutConfig, MethodConfig, TrellisConfig, Unifo
 from moequant.codecs.trellis import (check_geometry, code_rms, code_values, fp16_row_scale, initial_lut,
                                      quantize_matrix, steps_per_tile)
 from moequant.codecs.lut import block_absmax, dq_dequantize, dq_quantize, lut_assign, lut_dequantize, lut_values
-from moequant.codecs.uniform import (SCALE_DTYPES, decode_grid, fit_groups, resolve_group_size, round_to_grid,
-                                     shrink_factors)
+from moequant.codecs.uniform import (SCALE_DTYPES, decode_grid, fit_groups, num_groups, resolve_group_size,
+                                     round_to_grid, shrink_factors)
 
 
 class ColumnQuantizer(ABC):
@@ -60,7 +60,7 @@ class UniformColumns(ColumnQuantizer):
         super().__init__(rows, cols)
         self.cfg = config
         self.group = resolve_group_size(cols, config.group_size)
-        g = cols // self.group
+        g = num_groups(cols, self.group)  # the last group may be partial
         self.scale = torch.zeros(rows, g)  # [R, G]
         self.zero = None if config.symmetric else torch.zeros(rows, g)  # [R, G]
         self.hdiag = None if hdiag is None else hdiag.detach().to(torch.float32)  # [K]

@@ -2,8 +2,13 @@
 
 Pure tensor math on ``w [..., N, K]`` (leading dims are experts; groups run along ``K``):
 
-- symmetric, midrise: ``w_hat = (q - h) * s`` with ``h = (2^b - 1) / 2``, ``q in [0, 2^b - 1]`` and
-  ``s = shrink * absmax / h``; there is no zero point and no exact zero on the grid.
+- symmetric, midtread (the default symmetric grid since format v2): ``w_hat = (q - 2^(b-1)) * s`` with
+  ``q in [0, 2^b - 1]`` and ``s = shrink * 2 * absmax / (2^b - 1)`` (GPTQ's rule): zero is a level of
+  the grid, the levels run from ``-2^(b-1) s`` to ``(2^(b-1) - 1) s``, so the group's negative extreme
+  is covered and its positive one clips by ``s / 2`` at most. No zero point is stored.
+- symmetric, midrise (format v1 only, decode only): ``w_hat = (q - h) * s`` with ``h = (2^b - 1) / 2``;
+  there is no zero level, and on SmolLM2 it collapsed int3/int4 models although its weight MSE was
+  only ~1.4x the asymmetric grid's, so new checkpoints never use it.
 - asymmetric: ``w_hat = (q - z) * s`` with an integer zero point ``z in [0, 2^b - 1]``. The range is
   first widened to contain 0 (``lo = min(min, 0)``, ``hi = max(max, 0)``, as GPTQ does, so a group of
   one sign still gets a zero point on the grid) and a clip candidate shrinks it towards zero:
@@ -11,6 +16,12 @@ Pure tensor math on ``w [..., N, K]`` (leading dims are experts; groups run alon
   around the range's centre instead measured the same on a Gaussian 256x512, group 128, 16 steps in
   [0.65, 1] (2/3/4 bits: 8.51/14.55/20.41 dB centred vs 8.51/14.57/20.41 dB towards zero), so the
   simpler rule is kept.
+
+Groups: ``G = ceil(K / group_size)`` groups per row; when ``group_size`` does not divide ``K`` the last
+group is partial (``K - (G - 1) * group_size`` columns) and still has its own scale (and zero point),
+counted in full by the formats' bits per weight. Internally rows are padded with zeros to ``G *
+group_size`` columns; a zero is exactly representable on both grids and carries no weight in the clip
+search, so padding changes no scale, code or error.
 
 MSE clip search: per group, ``steps`` shrink factors evenly spaced in ``[clip_min, 1]`` are tried and the
 one with the least (optionally ``hdiag``-weighted) squared error is kept. The scale is rounded to the
@@ -30,15 +41,29 @@ SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 _CHUNK_ELEMS = 1 << 22
 
 
+# Symmetric grids by name: "midtread" (zero level, format v2) and "midrise" (format v1, decode only).
+GRIDS = ("midtread", "midrise")
+
+
 def resolve_group_size(k: int, group_size: int) -> int:
-    """``group_size`` (``-1`` = whole row) checked against ``K`` -> the effective group size."""
+    """``group_size`` (``-1`` = whole row) -> the effective group size (at most ``K``; it need not divide ``K``)."""
     if group_size == -1:
         return k
     if group_size <= 0:
         raise ValueError(f"group size {group_size} must be positive or -1 (whole row)")
-    if k % group_size:
-        raise ValueError(f"group size {group_size} does not divide the input dim K={k}")
-    return group_size
+    return min(group_size, k) if k else group_size
+
+
+def num_groups(k: int, group_size: int) -> int:
+    """Groups per row of ``K`` columns: ``ceil(K / gs)`` (the last one partial when ``gs`` does not divide ``K``)."""
+    gs = resolve_group_size(k, group_size)
+    return -(-k // gs) if k else 0
+
+
+def _pad_cols(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad the last dim of ``t`` to ``width`` columns (no copy when it already has them)."""
+    extra = width - t.shape[-1]
+    return t if extra == 0 else torch.nn.functional.pad(t, (0, extra))
 
 
 def smallest_positive(dtype: torch.dtype) -> float:
@@ -55,18 +80,32 @@ def shrink_factors(clip_search: bool, clip_steps: int, clip_min: float) -> list[
 
 
 def _round_scale(s: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
-    """Round to the stored dtype and back to fp32; zero (or underflowed) scales become the smallest positive."""
-    s = s.to(scale_dtype).to(torch.float32)
-    return torch.where(s > 0, s, torch.full_like(s, smallest_positive(scale_dtype)))
+    """Round to the stored dtype and back to fp32; zero (or underflowed) scales become the smallest positive.
+    A scale the dtype cannot hold (finite weights whose range overflows it, e.g. 1e30 in float16) is a
+    ``ValueError``: stored it would be inf and decode to NaN."""
+    r = s.to(scale_dtype).to(torch.float32)
+    if not bool(torch.isfinite(r).all()):
+        big = float(s[~torch.isfinite(r)].abs().max())
+        dtype_name = str(scale_dtype).replace("torch.", "")
+        raise ValueError(f"a group scale of {big:.3g} overflows the {dtype_name} scale dtype "
+                         f"(max {torch.finfo(scale_dtype).max:.3g}): the weights are out of range for it; "
+                         f"use --scale-dtype float32 (or bfloat16)")
+    return torch.where(r > 0, r, torch.full_like(r, smallest_positive(scale_dtype)))
+
+
+def subnormal_scales(scale: torch.Tensor, scale_dtype: torch.dtype) -> int:
+    """How many stored scales lie below ``scale_dtype``'s normal range (they keep fewer significant bits:
+    the group's values are tiny, its absolute error stays below the dtype's smallest normal times 2^b)."""
+    return int((scale.to(torch.float32) < torch.finfo(scale_dtype).tiny).sum())
 
 
 def _grid(wg: torch.Tensor, shrink: float, bits: int, symmetric: bool, scale_dtype: torch.dtype
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """wg ``[R, G, g]`` -> (codes float ``[R, G, g]``, scale ``[R, G, 1]``, zero float ``[R, G, 1]`` or None)."""
+    """wg ``[R, G, g]`` -> (codes float ``[R, G, g]``, scale ``[R, G, 1]``, zero float ``[R, G, 1]`` or None).
+    The symmetric grid is midtread."""
     qmax = (1 << bits) - 1
     if symmetric:
-        half = qmax / 2
-        s = _round_scale(shrink * wg.abs().amax(-1, keepdim=True) / half, scale_dtype)  # [R, G, 1]
+        s = _round_scale(shrink * 2.0 * wg.abs().amax(-1, keepdim=True) / qmax, scale_dtype)  # [R, G, 1]
         return round_to_grid(wg, s, None, bits), s, None  # [R, G, g]
     lo = wg.amin(-1, keepdim=True).clamp(max=0)  # [R, G, 1]
     hi = wg.amax(-1, keepdim=True).clamp(min=0)  # [R, G, 1]
@@ -76,14 +115,23 @@ def _grid(wg: torch.Tensor, shrink: float, bits: int, symmetric: bool, scale_dty
 
 
 def round_to_grid(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int) -> torch.Tensor:
-    """Nearest grid codes (float) for ``w`` given a broadcastable scale ``s`` and zero ``z`` (None = symmetric)."""
+    """Nearest grid codes (float) for ``w`` given a broadcastable scale ``s`` and zero ``z`` (None = the
+    symmetric midtread grid, zero at ``2^(b-1)``)."""
     qmax = (1 << bits) - 1
-    return torch.clamp(torch.round(w / s + (qmax / 2 if z is None else z)), 0, qmax)
+    return torch.clamp(torch.round(w / s + (float(1 << (bits - 1)) if z is None else z)), 0, qmax)
 
 
-def decode_grid(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int) -> torch.Tensor:
-    """Codes ``q`` -> values ``(q - h) * s`` (symmetric midpoint ``h``) or ``(q - z) * s``."""
-    return (q - ((1 << bits) - 1) / 2) * s if z is None else (q - z) * s
+def decode_grid(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, bits: int, grid: str = "midtread"
+                ) -> torch.Tensor:
+    """Codes ``q`` -> values ``(q - z) * s``; symmetric (``z`` None): ``(q - 2^(b-1)) * s`` (midtread) or
+    ``(q - (2^b - 1) / 2) * s`` (midrise, format v1)."""
+    if z is not None:
+        return (q - z) * s
+    if grid == "midtread":
+        return (q - float(1 << (bits - 1))) * s
+    if grid == "midrise":
+        return (q - ((1 << bits) - 1) / 2) * s
+    raise ValueError(f"unknown symmetric grid {grid!r} (known: {GRIDS})")
 
 
 def fit_groups(wg: torch.Tensor, hg: torch.Tensor | None, bits: int, symmetric: bool,
@@ -125,12 +173,13 @@ def uniform_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: boo
         raise ValueError(f"weight must be [..., N, K], got shape {tuple(w.shape)}")
     *lead, n, k = w.shape
     gs = resolve_group_size(k, group_size)
-    g = k // gs
+    g = num_groups(k, gs)
     m = w.numel() // k if k else 0  # rows over all experts
-    wf = w.detach().to(torch.float32).reshape(m, g, gs)  # [M, G, g]
+    wf = _pad_cols(w.detach().to(torch.float32).reshape(m, k), g * gs).reshape(m, g, gs)  # [M, G, g] zero-padded
     hd = None
     if hdiag is not None:
-        hd = torch.broadcast_to(hdiag.detach().to(torch.float32), (*lead, k)).reshape(-1, g, gs)  # [E, G, g]
+        hd = torch.broadcast_to(hdiag.detach().to(torch.float32), (*lead, k)).reshape(-1, k)  # [E, K]
+        hd = _pad_cols(hd, g * gs).reshape(-1, g, gs)  # [E, G, g], padding weighs 0
     shrinks = shrink_factors(clip_search, clip_steps, clip_min)
     codes = torch.empty(m, g, gs, dtype=torch.uint8, device=w.device)  # [M, G, g]
     scale = torch.empty(m, g, 1, dtype=torch.float32, device=w.device)  # [M, G, 1]
@@ -145,19 +194,19 @@ def uniform_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: boo
         if zero is not None:
             zero[r0:r1] = z.to(torch.uint8)
     out_zero = None if zero is None else zero.reshape(*lead, n, g)
-    return codes.reshape(*lead, n, k), scale.reshape(*lead, n, g), out_zero
+    return codes.reshape(m, g * gs)[:, :k].reshape(*lead, n, k), scale.reshape(*lead, n, g), out_zero
 
 
 def uniform_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int,
-                       bits: int) -> torch.Tensor:
+                       bits: int, grid: str = "midtread") -> torch.Tensor:
     """codes ``[..., N, K]``, scale ``[..., N, G]``, zero ``[..., N, G]`` or None -> w_hat fp32 ``[..., N, K]``.
 
-    ``bits`` fixes the symmetric midpoint ``(2^b - 1) / 2``; asymmetric decoding uses ``zero`` instead.
+    Asymmetric decoding uses ``zero``; symmetric uses the midpoint of ``grid`` (``bits`` fixes it).
     """
     *lead, n, k = codes.shape
     gs = resolve_group_size(k, group_size)
-    g = k // gs
-    q = codes.to(torch.float32).reshape(*lead, n, g, gs)  # [..., N, G, g]
+    g = num_groups(k, gs)
+    q = _pad_cols(codes.to(torch.float32), g * gs).reshape(*lead, n, g, gs)  # [..., N, G, g]
     s = scale.to(torch.float32).unsqueeze(-1)  # [..., N, G, 1]
     z = None if zero is None else zero.to(torch.float32).unsqueeze(-1)  # [..., N, G, 1]
-    return decode_grid(q, s, z, bits).reshape(*lead, n, k)
+    return decode_grid(q, s, z, bits, grid).reshape(*lead, n, g * gs)[..., :k]

@@ -1,7 +1,8 @@
 """Bit-packed uniform integer tensors: ``UniformTensor`` (symmetric) and ``UniformAsymTensor`` (asymmetric).
 
-Layout (``uniform-packed`` v1 and ``uniform-asym-packed`` v1), for a logical weight ``[..., N, K]`` with
-``G = K / group_size`` groups per row (``group_size = -1``: one group of the whole row):
+Layout (``uniform-packed`` v2 and ``uniform-asym-packed`` v2), for a logical weight ``[..., N, K]`` with
+``G = ceil(K / group_size)`` groups per row (``group_size = -1``: one group of the whole row; when the
+group size does not divide ``K`` the last group is partial and has its own scale and zero point):
 
 - ``codes``: uint8 ``[..., N, packed_len(K, bits)]``, each row's ``K`` codes packed by ``bitpack`` at
   ``bits`` bits (little-endian, rows padded to whole chunks);
@@ -9,21 +10,30 @@ Layout (``uniform-packed`` v1 and ``uniform-asym-packed`` v1), for a logical wei
 - ``zero`` (asymmetric only): uint8 ``[..., N, packed_len(G, bits)]``, each row's ``G`` integer zero
   points packed at ``bits`` bits.
 
-Decoding: symmetric ``w = (q - (2^bits - 1) / 2) * scale``; asymmetric ``w = (q - zero) * scale``.
-Attributes: ``bits``, ``group_size`` (as configured, ``-1`` allowed), ``symmetric``, ``scale_dtype``.
+Decoding: symmetric ``w = (q - 2^(bits-1)) * scale`` (midtread: zero is a level); asymmetric
+``w = (q - zero) * scale``. Attributes: ``bits``, ``group_size`` (as configured, ``-1`` allowed),
+``symmetric``, ``scale_dtype``, and for the symmetric format ``grid``.
+
+Versions: v1 required ``group_size`` to divide ``K`` and its symmetric grid was *midrise*
+``(q - (2^bits - 1) / 2) * scale`` (no zero level). v1 checkpoints still load and decode exactly as
+before: their metadata has no ``grid``, which then reads as ``"midrise"``. v2 writes ``grid = "midtread"``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, ClassVar
 
 import torch
 
 from moequant.codecs.config import MethodConfig, UniformConfig
-from moequant.codecs.uniform import SCALE_DTYPES, resolve_group_size, uniform_dequantize, uniform_quantize
+from moequant.codecs.uniform import (SCALE_DTYPES, num_groups, resolve_group_size, subnormal_scales,
+                                     uniform_dequantize, uniform_quantize)
 from moequant.formats.base import QuantizedTensor
 from moequant.formats.bitpack import pack, packed_len, unpack
+
+log = logging.getLogger(__name__)
 
 
 def hessian_diag(hessian: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor | None:
@@ -70,12 +80,20 @@ class _UniformBase(QuantizedTensor):
         """Pack unpacked ``codes`` uint8 ``[..., N, K]``, ``scale`` ``[..., N, G]`` (values exact in the
         scale dtype) and, when asymmetric, ``zero`` uint8 ``[..., N, G]``."""
         cfg = _check_config(cls.__name__, config, cls.symmetric)
+        scale_dtype = SCALE_DTYPES[cfg.scale_dtype]
         data = {"codes": pack(parts["codes"], cfg.bits),  # [..., N, packed_len(K, bits)]
-                "scale": parts["scale"].to(SCALE_DTYPES[cfg.scale_dtype])}  # [..., N, G]
+                "scale": parts["scale"].to(scale_dtype)}  # [..., N, G]
         if not cfg.symmetric:
             data["zero"] = pack(parts["zero"], cfg.bits)  # [..., N, packed_len(G, bits)]
         attrs: dict[str, Any] = {"bits": cfg.bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
                                  "scale_dtype": cfg.scale_dtype}
+        if cfg.symmetric:
+            attrs["grid"] = "midtread"
+        tiny = subnormal_scales(data["scale"], scale_dtype)
+        if tiny and scale_dtype != torch.float32:
+            log.warning("%d of %d group scales of a %s tensor are below %s's normal range (tiny weights: fewer "
+                        "significant bits in their scales; --scale-dtype float32 avoids it)", tiny,
+                        data["scale"].numel(), tuple(shape), cfg.scale_dtype)
         return cls(tuple(shape), data, attrs)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -84,34 +102,62 @@ class _UniformBase(QuantizedTensor):
         codes = unpack(self.data["codes"], bits, k)  # [..., N, K]
         zero = None
         if "zero" in self.data:
-            zero = unpack(self.data["zero"], bits, k // gs)  # [..., N, G]
-        return uniform_dequantize(codes, self.data["scale"], zero, gs, bits).to(dtype)
+            zero = unpack(self.data["zero"], bits, num_groups(k, gs))  # [..., N, G]
+        grid = self.attrs.get("grid", "midtread")
+        return uniform_dequantize(codes, self.data["scale"], zero, gs, bits, grid).to(dtype)
 
     @classmethod
     def expected_bits_per_weight(cls, shape: tuple[int, ...], config: MethodConfig) -> float:
         cfg = _check_config(cls.__name__, config, cls.symmetric)
         *lead, n, k = shape
-        g = k // resolve_group_size(k, cfg.group_size)
+        g = num_groups(k, cfg.group_size)
         scale_bits = torch.finfo(SCALE_DTYPES[cfg.scale_dtype]).bits
         row_bits = 8 * packed_len(k, cfg.bits) + g * scale_bits
         if not cfg.symmetric:
             row_bits += 8 * packed_len(g, cfg.bits)
         return math.prod(lead) * n * row_bits / math.prod(shape)
 
+    @classmethod
+    def data_spec(cls, shape: tuple[int, ...], attrs: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """codes uint8 ``[..., N, packed_len(K, bits)]``, scale ``[..., N, G]`` in ``scale_dtype``, zero uint8
+        ``[..., N, packed_len(G, bits)]`` (asymmetric), ``G = ceil(K / group_size)`` (1 for ``-1``)."""
+        if attrs["symmetric"] != cls.symmetric:
+            raise ValueError(f"{cls.format_id} stores symmetric={cls.symmetric}, metadata says {attrs['symmetric']}")
+        *lead, n, k = shape
+        bits, gs = attrs["bits"], attrs["group_size"]
+        g = 1 if gs == -1 else -(-k // gs)
+        spec = {"codes": ((*lead, n, packed_len(k, bits)), torch.uint8),
+                "scale": ((*lead, n, g), SCALE_DTYPES[attrs["scale_dtype"]])}
+        if not cls.symmetric:
+            spec["zero"] = ((*lead, n, packed_len(g, bits)), torch.uint8)
+        return spec
+
 
 class UniformTensor(_UniformBase):
-    """Symmetric midrise int-k: packed ``codes`` + ``scale`` (see the module docstring)."""
+    """Symmetric int-k: packed ``codes`` + ``scale``; midtread grid (v2), midrise when read from v1
+    (see the module docstring)."""
 
     format_id: ClassVar[str] = "uniform-packed"
-    format_version: ClassVar[int] = 1
+    format_version: ClassVar[int] = 2
     data_names: ClassVar[tuple[str, ...]] = ("codes", "scale")
+    attr_names: ClassVar[tuple[str, ...]] = ("bits", "group_size", "symmetric", "scale_dtype", "grid")
     symmetric: ClassVar[bool] = True
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor], prefix: str, meta: dict[str, Any]) -> "QuantizedTensor":
+        if "grid" not in meta:
+            if int(meta.get("format_version", 1)) >= 2:
+                raise ValueError(f"{prefix}: {cls.format_id} v2 metadata lacks 'grid'")
+            meta = {**meta, "grid": "midrise"}  # v1: the midrise grid
+        elif meta["grid"] not in ("midtread", "midrise"):
+            raise ValueError(f"{prefix}: unknown symmetric grid {meta['grid']!r}")
+        return super().from_state_dict(tensors, prefix, meta)
 
 
 class UniformAsymTensor(_UniformBase):
     """Asymmetric int-k: packed ``codes`` + ``scale`` + packed integer ``zero`` (see the module docstring)."""
 
     format_id: ClassVar[str] = "uniform-asym-packed"
-    format_version: ClassVar[int] = 1
+    format_version: ClassVar[int] = 2  # v2: the last group may be partial (same layout when gs divides K)
     data_names: ClassVar[tuple[str, ...]] = ("codes", "scale", "zero")
     symmetric: ClassVar[bool] = False
