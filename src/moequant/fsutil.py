@@ -34,7 +34,8 @@ from moequant.errors import MoequantError
 log = logging.getLogger(__name__)
 
 TEMP_KINDS = ("tmp", "old", "act")
-_LEFTOVER = re.compile(r"^(?:\.(?P<stem>.+)\.)?moequant-(?P<kind>tmp|old|act)-(?P<pid>\d+)-(?P<host>[0-9a-f]{6})-[0-9a-f]{8}(?:\.[a-z]+)?$")
+_LEFTOVER = re.compile(r"^(?:\.(?P<stem>.+)\.)?moequant-(?P<kind>tmp|old|act)-(?P<pid>\d+)-(?P<host>[0-9a-f]{6})"
+                       r"-[0-9a-f]{8}(?:\.[a-z]+)?$")
 
 
 def host_tag() -> str:
@@ -230,31 +231,47 @@ def is_moequant_output(path: Path) -> bool:
     return False
 
 
+_DEFAULT_KIND = "a moequant output (checkpoint or run directory) or an empty directory"
+
+
+def is_empty_dir(path: Path) -> bool:
+    return Path(path).is_dir() and not any(Path(path).iterdir())
+
+
+def is_replaceable_output(path: Path) -> bool:
+    """What ``--overwrite`` may replace by default: an empty directory or a moequant output."""
+    return is_empty_dir(path) or is_moequant_output(path)
+
+
 def protected_dirs(sources: Iterable[str | Path] = ()) -> list[tuple[Path, str, bool]]:
     """(directory, why, ancestors protected too) that an output may never replace."""
     from moequant.zoo.fetch import cache_root
 
     out = [(Path("/"), "the root directory", False), (Path.home(), "the home directory", True),
            (Path.cwd(), "the current directory", True), (cache_root(), "the moequant cache", True)]
-    out += [(Path(s), "the input model", True) for s in sources]
+    out += [(Path(s), "an input of this command", True) for s in sources]
     return [(p.expanduser().resolve(), why, anc) for p, why, anc in out]
 
 
-def check_not_inside(out: str | Path, sources: Iterable[str | Path], what: str = "--out") -> None:
+def check_not_inside(out: str | Path, sources: Iterable[str | Path], what: str = "--out",
+                     sources_what: str = "model") -> None:
     """``out`` may not be an input (``sources``), lie inside one, or contain one."""
     r = Path(out).expanduser().resolve()
     for s in sources:
         sr = Path(s).expanduser().resolve()
-        if r == sr or sr in r.parents:
-            raise MoequantError(f"{what} {out}: is inside the input model {s}; choose a directory outside it")
+        if r == sr:
+            raise MoequantError(f"{what} {out}: is the input {sources_what} {s}; choose another {what}")
+        if sr in r.parents:
+            raise MoequantError(f"{what} {out}: is inside the input {sources_what} {s}; choose a directory outside it")
         if r in sr.parents:
-            raise MoequantError(f"{what} {out}: contains the input model {s}; choose another directory")
+            raise MoequantError(f"{what} {out}: contains the input {sources_what} {s}; choose another {what}")
 
 
 def check_replaceable(out: str | Path, what: str = "--out", sources: Iterable[str | Path] = (),
-                      is_ours: Callable[[Path], bool] = is_moequant_output, kind: str = "moequant output") -> None:
-    """Raise unless ``--overwrite`` may remove the existing ``out``: a real directory (no symlink),
-    empty or ``is_ours``, and none of ``protected_dirs`` (inside the cache: only ``is_ours``)."""
+                      is_ours: Callable[[Path], bool] = is_replaceable_output, kind: str = _DEFAULT_KIND) -> None:
+    """Raise unless ``--overwrite`` may remove the existing ``out``: a real directory (no symlink) that
+    ``is_ours`` accepts (default: empty or a moequant output; inside the cache an empty one is not
+    enough), and none of ``protected_dirs``."""
     p = Path(out).expanduser()
     if p.is_symlink():
         raise MoequantError(f"{what} {out}: is a symbolic link; --overwrite replaces only real directories")
@@ -267,18 +284,19 @@ def check_replaceable(out: str | Path, what: str = "--out", sources: Iterable[st
             rel = "is" if r == d else "is an ancestor of"
             raise MoequantError(f"{what} {out}: {rel} {why} ({d}); --overwrite will not replace it")
         in_cache = in_cache or (why == "the moequant cache" and d in r.parents)
-    if is_ours(p) or (not in_cache and not any(p.iterdir())):
+    if is_ours(p) and not (in_cache and is_empty_dir(p)):
         return
-    raise MoequantError(f"{what} {out}: exists and is not a {kind}; --overwrite replaces only those "
-                        f"(or an empty directory) — remove it yourself or choose another {what}")
+    raise MoequantError(f"{what} {out}: exists and is not {kind}, so it is not replaced; remove it yourself "
+                        f"or choose another {what}")
 
 
 def check_output(out: str | Path, overwrite: bool, what: str = "--out", sources: Iterable[str | Path] = (),
-                 is_ours: Callable[[Path], bool] = is_moequant_output, kind: str = "moequant output") -> None:
+                 is_ours: Callable[[Path], bool] = is_replaceable_output, kind: str = _DEFAULT_KIND,
+                 sources_what: str = "model") -> None:
     """Every check of an output directory, made before any work: not inside/containing an input,
     writable, and absent unless ``overwrite`` may replace it."""
     sources = list(sources)
-    check_not_inside(out, sources, what)
+    check_not_inside(out, sources, what, sources_what)
     check_writable(out, what, is_dir=True)
     p = Path(out).expanduser()
     if p.exists() or p.is_symlink():
@@ -320,7 +338,7 @@ class AtomicDir:
     """
 
     def __init__(self, out: str | Path, overwrite: bool = False, *, what: str = "output directory",
-                 is_ours: Callable[[Path], bool] = is_moequant_output, kind: str = "moequant output") -> None:
+                 is_ours: Callable[[Path], bool] = is_replaceable_output, kind: str = _DEFAULT_KIND) -> None:
         self.out = Path(out)
         self.overwrite = overwrite
         self.what, self.is_ours, self.kind = what, is_ours, kind

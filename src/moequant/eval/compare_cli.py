@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moequant.errors import MoequantError
+from moequant.fsutil import AtomicDir, check_output, input_paths
 from moequant.eval.compare import (
     GATE_WORSE,
     GateConfig,
@@ -207,18 +206,11 @@ def _plots(result: dict[str, Any], runs: list[Run], tmp: Path) -> list[str]:
     return files
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        if not (out / COMPARE_JSON).is_file():
-            raise MoequantError(f"--out {out} exists and is not an earlier comparison (no {COMPARE_JSON}); "
-                                "choose another --out")
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+def _is_comparison(path: Path) -> bool:
+    return (Path(path) / COMPARE_JSON).is_file()
+
+
+_NOT_COMPARISON = f"an earlier comparison (no {COMPARE_JSON})"
 
 
 def run_compare(job: CompareJob, argv: list[str] | None = None) -> dict[str, Any]:
@@ -228,9 +220,9 @@ def run_compare(job: CompareJob, argv: list[str] | None = None) -> dict[str, Any
         raise MoequantError("compare needs at least one run")
     if not job.ppl and not job.tasks:
         raise MoequantError("nothing to compare: give --ppl and/or --tasks")
-    if job.out.exists() and not (job.out / COMPARE_JSON).is_file():
-        raise MoequantError(f"--out {job.out} exists and is not an earlier comparison (no {COMPARE_JSON}); "
-                            "choose another --out")
+    # before any work: writable, apart from the runs, and replacing only an earlier comparison
+    check_output(job.out, True, "--out", sources=input_paths(*job.runs), is_ours=_is_comparison,
+                 kind=_NOT_COMPARISON, sources_what="run")
     runs = [load_run(s) for s in job.runs]
     if job.baseline is not None and not any(
             r.name == job.baseline or r.path.resolve() == Path(job.baseline).resolve() for r in runs):
@@ -255,18 +247,11 @@ def run_compare(job: CompareJob, argv: list[str] | None = None) -> dict[str, Any
         result["tasks"][task] = _task_block(runs, base, task, job)
     result["evaluated"] = evaluated
     result.update(run_info(argv))
-    job.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=job.out.parent, prefix=f".{job.out.name}.tmp-"))
-    tmp.chmod(0o755)  # mkdtemp makes it 0700
-    try:
+    with AtomicDir(job.out, overwrite=True, what="--out", is_ours=_is_comparison, kind=_NOT_COMPARISON) as tmp:
         result["plots"] = _plots(result, runs, tmp) if job.plots else []
         result["report_md"] = markdown_report(result)
         write_json_atomic(tmp / COMPARE_JSON, result)
         write_bytes_atomic(tmp / "report.md", result["report_md"].encode())
-        _replace_dir(tmp, job.out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     result["out"] = str(job.out)
     return result
 

@@ -33,14 +33,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moequant.errors import MoequantError
+from moequant.fsutil import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -80,22 +79,12 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to a temporary file in the same directory, then rename it over ``path``."""
-    write_bytes_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+    """``obj`` as JSON (sorted keys) through the package's one atomic writer (``moequant.fsutil``)."""
+    atomic_write_json(path, obj)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data)
 
 
 @dataclass

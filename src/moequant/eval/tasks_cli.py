@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -27,16 +25,15 @@ def add_tasks_parser(esub) -> None:
 
 def cmd_eval_tasks(args: argparse.Namespace) -> int:
     from moequant.eval.tasks import TasksJob, parse_task_list, run_tasks_job
+    from moequant.fsutil import atomic_write_json, check_json_output
 
+    if args.json:
+        check_json_output(args.json)  # before any work
     job = TasksJob(args.model, parse_task_list(args.tasks), limit=args.limit, batch_size=args.batch_size,
                    max_length=args.max_length, seed=args.seed)
     r = run_tasks_job(job, sys.argv[1:])
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text(json.dumps(r, indent=1))
-        os.replace(tmp, path)
+        atomic_write_json(Path(args.json), r)
     for name, t in r["results"].items():
         parts = [f"{m} {t[m]:.4f} [95% CI {t[m + '_ci95'][0]:.4f}, {t[m + '_ci95'][1]:.4f}]"
                  for m in ("acc", "acc_norm") if m in t and m + "_ci95" in t]

@@ -13,12 +13,12 @@ Prompt format (the same for every task, zero-shot, choices not listed in the pro
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moequant.errors import MoequantError
+from moequant.fsutil import atomic_write_text
 from moequant.zoo.bigbench import BIGBENCH_TASKS, BIGBENCH_VERSION, build_task_jsonl, fetch_task_jsons
 from moequant.zoo.fetch import cache_root, sha256_file
 
@@ -55,9 +55,7 @@ def write_task_yaml(name: str, jsonl: Path, out_dir: Path) -> Path:
     path = out_dir / f"{name}.yaml"
     text = task_yaml(name, jsonl)
     if not (path.is_file() and path.read_text() == text):
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
     return path
 
 
