@@ -14,8 +14,8 @@ from moequant import __version__
 from moequant.alloc.recipe import Recipe
 from moequant.errors import MoequantError
 from moequant.formats.checkpoint import (CHECKPOINT_FORMAT_VERSION, QUANT_METHOD, AtomicDir, ShardReader,
-                                         read_quantization_config, write_shards)
-from moequant.formats.registry import FORMATS
+                                         read_packed, read_quantization_config, seal_quantization_config,
+                                         write_shards)
 from moequant.layerwise import Calibration, quantize_model, set_module
 from moequant.nn.packed import packed_names, packed_tensor
 from moequant.nn.quant_experts import QuantExperts
@@ -130,7 +130,7 @@ def write_checkpoint_config(out: Path, model_config: dict[str, Any], metas: dict
             "moequant_version": __version__, "recipe": recipe.to_dict() if recipe else None,
             "tensors": metas, "tied": tied, **(extra or {})}
     config = dict(model_config)
-    config["quantization_config"] = qcfg
+    config["quantization_config"] = seal_quantization_config(qcfg)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
     if generation_config is not None:
         generation_config.save_pretrained(out)
@@ -138,35 +138,56 @@ def write_checkpoint_config(out: Path, model_config: dict[str, Any], metas: dict
         tokenizer.save_pretrained(out)
 
 
-def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+def load(path: str | Path, *, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
     """Build the model from its config without allocating full-precision weights, swap in
-    ``QuantLinear`` / ``QuantExperts`` built straight from the packed tensors, load the kept tensors."""
+    ``QuantLinear`` / ``QuantExperts`` built straight from the packed tensors, load the kept tensors.
+
+    Checked before use: the index and every shard header, each packed tensor's metadata and the shape
+    and dtype of each of its data tensors, that the checkpoint holds exactly the tensors the model needs.
+    ``verify`` (default) also checks every tensor's SHA-256 against the index and the seal of
+    ``quantization_config`` (a checkpoint from an older moequant without them loads with a warning).
+    Any failure is a one-line ``MoequantError`` naming the file and tensor."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    qcfg = read_quantization_config(path)
-    config = AutoConfig.from_pretrained(path)
+    qcfg = read_quantization_config(path, verify=verify)
+    reader = ShardReader(path, verify=verify)
+    if verify and (reader.digests is None or "integrity" not in qcfg):
+        log.warning("%s: no tensor digests (written by an older moequant): loaded without verification", path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MoequantError(f"{path / 'config.json'}: transformers cannot read it "
+                            f"({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
-    reader = ShardReader(path)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError) as e:
+        raise MoequantError(f"{path / 'config.json'}: transformers cannot build the model from it "
+                            f"({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
     used: set[str] = set()
     experts: dict[str, dict[str, Any]] = {}
     for name, meta in qcfg["tensors"].items():
-        cls = FORMATS.get(meta["format"])
-        keys = {f"{name}_{d}": reader.read(f"{name}_{d}").to(device) for d in cls.names_for(meta)}
-        used.update(keys)
-        qt = cls.from_state_dict(keys, name, meta)
+        qt = read_packed(reader, name, meta, device)
+        used.update(f"{name}_{d}" for d in qt.data)
         module_name, _, param = name.rpartition(".")
-        module = model.get_submodule(module_name)
+        module = _submodule(model, module_name, path, name)
         if isinstance(module, nn.Linear):
+            if param != "weight" or tuple(module.weight.shape) != qt.shape:
+                raise MoequantError(f"{path}: packed tensor {name!r} {list(qt.shape)} does not fit the model's "
+                                    f"{module_name}.weight {list(module.weight.shape)}")
             bias = reader.read(f"{module_name}.bias").to(device) if module.bias is not None else None
             if bias is not None:
                 used.add(f"{module_name}.bias")
             set_module(model, module_name, QuantLinear(qt, bias))
         else:
+            want = getattr(module, param, None)
+            if param not in ("gate_up_proj", "down_proj") or not isinstance(want, torch.Tensor) \
+                    or tuple(want.shape) != qt.shape:
+                raise MoequantError(f"{path}: packed tensor {name!r} {list(qt.shape)} does not fit the model")
             experts.setdefault(module_name, {})[param] = qt
     for mname, parts in experts.items():
         old = model.get_submodule(mname)
@@ -177,7 +198,13 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
         set_module(model, mname, QuantExperts(parts["gate_up_proj"], parts["down_proj"], old.act_fn))
     rest = {k: reader.read(k).to(device) for k in reader.keys() if k not in used}
     for dropped, kept in qcfg.get("tied", {}).items():
+        if kept not in rest:
+            raise MoequantError(f"{path}: tied tensor {dropped!r} names {kept!r}, which the checkpoint lacks")
         rest[dropped] = rest[kept]
+    expected = {n: t for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    for k, v in rest.items():
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape):
+            raise MoequantError(f"{path}: tensor {k!r} is {list(v.shape)}, the model expects {list(expected[k].shape)}")
     result = model.load_state_dict(rest, strict=False, assign=True)
     if result.unexpected_keys:
         raise MoequantError(f"{path}: tensors the model does not have: {result.unexpected_keys[:5]}")
@@ -185,6 +212,16 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
     if still_meta:
         raise MoequantError(f"{path}: checkpoint lacks tensors {still_meta[:5]}")
     recipe = qcfg.get("recipe")
-    model.moequant_recipe = Recipe.from_dict(recipe) if recipe else None
+    try:
+        model.moequant_recipe = Recipe.from_dict(recipe) if recipe else None
+    except (ValueError, TypeError, KeyError) as e:
+        raise MoequantError(f"{path / 'config.json'}: quantization_config.recipe is invalid ({e})") from None
     model.eval()
     return model
+
+
+def _submodule(model: nn.Module, name: str, path: Path, tensor: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise MoequantError(f"{path}: packed tensor {tensor!r} names a module the model does not have") from None

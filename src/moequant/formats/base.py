@@ -7,12 +7,15 @@ Every subclass declares, once:
 - ``attr_names``: JSON-serialisable attributes (bit width, group size, ...); ``shape`` is always one.
 
 It gets ``to_state_dict`` / ``from_state_dict`` (exact round trip), ``nbytes`` and
-``bits_per_weight`` (every stored bit / number of weights) for free, and implements ``encode`` and
-``dequantize``.
+``bits_per_weight`` (every stored bit / number of weights) for free, and implements ``encode``,
+``dequantize`` and ``data_spec`` (the shape and dtype of every stored tensor, from the logical shape and
+the attributes alone: a reader checks what it reads against it before using it; ``check_meta`` checks
+the metadata itself).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -66,7 +69,53 @@ class QuantizedTensor(ABC):
     def expected_bits_per_weight(cls, shape: tuple[int, ...], config: MethodConfig) -> float:
         """Bits per weight this format will store for ``shape`` under ``config`` (no encoding needed)."""
 
+    @classmethod
+    @abstractmethod
+    def data_spec(cls, shape: tuple[int, ...], attrs: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """``{data_name: (shape, dtype)}`` of every stored tensor of a ``shape`` tensor with ``attrs``
+        (attributes already checked by ``check_meta``); ``ValueError`` when they admit no layout."""
+
     # --- provided ------------------------------------------------------------------------------
+    @classmethod
+    def check_meta(cls, meta: Any) -> tuple[tuple[int, ...], dict[str, Any]]:
+        """``meta`` (``QuantizedTensor.meta()`` as read from a checkpoint) -> (shape, attrs), checked:
+        the format and a supported version, ``shape`` a list of at least 2 positive ints, every attribute
+        present and of its config field's type and range. ``ValueError`` saying what is wrong."""
+        if not isinstance(meta, dict):
+            raise ValueError(f"metadata is a {type(meta).__name__}, not an object")
+        if meta.get("format") != cls.format_id:
+            raise ValueError(f"format {meta.get('format')!r} is not {cls.format_id!r}")
+        version = meta.get("format_version", 1)
+        if not _is_int(version) or not 1 <= version <= cls.format_version:
+            raise ValueError(f"{cls.format_id} format_version {version!r} is not supported (1..{cls.format_version})")
+        shape = meta.get("shape")
+        if not isinstance(shape, list) or len(shape) < 2 or not all(_is_int(s) and s > 0 for s in shape):
+            raise ValueError(f"shape {shape!r} is not a list of at least 2 positive ints")
+        attrs = {n: meta[n] for n in cls.attr_names if n in meta}
+        cls.check_attrs(attrs)
+        return tuple(shape), attrs
+
+    @classmethod
+    def check_attrs(cls, attrs: dict[str, Any]) -> None:
+        """Attributes named like ``config_type``'s fields are present, have that field's type and pass its
+        ``validate``. (Other attributes, e.g. one an older format version did not write, are the
+        class's ``from_state_dict``'s to default and check.)"""
+        fields = {f.name: f for f in dataclasses.fields(cls.config_type)}
+        missing = [n for n in cls.attr_names if n in fields and n not in attrs]
+        if missing:
+            raise ValueError(f"missing attributes {missing}")
+        given = {n: v for n, v in attrs.items() if n in fields}
+        for n, v in given.items():
+            want = type(fields[n].default)
+            ok = (isinstance(v, bool) if want is bool else _is_int(v) if want is int
+                  else isinstance(v, (int, float)) and not isinstance(v, bool) if want is float else isinstance(v, want))
+            if not ok:
+                raise ValueError(f"attribute {n}={v!r} is not a {want.__name__}")
+        try:
+            cls.config_type(**given)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"attributes {given}: {e}") from None
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x [..., K] -> x Ŵᵀ + b [..., N]`` for a 2-D tensor (reference path: decode, then matmul).
         Formats that can do better (rotate activations, fused kernels) override it."""
@@ -128,5 +177,26 @@ class QuantizedTensor(ABC):
             data[n] = tensors[key]
         return cls(tuple(meta["shape"]), data, attrs)
 
+    def check_data(self) -> None:
+        """Every data tensor has the shape and dtype ``data_spec`` implies (``ValueError`` otherwise)."""
+        check_data(type(self), self.shape, self.attrs, {n: (tuple(t.shape), t.dtype) for n, t in self.data.items()})
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(shape={self.shape}, {self.attrs}, {self.bits_per_weight():.3f} bpw)"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_data(cls: type[QuantizedTensor], shape: tuple[int, ...], attrs: dict[str, Any],
+               found: dict[str, tuple[tuple[int, ...], torch.dtype | None]]) -> None:
+    """``found`` ``{data_name: (shape, dtype)}`` (dtype None: not a torch dtype) against ``cls.data_spec``;
+    ``ValueError`` naming the first data tensor that differs, with expected vs found."""
+    for name, (want_shape, want_dtype) in cls.data_spec(shape, attrs).items():
+        if name not in found:
+            raise ValueError(f"data tensor {name!r} is missing")
+        got_shape, got_dtype = found[name]
+        if tuple(got_shape) != tuple(want_shape) or got_dtype != want_dtype:
+            raise ValueError(f"data tensor {name!r} is {list(got_shape)} {got_dtype}, the metadata implies "
+                             f"{list(want_shape)} {want_dtype}")

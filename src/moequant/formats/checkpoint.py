@@ -13,29 +13,37 @@ Contract (``moequant`` checkpoint format version 1):
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 
 from moequant.errors import MoequantError
+from moequant.formats.base import QuantizedTensor, check_data
 from moequant.fsutil import AtomicDir  # noqa: F401  (re-exported: it moved to fsutil)
+from moequant.formats.safetensors_io import ST_DTYPES  # noqa: F401  (re-exported)
+from moequant.formats.safetensors_io import (DIGEST_ALGORITHM, TORCH_DTYPES, new_digest, range_digest, read_header,
+                                             write_safetensors)
 
 CHECKPOINT_FORMAT_VERSION = 1
 QUANT_METHOD = "moequant"
 INDEX_NAME = "model.safetensors.index.json"
-# torch dtype <-> safetensors dtype string
-ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64"}
-_TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
+SHARD_METADATA = {"format": "pt", "producer": QUANT_METHOD}
+
+
+def write_index(out_dir: Path, weight_map: dict[str, str], total_size: int, digests: dict[str, str]) -> None:
+    """``model.safetensors.index.json``, written for every checkpoint (one shard too): the weight map and,
+    in its metadata, each tensor's digest ``{"algorithm", "tensors": {name: hex}}``. Sorted keys."""
+    index = {"metadata": {"total_size": total_size,
+                          "digests": {"algorithm": DIGEST_ALGORITHM, "tensors": dict(sorted(digests.items()))}},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
 
 
 def write_shards(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = 2 << 30) -> list[str]:
-    """Write ``tensors`` into shards of at most ``max_shard_bytes`` (one tensor never split)."""
+    """Write ``tensors`` into shards of at most ``max_shard_bytes`` (one tensor never split) and the index.
+    Same tensors, same bytes: shard headers and JSON have sorted keys."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(tensors):
@@ -48,31 +56,44 @@ def write_shards(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_byte
         size += nb
     n = len(shards)
     files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    weight_map = {}
+    weight_map: dict[str, str] = {}
+    digests: dict[str, str] = {}
     for fname, shard in zip(files, shards):
-        save_file(shard, str(out_dir / fname), metadata={"format": "pt", "producer": QUANT_METHOD})
+        digests.update(write_safetensors(out_dir / fname, shard, SHARD_METADATA))
         weight_map.update({k: fname for k in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    with open(out_dir / INDEX_NAME, "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1, sort_keys=True)
+    write_index(out_dir, weight_map, total, digests)
     return files
 
 
 class ShardReader:
-    """Lazy access to the tensors of a checkpoint directory (one file or an index of shards)."""
+    """Checked, lazy access to the tensors of a checkpoint directory (one file or an index of shards).
 
-    def __init__(self, path: Path) -> None:
+    - The index must be an object whose ``weight_map`` maps names to shard file names that stay in the
+      directory (no path separators, no ``..``, no symlink leading out); every shard header is checked
+      (``safetensors_io.read_header``) before a tensor of it is read.
+    - ``verify`` (default): a tensor whose digest the index records is hashed as it is read (``read``,
+      ``slice``, and ``StreamingWriter.copy`` through ``check_digest``) and a mismatch is an error naming
+      the tensor. ``digests`` is None when the index records none (an older moequant, or any HF model).
+    Every failure is a ``MoequantError`` naming the file (and the tensor).
+    """
+
+    def __init__(self, path: Path, verify: bool = True) -> None:
         self.path = Path(path)
+        self.verify = verify
+        self.digests: dict[str, str] | None = None
         index = self.path / INDEX_NAME
-        if index.is_file():
-            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        if index.is_file() or index.is_symlink():
+            self.weight_map, self.digests = _read_index(self.path, index)
         elif (self.path / "model.safetensors").is_file():
-            with safe_open(str(self.path / "model.safetensors"), framework="pt") as f:
-                self.weight_map = {k: "model.safetensors" for k in f.keys()}
+            header = read_header(self.path / "model.safetensors")[0]
+            self.weight_map = {k: "model.safetensors" for k in header}
         else:
             raise MoequantError(f"{self.path}: no model.safetensors or {INDEX_NAME}")
-        self._open: dict[str, Any] = {}
+        self._files: dict[str, Path] = {}
         self._headers: dict[Path, tuple[dict[str, Any], int]] = {}
+        self._open: dict[Path, Any] = {}
+        self._verified: set[str] = set()
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
@@ -81,60 +102,147 @@ class ShardReader:
         return key in self.weight_map
 
     def get(self, key: str) -> torch.Tensor:
-        return self._handle(key).get_tensor(key)
+        return self.read(key)
 
-    def _handle(self, key: str) -> Any:
+    def file(self, key: str) -> Path:
+        """The shard holding ``key``, confined to the checkpoint directory."""
         if key not in self.weight_map:
             raise MoequantError(f"{self.path}: checkpoint lacks tensor {key!r}")
         fname = self.weight_map[key]
-        if fname not in self._open:
-            fpath = self.path / fname
-            if not fpath.is_file():
-                raise MoequantError(f"{self.path}: shard {fname} listed in the index is missing")
-            self._open[fname] = safe_open(str(fpath), framework="pt")
-        return self._open[fname]
+        if fname not in self._files:
+            self._files[fname] = _confined_shard(self.path, fname)
+        return self._files[fname]
+
+    def info(self, key: str) -> tuple[tuple[int, ...], torch.dtype | None]:
+        """(shape, torch dtype or None) of ``key`` from its shard's header, without reading the data."""
+        _, info, _ = self.raw_location(key)
+        return tuple(info["shape"]), TORCH_DTYPES.get(info["dtype"])
 
     def read(self, key: str) -> torch.Tensor:
-        """``key``'s tensor read with plain file reads into fresh memory, not through the mmap that
-        ``get`` uses: its pages leave the process when the tensor is freed (the streaming path reads
-        every layer once, and mmapped pages would stay counted in RSS until the kernel reclaims them)."""
+        """``key``'s tensor read with plain file reads into fresh memory, not through an mmap: its pages
+        leave the process when the tensor is freed (the streaming path reads every layer once, and mmapped
+        pages would stay counted in RSS until the kernel reclaims them). Verified when ``verify``."""
         path, info, start = self.raw_location(key)
-        dtype = _TORCH_DTYPES.get(info["dtype"])
+        dtype = TORCH_DTYPES.get(info["dtype"])
         if dtype is None:
             raise MoequantError(f"{path}: tensor {key!r} has dtype {info['dtype']}, which moequant cannot read")
         nbytes = info["data_offsets"][1] - info["data_offsets"][0]
         out = torch.empty(nbytes, dtype=torch.uint8)
-        with open(path, "rb", buffering=0) as f:
-            f.seek(start)
-            got = f.readinto(memoryview(out.numpy()))
+        try:
+            with open(path, "rb", buffering=0) as f:
+                f.seek(start)
+                got = f.readinto(memoryview(out.numpy()))
+        except OSError as e:
+            raise MoequantError(f"{path}: cannot read tensor {key!r} ({e.strerror or e})") from None
         if got != nbytes:
             raise MoequantError(f"{path}: truncated safetensors file (tensor {key!r})")
+        if self._must_verify(key):
+            h = new_digest()
+            h.update(memoryview(out.numpy()))
+            self.check_digest(key, h.hexdigest())
         return out.view(dtype).reshape(info["shape"])
 
     def slice(self, key: str) -> Any:
-        """A lazy slice object: ``reader.slice(k)[a:b]`` reads only those rows."""
-        return self._handle(key).get_slice(key)
+        """A lazy slice object: ``reader.slice(k)[a:b]`` reads only those rows (the whole tensor is hashed
+        once first, in chunks, when it has a digest to verify)."""
+        path, info, start = self.raw_location(key)
+        if self._must_verify(key):
+            self.check_digest(key, range_digest(path, start, info["data_offsets"][1] - info["data_offsets"][0]))
+        if path not in self._open:
+            try:
+                self._open[path] = safe_open(str(path), framework="pt")
+            except SafetensorError as e:
+                raise MoequantError(f"{path}: corrupted safetensors file ({_first_line(e)})") from None
+        return self._open[path].get_slice(key)
 
     def raw_location(self, key: str) -> tuple[Path, dict[str, Any], int]:
         """(file, its header entry for ``key``, absolute byte offset of the tensor's data)."""
-        self._handle(key)
-        path = self.path / self.weight_map[key]
+        path = self.file(key)
         if path not in self._headers:
-            self._headers[path] = safetensors_header(path)
+            header, _, data_start = read_header(path)
+            self._headers[path] = header, data_start
         header, data_start = self._headers[path]
-        info = header[key]
+        info = header.get(key)
+        if info is None:
+            raise MoequantError(f"{path}: has no tensor {key!r}, which {INDEX_NAME} places there")
         return path, info, data_start + info["data_offsets"][0]
+
+    def _must_verify(self, key: str) -> bool:
+        return self.verify and self.digests is not None and key not in self._verified
+
+    def check_digest(self, key: str, hexdigest: str) -> None:
+        """``hexdigest`` (of ``key``'s data bytes as just read) against the index; no-op unless verifying."""
+        if not self.verify or self.digests is None:
+            return
+        want = self.digests.get(key)
+        if want is None:
+            raise MoequantError(f"{self.path / INDEX_NAME}: records no digest for tensor {key!r} (the index "
+                                "was edited or truncated)")
+        if hexdigest != want:
+            raise MoequantError(f"{self.file(key)}: tensor {key!r} is corrupted (its {DIGEST_ALGORITHM} does not "
+                                f"match {INDEX_NAME})")
+        self._verified.add(key)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for k in self.keys():
-            yield k, self.get(k)
+            yield k, self.read(k)
 
 
-def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """(header dict, byte offset where the data section starts) of a safetensors file."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n)), 8 + n
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise MoequantError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise MoequantError(f"{path}: {what} is not valid JSON ({_first_line(e)})") from None
+
+
+def _read_index(root: Path, index: Path) -> tuple[dict[str, str], dict[str, str] | None]:
+    """(weight map, digests or None) of ``index``, every field checked."""
+    obj = _read_json(index, "the shard index")
+    if not isinstance(obj, dict):
+        raise MoequantError(f"{index}: the shard index is a {type(obj).__name__}, not an object")
+    wm = obj.get("weight_map")
+    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise MoequantError(f"{index}: weight_map is not a map of tensor names to shard file names")
+    for fname in set(wm.values()):
+        _check_shard_name(root, fname)
+    meta = obj.get("metadata", {})
+    if not isinstance(meta, dict):
+        raise MoequantError(f"{index}: metadata is not an object")
+    dg = meta.get("digests")
+    if dg is None:
+        return wm, None
+    tensors = dg.get("tensors") if isinstance(dg, dict) else None
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tensors.items()):
+        raise MoequantError(f"{index}: metadata.digests is not {{'algorithm', 'tensors': {{name: hex}}}}")
+    if dg.get("algorithm") != DIGEST_ALGORITHM:
+        raise MoequantError(f"{index}: digest algorithm {dg.get('algorithm')!r} is not supported "
+                            f"(this moequant writes and checks {DIGEST_ALGORITHM})")
+    return wm, tensors
+
+
+def _check_shard_name(root: Path, fname: str) -> None:
+    """A shard name is a plain file name in the checkpoint directory: no separator, no ``..``, not absolute."""
+    if (not fname or fname in (".", "..") or "/" in fname or "\\" in fname or "\0" in fname
+            or Path(fname).is_absolute() or Path(fname).name != fname):
+        raise MoequantError(f"{root / INDEX_NAME}: shard name {fname!r} is not a file name inside the checkpoint "
+                            "directory")
+
+
+def _confined_shard(root: Path, fname: str) -> Path:
+    """``root / fname`` after checking it is a regular file whose real path (symlinks resolved) lies in ``root``."""
+    _check_shard_name(root, fname)
+    p = root / fname
+    try:
+        real, real_root = p.resolve(strict=True), root.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise MoequantError(f"{root}: shard {fname} listed in the index is missing") from None
+    if real.parent != real_root:
+        raise MoequantError(f"{p}: shard is a link to {real}, outside the checkpoint directory")
+    if not real.is_file():
+        raise MoequantError(f"{p}: shard is not a regular file")
+    return p
 
 
 def checkpoint_bytes(path: Path) -> int:
@@ -142,15 +250,104 @@ def checkpoint_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())
 
 
-def read_quantization_config(path: Path) -> dict[str, Any]:
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# quantization_config: read, checked, sealed
+# ------------------------------------------------------------------------------------------------
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str).encode()
+
+
+def seal_quantization_config(qcfg: dict[str, Any]) -> dict[str, Any]:
+    """``qcfg`` plus ``integrity = {"algorithm", "digest"}``: the digest of its canonical JSON (sorted keys,
+    no spaces) without that field. What decodes the tensors (formats, attributes, shapes, tied names) is
+    then covered like the tensors themselves."""
+    plain = json.loads(_canonical({k: v for k, v in qcfg.items() if k != "integrity"}))
+    h = new_digest()
+    h.update(_canonical(plain))
+    return {**plain, "integrity": {"algorithm": DIGEST_ALGORITHM, "digest": h.hexdigest()}}
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """``config.json`` of the checkpoint directory ``path`` as an object (one-line errors otherwise)."""
     cfg_path = Path(path) / "config.json"
     if not cfg_path.is_file():
         raise MoequantError(f"{path}: no config.json (not a checkpoint directory)")
-    cfg = json.loads(cfg_path.read_text())
-    q = cfg.get("quantization_config")
+    cfg = _read_json(cfg_path, "config.json")
+    if not isinstance(cfg, dict):
+        raise MoequantError(f"{cfg_path}: is a JSON {type(cfg).__name__}, not an object")
+    return cfg
+
+
+def read_quantization_config(path: Path, verify: bool = True) -> dict[str, Any]:
+    """``quantization_config`` of the checkpoint ``path``, checked: method and version, its seal (when
+    ``verify`` and the checkpoint has one: ``has_seal``), ``tensors`` a map of names to metadata that
+    their format accepts (``QuantizedTensor.check_meta``), ``tied`` a map of names to names."""
+    cfg_path = Path(path) / "config.json"
+    q = read_config(path).get("quantization_config")
     if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD:
         raise MoequantError(f"{cfg_path}: not a moequant checkpoint (quantization_config.quant_method != 'moequant')")
-    if int(q.get("format_version", 0)) > CHECKPOINT_FORMAT_VERSION:
-        raise MoequantError(f"{cfg_path}: checkpoint format {q['format_version']} is newer than this moequant "
+    version = q.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise MoequantError(f"{cfg_path}: quantization_config.format_version {version!r} is not an int")
+    if version > CHECKPOINT_FORMAT_VERSION:
+        raise MoequantError(f"{cfg_path}: checkpoint format {version} is newer than this moequant "
                             f"supports ({CHECKPOINT_FORMAT_VERSION}); upgrade moequant")
+    if verify and "integrity" in q:
+        seal = q["integrity"]
+        if not isinstance(seal, dict) or seal.get("algorithm") != DIGEST_ALGORITHM:
+            raise MoequantError(f"{cfg_path}: quantization_config.integrity {seal!r} is not a {DIGEST_ALGORITHM} seal")
+        if seal_quantization_config(q)["integrity"] != seal:
+            raise MoequantError(f"{cfg_path}: quantization_config was changed after it was written (its "
+                                f"{DIGEST_ALGORITHM} does not match integrity.digest)")
+    tensors, tied = q.get("tensors"), q.get("tied", {})
+    if not isinstance(tensors, dict):
+        raise MoequantError(f"{cfg_path}: quantization_config.tensors is not a map of tensor names to metadata")
+    if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+        raise MoequantError(f"{cfg_path}: quantization_config.tied is not a map of tensor names to tensor names")
+    for name, meta in tensors.items():
+        tensor_meta(cfg_path, name, meta)
     return q
+
+
+def tensor_meta(cfg_path: Path, name: str, meta: Any) -> tuple[type[QuantizedTensor], tuple[int, ...], dict[str, Any]]:
+    """(format class, shape, attributes) of the packed tensor ``name``, its metadata checked."""
+    from moequant.formats.registry import FORMATS
+
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if not isinstance(fmt, str) or fmt not in FORMATS:
+        raise MoequantError(f"{cfg_path}: tensor {name!r} has unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+    cls = FORMATS.get(fmt)
+    try:
+        shape, attrs = cls.check_meta(meta)
+        cls.data_spec(shape, attrs)
+    except (ValueError, TypeError, KeyError) as e:
+        raise MoequantError(f"{cfg_path}: tensor {name!r}: bad metadata ({_first_line(e)})") from None
+    return cls, shape, attrs
+
+
+def read_packed(reader: ShardReader, name: str, meta: dict[str, Any], device: str | torch.device = "cpu"
+                ) -> QuantizedTensor:
+    """The packed tensor ``name``: its data tensors' shapes and dtypes (from the shard headers) checked
+    against what its metadata implies before any byte is read, then read (and verified) and built."""
+    cls, shape, attrs = tensor_meta(reader.path / "config.json", name, meta)
+    spec = cls.data_spec(shape, attrs)
+    found = {}
+    for d in spec:
+        key = f"{name}_{d}"
+        if key not in reader:
+            raise MoequantError(f"{reader.path}: checkpoint lacks tensor {key!r} of the {cls.format_id} tensor {name!r}")
+        found[d] = reader.info(key)
+    try:
+        check_data(cls, shape, attrs, found)
+    except ValueError as e:
+        raise MoequantError(f"{reader.path}: tensor {name!r}: {e}") from None
+    tensors = {f"{name}_{d}": reader.read(f"{name}_{d}").to(device) for d in spec}
+    try:
+        return cls.from_state_dict(tensors, name, meta)
+    except (ValueError, TypeError, KeyError) as e:
+        raise MoequantError(f"{reader.path}: tensor {name!r}: {_first_line(e)}") from None

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -48,6 +48,11 @@ def _blocks(k: int, block_size: int) -> int:
     if k % block_size:
         raise ValueError(f"block size {block_size} does not divide the input dim K={k}")
     return k // block_size
+
+
+def _check_dq(cls: type, attrs: dict[str, Any], double_quant: bool) -> None:
+    if attrs["double_quant"] != double_quant:
+        raise ValueError(f"{cls.format_id} is for double_quant={double_quant}, metadata says {attrs['double_quant']}")
 
 
 def _attrs(cfg: LutConfig) -> dict[str, object]:
@@ -103,6 +108,14 @@ class LutTensor(_LutBase):
         row_bits = 8 * packed_len(k, CODE_BITS) + 16 * _blocks(k, cfg.block_size)
         return math.prod(lead) * n * row_bits / math.prod(shape)
 
+    @classmethod
+    def data_spec(cls, shape: tuple[int, ...], attrs: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """codes uint8 ``[..., N, packed_len(K, 4)]``, absmax float16 ``[..., N, NB]``."""
+        _check_dq(cls, attrs, False)
+        *lead, n, k = shape
+        return {"codes": ((*lead, n, packed_len(k, CODE_BITS)), torch.uint8),
+                "absmax": ((*lead, n, _blocks(k, attrs["block_size"])), torch.float16)}
+
 
 class LutDqTensor(_LutBase):
     """Packed 4-bit LUT codes + double-quantized absmax (int8 codes, fp32 block scales, fp32 mean)."""
@@ -142,3 +155,15 @@ class LutDqTensor(_LutBase):
         nb = _blocks(k, cfg.block_size)
         per_expert = n * (8 * packed_len(k, CODE_BITS) + 8 * nb) + 32 * dq_num_blocks(n * nb, cfg.dq_block_size) + 32
         return math.prod(lead) * per_expert / math.prod(shape)
+
+    @classmethod
+    def data_spec(cls, shape: tuple[int, ...], attrs: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """codes uint8 ``[..., N, packed_len(K, 4)]``, absmax_codes uint8 ``[..., N, NB]``, absmax_scale fp32
+        ``[..., D]``, absmax_offset fp32 ``[..., 1]``."""
+        _check_dq(cls, attrs, True)
+        *lead, n, k = shape
+        nb = _blocks(k, attrs["block_size"])
+        return {"codes": ((*lead, n, packed_len(k, CODE_BITS)), torch.uint8),
+                "absmax_codes": ((*lead, n, nb), torch.uint8),
+                "absmax_scale": ((*lead, dq_num_blocks(n * nb, attrs["dq_block_size"])), torch.float32),
+                "absmax_offset": ((*lead, 1), torch.float32)}

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from moequant.codecs.config import MethodConfig
 from moequant.formats.base import QuantizedTensor
-from moequant.formats.bitpack import pack, unpack
+from moequant.formats.bitpack import pack, packed_len, unpack
 
 INNER = "inner_"
 
@@ -70,6 +70,36 @@ class RotatedTensor(QuantizedTensor):
     @classmethod
     def expected_bits_per_weight(cls, shape: tuple[int, ...], config: MethodConfig) -> float:
         raise TypeError("the bits of a rotated tensor are the inner format's plus (N + K) sign bits per matrix")
+
+    @classmethod
+    def check_attrs(cls, attrs: dict[str, Any]) -> None:
+        """``inner`` is a valid ``meta()`` of a non-rotated format."""
+        if "inner" not in attrs:
+            raise ValueError("missing attributes ['inner']")
+        inner = attrs["inner"]
+        if not isinstance(inner, dict) or not isinstance(inner.get("format"), str):
+            raise ValueError(f"inner metadata {inner!r} has no format")
+        try:
+            _inner_class(inner).check_meta(inner)
+        except KeyError as e:
+            raise ValueError(f"inner: {e.args[0] if e.args else e}") from None
+        except ValueError as e:
+            raise ValueError(f"inner: {e}") from None
+
+    @classmethod
+    def data_spec(cls, shape: tuple[int, ...], attrs: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """sign_in uint8 ``[..., packed_len(K, 1)]``, sign_out uint8 ``[..., packed_len(N, 1)]``, and the inner
+        format's tensors (prefixed ``inner_``) for the same logical shape."""
+        inner = attrs["inner"]
+        icls = _inner_class(inner)
+        ishape, iattrs = icls.check_meta(inner)
+        if ishape != tuple(shape):
+            raise ValueError(f"inner shape {list(ishape)} is not the tensor's shape {list(shape)}")
+        *lead, n, k = shape
+        spec = {"sign_in": ((*lead, packed_len(k, 1)), torch.uint8),
+                "sign_out": ((*lead, packed_len(n, 1)), torch.uint8)}
+        spec.update({INNER + d: v for d, v in icls.data_spec(ishape, iattrs).items()})
+        return spec
 
     # --- views ------------------------------------------------------------------------------------
     @property

@@ -24,7 +24,8 @@ from typing import Any, ClassVar
 import torch
 
 from moequant.codecs.config import MethodConfig, TrellisConfig
-from moequant.codecs.trellis import initial_lut, pack_tile_bits, quantize_matrix, unpack_tile_states, words_per_tile
+from moequant.codecs.trellis import (check_geometry, initial_lut, pack_tile_bits, quantize_matrix, unpack_tile_states,
+                                     words_per_tile)
 from moequant.formats.base import QuantizedTensor
 from moequant.formats.uniform import hessian_diag
 
@@ -125,3 +126,17 @@ class TrellisTensor(QuantizedTensor):
         if cfg.code == "hyb":
             matrix_bits += (1 << cfg.Q) * 2 * 16
         return math.prod(lead) * matrix_bits / math.prod(shape)
+
+    @classmethod
+    def data_spec(cls, shape: tuple[int, ...], attrs: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """words uint16 ``[..., N/tile, K/tile, W]``, scale float16 ``[..., N]``, lut float16 ``[..., 2^Q, 2]`` (hyb)."""
+        cfg = TrellisConfig(**{a: attrs[a] for a in _ATTRS})
+        check_geometry(cfg)
+        *lead, n, k = shape
+        if n % cfg.tile or k % cfg.tile:
+            raise ValueError(f"trellis tiles of {cfg.tile}x{cfg.tile} need N and K multiples of {cfg.tile}, got {n}x{k}")
+        spec = {"words": ((*lead, n // cfg.tile, k // cfg.tile, words_per_tile(cfg)), torch.uint16),
+                "scale": ((*lead, n), torch.float16)}
+        if cfg.code == "hyb":
+            spec["lut"] = ((*lead, 1 << cfg.Q, 2), torch.float16)
+        return spec

@@ -12,20 +12,16 @@ time from the safetensors files, empty it again, and write the output checkpoint
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from moequant.errors import MoequantError
-from moequant.formats.checkpoint import INDEX_NAME, QUANT_METHOD, ShardReader
+from moequant.formats.checkpoint import SHARD_METADATA, ShardReader, write_index
+from moequant.formats.safetensors_io import copy_range, encode_header, write_safetensors
 from moequant.models.adapters import ModelAdapter
-
-_COPY_CHUNK = 16 << 20  # bytes per read when copying a tensor between files
 
 
 def _disk_names(name: str, adapter: ModelAdapter) -> list[str]:
@@ -91,11 +87,14 @@ def embed_rows(reader: ShardReader, key: str, ids: torch.Tensor, dtype: torch.dt
 
 class StreamingWriter:
     """Write a checkpoint directory shard by shard (``add``), or by raw copy from a source checkpoint
-    (``copy``), then ``finish`` with the index. Tensors keep their dtype and bytes exactly."""
+    (``copy``), then ``finish`` with the index. Tensors keep their dtype and bytes exactly; every shard is
+    written by ``formats.safetensors_io`` (sorted header: same tensors, same bytes) and each tensor's
+    digest is taken from the bytes written, for the index."""
 
     def __init__(self, out_dir: Path) -> None:
         self.out = Path(out_dir)
         self.weight_map: dict[str, str] = {}
+        self.digests: dict[str, str] = {}
         self.total = 0
         self._n = 0
 
@@ -107,50 +106,38 @@ class StreamingWriter:
         if not tensors:
             return
         fname = self._next_name()
-        flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(flat, str(self.out / fname), metadata={"format": "pt", "producer": QUANT_METHOD})
-        self._record(fname, {k: v.numel() * v.element_size() for k, v in flat.items()})
+        digests = write_safetensors(self.out / fname, tensors, SHARD_METADATA)
+        self._record(fname, {k: v.numel() * v.element_size() for k, v in tensors.items()}, digests)
 
-    def _record(self, fname: str, sizes: dict[str, int]) -> None:
+    def _record(self, fname: str, sizes: dict[str, int], digests: dict[str, str]) -> None:
         for k, nb in sizes.items():
             if k in self.weight_map:
                 raise MoequantError(f"tensor {k} written twice")
             self.weight_map[k] = fname
             self.total += nb
+        self.digests.update(digests)
 
     def copy(self, reader: ShardReader, keys: dict[str, str]) -> None:
-        """Copy ``{source_key: output_name}`` byte for byte into one new shard, in chunks."""
+        """Copy ``{source_key: output_name}`` byte for byte into one new shard, in chunks (a source
+        tensor with a recorded digest is verified on the way)."""
         if not keys:
             return
         entries, offset = {}, 0
         sources = []
-        for src, dst in keys.items():
+        for src, dst in sorted(keys.items(), key=lambda kv: kv[1]):
             path, info, start = reader.raw_location(src)
             nbytes = info["data_offsets"][1] - info["data_offsets"][0]
             entries[dst] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + nbytes]}
-            sources.append((path, start, nbytes))
+            sources.append((src, dst, path, start, nbytes))
             offset += nbytes
-        header = json.dumps({"__metadata__": {"format": "pt", "producer": QUANT_METHOD}, **entries},
-                            separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)
         fname = self._next_name()
+        digests = {}
         with open(self.out / fname, "wb") as f:
-            f.write(struct.pack("<Q", len(header)))
-            f.write(header)
-            for path, start, nbytes in sources:
-                with open(path, "rb") as src:
-                    src.seek(start)
-                    left = nbytes
-                    while left:
-                        chunk = src.read(min(_COPY_CHUNK, left))
-                        if not chunk:
-                            raise MoequantError(f"{path}: truncated safetensors file")
-                        f.write(chunk)
-                        left -= len(chunk)
-        self._record(fname, {dst: e["data_offsets"][1] - e["data_offsets"][0] for dst, e in entries.items()})
+            f.write(encode_header(entries, SHARD_METADATA))
+            for src, dst, path, start, nbytes in sources:
+                digests[dst] = copy_range(path, start, nbytes, f)
+                reader.check_digest(src, digests[dst])
+        self._record(fname, {dst: e["data_offsets"][1] - e["data_offsets"][0] for dst, e in entries.items()}, digests)
 
     def finish(self) -> None:
-        with open(self.out / INDEX_NAME, "w") as f:
-            json.dump({"metadata": {"total_size": self.total}, "weight_map": self.weight_map}, f, indent=1,
-                      sort_keys=True)
-
+        write_index(self.out, self.weight_map, self.total, self.digests)
