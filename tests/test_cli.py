@@ -1,6 +1,7 @@
 """CLI: bad input gives one clear line on stderr and a non-zero exit; nothing half-written."""
 
 import json
+import logging
 import math
 
 import pytest
@@ -44,7 +45,7 @@ def tiny_dir(tmp_path):
 def test_quantize_inspect_end_to_end(capsys, tmp_path, tiny_dir):
     out = tmp_path / "q"
     rc, stdout, err = _run(capsys, "-q", "quantize", str(tiny_dir), "--bits", "2", "--asym", "--group-size", "32",
-                           "--out", str(out))
+                           "--solver", "rtn", "--out", str(out))
     assert rc == 0, err
     rep = json.loads((out / "report.json").read_text())
     # every row stores K/4 bytes of codes, K/32 fp16 scales and its K/32 2-bit zeros padded to whole bytes
@@ -67,11 +68,61 @@ def test_quantize_inspect_end_to_end(capsys, tmp_path, tiny_dir):
     assert rc == 2 and "already exists" in err
 
 
-def test_group_size_must_divide(capsys, tmp_path, tiny_dir):
+def test_group_size_need_not_divide(capsys, tmp_path, tiny_dir):
+    # the tiny model's widths are 32 and 64: group 48 leaves partial last groups, each with its own scale
     rc, _, err = _run(capsys, "-q", "quantize", str(tiny_dir), "--group-size", "48", "--out", str(tmp_path / "o"))
-    assert rc == 2 and "48" in err and "model.layers.0" in err
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rep["config"]["rules"][-1]["config"]["group_size"] == 48
+    for t in rep["quantized_tensors"]:
+        k = t["shape"][-1]
+        g = -(-k // 48)  # groups per row, the last one partial
+        row_bits = 4 * k + 16 * g + 8 * -(-(4 * g) // 8)  # codes, fp16 scales, 4-bit zero points in whole bytes
+        assert t["bits_per_weight"] == pytest.approx(row_bits / k, rel=1e-12)
+    rc, _, err = _run(capsys, "-q", "quantize", str(tiny_dir), "--group-size", "0", "--out", str(tmp_path / "z"))
+    assert rc == 2 and "--group-size must be positive" in err
+    assert not (tmp_path / "z").exists()
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--method", "nf4", "--bits", "2"], "--method nf4 stores 4-bit codes; --bits 2 does not apply"),
+    (["--method", "nf4", "--asym"], "--asym does not apply to --method nf4"),
+    (["--method", "fp4", "--group-size", "64"], "--group-size does not apply to --method fp4"),
+    (["--trellis-l", "10"], "--trellis-l does not apply to --method int"),
+    (["--method", "trellis", "--block-size", "32"], "--block-size does not apply to --method trellis"),
+    (["--sym", "--asym"], "--sym and --asym contradict each other"),
+    (["--bits", "3", "--recipe", "r.json"], "--recipe sets every method option; drop --bits"),
+])
+def test_conflicting_method_flags(capsys, tmp_path, tiny_dir, flags, msg):
+    rc, _, err = _run(capsys, "-q", "quantize", str(tiny_dir), *flags, "--out", str(tmp_path / "o"))
+    errors = [ln for ln in err.splitlines() if ln.startswith("moequant: error:")]
+    assert rc == 2 and len(errors) == 1 and msg in errors[0] and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]
+
+
+def test_defaults_pick_the_best_known_recipe(capsys, caplog, tmp_path, tok_model_dir):
+    # --bits 3 with no other flag: asymmetric int3 g128, LDLQ + RHT, calibrated (here on the fixture's text)
+    caplog.set_level(logging.INFO, logger="moequant")
+    d, text = tok_model_dir
+    rc, _, err = _run(capsys, "-q", "quantize", str(d), "--bits", "3", "--calib", str(text), "--calib-samples", "4",
+                      "--calib-seqlen", "32", "--out", str(tmp_path / "q3"))
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "q3" / "report.json").read_text())
+    assert rep["solver"]["solver"] == "ldlq" and rep["solver"]["incoherence"] == "rht"
+    cfg = rep["config"]["rules"][-1]["config"]
+    assert (cfg["bits"], cfg["group_size"], cfg["symmetric"], cfg["clip_search"]) == (3, 128, False, True)
+    assert any("recipe: int3a-g128-clip, LDLQ + RHT" in r.message for r in caplog.records)
+    # --bits 4: round to nearest, no calibration; --bits 2: a warning before any work, naming the better method
+    caplog.clear()
+    rc, _, err = _run(capsys, "-q", "quantize", str(d), "--bits", "4", "--out", str(tmp_path / "q4"))
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "q4" / "report.json").read_text())
+    assert rep["solver"]["solver"] == "rtn" and rep["solver"]["incoherence"] == "none" and rep["calibration"] is None
+    caplog.clear()
+    rc, _, err = _run(capsys, "-q", "quantize", str(d), "--bits", "2", "--solver", "rtn", "--out", str(tmp_path / "q2"))
+    assert rc == 0, err
+    warned = [r.message for r in caplog.records if r.levelname == "WARNING" and "int2" in r.message]
+    assert len(warned) == 1 and "--method trellis --bits 2" in warned[0]
 
 
 @pytest.fixture()

@@ -9,22 +9,60 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from moequant.errors import MoequantError
+from moequant.errors import MoequantError, one_line
+
+
+# Flags that belong to one --method only: given with another method they are an error, not ignored.
+_METHOD_FLAGS = {
+    "int": ("group_size", "asym", "sym", "no_clip_search", "clip_steps", "clip_min", "scale_dtype"),
+    "lut": ("block_size", "double_quant"),
+    "trellis": ("trellis_l", "trellis_v", "trellis_code", "trellis_tile", "no_tail_biting"),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _given(args: argparse.Namespace, name: str) -> bool:
+    """Was the method flag ``name`` passed (its parser default is None or False)?"""
+    v = getattr(args, name, None)
+    return v is not None and v is not False
+
+
+def _check_method_flags(args: argparse.Namespace) -> None:
+    family = "lut" if args.method in ("nf4", "fp4") else args.method
+    for fam, names in _METHOD_FLAGS.items():
+        if fam == family:
+            continue
+        for n in names:
+            if _given(args, n):
+                raise MoequantError(f"{_flag(n)} does not apply to --method {args.method}")
+    if args.sym and args.asym:
+        raise MoequantError("--sym and --asym contradict each other")
+    if family == "lut" and args.bits is not None and args.bits != 4:
+        raise MoequantError(f"--method {args.method} stores 4-bit codes; --bits {args.bits} does not apply "
+                            f"(use --method int --bits {args.bits})")
 
 
 def _method_config(args: argparse.Namespace):
-    from moequant.codecs.config import LutConfig, UniformConfig
+    from moequant.codecs.config import LutConfig, TrellisConfig, UniformConfig
 
-    if args.method == "int":
-        return UniformConfig(bits=args.bits, group_size=args.group_size, symmetric=not args.asym,
-                             clip_search=not args.no_clip_search, clip_steps=args.clip_steps, clip_min=args.clip_min)
-    if args.method in ("nf4", "fp4"):
-        return LutConfig(lut=args.method, block_size=args.block_size, double_quant=args.double_quant)
-    if args.method == "trellis":
-        from moequant.codecs.config import TrellisConfig
-
-        return TrellisConfig(bits=args.bits, L=args.trellis_l, V=args.trellis_v, code=args.trellis_code,
-                             tile=args.trellis_tile, tail_biting=not args.no_tail_biting)
+    _check_method_flags(args)
+    v = lambda name, default: default if getattr(args, name) is None else getattr(args, name)  # noqa: E731
+    try:
+        if args.method == "int":
+            return UniformConfig(bits=v("bits", 4), group_size=v("group_size", 128), symmetric=bool(args.sym),
+                                 clip_search=not args.no_clip_search, clip_steps=v("clip_steps", 16),
+                                 clip_min=v("clip_min", 0.65), scale_dtype=v("scale_dtype", "float16"))
+        if args.method in ("nf4", "fp4"):
+            return LutConfig(lut=args.method, block_size=v("block_size", 64), double_quant=args.double_quant)
+        if args.method == "trellis":
+            return TrellisConfig(bits=v("bits", 2), L=v("trellis_l", 16), V=v("trellis_v", 2),
+                                 code=v("trellis_code", "hyb"), tile=v("trellis_tile", 16),
+                                 tail_biting=not args.no_tail_biting)
+    except ValueError as e:
+        raise MoequantError(str(e)) from None
     raise MoequantError(f"unknown --method {args.method!r}")
 
 
@@ -32,51 +70,65 @@ def _recipe(args: argparse.Namespace):
     from moequant.alloc.recipe import DEFAULT_KEEP, Recipe
 
     if args.recipe:
+        given = [n for names in _METHOD_FLAGS.values() for n in names if _given(args, n)]
+        given += [n for n in ("bits",) if _given(args, n)] + (["method"] if args.method is not None else [])
+        if given:
+            raise MoequantError(f"--recipe sets every method option; drop {', '.join(_flag(n) for n in given)}")
         path = Path(args.recipe)
         if not path.is_file():
             raise MoequantError(f"--recipe {path}: no such file")
         try:
             return Recipe.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, ValueError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:
             raise MoequantError(f"--recipe {path}: {e}") from None
+    if args.method is None:
+        args.method = "int"
     keep = DEFAULT_KEEP + tuple(args.keep or ())
     return Recipe.uniform(_method_config(args), keep=keep)
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("method")
-    g.add_argument("--method", default="int", choices=["int", "nf4", "fp4", "trellis"], help="codec (default int)")
-    g.add_argument("--bits", type=int, default=4,
-                   help="bits per weight code: --method int 2, 3, 4, 5, 6, 8; --method trellis 1-4")
-    g.add_argument("--group-size", type=int, default=128, help="input columns per scale (-1 = whole row)")
-    g.add_argument("--asym", action="store_true", help="asymmetric grid with an integer zero point")
-    g.add_argument("--no-clip-search", action="store_true", help="plain absmax/minmax scales (no MSE clip search)")
-    g.add_argument("--clip-steps", type=int, default=16, help="shrink factors tried per group (default 16)")
-    g.add_argument("--clip-min", type=float, default=0.65, help="smallest shrink factor (default 0.65)")
-    g.add_argument("--block-size", type=int, default=64, help="absmax block for nf4/fp4 (default 64)")
-    g.add_argument("--double-quant", action="store_true", help="quantize nf4/fp4 block scales to 8 bits")
-    g.add_argument("--trellis-l", type=int, default=16, help="trellis state bits L (default 16)")
-    g.add_argument("--trellis-v", type=int, default=2, help="weights per trellis step V (default 2)")
-    g.add_argument("--trellis-code", default="hyb", choices=["hyb", "1mad", "3inst"],
-                   help="state -> value code (default hyb; 1mad/3inst need --trellis-v 1)")
-    g.add_argument("--trellis-tile", type=int, default=16, help="tile side: tile x tile weights per walk (default 16)")
-    g.add_argument("--no-tail-biting", action="store_true", help="store each tile's start state in full")
-    g.add_argument("--recipe", help="JSON recipe file (overrides the method flags)")
+    # Method flags default to None so that a flag given to a method it does not apply to is an error.
+    g = p.add_argument_group("method (defaults: int4, asymmetric, group 128, MSE clip search; see README 'Defaults')")
+    g.add_argument("--method", default=None, choices=["int", "nf4", "fp4", "trellis"], help="codec (default int)")
+    g.add_argument("--bits", type=int, default=None,
+                   help="bits per weight code: --method int 2, 3, 4, 5, 6, 8 (default 4); --method trellis 1-4 (default 2)")
+    g.add_argument("--group-size", type=int, default=None,
+                   help="int: input columns per scale, -1 = whole row (default 128; a partial last group is allowed)")
+    g.add_argument("--asym", action="store_true", help="int: asymmetric grid with an integer zero point (the default)")
+    g.add_argument("--sym", action="store_true", help="int: symmetric midtread grid (q - 2^(b-1))*s, no zero point stored")
+    g.add_argument("--no-clip-search", action="store_true", help="int: plain absmax/minmax scales (no MSE clip search)")
+    g.add_argument("--clip-steps", type=int, default=None, help="int: shrink factors tried per group (default 16)")
+    g.add_argument("--clip-min", type=float, default=None, help="int: smallest shrink factor (default 0.65)")
+    g.add_argument("--scale-dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="int: dtype of the stored group scales (default float16)")
+    g.add_argument("--block-size", type=int, default=None, help="nf4/fp4: absmax block (default 64)")
+    g.add_argument("--double-quant", action="store_true", help="nf4/fp4: quantize the block scales to 8 bits")
+    g.add_argument("--trellis-l", type=int, default=None, help="trellis: state bits L (default 16)")
+    g.add_argument("--trellis-v", type=int, default=None, help="trellis: weights per step V (default 2)")
+    g.add_argument("--trellis-code", default=None, choices=["hyb", "1mad", "3inst"],
+                   help="trellis: state -> value code (default hyb; 1mad/3inst need --trellis-v 1)")
+    g.add_argument("--trellis-tile", type=int, default=None, help="trellis: tile side, tile x tile weights per walk "
+                   "(default 16)")
+    g.add_argument("--no-tail-biting", action="store_true", help="trellis: store each tile's start state in full")
+    g.add_argument("--recipe", help="JSON recipe file (replaces every method flag)")
     g.add_argument("--keep", action="append", help="extra parameter pattern to keep in full precision "
                    "(exact name or re:REGEX), repeatable")
 
 
 def _add_solver_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("solver and calibration")
-    g.add_argument("--solver", default="rtn", choices=["rtn", "ldlq"],
-                   help="rtn: round to nearest; ldlq: GPTQ/BlockLDLQ error feedback with calibration Hessians")
-    g.add_argument("--incoherence", default="none", choices=["none", "rht"],
-                   help="rht: random Hadamard transform with random signs on both sides before quantizing")
+    g.add_argument("--solver", default="auto", choices=["auto", "rtn", "ldlq"],
+                   help="rtn: round to nearest; ldlq: GPTQ/BlockLDLQ error feedback with calibration Hessians; "
+                   "auto (default): rtn at 4+ bits and for nf4/fp4, ldlq below 4 bits and for the trellis")
+    g.add_argument("--incoherence", default="auto", choices=["auto", "none", "rht"],
+                   help="rht: random Hadamard transform with random signs on both sides before quantizing; "
+                   "auto (default): rht with ldlq, none with rtn")
     g.add_argument("--damp", type=float, default=0.01, help="Hessian damping λ (H + λ·mean(diag H)·I), default 0.01")
     g.add_argument("--act-order", action="store_true", help="LDLQ columns by decreasing Hessian diagonal")
     g.add_argument("--seed", type=int, default=0, help="seed of the RHT sign vectors (default 0)")
     g.add_argument("--calib", default=None, help="calibration text: corpus alias or text file (default ptb when "
-                   "--solver ldlq); its train split is used")
+                   "the solver is ldlq); its train split is used")
     g.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
     g.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
     g.add_argument("--calib-seed", type=int, default=0, help="seed of the window positions (default 0)")
@@ -92,14 +144,21 @@ def _add_solver_args(p: argparse.ArgumentParser) -> None:
                    "files) and keep calibration activations in files")
 
 
-def _solver_and_calib(args: argparse.Namespace):
+def _solver_and_calib(args: argparse.Namespace, recipe):
+    """The solver, calibration and Hessian configs; ``auto`` settings resolved from the recipe's methods.
+    Logs the recipe that will run and, before any work, a warning when it is known to collapse models."""
+    from moequant.alloc.defaults import AUTO, auto_incoherence, auto_solver, collapse_warning, describe
     from moequant.calib.data import CalibData
     from moequant.layerwise import HessianConfig
     from moequant.solvers.config import SolverConfig
 
+    configs = [r.config for r in recipe.rules if r.config is not None]
+    name = args.solver
+    if name == AUTO:
+        name = "ldlq" if any(auto_solver(c) == "ldlq" for c in configs) else "rtn"
+    inc = auto_incoherence(name) if args.incoherence == AUTO else args.incoherence
     try:
-        solver = SolverConfig(solver=args.solver, damp=args.damp, act_order=args.act_order,
-                              incoherence=args.incoherence, seed=args.seed)
+        solver = SolverConfig(solver=name, damp=args.damp, act_order=args.act_order, incoherence=inc, seed=args.seed)
         calib = None
         if args.calib or solver.needs_hessian:
             calib = CalibData(data=args.calib or "ptb", split="train", samples=args.calib_samples,
@@ -110,6 +169,16 @@ def _solver_and_calib(args: argparse.Namespace):
         raise MoequantError(str(e)) from None
     if args.calib_batch_size < 1:
         raise MoequantError(f"--calib-batch-size must be >= 1, got {args.calib_batch_size}")
+    log = logging.getLogger("moequant")
+    said: set[str] = set()
+    for c in configs:
+        lines = [("info", "recipe: " + describe(c, solver.solver, solver.incoherence, calib.data if calib else None)
+                  + (f" ({calib.samples} x {calib.seqlen} tokens)" if calib else "")),
+                 ("warning", collapse_warning(c, solver.solver))]
+        for level, line in lines:
+            if line and line not in said:
+                said.add(line)
+                getattr(log, level)("%s", line)
     return solver, calib, hessian
 
 
@@ -123,10 +192,12 @@ def _print_json_or_table(result: dict[str, Any], json_path: str | None, lines: l
 def cmd_quantize(args: argparse.Namespace) -> int:
     from moequant.runs import QuantizeJob, run_quantize
 
-    solver, calib, hessian = _solver_and_calib(args)
-    job = QuantizeJob(args.model, _recipe(args), Path(args.out), overwrite=args.overwrite,
+    recipe = _recipe(args)
+    solver, calib, hessian = _solver_and_calib(args, recipe)
+    job = QuantizeJob(args.model, recipe, Path(args.out), overwrite=args.overwrite,
                       kept_dtype=args.kept_dtype, progress=not args.quiet, solver=solver, calib=calib,
-                      hessian=hessian, calib_batch_size=args.calib_batch_size, offload=args.offload)
+                      hessian=hessian, calib_batch_size=args.calib_batch_size, offload=args.offload,
+                      resume=args.resume)
     r = run_quantize(job, sys.argv[1:])
     lines = []
     if r.get("table") and not args.quiet:
@@ -213,15 +284,11 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from moequant.sweep import SweepJob, demo_configs, run_sweep
 
-    from moequant.calib.data import CalibData
-    from moequant.solvers.config import SolverConfig
-
     try:
-        solver = SolverConfig(solver=args.solver, incoherence=args.incoherence)
+        entries = demo_configs(tuple(args.bits), args.group_size, args.solver, args.incoherence, args.calib_samples)
     except ValueError as e:
         raise MoequantError(str(e)) from None
-    calib = CalibData() if solver.needs_hessian else None
-    job = SweepJob(model=args.model, entries=demo_configs(tuple(args.bits), args.group_size, solver, calib),
+    job = SweepJob(model=args.model, entries=entries,
                    out=Path(args.out), max_tokens=args.max_tokens or None, overwrite=args.overwrite,
                    progress=not args.quiet)
     r = run_sweep(job, sys.argv[1:])
@@ -239,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="zoo alias, local HF directory, .gguf file, or hub id")
     q.add_argument("--out", required=True, help="output directory (must not exist)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    q.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run to --out from its last finished layer (same model and "
+                   "options; progress is kept in .<out-name>.moequant-run beside --out until the run ends)")
     q.add_argument("--kept-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the tensors kept in full precision (default: as loaded)")
     _add_method_args(q)
@@ -282,14 +352,17 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="quantize a zoo model at several bit widths, report size and PPL")
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
-    d.add_argument("--group-size", type=int, default=64,
-                   help="input columns per scale (default 64: SmolLM2's 576 and 1536 are not multiples of 128)")
+    d.add_argument("--group-size", type=int, default=128,
+                   help="input columns per scale (default 128, as quantize; SmolLM2's 576 ends in a partial group of 64)")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--max-tokens", type=int, default=16384, help="PTB test tokens to score (default 16384; 0 = the whole split)")
     d.add_argument("--overwrite", action="store_true")
-    d.add_argument("--solver", default="rtn", choices=["rtn", "ldlq"],
-                   help="ldlq: calibrate on PTB train (128 x 512 tokens) and use GPTQ/LDLQ error feedback")
-    d.add_argument("--incoherence", default="none", choices=["none", "rht"])
+    d.add_argument("--solver", default="auto", choices=["auto", "rtn", "ldlq"],
+                   help="auto (default, as quantize): rtn at 4 bits, LDLQ with PTB calibration below")
+    d.add_argument("--incoherence", default="auto", choices=["auto", "none", "rht"],
+                   help="auto (default): rht with ldlq")
+    d.add_argument("--calib-samples", type=int, default=32,
+                   help="calibration windows of 512 PTB train tokens for the LDLQ rows (default 32; quantize uses 128)")
     d.set_defaults(func=cmd_demo)
 
     from moequant.eval.compare_cli import add_compare_parser
@@ -302,16 +375,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    # Expected failures are MoequantErrors raised where they are detected: one line, exit 2 (-v: the
+    # traceback). Anything else is a bug and keeps its traceback (exit 1).
     try:
         return args.func(args)
     except MoequantError as e:
-        print(f"moequant: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, KeyError) as e:
         if args.verbose:
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"moequant: error: {msg}", file=sys.stderr)
+        print(f"moequant: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("moequant: interrupted", file=sys.stderr)

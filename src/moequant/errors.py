@@ -2,4 +2,10 @@
 
 
 class MoequantError(Exception):
-    """A user-facing error: bad input, missing package, wrong checksum, unsupported model."""
+    """A user-facing error: bad input, missing package, wrong checksum, unsupported model. The message
+    names the file, tensor or option at fault; the CLI prints it as one line and exits 2."""
+
+
+def one_line(e: BaseException) -> str:
+    """``e``'s message on one line (messages quoted from other libraries may span several)."""
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__

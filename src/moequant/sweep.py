@@ -57,17 +57,25 @@ class SweepJob:
     pairs: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # (A, B) names: paired CI of PPL_A / PPL_B
 
 
-def demo_configs(bits: tuple[int, ...], group_size: int = 64, solver: SolverConfig = SolverConfig(),
-                 calib: CalibData | None = None) -> tuple[SweepEntry, ...]:
-    """int-k asymmetric (integer zero point) at every width, with MSE clip search, RTN unless
-    ``solver`` says otherwise. Asymmetric because the symmetric grid is midrise (no zero level), and on
-    SmolLM2 that costs orders of magnitude of PPL at 3 bits (117,096 vs 186 on 16k PTB tokens) although
-    its weight MSE is only ~1.4x the asymmetric grid's. Group 64 because SmolLM2's widths (576, 1536)
-    are not multiples of 128."""
+def demo_configs(bits: tuple[int, ...], group_size: int = 128, solver: str = "auto", incoherence: str = "auto",
+                 calib_samples: int = 32) -> tuple[SweepEntry, ...]:
+    """What ``moequant quantize MODEL --bits B`` does with no other flag, at every width (asymmetric int-k
+    with MSE clip search; RTN at 4+ bits, LDLQ + RHT calibrated on PTB train below), except that the
+    calibration uses ``calib_samples`` windows of 512 tokens (default 32 instead of 128, to fit the demo
+    in minutes). Each entry is labelled with the recipe it ran."""
+    from moequant.alloc.defaults import AUTO, auto_incoherence, auto_solver, describe
     from moequant.codecs.config import UniformConfig
 
-    return tuple(SweepEntry(UniformConfig(bits=b, group_size=group_size, symmetric=False, clip_search=True),
-                            solver, calib) for b in bits)
+    entries = []
+    for b in bits:
+        cfg = UniformConfig(bits=b, group_size=group_size, symmetric=False, clip_search=True)
+        name = auto_solver(cfg) if solver == AUTO else solver
+        inc = auto_incoherence(name) if incoherence == AUTO else incoherence
+        sc = SolverConfig(solver=name, incoherence=inc)
+        calib = CalibData(samples=calib_samples) if sc.needs_hessian else None
+        label = describe(cfg, name, inc, None if calib is None else f"ptb train {calib.samples} x {calib.seqlen}")
+        entries.append(SweepEntry(cfg, sc, calib, label=label))
+    return tuple(entries)
 
 
 def run_sweep(job: SweepJob, argv: list[str] | None = None) -> dict[str, Any]:

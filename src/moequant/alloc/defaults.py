@@ -1,0 +1,57 @@
+"""What ``moequant quantize MODEL --bits B`` does when no other flag is given: the best-known recipe at
+each width, and the warnings given *before* a run whose settings are known to collapse models.
+
+The rules are data measured on the zoo (BENCHMARKS.md, "Defaults"): on SmolLM2-135M (PTB test, PPL ratio
+to the unquantized model) int4 asymmetric RTN loses a few percent, int3 RTN collapses (×3.3) while int3
+LDLQ + RHT keeps ×1.2, int2 even with LDLQ + RHT loses ×2.9 and the 2-bit trellis ×2.2.
+
+- solver ``auto``: round to nearest at 4 bits and more (and for the NF4/FP4 LUTs); LDLQ error feedback
+  with calibration Hessians below 4 bits and for the trellis;
+- incoherence ``auto``: the random Hadamard transform whenever the solver is LDLQ;
+- the int grid is asymmetric (an integer zero point per group) unless ``--sym`` is given.
+"""
+
+from __future__ import annotations
+
+from moequant.codecs.config import MethodConfig, TrellisConfig, UniformConfig
+
+AUTO = "auto"
+
+
+def auto_solver(config: MethodConfig) -> str:
+    """``rtn`` or ``ldlq`` for ``--solver auto``."""
+    if isinstance(config, TrellisConfig):
+        return "ldlq"
+    if isinstance(config, UniformConfig) and config.bits <= 3:
+        return "ldlq"
+    return "rtn"
+
+
+def auto_incoherence(solver: str) -> str:
+    """``rht`` or ``none`` for ``--incoherence auto``: the transform is worth its cost only with LDLQ."""
+    return "rht" if solver == "ldlq" else "none"
+
+
+def collapse_warning(config: MethodConfig, solver: str) -> str | None:
+    """One line saying why a run will likely lose most of the model's quality and what to use instead,
+    or None when the settings are the best known at their width."""
+    if isinstance(config, UniformConfig):
+        if config.bits <= 2:
+            return ("int2 loses most of a model's quality even with LDLQ + RHT (SmolLM2-135M: PPL x2.9); "
+                    "--method trellis --bits 2 keeps more (x2.2) at fewer bits/weight")
+        if config.bits == 3 and solver == "rtn":
+            return ("int3 with round-to-nearest collapses small models (SmolLM2-135M: PPL x3.3); "
+                    "drop --solver rtn to get LDLQ + RHT with calibration (x1.2)")
+    if isinstance(config, TrellisConfig) and solver == "rtn":
+        return "the trellis without LDLQ error feedback loses much more than with it; drop --solver rtn"
+    return None
+
+
+def describe(config: MethodConfig, solver: str, incoherence: str, calib: str | None) -> str:
+    """A one-line human description of a recipe, e.g. ``int3a-g128-clip, LDLQ + RHT, calibrated on ptb``."""
+    parts = [config.short_name, "round-to-nearest" if solver == "rtn" else "LDLQ"]
+    if incoherence == "rht":
+        parts[-1] += " + RHT"
+    if calib:
+        parts.append(f"calibrated on {calib}")
+    return ", ".join(parts)
