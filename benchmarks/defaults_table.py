@@ -1,0 +1,107 @@
+"""Issue #9's defaults table: what a new user gets from ``moequant quantize MODEL --bits B`` with no other
+flag, on every zoo model, scored on PTB test next to the unquantized model (same windows, paired CI).
+
+Runs the real command line in subprocesses (exactly the user path), one heavy job at a time:
+
+    python benchmarks/defaults_table.py --models smollm2-135m tiny-olmoe qwen2.5-coder-0.5b --bits 4 3 \
+        --json benchmarks/results/defaults_table.json
+
+``--max-tokens`` limits the scored PTB test tokens for a model (``MODEL=N``; default the whole split).
+The JSON keeps every command, its wall time, the quantize report's bits/weight and recipe, and both
+runs' per-window NLLs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from moequant.eval.bootstrap import paired_delta_ci
+from moequant.runinfo import run_info
+
+log = logging.getLogger("defaults_table")
+
+
+def _run(cmd: list[str]) -> float:
+    log.info("$ %s", " ".join(cmd))
+    t0 = time.time()
+    subprocess.run(cmd, check=True)
+    return round(time.time() - t0, 1)
+
+
+def _ppl(model: str, out: Path, max_tokens: int | None) -> tuple[dict[str, Any], list[str], float]:
+    cmd = [sys.executable, "-m", "moequant.cli", "-q", "eval", "ppl", model, "--data", "ptb", "--json", str(out)]
+    if max_tokens:
+        cmd += ["--max-tokens", str(max_tokens)]
+    if not out.is_file():
+        secs = _run(cmd)
+    else:
+        secs = float("nan")  # reused from an earlier run of this script
+    return json.loads(out.read_text()), cmd, secs
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["smollm2-135m", "tiny-olmoe", "qwen2.5-coder-0.5b",
+                                                     "qwen2.5-coder-1.5b"])
+    p.add_argument("--bits", nargs="+", type=int, default=[4, 3])
+    p.add_argument("--max-tokens", nargs="*", default=[], help="MODEL=N: score only the first N PTB test tokens")
+    p.add_argument("--work", default="runs/defaults", help="checkpoints and per-run JSON go here")
+    p.add_argument("--json", required=True)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    limits = {k: int(v) for k, v in (s.split("=", 1) for s in args.max_tokens)}
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out_json = Path(args.json)
+    rows = json.loads(out_json.read_text())["rows"] if out_json.is_file() else []
+    done = {(r["model"], r["bits"]) for r in rows}
+    for model in args.models:
+        mt = limits.get(model)
+        base, base_cmd, base_secs = _ppl(model, work / f"{model}-fp-ppl.json", mt)
+        for bits in args.bits:
+            if (model, bits) in done:
+                continue
+            run_dir = work / f"{model}-b{bits}"
+            qcmd = [sys.executable, "-m", "moequant.cli", "-q", "quantize", model, "--bits", str(bits), "--out", str(run_dir)]
+            if run_dir.is_dir():
+                qsecs = float("nan")
+            else:
+                qsecs = _run(qcmd)
+            res, ecmd, esecs = _ppl(str(run_dir), work / f"{model}-b{bits}-ppl.json", mt)
+            rep = json.loads((run_dir / "report.json").read_text())
+            d = paired_delta_ci(base["nll_per_window"], base["tokens_per_window"], res["nll_per_window"],
+                                res["tokens_per_window"])
+            rows.append({"model": model, "bits": bits, "quantize_command": " ".join(qcmd),
+                         "eval_command": " ".join(ecmd), "fp_eval_command": " ".join(base_cmd),
+                         "recipe": rep["config"]["rules"][-1]["config"], "solver": rep["solver"],
+                         "calibration": rep["calibration"], "bits_per_weight": rep["bits_per_weight"],
+                         "bits_per_weight_model": rep["bits_per_weight_model"], "tokens": res["tokens"],
+                         "n_windows": res["n_windows"], "ppl_fp": base["ppl"], "ppl": res["ppl"],
+                         "ratio": res["ppl"] / base["ppl"], "ratio_ci95": list(d.ratio_ci),
+                         "seconds_quantize": qsecs, "seconds_eval": esecs, "seconds_eval_fp": base_secs,
+                         "nll_per_window": res["nll_per_window"], "fp_nll_per_window": base["nll_per_window"]})
+            out_json.parent.mkdir(parents=True, exist_ok=True)
+            out_json.write_text(json.dumps({"rows": rows, **run_info(["benchmarks/defaults_table.py", *sys.argv[1:]])},
+                                           indent=1))
+            log.info("%s --bits %d: %.3f b/w, PPL %.2f vs %.2f (x%.3f)", model, bits, rows[-1]["bits_per_weight"],
+                     res["ppl"], base["ppl"], rows[-1]["ratio"])
+    print("| model | --bits | recipe (no other flag) | bits/weight | PTB tokens | PPL fp | PPL | ratio [95% CI] |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        lo, hi = r["ratio_ci95"]
+        print(f"| {r['model']} | {r['bits']} | {r['recipe']['bits']}-bit {'sym' if r['recipe']['symmetric'] else 'asym'} "
+              f"g{r['recipe']['group_size']}, {r['solver']['solver']}{'+rht' if r['solver']['incoherence'] == 'rht' else ''} "
+              f"| {r['bits_per_weight']:.3f} | {r['tokens']} | {r['ppl_fp']:.2f} | {r['ppl']:.2f} | "
+              f"{r['ratio']:.3f} [{lo:.3f}, {hi:.3f}] |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
