@@ -6,7 +6,6 @@ import torch
 from moequant import api
 from moequant.alloc.recipe import Recipe
 from moequant.codecs.config import UniformConfig
-from moequant.eval.bootstrap import paired_delta_ci
 from moequant.models.loader import load_model
 from moequant.nn.quant_linear import QuantLinear
 from moequant.runs import PplJob, model_sizes, run_ppl

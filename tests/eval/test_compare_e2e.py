@@ -36,7 +36,7 @@ def test_compare_scores_missing_runs_and_plots_expert_proxies(tiny_runs, tmp_pat
     res = json.loads((out / "compare.json").read_text())
     jsons = {name: json.loads((tmp_path / name / "ppl-text.json").read_text()) for name in ("fp", "q4", "q2")}
     assert sorted(res["evaluated"]) == sorted(str(tmp_path / n / "ppl-text.json") for n in ("fp", "q2"))
-    for name, j in jsons.items():
+    for j in jsons.values():
         assert (j["seqlen"], j["max_tokens"], j["tokens_per_window"]) == (32, 600, jsons["q4"]["tokens_per_window"])
     rows = {r["run"]: r for r in res["ppl"][str(text)]["rows"]}
     for name in ("q4", "q2"):

@@ -251,7 +251,7 @@ def markdown_report(result: dict[str, Any]) -> str:
              "deltas are paired (the same resampled windows/examples for both runs).",
              "",
              _gate_text(result.get("gate_config") or {}), ""]
-    for data, block in result["ppl"].items():
+    for block in result["ppl"].values():
         lines += [f"## Perplexity: {protocol_text(block['protocol'])}", "",
                   "| run | method | bits/weight | checkpoint MiB | PPL [95% CI] | PPL / baseline [95% paired CI] "
                   "| verdict |", "|---|---|---|---|---|---|---|"]
