@@ -1,11 +1,12 @@
 """Per-architecture data: where the decoder layers, the quantizable linears and the fused 3-D experts
-live, and what is protected (kept in full precision) by default. Adapters are data, not code paths:
-one runner serves every architecture.
+live. Adapters are data, not code paths: one runner serves every architecture. What is kept in full
+precision by default (routers, norms, embeddings, head, Qwen2-MoE's shared-expert gate) is the
+recipe's ``DEFAULT_KEEP``; the router is never a target at all.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -21,8 +22,11 @@ class ModelAdapter:
     layers: dotted path of the decoder ``ModuleList``.
     experts: path of the fused experts module inside a layer (``None`` for dense models); it holds
         ``gate_up_proj [E, 2I, H]`` (gate rows first, then up) and ``down_proj [E, H, I]``.
-    router: path of the router inside a layer (protected).
-    protected: regexes of parameter names kept in full precision by default (beyond the router).
+    router: path of the router inside a layer (never a target: kept in full precision).
+    dense_layers: some decoder layers may hold a dense MLP instead of the experts and router
+        (Qwen3-MoE / Qwen2-MoE ``mlp_only_layers``, ``decoder_sparse_step``); on every other adapter a
+        layer without the declared ``experts`` or ``router`` module is an error, so a renamed path can
+        never leave the experts silently unquantized.
     disk_renames: ``(in-memory, on-disk)`` substrings where a checkpoint written by ``save_pretrained``
         names a module differently (Mixtral's ``mlp.`` is ``block_sparse_moe.`` on disk).
     disk_expert_names: the per-expert linear names on disk for (gate, up, down); the fused tensors are
@@ -34,13 +38,9 @@ class ModelAdapter:
     experts: str | None = None
     router: str | None = None
     expert_params: tuple[str, ...] = ("gate_up_proj", "down_proj")
-    protected: tuple[str, ...] = field(default_factory=tuple)
+    dense_layers: bool = False
     disk_renames: tuple[tuple[str, str], ...] = ()
     disk_expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
-
-    @property
-    def is_moe(self) -> bool:
-        return self.experts is not None
 
 
 _DENSE = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "gemma")
@@ -48,13 +48,11 @@ _MOE = ("olmoe", "qwen3_moe", "qwen2_moe", "mixtral")
 
 ADAPTERS: dict[str, ModelAdapter] = {
     **{t: ModelAdapter(t) for t in _DENSE},
-    **{t: ModelAdapter(t, experts="mlp.experts", router="mlp.gate") for t in _MOE},
+    **{t: ModelAdapter(t, experts="mlp.experts", router="mlp.gate", dense_layers=t in ("qwen3_moe", "qwen2_moe"))
+       for t in _MOE},
 }
 ADAPTERS["mixtral"] = ModelAdapter("mixtral", experts="mlp.experts", router="mlp.gate",
                                    disk_renames=((".mlp.", ".block_sparse_moe."),), disk_expert_names=("w1", "w3", "w2"))
-# Qwen2-MoE's shared expert has a scalar sigmoid gate Linear(H, 1): routing, so protected.
-ADAPTERS["qwen2_moe"] = ModelAdapter("qwen2_moe", experts="mlp.experts", router="mlp.gate",
-                                     protected=(r".*\.mlp\.shared_expert_gate\.weight$",))
 
 
 def adapter_for(model_or_type: nn.Module | str) -> ModelAdapter:
@@ -94,8 +92,7 @@ def iter_targets(model: nn.Module, adapter: ModelAdapter) -> Iterator[Target]:
     The router is skipped (it is never a target)."""
     for i, layer in enumerate(decoder_layers(model, adapter)):
         prefix = f"{adapter.layers}.{i}"
-        experts = _get(layer, adapter.experts) if adapter.experts else None
-        router = _get(layer, adapter.router) if adapter.router else None
+        experts, router = _moe_modules(layer, prefix, adapter)
         for mname, mod in layer.named_modules():
             if mod is router:
                 continue
@@ -103,14 +100,36 @@ def iter_targets(model: nn.Module, adapter: ModelAdapter) -> Iterator[Target]:
             if experts is not None and mod is experts:
                 for p in adapter.expert_params:
                     t = getattr(mod, p, None)
-                    if isinstance(t, torch.Tensor) and t.dim() == 3:
-                        yield Target(f"{full}.{p}", full, p, "experts", tuple(t.shape), i)
+                    if not (isinstance(t, torch.Tensor) and t.dim() == 3):
+                        raise MoequantError(f"{adapter.model_type}: {full}.{p} is not a fused [E, N, K] expert "
+                                            f"tensor ({type(t).__name__}); this transformers version lays the "
+                                            f"experts out differently than moequant's adapter expects")
+                    yield Target(f"{full}.{p}", full, p, "experts", tuple(t.shape), i)
             elif isinstance(mod, nn.Linear):
                 yield Target(f"{full}.weight", full, "weight", "linear", tuple(mod.weight.shape), i)
 
 
+def _moe_modules(layer: nn.Module, prefix: str, adapter: ModelAdapter) -> tuple[nn.Module | None, nn.Module | None]:
+    """(experts, router) of one decoder layer; (None, None) for a dense model or, where the adapter
+    allows it, a dense layer (neither module present). A declared path that does not resolve otherwise
+    is an error naming the layer and the path."""
+    if adapter.experts is None:
+        return None, _get(layer, adapter.router) if adapter.router else None
+    experts = _get(layer, adapter.experts)
+    router = _get(layer, adapter.router) if adapter.router else None
+    if experts is None and router is None and adapter.dense_layers:
+        return None, None
+    for path, mod in ((adapter.experts, experts), (adapter.router, router)):
+        if path is not None and mod is None:
+            raise MoequantError(f"{adapter.model_type}: decoder layer {prefix} has no module {path!r} (the "
+                                f"{adapter.model_type} adapter expects its {'experts' if path == adapter.experts else 'router'} "
+                                f"there); refusing to quantize with experts missing")
+    return experts, router
+
+
 def _get(layer: nn.Module, path: str) -> nn.Module | None:
+    """The submodule at ``path``, or None when the path does not resolve."""
     try:
         return layer.get_submodule(path)
     except AttributeError:
-        return None  # e.g. a dense MLP layer inside an MoE model (Qwen3-MoE mlp_only_layers)
+        return None
