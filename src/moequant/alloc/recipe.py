@@ -9,16 +9,17 @@ in full precision. Weights no rule matches are kept.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from moequant.codecs.config import MethodConfig, config_from_dict
+from moequant.codecs.config import CONFIG_TYPES, MethodConfig, config_from_dict
 
 # Protected by default, whatever the method: routing, norms, embeddings and the output head.
 DEFAULT_KEEP: tuple[str, ...] = (
     r"re:.*\.(gate|router)\.weight",  # MoE routers (TopKRouter weight [E, H])
-    r"re:.*shared_expert_gate\.weight",
+    r"re:.*shared_expert_gate\.weight",  # Qwen2-MoE's scalar sigmoid gate of the shared expert [1, H]
     r"re:.*norm.*",
     r"re:.*embed_tokens.*",
     r"re:(.*\.)?lm_head\.weight",
@@ -48,6 +49,8 @@ class Recipe:
 
     def __post_init__(self) -> None:
         for r in self.rules:
+            if not isinstance(r.pattern, str) or not r.pattern:
+                raise ValueError(f"recipe rule {r.pattern!r}: 'match' must be a non-empty string")
             if r.pattern.startswith("re:"):
                 try:
                     re.compile(r.pattern[3:])
@@ -73,11 +76,48 @@ class Recipe:
         return {"rules": [r.to_dict() for r in self.rules]}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+    def from_dict(cls, d: Any) -> "Recipe":
+        """Inverse of ``to_dict``: ``{"rules": [{"match": PATTERN, "config": {...} | null}, ...]}``.
+        Anything else (a list, a missing or unknown key, a rule that is not an object, a config its
+        class rejects) is a ``ValueError`` that says which rule."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a recipe is a JSON object {{\"rules\": [...]}}, not a {type(d).__name__}")
+        if set(d) - {"rules"}:
+            raise ValueError(f"unknown recipe keys {sorted(set(d) - {'rules'})} (a recipe has only 'rules')")
+        if not isinstance(d.get("rules"), list) or not d["rules"]:
+            raise ValueError("a recipe needs 'rules': a non-empty list of {\"match\": ..., \"config\": ...}")
         rules = []
-        for i, r in enumerate(d.get("rules", [])):
+        for i, r in enumerate(d["rules"]):
+            if not isinstance(r, dict):
+                raise ValueError(f"recipe rule {i} is a {type(r).__name__}, not an object with 'match' and 'config'")
             if "match" not in r:
                 raise ValueError(f"recipe rule {i} has no 'match'")
+            if set(r) - {"match", "config"}:
+                raise ValueError(f"recipe rule {i} ({r['match']!r}): unknown keys {sorted(set(r) - {'match', 'config'})}")
             cfg = r.get("config")
-            rules.append(Rule(r["match"], None if cfg is None else config_from_dict(cfg)))
+            if cfg is not None and not isinstance(cfg, dict):
+                raise ValueError(f"recipe rule {i} ({r['match']!r}): 'config' must be an object or null")
+            try:
+                _check_field_types(cfg)
+                config = None if cfg is None else config_from_dict(cfg)
+            except (TypeError, ValueError) as e:  # a field of the wrong type fails inside the config class
+                raise ValueError(f"recipe rule {i} ({r['match']!r}): {e}") from None
+            rules.append(Rule(r["match"], config))
         return cls(tuple(rules))
+
+
+def _check_field_types(cfg: dict[str, Any] | None) -> None:
+    """Each field of a method config in a recipe has the JSON type of its default (an int is accepted for
+    a float, a bool is not an int), so ``"bits": "4"`` is named instead of failing inside the codec."""
+    if cfg is None or cfg.get("type") not in CONFIG_TYPES:
+        return  # config_from_dict names the unknown type
+    if "version" in cfg and (not isinstance(cfg["version"], int) or isinstance(cfg["version"], bool)):
+        raise TypeError(f"'version' must be an integer, got {cfg['version']!r}")
+    for f in dataclasses.fields(CONFIG_TYPES[cfg["type"]]):
+        if f.name not in cfg or f.default is dataclasses.MISSING or f.default is None:
+            continue
+        v, want = cfg[f.name], type(f.default)
+        ok = isinstance(v, want) and (want is bool or not isinstance(v, bool))
+        ok = ok or (want is float and isinstance(v, int) and not isinstance(v, bool))
+        if not ok:
+            raise TypeError(f"{cfg['type']}.{f.name} must be {want.__name__}, got {v!r}")
