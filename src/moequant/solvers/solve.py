@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from moequant.calib.hessian import damp
 from moequant.codecs.columns import column_quantizer
 from moequant.codecs.config import MethodConfig
+from moequant.errors import MoequantError
 from moequant.formats.base import QuantizedTensor
 from moequant.formats.registry import encode, tensor_class_for
 from moequant.solvers.config import SolverConfig
@@ -28,7 +29,6 @@ class SolveInfo:
 
     proxy: list[float] | None = None
     seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
     @property
     def mean_proxy(self) -> float | None:
@@ -51,6 +51,7 @@ def solve_tensor(w: torch.Tensor, config: MethodConfig, solver: SolverConfig, he
     decoding and the runtime undo the rotation.
     """
     t0 = time.time()
+    check_finite(w, where)
     w = w.detach().to(torch.float32)
     h = None if hessian is None else hessian.to(torch.float64)
     h_ev = h if h_eval is None else h_eval.to(torch.float64)
@@ -65,7 +66,7 @@ def solve_tensor(w: torch.Tensor, config: MethodConfig, solver: SolverConfig, he
     info = SolveInfo()
     if solver.solver == "rtn" or h is None:
         if solver.needs_hessian:
-            raise ValueError(f"{where}: solver {solver.solver!r} needs a calibration Hessian")
+            raise MoequantError(f"{where}: solver {solver.solver!r} needs a calibration Hessian")
         inner = encode(w, config)
         if h is not None:
             w_hat = inner.dequantize()
@@ -76,6 +77,9 @@ def solve_tensor(w: torch.Tensor, config: MethodConfig, solver: SolverConfig, he
             we, he = _at(w, e), _at_h(h, e)
             label = where if w.dim() == 2 else f"{where} expert {e}"
             q = column_quantizer(config, we, hdiag=torch.diagonal(he).to(torch.float32))
+            if solver.act_order and q.block != 1:
+                raise MoequantError(f"{where}: --act-order needs a scalar codec (int, nf4, fp4); {config.short_name} "
+                                    f"quantizes {q.block} columns jointly")
             res = ldlq(we, damp(he, solver.damp, where=label), q, lazy=solver.lazy, act_order=solver.act_order,
                        h_proxy=_at_h(h_ev, e), where=label)
             parts.append(q.parts())
@@ -90,6 +94,19 @@ def solve_tensor(w: torch.Tensor, config: MethodConfig, solver: SolverConfig, he
         qt = RotatedTensor.wrap(inner, inc)
     info.seconds = time.time() - t0
     return qt, info
+
+
+def check_finite(w: torch.Tensor, where: str) -> None:
+    """Refuse a weight holding NaN or ±Inf before it is quantized: every codec would turn it into NaN
+    rows or silently zeroed groups. One pass over the tensor; the message names it and counts the values."""
+    finite = torch.isfinite(w)
+    if bool(finite.all()):
+        return
+    n_nan = int(torch.isnan(w).sum())
+    n_inf = int((~finite).sum()) - n_nan
+    first = tuple(int(i) for i in (~finite).nonzero()[0])
+    raise MoequantError(f"{where} {tuple(w.shape)}: {n_nan + n_inf} non-finite values ({n_nan} NaN, {n_inf} Inf; "
+                        f"first at index {first}) of {w.numel()}: the source weights are corrupt")
 
 
 def _at(w: torch.Tensor, e: int) -> torch.Tensor:
