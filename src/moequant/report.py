@@ -1,11 +1,14 @@
-"""What ``quantize`` did: every target weight (quantized or kept, by which rule), the solver's proxy
-losses, calibration token counts, starved experts and shared-input groups."""
+"""What ``quantize`` did: every target weight (quantized or kept, by which rule), every tensor kept in
+full precision (targets a rule kept and everything that is not a target: embeddings, norms, head,
+routers), the solver's proxy losses, calibration token counts, starved experts and shared-input groups."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from torch import nn
 
 
 @dataclass
@@ -26,6 +29,23 @@ class TensorRecord:
 
 
 @dataclass
+class KeptTensor:
+    """A tensor stored in full precision. rule: the recipe pattern that kept a target, or
+    ``"not a target"`` (embeddings, norms, head, routers, biases); tied_to: the tensor whose storage it
+    shares (a tied head), its bytes then counted once in the totals."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    rule: str
+    tied_to: str | None = None
+
+
+NOT_A_TARGET = "not a target"
+
+
+@dataclass
 class StarvedRecord:
     tensor: str
     expert: int
@@ -43,6 +63,18 @@ class QuantReport:
     tensors: list[TensorRecord] = field(default_factory=list)
     starved: list[StarvedRecord] = field(default_factory=list)
     shared_inputs: list[list[str]] = field(default_factory=list)
+    kept_tensors: list[KeptTensor] = field(default_factory=list)  # filled by record_kept(model)
+
+    def record_kept(self, model: nn.Module) -> None:
+        """List every full-precision tensor the quantized ``model`` stores (its state dict minus the
+        packed data), with the rule that kept it."""
+        self.kept_tensors = kept_tensors(model, {t.name: t.rule for t in self.kept})
+
+    def kept_totals(self) -> dict[str, int]:
+        """Tensors, weights and bytes kept in full precision (tied tensors counted once)."""
+        own = [k for k in self.kept_tensors if k.tied_to is None]
+        return {"tensors": len(self.kept_tensors), "weights": sum(math.prod(k.shape) for k in own),
+                "bytes": sum(k.nbytes for k in own)}
 
     @property
     def quantized(self) -> list[TensorRecord]:
@@ -62,7 +94,8 @@ class QuantReport:
         return {"recipe": self.recipe, "solver": self.solver, "calibration": self.calibration,
                 "bits_per_weight": self.bits_per_weight(),
                 "quantized_tensors": [asdict(t) for t in self.quantized],
-                "kept_tensors": [asdict(t) for t in self.kept],
+                "kept_tensors": [asdict(t) for t in self.kept_tensors],
+                "kept_totals": self.kept_totals(),
                 "starved_experts": [asdict(s) for s in self.starved],
                 "shared_inputs": self.shared_inputs}
 
@@ -89,3 +122,26 @@ class QuantReport:
                       "; ".join(", ".join(n.rsplit(".", 2)[-2] for n in g) for g in self.shared_inputs[:3]) +
                       (" ... (every layer alike)" if len(self.shared_inputs) > 3 else "")]
         return "\n".join(lines)
+
+
+def kept_tensors(model: nn.Module, target_rules: dict[str, str | None]) -> list[KeptTensor]:
+    """Every tensor of ``model``'s state dict that is not packed data, in state-dict order.
+    ``target_rules``: recipe pattern of each target a rule kept (None: no rule matched)."""
+    from moequant.nn.packed import packed_names, packed_tensor
+
+    packed = {f"{m}.{p}_{d}" if m else f"{p}_{d}" for m, mod in model.named_modules() for p in packed_names(mod)
+              for d in packed_tensor(mod, p).data}
+    out: list[KeptTensor] = []
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name in packed:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        tied = seen.get(key) if t.device.type != "meta" else None
+        seen.setdefault(key, name)
+        rule = NOT_A_TARGET
+        if name in target_rules:
+            rule = target_rules[name] or "no rule matched"
+        out.append(KeptTensor(name, tuple(t.shape), str(t.dtype).removeprefix("torch."),
+                              t.numel() * t.element_size(), rule, tied))
+    return out
