@@ -128,6 +128,32 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def file_lock(path: Path, what: str = "") -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if needed; never deleted, so no race on it).
+    Waits, with one log line, while another process holds it. Where the lock file cannot be created
+    (a read-only cache), goes on without it."""
+    import fcntl
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        log.debug("no lock %s (%s): going on without it", path, e)
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another moequant process to finish %s (lock %s)", what or path.stem, path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 # ------------------------------------------------------------------------------------------ atomic files
 
 @contextlib.contextmanager
@@ -203,7 +229,8 @@ def check_writable(path: str | Path, what: str = "output", is_dir: bool = False)
         raise MoequantError(f"{what} {path}: directory {anc} is not writable")
 
 
-def _json_obj(path: Path) -> dict[str, Any] | None:
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None (missing, unreadable, not JSON, not an object)."""
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -212,7 +239,7 @@ def _json_obj(path: Path) -> dict[str, Any] | None:
 
 
 def is_moequant_checkpoint(path: Path) -> bool:
-    cfg = _json_obj(Path(path) / "config.json")
+    cfg = read_json_object(Path(path) / "config.json")
     q = cfg.get("quantization_config") if cfg else None
     return isinstance(q, dict) and q.get("quant_method") == "moequant"
 
@@ -225,7 +252,7 @@ def is_moequant_output(path: Path) -> bool:
     if is_moequant_checkpoint(path):
         return True
     for name in ("summary.json", "compare.json", "report.json"):
-        obj = _json_obj(path / name)
+        obj = read_json_object(path / name)
         if obj is not None and str(obj.get("command", "")).startswith("moequant "):
             return True
     return False
@@ -307,7 +334,7 @@ def check_output(out: str | Path, overwrite: bool, what: str = "--out", sources:
 
 def is_moequant_result(path: Path) -> bool:
     """A JSON result file moequant wrote: an object recording a ``moequant …`` command."""
-    obj = _json_obj(Path(path))
+    obj = read_json_object(Path(path))
     return obj is not None and str(obj.get("command", "")).startswith("moequant ")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tarfile
 import tempfile
@@ -21,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from moequant.errors import MoequantError
-from moequant.zoo.fetch import cache_root, fetch_members, sha256_file
+from moequant.fsutil import atomic_file, atomic_write_json, make_temp_dir
+from moequant.zoo.fetch import cache_lock, cache_root, fetch_members, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +103,9 @@ def bigbench_to_records(task: dict[str, Any], what: str = "task.json") -> list[d
 
 def write_jsonl(records: list[dict[str, Any]], path: Path) -> str:
     """Write records one JSON object per line (temp file, then rename); returns the file's SHA-256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(tmp, path)
     return sha256_file(path)
 
 
@@ -136,8 +133,9 @@ def _download_members(members: list[str], targets: list[Path]) -> None:
     if sha != BIGBENCH_SDIST_SHA256:
         raise MoequantError(f"{BIGBENCH_DIST}=={BIGBENCH_VERSION}: index sha256 {sha[:16]}... is not the expected "
                             f"{BIGBENCH_SDIST_SHA256[:16]}...")
-    with tempfile.TemporaryDirectory(prefix="moequant-bigbench-") as tmp:
-        archive = Path(tmp) / "bigbench.tar.gz"
+    tmp = make_temp_dir(Path(tempfile.gettempdir()))
+    try:
+        archive = tmp / "bigbench.tar.gz"
         log.info("downloading %s (358 MB, once)", url)
         h = hashlib.sha256()
         try:
@@ -155,11 +153,10 @@ def _download_members(members: list[str], targets: list[Path]) -> None:
                 src = t.extractfile(top + m)
                 if src is None:
                     raise MoequantError(f"{archive.name} has no member {m!r}")
-                out.parent.mkdir(parents=True, exist_ok=True)
-                part = out.with_name(out.name + ".partial")
-                with src, open(part, "wb") as dst:
+                with src, atomic_file(out) as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
-                os.replace(part, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fetch_task_jsons(names: list[str]) -> dict[str, Path]:
@@ -182,8 +179,10 @@ def fetch_task_jsons(names: list[str]) -> dict[str, Path]:
             # the archive is read once: extract every known task, not only the requested ones
             every = [(t.member, cache_root() / "packages" / f"{BIGBENCH_DIST}-{BIGBENCH_VERSION}" / t.member)
                      for t in BIGBENCH_TASKS.values()]
-            missing = [(m, t) for m, t in every if not t.is_file()]
-            _download_members([m for m, _ in missing], [t for _, t in missing])
+            with cache_lock(f"download-{BIGBENCH_DIST}-{BIGBENCH_VERSION}"):  # one 358 MB download at a time
+                missing = [(m, t) for m, t in every if not t.is_file()]
+                if missing:
+                    _download_members([m for m, _ in missing], [t for _, t in missing])
     for n, t in zip(names, targets):
         check_task_sha256(n, t)
     return dict(zip(names, targets))
@@ -214,7 +213,5 @@ def build_task_jsonl(name: str, out_dir: Path, src: Path | None = None) -> dict[
     meta = {"task": name, "source": f"{BIGBENCH_DIST}=={BIGBENCH_VERSION}:{BIGBENCH_TASKS[name].member}",
             "task_json_sha256": src_sha, "jsonl": str(jsonl), "jsonl_sha256": write_jsonl(records, jsonl),
             "n_examples": len(records), "n_examples_in_file": len(task["examples"])}
-    tmp = meta_path.with_name(meta_path.name + ".partial")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, meta_path)
+    atomic_write_json(meta_path, meta)
     return meta

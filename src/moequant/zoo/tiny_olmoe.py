@@ -21,22 +21,21 @@ Everything is deterministic given the seed (same machine, same torch thread coun
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
 from moequant.errors import MoequantError
+from moequant.fsutil import AtomicDir, atomic_write_json, is_empty_dir, read_json_object
+from moequant.zoo.manifest import write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -228,27 +227,24 @@ def build_tiny_olmoe(out_dir: Path, variant: str, *, config: TinyOlmoeConfig | N
         raise MoequantError(f"unknown tiny OLMoE variant {variant!r} (choose from {', '.join(VARIANTS)})")
     cfg = config or VARIANTS[variant]
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    with AtomicDir(out_dir, overwrite=True, what="--out", is_ours=replaceable_build(variant),
+                   kind=f"a previous build of {variant} (its training.json) or an empty directory") as tmp:
         _train_into(tmp, out_dir, variant, cfg, progress)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_manifest(tmp, {"variant": variant})
     log.info("tiny OLMoE %s saved to %s", variant, out_dir)
     return out_dir
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    old = None
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        os.replace(dst, old / dst.name)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def is_build_of(path: Path, variant: str) -> bool:
+    """``path`` holds a tiny OLMoE ``variant`` built by moequant (its ``training.json`` says so)."""
+    rec = read_json_object(Path(path) / "training.json")
+    return (rec is not None and rec.get("variant") == variant
+            and str(rec.get("call", "")).startswith("moequant.zoo.tiny_olmoe.build_tiny_olmoe("))
+
+
+def replaceable_build(variant: str) -> Callable[[Path], bool]:
+    """What a rebuild of ``variant`` may replace: a previous build of it, or an empty directory."""
+    return lambda path: is_empty_dir(path) or is_build_of(path, variant)
 
 
 def _load_corpus(corpus: str, split: str, max_chars: int | None) -> str:
@@ -363,7 +359,7 @@ def _train_into(out: Path, final_dir: Path, variant: str, cfg: TinyOlmoeConfig, 
         "bos_per_sequence": True,
         **run_info(),
     }
-    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    atomic_write_json(out / "training.json", record)
 
 
 def _curve_point(step: int, lr: float, window: list[tuple[float, float, float]]) -> dict[str, Any]:
