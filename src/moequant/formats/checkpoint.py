@@ -245,6 +245,30 @@ def _confined_shard(root: Path, fname: str) -> Path:
     return p
 
 
+def packed_evidence(path: Path) -> str | None:
+    """Why the safetensors files of the HF-style directory ``path`` look like a moequant packed checkpoint
+    (its shards' producer is moequant, or tensor names end in a format's data suffix such as
+    ``.weight_codes``), or None. A directory whose ``config.json`` lost ``quantization_config`` would
+    otherwise load in transformers as a randomly initialised model."""
+    from moequant.formats.registry import FORMATS
+
+    suffixes = {f"_{d}" for f in FORMATS for d in FORMATS.get(f).data_names}
+    suffixes |= {f"_inner{s}" for s in suffixes}
+    try:
+        reader = ShardReader(path, verify=False)
+        first = reader.file(next(iter(reader.weight_map))) if reader.weight_map else None
+        producer = read_header(first)[1].get("producer") if first is not None else None
+    except (MoequantError, StopIteration):
+        return None
+    if producer == QUANT_METHOD:
+        return f"its shards were written by moequant ({first.name}: producer={QUANT_METHOD})"
+    for k in reader.keys():
+        base, sep, data = k.rpartition("_")
+        if sep and f"_{data}" in suffixes and base.endswith((".weight", "_proj", ".weight_inner")):
+            return f"it holds packed tensors such as {k!r}"
+    return None
+
+
 def checkpoint_bytes(path: Path) -> int:
     """Bytes of every file in the checkpoint directory (safetensors headers and JSON included)."""
     return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())

@@ -20,7 +20,7 @@ import json
 import math
 import struct
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO
 
 import torch
 

@@ -13,7 +13,6 @@ time from the safetensors files, empty it again, and write the output checkpoint
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
