@@ -44,6 +44,7 @@ def quantize(model: nn.Module, recipe: Recipe, calib: Calibration | None = None,
     """
     report = quantize_model(model, recipe, calib, solver or SolverConfig(), progress)
     verify_quantized(model, report)
+    report.record_kept(model)
     model.moequant_report = report
     model.moequant_recipe = recipe
     return model
@@ -155,6 +156,9 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", verify: bool =
     reader = ShardReader(path, verify=verify)
     if verify and (reader.digests is None or "integrity" not in qcfg):
         log.warning("%s: no tensor digests (written by an older moequant): loaded without verification", path)
+    from moequant.models.loader import refuse_remote_code
+
+    refuse_remote_code(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as e:

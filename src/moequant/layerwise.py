@@ -144,10 +144,9 @@ def quantize_layer(model: nn.Module, adapter: ModelAdapter, layer: int, targets:
                 experts.setdefault(t.module, {})[t.param] = weight.detach()
             continue
         hessian, h_eval, rec = _hessian_for(t, stats.get(t.name), calib, report)
-        try:
-            qt, info = solve_tensor(weight.detach(), config, solver, hessian, t.name, h_eval=h_eval)
-        except ValueError as e:
-            raise MoequantError(f"{t.name} {tuple(t.shape)}: {e}") from None
+        # what a user can get wrong here (non-finite weights, a solver without its Hessian) is a
+        # MoequantError naming the tensor, raised inside; any other exception is a bug
+        qt, info = solve_tensor(weight.detach(), config, solver, hessian, t.name, h_eval=h_eval)
         report.tensors.append(TensorRecord(
             t.name, t.kind, t.shape, rule, config.short_name, qt.bits_per_weight(), qt.nbytes(),
             solver=solver.short_name, proxy=info.mean_proxy, proxy_per_expert=info.proxy if t.kind == "experts" else None,

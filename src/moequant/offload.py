@@ -39,7 +39,10 @@ def skeleton(path: Path) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
+    from moequant.models.loader import read_model_config
+
+    read_model_config(path)  # a JSON object with a model_type, no auto_map
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
     return model.eval()

@@ -163,8 +163,9 @@ def convert_gguf_to_hf(gguf: Path, out_dir: Path, source: dict[str, Any] | None 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                               trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
     config = src.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
