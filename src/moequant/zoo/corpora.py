@@ -101,11 +101,25 @@ def load_text(spec: str, split: str = "test") -> str:
         return _cached_split(CORPORA[spec], split)
     path = Path(spec)
     if path.is_file():
-        return path.read_text(encoding="utf-8", errors="replace")
+        return read_user_text(path)
     if spec in ("wikitext2", "c4"):
         return _hub_text(spec, split)
     raise MoequantError(f"unknown data {spec!r}: not a corpus alias ({', '.join(sorted(CORPORA))}, wikitext2, c4) "
                         f"nor an existing text file")
+
+
+def read_user_text(path: Path) -> str:
+    """A user's text file, decoded as strict UTF-8: bytes that are not UTF-8 would be scored as
+    replacement characters, so they are an error naming the file and the byte offset."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise MoequantError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MoequantError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}: {e.reason}); "
+                            f"convert it, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def _cached_split(c: CorpusSpec, split: str) -> str:
