@@ -182,10 +182,20 @@ def _solver_and_calib(args: argparse.Namespace, recipe):
     return solver, calib, hessian
 
 
+def _check_json_arg(args: argparse.Namespace) -> None:
+    """``--json``: writable (and not someone else's file) before any work, not after it."""
+    if getattr(args, "json", None):
+        from moequant.fsutil import check_json_output
+
+        check_json_output(args.json)
+
+
 def _print_json_or_table(result: dict[str, Any], json_path: str | None, lines: list[str]) -> None:
     if json_path:
+        from moequant.fsutil import atomic_write_json
+
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=1))
+        atomic_write_json(Path(json_path), result)
     print("\n".join(lines))
 
 
@@ -213,6 +223,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    _check_json_arg(args)
     from moequant.runs import PplJob, run_ppl
 
     job = PplJob(args.model, data=args.data, split=args.split, seqlen=args.seqlen, stride=args.stride,
@@ -227,6 +238,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    _check_json_arg(args)
     from moequant.runs import run_inspect
 
     r = run_inspect(Path(args.path))
