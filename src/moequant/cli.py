@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from moequant.errors import MoequantError, one_line
+from moequant.interrupt import interrupt_exit_code, sigterm_as_interrupt
 
 
 # Flags that belong to one --method only: given with another method they are an error, not ignored.
@@ -257,9 +258,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from moequant.zoo.corpora import CORPORA
-    from moequant.zoo.models import BUILT_MODELS, GGUF_MODELS, resolve_alias
-    from moequant.zoo.fetch import cache_root
+    from moequant.zoo.corpora import CORPORA, SPLITS, load_text, refresh_corpus
+    from moequant.zoo.fetch import cache_lock, cache_root
+    from moequant.zoo.models import BUILT_MODELS, GGUF_MODELS, refresh_alias, resolve_alias, verify_alias
 
     if args.zoo_cmd == "list":
         print("models:")
@@ -272,23 +273,37 @@ def cmd_zoo(args: argparse.Namespace) -> int:
             print(f"  {a:24s} {c.description} (train/valid/test)")
         print(f"cache: {cache_root()}")
         return 0
+    if args.zoo_cmd in ("fetch", "verify") and args.alias in CORPORA:  # every split is SHA-256 checked on load
+        if args.zoo_cmd == "fetch" and args.refresh:
+            refresh_corpus(args.alias)
+        for split in SPLITS:
+            load_text(args.alias, split)
+        print(cache_root() / "corpora" / args.alias)
+        return 0
     if args.zoo_cmd == "fetch":
-        print(resolve_alias(args.alias))
+        print(refresh_alias(args.alias) if args.refresh else resolve_alias(args.alias))
+        return 0
+    if args.zoo_cmd == "verify":
+        r = verify_alias(args.alias)
+        print(f"{r['alias']}: {r['files']} files, {r['bytes'] / 2**20:.1f} MiB match the SHA-256 of their manifest "
+              f"({r['path']})")
         return 0
     if args.zoo_cmd == "build":
-        from moequant.zoo.tiny_olmoe import VARIANTS, build_tiny_olmoe
+        from moequant.fsutil import check_output
+        from moequant.zoo.tiny_olmoe import VARIANTS, build_tiny_olmoe, replaceable_build
 
         if args.alias not in VARIANTS:
             raise MoequantError(f"cannot build {args.alias!r} (buildable: {', '.join(VARIANTS)})")
         out = Path(args.out) if args.out else cache_root() / "models" / args.alias
-        if out.exists() and not args.overwrite:
-            raise MoequantError(f"{out} already exists (pass --overwrite to rebuild)")
+        check_output(out, args.overwrite, "--out", is_ours=replaceable_build(args.alias),
+                     kind=f"a previous build of {args.alias} (its training.json) or an empty directory")
         cfg = VARIANTS[args.alias]
         if args.max_minutes is not None:
             import dataclasses
 
             cfg = dataclasses.replace(cfg, max_minutes=args.max_minutes)
-        print(build_tiny_olmoe(out, args.alias, config=cfg, progress=not args.quiet))
+        with cache_lock(f"model-{args.alias}"):  # resolve_alias waits for a build into the cache
+            print(build_tiny_olmoe(out, args.alias, config=cfg, progress=not args.quiet))
         return 0
     raise MoequantError(f"unknown zoo command {args.zoo_cmd!r}")
 
@@ -352,8 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     z = sub.add_parser("zoo", help="built-in models and corpora")
     zsub = z.add_subparsers(dest="zoo_cmd", required=True)
     zsub.add_parser("list", help="list aliases")
-    zf = zsub.add_parser("fetch", help="assemble a model alias into the cache")
+    zf = zsub.add_parser("fetch", help="assemble a model or corpus alias into the cache")
     zf.add_argument("alias")
+    zf.add_argument("--refresh", action="store_true", help="delete the alias's cache entry and make it again")
+    zv = zsub.add_parser("verify", help="check every file of an alias's cache entry against its SHA-256")
+    zv.add_argument("alias")
     zb = zsub.add_parser("build", help="train a tiny OLMoE fixture (tiny-olmoe, tiny-olmoe-collapsed)")
     zb.add_argument("alias")
     zb.add_argument("--out", help="directory (default: the cache)")
@@ -390,15 +408,16 @@ def main(argv: list[str] | None = None) -> int:
     # Expected failures are MoequantErrors raised where they are detected: one line, exit 2 (-v: the
     # traceback). Anything else is a bug and keeps its traceback (exit 1).
     try:
-        return args.func(args)
+        with sigterm_as_interrupt():  # SIGTERM unwinds like Ctrl-C: temp files and directories are removed
+            return args.func(args)
     except MoequantError as e:
         if args.verbose:
             raise
         print(f"moequant: error: {one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("moequant: interrupted", file=sys.stderr)
-        return 130
+        return interrupt_exit_code(e)  # 130 for Ctrl-C, 143 for SIGTERM
 
 
 if __name__ == "__main__":
