@@ -13,6 +13,7 @@ from torch import nn
 from moequant import __version__
 from moequant.alloc.recipe import Recipe
 from moequant.errors import MoequantError
+from moequant.fsutil import atomic_write_text
 from moequant.formats.checkpoint import (CHECKPOINT_FORMAT_VERSION, QUANT_METHOD, AtomicDir, ShardReader,
                                          read_packed, read_quantization_config, seal_quantization_config,
                                          write_shards)
@@ -132,7 +133,7 @@ def write_checkpoint_config(out: Path, model_config: dict[str, Any], metas: dict
             "tensors": metas, "tied": tied, **(extra or {})}
     config = dict(model_config)
     config["quantization_config"] = seal_quantization_config(qcfg)
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True, default=str))
     if generation_config is not None:
         generation_config.save_pretrained(out)
     if tokenizer is not None:
