@@ -85,7 +85,11 @@ def _recipe(args: argparse.Namespace):
     if args.method is None:
         args.method = "int"
     keep = DEFAULT_KEEP + tuple(args.keep or ())
-    return Recipe.uniform(_method_config(args), keep=keep)
+    config = _method_config(args)
+    try:
+        return Recipe.uniform(config, keep=keep)
+    except ValueError as e:  # a --keep pattern that is not a valid rule (bad regex, unknown kind:)
+        raise MoequantError(f"--keep: {e}") from None
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:

@@ -152,6 +152,11 @@ def run_ppl(job: PplJob, argv: list[str] | None = None, model=None, tokenizer=No
     from moequant.models.loader import load_model
     from moequant.zoo.corpora import load_text
 
+    try:  # the job's options, checked before the model is loaded
+        cfg = PplConfig(seqlen=job.seqlen, stride=job.stride, add_bos=job.add_bos, batch_size=job.batch_size,
+                        max_tokens=job.max_tokens)
+    except ValueError as e:
+        raise MoequantError(f"eval ppl: {e}") from None
     if model is None:
         model, tokenizer, _ = load_model(job.model)
     if tokenizer is None:
@@ -161,8 +166,8 @@ def run_ppl(job: PplJob, argv: list[str] | None = None, model=None, tokenizer=No
     bos = tokenizer.bos_token_id if job.add_bos else None
     if job.add_bos and bos is None:
         raise MoequantError(f"model {job.model!r}: tokenizer has no BOS token; pass --no-bos")
-    cfg = PplConfig(seqlen=job.seqlen, stride=job.stride, add_bos=job.add_bos, batch_size=job.batch_size,
-                    max_tokens=job.max_tokens)
+    if ids.numel() < (1 if job.add_bos else 2):
+        raise MoequantError(f"--data {job.data} ({job.split}): {ids.numel()} tokens, nothing to score")
     t0 = time.time()
     res = evaluate_perplexity(model, ids, cfg, bos, progress=job.progress)
     out = {"model": job.model, "data": job.data, "split": job.split, **res.to_dict(),
