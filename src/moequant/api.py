@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------------
 
 def quantize(model: nn.Module, recipe: Recipe, calib: Calibration | None = None, *,
-             solver: SolverConfig | None = None, progress: bool = True) -> nn.Module:
+             solver: SolverConfig | None = None, progress: bool = True, run: Any = None) -> nn.Module:
     """Quantize ``model`` in place with ``recipe``, decoder layer by decoder layer.
 
     Every ``nn.Linear`` inside the decoder layers and every fused expert tensor is a target; the
@@ -41,9 +41,10 @@ def quantize(model: nn.Module, recipe: Recipe, calib: Calibration | None = None,
     needed for ``SolverConfig(solver="ldlq")``: each layer's Hessians are then accumulated on what
     the already-quantized layers before it produce. Afterwards every target a rule assigned a method
     is verified to be stored packed (``MoequantError`` otherwise). The report is attached as
-    ``model.moequant_report``.
+    ``model.moequant_report``. ``run`` (a ``moequant.resume.RunProgress``, ``quantize --resume``) stores
+    each finished layer and restores those it already holds.
     """
-    report = quantize_model(model, recipe, calib, solver or SolverConfig(), progress)
+    report = quantize_model(model, recipe, calib, solver or SolverConfig(), progress, run=run)
     verify_quantized(model, report)
     report.record_kept(model)
     model.moequant_report = report

@@ -5,6 +5,7 @@ the packed modules. ``api.quantize`` is the public entry."""
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,10 +17,13 @@ from tqdm.auto import tqdm
 
 from moequant.alloc.recipe import Recipe
 from moequant.errors import MoequantError
-from moequant.models.adapters import ModelAdapter, Target, adapter_for, iter_targets
+from moequant.fsutil import make_temp_dir
+from moequant.models.adapters import ModelAdapter, Target, adapter_for, decoder_layers, iter_targets
 from moequant.nn.quant_experts import QuantExperts
+from moequant.nn.packed import packed_names, packed_tensor
 from moequant.nn.quant_linear import QuantLinear
 from moequant.report import QuantReport, StarvedRecord, TensorRecord
+from moequant.resume import RunProgress, records_mark, records_since
 from moequant.solvers.config import SolverConfig
 from moequant.solvers.solve import solve_tensor
 
@@ -34,6 +38,10 @@ class HessianConfig:
     mode: str = "per-expert"
     min_expert_tokens: int | None = None  # None: calib.hessian.DEFAULT_MIN_EXPERT_TOKENS
     starved_policy: str = "shrink"
+
+    def __post_init__(self) -> None:  # checked when the job is built, not after calibration
+        if self.min_expert_tokens is not None and self.min_expert_tokens < 0:
+            raise ValueError(f"--min-expert-tokens must be >= 0, got {self.min_expert_tokens}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "min_expert_tokens": self.resolved_min_tokens, "starved_policy": self.starved_policy}
@@ -62,7 +70,9 @@ class Calibration:
 
 
 def quantize_model(model: nn.Module, recipe: Recipe, calib: Calibration | None, solver: SolverConfig,
-                   progress: bool = True) -> QuantReport:
+                   progress: bool = True, run: RunProgress | None = None) -> QuantReport:
+    """``run``: store each finished layer there, and restore the layers it already holds instead of
+    quantizing them again (``quantize --resume``)."""
     adapter = adapter_for(model)
     targets = list(iter_targets(model, adapter))
     if not targets:
@@ -81,10 +91,23 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: Calibration | None, 
             from moequant.calib.runner import LayerwiseRunner
 
             runner = LayerwiseRunner(model, adapter, calib.tokens, calib.batch_size, spill)
+        layers = decoder_layers(model, adapter)
         bar = tqdm(sorted(by_layer), desc="quantize", unit="layer", disable=not progress)
         for layer in bar:
             bar.set_postfix_str(f"layer {layer}")
+            if run is not None and run.is_done(layer):
+                from moequant.resume import restore_layer_in_memory
+
+                restore_layer_in_memory(run, layer, model, report)
+                continue
+            if run is not None:
+                run.restore_inputs(runner)
+            mark = records_mark(report)
             quantize_layer(model, adapter, layer, by_layer[layer], recipe, calib, solver, runner, report)
+            if run is not None:
+                metas: dict[str, Any] = {}
+                state = layer_state(layers[layer], f"{adapter.layers}.{layer}", metas)
+                run.commit(layer, len(layers), state, metas, records_since(report, mark), runner)
     return report
 
 
@@ -110,15 +133,15 @@ class _maybe_tmpdir:
     def __enter__(self) -> Path | None:
         if self.calib is None or not self.calib.spill_dir:
             return None
-        if self.calib.spill_dir is True:
-            self.tmp = tempfile.TemporaryDirectory(prefix="moequant-act-")
-            return Path(self.tmp.name)
+        if self.calib.spill_dir is True:  # named moequant-act-<pid>-...: cleaned by a later run if we are killed
+            self.tmp = make_temp_dir(Path(tempfile.gettempdir()), kind="act")
+            return self.tmp
         Path(self.calib.spill_dir).mkdir(parents=True, exist_ok=True)
         return Path(self.calib.spill_dir)
 
     def __exit__(self, *exc: Any) -> None:
         if self.tmp is not None:
-            self.tmp.cleanup()
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def quantize_layer(model: nn.Module, adapter: ModelAdapter, layer: int, targets: list[Target], recipe: Recipe,
@@ -184,6 +207,24 @@ def _hessian_for(t: Target, stat: Any, calib: Calibration | None, report: QuantR
     seen = (stat.counts > 0)[:, None, None]
     h_eval = torch.where(seen, stat.mean_per_expert(), h)  # [E, K, K]
     return h, h_eval, {"expert_tokens": [int(c) for c in stat.counts.tolist()]}
+
+
+def layer_state(layer: nn.Module, prefix: str, metas: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Packed tensors (``P_<data>``) and every other parameter / persistent buffer of a decoder layer, as
+    the checkpoint stores them; the packed tensors' metas go to ``metas``."""
+    out: dict[str, torch.Tensor] = {}
+    packed_keys = set()
+    for mname, mod in layer.named_modules():
+        for p in packed_names(mod):
+            full = f"{prefix}.{mname}.{p}" if mname else f"{prefix}.{p}"
+            qt = packed_tensor(mod, p)
+            metas[full] = qt.meta()
+            out.update(qt.to_state_dict(full))
+            packed_keys.update(f"{mname}.{p}_{d}" if mname else f"{p}_{d}" for d in qt.data)
+    for name, t in layer.state_dict().items():
+        if name not in packed_keys:
+            out[f"{prefix}.{name}"] = t
+    return out
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -11,8 +11,9 @@ same tensors, bit for bit, as quantizing in memory and ``api.save``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,12 @@ from tqdm.auto import tqdm
 from moequant.alloc.recipe import Recipe
 from moequant.errors import MoequantError
 from moequant.formats.checkpoint import AtomicDir, ShardReader
-from moequant.layerwise import Calibration, check_recipe, quantize_layer
+from moequant.fsutil import make_temp_dir
+from moequant.layerwise import Calibration, check_recipe, layer_state, quantize_layer
 from moequant.models.adapters import Target, adapter_for, decoder_layers, iter_targets
 from moequant.models.streaming import StreamingWriter, _disk_names, embed_rows, materialize, release
-from moequant.nn.packed import packed_names, packed_tensor
 from moequant.report import QuantReport
+from moequant.resume import RunProgress, records_mark, records_since
 from moequant.runinfo import current_rss_bytes, peak_rss_bytes, return_free_memory
 from moequant.solvers.config import SolverConfig
 
@@ -49,7 +51,10 @@ def skeleton(path: Path) -> nn.Module:
 
 
 def quantize_offloaded(path: Path, out: Path, recipe: Recipe, calib: Calibration | None, solver: SolverConfig,
-                       tokenizer: Any = None, overwrite: bool = False, progress: bool = True) -> QuantReport:
+                       tokenizer: Any = None, overwrite: bool = False, progress: bool = True,
+                       run: RunProgress | None = None) -> QuantReport:
+    """``run``: store each finished layer there, and write the layers it already holds from there
+    instead of quantizing them again (``quantize --resume``)."""
     from moequant.api import write_checkpoint_config
 
     path = Path(path)
@@ -67,7 +72,7 @@ def quantize_offloaded(path: Path, out: Path, recipe: Recipe, calib: Calibration
     for t in targets:
         by_layer.setdefault(t.layer, []).append(t)
     emb_name = _param_name(model, model.get_input_embeddings())
-    with AtomicDir(out, overwrite=overwrite) as tmp:
+    with AtomicDir(out, overwrite=overwrite) as tmp, contextlib.ExitStack() as cleanup:
         writer = StreamingWriter(tmp)
         runner = None
         if calib is not None:
@@ -83,26 +88,42 @@ def quantize_offloaded(path: Path, out: Path, recipe: Recipe, calib: Calibration
             def embed(ids: torch.Tensor) -> torch.Tensor:
                 return rows[torch.searchsorted(uniq, ids)]  # [B, L, H]
 
-            spill = tempfile.TemporaryDirectory(prefix="moequant-act-", dir=Path(out).parent)
-            runner = LayerwiseRunner(model, adapter, calib.tokens, calib.batch_size, spill_dir=Path(spill.name),
-                                     embed_fn=embed)
+            # named moequant-act-<pid>-...: a killed run's spill is recognised and cleaned by the next one
+            spill = make_temp_dir(Path(out).parent, kind="act")
+            cleanup.callback(shutil.rmtree, spill, ignore_errors=True)
+            runner = LayerwiseRunner(model, adapter, calib.tokens, calib.batch_size, spill_dir=spill, embed_fn=embed)
         metas: dict[str, Any] = {}
         bar = tqdm(range(len(layers)), desc="quantize (offload)", unit="layer", disable=not progress)
         for i in bar:
             prefix = f"{adapter.layers}.{i}"
+            if run is not None and run.is_done(i):
+                state, layer_metas = run.layer_tensors(i)
+                run.restore_records(i, report)
+                writer.add(state)
+                metas.update(layer_metas)
+                continue
+            if run is not None:
+                run.restore_inputs(runner)
+            mark = records_mark(report)
             materialize(layers[i], prefix, reader, adapter)
             if i in by_layer:
                 quantize_layer(model, adapter, i, by_layer[i], recipe, calib, solver, runner, report)
             elif runner is not None:
                 runner.run(i, keep_outputs=True)
-            writer.add(_layer_state(layers[i], prefix, metas))
+            layer_metas = {}
+            state = layer_state(layers[i], prefix, layer_metas)
+            writer.add(state)
+            metas.update(layer_metas)
+            if run is not None:
+                run.commit(i, len(layers), state, layer_metas, records_since(report, mark), runner)
+            del state
             release(layers[i])
             return_free_memory()
             log.info("layer %d written: rss %.0f MiB, peak so far %.0f MiB", i, current_rss_bytes() / 2**20,
                      peak_rss_bytes() / 2**20)
         if runner is not None:
             del runner
-            spill.cleanup()
+            cleanup.close()
         tied = _tied(model, reader, adapter)
         writer.copy(reader, _rest_keys(model, reader, adapter, adapter.layers + ".", tied))
         writer.finish()
@@ -123,24 +144,6 @@ def _disk_key(reader: ShardReader, name: str, adapter) -> str:
         if k in reader:
             return k
     raise MoequantError(f"{reader.path}: checkpoint has no tensor {name}")
-
-
-def _layer_state(layer: nn.Module, prefix: str, metas: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Packed tensors (``P_<data>``) and every other parameter / persistent buffer of a decoder layer."""
-    out: dict[str, torch.Tensor] = {}
-    packed_keys = set()
-    for mname, mod in layer.named_modules():
-        for p in packed_names(mod):
-            full = f"{prefix}.{mname}.{p}" if mname else f"{prefix}.{p}"
-            qt = packed_tensor(mod, p)
-            metas[full] = qt.meta()
-            sd = qt.to_state_dict(full)
-            out.update(sd)
-            packed_keys.update(f"{mname}.{p}_{d}" if mname else f"{p}_{d}" for d in qt.data)
-    for name, t in layer.state_dict().items():
-        if name not in packed_keys:
-            out[f"{prefix}.{name}"] = t
-    return out
 
 
 def _rest_keys(model: nn.Module, reader: ShardReader, adapter, prefix: str, tied: dict[str, str]) -> dict[str, str]:

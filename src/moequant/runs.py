@@ -35,26 +35,49 @@ class QuantizeJob:
     hessian: HessianConfig = HessianConfig()
     calib_batch_size: int = 8
     offload: bool = False  # stream the weights layer by layer from safetensors, activations in files
+    resume: bool = False  # continue the interrupted run to ``out`` from its last finished layer
 
 
 def run_quantize(job: QuantizeJob, argv: list[str] | None = None) -> dict[str, Any]:
-    from moequant import api
-    from moequant.formats.checkpoint import checkpoint_bytes
-    from moequant.models.loader import load_model, load_tokenizer, resolve_model_spec
+    """Quantize ``job.model`` into ``job.out``. Progress is kept layer by layer in a work directory beside
+    ``out`` (``moequant.resume``), removed once ``report.json`` is written; ``job.resume`` continues
+    from it."""
+    from moequant import resume
+    from moequant.fsutil import check_output, input_paths
+    from moequant.models.loader import resolve_model_spec
 
-    from moequant.fsutil import atomic_write_json, check_output, input_paths
-
+    if job.resume and (job.out.exists() or job.out.is_symlink()):
+        done = _finish_saved_run(job, argv)  # killed after the checkpoint's rename, before report.json
+        if done is not None:
+            return done
+    resume.check_work_dir(job.out, job.resume)
     # before any work: writable, not the input model, and only a moequant output may be replaced
     check_output(job.out, job.overwrite, "--out", sources=input_paths(job.model))
-    rss0 = current_rss_bytes()
-    t0 = time.time()
+    resolved = resolve_model_spec(job.model)
     if job.offload:
-        resolved = resolve_model_spec(job.model)
         if resolved.kind not in ("alias", "dir") or resolved.gguf_file:
             raise MoequantError(f"--offload streams safetensors files: {job.model!r} is a {resolved.kind} model "
                                 "(use a zoo alias or a local Hugging Face directory)")
         if job.kept_dtype != "auto":
             raise MoequantError("--offload keeps the stored dtype of unquantized tensors; drop --kept-dtype")
+    progress = resume.RunProgress.claim(job.out, resume.fingerprint(job, resolved), job.resume)
+    try:
+        result = _quantize(job, resolved, progress, argv)
+    except BaseException:
+        progress.release()
+        raise
+    progress.remove()
+    return result
+
+
+def _quantize(job: QuantizeJob, resolved: Any, progress: Any, argv: list[str] | None) -> dict[str, Any]:
+    from moequant import api
+    from moequant.fsutil import atomic_write_json
+    from moequant.models.loader import load_model, load_tokenizer
+
+    rss0 = current_rss_bytes()
+    t0 = time.time()
+    if job.offload:
         model, tok = None, load_tokenizer(resolved)
     else:
         model, tok, resolved = load_model(job.model)
@@ -70,6 +93,7 @@ def run_quantize(job: QuantizeJob, argv: list[str] | None = None) -> dict[str, A
             raise MoequantError(f"{job.model}: no tokenizer, cannot tokenize the calibration text")
         calib = Calibration(calibration_tokens(tok, job.calib), batch_size=job.calib_batch_size, hessian=job.hessian,
                             source=job.calib.to_dict())
+        progress.check_tokens(calib.tokens)
     peak_before = peak_rss_bytes()  # loading, tokenizing the calibration text
     rss_start = current_rss_bytes()
     t0 = time.time()
@@ -78,33 +102,72 @@ def run_quantize(job: QuantizeJob, argv: list[str] | None = None) -> dict[str, A
 
         with RssSampler() as sampler:
             report = quantize_offloaded(Path(resolved.path), job.out, job.recipe, calib, job.solver, tokenizer=tok,
-                                        overwrite=job.overwrite, progress=job.progress)
+                                        overwrite=job.overwrite, progress=job.progress, run=progress)
         t_quant = time.time() - t0
         peak = peak_rss_bytes()
         model = api.load(job.out)
     else:
-        api.quantize(model, job.recipe, calib, solver=job.solver, progress=job.progress)
-        t_quant = time.time() - t0
+        api.quantize(model, job.recipe, calib, solver=job.solver, progress=job.progress, run=progress)
         report = model.moequant_report
+        t_quant = time.time() - t0
         api.save(model, job.out, tokenizer=tok, overwrite=job.overwrite)
         peak = peak_rss_bytes()
-    sizes = model_sizes(model)
-    result = {
-        "model": job.model, "source": resolved.kind, "out": str(job.out), "offload": job.offload,
-        "config": job.recipe.to_dict(),
-        "bits_per_weight": report.bits_per_weight(),
-        "checkpoint_bytes": checkpoint_bytes(job.out),
-        **sizes,
-        **{k: v for k, v in report.to_dict().items() if k not in ("recipe", "bits_per_weight")},
-        "table": report.table(),
+    result = quantize_result(job, resolved.kind, report, model, {
         "peak_rss_bytes": peak, "rss_before_load_bytes": rss0, "peak_rss_before_quantize_bytes": peak_before,
         # offload only: RSS when the layer loop starts and the highest RSS sampled during it
         "rss_start_quantize_bytes": rss_start if job.offload else None,
         "peak_rss_quantize_bytes": sampler.peak_bytes if job.offload else None,
-        "seconds": {"load": round(t_load, 2), "quantize": round(t_quant, 2)},
+        "seconds": {"load": round(t_load, 2), "quantize": round(t_quant, 2)}}, argv)
+    atomic_write_json(job.out / "report.json", result)
+    return result
+
+
+def quantize_result(job: QuantizeJob, source_kind: str, report: Any, model: torch.nn.Module,
+                    measures: dict[str, Any], argv: list[str] | None) -> dict[str, Any]:
+    """What ``report.json`` holds: the job, the report, the checkpoint's sizes, ``measures`` (memory and
+    seconds) and the run info."""
+    from moequant.formats.checkpoint import checkpoint_bytes
+
+    report.record_kept(model)  # every full-precision tensor, targets or not
+    return {
+        "model": job.model, "source": source_kind, "out": str(job.out), "offload": job.offload,
+        "config": job.recipe.to_dict(),
+        "bits_per_weight": report.bits_per_weight(),
+        "checkpoint_bytes": checkpoint_bytes(job.out),
+        **model_sizes(model),
+        **{k: v for k, v in report.to_dict().items() if k not in ("recipe", "bits_per_weight")},
+        "table": report.table(),
+        **measures,
         **run_info(argv),
     }
-    atomic_write_json(job.out / "report.json", result)
+
+
+def _finish_saved_run(job: QuantizeJob, argv: list[str] | None) -> dict[str, Any] | None:
+    """``--resume`` when ``out`` exists: if it is the checkpoint of the interrupted run (killed after the
+    checkpoint was renamed into place, before ``report.json`` or the work directory's removal), write
+    the missing ``report.json`` from the stored layer records, remove the work directory and return the
+    result; else None (the run is resumed or refused as usual)."""
+    import json
+
+    from moequant import api, resume
+    from moequant.fsutil import atomic_write_json
+    from moequant.models.loader import resolve_model_spec
+
+    work = resume.work_dir_for(job.out)
+    if not work.exists():
+        return None
+    resume.check_work_dir(job.out, True)
+    found = resume.saved_checkpoint_report(work, job.out, resume.fingerprint(job, resolve_model_spec(job.model)))
+    if found is None:
+        return None
+    if (job.out / "report.json").is_file():
+        result = json.loads((job.out / "report.json").read_text())
+    else:
+        log.info("--resume: %s was written before the run stopped; writing its report.json", job.out)
+        result = quantize_result(job, found["source"], found["report"], api.load(job.out),
+                                 {"completed_by_resume": True}, argv)
+        atomic_write_json(job.out / "report.json", result)
+    resume.remove_work_dir(work)
     return result
 
 

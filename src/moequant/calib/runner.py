@@ -10,12 +10,14 @@
    (so each layer is calibrated on what the already-quantized layers before it really produce).
 
 The hidden states of all batches are held in memory (``samples x seqlen x hidden`` in the model's
-dtype) or, with ``spill_dir``, in files read back one batch at a time.
+dtype) or, with ``spill_dir``, in files read back one batch at a time. ``save_inputs`` /
+``load_inputs`` copy them bit for bit to and from a directory (``quantize --resume``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moequant.errors import MoequantError
 from moequant.models.adapters import ModelAdapter, decoder_layers
 
 log = logging.getLogger(__name__)
@@ -143,3 +146,34 @@ class LayerwiseRunner:
                     outs.append(self._store(y.detach(), j))
         if keep_outputs:
             self.inputs = outs
+
+    def save_inputs(self, directory: Path) -> list[dict[str, Any]]:
+        """Write the hidden states entering the current layer as raw files ``act_<j>.bin`` in
+        ``directory`` (one batch in memory at a time, fsynced); returns what ``load_inputs`` needs."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        spec = []
+        for j in range(len(self.inputs)):
+            t = self._fetch(j).contiguous().cpu()  # [B, L, H]
+            name = f"act_{j}.bin"
+            with open(directory / name, "wb") as f:
+                t.view(-1).view(torch.uint8).numpy().tofile(f)
+                f.flush()
+                os.fsync(f.fileno())
+            spec.append({"file": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")})
+        return spec
+
+    def load_inputs(self, directory: Path, spec: list[dict[str, Any]]) -> None:
+        """Make the hidden states written by ``save_inputs`` the inputs of the next ``run``."""
+        if len(spec) != len(self.batches):
+            raise MoequantError(f"{directory}: {len(spec)} saved activation batches, the calibration has "
+                             f"{len(self.batches)}")
+        self._generation += 1  # never write over files still being read
+        inputs = []
+        for j, s in enumerate(spec):
+            dtype, shape = getattr(torch, s["dtype"]), tuple(s["shape"])
+            raw = torch.from_numpy(np.fromfile(Path(directory) / s["file"], dtype=np.uint8))
+            if raw.numel() != int(np.prod(shape)) * dtype.itemsize:
+                raise MoequantError(f"{Path(directory) / s['file']}: {raw.numel()} bytes, expected {shape} {dtype}")
+            inputs.append(self._store(raw.view(dtype).view(shape), j))
+        self.inputs = inputs

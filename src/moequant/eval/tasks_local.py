@@ -67,6 +67,8 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise MoequantError(f"task file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise MoequantError(f"task file {path}: not UTF-8 (byte offset {e.start}: {e.reason})") from None
     for i, line in enumerate(ln for ln in lines if ln.strip()):
         try:
             r = json.loads(line)
