@@ -26,6 +26,7 @@ import re
 import secrets
 import shutil
 import socket
+import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator
 
@@ -321,11 +322,14 @@ def check_output(out: str | Path, overwrite: bool, what: str = "--out", sources:
                  is_ours: Callable[[Path], bool] = is_replaceable_output, kind: str = _DEFAULT_KIND,
                  sources_what: str = "model") -> None:
     """Every check of an output directory, made before any work: not inside/containing an input,
-    writable, and absent unless ``overwrite`` may replace it."""
+    writable, and absent unless ``overwrite`` may replace it. Then the stale leftovers of dead runs
+    beside it and in the temp directory are removed (``clean_stale``)."""
     sources = list(sources)
     check_not_inside(out, sources, what, sources_what)
     check_writable(out, what, is_dir=True)
     p = Path(out).expanduser()
+    clean_stale(p.absolute().parent)
+    clean_stale(Path(tempfile.gettempdir()))
     if p.exists() or p.is_symlink():
         if not overwrite:
             raise MoequantError(f"{what} {out}: already exists (choose another {what} or pass --overwrite)")
