@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import torch
 
+from moequant.errors import UnrepresentableError
+
 # Stored scale dtypes by config name.
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -82,12 +84,12 @@ def shrink_factors(clip_search: bool, clip_steps: int, clip_min: float) -> list[
 def _round_scale(s: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
     """Round to the stored dtype and back to fp32; zero (or underflowed) scales become the smallest positive.
     A scale the dtype cannot hold (finite weights whose range overflows it, e.g. 1e30 in float16) is a
-    ``ValueError``: stored it would be inf and decode to NaN."""
+    ``ValueError`` (``UnrepresentableError``): stored it would be inf and decode to NaN."""
     r = s.to(scale_dtype).to(torch.float32)
     if not bool(torch.isfinite(r).all()):
         big = float(s[~torch.isfinite(r)].abs().max())
         dtype_name = str(scale_dtype).replace("torch.", "")
-        raise ValueError(f"a group scale of {big:.3g} overflows the {dtype_name} scale dtype "
+        raise UnrepresentableError(f"a group scale of {big:.3g} overflows the {dtype_name} scale dtype "
                          f"(max {torch.finfo(scale_dtype).max:.3g}): the weights are out of range for it; "
                          f"use --scale-dtype float32 (or bfloat16)")
     return torch.where(r > 0, r, torch.full_like(r, smallest_positive(scale_dtype)))

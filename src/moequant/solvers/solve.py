@@ -13,7 +13,7 @@ import torch
 from moequant.calib.hessian import damp
 from moequant.codecs.columns import column_quantizer
 from moequant.codecs.config import MethodConfig
-from moequant.errors import MoequantError
+from moequant.errors import MoequantError, UnrepresentableError
 from moequant.formats.base import QuantizedTensor
 from moequant.formats.registry import encode, tensor_class_for
 from moequant.solvers.config import SolverConfig
@@ -50,6 +50,14 @@ def solve_tensor(w: torch.Tensor, config: MethodConfig, solver: SolverConfig, he
     (``W̃ = H_N S_V W S_U H_Kᵀ``), the rotated weight is quantized and the result is wrapped so that
     decoding and the runtime undo the rotation.
     """
+    try:
+        return _solve(w, config, solver, hessian, where, h_eval)
+    except UnrepresentableError as e:  # e.g. 1e30 weights: a group scale overflows float16
+        raise UnrepresentableError(f"{where} {tuple(w.shape)}: {e}") from None
+
+
+def _solve(w: torch.Tensor, config: MethodConfig, solver: SolverConfig, hessian: torch.Tensor | None,
+           where: str, h_eval: torch.Tensor | None) -> tuple[QuantizedTensor, SolveInfo]:
     t0 = time.time()
     check_finite(w, where)
     w = w.detach().to(torch.float32)
