@@ -161,9 +161,12 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", verify: bool =
     from moequant.models.loader import refuse_remote_code
 
     refuse_remote_code(path)
+    from huggingface_hub.errors import StrictDataclassError  # transformers' config field validation
+
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, StrictDataclassError) as e:
+        # transformers validates config fields as it builds the config: any of these is a bad config.json
         raise MoequantError(f"{path / 'config.json'}: transformers cannot read it "
                             f"({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
     if hasattr(config, "quantization_config"):

@@ -52,13 +52,13 @@ def skeleton(path: Path) -> nn.Module:
 
 def quantize_offloaded(path: Path, out: Path, recipe: Recipe, calib: Calibration | None, solver: SolverConfig,
                        tokenizer: Any = None, overwrite: bool = False, progress: bool = True,
-                       run: RunProgress | None = None) -> QuantReport:
+                       run: RunProgress | None = None, verify: bool = True) -> QuantReport:
     """``run``: store each finished layer there, and write the layers it already holds from there
     instead of quantizing them again (``quantize --resume``)."""
     from moequant.api import write_checkpoint_config
 
     path = Path(path)
-    reader = ShardReader(path)
+    reader = ShardReader(path, verify=verify)  # verify: tensors with a recorded digest are checked as read
     model = skeleton(path)
     adapter = adapter_for(model)
     layers = decoder_layers(model, adapter)
