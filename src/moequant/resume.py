@@ -242,13 +242,17 @@ class RunProgress:
         from safetensors.torch import save_file
 
         tmp = make_temp_dir(self.work, f"layer-{layer:05d}")
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS_FILE))
-        _fsync(tmp / TENSORS_FILE)
-        act = runner.save_inputs(tmp / ACT_DIR) if runner is not None and layer < n_layers - 1 else None
-        info = {"layer": layer, "layers": n_layers, "keys": list(tensors), "metas": metas, "records": records,
-                "act": act}
-        atomic_write_json(tmp / LAYER_FILE, info, sort_keys=False)
-        os.rename(tmp, self._layer_dir(layer))
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS_FILE))
+            _fsync(tmp / TENSORS_FILE)
+            act = runner.save_inputs(tmp / ACT_DIR) if runner is not None and layer < n_layers - 1 else None
+            info = {"layer": layer, "layers": n_layers, "keys": list(tensors), "metas": metas, "records": records,
+                    "act": act}
+            atomic_write_json(tmp / LAYER_FILE, info, sort_keys=False)
+            os.rename(tmp, self._layer_dir(layer))
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM) or failed: no half-written layer stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         fsync_dir(self.work)
         self.done.add(layer)
         self.committed += 1
@@ -263,8 +267,8 @@ class RunProgress:
     def release(self) -> None:
         """After a failure: keep the progress if a layer was stored, else remove the directory."""
         if self.done:
-            log.warning("progress kept in %s (%d layers finished): rerun with --resume to continue", self.work,
-                        len(self.done))
+            log.warning("progress kept in %s (layers 0-%d finished): rerun with --resume to continue", self.work,
+                        max(self.done))
         else:
             self.remove()
 

@@ -188,12 +188,15 @@ sys.exit(main(sys.argv[4:]))
 """
 
 
-@pytest.mark.parametrize("offload,where", [pytest.param(False, "after-commit", id="memory-after-commit"),
-                                           pytest.param(True, "mid-commit", id="offload-mid-commit")])
-def test_sigkill_subprocess_then_resume(offload, where, toy, references, tmp_path, monkeypatch):
-    """A real process, SIGKILLed while it sleeps right after committing layer 1 (or between writing layer
-    1's files and renaming them into place): no handler runs, temp directories stay; --resume cleans
-    them and ends byte-identical."""
+@pytest.mark.parametrize("offload,where,sig", [
+    pytest.param(False, "after-commit", signal.SIGKILL, id="memory-after-commit-SIGKILL"),
+    pytest.param(True, "mid-commit", signal.SIGKILL, id="offload-mid-commit-SIGKILL"),
+    pytest.param(True, "mid-commit", signal.SIGTERM, id="offload-mid-commit-SIGTERM")])
+def test_killed_subprocess_then_resume(offload, where, sig, toy, references, tmp_path, monkeypatch):
+    """A real process, killed while it sleeps right after committing layer 1 (or between writing layer 1's
+    files and renaming them into place). SIGKILL: no handler runs, temp directories stay and --resume
+    cleans them. SIGTERM: exit 143, nothing but the finished layers left, and a line saying so. Both end
+    byte-identical after --resume."""
     model, text = toy
     flags = ldlq(text) + (["--offload"] if offload else [])
     ref = references(flags)
@@ -208,14 +211,20 @@ def test_sigkill_subprocess_then_resume(offload, where, toy, references, tmp_pat
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert time.time() < deadline
         time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(60) == -signal.SIGKILL
+    proc.send_signal(sig)
+    assert proc.wait(60) == (-signal.SIGKILL if sig == signal.SIGKILL else 143)
+    stderr = proc.stderr.read().decode()
     proc.stderr.close()
     work = work_dir_for(out)
     layers = sorted(p.name for p in work.iterdir() if p.name.startswith("layer-"))
     assert layers == (["layer-00000", "layer-00001"] if where == "after-commit" else ["layer-00000"])
     leftovers = {p.name for p in tmp_path.iterdir()} | {p.name for p in work.iterdir()}
-    assert any("moequant-tmp" in n for n in leftovers) == (offload or where == "mid-commit")
+    if sig == signal.SIGKILL:
+        assert any("moequant-tmp" in n for n in leftovers) == (offload or where == "mid-commit")
+        assert any("moequant-act" in n for n in leftovers) == offload
+    else:
+        assert leftovers == {"driver.py", "stopped", work.name, "job.json", "layer-00000"}
+        assert f"progress kept in {work} (layers 0-0 finished): rerun with --resume to continue" in stderr
     with monkeypatch.context() as m:
         seen = commits_spy(m)
         rc, err = quantize(model, out, *flags, "--resume")
