@@ -115,6 +115,16 @@ def make_temp_dir(parent: Path, stem: str = "", kind: str = "tmp") -> Path:
             continue
 
 
+@contextlib.contextmanager
+def temp_dir(parent: Path | None = None, kind: str = "tmp") -> Iterator[Path]:
+    """``make_temp_dir`` in ``parent`` (default: the system temp directory), removed on exit."""
+    path = make_temp_dir(Path(parent) if parent is not None else Path(tempfile.gettempdir()), kind=kind)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def fsync_dir(directory: Path) -> None:
     """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
     try:

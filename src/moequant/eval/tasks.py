@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Iterator
 from moequant.errors import MoequantError
 from moequant.eval.tasks_local import PROMPT, is_local_task, prepare_local_tasks, task_label
 from moequant.eval.tasks_metrics import summarize_task
+from moequant.fsutil import temp_dir
 from moequant.runinfo import run_info
 
 log = logging.getLogger(__name__)
@@ -129,8 +129,8 @@ def evaluate_loaded(model: Any, tokenizer: Any, job: TasksJob, *, model_info: di
     local = [t for t in job.tasks if is_local_task(t)]
     hub = [t for t in job.tasks if not is_local_task(t)]
     t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix="moequant-tasks-") as tmp, hub_offline(not hub):
-        lt = prepare_local_tasks(local, Path(tmp))
+    with temp_dir() as tmp, hub_offline(not hub):  # moequant-tmp-<pid>-...: cleaned by a later run if killed
+        lt = prepare_local_tasks(local, tmp)
         requested = [lt.lm_eval_names[task_label(t)] if t in local else t for t in job.tasks]
         labels = dict(zip(requested, [task_label(t) for t in job.tasks]))
         tasks = load_tasks(requested, lt.include_dir if local else None, include_defaults=bool(hub))
