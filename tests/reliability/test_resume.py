@@ -345,3 +345,22 @@ def test_runner_inputs_round_trip_bit_exact(spill, tmp_path):
     a.run(1, keep_outputs=True)
     b.run(1, keep_outputs=True)
     assert all(torch.equal(a.hidden(j), b.hidden(j)) for j in range(3))
+
+
+def test_killed_before_the_work_dir_is_removed(toy, references, tmp_path, monkeypatch):
+    """Stopped after report.json, before the work directory's removal: --resume only removes it."""
+    model, _ = toy
+    out = tmp_path / "q"
+    with monkeypatch.context() as m:
+        def stop(self):
+            raise Killed
+        m.setattr(RunProgress, "remove", stop)
+        with pytest.raises(Killed):
+            quantize(model, out, *RTN)
+    assert (out / "report.json").is_file() and work_dir_for(out).is_dir()
+    report = (out / "report.json").read_bytes()
+    rc, err = quantize(model, out, *RTN, "--resume")
+    assert rc == 0, err
+    assert (out / "report.json").read_bytes() == report
+    assert_identical_outputs(out, references(RTN))
+    assert_no_leftovers(tmp_path, {"q"})
