@@ -67,9 +67,9 @@ def read_model_config(path: str | Path) -> dict:
     cfg = _read_json_object(f)
     if cfg is None:
         raise MoequantError(f"{f}: no such file (not a Hugging Face model directory)")
+    refuse_remote_code(path, cfg)
     if not isinstance(cfg.get("model_type"), str) or not cfg["model_type"]:
         raise MoequantError(f"{f}: no 'model_type' (cannot tell the architecture)")
-    refuse_remote_code(path, cfg)
     from transformers import CONFIG_MAPPING, __version__
 
     if cfg["model_type"] not in CONFIG_MAPPING:
