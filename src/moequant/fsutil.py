@@ -13,6 +13,7 @@ work, and the cleaning of what a killed run left behind.
   command; ``--overwrite`` may replace only an empty directory or one moequant wrote (``is_moequant_output``),
   never ``/``, the home directory, the cwd or an ancestor of it, the zoo cache (except our own runs in
   it), or the input model's directory or an ancestor of it.
+- **Locks** (``file_lock``): an exclusive ``flock`` while one process builds what others will read.
 """
 
 from __future__ import annotations
