@@ -104,6 +104,12 @@ def test_streaming_writer_is_deterministic_and_records_digests(tmp_path):
     r = ShardReader(tmp_path / "o0")
     assert sorted(r.digests) == ["l.a", "l.b", "model.emb", "model.norm"]
     assert torch.equal(r.read("model.emb"), torch.arange(12, dtype=torch.float16).reshape(3, 4))
+    # copied tensors are laid out like written ones: element size descending, so each is aligned
+    for key in r.keys():
+        _, info, start = r.raw_location(key)
+        assert start % {"F32": 4, "F16": 2, "U8": 1}[info["dtype"]] == 0, key
+    _, info, _ = r.raw_location("model.norm")
+    assert info["data_offsets"][0] == 0
 
 
 # --- helpers that damage a copy of the checkpoint --------------------------------------------------

@@ -19,7 +19,7 @@ from torch import nn
 
 from moequant.errors import MoequantError
 from moequant.formats.checkpoint import SHARD_METADATA, ShardReader, write_index
-from moequant.formats.safetensors_io import copy_range, encode_header, write_safetensors
+from moequant.formats.safetensors_io import ST_ITEMSIZE, copy_range, encode_header, write_safetensors
 from moequant.models.adapters import ModelAdapter
 
 
@@ -123,8 +123,10 @@ class StreamingWriter:
             return
         entries, offset = {}, 0
         sources = []
-        for src, dst in sorted(keys.items(), key=lambda kv: kv[1]):
-            path, info, start = reader.raw_location(src)
+        located = {src: reader.raw_location(src) for src in keys}
+        # file order as write_safetensors: element size descending, then name (each tensor aligned)
+        for src, dst in sorted(keys.items(), key=lambda kv: (-ST_ITEMSIZE.get(located[kv[0]][1]["dtype"], 1), kv[1])):
+            path, info, start = located[src]
             nbytes = info["data_offsets"][1] - info["data_offsets"][0]
             entries[dst] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + nbytes]}
             sources.append((src, dst, path, start, nbytes))
