@@ -5,7 +5,10 @@ from moequant.models.loader import load_model, resolve_model_spec
 
 
 def test_hub_id_offline_fails_with_a_clear_message(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: no network retries
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(MoequantError, match="could not load 'someorg/some-model' from the Hugging Face hub"):
         load_model("someorg/some-model")
