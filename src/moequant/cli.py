@@ -233,7 +233,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
 
     job = PplJob(args.model, data=args.data, split=args.split, seqlen=args.seqlen, stride=args.stride,
                  add_bos=not args.no_bos, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                 progress=not args.quiet)
+                 progress=not args.quiet, verify=not args.no_verify)
     r = run_ppl(job, sys.argv[1:])
     lo, hi = r["ci95"]
     _print_json_or_table(r, args.json, [f"{args.model} {args.data}/{args.split}: PPL {r['ppl']:.3f} "
@@ -246,7 +246,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     _check_json_arg(args)
     from moequant.runs import run_inspect
 
-    r = run_inspect(Path(args.path))
+    r = run_inspect(Path(args.path), verify=not args.no_verify)
     lines = [f"{'tensor':60s} {'format':22s} {'shape':>18s} {'bits/w':>7s}"]
     for t in r["quantized_tensors"]:
         lines.append(f"{t['name']:60s} {t['format']:22s} {str(tuple(t['shape'])):>18s} {t['bits_per_weight']:7.3f}")
@@ -358,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--batch-size", type=int, default=4)
     pp.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the split")
     pp.add_argument("--json", help="write the full result (per-window NLL included) to this file")
+    pp.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of a moequant checkpoint's tensors (faster load; see README)")
     pp.set_defaults(func=cmd_eval_ppl)
     from moequant.eval.tasks_cli import add_tasks_parser
 
@@ -366,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="per-tensor formats, bits/weight and sizes of a checkpoint")
     i.add_argument("path")
     i.add_argument("--json", help="write the result to this file")
+    i.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of a moequant checkpoint's tensors (faster load; see README)")
     i.set_defaults(func=cmd_inspect)
 
     z = sub.add_parser("zoo", help="built-in models and corpora")

@@ -208,6 +208,7 @@ class PplJob:
     batch_size: int = 4
     max_tokens: int | None = None
     progress: bool = True
+    verify: bool = True  # SHA-256 of a moequant checkpoint's tensors checked as they are read
 
 
 def run_ppl(job: PplJob, argv: list[str] | None = None, model=None, tokenizer=None) -> dict[str, Any]:
@@ -221,7 +222,7 @@ def run_ppl(job: PplJob, argv: list[str] | None = None, model=None, tokenizer=No
     except ValueError as e:
         raise MoequantError(f"eval ppl: {e}") from None
     if model is None:
-        model, tokenizer, _ = load_model(job.model)
+        model, tokenizer, _ = load_model(job.model, verify=job.verify)
     if tokenizer is None:
         raise MoequantError(f"model {job.model!r} has no tokenizer: perplexity needs one")
     text = load_text(job.data, job.split)
@@ -240,12 +241,12 @@ def run_ppl(job: PplJob, argv: list[str] | None = None, model=None, tokenizer=No
     return out
 
 
-def run_inspect(path: Path, argv: list[str] | None = None) -> dict[str, Any]:
+def run_inspect(path: Path, argv: list[str] | None = None, verify: bool = True) -> dict[str, Any]:
     from moequant import api
     from moequant.formats.checkpoint import checkpoint_bytes, read_quantization_config
 
-    qcfg = read_quantization_config(path)
-    model = api.load(path)
+    qcfg = read_quantization_config(path, verify=verify)
+    model = api.load(path, verify=verify)
     tensors = []
     for name, qt in api.packed_modules(model).items():
         fmt = qt.format_id + (f"({qt.inner.format_id})" if hasattr(qt, "inner") else "")  # rht(uniform-packed)

@@ -34,6 +34,7 @@ class TasksJob:
     max_length: int | None = None  # None: the model's own limit
     seed: int = 0  # lm-eval's seeds and the bootstrap's
     n_boot: int = 2000
+    verify: bool = True  # SHA-256 of a moequant checkpoint's tensors checked as they are read
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -179,7 +180,7 @@ def run_tasks_job(job: TasksJob, argv: list[str] | None = None) -> dict[str, Any
 
     # a hub model id still loads from the hub; everything else loads (and imports) with the hub off
     with hub_offline(not hub and resolve_model_spec(job.model).kind != "hub"):
-        model, tokenizer, resolved = load_model(job.model)
+        model, tokenizer, resolved = load_model(job.model, verify=job.verify)
     if tokenizer is None:
         raise MoequantError(f"model {job.model!r} has no tokenizer: eval tasks needs one")
     return evaluate_loaded(model, tokenizer, job, model_info={"source": resolved.kind}, argv=argv)

@@ -20,6 +20,7 @@ def add_tasks_parser(esub) -> None:
     t.add_argument("--max-length", type=int, default=None, help="longest input in tokens (default: the model's)")
     t.add_argument("--seed", type=int, default=0, help="lm-eval seeds and bootstrap seed (default 0)")
     t.add_argument("--json", help="write the full result (per-example log-likelihoods included) to this file")
+    t.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of a moequant checkpoint's tensors (faster load; see README)")
     t.set_defaults(func=cmd_eval_tasks)
 
 
@@ -30,7 +31,7 @@ def cmd_eval_tasks(args: argparse.Namespace) -> int:
     if args.json:
         check_json_output(args.json)  # before any work
     job = TasksJob(args.model, parse_task_list(args.tasks), limit=args.limit, batch_size=args.batch_size,
-                   max_length=args.max_length, seed=args.seed)
+                   max_length=args.max_length, seed=args.seed, verify=not args.no_verify)
     r = run_tasks_job(job, sys.argv[1:])
     if args.json:
         atomic_write_json(Path(args.json), r)

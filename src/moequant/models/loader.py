@@ -105,17 +105,18 @@ def _read_json_object(f: Path) -> dict | None:
     return d
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object | None, ResolvedModel]:
+def load_model(spec: str, dtype: torch.dtype = torch.float32, verify: bool = True
+               ) -> tuple[nn.Module, object | None, ResolvedModel]:
     """(model in eval mode, tokenizer or None, where it came from). A model whose weights do not match
     its architecture (a missing or an extra tensor) is refused: transformers would fill a missing one
-    with random values."""
+    with random values. ``verify=False`` skips the SHA-256 checks of a moequant checkpoint's tensors."""
     from transformers import AutoModelForCausalLM
 
     r = resolve_model_spec(spec)
     if r.kind == "moequant":
         from moequant.api import load
 
-        model = load(r.path)
+        model = load(r.path, verify=verify)
         return model, load_tokenizer(r), r
     # a tensor of the wrong shape is reported in the loading info (and refused below) rather than raised
     kwargs: dict = {"dtype": dtype, "trust_remote_code": False, "output_loading_info": True,
