@@ -10,13 +10,13 @@ Group size 64 by default: SmolLM2's widths (576, 1536) are not multiples of 128.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
 from moequant.codecs.config import UniformConfig
-from moequant.sweep import SweepEntry, SweepJob, run_sweep
+from moequant.sweep import SweepEntry, SweepJob
+from sweep_json import run_to_json
 
 
 def entries(group_size: int) -> tuple[SweepEntry, ...]:
@@ -38,13 +38,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO)
     job = SweepJob(model=args.model, entries=entries(args.group_size), out=Path(args.work) / f"rtn-{args.model}",
                    max_tokens=args.max_tokens or None, overwrite=True, progress=False)
-    argv = ["benchmarks/foundation_rtn.py", *sys.argv[1:]]
-    result = run_sweep(job, argv)
-    result["command"] = "python " + " ".join(argv)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    print(result["table"])
-    return 0
+    return run_to_json(job, "benchmarks/foundation_rtn.py", args.json)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ same PTB test windows, paired CIs sym / asym.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -16,7 +15,8 @@ from pathlib import Path
 from moequant.calib.data import CalibData
 from moequant.codecs.config import UniformConfig
 from moequant.solvers.config import SolverConfig
-from moequant.sweep import SweepEntry, SweepJob, run_sweep
+from moequant.sweep import SweepEntry, SweepJob
+from sweep_json import run_to_json
 
 
 def entries(group_size: int, calib_samples: int) -> tuple[SweepEntry, ...]:
@@ -44,13 +44,7 @@ def main() -> int:
     job = SweepJob(model=args.model, entries=entries(args.group_size, args.calib_samples),
                    out=Path(args.work) / f"grids-{args.model}", max_tokens=args.max_tokens or None, overwrite=True,
                    progress=False, pairs=(("int4 sym rtn", "int4 asym rtn"), ("int3 sym ldlq+rht", "int3 asym ldlq+rht")))
-    argv = ["benchmarks/grids.py", *sys.argv[1:]]
-    result = run_sweep(job, argv)
-    result["command"] = "python " + " ".join(argv)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    print(result["table"])
-    return 0
+    return run_to_json(job, "benchmarks/grids.py", args.json)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ scored on the same PTB test windows; the pair table gives paired bootstrap CIs o
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -27,7 +26,8 @@ from moequant.calib.data import CalibData
 from moequant.codecs.config import TrellisConfig, UniformConfig
 from moequant.layerwise import HessianConfig
 from moequant.solvers.config import SolverConfig
-from moequant.sweep import SweepEntry, SweepJob, run_sweep
+from moequant.sweep import SweepEntry, SweepJob
+from sweep_json import run_to_json
 
 RTN = SolverConfig()
 LDLQ = SolverConfig(solver="ldlq")
@@ -124,13 +124,7 @@ def main() -> int:
         entries, pairs = plan(args.group_size, calib)
     job = SweepJob(model=args.model, entries=entries, out=Path(args.work) / f"{args.plan}-{args.model}",
                    max_tokens=args.max_tokens or None, overwrite=True, progress=False, pairs=pairs)
-    argv = ["benchmarks/hessian_ldlq.py", *sys.argv[1:]]
-    result = run_sweep(job, argv)
-    result["command"] = "python " + " ".join(argv)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    print(result["table"])
-    return 0
+    return run_to_json(job, "benchmarks/hessian_ldlq.py", args.json)
 
 
 if __name__ == "__main__":

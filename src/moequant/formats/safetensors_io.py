@@ -96,8 +96,9 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     return digests
 
 
-def copy_range(src: Path, start: int, nbytes: int, dst: BinaryIO, chunk: int = 16 << 20) -> str:
-    """Copy ``nbytes`` at ``start`` of ``src`` to ``dst`` in chunks; -> their hex digest."""
+def copy_range(src: Path, start: int, nbytes: int, dst: BinaryIO | None, chunk: int = 16 << 20) -> str:
+    """Copy ``nbytes`` at ``start`` of ``src`` to ``dst`` (None: only hash them) in chunks, never held
+    whole; -> their hex digest."""
     h = new_digest()
     with open(src, "rb") as f:
         f.seek(start)
@@ -107,24 +108,15 @@ def copy_range(src: Path, start: int, nbytes: int, dst: BinaryIO, chunk: int = 1
             if not data:
                 raise MoequantError(f"{src}: truncated safetensors file")
             h.update(data)
-            dst.write(data)
+            if dst is not None:
+                dst.write(data)
             left -= len(data)
     return h.hexdigest()
 
 
 def range_digest(src: Path, start: int, nbytes: int, chunk: int = 16 << 20) -> str:
     """Hex digest of ``nbytes`` at ``start`` of ``src``, read in chunks (never held whole)."""
-    h = new_digest()
-    with open(src, "rb") as f:
-        f.seek(start)
-        left = nbytes
-        while left:
-            data = f.read(min(chunk, left))
-            if not data:
-                raise MoequantError(f"{src}: truncated safetensors file")
-            h.update(data)
-            left -= len(data)
-    return h.hexdigest()
+    return copy_range(src, start, nbytes, None, chunk)
 
 
 # ------------------------------------------------------------------------------------------------
