@@ -44,6 +44,18 @@ def tiny_model(arch: str, seed: int = 0):
     return model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def transformers_logs_propagate():
+    """transformers binds its own log handler to the ``sys.stderr`` of the moment it is first used; under
+    pytest that is one test's captured stream, closed when the test ends, and a later test's CLI run would
+    print a logging error into its stderr. Let its records propagate to the root logger instead."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    yield
+
+
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
     return request.param

@@ -70,7 +70,8 @@ def test_quantize_inspect_end_to_end(capsys, tmp_path, tiny_dir):
 
 def test_group_size_need_not_divide(capsys, tmp_path, tiny_dir):
     # the tiny model's widths are 32 and 64: group 48 leaves partial last groups, each with its own scale
-    rc, _, err = _run(capsys, "-q", "quantize", str(tiny_dir), "--group-size", "48", "--out", str(tmp_path / "o"))
+    rc, _, err = _run(capsys, "-q", "quantize", str(tiny_dir), "--group-size", "48", "--solver", "rtn", "--out",
+                      str(tmp_path / "o"))
     assert rc == 0, err
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert rep["config"]["rules"][-1]["config"]["group_size"] == 48
@@ -112,11 +113,11 @@ def test_defaults_pick_the_best_known_recipe(capsys, caplog, tmp_path, tok_model
     cfg = rep["config"]["rules"][-1]["config"]
     assert (cfg["bits"], cfg["group_size"], cfg["symmetric"], cfg["clip_search"]) == (3, 128, False, True)
     assert any("recipe: int3a-g128-clip, LDLQ + RHT" in r.message for r in caplog.records)
-    # --bits 4: round to nearest, no calibration; --bits 2: a warning before any work, naming the better method
+    # --bits 5: round to nearest, no calibration; --bits 2: a warning before any work, naming the better method
     caplog.clear()
-    rc, _, err = _run(capsys, "-q", "quantize", str(d), "--bits", "4", "--out", str(tmp_path / "q4"))
+    rc, _, err = _run(capsys, "-q", "quantize", str(d), "--bits", "5", "--out", str(tmp_path / "q5"))
     assert rc == 0, err
-    rep = json.loads((tmp_path / "q4" / "report.json").read_text())
+    rep = json.loads((tmp_path / "q5" / "report.json").read_text())
     assert rep["solver"]["solver"] == "rtn" and rep["solver"]["incoherence"] == "none" and rep["calibration"] is None
     caplog.clear()
     rc, _, err = _run(capsys, "-q", "quantize", str(d), "--bits", "2", "--solver", "rtn", "--out", str(tmp_path / "q2"))
@@ -162,7 +163,8 @@ def test_solver_option_errors(capsys, tmp_path, tiny_dir):
     rc, _, err = _run(capsys, "-q", "quantize", str(tiny_dir), "--solver", "ldlq", "--calib-samples", "0",
                       "--out", str(tmp_path / "o"))
     assert rc == 2 and "--calib-samples" in err
-    rc, _, err = _run(capsys, "-q", "quantize", str(tiny_dir), "--act-order", "--out", str(tmp_path / "o"))
+    rc, _, err = _run(capsys, "-q", "quantize", str(tiny_dir), "--act-order", "--solver", "rtn", "--out",
+                      str(tmp_path / "o"))
     assert rc == 2 and "--act-order needs --solver ldlq" in err
     assert not (tmp_path / "o").exists()
 
@@ -188,7 +190,8 @@ def test_trellis_ldlq_rht_end_to_end(capsys, tmp_path, tok_model_dir):
 
 def test_no_verify_skips_the_digest_check(capsys, tmp_path, tiny_dir):
     out = tmp_path / "q"
-    rc, _, err = _run(capsys, "-q", "quantize", str(tiny_dir), "--group-size", "32", "--out", str(out))
+    rc, _, err = _run(capsys, "-q", "quantize", str(tiny_dir), "--group-size", "32", "--solver", "rtn", "--out",
+                      str(out))
     assert rc == 0, err
     import struct
 

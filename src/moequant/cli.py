@@ -125,7 +125,7 @@ def _add_solver_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("solver and calibration")
     g.add_argument("--solver", default="auto", choices=["auto", "rtn", "ldlq"],
                    help="rtn: round to nearest; ldlq: GPTQ/BlockLDLQ error feedback with calibration Hessians; "
-                   "auto (default): rtn at 4+ bits and for nf4/fp4, ldlq below 4 bits and for the trellis")
+                   "auto (default): ldlq for int at 4 bits and fewer and for the trellis, rtn at 5+ bits and for nf4/fp4")
     g.add_argument("--incoherence", default="auto", choices=["auto", "none", "rht"],
                    help="rht: random Hadamard transform with random signs on both sides before quantizing; "
                    "auto (default): rht with ldlq, none with rtn")
@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-tokens", type=int, default=16384, help="PTB test tokens to score (default 16384; 0 = the whole split)")
     d.add_argument("--overwrite", action="store_true")
     d.add_argument("--solver", default="auto", choices=["auto", "rtn", "ldlq"],
-                   help="auto (default, as quantize): rtn at 4 bits, LDLQ with PTB calibration below")
+                   help="auto (default, as quantize): LDLQ with PTB calibration at every width")
     d.add_argument("--incoherence", default="auto", choices=["auto", "none", "rht"],
                    help="auto (default): rht with ldlq")
     d.add_argument("--calib-samples", type=int, default=32,
@@ -407,10 +407,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Logs to whatever ``sys.stderr`` is when a record is emitted (not the stream of the first call), so
+    ``main`` can run many times in one process (tests capture and close stderr between calls)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+                        format="%(levelname)s %(name)s: %(message)s", handlers=[_StderrHandler()])
     # Expected failures are MoequantErrors raised where they are detected: one line, exit 2 (-v: the
     # traceback). Anything else is a bug and keeps its traceback (exit 1).
     try:

@@ -84,6 +84,11 @@ def _quantize(job: QuantizeJob, resolved: Any, progress: Any, argv: list[str] | 
         if job.kept_dtype != "auto":
             model.to(getattr(torch, job.kept_dtype))
     t_load = time.time() - t0
+    if model is not None:  # architecture and recipe checked before the calibration text is tokenized
+        from moequant.layerwise import check_recipe
+        from moequant.models.adapters import adapter_for, iter_targets
+
+        check_recipe(list(iter_targets(model, adapter_for(model))), job.recipe)
     calib = None
     if job.calib is not None:
         from moequant.calib.data import calibration_tokens

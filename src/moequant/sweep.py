@@ -60,7 +60,7 @@ class SweepJob:
 def demo_configs(bits: tuple[int, ...], group_size: int = 128, solver: str = "auto", incoherence: str = "auto",
                  calib_samples: int = 32) -> tuple[SweepEntry, ...]:
     """What ``moequant quantize MODEL --bits B`` does with no other flag, at every width (asymmetric int-k
-    with MSE clip search; RTN at 4+ bits, LDLQ + RHT calibrated on PTB train below), except that the
+    with MSE clip search; LDLQ + RHT calibrated on PTB train at 4 bits and fewer), except that the
     calibration uses ``calib_samples`` windows of 512 tokens (default 32 instead of 128, to fit the demo
     in minutes). Each entry is labelled with the recipe it ran."""
     from moequant.alloc.defaults import AUTO, auto_incoherence, auto_solver, describe

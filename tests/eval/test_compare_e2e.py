@@ -20,7 +20,8 @@ def test_compare_scores_missing_runs_and_plots_expert_proxies(tiny_runs, tmp_pat
 
     model, text = tiny_runs
     q4, q2 = tmp_path / "q4", tmp_path / "q2"
-    assert main(["-q", "quantize", str(model), "--bits", "4", "--group-size", "32", "--out", str(q4)]) == 0
+    assert main(["-q", "quantize", str(model), "--bits", "4", "--group-size", "32", "--solver", "rtn", "--out",
+                 str(q4)]) == 0
     assert main(["-q", "quantize", str(model), "--bits", "2", "--asym", "--group-size", "32", "--solver", "ldlq",
                  "--calib", str(text), "--calib-samples", "8", "--calib-seqlen", "32", "--out", str(q2)]) == 0
     base = tmp_path / "fp"

@@ -21,7 +21,7 @@ from moequant.errors import MoequantError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-Q4 = ["--bits", "4", "--group-size", "32"]
+Q4 = ["--bits", "4", "--group-size", "32", "--solver", "rtn"]
 
 
 @pytest.fixture(scope="module")

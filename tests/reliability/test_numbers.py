@@ -20,7 +20,7 @@ from moequant.solvers.solve import check_finite
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-Q4 = ["--bits", "4", "--group-size", "32"]
+Q4 = ["--bits", "4", "--group-size", "32", "--solver", "rtn"]
 
 
 @pytest.fixture(scope="module")

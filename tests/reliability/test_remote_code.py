@@ -115,7 +115,8 @@ def test_inspect_refuses_a_checkpoint_with_auto_map(model_dir, tmp_path):
     from moequant.cli import main
 
     out = tmp_path / "ckpt"
-    assert main(["-q", "quantize", str(model_dir[0]), "--bits", "4", "--group-size", "32", "--out", str(out)]) == 0
+    assert main(["-q", "quantize", str(model_dir[0]), "--bits", "4", "--group-size", "32", "--solver", "rtn", "--out",
+                 str(out)]) == 0
     cfg = json.loads((out / "config.json").read_text())
     cfg["auto_map"] = {"AutoConfig": "evil.EvilConfig"}
     (out / "config.json").write_text(json.dumps(cfg))

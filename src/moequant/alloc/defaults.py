@@ -1,12 +1,14 @@
 """What ``moequant quantize MODEL --bits B`` does when no other flag is given: the best-known recipe at
 each width, and the warnings given *before* a run whose settings are known to collapse models.
 
-The rules are data measured on the zoo (BENCHMARKS.md, "Defaults"): on SmolLM2-135M (PTB test, PPL ratio
-to the unquantized model) int4 asymmetric RTN loses a few percent, int3 RTN collapses (×3.3) while int3
-LDLQ + RHT keeps ×1.2, int2 even with LDLQ + RHT loses ×2.9 and the 2-bit trellis ×2.2.
+The rules are data measured on the zoo (BENCHMARKS.md, "Defaults"): on SmolLM2-135M (whole PTB test, PPL
+ratio to the unquantized model) int4 asymmetric g128 round-to-nearest loses ×1.51 (symmetric ×1.69),
+int3 RTN collapses (×3.3 on 16k tokens) while LDLQ + RHT keeps int3 near ×1.2; int2 even with LDLQ + RHT
+loses ×2.9 and the 2-bit trellis ×2.2.
 
-- solver ``auto``: round to nearest at 4 bits and more (and for the NF4/FP4 LUTs); LDLQ error feedback
-  with calibration Hessians below 4 bits and for the trellis;
+- solver ``auto``: LDLQ error feedback with calibration Hessians for int at 4 bits and fewer and for
+  the trellis; round to nearest at 5+ bits and for the NF4/FP4 LUTs (no column quantizer benefit
+  measured there yet);
 - incoherence ``auto``: the random Hadamard transform whenever the solver is LDLQ;
 - the int grid is asymmetric (an integer zero point per group) unless ``--sym`` is given.
 """
@@ -22,7 +24,7 @@ def auto_solver(config: MethodConfig) -> str:
     """``rtn`` or ``ldlq`` for ``--solver auto``."""
     if isinstance(config, TrellisConfig):
         return "ldlq"
-    if isinstance(config, UniformConfig) and config.bits <= 3:
+    if isinstance(config, UniformConfig) and config.bits <= 4:
         return "ldlq"
     return "rtn"
 
@@ -42,6 +44,9 @@ def collapse_warning(config: MethodConfig, solver: str) -> str | None:
         if config.bits == 3 and solver == "rtn":
             return ("int3 with round-to-nearest collapses small models (SmolLM2-135M: PPL x3.3); "
                     "drop --solver rtn to get LDLQ + RHT with calibration (x1.2)")
+        if config.bits == 4 and solver == "rtn":
+            return ("int4 with round-to-nearest loses more than it must (SmolLM2-135M: PPL x1.5 at group 128); "
+                    "drop --solver rtn to get LDLQ + RHT with calibration")
     if isinstance(config, TrellisConfig) and solver == "rtn":
         return "the trellis without LDLQ error feedback loses much more than with it; drop --solver rtn"
     return None
