@@ -64,7 +64,8 @@ def build_fixtures(root: Path) -> None:
     model = tf.LlamaForCausalLM(cfg)
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
-    _cli(["quantize", str(root / "model"), "--bits", "4", "--group-size", "32", "--out", str(root / "ckpt")], root)
+    _cli(["quantize", str(root / "model"), "--bits", "4", "--group-size", "32", "--solver", "rtn",
+          "--out", str(root / "ckpt")], root)
     _cli(["eval", "ppl", str(root / "ckpt"), "--data", str(root / "text.txt"), "--seqlen", "32",
           "--json", str(root / "ref_ppl.json")], root)
 
@@ -129,7 +130,8 @@ def _ppl_args(target: str, d: Path) -> list[str]:
 
 
 def _quant_args(model: str, d: Path, *extra: str) -> list[str]:
-    return ["quantize", model, "--bits", "4", "--group-size", "32", "--out", str(d / "out"), *extra]
+    solver = [] if "--solver" in extra else ["--solver", "rtn"]  # RTN: these cases are about the inputs
+    return ["quantize", model, "--bits", "4", "--group-size", "32", *solver, "--out", str(d / "out"), *extra]
 
 
 def _model_with(d: Path, fn: Callable[[dict], None]) -> str:
@@ -272,9 +274,9 @@ def cases() -> list[Case]:
                                                                              str(d / "r.json"), "--out", str(d / "out")])[1])
     # --- option combinations
     for flags in (["--bits", "7"], ["--method", "nf4", "--bits", "2"], ["--method", "nf4", "--asym"],
-                  ["--trellis-l", "10"], ["--sym", "--asym"], ["--group-size", "0"], ["--calib-samples", "0"],
-                  ["--method", "trellis", "--bits", "5"], ["--act-order", "--solver", "rtn"],
-                  ["--offload", "--kept-dtype", "float16"]):
+                  ["--trellis-l", "10"], ["--sym", "--asym"], ["--group-size", "0"],
+                  ["--calib-samples", "0", "--solver", "ldlq"], ["--method", "trellis", "--bits", "5"],
+                  ["--act-order", "--solver", "rtn"], ["--offload", "--kept-dtype", "float16"]):
         add("flags " + " ".join(flags), "options", lambda d, f=flags: _quant_args(str(d / "model"), d, *f))
     # --- outputs: checked before any work, nothing of the user's deleted
     add("--out under a regular file", "outputs", lambda d: ((d / "afile").write_text("x"), [
