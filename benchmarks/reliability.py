@@ -307,13 +307,10 @@ def cases() -> list[Case]:
 
 
 def _edit_digest(index: dict) -> None:
-    meta = index.get("metadata", {})
-    for v in meta.values():
-        if isinstance(v, dict):
-            k = next(iter(v))
-            if isinstance(v[k], str) and len(v[k]) >= 16:
-                v[k] = ("0" if v[k][0] != "0" else "1") + v[k][1:]
-                return
+    """Change one hex digit of the first tensor digest in the index (``metadata.digests.tensors``)."""
+    tensors = index["metadata"]["digests"]["tensors"]
+    k = next(iter(tensors))
+    tensors[k] = ("0" if tensors[k][0] != "0" else "1") + tensors[k][1:]
 
 
 def _snapshot(d: Path) -> set[str]:
@@ -332,8 +329,9 @@ def judge(case: Case, proc: subprocess.CompletedProcess, d: Path, before: set[st
     pwned = (d / "PWNED").exists()
     if case.signal_after is not None:
         verdict = "clean" if proc.returncode in (130, 143, -signal.SIGKILL) and not tb else "traceback"
-        if case.sig == signal.SIGKILL:  # the next run must clean what the killed one left
-            rerun = _cli(_quant_args(str(d / "model"), d, "--overwrite"), d)
+        if case.sig == signal.SIGKILL:  # --resume finishes the run and cleans what the killed one left
+            rerun = _cli(_quant_args(str(d / "model"), d, "--solver", "ldlq", "--calib", str(d / "text.txt"),
+                                     "--calib-samples", "64", "--calib-seqlen", "64", "--resume"), d)
             new2 = sorted(_snapshot(d) - before)
             leftovers = [p for p in new2 if any(m in Path(p).name for m in LEFTOVER_MARKERS)]
             verdict = "clean" if rerun.returncode == 0 else "traceback"
