@@ -387,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="quantize a zoo model at several bit widths, report size and PPL")
     d.add_argument("--model", default="smollm2-135m")
-    d.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    d.add_argument("--bits", type=int, nargs="+", default=[4, 3],
+                   help="widths to run (default 4 3; add 2 for int2, which loses most of the quality: see README)")
     d.add_argument("--group-size", type=int, default=128,
                    help="input columns per scale (default 128, as quantize; SmolLM2's 576 ends in a partial group of 64)")
     d.add_argument("--out", default="runs/demo")
