@@ -170,30 +170,26 @@ def cases() -> list[Case]:
         add(f"data byte of {t} flipped", "integrity", lambda d, t=t: (
             _flip(_shard(d / "ckpt"), _tensor_offset(d / "ckpt", t) + 1), _ppl_args(str(d / "ckpt"), d))[1])
 
-    def swap_offsets(d: Path) -> list[str]:
-        h, _ = _header(_shard(d / "ckpt"))
-        a, b = (k for k in h if k.endswith("layers.0.self_attn.q_proj.weight_codes") or
-                k.endswith("layers.0.self_attn.o_proj.weight_codes"))
+    def header_edit(fn: Callable[[dict], None]) -> Callable[[Path], list[str]]:
+        """Edit the shard's safetensors header in place with ``fn(header)``, then score the checkpoint."""
+        def prep(d: Path) -> list[str]:
+            h, _ = _header(_shard(d / "ckpt"))
+            fn(h)
+            _write_header(_shard(d / "ckpt"), h)
+            return _ppl_args(str(d / "ckpt"), d)
+        return prep
+
+    def key(h: dict, end: str) -> str:
+        return next(k for k in h if k.endswith(end))
+
+    def swap(h: dict) -> None:
+        a, b = key(h, "layers.0.self_attn.q_proj.weight_codes"), key(h, "layers.0.self_attn.o_proj.weight_codes")
         h[a]["data_offsets"], h[b]["data_offsets"] = h[b]["data_offsets"], h[a]["data_offsets"]
-        _write_header(_shard(d / "ckpt"), h)
-        return _ppl_args(str(d / "ckpt"), d)
-    add("two tensors' offsets swapped", "integrity", swap_offsets)
-
-    def header_shape(d: Path) -> list[str]:
-        h, _ = _header(_shard(d / "ckpt"))
-        k = next(k for k in h if k.endswith("layers.0.self_attn.q_proj.weight_scale"))
-        h[k]["shape"] = [h[k]["shape"][1], h[k]["shape"][0]]
-        _write_header(_shard(d / "ckpt"), h)
-        return _ppl_args(str(d / "ckpt"), d)
-    add("scale stored with transposed shape", "integrity", header_shape)
-
-    def header_dtype(d: Path) -> list[str]:
-        h, _ = _header(_shard(d / "ckpt"))
-        k = next(k for k in h if k.endswith("layers.0.self_attn.q_proj.weight_scale"))
-        h[k]["dtype"] = "BF16"
-        _write_header(_shard(d / "ckpt"), h)
-        return _ppl_args(str(d / "ckpt"), d)
-    add("scale stored as bf16", "integrity", header_dtype)
+    scale = "layers.0.self_attn.q_proj.weight_scale"
+    add("two tensors' offsets swapped", "integrity", header_edit(swap))
+    add("scale stored with transposed shape", "integrity",
+        header_edit(lambda h: h[key(h, scale)].update(shape=h[key(h, scale)]["shape"][::-1])))
+    add("scale stored as bf16", "integrity", header_edit(lambda h: h[key(h, scale)].update(dtype="BF16")))
 
     def qcfg(fn: Callable[[dict], None]) -> Callable[[Path], list[str]]:
         def prep(d: Path) -> list[str]:
