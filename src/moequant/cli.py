@@ -302,10 +302,6 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         check_output(out, args.overwrite, "--out", is_ours=replaceable_build(args.alias),
                      kind=f"a previous build of {args.alias} (its training.json) or an empty directory")
         cfg = VARIANTS[args.alias]
-        if args.max_minutes is not None:
-            import dataclasses
-
-            cfg = dataclasses.replace(cfg, max_minutes=args.max_minutes)
         with cache_lock(f"model-{args.alias}"):  # resolve_alias waits for a build into the cache
             print(build_tiny_olmoe(out, args.alias, config=cfg, progress=not args.quiet))
         return 0
@@ -381,7 +377,6 @@ def build_parser() -> argparse.ArgumentParser:
     zb = zsub.add_parser("build", help="train a tiny OLMoE fixture (tiny-olmoe, tiny-olmoe-collapsed)")
     zb.add_argument("alias")
     zb.add_argument("--out", help="directory (default: the cache)")
-    zb.add_argument("--max-minutes", type=float, default=None, help="training time budget")
     zb.add_argument("--overwrite", action="store_true")
     z.set_defaults(func=cmd_zoo)
 
