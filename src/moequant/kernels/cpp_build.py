@@ -1,0 +1,96 @@
+"""Build and load moequant's C++ CPU kernels (``kernels/csrc/*.cpp``) with torch's ``cpp_extension``.
+
+``load_extension(name, sources)`` compiles once per (sources, torch version, flags) into
+``<cache>/ext/<name>-<hash>`` and returns the loaded module, or ``None`` — with one warning per
+extension — where it cannot (no C++ compiler, a failed build, ``MOEQUANT_NO_EXT=1``). Callers then
+take the pure-torch reference path, so a machine without a compiler still runs everything, only slower.
+
+Flags: ``-O3``, plus AVX2/FMA/F16C when torch reports an AVX2 (or better) CPU; never ``-march=native``
+(a binary built for one CPU must not fault on another one sharing the cache). The kernels use
+``at::parallel_for``, so they follow ``torch.set_num_threads``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).parent / "csrc"
+DISABLE_ENV = "MOEQUANT_NO_EXT"
+
+
+def simd_flags() -> list[str]:
+    """Vector ISA flags for this CPU, as torch detects it (``AVX2`` / ``AVX512`` → AVX2+FMA+F16C)."""
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover - very old torch
+        cap = "DEFAULT"
+    return ["-mavx2", "-mfma", "-mf16c"] if cap in ("AVX2", "AVX512") else []
+
+
+def _build_tag(name: str, sources: list[Path], cflags: list[str]) -> str:
+    h = hashlib.sha256()
+    for s in sources:
+        h.update(s.name.encode())
+        h.update(s.read_bytes())
+    h.update(torch.__version__.encode())
+    h.update(" ".join(cflags).encode())
+    return f"{name}-{h.hexdigest()[:16]}"
+
+
+def ext_dir() -> Path:
+    from moequant.zoo.fetch import cache_root
+
+    return cache_root() / "ext"
+
+
+def _disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "").strip() not in ("", "0")
+
+
+def load_extension(name: str, sources: list[str | Path]) -> ModuleType | None:
+    """The compiled extension ``name`` built from ``sources`` (paths, or names under ``kernels/csrc``),
+    or ``None`` with one warning when it cannot be built here. Cached per process."""
+    if _disabled():
+        return None
+    return _load(name, tuple(str(s) for s in sources))
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str, sources: tuple[str, ...]) -> ModuleType | None:
+    paths = [Path(s) if Path(s).is_absolute() else CSRC / s for s in sources]
+    cflags = ["-O3", "-std=c++17", *simd_flags()]
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        log.warning("moequant: no C++ compiler (%s) found; %s kernels use the slower pure-torch path "
+                    "(install g++ and rerun to build them)", compiler, name)
+        return None
+    tag = _build_tag(name, paths, cflags)
+    build = ext_dir() / tag
+    try:
+        from torch.utils import cpp_extension
+
+        from moequant.fsutil import file_lock
+
+        build.mkdir(parents=True, exist_ok=True)
+        with file_lock(ext_dir() / f"{tag}.lock", what=f"the build of the {name} C++ kernels"):
+            return cpp_extension.load(name=name.replace("-", "_") + "_" + tag[-8:], sources=[str(p) for p in paths],
+                                      extra_cflags=cflags, build_directory=str(build), verbose=False)
+    except Exception as e:  # a compiler error, a missing ninja, a read-only cache ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning("moequant: could not build the %s C++ kernels (%s); using the slower pure-torch path "
+                    "(build log under %s)", name, first[:200], build)
+        return None
+
+
+def available(name: str, sources: list[str | Path]) -> bool:
+    return load_extension(name, sources) is not None
