@@ -18,6 +18,7 @@ from moequant.formats.checkpoint import (CHECKPOINT_FORMAT_VERSION, QUANT_METHOD
                                          read_packed, read_quantization_config, seal_quantization_config,
                                          write_shards)
 from moequant.layerwise import Calibration, quantize_model, set_module
+from moequant.nn.experts_impl import use_moequant_experts
 from moequant.nn.packed import packed_names, packed_tensor
 from moequant.nn.quant_experts import QuantExperts
 from moequant.nn.quant_linear import QuantLinear
@@ -225,6 +226,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", verify: bool =
         model.moequant_recipe = Recipe.from_dict(recipe) if recipe else None
     except (ValueError, TypeError, KeyError) as e:
         raise MoequantError(f"{path / 'config.json'}: quantization_config.recipe is invalid ({e})") from None
+    use_moequant_experts(model)  # stock experts modules left dense dispatch to moequant's grouped path too
     model.eval()
     return model
 
