@@ -112,7 +112,9 @@ def _save(path: Path, data: dict[str, Any], argv: list[str]) -> None:
 
     _fill_ratios(data["rows"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, {**data, **run_info(["benchmarks/runtime.py", *argv])})
+    info = run_info(argv)
+    info["command"] = shlex.join(["python", "benchmarks/runtime.py", *argv])
+    atomic_write_json(path, {**data, **info})
 
 
 def _run(cmd: list[str], log_file: Path | None = None, env: dict | None = None) -> float:
@@ -145,12 +147,12 @@ def make_checkpoints(args: argparse.Namespace, data: dict[str, Any], work: Path)
             out = work / f"{model}-{fmt}"
             cmd = [sys.executable, "-m", "moequant.cli", "-q", "quantize", model, *_quantize_flags(fmt, args),
                    "--out", str(out)]
-            key = f"{model}/{fmt}"
+            key, shown = f"{model}/{fmt}", shlex.join(["moequant", *cmd[3:]])
             if not (out / "report.json").is_file():
                 extra = ["--resume"] if work_dir_for(out).exists() else ["--overwrite"] if out.exists() else []
-                data["checkpoints"][key] = {"command": shlex.join(cmd[2:]), "seconds": _run(cmd + extra)}
+                data["checkpoints"][key] = {"command": shown, "seconds": _run(cmd + extra)}
             rep = json.loads((out / "report.json").read_text())
-            data["checkpoints"].setdefault(key, {"command": shlex.join(cmd[2:]), "seconds": None})
+            data["checkpoints"].setdefault(key, {"command": shown, "seconds": None})  # made by an earlier run
             data["checkpoints"][key].update({
                 "path": str(out), "bits_per_weight": rep["bits_per_weight"],
                 "bits_per_weight_model": rep["bits_per_weight_model"], "checkpoint_bytes": rep["checkpoint_bytes"],
