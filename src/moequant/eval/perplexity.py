@@ -26,15 +26,25 @@ Protocol (``make_windows``; the same for every model and every peer):
 5. Token ``t[j]`` at window position ``p`` is scored with the log-probability the logits at position
    ``p - 1`` give it, in fp32 (``log_softmax`` / cross-entropy). PPL = exp(sum NLL / scored tokens);
    the per-window NLL sums and counts are kept for paired bootstrap comparisons.
+
+Memory: the logits of a whole batch (``B × L × V`` floats: 2 GB for 4 windows of 513 positions and a
+262k vocabulary) are never materialised when the model allows it. ``evaluate_perplexity`` runs the model
+with ``logits_to_keep=1`` and takes the final hidden states ``[B, L, D]`` from its decoder (a forward hook
+on ``get_decoder()``), then applies the output head (``get_output_embeddings()``, called as a module so a
+packed head works, plus Gemma's ``final_logit_softcapping``) to the scored positions only, ``chunk_rows``
+at a time, with the same fp32 log-softmax (``chunked_window_nll``). The head is checked against the
+model's own logits of the last position of every batch; a model whose head it cannot reproduce (another
+scaling, no decoder hook, no ``logits_to_keep``) is scored from its full logits as before.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -141,6 +151,103 @@ def window_nll(logits: torch.Tensor, input_ids: torch.Tensor, n_scored: int) -> 
     return float(F.cross_entropy(pred, target, reduction="sum"))
 
 
+CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 256 MiB in fp32
+MAX_CHUNK_ROWS = 1024
+
+
+def default_chunk_rows(vocab: int) -> int:
+    """Positions whose logits are computed at once: ``CHUNK_ELEMENTS / V``, at most ``MAX_CHUNK_ROWS``
+    (the head's weight is read once per chunk, so chunks stay large enough for a GEMM)."""
+    return max(1, min(MAX_CHUNK_ROWS, CHUNK_ELEMENTS // max(1, vocab)))
+
+
+def chunked_window_nll(hidden: torch.Tensor, input_ids: torch.Tensor, n_scored: list[int],
+                       head: Callable[[torch.Tensor], torch.Tensor], chunk_rows: int) -> list[float]:
+    """``window_nll`` of every row of a batch from its final hidden states ``hidden`` [B, L, D]: ``head``
+    ([c, D] -> logits [c, V]) is applied to the scored positions only, ``chunk_rows`` positions at a time
+    (chunks run across windows), each chunk's NLL in fp32 and the per-window sums in float64."""
+    batch, length = input_ids.shape
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    rows, targets, owner = [], [], []
+    for b, n in enumerate(n_scored):
+        if not 1 <= n <= length - 1:
+            raise ValueError(f"n_scored={n} must be in [1, {length - 1}] for a window of {length} tokens")
+        rows.append(torch.arange(b * length + length - 1 - n, b * length + length - 1))  # [n] predicting rows
+        targets.append(input_ids[b, length - n:])  # [n]
+        owner.append(torch.full((n,), b))  # [n]
+    device = hidden.device
+    flat = hidden.reshape(batch * length, hidden.shape[-1])  # [B·L, D]
+    rows_t, targets_t, owner_t = (torch.cat(rows).to(device), torch.cat(targets).to(device),
+                                  torch.cat(owner).to(device))  # [N] each
+    sums = torch.zeros(batch, dtype=torch.float64, device=device)  # [B]
+    for start in range(0, rows_t.numel(), chunk_rows):
+        sl = slice(start, start + chunk_rows)
+        logits = head(flat[rows_t[sl]]).float()  # [c, V]
+        nll = F.cross_entropy(logits, targets_t[sl], reduction="none")  # [c]
+        sums.index_add_(0, owner_t[sl], nll.double())
+        del logits, nll
+    return sums.tolist()
+
+
+class _ChunkedScorer:
+    """Final hidden states from the decoder, logits per chunk from the head (see the module docstring).
+    ``nll`` returns None when this model's logits cannot be reproduced that way."""
+
+    def __init__(self, model: torch.nn.Module, chunk_rows: int | None) -> None:
+        self.model, self.reason, self.told = model, None, False
+        get_decoder = getattr(model, "get_decoder", None)
+        get_head = getattr(model, "get_output_embeddings", None)
+        self.decoder = get_decoder() if callable(get_decoder) else None
+        self.lm_head = get_head() if callable(get_head) else None
+        try:
+            takes_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            takes_keep = False
+        if not isinstance(self.decoder, torch.nn.Module) or self.decoder is model or \
+                not isinstance(self.lm_head, torch.nn.Module) or not takes_keep:
+            self.reason = "no decoder / output head / logits_to_keep"
+        config = getattr(model, "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.softcap = getattr(text, "final_logit_softcapping", None)
+        vocab = getattr(text, "vocab_size", None)
+        self.chunk_rows = chunk_rows or default_chunk_rows(vocab if isinstance(vocab, int) else 1)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``[..., D]`` -> logits ``[..., V]`` as the CausalLM forward computes them."""
+        logits = self.lm_head(h)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def nll(self, input_ids: torch.Tensor, n_scored: list[int], kwargs: dict[str, Any]) -> list[float] | None:
+        if self.reason is not None:
+            return None
+        captured: list[torch.Tensor] = []
+
+        def keep(_module, _args, out) -> None:
+            h = getattr(out, "last_hidden_state", None)
+            captured.append(h if h is not None else out[0])
+
+        hook = self.decoder.register_forward_hook(keep)
+        try:
+            logits = self.model(input_ids, logits_to_keep=1, **kwargs).logits  # [B, 1, V]
+        finally:
+            hook.remove()
+        hidden = captured[-1] if captured else None  # [B, L, D]
+        if not isinstance(hidden, torch.Tensor) or tuple(hidden.shape[:2]) != tuple(input_ids.shape) \
+                or logits.shape[1] != 1:
+            self.reason = "the decoder's output is not the final hidden states"
+            return None
+        mine = self.head(hidden[:, -1:, :]).float()  # [B, 1, V]
+        theirs = logits.float()
+        if mine.shape != theirs.shape or \
+                (mine - theirs).abs().max() > 1e-5 * float(theirs.abs().max()) + 1e-6:
+            self.reason = "its output head is not lm_head (+ final_logit_softcapping)"
+            return None
+        return chunked_window_nll(hidden, input_ids, n_scored, self.head, self.chunk_rows)
+
+
 # ---------------------------------------------------------------- glue
 
 
@@ -168,8 +275,9 @@ def _batches(windows: list[tuple[torch.Tensor, int]], batch_size: int) -> list[l
 
 
 def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor, config: PplConfig,
-                        bos_id: int | None, progress: bool = True) -> PplResult:
-    """Perplexity of ``model`` (``model(input_ids).logits`` -> [B, L, V]) on the stream ``token_ids`` [n]."""
+                        bos_id: int | None, progress: bool = True, *, chunk_rows: int | None = None) -> PplResult:
+    """Perplexity of ``model`` (``model(input_ids).logits`` -> [B, L, V]) on the stream ``token_ids`` [n].
+    ``chunk_rows``: positions whose logits are computed at once (default ``default_chunk_rows(V)``)."""
     from tqdm.auto import tqdm
 
     if config.add_bos and bos_id is None:
@@ -186,12 +294,21 @@ def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor, config:
     device, kwargs = _input_device(model), _forward_kwargs(model)
     nll = [0.0] * len(windows)
     batches = _batches(windows, config.batch_size)
+    scorer = _ChunkedScorer(model, chunk_rows)
     with torch.inference_mode():
         for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
             input_ids = torch.stack([windows[i][0] for i in batch]).to(device)  # [B, L]
-            logits = model(input_ids, **kwargs).logits  # [B, L, V]
+            sums = scorer.nll(input_ids, [windows[i][1] for i in batch], kwargs)
+            if sums is None:
+                if not scorer.told:
+                    (log.info if scorer.reason.startswith("no ") else log.warning)(
+                        "perplexity: scoring from full logits [B, L, V] (%s)", scorer.reason)
+                    scorer.told = True
+                logits = model(input_ids, **kwargs).logits  # [B, L, V]
+                sums = [window_nll(logits[row], input_ids[row], windows[i][1]) for row, i in enumerate(batch)]
+                del logits
             for row, i in enumerate(batch):
-                nll[i] = window_nll(logits[row], input_ids[row], windows[i][1])
+                nll[i] = sums[row]
     counts = [n_scored for _, n_scored in windows]
     total_nll, total_tokens = sum(nll), sum(counts)
     nll_mean = total_nll / total_tokens
