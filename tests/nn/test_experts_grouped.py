@@ -122,6 +122,19 @@ def test_stock_module_with_packed_buffers_runs_grouped():
         close(moequant_experts_forward(stock, x, idx, w), eager(ref, x, idx, w))
 
 
+@pytest.mark.parametrize("hid,inter", [(6, 3), (4, 2), (8, 4)])
+def test_dense_unaligned_widths_fall_back_to_the_loop(hid, inter):
+    """grouped_mm on CPU needs 16-byte row strides: widths that are not multiples of 4 floats use the loop."""
+    g = torch.Generator().manual_seed(0)
+    q = QuantExperts(torch.randn(3, 2 * inter, hid, generator=g), torch.randn(3, hid, inter, generator=g),
+                     torch.nn.functional.silu)
+    idx = torch.tensor([[0, 2], [2, -1], [1, 3], [0, 1], [-1, -1]])
+    x, w = torch.randn(5, hid, generator=g), torch.rand(5, 2, generator=g)
+    with torch.no_grad():
+        close(q(x, idx, w), q.reference_forward(x, idx, w))
+        close(q(x[1:], idx[1:], w[1:]), q.reference_forward(x[1:], idx[1:], w[1:]))  # offset storage
+
+
 def test_zero_tokens_masked_slots_and_empty_batches():
     ex = moe_model("qwen3_moe").model.layers[0].mlp.experts
     q = packed_experts(ex, 4)

@@ -84,11 +84,17 @@ def grouped_mm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     1.4x slower than the loop at prefill sizes, so the loop is kept there. CUDA: bf16 on SM80+."""
     if not hasattr(F, "grouped_mm") or x.dtype != w.dtype or x.device != w.device or w.dim() != 3:
         return False
+    if not (_aligned16(x) and _aligned16(w) and w.shape[1] * w.element_size() % 16 == 0):
+        return False  # the kernels need 16-byte aligned data and row strides (the output's too)
     if x.device.type == "cpu":
         return x.dtype == torch.float32
     if x.device.type == "cuda":
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
     return False
+
+
+def _aligned16(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0 and all(st == 1 or st * t.element_size() % 16 == 0 for st in t.stride())
 
 
 def looped_linear(x: torch.Tensor, routing: ExpertRouting, linear: ExpertLinear, n_out: int) -> torch.Tensor:
