@@ -180,7 +180,8 @@ def test_hub_id_offline(capsys, tmp_path, monkeypatch):
      "'UniformConfig'])"),
     ({"rules": [{"match": "re:(", "config": None}]},
      "recipe rule 're:(': bad regex (missing ), unterminated subpattern at position 0)"),
-    ({"rules": [{"match": "kind:conv", "config": None}]}, "recipe rule 'kind:conv': kind must be 'linear' or 'experts'"),
+    ({"rules": [{"match": "kind:conv", "config": None}]},
+     "recipe rule 'kind:conv': kind must be 'linear', 'experts', 'embedding' or 'head'"),
 ])
 def test_bad_recipe_file(capsys, tmp_path, good, recipe, why):
     f = tmp_path / "recipe.json"

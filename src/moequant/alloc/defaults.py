@@ -60,3 +60,32 @@ def describe(config: MethodConfig, solver: str, incoherence: str, calib: str | N
     if calib:
         parts.append(f"calibrated on {calib}")
     return ", ".join(parts)
+
+
+# ``--embeddings`` / ``--head``: what each choice quantizes with (always round to nearest, as llama.cpp
+# does for its output tensors: no Hessian reaches the table). int8 is llama.cpp's Q8_0 at a group of 64:
+# symmetric absmax, 8.25 bits/weight; int6 (Q6_K's width) symmetric with clip search, 6.25; int4 asymmetric
+# at a group of 32 with clip search, 4.625 (embeddings and head are more sensitive than the decoder layers,
+# hence the smaller group).
+EMBED_HEAD_CHOICES: dict[str, UniformConfig | None] = {
+    "keep": None,
+    "int8": UniformConfig(bits=8, group_size=64, symmetric=True, clip_search=False),
+    "int6": UniformConfig(bits=6, group_size=64, symmetric=True, clip_search=True),
+    "int4": UniformConfig(bits=4, group_size=32, symmetric=False, clip_search=True),
+}
+# The recipe patterns ``--embeddings`` / ``--head`` write (first, so they win over the default keep rules).
+EMBED_PATTERN, HEAD_PATTERN = "kind:embedding", "kind:head"
+
+
+def embed_head_rules(embeddings: str | None, head: str | None) -> tuple[tuple[str, UniformConfig], ...]:
+    """``(pattern, config)`` rules for ``--embeddings`` / ``--head`` (``keep`` or None: no rule)."""
+    rules = []
+    for pattern, choice in ((EMBED_PATTERN, embeddings), (HEAD_PATTERN, head)):
+        if choice is None:
+            continue
+        if choice not in EMBED_HEAD_CHOICES:
+            raise ValueError(f"{choice!r} is not one of {', '.join(EMBED_HEAD_CHOICES)}")
+        config = EMBED_HEAD_CHOICES[choice]
+        if config is not None:
+            rules.append((pattern, config))
+    return tuple(rules)

@@ -3,8 +3,13 @@ parameter name wins. Patterns match *parameter* names, so fused 3-D expert tenso
 (``model.layers.3.mlp.experts.gate_up_proj``).
 
 A pattern is an exact parameter name, ``re:<regex>`` (``re.fullmatch``), or ``kind:linear`` /
-``kind:experts`` (every 2-D linear weight / every fused expert tensor). ``None`` as config means keep
-in full precision. Weights no rule matches are kept.
+``kind:experts`` (every 2-D linear weight / every fused expert tensor) / ``kind:embedding`` /
+``kind:head`` (the input embedding table / the output head). ``None`` as config means keep in full
+precision. Weights no rule matches are kept.
+
+The embeddings and the head are quantized only on request: a rule that assigns them a method must name
+them (``kind:embedding``, ``kind:head`` or the exact parameter name); a ``re:`` rule with a method never
+applies to them (it may keep them), so a catch-all regex written for the decoder layers does not reach them.
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ DEFAULT_KEEP: tuple[str, ...] = (
     r"re:.*embed_tokens.*",
     r"re:(.*\.)?lm_head\.weight",
 )
+
+KINDS: tuple[str, ...] = ("linear", "experts", "embedding", "head")
+# Target kinds a rule must name to quantize (opt-in): a ``re:`` rule with a method skips them.
+OPT_IN_KINDS: tuple[str, ...] = ("embedding", "head")
 
 
 @dataclass(frozen=True)
@@ -56,13 +65,15 @@ class Recipe:
                     re.compile(r.pattern[3:])
                 except re.error as e:
                     raise ValueError(f"recipe rule {r.pattern!r}: bad regex ({e})") from None
-            elif r.pattern.startswith("kind:") and r.pattern[5:] not in ("linear", "experts"):
-                raise ValueError(f"recipe rule {r.pattern!r}: kind must be 'linear' or 'experts'")
+            elif r.pattern.startswith("kind:") and r.pattern[5:] not in KINDS:
+                raise ValueError(f"recipe rule {r.pattern!r}: kind must be 'linear', 'experts', 'embedding' or 'head'")
 
     def match(self, name: str, kind: str) -> tuple[MethodConfig | None, str | None]:
         """(config or None, pattern of the rule that decided, or None when no rule matched)."""
         for r in self.rules:
             if r.matches(name, kind):
+                if kind in OPT_IN_KINDS and r.config is not None and r.pattern.startswith("re:"):
+                    continue  # embeddings and head are quantized only by a rule that names them
                 return r.config, r.pattern
         return None, None
 
