@@ -106,7 +106,7 @@ def save(model: nn.Module, out_dir: str | Path, *, tokenizer: Any = None, overwr
     for name, qt in packed.items():
         state.update(qt.to_state_dict(name))
     packed_keys = set(state)
-    tied: dict[str, str] = {}
+    tied: dict[str, str] = tied_packed(model)  # a head over the packed embedding table: stored once
     seen: dict[tuple[int, int], str] = {}
     for name, t in model.state_dict(keep_vars=True).items():
         if name in packed_keys:
@@ -123,6 +123,16 @@ def save(model: nn.Module, out_dir: str | Path, *, tokenizer: Any = None, overwr
         write_checkpoint_config(tmp, model.config.to_dict(), {n: qt.meta() for n, qt in packed.items()}, recipe,
                                 tied, extra, getattr(model, "generation_config", None), tokenizer)
     return out
+
+
+def tied_packed(model: nn.Module) -> dict[str, str]:
+    """``{head weight: embedding weight}`` of every ``TiedQuantLinear`` (a head computing from the packed
+    table of a ``QuantEmbedding``): the head's packed tensor is the embedding's, stored once."""
+    from moequant.nn.quant_embedding import TiedQuantLinear
+
+    names = {id(m): n for n, m in model.named_modules()}
+    return {f"{n}.weight": f"{names[id(m.source)]}.weight" for n, m in model.named_modules()
+            if isinstance(m, TiedQuantLinear) and id(m.source) in names}
 
 
 def write_checkpoint_config(out: Path, model_config: dict[str, Any], metas: dict[str, Any], recipe: Recipe | None,
@@ -185,7 +195,12 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", verify: bool =
         used.update(f"{name}_{d}" for d in qt.data)
         module_name, _, param = name.rpartition(".")
         module = _submodule(model, module_name, path, name)
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Embedding):
+            if param != "weight" or tuple(module.weight.shape) != qt.shape:
+                raise MoequantError(f"{path}: packed tensor {name!r} {list(qt.shape)} does not fit the model's "
+                                    f"{module_name}.weight {list(module.weight.shape)}")
+            set_module(model, module_name, _quant_embedding(qt, module, path, name))
+        elif isinstance(module, nn.Linear):
             if param != "weight" or tuple(module.weight.shape) != qt.shape:
                 raise MoequantError(f"{path}: packed tensor {name!r} {list(qt.shape)} does not fit the model's "
                                     f"{module_name}.weight {list(module.weight.shape)}")
@@ -206,8 +221,13 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", verify: bool =
                 parts[p] = reader.read(f"{mname}.{p}").to(device)
                 used.add(f"{mname}.{p}")
         set_module(model, mname, QuantExperts(parts["gate_up_proj"], parts["down_proj"], old.act_fn))
+    tied = dict(qcfg.get("tied", {}))
+    for dropped, kept in list(tied.items()):
+        if kept in qcfg["tensors"]:  # a head over the packed embedding table
+            used.update(_tie_packed_head(model, reader, dropped, kept, path, device))
+            del tied[dropped]
     rest = {k: reader.read(k).to(device) for k in reader.keys() if k not in used}
-    for dropped, kept in qcfg.get("tied", {}).items():
+    for dropped, kept in tied.items():
         if kept not in rest:
             raise MoequantError(f"{path}: tied tensor {dropped!r} names {kept!r}, which the checkpoint lacks")
         rest[dropped] = rest[kept]
@@ -221,6 +241,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", verify: bool =
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still_meta:
         raise MoequantError(f"{path}: checkpoint lacks tensors {still_meta[:5]}")
+    _set_embedding_dtype(model)
     recipe = qcfg.get("recipe")
     try:
         model.moequant_recipe = Recipe.from_dict(recipe) if recipe else None
@@ -229,6 +250,48 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", verify: bool =
     use_moequant_experts(model)  # stock experts modules left dense dispatch to moequant's grouped path too
     model.eval()
     return model
+
+
+def _quant_embedding(qt: Any, old: nn.Embedding, path: Path, name: str) -> nn.Module:
+    from moequant.nn.quant_embedding import QuantEmbedding
+
+    scale = getattr(old, "embed_scale", None)  # Gemma's scaled embeddings: a non-persistent buffer, kept
+    if scale is not None and not isinstance(scale, torch.Tensor):
+        scale = torch.tensor(float(scale))
+    try:
+        return QuantEmbedding(qt, scale, padding_idx=old.padding_idx)
+    except ValueError as e:
+        raise MoequantError(f"{path}: packed tensor {name!r}: {e}") from None
+
+
+def _tie_packed_head(model: nn.Module, reader: ShardReader, dropped: str, kept: str, path: Path,
+                     device: str | torch.device) -> set[str]:
+    """Swap the head ``dropped`` for a ``TiedQuantLinear`` over the ``QuantEmbedding`` holding ``kept``;
+    -> the checkpoint tensors it used (its bias)."""
+    from moequant.nn.quant_embedding import QuantEmbedding, TiedQuantLinear
+
+    src_name, _, src_param = kept.rpartition(".")
+    head_name, _, head_param = dropped.rpartition(".")
+    src = _submodule(model, src_name, path, kept)
+    head = _submodule(model, head_name, path, dropped)
+    if not isinstance(src, QuantEmbedding) or src_param != "weight" or head_param != "weight" \
+            or not isinstance(head, nn.Linear) or tuple(head.weight.shape) != src.qweight.shape:
+        raise MoequantError(f"{path}: tied tensor {dropped!r} names the packed {kept!r}, which is not an embedding "
+                            "table the model's head can share")
+    bias = reader.read(f"{head_name}.bias").to(device) if head.bias is not None else None
+    set_module(model, head_name, TiedQuantLinear(src, bias))
+    return {f"{head_name}.bias"} if bias is not None else set()
+
+
+def _set_embedding_dtype(model: nn.Module) -> None:
+    """A ``QuantEmbedding`` returns the dtype of the model's floating-point parameters (what the dense
+    embedding table had: ``--kept-dtype`` applies to every kept tensor)."""
+    from moequant.nn.quant_embedding import QuantEmbedding
+
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    for m in model.modules():
+        if isinstance(m, QuantEmbedding):
+            m.out_dtype = dtype
 
 
 def _submodule(model: nn.Module, name: str, path: Path, tensor: str) -> nn.Module:

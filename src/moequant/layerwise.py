@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moequant.alloc.recipe import Recipe
+from moequant.embed_head import plan_embed_head, quantize_embedding, quantize_head
 from moequant.errors import MoequantError
 from moequant.fsutil import make_temp_dir
 from moequant.models.adapters import ModelAdapter, Target, adapter_for, decoder_layers, iter_targets
@@ -72,16 +73,21 @@ class Calibration:
 def quantize_model(model: nn.Module, recipe: Recipe, calib: Calibration | None, solver: SolverConfig,
                    progress: bool = True, run: RunProgress | None = None) -> QuantReport:
     """``run``: store each finished layer there, and restore the layers it already holds instead of
-    quantizing them again (``quantize --resume``)."""
+    quantizing them again (``quantize --resume``). Embeddings and head, when the recipe asks for them
+    (``moequant.embed_head``), are rounded to nearest: the embeddings before the first layer (calibration
+    then sees the packed table), the head after the last; a resumed run quantizes them again (the same bytes)."""
     adapter = adapter_for(model)
     targets = list(iter_targets(model, adapter))
     if not targets:
         raise MoequantError(f"{adapter.model_type}: found no linear or expert weights to quantize")
     check_recipe(targets, recipe)
+    plan = plan_embed_head(model, recipe)
     if solver.needs_hessian and calib is None:
         raise MoequantError(f"solver {solver.solver!r} needs calibration data (pass calib=..., or --calib on the CLI)")
     report = QuantReport(recipe=recipe.to_dict(), solver=solver.to_dict(),
                          calibration=None if calib is None else calib.to_dict())
+    if plan.embed_config is not None:
+        quantize_embedding(model, plan, report)
     by_layer: dict[int, list[Target]] = {}
     for t in targets:
         by_layer.setdefault(t.layer, []).append(t)
@@ -108,13 +114,21 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: Calibration | None, 
                 metas: dict[str, Any] = {}
                 state = layer_state(layers[layer], f"{adapter.layers}.{layer}", metas)
                 run.commit(layer, len(layers), state, metas, records_since(report, mark), runner)
+    if plan.head_config is not None:
+        quantize_head(model, plan, report)
+    if run is not None and plan.quantizes:
+        run.store_embed_head_records(report)
     return report
 
 
-def check_recipe(targets: list[Target], recipe: Recipe) -> None:
+def check_recipe(targets: list[Target], recipe: Recipe, model: nn.Module | None = None) -> None:
     """Fail before any work when a rule's config cannot store a target (e.g. a group size that does
-    not divide the tensor's input dim), naming the tensor."""
+    not divide the tensor's input dim), naming the tensor; with ``model``, also what the recipe asks of
+    its embeddings and head (``embed_head.plan_embed_head``: tied weights, row-decodable formats)."""
     from moequant.formats.registry import tensor_class_for
+
+    if model is not None:
+        plan_embed_head(model, recipe, warn=False)
 
     for t in targets:
         config, _ = recipe.match(t.name, t.kind)

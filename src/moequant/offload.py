@@ -64,6 +64,9 @@ def quantize_offloaded(path: Path, out: Path, recipe: Recipe, calib: Calibration
     layers = decoder_layers(model, adapter)
     targets = list(iter_targets(model, adapter))
     check_recipe(targets, recipe)
+    from moequant.embed_head import refuse_offloaded
+
+    refuse_offloaded(model, recipe)  # embeddings and head are copied byte for byte here
     if solver.needs_hessian and calib is None:
         raise MoequantError(f"solver {solver.solver!r} needs calibration data")
     report = QuantReport(recipe=recipe.to_dict(), solver=solver.to_dict(),

@@ -26,6 +26,7 @@ class TensorRecord:
     tokens: int | None = None  # calibration tokens behind the Hessian
     expert_tokens: list[int] | None = None  # routed tokens per expert
     seconds: float | None = None
+    shared_with: list[str] | None = None  # other parameters stored as this one packed tensor (a tied head)
 
 
 @dataclass
@@ -112,6 +113,8 @@ class QuantReport:
             method = t.method if t.method else f"kept ({t.rule})"
             if t.solver and t.method:
                 method += f" {t.solver}"
+            if t.shared_with:
+                method += f" (also {', '.join(t.shared_with)})"
             lines.append(f"| {t.name} | {method} | {bpw} | {proxy} | {tok} | {sec} |")
         if self.starved:
             lines += ["", "Starved experts (fewer routed calibration tokens than the threshold):", "",
@@ -145,3 +148,41 @@ def kept_tensors(model: nn.Module, target_rules: dict[str, str | None]) -> list[
         out.append(KeptTensor(name, tuple(t.shape), str(t.dtype).removeprefix("torch."),
                               t.numel() * t.element_size(), rule, tied))
     return out
+
+
+def model_bit_count(model: nn.Module) -> dict[str, Any]:
+    """The whole model's weights and bits: every packed tensor at its stored bits (``QuantizedTensor.nbytes``)
+    and every other parameter at its dtype's bits; a tensor several modules share (a tied head, packed or
+    not) counted once. Buffers (rotary tables, Gemma's embedding scale) are not weights and are not
+    counted. -> ``{packed_weights, packed_bits, dense_weights, dense_bits, bits_per_weight}``."""
+    from moequant.nn.packed import packed_names, packed_tensor
+
+    seen: set[tuple[int, int, int]] = set()
+    packed_w = packed_bits = 0
+    for _, mod in model.named_modules():
+        for p in packed_names(mod):
+            qt = packed_tensor(mod, p)
+            first = next(iter(qt.data.values()))
+            key = _storage_key(first)
+            if key in seen:
+                continue
+            seen.add(key)
+            packed_w += qt.numel
+            packed_bits += 8 * qt.nbytes()
+    dense_w = dense_bits = 0
+    for t in model.parameters():  # each Parameter once
+        key = _storage_key(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        dense_w += t.numel()
+        dense_bits += 8 * t.numel() * t.element_size()
+    total = packed_w + dense_w
+    return {"packed_weights": packed_w, "packed_bits": packed_bits, "dense_weights": dense_w,
+            "dense_bits": dense_bits, "bits_per_weight": (packed_bits + dense_bits) / total if total else float("nan")}
+
+
+def _storage_key(t: Any) -> tuple[int, int, int]:
+    if t.is_meta:
+        return id(t), 0, t.numel()
+    return t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()

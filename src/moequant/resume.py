@@ -14,6 +14,9 @@ Work directory ``.<out-name>.moequant-run/`` beside ``--out``:
   layers, the activation spec) and, when calibrating, ``act/act_<j>.bin``: the hidden states the
   finished layer produced, which feed the next one (raw bytes, bit for bit). Only the latest layer keeps
   its activations.
+- ``embed_head.json``: when the recipe quantizes the embeddings or the head, their report records,
+  written after the last layer (a resumed run quantizes them again; the file lets a run killed after the
+  checkpoint's rename write its report).
 
 Disk: the packed layers (about the checkpoint's size) plus one layer's activations, ``samples x
 seqlen x hidden`` in the model's dtype (128 x 512 x 4096 fp32 = 1 GiB). The directory is removed once
@@ -49,6 +52,7 @@ JOB_FILE = "job.json"
 LAYER_FILE = "layer.json"
 TENSORS_FILE = "tensors.safetensors"
 ACT_DIR = "act"
+EMBED_HEAD_FILE = "embed_head.json"
 
 
 def work_dir_for(out: Path) -> Path:
@@ -261,6 +265,11 @@ class RunProgress:
         self._act_layer = layer if act is not None else None
         self._act_pending = False
 
+    def store_embed_head_records(self, report: QuantReport) -> None:
+        """The report records of the embeddings and the head (``kind`` embedding / head)."""
+        records = [asdict(r) for r in report.tensors if r.kind in ("embedding", "head")]
+        atomic_write_json(self.work / EMBED_HEAD_FILE, {"tensors": records}, sort_keys=False)
+
     def remove(self) -> None:
         remove_work_dir(self.work)
 
@@ -353,10 +362,28 @@ def saved_checkpoint_report(work: Path, out: Path, fp: dict[str, Any]) -> dict[s
             if any(k not in reader or not torch.equal(reader.read(k), v) for k, v in tensors.items()):
                 return None
             progress.restore_records(i, report)
+        layer_names = {n for i in found for n in progress.layer_info(i)["metas"]}
+        extra = _embed_head_records(work, set(qmetas) - layer_names)
+        if extra is None:
+            return None
+        report.tensors[:0] = [r for r in extra if r.kind == "embedding"]
+        report.tensors.extend(r for r in extra if r.kind != "embedding")
     except (OSError, ValueError, KeyError, TypeError, MoequantError) as e:
         log.warning("%s: not the checkpoint of %s (%s)", out, work, e)
         return None
     return {"source": job["fingerprint"]["source"]["kind"], "report": report}
+
+
+def _embed_head_records(work: Path, packed_outside_layers: set[str]) -> list[TensorRecord] | None:
+    """The stored records of the packed tensors outside the decoder layers (embeddings, head), or None
+    when they do not name exactly ``packed_outside_layers``."""
+    path = work / EMBED_HEAD_FILE
+    if not packed_outside_layers:
+        return []
+    if not path.is_file():
+        return None
+    records = [TensorRecord(**{**r, "shape": tuple(r["shape"])}) for r in json.loads(path.read_text())["tensors"]]
+    return records if {r.name for r in records} == packed_outside_layers else None
 
 
 def _fsync(path: Path) -> None:

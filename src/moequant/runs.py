@@ -88,7 +88,7 @@ def _quantize(job: QuantizeJob, resolved: Any, progress: Any, argv: list[str] | 
         from moequant.layerwise import check_recipe
         from moequant.models.adapters import adapter_for, iter_targets
 
-        check_recipe(list(iter_targets(model, adapter_for(model))), job.recipe)
+        check_recipe(list(iter_targets(model, adapter_for(model))), job.recipe, model)
     calib = None
     if job.calib is not None:
         from moequant.calib.data import calibration_tokens
@@ -178,28 +178,28 @@ def _finish_saved_run(job: QuantizeJob, argv: list[str] | None) -> dict[str, Any
 
 def model_sizes(model: torch.nn.Module) -> dict[str, Any]:
     """Resident bytes (unique storages of every parameter and buffer) next to the ideal: packed bytes
-    of the quantized tensors + bytes of everything kept; bits/weight over the whole model."""
+    of the quantized tensors + bytes of everything kept; bits/weight over the whole model
+    (``report.model_bit_count``: every parameter, packed ones at their stored bits, dense ones at their
+    dtype's, shared ones once, buffers not counted)."""
     from moequant import api
+    from moequant.report import model_bit_count
 
     packed = api.packed_modules(model)
     packed_bytes = sum(q.nbytes() for q in packed.values())
-    packed_weights = sum(q.numel for q in packed.values())
     seen = {t.untyped_storage().data_ptr() for q in packed.values() for t in q.data.values()}
-    kept_bytes = kept_weights = 0
-    params = {id(p) for p in model.parameters()}
+    kept_bytes = 0
     for t in list(model.parameters()) + list(model.buffers()):
         ptr = t.untyped_storage().data_ptr()
         if ptr in seen:
             continue
         seen.add(ptr)
         kept_bytes += t.numel() * t.element_size()
-        kept_weights += t.numel() if id(t) in params else 0
     resident = api.resident_bytes(model)
     ideal = packed_bytes + kept_bytes
-    total_weights = packed_weights + kept_weights
+    count = model_bit_count(model)
     return {"resident_bytes": resident, "ideal_bytes": ideal, "packed_bytes": packed_bytes,
             "kept_bytes": kept_bytes, "resident_over_ideal": resident / ideal if ideal else float("nan"),
-            "bits_per_weight_model": 8.0 * ideal / total_weights if total_weights else float("nan")}
+            "bits_per_weight_model": count["bits_per_weight"], "model_bit_count": count}
 
 
 @dataclass(frozen=True)

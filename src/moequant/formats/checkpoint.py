@@ -7,7 +7,10 @@ Contract (``moequant`` checkpoint format version 1):
   where each ``meta`` is ``QuantizedTensor.meta()`` (format id and version, logical shape, attributes);
 - a quantized parameter ``P`` is stored as the tensors ``P_<data>`` of its format's ``data_names``;
 - every other parameter and persistent buffer is stored under its own name in its own dtype; a
-  parameter that shares storage with an earlier one (tied embeddings) is stored once.
+  parameter that shares storage with an earlier one (tied embeddings) is stored once;
+- a tied head over a *packed* embedding table is only a ``tied`` entry whose value names a key of
+  ``tensors`` (``{"lm_head.weight": "model.embed_tokens.weight"}``): loaded, it computes from that packed
+  tensor (``nn.quant_embedding.TiedQuantLinear``).
 """
 
 from __future__ import annotations
