@@ -75,6 +75,10 @@ def _recipe(args: argparse.Namespace):
         given += [n for n in ("bits",) if _given(args, n)] + (["method"] if args.method is not None else [])
         if given:
             raise MoequantError(f"--recipe sets every method option; drop {', '.join(_flag(n) for n in given)}")
+        eh = [n for n in ("embeddings", "head") if getattr(args, n, None) is not None]
+        if eh:
+            raise MoequantError(f"--recipe sets every method option; drop {', '.join(_flag(n) for n in eh)} "
+                                "(write kind:embedding / kind:head rules into the recipe instead)")
         path = Path(args.recipe)
         if not path.is_file():
             raise MoequantError(f"--recipe {path}: no such file")
@@ -87,9 +91,31 @@ def _recipe(args: argparse.Namespace):
     keep = DEFAULT_KEEP + tuple(args.keep or ())
     config = _method_config(args)
     try:
-        return Recipe.uniform(config, keep=keep)
+        recipe = Recipe.uniform(config, keep=keep)
     except ValueError as e:  # a --keep pattern that is not a valid rule (bad regex, unknown kind:)
         raise MoequantError(f"--keep: {e}") from None
+    return _with_embed_head(recipe, args)
+
+
+def _with_embed_head(recipe, args: argparse.Namespace):
+    """``recipe`` with the ``--embeddings`` / ``--head`` rules in front (they win over the default keeps)."""
+    from moequant.alloc.defaults import embed_head_rules
+    from moequant.alloc.recipe import Recipe, Rule
+
+    rules = embed_head_rules(getattr(args, "embeddings", None), getattr(args, "head", None))
+    return Recipe(tuple(Rule(p, c) for p, c in rules) + recipe.rules) if rules else recipe
+
+
+def _add_embed_head_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("embeddings and output head (default: kept in full precision; always round to nearest)")
+    choices = ["keep", "int8", "int6", "int4"]
+    g.add_argument("--embeddings", default=None, choices=choices,
+                   help="quantize the input embedding table: int8 = symmetric group 64 (8.25 bits/weight, like "
+                   "llama.cpp's Q8_0), int6 = symmetric group 64 with clip search (6.25), int4 = asymmetric group 32 "
+                   "with clip search (4.625); a lookup decodes only the rows it needs. A tied head "
+                   "(tie_word_embeddings) is the same table: give --head the same choice")
+    g.add_argument("--head", default=None, choices=choices,
+                   help="quantize the output head (lm_head), same choices; tied to the embeddings: give both")
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
@@ -157,7 +183,10 @@ def _solver_and_calib(args: argparse.Namespace, recipe):
     from moequant.layerwise import HessianConfig
     from moequant.solvers.config import SolverConfig
 
-    configs = [r.config for r in recipe.rules if r.config is not None]
+    from moequant.alloc.recipe import OPT_IN_KINDS
+
+    eh_patterns = {f"kind:{k}" for k in OPT_IN_KINDS}
+    configs = [r.config for r in recipe.rules if r.config is not None and r.pattern not in eh_patterns]
     name = args.solver
     if name == AUTO:
         name = "ldlq" if any(auto_solver(c) == "ldlq" for c in configs) else "rtn"
@@ -184,6 +213,9 @@ def _solver_and_calib(args: argparse.Namespace, recipe):
             if line and line not in said:
                 said.add(line)
                 getattr(log, level)("%s", line)
+    for r in recipe.rules:
+        if r.config is not None and r.pattern in eh_patterns:
+            log.info("%s: %s, round-to-nearest", r.pattern[5:], r.config.short_name)
     return solver, calib, hessian
 
 
@@ -339,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--kept-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the tensors kept in full precision (default: as loaded)")
     _add_method_args(q)
+    _add_embed_head_args(q)
     _add_solver_args(q)
     q.set_defaults(func=cmd_quantize)
 
