@@ -190,16 +190,21 @@ def chunked_window_nll(hidden: torch.Tensor, input_ids: torch.Tensor, n_scored: 
     return sums.tolist()
 
 
+def _call(model: torch.nn.Module, method: str) -> Any:
+    fn = getattr(model, method, None)
+    try:
+        return fn() if callable(fn) else None
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
+
+
 class _ChunkedScorer:
     """Final hidden states from the decoder, logits per chunk from the head (see the module docstring).
     ``nll`` returns None when this model's logits cannot be reproduced that way."""
 
     def __init__(self, model: torch.nn.Module, chunk_rows: int | None) -> None:
         self.model, self.reason, self.told = model, None, False
-        get_decoder = getattr(model, "get_decoder", None)
-        get_head = getattr(model, "get_output_embeddings", None)
-        self.decoder = get_decoder() if callable(get_decoder) else None
-        self.lm_head = get_head() if callable(get_head) else None
+        self.decoder, self.lm_head = _call(model, "get_decoder"), _call(model, "get_output_embeddings")
         try:
             takes_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
