@@ -231,8 +231,8 @@ class _ChunkedScorer:
         captured: list[torch.Tensor] = []
 
         def keep(_module, _args, out) -> None:
-            h = getattr(out, "last_hidden_state", None)
-            captured.append(h if h is not None else out[0])
+            h = out if isinstance(out, torch.Tensor) else getattr(out, "last_hidden_state", None)
+            captured.append(h if h is not None or not isinstance(out, (tuple, list)) else out[0])
 
         hook = self.decoder.register_forward_hook(keep)
         try:
