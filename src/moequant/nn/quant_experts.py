@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moequant.formats.base import QuantizedTensor
-from moequant.nn.packed import packed_tensor, register_packed
+from moequant.nn.packed import buffers_key, packed_tensor, register_packed
 
 ExpertLinear = Callable[[int, torch.Tensor], torch.Tensor]  # (expert e, x [n_e, K]) -> [n_e, N]
 
@@ -139,19 +139,11 @@ def grouped_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_
 # ---------------------------------------------------------------- per-expert views of packed tensors
 
 
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors keep no version counter
-        return -1
-
-
 def expert_views(module: nn.Module, name: str) -> list[QuantizedTensor]:
     """``[packed_tensor(module, name).select(e) for e in range(E)]``, built once and kept on the module
     (outside ``state_dict``) while its ``{name}_*`` buffers stay the same tensors, unmodified."""
-    cls, shape, attrs = module._packed_specs[name]
-    bufs = [getattr(module, f"{name}_{d}") for d in cls.names_for(attrs)]
-    key = tuple((t.data_ptr(), t.device, t.dtype, tuple(t.shape), _version(t)) for t in bufs)
+    shape = module._packed_specs[name][1]
+    key = buffers_key(module, name)
     cache: dict[str, tuple[tuple, list[QuantizedTensor]]] = module.__dict__.setdefault(_VIEWS, {})
     hit = cache.get(name)
     if hit is not None and hit[0] == key:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from moequant.formats.base import QuantizedTensor
-from moequant.nn.packed import packed_tensor, register_packed
+from moequant.nn.packed import cached_packed_tensor, clear_packed_cache, register_packed
 
 
 class QuantLinear(nn.Module):
@@ -24,7 +24,11 @@ class QuantLinear(nn.Module):
 
     @property
     def qweight(self) -> QuantizedTensor:
-        return packed_tensor(self, "weight")
+        return cached_packed_tensor(self, "weight")  # one view per weight: a kernel's repack cache persists
+
+    def _apply(self, fn, recurse: bool = True):
+        clear_packed_cache(self)  # the cached view (and its runtime caches) belongs to the old tensors
+        return super()._apply(fn, recurse)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.qweight.dequantize(dtype)  # [N, K]
