@@ -84,6 +84,11 @@ def test_tied_head_shares_the_packed_table():
     assert len(both.state_dict()) == 2  # codes and scale, once
     clone = copy.deepcopy(both)
     assert clone["head"].source is clone["emb"]
+    # one view of the packed tensor while its buffers are unchanged: a kernel's repack cached on it is shared
+    assert head.qweight is emb.qweight is head.qweight
+    view = emb.qweight
+    both.to(torch.float64)  # new scale tensors: a new view, and the head follows
+    assert emb.qweight is not view and head.qweight is emb.qweight and emb.qweight.data["scale"].dtype == torch.float64
     assert (head.out_features, head.in_features) == (50, 80)
     with pytest.raises(TypeError):
         TiedQuantLinear(nn.Embedding(4, 4))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from moequant.formats.base import QuantizedTensor
-from moequant.nn.packed import packed_tensor, register_packed
+from moequant.nn.packed import cached_packed_tensor, clear_packed_cache, register_packed
 from moequant.nn.quant_linear import QuantLinear
 
 # Formats whose data tensors are all [N, ...] with row n's codes, scales and zero points in row n, and whose
@@ -70,7 +70,12 @@ class QuantEmbedding(nn.Module):
 
     @property
     def qweight(self) -> QuantizedTensor:
-        return packed_tensor(self, "weight")
+        # one view while the buffers are unchanged: a fast kernel's repack cached on it serves a tied head
+        return cached_packed_tensor(self, "weight")
+
+    def _apply(self, fn, recurse: bool = True):
+        clear_packed_cache(self)  # the cached view belongs to the old tensors
+        return super()._apply(fn, recurse)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = embedding_rows(self.qweight, ids, self.out_dtype)  # [..., H]
