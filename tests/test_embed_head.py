@@ -363,3 +363,19 @@ def test_killed_after_the_rename_resume_writes_the_whole_report(tmp_path, dirs, 
     assert strip(got["quantized_tensors"]) == strip(want["quantized_tensors"])
     assert got["bits_per_weight"] == want["bits_per_weight"]
     assert got["bits_per_weight_model"] == want["bits_per_weight_model"]
+
+
+def test_gemma_scaled_embeddings_keep_their_scale(tmp_path):
+    from conftest import tiny_model
+
+    orig = tiny_model("gemma3_text")  # tied, embeddings scaled by sqrt(hidden)
+    assert orig.config.tie_word_embeddings
+    model = copy.deepcopy(orig)
+    api.quantize(model, _recipe(INT8, INT8), progress=False)
+    emb = model.model.embed_tokens
+    assert float(emb.embed_scale) == pytest.approx(64 ** 0.5) and isinstance(model.lm_head, TiedQuantLinear)
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad(), reference_kernels():
+        got = model(ids).logits
+        torch.testing.assert_close(got, _dense_reference(orig, model)(ids).logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(api.load(api.save(model, tmp_path / "q"))(ids).logits, got)
