@@ -1,0 +1,787 @@
+// moequant CPU kernels for the uniform int-k and 4-bit LUT (NF4 / FP4) packed formats, reading the stored
+// layout as it is (formats/bitpack.py: little-endian chunks, code i at bits [b*i, b*(i+1)) of its chunk).
+//
+//   y[m, n] = sum_g s[n, g] * (sum_{k in g} x[m, k] * v(q[n, k]) - z[n, g] * sum_{k in g} x[m, k])
+//
+// with v(q) = q and z the zero point (uniform: integer zero, 2^(b-1) midtread, (2^b-1)/2 midrise), or
+// v(q) = LUT[q], z = 0 and s = the block absmax (LUT formats).
+//
+// Two paths, chosen by the caller by the number of rows M of x:
+//   - GEMV (small M): every weight is decoded once per pass of up to 4 rows of x and multiplied in fp32
+//     registers; nothing of size N x K is written.
+//   - dequant + GEMM (large M): the whole matrix is decoded to fp32 once, then at::linear.
+//
+// The vector path decodes a "step" of U consecutive codes of a row into U/8 vectors of 8 codes (AVX2). The
+// vectors hold the codes in the order the bits fall out of the bytes (4-bit: the even columns, then the
+// odd ones), not in column order; instead of shuffling the codes back, x is permuted the same way once per
+// call (column permutation within each step, `step_source`). The dequant kernel writes its matrix in that
+// order too and the GEMM uses the permuted x. The vector path applies when every group starts on a step
+// boundary (gs % U == 0, or one group per row); columns past the last whole step, and every other
+// geometry, run a scalar loop over single codes in column order.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// Rows of W per parallel task: at least this many weights each.
+constexpr int64_t kGrainWeights = 1 << 15;
+
+// ---------------------------------------------------------------------------------------------------
+// geometry
+// ---------------------------------------------------------------------------------------------------
+
+int64_t packed_len(int64_t n, int64_t bits) {
+  int64_t g = 1;
+  for (int64_t d = 1; d <= 8; ++d)
+    if (bits % d == 0 && 8 % d == 0) g = d;
+  const int64_t per = 8 / g, nbytes = bits / g;
+  return (n + per - 1) / per * nbytes;
+}
+
+// Codes per vector step for `bits` (0: no vector path for this width or this build).
+int64_t step_codes(int64_t bits) {
+#ifdef __AVX2__
+  switch (bits) {
+    case 2: return 32;  // 8 bytes -> 4 planes x 8 lanes
+    case 3: return 64;  // 24 bytes = 8 chunks of 8 codes -> 8 planes x 8 lanes
+    case 4: return 32;  // 2 x 8 bytes -> (low, high nibble) x 8 lanes each
+    case 8: return 32;  // 4 x 8 bytes
+    default: return 0;
+  }
+#else
+  (void)bits;
+  return 0;
+#endif
+}
+
+// Planes per sub-unit of a step (a sub-unit is what one 8-byte (3-bit: 24-byte) load covers).
+int64_t step_planes(int64_t bits) {
+  switch (bits) {
+    case 2: return 4;
+    case 3: return 8;
+    case 4: return 2;
+    default: return 1;
+  }
+}
+
+// Column (within the step) whose code lands at position i = 8 * t + j of the decoded step: vector t of
+// sub-unit s = t / P, plane p = t % P, lane j holds code s * 8P + P * j + p.
+int64_t step_source(int64_t bits, int64_t i) {
+  const int64_t P = step_planes(bits), t = i / 8, j = i % 8;
+  return (t / P) * 8 * P + P * j + t % P;
+}
+
+struct Geometry {
+  int64_t bits, N, K, gs, G, row_bytes, U;  // U = 0: scalar path only
+  int64_t full_end;                         // columns [0, full_end) are whole vector steps
+};
+
+Geometry make_geometry(int64_t bits, int64_t N, int64_t K, int64_t gs) {
+  Geometry g{bits, N, K, gs, (K + gs - 1) / gs, packed_len(K, bits), step_codes(bits), 0};
+  if (g.U && !(g.G == 1 || gs % g.U == 0)) g.U = 0;
+  g.full_end = g.U ? K / g.U * g.U : 0;
+  return g;
+}
+
+// x [K] (column order) -> xp [K] in the decode order of the vector path (identity outside whole steps).
+//
+// telescoped: the uniform GEMV does not shift codes out of their byte / word, it masks the low bits:
+// c_p = v & (2^(b(p+1)) - 1) = sum_{i<=p} 2^(b i) q_i (the last plane is v itself), so
+// sum_p x_p q_p = sum_p c_p (x_p / 2^(b p) - x_{p+1} / 2^(b(p+1))) with x_P = 0: one masked plane is
+// converted and multiplied per 8 codes, one shift fewer than q_p = (v >> b p) & (2^b - 1). xp then holds
+// those coefficients (exact power-of-two scalings, one rounding in the difference).
+void permute_row(const Geometry& g, const int64_t* src, const float* x, float* xp, bool telescoped) {
+  const int64_t P = step_planes(g.bits);
+  for (int64_t k0 = 0; k0 < g.full_end; k0 += g.U) {
+    float* o = xp + k0;
+    for (int64_t i = 0; i < g.U; ++i) o[i] = x[k0 + src[i]];
+    if (!telescoped || P == 1) continue;
+    for (int64_t sub = 0; sub < g.U / (8 * P); ++sub) {
+      float* q = o + sub * 8 * P;  // planes p = 0 .. P-1 of one sub-unit, 8 lanes each
+      for (int64_t p = 0; p < P; ++p) {
+        const float f = std::ldexp(1.0f, static_cast<int>(-g.bits * p));
+        for (int64_t j = 0; j < 8; ++j) {
+          const float next = p + 1 < P ? std::ldexp(q[8 * (p + 1) + j], static_cast<int>(-g.bits)) : 0.0f;
+          q[8 * p + j] = q[8 * p + j] * f - (p + 1 < P ? next * f : 0.0f);
+        }
+      }
+    }
+  }
+  std::memcpy(xp + g.full_end, x + g.full_end, sizeof(float) * (g.K - g.full_end));
+}
+
+std::vector<int64_t> step_sources(const Geometry& g) {
+  std::vector<int64_t> src(std::max<int64_t>(g.U, 1));
+  for (int64_t i = 0; i < g.U; ++i) src[i] = step_source(g.bits, i);
+  return src;
+}
+
+// Code i of a packed row (any width 1..8; the chunk holding code i lies inside the row).
+inline uint32_t code_at(const uint8_t* row, int64_t i, int64_t bits) {
+  const int64_t bit = i * bits, byte = bit >> 3;
+  const int off = static_cast<int>(bit & 7);
+  uint32_t w = row[byte];
+  if (off + bits > 8) w |= static_cast<uint32_t>(row[byte + 1]) << 8;
+  return (w >> off) & ((1u << bits) - 1u);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// per-row group parameters: s[g] (scale / absmax) and z[g] (zero point; unused by LUT formats)
+// ---------------------------------------------------------------------------------------------------
+
+template <typename T>
+inline float to_f32(T v) {
+  return static_cast<float>(v);
+}
+
+void load_row_f32(const void* base, at::ScalarType dt, int64_t offset, int64_t count, float* out) {
+  switch (dt) {
+    case at::kFloat:
+      std::memcpy(out, static_cast<const float*>(base) + offset, sizeof(float) * count);
+      break;
+    case at::kHalf: {
+      const auto* p = static_cast<const c10::Half*>(base) + offset;
+      int64_t i = 0;
+#ifdef __F16C__
+      for (; i + 8 <= count; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i))));
+#endif
+      for (; i < count; ++i) out[i] = to_f32(p[i]);
+      break;
+    }
+    case at::kBFloat16: {
+      const auto* p = static_cast<const c10::BFloat16*>(base) + offset;
+      for (int64_t i = 0; i < count; ++i) out[i] = to_f32(p[i]);
+      break;
+    }
+    default:
+      TORCH_CHECK(false, "moequant qgemv: unsupported scale dtype");
+  }
+}
+
+// Double-quantized absmax, as codecs.lut.dq_dequantize computes it: (c - 128) * scale[i / dq] + offset,
+// rounded after the product and after the sum (the volatile keeps the compiler from fusing them into one
+// multiply-add, so the result is bit-identical).
+void dq_absmax_row(const uint8_t* codes, const float* dscale, float offset, int64_t first, int64_t count,
+                   int64_t dq_block, float* out) {
+  for (int64_t b = 0; b < count; ++b) {
+    const int64_t i = first + b;
+    volatile float prod = (static_cast<float>(codes[i]) - 128.0f) * dscale[i / dq_block];
+    out[b] = prod + offset;
+  }
+}
+
+struct UniformParams {
+  const void* scale;
+  at::ScalarType scale_dtype;
+  const uint8_t* zero;  // packed [N, zero_bytes] or nullptr (symmetric)
+  int64_t zero_bytes;
+  float zconst;  // symmetric grid's zero point
+
+  // s[r, g] = scale, z[r, g] = zero point of the groups of rows n0 .. n0 + count - 1.
+  void rows(const Geometry& g, int64_t n0, int64_t count, float* s, float* z) const {
+    load_row_f32(scale, scale_dtype, n0 * g.G, count * g.G, s);
+    for (int64_t r = 0; r < count; ++r) zeros(g, n0 + r, z + r * g.G);
+  }
+
+  void zeros(const Geometry& g, int64_t n, float* z) const {
+    if (zero) {
+      const uint8_t* zr = zero + n * zero_bytes;
+      if (g.bits == 4) {
+        for (int64_t i = 0; i < g.G / 2; ++i) {
+          z[2 * i] = static_cast<float>(zr[i] & 15);
+          z[2 * i + 1] = static_cast<float>(zr[i] >> 4);
+        }
+        if (g.G % 2) z[g.G - 1] = static_cast<float>(zr[g.G / 2] & 15);
+      } else if (g.bits == 8) {
+        for (int64_t i = 0; i < g.G; ++i) z[i] = static_cast<float>(zr[i]);
+      } else {
+        for (int64_t i = 0; i < g.G; ++i) z[i] = static_cast<float>(code_at(zr, i, g.bits));
+      }
+    } else {
+      for (int64_t i = 0; i < g.G; ++i) z[i] = zconst;
+    }
+  }
+};
+
+struct LutParams {
+  const void* absmax;  // [N, NB] fp16 / fp32, or nullptr (double quant)
+  at::ScalarType absmax_dtype;
+  const uint8_t* dq_codes;  // [N, NB]
+  const float* dq_scale;    // [D]
+  float dq_offset;
+  int64_t dq_block;
+
+  // s[r, g] = absmax of the blocks of rows n0 .. n0 + count - 1 (z is not used).
+  void rows(const Geometry& g, int64_t n0, int64_t count, float* s, float* /*z*/) const {
+    if (absmax)
+      load_row_f32(absmax, absmax_dtype, n0 * g.G, count * g.G, s);
+    else
+      dq_absmax_row(dq_codes, dq_scale, dq_offset, n0 * g.G, count * g.G, dq_block, s);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// scalar path (any width, any group size): column order
+// ---------------------------------------------------------------------------------------------------
+
+template <bool LUT>
+inline float code_value(uint32_t c, const float* lut) {
+  if constexpr (LUT)
+    return lut[c];
+  else
+    return static_cast<float>(c);
+}
+
+// out[m] = sum_g s[g] * (sum_{k in g} x[m, k] v(q[k]) - z[g] sx[m, g]) for one row of W, rows m of x (column
+// order, stride K).
+template <bool LUT>
+void row_dot_scalar(const Geometry& g, const uint8_t* row, const float* x, int64_t M, const float* sx,
+                    const float* s, const float* z, const float* lut, float* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * g.K;
+    float y = 0.0f;
+    for (int64_t gi = 0; gi < g.G; ++gi) {
+      const int64_t k0 = gi * g.gs, k1 = std::min(g.K, k0 + g.gs);
+      float acc = 0.0f;
+      for (int64_t k = k0; k < k1; ++k) acc += xm[k] * code_value<LUT>(code_at(row, k, g.bits), lut);
+      y += LUT ? s[gi] * acc : s[gi] * (acc - z[gi] * sx[m * g.G + gi]);
+    }
+    out[m] = y;
+  }
+}
+
+template <bool LUT>
+void row_dequant_scalar(const Geometry& g, const uint8_t* row, const float* s, const float* z, const float* lut,
+                        float* w) {
+  for (int64_t gi = 0; gi < g.G; ++gi) {
+    const int64_t k0 = gi * g.gs, k1 = std::min(g.K, k0 + g.gs);
+    for (int64_t k = k0; k < k1; ++k) {
+      const uint32_t c = code_at(row, k, g.bits);
+      w[k] = LUT ? lut[c] * s[gi] : (static_cast<float>(c) - z[gi]) * s[gi];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// AVX2 path
+// ---------------------------------------------------------------------------------------------------
+#ifdef __AVX2__
+
+template <int I>
+using Idx = std::integral_constant<int, I>;
+
+inline __m256i load8_u8_to_i32(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+// One step of BITS-bit codes at p (a whole number of bytes) -> f(Idx<t>, 8 int32 lanes), t = 0 .. U/8 - 1:
+// the codes of plane t (MASKED = false), or the telescoped planes c_t of `permute_row` (MASKED = true).
+template <int BITS, bool MASKED, class F>
+inline void decode_step(const uint8_t* p, F&& f) {
+  const auto mask = [](int bits) { return _mm256_set1_epi32((1 << bits) - 1); };
+  if constexpr (BITS == 4) {
+    const __m256i a = load8_u8_to_i32(p), b = load8_u8_to_i32(p + 8);
+    f(Idx<0>{}, _mm256_and_si256(a, mask(4)));
+    f(Idx<1>{}, MASKED ? a : _mm256_srli_epi32(a, 4));
+    f(Idx<2>{}, _mm256_and_si256(b, mask(4)));
+    f(Idx<3>{}, MASKED ? b : _mm256_srli_epi32(b, 4));
+  } else if constexpr (BITS == 2) {
+    const __m256i a = load8_u8_to_i32(p);
+    if constexpr (MASKED) {
+      f(Idx<0>{}, _mm256_and_si256(a, mask(2)));
+      f(Idx<1>{}, _mm256_and_si256(a, mask(4)));
+      f(Idx<2>{}, _mm256_and_si256(a, mask(6)));
+      f(Idx<3>{}, a);
+    } else {
+      f(Idx<0>{}, _mm256_and_si256(a, mask(2)));
+      f(Idx<1>{}, _mm256_and_si256(_mm256_srli_epi32(a, 2), mask(2)));
+      f(Idx<2>{}, _mm256_and_si256(_mm256_srli_epi32(a, 4), mask(2)));
+      f(Idx<3>{}, _mm256_srli_epi32(a, 6));
+    }
+  } else if constexpr (BITS == 3) {
+    // 24 bytes = 8 chunks of 3 bytes; lane c gets chunk c's 24-bit word. Low half from bytes 0..15
+    // (chunks 0-3 = bytes 0..11), high half from bytes 8..23 (chunks 4-7 = bytes 12..23 = its 4..15).
+    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8));
+    const __m256i shuf = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,  //
+                                          4, 5, 6, -1, 7, 8, 9, -1, 10, 11, 12, -1, 13, 14, 15, -1);
+    const __m256i w = _mm256_shuffle_epi8(_mm256_set_m128i(hi, lo), shuf);
+    if constexpr (MASKED) {
+      f(Idx<0>{}, _mm256_and_si256(w, mask(3)));
+      f(Idx<1>{}, _mm256_and_si256(w, mask(6)));
+      f(Idx<2>{}, _mm256_and_si256(w, mask(9)));
+      f(Idx<3>{}, _mm256_and_si256(w, mask(12)));
+      f(Idx<4>{}, _mm256_and_si256(w, mask(15)));
+      f(Idx<5>{}, _mm256_and_si256(w, mask(18)));
+      f(Idx<6>{}, _mm256_and_si256(w, mask(21)));
+      f(Idx<7>{}, w);
+    } else {
+      const __m256i m3 = mask(3);
+      f(Idx<0>{}, _mm256_and_si256(w, m3));
+      f(Idx<1>{}, _mm256_and_si256(_mm256_srli_epi32(w, 3), m3));
+      f(Idx<2>{}, _mm256_and_si256(_mm256_srli_epi32(w, 6), m3));
+      f(Idx<3>{}, _mm256_and_si256(_mm256_srli_epi32(w, 9), m3));
+      f(Idx<4>{}, _mm256_and_si256(_mm256_srli_epi32(w, 12), m3));
+      f(Idx<5>{}, _mm256_and_si256(_mm256_srli_epi32(w, 15), m3));
+      f(Idx<6>{}, _mm256_and_si256(_mm256_srli_epi32(w, 18), m3));
+      f(Idx<7>{}, _mm256_srli_epi32(w, 21));
+    }
+  } else {
+    static_assert(BITS == 8, "vector path: 2, 3, 4 or 8 bits");
+    f(Idx<0>{}, load8_u8_to_i32(p));
+    f(Idx<1>{}, load8_u8_to_i32(p + 8));
+    f(Idx<2>{}, load8_u8_to_i32(p + 16));
+    f(Idx<3>{}, load8_u8_to_i32(p + 24));
+  }
+}
+
+template <int BITS>
+constexpr int kStep = BITS == 3 ? 64 : 32;
+
+struct Lut16 {
+  __m256 lo, hi;
+};
+
+// 16-entry table lookup of 8 codes: two 8-entry permutes, bit 3 of the code picks one.
+inline __m256 lut16(__m256i q, const Lut16& t) {
+  const __m256 a = _mm256_permutevar8x32_ps(t.lo, q);
+  const __m256 b = _mm256_permutevar8x32_ps(t.hi, q);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
+}
+
+template <bool LUT>
+inline __m256 values(__m256i q, const Lut16& t) {
+  if constexpr (LUT)
+    return lut16(q, t);
+  else
+    return _mm256_cvtepi32_ps(q);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// MR rows of x against one row of W. xp: permuted x rows (stride K) for whole steps, xn: column order,
+// sx: the rows' group sums of x [MR, G] (stride G; unused by LUT formats), s / z: the row's groups.
+// out[m] = sum_g s[g] * (sum_{k in g} x[m, k] v(q[k]) - z[g] sx[m, g]).
+template <int BITS, bool LUT, int MR>
+inline void row_dot_vec(const Geometry& g, const uint8_t* row, const float* xp, const float* xn, const float* sx,
+                        const float* s, const float* z, const Lut16& tab, const float* lut, float* out) {
+  constexpr int U = kStep<BITS>;
+  constexpr int SB = U / 8 * BITS;  // bytes per step
+  constexpr int TV = U / 8;         // vectors per step
+  // Independent accumulators per row of x, enough to hide the FMA latency (one row: two steps at a time
+  // when a step has 4 vectors). Group sums fold into `tot` with the group's scale: one row of x keeps a
+  // running total per accumulator pair (no serial reduction per group); more rows sum theirs first.
+  constexpr int NA = MR == 1 ? 4 : 2;
+  constexpr bool PAIR = false;
+  constexpr int NT = MR == 1 ? 2 : 1;
+  const int64_t K = g.K, G = g.G;
+  const int64_t spg = G == 1 ? g.full_end / U : g.gs / U;  // whole steps per group (the last: fewer)
+  __m256 tot[MR][NT];
+  for (int m = 0; m < MR; ++m)
+    for (int a = 0; a < NT; ++a) tot[m][a] = _mm256_setzero_ps();
+  const uint8_t* p = row;
+  const float* xq = xp;
+  for (int64_t gi = 0; gi < G; ++gi) {
+    const int64_t steps = gi + 1 < G ? spg : (xp + g.full_end - xq) / U;
+    __m256 acc[MR][NA];
+    for (int m = 0; m < MR; ++m) {
+      // lane 0 of the first accumulator starts at -z sx: the group's scale then multiplies it with the rest
+      acc[m][0] = LUT ? _mm256_setzero_ps() : _mm256_set_ps(0, 0, 0, 0, 0, 0, 0, -z[gi] * sx[m * G + gi]);
+      for (int a = 1; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
+    }
+    const auto step = [&](const uint8_t* ps, const float* xs, auto base) {
+      constexpr int B = decltype(base)::value;
+      decode_step<BITS, !LUT>(ps, [&](auto t, __m256i q) {  // uniform: telescoped planes, LUT: codes
+        constexpr int T = decltype(t)::value;
+        const __m256 w = values<LUT>(q, tab);
+        for (int m = 0; m < MR; ++m)
+          acc[m][(B + T) % NA] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xs + m * K + 8 * T), acc[m][(B + T) % NA]);
+      });
+    };
+    int64_t i = 0;
+    if constexpr (PAIR)
+      for (; i + 2 <= steps; i += 2, p += 2 * SB, xq += 2 * U) {
+        step(p, xq, Idx<0>{});
+        step(p + SB, xq + U, Idx<TV>{});
+      }
+    for (; i < steps; ++i, p += SB, xq += U) step(p, xq, Idx<0>{});
+    const __m256 sv = _mm256_set1_ps(s[gi]);
+    for (int m = 0; m < MR; ++m) {
+      if constexpr (NT > 1) {
+        for (int a = 0; a < NT; ++a)
+          tot[m][a] = _mm256_fmadd_ps(sv, _mm256_add_ps(acc[m][a], acc[m][a + NT]), tot[m][a]);
+      } else {
+        __m256 a = acc[m][0];
+        for (int j = 1; j < NA; ++j) a = _mm256_add_ps(a, acc[m][j]);
+        tot[m][0] = _mm256_fmadd_ps(sv, a, tot[m][0]);
+      }
+    }
+  }
+  float tail[MR];
+  for (int m = 0; m < MR; ++m) tail[m] = 0.0f;
+  for (int64_t k = g.full_end; k < K; ++k) {  // past the last whole step: inside the last group
+    const float v = code_value<LUT>(code_at(row, k, BITS), lut);
+    for (int m = 0; m < MR; ++m) tail[m] += xn[m * K + k] * v;
+  }
+  for (int m = 0; m < MR; ++m) {
+    __m256 t = tot[m][0];
+    for (int a = 1; a < NT; ++a) t = _mm256_add_ps(t, tot[m][a]);
+    out[m] = hsum(t) + s[G - 1] * tail[m];
+  }
+}
+
+template <int BITS, bool LUT>
+void row_dot_vec_all(const Geometry& g, const uint8_t* row, const float* xp, const float* xn, int64_t M,
+                     const float* sx, const float* s, const float* z, const Lut16& tab, const float* lut,
+                     float* out) {
+  const int64_t K = g.K, G = g.G;
+  int64_t m = 0;
+#define MOEQUANT_ROWS(mr) \
+  row_dot_vec<BITS, LUT, mr>(g, row, xp + m * K, xn + m * K, sx + m * G, s, z, tab, lut, out + m)
+  for (; m + 4 <= M; m += 4) MOEQUANT_ROWS(4);
+  switch (M - m) {
+    case 3: MOEQUANT_ROWS(3); break;
+    case 2: MOEQUANT_ROWS(2); break;
+    case 1: MOEQUANT_ROWS(1); break;
+    default: break;
+  }
+#undef MOEQUANT_ROWS
+}
+
+// One row of W in the permuted column order (whole steps) / column order (the rest).
+template <int BITS, bool LUT>
+void row_dequant_vec(const Geometry& g, const uint8_t* row, const float* s, const float* z, const Lut16& tab,
+                     const float* lut, float* w) {
+  constexpr int U = kStep<BITS>;
+  for (int64_t gi = 0; gi < g.G; ++gi) {
+    const int64_t k0 = gi * g.gs, k1 = std::min(g.K, k0 + g.gs);
+    const __m256 sv = _mm256_set1_ps(s[gi]);
+    const __m256 zv = _mm256_set1_ps(LUT ? 0.0f : z[gi]);
+    int64_t k = k0;
+    for (; k + U <= k1; k += U) {
+      decode_step<BITS, false>(row + k / 8 * BITS, [&](auto t, __m256i q) {
+        constexpr int T = decltype(t)::value;
+        __m256 v;
+        if constexpr (LUT)
+          v = _mm256_mul_ps(lut16(q, tab), sv);
+        else
+          v = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), zv), sv);
+        _mm256_storeu_ps(w + k + 8 * T, v);
+      });
+    }
+    for (; k < k1; ++k) {
+      const uint32_t c = code_at(row, k, BITS);
+      w[k] = LUT ? lut[c] * s[gi] : (static_cast<float>(c) - z[gi]) * s[gi];
+    }
+  }
+}
+
+#endif  // __AVX2__
+
+// ---------------------------------------------------------------------------------------------------
+// drivers
+// ---------------------------------------------------------------------------------------------------
+
+int64_t grain_rows(const Geometry& g) { return std::max<int64_t>(1, kGrainWeights / std::max<int64_t>(g.K, 1)); }
+
+// GEMV: x [M, K] fp32 -> y [M, N] fp32 (+ bias), one decode of W per pass of up to 4 rows of x.
+template <bool LUT, class Params>
+at::Tensor gemv(const Geometry& g, const uint8_t* codes, const Params& params, const float* lut,
+                const at::Tensor& x, const c10::optional<at::Tensor>& bias) {
+  const int64_t M = x.size(0), K = g.K, N = g.N, G = g.G;
+  const float* xn = x.data_ptr<float>();
+  // Permuted copy of x for the vector path; per-group sums of x for the zero-point term.
+  std::vector<float> xperm(g.U ? M * K : 0);
+  if (g.U) {
+    const std::vector<int64_t> src = step_sources(g);
+    for (int64_t m = 0; m < M; ++m) permute_row(g, src.data(), xn + m * K, xperm.data() + m * K, !LUT);
+  }
+  const float* xp = g.U ? xperm.data() : xn;
+  std::vector<float> sx(LUT ? 0 : M * G);  // [M, G]
+  if (!LUT)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t gi = 0; gi < G; ++gi) {
+        double acc = 0.0;
+        for (int64_t k = gi * g.gs; k < std::min(K, (gi + 1) * g.gs); ++k) acc += xn[m * K + k];
+        sx[m * G + gi] = static_cast<float>(acc);
+      }
+  at::Tensor y = at::empty({M, N}, x.options());  // [M, N]
+  float* yp = y.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+#ifdef __AVX2__
+  Lut16 tab{_mm256_setzero_ps(), _mm256_setzero_ps()};
+  if (LUT) tab = Lut16{_mm256_loadu_ps(lut), _mm256_loadu_ps(lut + 8)};
+#endif
+  at::parallel_for(0, N, grain_rows(g), [&](int64_t n0, int64_t n1) {
+    // Group parameters of a block of rows at once (contiguous in the scale tensor: vectorised conversion).
+    const int64_t block = std::max<int64_t>(1, std::min<int64_t>(n1 - n0, 4096 / std::max<int64_t>(G, 1)));
+    std::vector<float> s(block * G), z(block * G), out(M);
+    for (int64_t nb = n0; nb < n1; nb += block) {
+      const int64_t rows = std::min(block, n1 - nb);
+      params.rows(g, nb, rows, s.data(), z.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t n = nb + r;
+        const uint8_t* row = codes + n * g.row_bytes;
+        const float* sr = s.data() + r * G;
+        const float* zr = z.data() + r * G;
+        bool done = false;
+#ifdef __AVX2__
+        if (g.U) {
+          done = true;
+          switch (g.bits) {
+            case 2: row_dot_vec_all<2, LUT>(g, row, xp, xn, M, sx.data(), sr, zr, tab, lut, out.data()); break;
+            case 3: row_dot_vec_all<3, LUT>(g, row, xp, xn, M, sx.data(), sr, zr, tab, lut, out.data()); break;
+            case 4: row_dot_vec_all<4, LUT>(g, row, xp, xn, M, sx.data(), sr, zr, tab, lut, out.data()); break;
+            case 8: row_dot_vec_all<8, LUT>(g, row, xp, xn, M, sx.data(), sr, zr, tab, lut, out.data()); break;
+            default: done = false;
+          }
+        }
+#endif
+        if (!done) row_dot_scalar<LUT>(g, row, xn, M, sx.data(), sr, zr, lut, out.data());
+        const float b = bp ? bp[n] : 0.0f;
+        for (int64_t m = 0; m < M; ++m) yp[m * N + n] = out[m] + b;
+      }
+    }
+  });
+  return y;
+}
+
+// Whole matrix -> fp32 [N, K], columns in the vector path's order when `permuted`, else column order.
+template <bool LUT, class Params>
+at::Tensor dequant(const Geometry& g, const uint8_t* codes, const Params& params, const float* lut, bool permuted) {
+  at::Tensor w = at::empty({g.N, g.K}, at::TensorOptions().dtype(at::kFloat));  // [N, K]
+  float* wp = w.data_ptr<float>();
+  const std::vector<int64_t> src = step_sources(g);
+#ifdef __AVX2__
+  Lut16 tab{_mm256_setzero_ps(), _mm256_setzero_ps()};
+  if (LUT) tab = Lut16{_mm256_loadu_ps(lut), _mm256_loadu_ps(lut + 8)};
+#endif
+  at::parallel_for(0, g.N, grain_rows(g), [&](int64_t n0, int64_t n1) {
+    std::vector<float> s(g.G), z(g.G), tmp(permuted ? 0 : g.U);
+    for (int64_t n = n0; n < n1; ++n) {
+      params.rows(g, n, 1, s.data(), z.data());
+      const uint8_t* row = codes + n * g.row_bytes;
+      float* wr = wp + n * g.K;
+      bool done = false;
+#ifdef __AVX2__
+      if (g.U) {
+        done = true;
+        switch (g.bits) {
+          case 2: row_dequant_vec<2, LUT>(g, row, s.data(), z.data(), tab, lut, wr); break;
+          case 3: row_dequant_vec<3, LUT>(g, row, s.data(), z.data(), tab, lut, wr); break;
+          case 4: row_dequant_vec<4, LUT>(g, row, s.data(), z.data(), tab, lut, wr); break;
+          case 8: row_dequant_vec<8, LUT>(g, row, s.data(), z.data(), tab, lut, wr); break;
+          default: done = false;
+        }
+        if (done && !permuted)  // back to column order, step by step
+          for (int64_t k0 = 0; k0 < g.full_end; k0 += g.U) {
+            std::memcpy(tmp.data(), wr + k0, sizeof(float) * g.U);
+            for (int64_t i = 0; i < g.U; ++i) wr[k0 + src[i]] = tmp[i];
+          }
+      }
+#endif
+      if (!done) row_dequant_scalar<LUT>(g, row, s.data(), z.data(), lut, wr);
+    }
+  });
+  return w;
+}
+
+// Large M: decode once, then one fp32 GEMM against the identically permuted x.
+template <bool LUT, class Params>
+at::Tensor dequant_gemm(const Geometry& g, const uint8_t* codes, const Params& params, const float* lut,
+                        const at::Tensor& x, const c10::optional<at::Tensor>& bias) {
+  at::Tensor w = dequant<LUT>(g, codes, params, lut, true);  // [N, K] permuted columns
+  at::Tensor xp = x;
+  if (g.U) {
+    xp = at::empty_like(x);  // [M, K]
+    const std::vector<int64_t> src = step_sources(g);
+    const float* xs = x.data_ptr<float>();
+    float* xd = xp.data_ptr<float>();
+    at::parallel_for(0, x.size(0), std::max<int64_t>(1, kGrainWeights / g.K), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) permute_row(g, src.data(), xs + m * g.K, xd + m * g.K, false);
+    });
+  }
+  return bias.has_value() ? at::linear(xp, w, *bias) : at::linear(xp, w);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// argument checks and entry points
+// ---------------------------------------------------------------------------------------------------
+
+void check_common(const Geometry& g, const at::Tensor& codes) {
+  TORCH_CHECK(g.bits >= 1 && g.bits <= 8, "bits must be in 1..8");
+  TORCH_CHECK(g.gs >= 1 && g.K >= 1, "group size and K must be positive");
+  TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.dim() == 2 &&
+                  codes.is_contiguous() && codes.size(1) == g.row_bytes,
+              "codes must be contiguous CPU uint8 [N, packed_len(K, bits)]");
+}
+
+// x [..., K] of any float dtype -> (fp32 contiguous [M, K], fp32 contiguous bias); the result goes back to x's
+// leading shape and dtype in `finish`.
+std::pair<at::Tensor, c10::optional<at::Tensor>> prepare(const Geometry& g, const at::Tensor& x,
+                                                         const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && at::isFloatingType(x.scalar_type()) && x.dim() >= 1 && x.size(-1) == g.K,
+              "x must be a CPU float tensor [..., K]");
+  at::Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, g.K});  // [M, K]
+  if (x2.scalar_type() != at::kFloat) x2 = x2.to(at::kFloat);
+  if (!x2.is_contiguous()) x2 = x2.contiguous();
+  c10::optional<at::Tensor> b;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == g.N, "bias must have N elements");
+    b = bias->scalar_type() == at::kFloat && bias->is_contiguous() ? *bias : bias->to(at::kFloat).contiguous();
+  }
+  return {x2, b};
+}
+
+at::Tensor finish(const at::Tensor& y, const at::Tensor& x, int64_t N) {
+  at::Tensor out = y;  // [M, N]
+  if (x.dim() != 2) {
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = N;
+    out = out.view(shape);  // [..., N]
+  }
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+UniformParams uniform_params(const Geometry& g, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
+                             double zconst) {
+  TORCH_CHECK(scale.is_contiguous() && scale.dim() == 2 && scale.size(0) == g.N && scale.size(1) == g.G,
+              "scale must be contiguous [N, G]");
+  UniformParams p{scale.data_ptr(), scale.scalar_type(), nullptr, 0, static_cast<float>(zconst)};
+  if (zero.has_value()) {
+    TORCH_CHECK(zero->scalar_type() == at::kByte && zero->is_contiguous() && zero->dim() == 2 &&
+                    zero->size(0) == g.N && zero->size(1) == packed_len(g.G, g.bits),
+                "zero must be contiguous uint8 [N, packed_len(G, bits)]");
+    p.zero = zero->data_ptr<uint8_t>();
+    p.zero_bytes = zero->size(1);
+  }
+  return p;
+}
+
+LutParams lut_params(const Geometry& g, const c10::optional<at::Tensor>& absmax,
+                     const c10::optional<at::Tensor>& dq_codes, const c10::optional<at::Tensor>& dq_scale,
+                     const c10::optional<at::Tensor>& dq_offset, int64_t dq_block) {
+  LutParams p{nullptr, at::kFloat, nullptr, nullptr, 0.0f, dq_block};
+  if (absmax.has_value()) {
+    TORCH_CHECK(absmax->is_contiguous() && absmax->dim() == 2 && absmax->size(0) == g.N && absmax->size(1) == g.G,
+                "absmax must be contiguous [N, K / block_size]");
+    p.absmax = absmax->data_ptr();
+    p.absmax_dtype = absmax->scalar_type();
+  } else {
+    TORCH_CHECK(dq_codes.has_value() && dq_scale.has_value() && dq_offset.has_value(),
+                "absmax or the three double-quant tensors are needed");
+    TORCH_CHECK(dq_block >= 1, "dq block size must be positive");
+    TORCH_CHECK(dq_codes->scalar_type() == at::kByte && dq_codes->is_contiguous() && dq_codes->numel() == g.N * g.G,
+                "absmax_codes must be contiguous uint8 [N, NB]");
+    TORCH_CHECK(dq_scale->scalar_type() == at::kFloat && dq_scale->is_contiguous() &&
+                    dq_scale->numel() == (g.N * g.G + dq_block - 1) / dq_block,
+                "absmax_scale must be contiguous float32 [ceil(N * NB / dq_block)]");
+    TORCH_CHECK(dq_offset->scalar_type() == at::kFloat && dq_offset->numel() == 1, "absmax_offset must be fp32 [1]");
+    p.dq_codes = dq_codes->data_ptr<uint8_t>();
+    p.dq_scale = dq_scale->data_ptr<float>();
+    p.dq_offset = dq_offset->data_ptr<float>()[0];
+  }
+  return p;
+}
+
+const float* lut_table(const at::Tensor& lut) {
+  TORCH_CHECK(lut.scalar_type() == at::kFloat && lut.is_contiguous() && lut.numel() == 16,
+              "lut must be contiguous float32 [16]");
+  return lut.data_ptr<float>();
+}
+
+at::Tensor uniform_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                          const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& bias, int64_t bits,
+                          int64_t group_size, int64_t K, double zconst, int64_t gemv_max_rows) {
+  const Geometry g = make_geometry(bits, codes.size(0), K, group_size);
+  check_common(g, codes);
+  const auto [x2, b] = prepare(g, x, bias);
+  const UniformParams p = uniform_params(g, scale, zero, zconst);
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const at::Tensor y = x2.size(0) <= gemv_max_rows ? gemv<false>(g, c, p, nullptr, x2, b)
+                                                   : dequant_gemm<false>(g, c, p, nullptr, x2, b);  // [M, N]
+  return finish(y, x, g.N);
+}
+
+at::Tensor uniform_dequant(const at::Tensor& codes, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
+                           int64_t bits, int64_t group_size, int64_t K, double zconst, bool permuted) {
+  const Geometry g = make_geometry(bits, codes.size(0), K, group_size);
+  check_common(g, codes);
+  return dequant<false>(g, codes.data_ptr<uint8_t>(), uniform_params(g, scale, zero, zconst), nullptr, permuted);
+}
+
+at::Tensor lut_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut,
+                      const c10::optional<at::Tensor>& absmax, const c10::optional<at::Tensor>& dq_codes,
+                      const c10::optional<at::Tensor>& dq_scale, const c10::optional<at::Tensor>& dq_offset,
+                      const c10::optional<at::Tensor>& bias, int64_t K, int64_t block_size, int64_t dq_block,
+                      int64_t gemv_max_rows) {
+  TORCH_CHECK(block_size >= 1 && K % block_size == 0, "block size must divide K");
+  const Geometry g = make_geometry(4, codes.size(0), K, block_size);
+  check_common(g, codes);
+  const auto [x2, b] = prepare(g, x, bias);
+  const LutParams p = lut_params(g, absmax, dq_codes, dq_scale, dq_offset, dq_block);
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const at::Tensor y = x2.size(0) <= gemv_max_rows ? gemv<true>(g, c, p, lut_table(lut), x2, b)
+                                                   : dequant_gemm<true>(g, c, p, lut_table(lut), x2, b);  // [M, N]
+  return finish(y, x, g.N);
+}
+
+at::Tensor lut_dequant(const at::Tensor& codes, const at::Tensor& lut, const c10::optional<at::Tensor>& absmax,
+                       const c10::optional<at::Tensor>& dq_codes, const c10::optional<at::Tensor>& dq_scale,
+                       const c10::optional<at::Tensor>& dq_offset, int64_t K, int64_t block_size, int64_t dq_block,
+                       bool permuted) {
+  TORCH_CHECK(block_size >= 1 && K % block_size == 0, "block size must divide K");
+  const Geometry g = make_geometry(4, codes.size(0), K, block_size);
+  check_common(g, codes);
+  return dequant<true>(g, codes.data_ptr<uint8_t>(), lut_params(g, absmax, dq_codes, dq_scale, dq_offset, dq_block),
+                       lut_table(lut), permuted);
+}
+
+// The column order of the vector path for (bits, group size, K): perm[i] = the column at position i.
+at::Tensor column_order(int64_t bits, int64_t group_size, int64_t K) {
+  const Geometry g = make_geometry(bits, 1, K, group_size);
+  at::Tensor perm = at::arange(K, at::TensorOptions().dtype(at::kLong));
+  int64_t* p = perm.data_ptr<int64_t>();
+  for (int64_t k0 = 0; k0 < g.full_end; k0 += g.U)
+    for (int64_t i = 0; i < g.U; ++i) p[k0 + i] = k0 + step_source(bits, i);
+  return perm;
+}
+
+bool has_avx2() {
+#ifdef __AVX2__
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("uniform_linear", &uniform_linear, "y = x W^T (+ b) from packed uniform int-k codes");
+  m.def("uniform_dequant", &uniform_dequant, "packed uniform int-k codes -> fp32 [N, K]");
+  m.def("lut_linear", &lut_linear, "y = x W^T (+ b) from packed 4-bit LUT codes");
+  m.def("lut_dequant", &lut_dequant, "packed 4-bit LUT codes -> fp32 [N, K]");
+  m.def("column_order", &column_order, "column at each position of the vector path's order");
+  m.def("has_avx2", &has_avx2, "built with the AVX2 path");
+}
