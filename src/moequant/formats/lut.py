@@ -75,6 +75,13 @@ class _LutBase(QuantizedTensor):
         lut = lut_values(self.attrs["lut"])
         return lut_dequantize(self._codes(), self._absmax(), lut, self.attrs["block_size"]).to(dtype)
 
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [..., K] -> x Ŵᵀ + b [..., N]`` (2-D tensors) through ``kernels.lut``: the C++ GEMV / decode +
+        GEMM on CPU (double-quantized scales decoded in the kernel), the reference decode elsewhere."""
+        from moequant.kernels.lut import linear
+
+        return linear(self, x, bias)
+
 
 class LutTensor(_LutBase):
     """Packed 4-bit LUT codes + float16 absmax per block."""

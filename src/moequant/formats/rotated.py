@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from moequant.codecs.config import MethodConfig
 from moequant.formats.base import QuantizedTensor
@@ -133,12 +132,12 @@ class RotatedTensor(QuantizedTensor):
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x [..., K] -> x Wᵀ + b [..., N]`` for a 2-D tensor, rotating the activations instead of
-        decoding ``W``."""
+        decoding ``W``; the rotated product ``W̃ x̃`` is the inner tensor's ``linear`` (its fast path)."""
         if len(self.shape) != 2:
             raise ValueError(f"linear() needs a 2-D tensor, shape is {self.shape}; select an expert first")
         inc = self.incoherence()
         xr = inc.transform_input(x.to(torch.float32))  # [..., K]
-        y = inc.restore_output(F.linear(xr, self.inner.dequantize(torch.float32))).to(x.dtype)  # [..., N]
+        y = inc.restore_output(self.inner.linear(xr)).to(x.dtype)  # [..., N]: the inner format's fast path
         return y if bias is None else y + bias
 
 

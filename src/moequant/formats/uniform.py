@@ -106,6 +106,13 @@ class _UniformBase(QuantizedTensor):
         grid = self.attrs.get("grid", "midtread")
         return uniform_dequantize(codes, self.data["scale"], zero, gs, bits, grid).to(dtype)
 
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [..., K] -> x Ŵᵀ + b [..., N]`` (2-D tensors) through ``kernels.uniform``: the C++ GEMV /
+        decode + GEMM on CPU (torch's int4pack kernel for 4 bits), the reference decode elsewhere."""
+        from moequant.kernels.uniform import linear
+
+        return linear(self, x, bias)
+
     @classmethod
     def expected_bits_per_weight(cls, shape: tuple[int, ...], config: MethodConfig) -> float:
         cfg = _check_config(cls.__name__, config, cls.symmetric)
