@@ -118,6 +118,15 @@ class TrellisTensor(QuantizedTensor):
         out = [dequant(words[e], scale[e], None if luts is None else luts[e], cfg) for e in range(words.shape[0])]
         return torch.stack(out).reshape(self.shape).to(dtype)
 
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [..., K] -> x Ŵᵀ + b [..., N]`` through ``kernels.trellis.linear`` (fused C++ GEMV for a few rows
+        on CPU, the C++ decode + ``F.linear`` for more, the torch reference elsewhere)."""
+        from moequant.kernels.trellis import linear
+
+        if len(self.shape) != 2:
+            raise ValueError(f"{self.format_id}: linear() needs a 2-D tensor, shape is {self.shape}")
+        return linear(self, x, bias)
+
     @classmethod
     def expected_bits_per_weight(cls, shape: tuple[int, ...], config: MethodConfig) -> float:
         cfg = _check_config(config)
