@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__F16C__)
@@ -289,65 +290,68 @@ inline __m256i load8_u8_to_i32(const uint8_t* p) {
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
 }
 
-// One step of BITS-bit codes at p (a whole number of bytes) -> f(Idx<t>, 8 int32 lanes), t = 0 .. U/8 - 1:
-// the codes of plane t (MASKED = false), or the telescoped planes c_t of `permute_row` (MASKED = true).
-template <int BITS, bool MASKED, class F>
-inline void decode_step(const uint8_t* p, F&& f) {
-  const auto mask = [](int bits) { return _mm256_set1_epi32((1 << bits) - 1); };
+// One step of BITS-bit codes, loaded into registers (`load_step`), and its planes: `plane<BITS, MASKED, t>`
+// = 8 int32 lanes, t = 0 .. U/8 - 1: the codes of plane t (MASKED = false), or the telescoped planes c_t
+// of `permute_row` (MASKED = true: low bits masked, no shift).
+template <int BITS>
+struct StepBits {
+  __m256i a, b;
+};
+
+template <>
+struct StepBits<8> {
+  const uint8_t* p;  // 8-bit planes are plain loads
+};
+
+template <int BITS>
+inline StepBits<BITS> load_step(const uint8_t* p) {
   if constexpr (BITS == 4) {
-    const __m256i a = load8_u8_to_i32(p), b = load8_u8_to_i32(p + 8);
-    f(Idx<0>{}, _mm256_and_si256(a, mask(4)));
-    f(Idx<1>{}, MASKED ? a : _mm256_srli_epi32(a, 4));
-    f(Idx<2>{}, _mm256_and_si256(b, mask(4)));
-    f(Idx<3>{}, MASKED ? b : _mm256_srli_epi32(b, 4));
+    return {load8_u8_to_i32(p), load8_u8_to_i32(p + 8)};  // lane j: byte j (codes 2j, 2j + 1)
   } else if constexpr (BITS == 2) {
-    const __m256i a = load8_u8_to_i32(p);
-    if constexpr (MASKED) {
-      f(Idx<0>{}, _mm256_and_si256(a, mask(2)));
-      f(Idx<1>{}, _mm256_and_si256(a, mask(4)));
-      f(Idx<2>{}, _mm256_and_si256(a, mask(6)));
-      f(Idx<3>{}, a);
-    } else {
-      f(Idx<0>{}, _mm256_and_si256(a, mask(2)));
-      f(Idx<1>{}, _mm256_and_si256(_mm256_srli_epi32(a, 2), mask(2)));
-      f(Idx<2>{}, _mm256_and_si256(_mm256_srli_epi32(a, 4), mask(2)));
-      f(Idx<3>{}, _mm256_srli_epi32(a, 6));
-    }
+    return {load8_u8_to_i32(p), _mm256_setzero_si256()};  // lane j: byte j (codes 4j .. 4j + 3)
   } else if constexpr (BITS == 3) {
-    // 24 bytes = 8 chunks of 3 bytes; lane c gets chunk c's 24-bit word. Low half from bytes 0..15
-    // (chunks 0-3 = bytes 0..11), high half from bytes 8..23 (chunks 4-7 = bytes 12..23 = its 4..15).
+    // 24 bytes = 8 chunks of 3 bytes; lane c gets chunk c's 24-bit word (codes 8c .. 8c + 7). Low half from
+    // bytes 0..15 (chunks 0-3 = bytes 0..11), high half from bytes 8..23 (chunks 4-7 = its bytes 4..15).
     const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8));
     const __m256i shuf = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,  //
                                           4, 5, 6, -1, 7, 8, 9, -1, 10, 11, 12, -1, 13, 14, 15, -1);
-    const __m256i w = _mm256_shuffle_epi8(_mm256_set_m128i(hi, lo), shuf);
-    if constexpr (MASKED) {
-      f(Idx<0>{}, _mm256_and_si256(w, mask(3)));
-      f(Idx<1>{}, _mm256_and_si256(w, mask(6)));
-      f(Idx<2>{}, _mm256_and_si256(w, mask(9)));
-      f(Idx<3>{}, _mm256_and_si256(w, mask(12)));
-      f(Idx<4>{}, _mm256_and_si256(w, mask(15)));
-      f(Idx<5>{}, _mm256_and_si256(w, mask(18)));
-      f(Idx<6>{}, _mm256_and_si256(w, mask(21)));
-      f(Idx<7>{}, w);
-    } else {
-      const __m256i m3 = mask(3);
-      f(Idx<0>{}, _mm256_and_si256(w, m3));
-      f(Idx<1>{}, _mm256_and_si256(_mm256_srli_epi32(w, 3), m3));
-      f(Idx<2>{}, _mm256_and_si256(_mm256_srli_epi32(w, 6), m3));
-      f(Idx<3>{}, _mm256_and_si256(_mm256_srli_epi32(w, 9), m3));
-      f(Idx<4>{}, _mm256_and_si256(_mm256_srli_epi32(w, 12), m3));
-      f(Idx<5>{}, _mm256_and_si256(_mm256_srli_epi32(w, 15), m3));
-      f(Idx<6>{}, _mm256_and_si256(_mm256_srli_epi32(w, 18), m3));
-      f(Idx<7>{}, _mm256_srli_epi32(w, 21));
-    }
+    return {_mm256_shuffle_epi8(_mm256_set_m128i(hi, lo), shuf), _mm256_setzero_si256()};
   } else {
     static_assert(BITS == 8, "vector path: 2, 3, 4 or 8 bits");
-    f(Idx<0>{}, load8_u8_to_i32(p));
-    f(Idx<1>{}, load8_u8_to_i32(p + 8));
-    f(Idx<2>{}, load8_u8_to_i32(p + 16));
-    f(Idx<3>{}, load8_u8_to_i32(p + 24));
+    return {p};
   }
+}
+
+template <int BITS, bool MASKED, int T>
+inline __m256i plane(const StepBits<BITS>& st) {
+  const auto mask = [](int bits) { return _mm256_set1_epi32((1 << bits) - 1); };
+  if constexpr (BITS == 8) {
+    return load8_u8_to_i32(st.p + 8 * T);
+  } else {
+    constexpr int P = BITS == 4 ? 2 : BITS == 2 ? 4 : 8;  // planes per loaded word
+    const __m256i w = BITS == 4 && T >= 2 ? st.b : st.a;
+    constexpr int p = T % P;
+    if constexpr (p == P - 1) {
+      return MASKED ? w : _mm256_srli_epi32(w, BITS * p);  // the top plane needs no mask
+    } else if constexpr (MASKED) {
+      return _mm256_and_si256(w, mask(BITS * (p + 1)));
+    } else {
+      return _mm256_and_si256(p ? _mm256_srli_epi32(w, BITS * p) : w, mask(BITS));
+    }
+  }
+}
+
+template <int BITS, bool MASKED, class F, int... T>
+inline void decode_step_impl(const uint8_t* p, F&& f, std::integer_sequence<int, T...>) {
+  const StepBits<BITS> st = load_step<BITS>(p);
+  (f(Idx<T>{}, plane<BITS, MASKED, T>(st)), ...);
+}
+
+// One step of BITS-bit codes at p -> f(Idx<t>, plane t) for t = 0 .. U/8 - 1.
+template <int BITS, bool MASKED, class F>
+inline void decode_step(const uint8_t* p, F&& f) {
+  decode_step_impl<BITS, MASKED>(p, f, std::make_integer_sequence<int, (BITS == 3 ? 64 : 32) / 8>{});
 }
 
 template <int BITS>
@@ -450,6 +454,58 @@ inline void row_dot_vec(const Geometry& g, const uint8_t* row, const float* xp, 
   }
 }
 
+template <int BITS, bool LUT, int NA, int... T>
+inline void pair_step(const StepBits<BITS>& st_a, const StepBits<BITS>& st_b, const float* xq, const Lut16& tab,
+                      __m256* acc_a, __m256* acc_b, std::integer_sequence<int, T...>) {
+  const auto one = [&](auto t) {
+    constexpr int I = decltype(t)::value;
+    const __m256 xv = _mm256_loadu_ps(xq + 8 * I);
+    acc_a[I % NA] = _mm256_fmadd_ps(values<LUT>(plane<BITS, !LUT, I>(st_a), tab), xv, acc_a[I % NA]);
+    acc_b[I % NA] = _mm256_fmadd_ps(values<LUT>(plane<BITS, !LUT, I>(st_b), tab), xv, acc_b[I % NA]);
+  };
+  (one(Idx<T>{}), ...);
+}
+
+// One row of x against two rows of W (one x load feeds both, loop and group control shared): out[0], out[1]
+// as row_dot_vec<BITS, LUT, 1> computes them for rows a and b.
+template <int BITS, bool LUT>
+inline void row_pair_dot_vec(const Geometry& g, const uint8_t* ra, const uint8_t* rb, const float* xp,
+                             const float* xn, const float* sx, const float* sa, const float* za, const float* sb,
+                             const float* zb, const Lut16& tab, const float* lut, float* out) {
+  constexpr int U = kStep<BITS>;
+  constexpr int SB = U / 8 * BITS;
+  constexpr int TV = U / 8;
+  constexpr int NA = 4;
+  const int64_t G = g.G;
+  const int64_t spg = G == 1 ? g.full_end / U : g.gs / U;
+  __m256 tot_a = _mm256_setzero_ps(), tot_b = _mm256_setzero_ps();
+  const uint8_t* pa = ra;
+  const uint8_t* pb = rb;
+  const float* xq = xp;
+  for (int64_t gi = 0; gi < G; ++gi) {
+    const int64_t steps = gi + 1 < G ? spg : (xp + g.full_end - xq) / U;
+    __m256 acc_a[NA], acc_b[NA];
+    acc_a[0] = LUT ? _mm256_setzero_ps() : _mm256_set_ps(0, 0, 0, 0, 0, 0, 0, -za[gi] * sx[gi]);
+    acc_b[0] = LUT ? _mm256_setzero_ps() : _mm256_set_ps(0, 0, 0, 0, 0, 0, 0, -zb[gi] * sx[gi]);
+    for (int a = 1; a < NA; ++a) acc_a[a] = acc_b[a] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < steps; ++i, pa += SB, pb += SB, xq += U) {
+      const StepBits<BITS> st_a = load_step<BITS>(pa), st_b = load_step<BITS>(pb);
+      pair_step<BITS, LUT, NA>(st_a, st_b, xq, tab, acc_a, acc_b, std::make_integer_sequence<int, TV>{});
+    }
+    tot_a = _mm256_fmadd_ps(_mm256_set1_ps(sa[gi]),
+                            _mm256_add_ps(_mm256_add_ps(acc_a[0], acc_a[1]), _mm256_add_ps(acc_a[2], acc_a[3])), tot_a);
+    tot_b = _mm256_fmadd_ps(_mm256_set1_ps(sb[gi]),
+                            _mm256_add_ps(_mm256_add_ps(acc_b[0], acc_b[1]), _mm256_add_ps(acc_b[2], acc_b[3])), tot_b);
+  }
+  float tail_a = 0.0f, tail_b = 0.0f;
+  for (int64_t k = g.full_end; k < g.K; ++k) {
+    tail_a += xn[k] * code_value<LUT>(code_at(ra, k, BITS), lut);
+    tail_b += xn[k] * code_value<LUT>(code_at(rb, k, BITS), lut);
+  }
+  out[0] = hsum(tot_a) + sa[G - 1] * tail_a;
+  out[1] = hsum(tot_b) + sb[G - 1] * tail_b;
+}
+
 template <int BITS, bool LUT>
 void row_dot_vec_all(const Geometry& g, const uint8_t* row, const float* xp, const float* xn, int64_t M,
                      const float* sx, const float* s, const float* z, const Lut16& tab, const float* lut,
@@ -535,11 +591,32 @@ at::Tensor gemv(const Geometry& g, const uint8_t* codes, const Params& params, c
   at::parallel_for(0, N, grain_rows(g), [&](int64_t n0, int64_t n1) {
     // Group parameters of a block of rows at once (contiguous in the scale tensor: vectorised conversion).
     const int64_t block = std::max<int64_t>(1, std::min<int64_t>(n1 - n0, 4096 / std::max<int64_t>(G, 1)));
-    std::vector<float> s(block * G), z(block * G), out(M);
+    std::vector<float> s(block * G), z(block * G), out(std::max<int64_t>(M, 2));
     for (int64_t nb = n0; nb < n1; nb += block) {
       const int64_t rows = std::min(block, n1 - nb);
       params.rows(g, nb, rows, s.data(), z.data());
-      for (int64_t r = 0; r < rows; ++r) {
+      int64_t r = 0;
+#ifdef __AVX2__
+      if (g.U && M == 1)  // one row of x: two rows of W per pass
+        for (; r + 2 <= rows; r += 2) {
+          const int64_t n = nb + r;
+          const uint8_t* row = codes + n * g.row_bytes;
+          const float *sr = s.data() + r * G, *zr = z.data() + r * G;
+#define MOEQUANT_PAIR(b)                                                                                        \
+  row_pair_dot_vec<b, LUT>(g, row, row + g.row_bytes, xp, xn, sx.data(), sr, zr, sr + G, zr + G, tab, lut, \
+                           out.data())
+          switch (g.bits) {
+            case 2: MOEQUANT_PAIR(2); break;
+            case 3: MOEQUANT_PAIR(3); break;
+            case 4: MOEQUANT_PAIR(4); break;
+            default: MOEQUANT_PAIR(8); break;
+          }
+#undef MOEQUANT_PAIR
+          yp[n] = out[0] + (bp ? bp[n] : 0.0f);
+          yp[n + 1] = out[1] + (bp ? bp[n + 1] : 0.0f);
+        }
+#endif
+      for (; r < rows; ++r) {
         const int64_t n = nb + r;
         const uint8_t* row = codes + n * g.row_bytes;
         const float* sr = s.data() + r * G;
@@ -566,22 +643,22 @@ at::Tensor gemv(const Geometry& g, const uint8_t* codes, const Params& params, c
   return y;
 }
 
-// Whole matrix -> fp32 [N, K], columns in the vector path's order when `permuted`, else column order.
+// Rows [r0, r1) of W -> fp32 w [r1 - r0, K] (row stride K), columns in the vector path's order when
+// `permuted`, else column order. Parallel over rows.
 template <bool LUT, class Params>
-at::Tensor dequant(const Geometry& g, const uint8_t* codes, const Params& params, const float* lut, bool permuted) {
-  at::Tensor w = at::empty({g.N, g.K}, at::TensorOptions().dtype(at::kFloat));  // [N, K]
-  float* wp = w.data_ptr<float>();
+void dequant_rows(const Geometry& g, const uint8_t* codes, const Params& params, const float* lut, bool permuted,
+                  int64_t r0, int64_t r1, float* w) {
   const std::vector<int64_t> src = step_sources(g);
 #ifdef __AVX2__
   Lut16 tab{_mm256_setzero_ps(), _mm256_setzero_ps()};
   if (LUT) tab = Lut16{_mm256_loadu_ps(lut), _mm256_loadu_ps(lut + 8)};
 #endif
-  at::parallel_for(0, g.N, grain_rows(g), [&](int64_t n0, int64_t n1) {
+  at::parallel_for(r0, r1, grain_rows(g), [&](int64_t n0, int64_t n1) {
     std::vector<float> s(g.G), z(g.G), tmp(permuted ? 0 : g.U);
     for (int64_t n = n0; n < n1; ++n) {
       params.rows(g, n, 1, s.data(), z.data());
       const uint8_t* row = codes + n * g.row_bytes;
-      float* wr = wp + n * g.K;
+      float* wr = w + (n - r0) * g.K;
       bool done = false;
 #ifdef __AVX2__
       if (g.U) {
@@ -603,17 +680,31 @@ at::Tensor dequant(const Geometry& g, const uint8_t* codes, const Params& params
       if (!done) row_dequant_scalar<LUT>(g, row, s.data(), z.data(), lut, wr);
     }
   });
+}
+
+// Whole matrix -> fp32 [N, K] (see dequant_rows).
+template <bool LUT, class Params>
+at::Tensor dequant(const Geometry& g, const uint8_t* codes, const Params& params, const float* lut, bool permuted) {
+  at::Tensor w = at::empty({g.N, g.K}, at::TensorOptions().dtype(at::kFloat));  // [N, K]
+  dequant_rows<LUT>(g, codes, params, lut, permuted, 0, g.N, w.data_ptr<float>());
   return w;
 }
 
-// Large M: decode once, then one fp32 GEMM against the identically permuted x.
+// Rows of W decoded per GEMM: ~4 MiB of fp32 (cache-sized, and small enough for the allocator to reuse
+// instead of mapping fresh pages every call), at least 64 rows, a multiple of 16.
+int64_t tile_rows(const Geometry& g) {
+  const int64_t t = std::max<int64_t>(64, (int64_t{1} << 20) / std::max<int64_t>(g.K, 1)) / 16 * 16;
+  return std::min(t, g.N);
+}
+
+// Large M: decode a tile of rows of W at a time, multiply it against the identically permuted x
+// (y[:, tile] = x_p W_tile^T, BLAS writing into the column slice of y), add the bias at the end.
 template <bool LUT, class Params>
 at::Tensor dequant_gemm(const Geometry& g, const uint8_t* codes, const Params& params, const float* lut,
                         const at::Tensor& x, const c10::optional<at::Tensor>& bias) {
-  at::Tensor w = dequant<LUT>(g, codes, params, lut, true);  // [N, K] permuted columns
-  at::Tensor xp = x;
+  at::Tensor xp = x;  // [M, K]
   if (g.U) {
-    xp = at::empty_like(x);  // [M, K]
+    xp = at::empty_like(x);
     const std::vector<int64_t> src = step_sources(g);
     const float* xs = x.data_ptr<float>();
     float* xd = xp.data_ptr<float>();
@@ -621,7 +712,17 @@ at::Tensor dequant_gemm(const Geometry& g, const uint8_t* codes, const Params& p
       for (int64_t m = m0; m < m1; ++m) permute_row(g, src.data(), xs + m * g.K, xd + m * g.K, false);
     });
   }
-  return bias.has_value() ? at::linear(xp, w, *bias) : at::linear(xp, w);
+  at::Tensor y = at::empty({x.size(0), g.N}, x.options());  // [M, N]
+  const int64_t T = tile_rows(g);
+  at::Tensor w = at::empty({T, g.K}, x.options());  // [T, K] decoded rows, reused per tile
+  for (int64_t n0 = 0; n0 < g.N; n0 += T) {
+    const int64_t rows = std::min(T, g.N - n0);
+    dequant_rows<LUT>(g, codes, params, lut, true, n0, n0 + rows, w.data_ptr<float>());
+    at::Tensor out = y.narrow(1, n0, rows);  // [M, rows], row stride N
+    at::mm_out(out, xp, w.narrow(0, 0, rows).t());
+  }
+  if (bias.has_value()) y.add_(*bias);
+  return y;
 }
 
 // ---------------------------------------------------------------------------------------------------
