@@ -14,8 +14,8 @@ Schema (one 2-D matrix; expert stacks ``select(e)`` first)::
 
 Implementations: ``reference`` (decode with ``codecs.lut``, then ``F.linear`` in ``x.dtype``: the
 definition and the tests' oracle) and the CPU kernels of ``csrc/qgemv.cpp`` (GEMV up to
-``uniform.GEMV_MAX_ROWS`` rows of ``x``, decode + GEMM beyond; fp32 arithmetic; a 16-entry table lookup
-per code). Double-quantized block scales are decoded inside the kernel, one multiply-add per block of
+``uniform.GEMV_MAX_ROWS`` rows of ``x``, decode + GEMM beyond; fp32 arithmetic; the table lookup rebuilds
+each value's exact fp32 bits from four byte-plane ``vpshufb``, 32 codes at a time). Double-quantized block scales are decoded inside the kernel, one multiply-add per block of
 weights, with the reference's rounding (bit-identical absmax), so no decoded copy is cached anywhere.
 Dispatch as in ``kernels.uniform``: eager calls go straight to the implementation, ``torch.compile``
 traces the op.

@@ -79,20 +79,28 @@ int64_t step_planes(int64_t bits) {
   }
 }
 
-// Column (within the step) whose code lands at position i = 8 * t + j of the decoded step: vector t of
-// sub-unit s = t / P, plane p = t % P, lane j holds code s * 8P + P * j + p.
-int64_t step_source(int64_t bits, int64_t i) {
-  const int64_t P = step_planes(bits), t = i / 8, j = i % 8;
+// Column (within the step) whose code lands at position i = 8 * t + j of the decoded step.
+// Uniform codes: vector t of sub-unit s = t / P, plane p = t % P, lane j holds code s * 8P + P * j + p.
+// 4-bit LUT codes (`lut_step`): byte position pos = (j < 4 ? 0 : 16) + 4t + j % 4 of [low nibbles of the 16
+// bytes | high nibbles], i.e. code 2 pos (pos < 16) or 2 (pos - 16) + 1.
+int64_t step_source(int64_t bits, int64_t i, bool lut) {
+  const int64_t t = i / 8, j = i % 8;
+  if (lut) {
+    const int64_t pos = (j < 4 ? 0 : 16) + 4 * t + j % 4;
+    return pos < 16 ? 2 * pos : 2 * (pos - 16) + 1;
+  }
+  const int64_t P = step_planes(bits);
   return (t / P) * 8 * P + P * j + t % P;
 }
 
 struct Geometry {
   int64_t bits, N, K, gs, G, row_bytes, U;  // U = 0: scalar path only
   int64_t full_end;                         // columns [0, full_end) are whole vector steps
+  bool lut;                                 // 4-bit LUT codes (their own step order)
 };
 
-Geometry make_geometry(int64_t bits, int64_t N, int64_t K, int64_t gs) {
-  Geometry g{bits, N, K, gs, (K + gs - 1) / gs, packed_len(K, bits), step_codes(bits), 0};
+Geometry make_geometry(int64_t bits, int64_t N, int64_t K, int64_t gs, bool lut = false) {
+  Geometry g{bits, N, K, gs, (K + gs - 1) / gs, packed_len(K, bits), step_codes(bits), 0, lut};
   if (g.U && !(g.G == 1 || gs % g.U == 0)) g.U = 0;
   g.full_end = g.U ? K / g.U * g.U : 0;
   return g;
@@ -107,19 +115,17 @@ Geometry make_geometry(int64_t bits, int64_t N, int64_t K, int64_t gs) {
 // those coefficients (exact power-of-two scalings, one rounding in the difference).
 void permute_row(const Geometry& g, const int64_t* src, const float* x, float* xp, bool telescoped) {
   const int64_t P = step_planes(g.bits);
+  float fac[9];  // 2^(-b p), p = 0 .. P (fac[P] multiplies the absent plane P)
+  for (int64_t p = 0; p <= P; ++p) fac[p] = std::ldexp(1.0f, static_cast<int>(-g.bits * p));
   for (int64_t k0 = 0; k0 < g.full_end; k0 += g.U) {
     float* o = xp + k0;
     for (int64_t i = 0; i < g.U; ++i) o[i] = x[k0 + src[i]];
     if (!telescoped || P == 1) continue;
     for (int64_t sub = 0; sub < g.U / (8 * P); ++sub) {
       float* q = o + sub * 8 * P;  // planes p = 0 .. P-1 of one sub-unit, 8 lanes each
-      for (int64_t p = 0; p < P; ++p) {
-        const float f = std::ldexp(1.0f, static_cast<int>(-g.bits * p));
-        for (int64_t j = 0; j < 8; ++j) {
-          const float next = p + 1 < P ? std::ldexp(q[8 * (p + 1) + j], static_cast<int>(-g.bits)) : 0.0f;
-          q[8 * p + j] = q[8 * p + j] * f - (p + 1 < P ? next * f : 0.0f);
-        }
-      }
+      for (int64_t p = 0; p + 1 < P; ++p)  // plane p + 1 is read before it is rewritten
+        for (int64_t j = 0; j < 8; ++j) q[8 * p + j] = q[8 * p + j] * fac[p] - q[8 * (p + 1) + j] * fac[p + 1];
+      for (int64_t j = 0; j < 8; ++j) q[8 * (P - 1) + j] *= fac[P - 1];
     }
   }
   std::memcpy(xp + g.full_end, x + g.full_end, sizeof(float) * (g.K - g.full_end));
@@ -127,7 +133,7 @@ void permute_row(const Geometry& g, const int64_t* src, const float* x, float* x
 
 std::vector<int64_t> step_sources(const Geometry& g) {
   std::vector<int64_t> src(std::max<int64_t>(g.U, 1));
-  for (int64_t i = 0; i < g.U; ++i) src[i] = step_source(g.bits, i);
+  for (int64_t i = 0; i < g.U; ++i) src[i] = step_source(g.bits, i, g.lut);
   return src;
 }
 
@@ -357,23 +363,57 @@ inline void decode_step(const uint8_t* p, F&& f) {
 template <int BITS>
 constexpr int kStep = BITS == 3 ? 64 : 32;
 
-struct Lut16 {
-  __m256 lo, hi;
+// The 16 fp32 table entries as 4 byte planes (byte p of entry c at position c of both 128-bit lanes), for
+// vpshufb lookups that rebuild exact fp32 bit patterns.
+struct LutTables {
+  __m256i b[4];
 };
 
-// 16-entry table lookup of 8 codes: two 8-entry permutes, bit 3 of the code picks one.
-inline __m256 lut16(__m256i q, const Lut16& t) {
-  const __m256 a = _mm256_permutevar8x32_ps(t.lo, q);
-  const __m256 b = _mm256_permutevar8x32_ps(t.hi, q);
-  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
+inline LutTables make_tables(const float* lut) {
+  LutTables t;
+  for (int p = 0; p < 4; ++p) {
+    alignas(32) uint8_t bytes[32];
+    for (int c = 0; c < 16; ++c) {
+      uint32_t bits;
+      std::memcpy(&bits, lut + c, 4);
+      bytes[c] = bytes[16 + c] = static_cast<uint8_t>(bits >> (8 * p));
+    }
+    t.b[p] = _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes));
+  }
+  return t;
 }
 
-template <bool LUT>
-inline __m256 values(__m256i q, const Lut16& t) {
-  if constexpr (LUT)
-    return lut16(q, t);
-  else
-    return _mm256_cvtepi32_ps(q);
+// 32 4-bit LUT codes (16 bytes) -> 4 vectors of 8 fp32 table values, in the order of `step_source(.., lut)`:
+// the nibbles become byte indices [low nibbles | high nibbles], 4 vpshufb fetch the value bytes, two rounds
+// of unpacks assemble them into floats.
+inline void lut_step(const uint8_t* p, const LutTables& t, __m256* v) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  const __m256i idx = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), _mm_and_si128(raw, m4));
+  const __m256i b0 = _mm256_shuffle_epi8(t.b[0], idx), b1 = _mm256_shuffle_epi8(t.b[1], idx);
+  const __m256i b2 = _mm256_shuffle_epi8(t.b[2], idx), b3 = _mm256_shuffle_epi8(t.b[3], idx);
+  const __m256i lo01 = _mm256_unpacklo_epi8(b0, b1), hi01 = _mm256_unpackhi_epi8(b0, b1);
+  const __m256i lo23 = _mm256_unpacklo_epi8(b2, b3), hi23 = _mm256_unpackhi_epi8(b2, b3);
+  v[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23));
+  v[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23));
+  v[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23));
+  v[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23));
+}
+
+// One step at p -> f(Idx<t>, 8 fp32 multiplicands): telescoped planes (uniform GEMV) or table values (LUT).
+template <int BITS, bool LUT, class F>
+inline void step_vectors(const uint8_t* p, const LutTables& tab, F&& f) {
+  if constexpr (LUT) {
+    static_assert(BITS == 4, "LUT codes are 4-bit");
+    __m256 v[4];
+    lut_step(p, tab, v);
+    f(Idx<0>{}, v[0]);
+    f(Idx<1>{}, v[1]);
+    f(Idx<2>{}, v[2]);
+    f(Idx<3>{}, v[3]);
+  } else {
+    decode_step<BITS, true>(p, [&](auto t, __m256i q) { f(t, _mm256_cvtepi32_ps(q)); });
+  }
 }
 
 inline float hsum(__m256 v) {
@@ -388,7 +428,7 @@ inline float hsum(__m256 v) {
 // out[m] = sum_g s[g] * (sum_{k in g} x[m, k] v(q[k]) - z[g] sx[m, g]).
 template <int BITS, bool LUT, int MR>
 inline void row_dot_vec(const Geometry& g, const uint8_t* row, const float* xp, const float* xn, const float* sx,
-                        const float* s, const float* z, const Lut16& tab, const float* lut, float* out) {
+                        const float* s, const float* z, const LutTables& tab, const float* lut, float* out) {
   constexpr int U = kStep<BITS>;
   constexpr int SB = U / 8 * BITS;  // bytes per step
   constexpr int TV = U / 8;         // vectors per step
@@ -415,9 +455,8 @@ inline void row_dot_vec(const Geometry& g, const uint8_t* row, const float* xp, 
     }
     const auto step = [&](const uint8_t* ps, const float* xs, auto base) {
       constexpr int B = decltype(base)::value;
-      decode_step<BITS, !LUT>(ps, [&](auto t, __m256i q) {  // uniform: telescoped planes, LUT: codes
+      step_vectors<BITS, LUT>(ps, tab, [&](auto t, __m256 w) {
         constexpr int T = decltype(t)::value;
-        const __m256 w = values<LUT>(q, tab);
         for (int m = 0; m < MR; ++m)
           acc[m][(B + T) % NA] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xs + m * K + 8 * T), acc[m][(B + T) % NA]);
       });
@@ -454,14 +493,14 @@ inline void row_dot_vec(const Geometry& g, const uint8_t* row, const float* xp, 
   }
 }
 
-template <int BITS, bool LUT, int NA, int... T>
-inline void pair_step(const StepBits<BITS>& st_a, const StepBits<BITS>& st_b, const float* xq, const Lut16& tab,
+template <int BITS, int NA, int... T>
+inline void pair_step(const StepBits<BITS>& st_a, const StepBits<BITS>& st_b, const float* xq, const LutTables& tab,
                       __m256* acc_a, __m256* acc_b, std::integer_sequence<int, T...>) {
   const auto one = [&](auto t) {
     constexpr int I = decltype(t)::value;
     const __m256 xv = _mm256_loadu_ps(xq + 8 * I);
-    acc_a[I % NA] = _mm256_fmadd_ps(values<LUT>(plane<BITS, !LUT, I>(st_a), tab), xv, acc_a[I % NA]);
-    acc_b[I % NA] = _mm256_fmadd_ps(values<LUT>(plane<BITS, !LUT, I>(st_b), tab), xv, acc_b[I % NA]);
+    acc_a[I % NA] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(plane<BITS, true, I>(st_a)), xv, acc_a[I % NA]);
+    acc_b[I % NA] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(plane<BITS, true, I>(st_b)), xv, acc_b[I % NA]);
   };
   (one(Idx<T>{}), ...);
 }
@@ -471,7 +510,7 @@ inline void pair_step(const StepBits<BITS>& st_a, const StepBits<BITS>& st_b, co
 template <int BITS, bool LUT>
 inline void row_pair_dot_vec(const Geometry& g, const uint8_t* ra, const uint8_t* rb, const float* xp,
                              const float* xn, const float* sx, const float* sa, const float* za, const float* sb,
-                             const float* zb, const Lut16& tab, const float* lut, float* out) {
+                             const float* zb, const LutTables& tab, const float* lut, float* out) {
   constexpr int U = kStep<BITS>;
   constexpr int SB = U / 8 * BITS;
   constexpr int TV = U / 8;
@@ -490,7 +529,7 @@ inline void row_pair_dot_vec(const Geometry& g, const uint8_t* ra, const uint8_t
     for (int a = 1; a < NA; ++a) acc_a[a] = acc_b[a] = _mm256_setzero_ps();
     for (int64_t i = 0; i < steps; ++i, pa += SB, pb += SB, xq += U) {
       const StepBits<BITS> st_a = load_step<BITS>(pa), st_b = load_step<BITS>(pb);
-      pair_step<BITS, LUT, NA>(st_a, st_b, xq, tab, acc_a, acc_b, std::make_integer_sequence<int, TV>{});
+      pair_step<BITS, NA>(st_a, st_b, xq, tab, acc_a, acc_b, std::make_integer_sequence<int, TV>{});
     }
     tot_a = _mm256_fmadd_ps(_mm256_set1_ps(sa[gi]),
                             _mm256_add_ps(_mm256_add_ps(acc_a[0], acc_a[1]), _mm256_add_ps(acc_a[2], acc_a[3])), tot_a);
@@ -508,7 +547,7 @@ inline void row_pair_dot_vec(const Geometry& g, const uint8_t* ra, const uint8_t
 
 template <int BITS, bool LUT>
 void row_dot_vec_all(const Geometry& g, const uint8_t* row, const float* xp, const float* xn, int64_t M,
-                     const float* sx, const float* s, const float* z, const Lut16& tab, const float* lut,
+                     const float* sx, const float* s, const float* z, const LutTables& tab, const float* lut,
                      float* out) {
   const int64_t K = g.K, G = g.G;
   int64_t m = 0;
@@ -526,7 +565,7 @@ void row_dot_vec_all(const Geometry& g, const uint8_t* row, const float* xp, con
 
 // One row of W in the permuted column order (whole steps) / column order (the rest).
 template <int BITS, bool LUT>
-void row_dequant_vec(const Geometry& g, const uint8_t* row, const float* s, const float* z, const Lut16& tab,
+void row_dequant_vec(const Geometry& g, const uint8_t* row, const float* s, const float* z, const LutTables& tab,
                      const float* lut, float* w) {
   constexpr int U = kStep<BITS>;
   for (int64_t gi = 0; gi < g.G; ++gi) {
@@ -535,15 +574,17 @@ void row_dequant_vec(const Geometry& g, const uint8_t* row, const float* s, cons
     const __m256 zv = _mm256_set1_ps(LUT ? 0.0f : z[gi]);
     int64_t k = k0;
     for (; k + U <= k1; k += U) {
-      decode_step<BITS, false>(row + k / 8 * BITS, [&](auto t, __m256i q) {
-        constexpr int T = decltype(t)::value;
-        __m256 v;
-        if constexpr (LUT)
-          v = _mm256_mul_ps(lut16(q, tab), sv);
-        else
-          v = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), zv), sv);
-        _mm256_storeu_ps(w + k + 8 * T, v);
-      });
+      const uint8_t* p = row + k / 8 * BITS;
+      if constexpr (LUT) {
+        __m256 v[4];
+        lut_step(p, tab, v);
+        for (int t = 0; t < 4; ++t) _mm256_storeu_ps(w + k + 8 * t, _mm256_mul_ps(v[t], sv));
+      } else {
+        decode_step<BITS, false>(p, [&](auto t, __m256i q) {
+          constexpr int T = decltype(t)::value;
+          _mm256_storeu_ps(w + k + 8 * T, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), zv), sv));
+        });
+      }
     }
     for (; k < k1; ++k) {
       const uint32_t c = code_at(row, k, BITS);
@@ -585,8 +626,8 @@ at::Tensor gemv(const Geometry& g, const uint8_t* codes, const Params& params, c
   float* yp = y.data_ptr<float>();
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
 #ifdef __AVX2__
-  Lut16 tab{_mm256_setzero_ps(), _mm256_setzero_ps()};
-  if (LUT) tab = Lut16{_mm256_loadu_ps(lut), _mm256_loadu_ps(lut + 8)};
+  LutTables tab{};
+  if (LUT) tab = make_tables(lut);
 #endif
   at::parallel_for(0, N, grain_rows(g), [&](int64_t n0, int64_t n1) {
     // Group parameters of a block of rows at once (contiguous in the scale tensor: vectorised conversion).
@@ -597,14 +638,14 @@ at::Tensor gemv(const Geometry& g, const uint8_t* codes, const Params& params, c
       params.rows(g, nb, rows, s.data(), z.data());
       int64_t r = 0;
 #ifdef __AVX2__
-      if (g.U && M == 1)  // one row of x: two rows of W per pass
-        for (; r + 2 <= rows; r += 2) {
+      if constexpr (!LUT) {  // one row of x: two rows of W per pass (uniform codes)
+        for (; g.U && M == 1 && r + 2 <= rows; r += 2) {
           const int64_t n = nb + r;
           const uint8_t* row = codes + n * g.row_bytes;
           const float *sr = s.data() + r * G, *zr = z.data() + r * G;
 #define MOEQUANT_PAIR(b)                                                                                        \
-  row_pair_dot_vec<b, LUT>(g, row, row + g.row_bytes, xp, xn, sx.data(), sr, zr, sr + G, zr + G, tab, lut, \
-                           out.data())
+  row_pair_dot_vec<b, false>(g, row, row + g.row_bytes, xp, xn, sx.data(), sr, zr, sr + G, zr + G, tab, lut, \
+                             out.data())
           switch (g.bits) {
             case 2: MOEQUANT_PAIR(2); break;
             case 3: MOEQUANT_PAIR(3); break;
@@ -615,6 +656,7 @@ at::Tensor gemv(const Geometry& g, const uint8_t* codes, const Params& params, c
           yp[n] = out[0] + (bp ? bp[n] : 0.0f);
           yp[n + 1] = out[1] + (bp ? bp[n + 1] : 0.0f);
         }
+      }
 #endif
       for (; r < rows; ++r) {
         const int64_t n = nb + r;
@@ -625,11 +667,11 @@ at::Tensor gemv(const Geometry& g, const uint8_t* codes, const Params& params, c
 #ifdef __AVX2__
         if (g.U) {
           done = true;
-          switch (g.bits) {
-            case 2: row_dot_vec_all<2, LUT>(g, row, xp, xn, M, sx.data(), sr, zr, tab, lut, out.data()); break;
-            case 3: row_dot_vec_all<3, LUT>(g, row, xp, xn, M, sx.data(), sr, zr, tab, lut, out.data()); break;
+          switch (g.bits) {  // (LUT codes are always 4-bit: their other cases are unreachable)
+            case 2: row_dot_vec_all<LUT ? 4 : 2, LUT>(g, row, xp, xn, M, sx.data(), sr, zr, tab, lut, out.data()); break;
+            case 3: row_dot_vec_all<LUT ? 4 : 3, LUT>(g, row, xp, xn, M, sx.data(), sr, zr, tab, lut, out.data()); break;
             case 4: row_dot_vec_all<4, LUT>(g, row, xp, xn, M, sx.data(), sr, zr, tab, lut, out.data()); break;
-            case 8: row_dot_vec_all<8, LUT>(g, row, xp, xn, M, sx.data(), sr, zr, tab, lut, out.data()); break;
+            case 8: row_dot_vec_all<LUT ? 4 : 8, LUT>(g, row, xp, xn, M, sx.data(), sr, zr, tab, lut, out.data()); break;
             default: done = false;
           }
         }
@@ -650,8 +692,8 @@ void dequant_rows(const Geometry& g, const uint8_t* codes, const Params& params,
                   int64_t r0, int64_t r1, float* w) {
   const std::vector<int64_t> src = step_sources(g);
 #ifdef __AVX2__
-  Lut16 tab{_mm256_setzero_ps(), _mm256_setzero_ps()};
-  if (LUT) tab = Lut16{_mm256_loadu_ps(lut), _mm256_loadu_ps(lut + 8)};
+  LutTables tab{};
+  if (LUT) tab = make_tables(lut);
 #endif
   at::parallel_for(r0, r1, grain_rows(g), [&](int64_t n0, int64_t n1) {
     std::vector<float> s(g.G), z(g.G), tmp(permuted ? 0 : g.U);
@@ -664,10 +706,10 @@ void dequant_rows(const Geometry& g, const uint8_t* codes, const Params& params,
       if (g.U) {
         done = true;
         switch (g.bits) {
-          case 2: row_dequant_vec<2, LUT>(g, row, s.data(), z.data(), tab, lut, wr); break;
-          case 3: row_dequant_vec<3, LUT>(g, row, s.data(), z.data(), tab, lut, wr); break;
+          case 2: row_dequant_vec<LUT ? 4 : 2, LUT>(g, row, s.data(), z.data(), tab, lut, wr); break;
+          case 3: row_dequant_vec<LUT ? 4 : 3, LUT>(g, row, s.data(), z.data(), tab, lut, wr); break;
           case 4: row_dequant_vec<4, LUT>(g, row, s.data(), z.data(), tab, lut, wr); break;
-          case 8: row_dequant_vec<8, LUT>(g, row, s.data(), z.data(), tab, lut, wr); break;
+          case 8: row_dequant_vec<LUT ? 4 : 8, LUT>(g, row, s.data(), z.data(), tab, lut, wr); break;
           default: done = false;
         }
         if (done && !permuted)  // back to column order, step by step
@@ -837,7 +879,7 @@ at::Tensor lut_linear(const at::Tensor& x, const at::Tensor& codes, const at::Te
                       const c10::optional<at::Tensor>& bias, int64_t K, int64_t block_size, int64_t dq_block,
                       int64_t gemv_max_rows) {
   TORCH_CHECK(block_size >= 1 && K % block_size == 0, "block size must divide K");
-  const Geometry g = make_geometry(4, codes.size(0), K, block_size);
+  const Geometry g = make_geometry(4, codes.size(0), K, block_size, true);
   check_common(g, codes);
   const auto [x2, b] = prepare(g, x, bias);
   const LutParams p = lut_params(g, absmax, dq_codes, dq_scale, dq_offset, dq_block);
@@ -852,7 +894,7 @@ at::Tensor lut_dequant(const at::Tensor& codes, const at::Tensor& lut, const c10
                        const c10::optional<at::Tensor>& dq_offset, int64_t K, int64_t block_size, int64_t dq_block,
                        bool permuted) {
   TORCH_CHECK(block_size >= 1 && K % block_size == 0, "block size must divide K");
-  const Geometry g = make_geometry(4, codes.size(0), K, block_size);
+  const Geometry g = make_geometry(4, codes.size(0), K, block_size, true);
   check_common(g, codes);
   return dequant<true>(g, codes.data_ptr<uint8_t>(), lut_params(g, absmax, dq_codes, dq_scale, dq_offset, dq_block),
                        lut_table(lut), permuted);
@@ -864,7 +906,7 @@ at::Tensor column_order(int64_t bits, int64_t group_size, int64_t K) {
   at::Tensor perm = at::arange(K, at::TensorOptions().dtype(at::kLong));
   int64_t* p = perm.data_ptr<int64_t>();
   for (int64_t k0 = 0; k0 < g.full_end; k0 += g.U)
-    for (int64_t i = 0; i < g.U; ++i) p[k0 + i] = k0 + step_source(bits, i);
+    for (int64_t i = 0; i < g.U; ++i) p[k0 + i] = k0 + step_source(bits, i, false);
   return perm;
 }
 
