@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import moequant.kernels.cpp_build as cpp_build
 import moequant.kernels.trellis as kt
@@ -142,10 +141,7 @@ def test_linear_matches_reference(ext, code, bits, m):
     w = kt.reference(*_parts(qt), cfg)  # [N, K]
     y = qt.linear(x, bias)
     assert y.shape == (m, 64) and y.dtype == torch.float32
-    if m > kt.GEMV_MAX_ROWS:  # decode + F.linear: the same arithmetic as the reference
-        assert torch.equal(y, F.linear(x, w, bias))
-    else:
-        _assert_gemv_close(y, x, w, bias)
+    _assert_gemv_close(y, x, w, bias)  # M > GEMV_MAX_ROWS: blocks of decoded rows through torch's GEMM
     x3 = x.reshape(1, m, 576)  # leading dims are kept
     assert qt.linear(x3).shape == (1, m, 64)
 

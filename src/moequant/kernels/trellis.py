@@ -20,17 +20,24 @@ Implementations:
 - the torch path (states from joined words, ``codecs.trellis.unpack_tile_states``): the default kernel
   of ``trellis_dequant`` on every device;
 - the C++ extension ``moequant-trellis`` (``csrc/trellis_gemv.cpp``, built on first use by
-  ``cpp_build``): ``decode`` (bit-identical to the torch path; the CPU kernel of ``trellis_dequant``) and
-  ``gemv`` (fused decode-and-multiply for a few rows: per tile row, each tile's values are decoded
-  into a small buffer and multiplied into per-row sums; the ``[N, K]`` matrix never exists). It is used
+  ``cpp_build``): ``decode`` (bit-identical to the torch path; the CPU kernel of ``trellis_dequant``),
+  ``gemv`` (fused decode-and-multiply for a few rows: per tile row, each tile's values are decoded 8 at
+  a time in registers and multiplied into per-row sums; the ``[N, K]`` matrix never exists) and
+  ``Packed`` (one matrix prepared once, cached on the tensor: ``linear``, ``gemv``, ``decode``). It is used
   on CPU unless ``select.use_fast()`` is off (``MOEQUANT_KERNELS=reference``, ``reference_kernels()``) or
   it cannot be built (``MOEQUANT_NO_EXT=1``, no compiler: one warning, then the torch path).
 
 ``linear`` chooses: the reference where the fast path does not apply (reference mode, no extension, a
-non-CPU tensor); float32 activations with at most ``GEMV_MAX_ROWS`` rows take ``gemv``; more rows, or
-other dtypes, decode with the C++ kernel and call ``F.linear`` (bit-identical to the reference for them).
-``gemv`` sums in a different order than ``F.linear`` (8 partial sums per row, the scale applied to the
-sum rather than to each weight): float32 reordering, within ``1e-5 · (|x| · |Ŵ|ᵀ)`` of the reference.
+non-CPU tensor); float32 activations with at most ``GEMV_MAX_ROWS`` rows take the fused GEMV; more rows
+decode ~16 MiB blocks of weight rows into a scratch buffer and multiply each with torch's GEMM (no
+full-precision copy of the matrix); other dtypes decode the whole matrix with the C++ kernel and call
+``F.linear`` (bit-identical to the reference). The GEMV sums in another order than ``F.linear`` (8 partial
+sums per row, the scale applied to the sum rather than to each weight): float32 reordering, within
+``1e-5 · (|x| · |Ŵ|ᵀ)`` of the reference (``tests/kernels/test_trellis_linear.py``).
+
+Threshold, measured (1 thread, 2-bit hyb, ms, GEMV / blocked decode + GEMM): 1536x576: M=1 0.24/0.39,
+M=4 0.32/0.53, M=8 0.60/0.67, M=12 3.8/0.71 (the GEMV is specialised for 1-8 rows); 4096x4096: M=1
+4.4/7.9, M=8 10.6/15.1, M=12 71/17.
 
 A GPU kernel registers itself with ``trellis_dequant.register_kernel("cuda")`` /
 ``trellis_linear.register_kernel("cuda")``; until one does, CUDA tensors run the torch reference.
@@ -51,7 +58,7 @@ from moequant.kernels.select import use_fast
 
 EXTENSION = "moequant-trellis"
 SOURCES = ["trellis_gemv.cpp"]
-GEMV_MAX_ROWS = 8  # activation rows up to which the fused GEMV beats decode + F.linear (measured below)
+GEMV_MAX_ROWS = 8  # activation rows up to which the fused GEMV beats decode + GEMM (measured: module docstring)
 
 
 def extension() -> ModuleType | None:

@@ -179,11 +179,17 @@ Lanes make_lanes(const Geo& g) {
   return l;
 }
 
-inline __m256i states8(const uint8_t* be, int group, int kv, const Lanes& l) {
+inline __m256i states8(const uint8_t* be, int group, int kv, __m256i pattern, __m256i shift, __m256i mask) {
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(be + group * kv));
-  const __m256i v = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(bytes), l.pattern);
-  return _mm256_and_si256(_mm256_srlv_epi32(v, l.shift), l.mask);
+  const __m256i v = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(bytes), pattern);
+  return _mm256_and_si256(_mm256_srlv_epi32(v, shift), mask);
 }
+
+// the loop invariants of a producer as locals: the callers store through __m256 pointers, which may alias
+// anything, so fields read through references would be reloaded after every store
+#define MQ_LANES_LOCAL(g, l)                                                              \
+  const int kv = (g).kv;                                                                  \
+  const __m256i pattern = (l).pattern, shift = (l).shift, smask = (l).mask
 
 // Each producer calls f(q, v) for q = 0, 1, ... with the tile's values 8 at a time in position order (v:
 // __m256, unscaled; positions [8q, 8q + 8)). NG: groups of 8 states per tile when known at compile time
@@ -195,13 +201,14 @@ inline __m256i states8(const uint8_t* be, int group, int kv, const Lanes& l) {
 // 5.6 ms for two 4-wide gathers or one 8-wide gather of fp16 pairs, 7-8 ms through a store and reloads.
 template <int NG, class F>
 inline void hyb_vectors(const uint8_t* be, const Geo& g, const Lanes& l, const double* tab, F&& f) {
+  MQ_LANES_LOCAL(g, l);
   const __m256i one = _mm256_set1_epi32(1);
   const __m256i imask = _mm256_set1_epi32((2 << g.Q) - 1);
   const __m128i qshift = _mm_cvtsi32_si128(15 - g.Q);
   const int ng = NG ? NG : g.S / 8;
 #pragma GCC unroll 16
   for (int grp = 0; grp < ng; ++grp) {
-    const __m256i s = states8(be, grp, g.kv, l);
+    const __m256i s = states8(be, grp, kv, pattern, shift, smask);
     const __m256i h = _mm256_mullo_epi32(s, _mm256_add_epi32(s, one));
     const __m256i idx = _mm256_and_si256(_mm256_srl_epi32(h, qshift), imask);
     const __m128i i03 = _mm256_castsi256_si128(idx), i47 = _mm256_extracti128_si256(idx, 1);
@@ -218,13 +225,14 @@ inline void hyb_vectors(const uint8_t* be, const Geo& g, const Lanes& l, const d
 
 template <int NG, class F>
 inline void mad_vectors(const uint8_t* be, const Geo& g, const Lanes& l, F&& f) {
+  MQ_LANES_LOCAL(g, l);
   const __m256i a = _mm256_set1_epi32(34038481), b = _mm256_set1_epi32(76625530);
   const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1), off = _mm256_set1_epi32(510);
   const __m256 div = _mm256_set1_ps(147.800537109375f);
   const int ng = NG ? NG : g.S / 8;
 #pragma GCC unroll 32
   for (int grp = 0; grp < ng; ++grp) {
-    const __m256i s = states8(be, grp, g.kv, l);
+    const __m256i s = states8(be, grp, kv, pattern, shift, smask);
     const __m256i x = _mm256_add_epi32(_mm256_mullo_epi32(s, a), b);
     const __m256i y = _mm256_madd_epi16(_mm256_maddubs_epi16(x, ones8), ones16);  // byte sums, exact
     f(grp, _mm256_div_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(y, off)), div));  // IEEE division, as torch's
@@ -233,12 +241,13 @@ inline void mad_vectors(const uint8_t* be, const Geo& g, const Lanes& l, F&& f) 
 
 template <int NG, class F>
 inline void inst_vectors(const uint8_t* be, const Geo& g, const Lanes& l, F&& f) {
+  MQ_LANES_LOCAL(g, l);
   const __m256i a = _mm256_set1_epi32(89226354), b = _mm256_set1_epi32(64248484);
   const __m256i keep = _mm256_set1_epi32((int)0x8FFF8FFFu), flip = _mm256_set1_epi32(0x3B603B60);
   const int ng = NG ? NG : g.S / 8;
 #pragma GCC unroll 32
   for (int grp = 0; grp < ng; ++grp) {
-    const __m256i s = states8(be, grp, g.kv, l);
+    const __m256i s = states8(be, grp, kv, pattern, shift, smask);
     const __m256i x = _mm256_add_epi32(_mm256_mullo_epi32(s, a), b);
     const __m256i y = _mm256_xor_si256(_mm256_and_si256(x, keep), flip);
     // halves of states 0-3 and 4-7 as floats: [lo0, hi0, lo1, hi1, ...]; the pairwise sums are exact in fp32
@@ -389,33 +398,69 @@ int64_t grain_rows(const Prepared& p) {  // tile rows per task: at least ~64k we
   return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, p.K * p.g.tile));
 }
 
-// the whole matrix, float32 [N, K]
-at::Tensor decode_all(const Prepared& p, const Decoder& dec) {
+// tile rows [i0, i1) decoded and scaled into o: float32 [(i1 - i0)·tile, K], row-major
+void decode_rows(const Prepared& p, const Decoder& dec, int64_t i0, int64_t i1, float* o) {
   const Geo& g = p.g;
-  at::Tensor out = at::empty({p.N, p.K}, p.words.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
   const float* sc = p.scale.data_ptr<float>();
   const uint16_t* w = words_ptr(p);
-  at::parallel_for(0, p.NT, grain_rows(p), [&](int64_t i0, int64_t i1) {
-    std::vector<uint8_t> be(g.be_len);
-    std::vector<float> vals(g.T);
-    for (int64_t i = i0; i < i1; ++i) {
-      const float* srow = sc + i * g.tile;
-      for (int64_t j = 0; j < p.KT; ++j) {
-        float* dst = o + i * g.tile * p.K + j * g.tile;  // tile (i, j)'s first weight
+  std::vector<uint8_t> be(g.be_len);
+  std::vector<float> vals(g.T);
+  for (int64_t i = i0; i < i1; ++i) {
+    const float* srow = sc + i * g.tile;
+    for (int64_t j = 0; j < p.KT; ++j) {
+      float* dst = o + (i - i0) * g.tile * p.K + j * g.tile;  // tile (i, j)'s first weight
 #ifdef MQ_AVX2
-        if (dec.rows8) {
-          make_stream(w + (i * p.KT + j) * g.W, g, be.data());
-          tile_decode(dec, be.data(), dst, p.K, srow);
-          continue;
-        }
-#endif
-        dec.tile(w + (i * p.KT + j) * g.W, be.data(), vals.data());
-        for (int r = 0; r < g.tile; ++r)
-          for (int c = 0; c < g.tile; ++c) dst[r * p.K + c] = vals[r * g.tile + c] * srow[r];
+      if (dec.rows8) {
+        make_stream(w + (i * p.KT + j) * g.W, g, be.data());
+        tile_decode(dec, be.data(), dst, p.K, srow);
+        continue;
       }
+#endif
+      dec.tile(w + (i * p.KT + j) * g.W, be.data(), vals.data());
+      for (int r = 0; r < g.tile; ++r)
+        for (int c = 0; c < g.tile; ++c) dst[r * p.K + c] = vals[r * g.tile + c] * srow[r];
     }
+  }
+}
+
+// the whole matrix, float32 [N, K]
+at::Tensor decode_all(const Prepared& p, const Decoder& dec) {
+  at::Tensor out = at::empty({p.N, p.K}, p.words.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, p.NT, grain_rows(p), [&](int64_t i0, int64_t i1) {
+    decode_rows(p, dec, i0, i1, o + i0 * p.g.tile * p.K);
   });
+  return out;
+}
+
+// x [M, K] float32 -> x W^T + bias [M, N] float32 for many rows, a block of weight rows at a time: the block
+// (<= 16 MiB) is decoded by all threads into a scratch buffer, then multiplied into its columns of the output
+// by at::mm_out (threaded as torch's GEMM is). The full matrix never exists: a fresh [N, K] buffer per call
+// cost more in page faults than the decode itself (4096x4096, M = 512, 1 thread: decode 44 ms of which
+// ~40 page faults; the whole-matrix path ran at 0.82x fp32, this one at 0.98-1.01x). Smaller blocks
+// (256 rows of 4096) were as fast with 1 thread but slower with 2 (more decode/GEMM barriers), as was one
+// task per block with a single-threaded GEMM each.
+at::Tensor linear_blocked(const Prepared& p, const Decoder& dec, const at::Tensor& x,
+                          const c10::optional<at::Tensor>& bias) {
+  const int64_t M = x.size(0);
+  const int64_t rows = std::max<int64_t>(1, (1 << 22) / (p.K * p.g.tile));  // tile rows per block
+  at::Tensor out = at::empty({M, p.N}, x.options());
+  at::Tensor scratch = at::empty({std::min(rows, p.NT) * p.g.tile, p.K}, x.options());
+  float* sp = scratch.data_ptr<float>();
+  for (int64_t b0 = 0; b0 < p.NT; b0 += rows) {
+    const int64_t b1 = std::min(p.NT, b0 + rows);
+    at::parallel_for(b0, b1, 1, [&](int64_t i0, int64_t i1) {
+      decode_rows(p, dec, i0, i1, sp + (i0 - b0) * p.g.tile * p.K);
+    });
+    const int64_t n0 = b0 * p.g.tile, nr = (b1 - b0) * p.g.tile;
+    at::Tensor dst = out.narrow(1, n0, nr);  // [M, nr], row stride N
+    at::Tensor wb = scratch.narrow(0, 0, nr);  // [nr, K]
+    if (bias.has_value()) {
+      at::addmm_out(dst, bias->narrow(0, n0, nr), x, wb.t());
+    } else {
+      at::mm_out(dst, x, wb.t());
+    }
+  }
   return out;
 }
 
@@ -525,8 +570,9 @@ class Packed {
   at::Tensor gemv(const at::Tensor& x, const c10::optional<at::Tensor>& bias) const {
     return gemv_all(p_, dec_, x, bias);
   }
-  // x [..., K] -> x W^T + bias [..., N]: the fused GEMV for float32 x with at most max_rows rows, else the
-  // decode and at::linear (in x's dtype: bit-identical to the reference, decode then F.linear)
+  // x [..., K] -> x W^T + bias [..., N]: float32 x takes the fused GEMV up to max_rows rows, the blocked
+  // decode + GEMM above; other dtypes decode the whole matrix and call at::linear in x's dtype (bit-identical
+  // to the reference, decode then F.linear)
   at::Tensor linear(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t max_rows) const {
     TORCH_CHECK(x.dim() >= 1 && x.size(-1) == p_.K, "trellis linear: x must end in K=", p_.K);
     const int64_t M = x.numel() / p_.K;
@@ -534,6 +580,11 @@ class Packed {
       std::vector<int64_t> sizes = x.sizes().vec();
       sizes.back() = p_.N;
       return gemv_all(p_, dec_, x.reshape({M, p_.K}), bias).view(sizes);
+    }
+    if (x.scalar_type() == at::kFloat && (!bias.has_value() || bias->scalar_type() == at::kFloat)) {
+      std::vector<int64_t> sizes = x.sizes().vec();
+      sizes.back() = p_.N;
+      return linear_blocked(p_, dec_, x.reshape({M, p_.K}).contiguous(), bias).view(sizes);
     }
     return at::linear(x, decode().to(x.scalar_type()), bias);
   }
