@@ -192,3 +192,20 @@ def test_rotated_inner_fast_path(ext, bits):
             ref = rot.linear(x)
         assert _rel(rot.linear(x), ref) <= TOL
         assert _rel(ref, x @ rot.dequantize().T) < 1e-4  # the rotation identity the reference relies on
+
+
+@pytest.mark.slow
+def test_torch_compile_traces_both_ops(ext):
+    # fullgraph: nothing in linear() may break the graph (use_fast's context variable is read at run time,
+    # inside the op); the compiled function runs the same kernels
+    from moequant.codecs.config import LutConfig
+    from moequant.formats.registry import encode
+
+    qt = _tensor(64, 128, 3, 64, False)
+    lq = encode(torch.randn(32, 64), LutConfig(lut="nf4", block_size=64, double_quant=True))
+
+    def f(x):
+        return lq.linear(torch.relu(qt.linear(x)))
+
+    x = _x(3, 128)
+    assert torch.equal(torch.compile(f, fullgraph=True)(x), f(x))

@@ -32,7 +32,7 @@ from moequant.codecs.lut import dq_dequantize, lut_dequantize, lut_values
 from moequant.formats.base import QuantizedTensor
 from moequant.formats.bitpack import unpack
 from moequant.kernels.select import use_fast
-from moequant.kernels.uniform import GEMV_MAX_ROWS, extension, fast_applies
+from moequant.kernels.uniform import GEMV_MAX_ROWS, extension, fast_applies, needs_grad
 
 CODE_BITS = 4
 
@@ -103,19 +103,22 @@ def _(x, codes, lut, absmax, absmax_codes, absmax_scale, absmax_offset, bias, in
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
 
 
-def op_args(qt: QuantizedTensor, bias: torch.Tensor | None, x: torch.Tensor) -> tuple:
-    """The op's arguments for ``x``, a 2-D ``LutTensor`` / ``LutDqTensor`` and ``bias``."""
+def op_args(qt: QuantizedTensor, bias: torch.Tensor | None, x: torch.Tensor, cached: bool = True) -> tuple:
+    """The op's arguments for ``x``, a 2-D ``LutTensor`` / ``LutDqTensor`` and ``bias`` (``cached``: the
+    process-wide table tensor; a traced graph builds its own constant instead)."""
     d = qt.data
-    return (x, d["codes"], table(qt.attrs["lut"]), d.get("absmax"), d.get("absmax_codes"), d.get("absmax_scale"),
+    lut = table(qt.attrs["lut"]) if cached else lut_values(qt.attrs["lut"])
+    return (x, d["codes"], lut, d.get("absmax"), d.get("absmax_codes"), d.get("absmax_scale"),
             d.get("absmax_offset"), bias, qt.shape[-1], qt.attrs["block_size"], qt.attrs["dq_block_size"])
 
 
 def linear(qt: QuantizedTensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., K] -> x Ŵᵀ + b [..., N]`` for a 2-D LUT tensor, on the fastest path that applies."""
+    if torch.compiler.is_compiling():  # the op is traced; fast or reference is decided when it runs
+        if len(qt.shape) != 2 or needs_grad(x, bias):
+            return QuantizedTensor.linear(qt, x, bias)
+        return lut_linear(*op_args(qt, bias, x, cached=False))
     if not fast_applies(qt, x, bias):
         return QuantizedTensor.linear(qt, x, bias)
-    args = op_args(qt, bias, x)
-    if torch.compiler.is_compiling():
-        return lut_linear(*args)
-    y = fast(*args)
+    y = fast(*op_args(qt, bias, x))
     return QuantizedTensor.linear(qt, x, bias) if y is None else y

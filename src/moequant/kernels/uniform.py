@@ -122,8 +122,12 @@ def fast_applies(qt: QuantizedTensor, x: torch.Tensor, bias: torch.Tensor | None
         return False
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.shape[-1] != qt.shape[-1]:
         return False
-    needs_grad = x.requires_grad or (bias is not None and bias.requires_grad)
-    return not (needs_grad and torch.is_grad_enabled())
+    return not needs_grad(x, bias)
+
+
+def needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Autograd needs this product's graph (the kernels have no backward; the reference path does)."""
+    return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
 
 
 def _int4pack(qt: QuantizedTensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -139,10 +143,13 @@ def _int4pack(qt: QuantizedTensor, x: torch.Tensor, bias: torch.Tensor | None) -
 def linear(qt: QuantizedTensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., K] -> x Ŵᵀ + b [..., N]`` for a 2-D ``UniformTensor`` / ``UniformAsymTensor``, on the
     fastest path that applies (see the module docstring)."""
+    if torch.compiler.is_compiling():  # the op is traced; fast or reference is decided when it runs
+        if len(qt.shape) != 2 or needs_grad(x, bias):
+            return QuantizedTensor.linear(qt, x, bias)
+        codes, scale, zero, bits, gs, k, grid = op_args(qt)
+        return uniform_linear(x, codes, scale, zero, bias, bits, gs, k, grid)
     if not fast_applies(qt, x, bias):
         return QuantizedTensor.linear(qt, x, bias)
-    if torch.compiler.is_compiling():
-        return uniform_linear(x, *op_args(qt)[:3], bias, *op_args(qt)[3:])
     y = _int4pack(qt, x, bias)
     if y is None:
         codes, scale, zero, bits, gs, k, grid = op_args(qt)
