@@ -130,14 +130,23 @@ class RotatedTensor(QuantizedTensor):
         w_rot = self.inner.dequantize(torch.float32)  # [..., N, K]
         return self.incoherence().weight_inverse(w_rot).to(dtype)
 
+    def _runtime_views(self):
+        """(inner view, ``Incoherence``), built once per instance and kept outside ``data`` (not saved): the
+        signs are unpacked once, and a runtime cache the inner tensor's kernel keeps (a repacked weight)
+        lives as long as this view. (``QuantLinear`` keeps one view while its buffers are unchanged.)"""
+        cache = self.__dict__.setdefault("_runtime", {})
+        if "rht_views" not in cache:
+            cache["rht_views"] = (self.inner, self.incoherence())
+        return cache["rht_views"]
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x [..., K] -> x Wᵀ + b [..., N]`` for a 2-D tensor, rotating the activations instead of
         decoding ``W``; the rotated product ``W̃ x̃`` is the inner tensor's ``linear`` (its fast path)."""
         if len(self.shape) != 2:
             raise ValueError(f"linear() needs a 2-D tensor, shape is {self.shape}; select an expert first")
-        inc = self.incoherence()
+        inner, inc = self._runtime_views()
         xr = inc.transform_input(x.to(torch.float32))  # [..., K]
-        y = inc.restore_output(self.inner.linear(xr)).to(x.dtype)  # [..., N]: the inner format's fast path
+        y = inc.restore_output(inner.linear(xr)).to(x.dtype)  # [..., N]: the inner format's fast path
         return y if bias is None else y + bias
 
 
