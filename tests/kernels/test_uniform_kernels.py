@@ -35,6 +35,7 @@ def ext():
         pytest.skip(f"{cpp_build.DISABLE_ENV} is set")
     mod = ku.extension()
     assert mod is not None, "the qgemv extension failed to build (see the warning)"
+    assert mod.has_avx2() == bool(cpp_build.simd_flags())  # the vector path is what these tests exercise
     return mod
 
 

@@ -7,9 +7,10 @@
 // v(q) = LUT[q], z = 0 and s = the block absmax (LUT formats).
 //
 // Two paths, chosen by the caller by the number of rows M of x:
-//   - GEMV (small M): every weight is decoded once per pass of up to 4 rows of x and multiplied in fp32
-//     registers; nothing of size N x K is written.
-//   - dequant + GEMM (large M): the whole matrix is decoded to fp32 once, then at::linear.
+//   - GEMV (small M): every weight is decoded once per pass of up to 4 rows of x (one row of x: two rows
+//     of W per pass) and multiplied in fp32 registers; nothing of size N x K is written.
+//   - dequant + GEMM (large M): tiles of rows of W are decoded to fp32 (bit-identical to the reference
+//     decode) and multiplied by BLAS into their columns of y.
 //
 // The vector path decodes a "step" of U consecutive codes of a row into U/8 vectors of 8 codes (AVX2). The
 // vectors hold the codes in the order the bits fall out of the bytes (4-bit: the even columns, then the
@@ -17,7 +18,9 @@
 // call (column permutation within each step, `step_source`). The dequant kernel writes its matrix in that
 // order too and the GEMM uses the permuted x. The vector path applies when every group starts on a step
 // boundary (gs % U == 0, or one group per row); columns past the last whole step, and every other
-// geometry, run a scalar loop over single codes in column order.
+// geometry, run a scalar loop over single codes in column order. The uniform GEMV converts masked, not
+// shifted, bit planes (`permute_row`: x absorbs the powers of two); LUT codes are looked up with vpshufb
+// (`lut_step`). Without AVX2 (the build's flags) everything runs the scalar loops.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -900,16 +903,6 @@ at::Tensor lut_dequant(const at::Tensor& codes, const at::Tensor& lut, const c10
                        lut_table(lut), permuted);
 }
 
-// The column order of the vector path for (bits, group size, K): perm[i] = the column at position i.
-at::Tensor column_order(int64_t bits, int64_t group_size, int64_t K) {
-  const Geometry g = make_geometry(bits, 1, K, group_size);
-  at::Tensor perm = at::arange(K, at::TensorOptions().dtype(at::kLong));
-  int64_t* p = perm.data_ptr<int64_t>();
-  for (int64_t k0 = 0; k0 < g.full_end; k0 += g.U)
-    for (int64_t i = 0; i < g.U; ++i) p[k0 + i] = k0 + step_source(bits, i, false);
-  return perm;
-}
-
 bool has_avx2() {
 #ifdef __AVX2__
   return true;
@@ -925,6 +918,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("uniform_dequant", &uniform_dequant, "packed uniform int-k codes -> fp32 [N, K]");
   m.def("lut_linear", &lut_linear, "y = x W^T (+ b) from packed 4-bit LUT codes");
   m.def("lut_dequant", &lut_dequant, "packed 4-bit LUT codes -> fp32 [N, K]");
-  m.def("column_order", &column_order, "column at each position of the vector path's order");
   m.def("has_avx2", &has_avx2, "built with the AVX2 path");
 }
