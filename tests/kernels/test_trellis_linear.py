@@ -101,14 +101,15 @@ def test_decode_other_geometries(ext, cfg):
 
 @pytest.mark.parametrize("code,L", [("hyb", 16), ("1mad", 20), ("3inst", 20)])
 def test_every_state_value(ext, code, L):
-    """The kernels' scalar code of every state equals ``codecs.trellis.code_values`` (1mad: all 1021 byte sums;
-    3inst: the fp16 add's rounding)."""
+    """The kernels' codes of every state, scalar and vector paths, equal ``codecs.trellis.code_values`` (1mad:
+    all 1021 byte sums; 3inst: the fp16 add's rounding, done without fp16 instructions in the vector path)."""
     cfg = _cfg(code, 2, L=L)
     lut = torch.randn(1 << cfg.Q, 2, generator=torch.Generator().manual_seed(0)).half() if code == "hyb" else None
     states = torch.arange(1 << L)
-    got = ext.code_values(states, lut, cfg.bits, cfg.L, cfg.V, cfg.code, cfg.Q)
-    want = code_values(cfg, None if lut is None else lut.float())
-    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    want = code_values(cfg, None if lut is None else lut.float()).view(torch.int32)
+    for vector in (False, True) if ext.has_avx2() else (False,):
+        got = ext.code_values(states, lut, cfg.bits, cfg.L, cfg.V, cfg.code, cfg.Q, vector)
+        assert torch.equal(got.view(torch.int32), want), f"vector={vector}"
 
 
 def test_expert_stack_and_threads(ext):

@@ -191,72 +191,98 @@ inline __m256i states8(const uint8_t* be, int group, int kv, __m256i pattern, __
   const int kv = (g).kv;                                                                  \
   const __m256i pattern = (l).pattern, shift = (l).shift, smask = (l).mask
 
+// --- codes, 8 states at a time (s: 8 states in 32-bit lanes) ---
+// hyb: 8 states -> 16 values (lo: states 0-3, hi: 4-7). Indices by vector; lookups by 8-byte (value 0,
+// value 1) broadcast loads blended into place, the addresses moved out of the vector two at a time
+// (64-bit extracts). Measured on Zen 3 (16x16 tiles, 4096x4096, M = 1): 4.0 ms against 4.5 ms for 32-bit
+// extracts with load/loadh pairs, 4.5 ms for extracts of packed 16-bit indices, 5.6 ms for two 4-wide
+// gathers or one 8-wide gather of fp16 pairs, 5.4-5.9 ms for scalar states with tables indexed by state,
+// 4.8-8 ms through a store and reloads.
+struct HybConsts {
+  __m256i imask;
+  __m128i qshift;
+  const double* tab;  // [2^(Q+1)] (value 0, value 1) pairs
+};
+
+inline HybConsts hyb_consts(const Geo& g, const float* table) {
+  return {_mm256_set1_epi32((2 << g.Q) - 1), _mm_cvtsi32_si128(15 - g.Q), reinterpret_cast<const double*>(table)};
+}
+
+inline void hyb8(__m256i s, __m256i imask, __m128i qshift, const double* tab, __m256& lo, __m256& hi) {
+  const __m256i h = _mm256_mullo_epi32(s, _mm256_add_epi32(s, _mm256_set1_epi32(1)));
+  const __m256i idx = _mm256_and_si256(_mm256_srl_epi32(h, qshift), imask);
+  const __m128i i03 = _mm256_castsi256_si128(idx), i47 = _mm256_extracti128_si256(idx, 1);
+  const uint64_t a = (uint64_t)_mm_cvtsi128_si64(i03), b = (uint64_t)_mm_extract_epi64(i03, 1);
+  const uint64_t c = (uint64_t)_mm_cvtsi128_si64(i47), d = (uint64_t)_mm_extract_epi64(i47, 1);
+  const __m256d p0 = _mm256_broadcast_sd(tab + (uint32_t)a), p1 = _mm256_broadcast_sd(tab + (a >> 32));
+  const __m256d p2 = _mm256_broadcast_sd(tab + (uint32_t)b), p3 = _mm256_broadcast_sd(tab + (b >> 32));
+  const __m256d p4 = _mm256_broadcast_sd(tab + (uint32_t)c), p5 = _mm256_broadcast_sd(tab + (c >> 32));
+  const __m256d p6 = _mm256_broadcast_sd(tab + (uint32_t)d), p7 = _mm256_broadcast_sd(tab + (d >> 32));
+  lo = _mm256_castpd_ps(_mm256_blend_pd(_mm256_blend_pd(p0, p1, 2), _mm256_blend_pd(p2, p3, 8), 12));
+  hi = _mm256_castpd_ps(_mm256_blend_pd(_mm256_blend_pd(p4, p5, 2), _mm256_blend_pd(p6, p7, 8), 12));
+}
+
+inline __m256 mad8(__m256i s) {
+  const __m256i x = _mm256_add_epi32(_mm256_mullo_epi32(s, _mm256_set1_epi32(34038481)), _mm256_set1_epi32(76625530));
+  // byte sums, exact: pairs to 16 bits, then pairs of those to 32 bits
+  const __m256i y = _mm256_madd_epi16(_mm256_maddubs_epi16(x, _mm256_set1_epi8(1)), _mm256_set1_epi16(1));
+  const __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(y, _mm256_set1_epi32(510)));
+  return _mm256_div_ps(f, _mm256_set1_ps(147.800537109375f));  // IEEE division, as torch's
+}
+
+// 3inst without fp16 instructions (1.3x faster than cvtph/hadd/cvtps_ph here): each half is normal with
+// exponent field 011xx, so its float is (sign, exponent and mantissa moved down 3 bits) + the exponent bias
+// difference (112 << 23); the two floats add exactly (multiples of 2^-13 below 4); the sum is rounded to
+// fp16's 11 significant bits by adding and subtracting 1.5 · 2^(e + 13) (e its exponent), which rounds to
+// nearest even at fp16's ulp 2^(e - 10). Equal to the fp16 add (cvtph_ps, add, cvtps_ph) on all 2^26 pairs
+// of halves the code can produce (checked once, exhaustively, when this was written).
+inline __m256 inst8(__m256i s) {
+  const __m256i x = _mm256_add_epi32(_mm256_mullo_epi32(s, _mm256_set1_epi32(89226354)), _mm256_set1_epi32(64248484));
+  const __m256i y = _mm256_xor_si256(_mm256_and_si256(x, _mm256_set1_epi32((int)0x8FFF8FFFu)),
+                                     _mm256_set1_epi32(0x3B603B60));
+  const __m256i keep = _mm256_set1_epi32((int)0x8FFFE000u), bias = _mm256_set1_epi32(0x38000000);
+  const __m256i hi = _mm256_add_epi32(_mm256_and_si256(_mm256_srai_epi32(y, 3), keep), bias);
+  const __m256i lo = _mm256_add_epi32(_mm256_and_si256(_mm256_srai_epi32(_mm256_slli_epi32(y, 16), 3), keep), bias);
+  const __m256 v = _mm256_add_ps(_mm256_castsi256_ps(hi), _mm256_castsi256_ps(lo));
+  const __m256 c = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_and_si256(_mm256_castps_si256(v),
+                                                                          _mm256_set1_epi32(0x7F800000)),
+                                                         _mm256_set1_epi32((13 << 23) | 0x00400000)));
+  return _mm256_sub_ps(_mm256_add_ps(v, c), c);
+}
+
 // Each producer calls f(q, v) for q = 0, 1, ... with the tile's values 8 at a time in position order (v:
 // __m256, unscaled; positions [8q, 8q + 8)). NG: groups of 8 states per tile when known at compile time
 // (0: S / 8 at run time), so that a 16x16 tile's loop unrolls and q is a constant.
-//
-// hyb: 8 states -> 16 values. Indices by vector; lookups by 8-byte (value 0, value 1) broadcast loads,
-// blended into place, the addresses moved out of the vector two at a time (64-bit extracts). Measured on
-// Zen 3 (16x16 tiles, 4096x4096): 4.0 ms against 4.5 ms for 32-bit extracts with load/loadh pairs,
-// 5.6 ms for two 4-wide gathers or one 8-wide gather of fp16 pairs, 7-8 ms through a store and reloads.
 template <int NG, class F>
-inline void hyb_vectors(const uint8_t* be, const Geo& g, const Lanes& l, const double* tab, F&& f) {
+inline void hyb_vectors(const uint8_t* be, const Geo& g, const Lanes& l, const HybConsts& hc, F&& f) {
   MQ_LANES_LOCAL(g, l);
-  const __m256i one = _mm256_set1_epi32(1);
-  const __m256i imask = _mm256_set1_epi32((2 << g.Q) - 1);
-  const __m128i qshift = _mm_cvtsi32_si128(15 - g.Q);
+  const __m256i imask = hc.imask;
+  const __m128i qshift = hc.qshift;
+  const double* tab = hc.tab;
   const int ng = NG ? NG : g.S / 8;
 #pragma GCC unroll 16
   for (int grp = 0; grp < ng; ++grp) {
-    const __m256i s = states8(be, grp, kv, pattern, shift, smask);
-    const __m256i h = _mm256_mullo_epi32(s, _mm256_add_epi32(s, one));
-    const __m256i idx = _mm256_and_si256(_mm256_srl_epi32(h, qshift), imask);
-    const __m128i i03 = _mm256_castsi256_si128(idx), i47 = _mm256_extracti128_si256(idx, 1);
-    const uint64_t a = (uint64_t)_mm_cvtsi128_si64(i03), b = (uint64_t)_mm_extract_epi64(i03, 1);
-    const uint64_t c = (uint64_t)_mm_cvtsi128_si64(i47), d = (uint64_t)_mm_extract_epi64(i47, 1);
-    const __m256d p0 = _mm256_broadcast_sd(tab + (uint32_t)a), p1 = _mm256_broadcast_sd(tab + (a >> 32));
-    const __m256d p2 = _mm256_broadcast_sd(tab + (uint32_t)b), p3 = _mm256_broadcast_sd(tab + (b >> 32));
-    const __m256d p4 = _mm256_broadcast_sd(tab + (uint32_t)c), p5 = _mm256_broadcast_sd(tab + (c >> 32));
-    const __m256d p6 = _mm256_broadcast_sd(tab + (uint32_t)d), p7 = _mm256_broadcast_sd(tab + (d >> 32));
-    f(2 * grp, _mm256_castpd_ps(_mm256_blend_pd(_mm256_blend_pd(p0, p1, 2), _mm256_blend_pd(p2, p3, 8), 12)));
-    f(2 * grp + 1, _mm256_castpd_ps(_mm256_blend_pd(_mm256_blend_pd(p4, p5, 2), _mm256_blend_pd(p6, p7, 8), 12)));
+    __m256 lo, hi;
+    hyb8(states8(be, grp, kv, pattern, shift, smask), imask, qshift, tab, lo, hi);
+    f(2 * grp, lo);
+    f(2 * grp + 1, hi);
   }
 }
 
 template <int NG, class F>
 inline void mad_vectors(const uint8_t* be, const Geo& g, const Lanes& l, F&& f) {
   MQ_LANES_LOCAL(g, l);
-  const __m256i a = _mm256_set1_epi32(34038481), b = _mm256_set1_epi32(76625530);
-  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1), off = _mm256_set1_epi32(510);
-  const __m256 div = _mm256_set1_ps(147.800537109375f);
   const int ng = NG ? NG : g.S / 8;
 #pragma GCC unroll 32
-  for (int grp = 0; grp < ng; ++grp) {
-    const __m256i s = states8(be, grp, kv, pattern, shift, smask);
-    const __m256i x = _mm256_add_epi32(_mm256_mullo_epi32(s, a), b);
-    const __m256i y = _mm256_madd_epi16(_mm256_maddubs_epi16(x, ones8), ones16);  // byte sums, exact
-    f(grp, _mm256_div_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(y, off)), div));  // IEEE division, as torch's
-  }
+  for (int grp = 0; grp < ng; ++grp) f(grp, mad8(states8(be, grp, kv, pattern, shift, smask)));
 }
 
 template <int NG, class F>
 inline void inst_vectors(const uint8_t* be, const Geo& g, const Lanes& l, F&& f) {
   MQ_LANES_LOCAL(g, l);
-  const __m256i a = _mm256_set1_epi32(89226354), b = _mm256_set1_epi32(64248484);
-  const __m256i keep = _mm256_set1_epi32((int)0x8FFF8FFFu), flip = _mm256_set1_epi32(0x3B603B60);
   const int ng = NG ? NG : g.S / 8;
 #pragma GCC unroll 32
-  for (int grp = 0; grp < ng; ++grp) {
-    const __m256i s = states8(be, grp, kv, pattern, shift, smask);
-    const __m256i x = _mm256_add_epi32(_mm256_mullo_epi32(s, a), b);
-    const __m256i y = _mm256_xor_si256(_mm256_and_si256(x, keep), flip);
-    // halves of states 0-3 and 4-7 as floats: [lo0, hi0, lo1, hi1, ...]; the pairwise sums are exact in fp32
-    const __m256 f0 = _mm256_cvtph_ps(_mm256_castsi256_si128(y));
-    const __m256 f1 = _mm256_cvtph_ps(_mm256_extracti128_si256(y, 1));
-    const __m256 sum = _mm256_castpd_ps(
-        _mm256_permute4x64_pd(_mm256_castps_pd(_mm256_hadd_ps(f0, f1)), 0xD8));  // [s0 .. s7]
-    f(grp, _mm256_cvtph_ps(_mm256_cvtps_ph(sum, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
-  }
+  for (int grp = 0; grp < ng; ++grp) f(grp, inst8(states8(be, grp, kv, pattern, shift, smask)));
 }
 #endif
 
@@ -282,7 +308,7 @@ struct Decoder {
   // the tile's values 8 at a time, f(q, __m256); requires simd. NG: S / 8 when known (16x16 tiles), else 0
   template <int NG, class F>
   inline void vectors(const uint8_t* be, F&& f) const {
-    if (g.code == HYB) hyb_vectors<NG>(be, g, lanes, reinterpret_cast<const double*>(table.data()), f);
+    if (g.code == HYB) hyb_vectors<NG>(be, g, lanes, hyb_consts(g, table.data()), f);
     else if (g.code == MAD) mad_vectors<NG>(be, g, lanes, f);
     else inst_vectors<NG>(be, g, lanes, f);
   }
@@ -609,10 +635,13 @@ at::Tensor trellis_gemv(const at::Tensor& x, const at::Tensor& words, const at::
 }
 
 // code values of the given states (int64 [n]) -> float32 [n, V]: lets tests check every state's value
+// code values of the given states (int64 [n]) -> float32 [n, V], by the scalar path or (vector: AVX2
+// builds, n a multiple of 8) the vector one: lets tests check every state's value on both
 at::Tensor trellis_code_values(const at::Tensor& states, const c10::optional<at::Tensor>& lut, int64_t bits, int64_t L,
-                               int64_t V, const std::string& code, int64_t Q) {
+                               int64_t V, const std::string& code, int64_t Q, bool vector) {
   const Geo g = make_geo(bits, L, V, 16, code, Q, true);  // a 16x16 tile fits every L
   const at::Tensor s = states.to(at::kLong).contiguous();
+  const int64_t n = s.numel();
   at::Tensor lf;
   std::vector<float> table;
   if (g.code == HYB) {
@@ -620,10 +649,32 @@ at::Tensor trellis_code_values(const at::Tensor& states, const c10::optional<at:
     lf = lut->to(at::kFloat).contiguous();
     table = hyb_table(lf.data_ptr<float>(), g.Q);
   }
-  at::Tensor out = at::empty({s.numel(), g.V}, s.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({n, g.V}, s.options().dtype(at::kFloat));
   const int64_t* sp = s.data_ptr<int64_t>();
   float* o = out.data_ptr<float>();
-  for (int64_t i = 0; i < s.numel(); ++i) {
+  if (vector) {
+#ifdef MQ_AVX2
+    TORCH_CHECK(n % 8 == 0, "trellis code_values: the vector path takes states 8 at a time");
+    const HybConsts hc = g.code == HYB ? hyb_consts(g, table.data()) : HybConsts{};
+    alignas(32) uint32_t st[8];
+    for (int64_t i = 0; i < n; i += 8) {
+      for (int k = 0; k < 8; ++k) st[k] = (uint32_t)sp[i + k] & g.mask;
+      const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(st));
+      if (g.code == HYB) {
+        __m256 lo, hi;
+        hyb8(v, hc.imask, hc.qshift, hc.tab, lo, hi);
+        _mm256_storeu_ps(o + 2 * i, lo);
+        _mm256_storeu_ps(o + 2 * i + 8, hi);
+      } else {
+        _mm256_storeu_ps(o + i, g.code == MAD ? mad8(v) : inst8(v));
+      }
+    }
+    return out;
+#else
+    TORCH_CHECK(false, "trellis code_values: this build has no vector path");
+#endif
+  }
+  for (int64_t i = 0; i < n; ++i) {
     const uint32_t st = (uint32_t)sp[i] & g.mask;
     if (g.code == HYB) {
       const uint32_t k = hyb_index(st, g.Q);
@@ -657,6 +708,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("in_features", &Packed::in_features);
   m.def("decode", &trellis_decode, "packed trellis words -> float32 [N, K] (bit-identical to trellis_dequant)");
   m.def("gemv", &trellis_gemv, "x [M, K] @ decode(words)^T (+ bias), never the whole matrix");
-  m.def("code_values", &trellis_code_values, "the kernels' code value of each state (scalar path)");
+  m.def("code_values", &trellis_code_values, "the kernels' code value of each state (scalar or vector path)");
   m.def("has_avx2", &has_avx2, "whether the AVX2/FMA/F16C paths were compiled");
 }
