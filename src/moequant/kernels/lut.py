@@ -120,5 +120,20 @@ def linear(qt: QuantizedTensor, x: torch.Tensor, bias: torch.Tensor | None = Non
         return lut_linear(*op_args(qt, bias, x, cached=False))
     if not fast_applies(qt, x, bias):
         return QuantizedTensor.linear(qt, x, bias)
-    y = fast(*op_args(qt, bias, x))
-    return QuantizedTensor.linear(qt, x, bias) if y is None else y
+    ext = extension()
+    if ext is None:
+        return QuantizedTensor.linear(qt, x, bias)
+    codes, lut, absmax, a_codes, a_scale, a_offset, k, block, dq_block = kernel_args(qt)
+    return ext.lut_linear(x, codes, lut, absmax, a_codes, a_scale, a_offset, bias, k, block, dq_block, GEMV_MAX_ROWS)
+
+
+def kernel_args(qt: QuantizedTensor) -> tuple:
+    """The op's arguments less ``x`` and ``bias``, contiguous, built once per instance and kept in its
+    runtime cache (outside ``data``: not saved)."""
+    cache = qt.__dict__.setdefault("_runtime", {})
+    args = cache.get("qgemv")
+    if args is None:
+        _, codes, lut, absmax, a_codes, a_scale, a_offset, _, k, block, dq_block = op_args(qt, None, qt.data["codes"])
+        args = cache["qgemv"] = (codes.contiguous(), lut, _opt(absmax), _opt(a_codes), _opt(a_scale), _opt(a_offset), k,
+                                 block, dq_block)
+    return args

@@ -167,7 +167,23 @@ def linear(qt: QuantizedTensor, x: torch.Tensor, bias: torch.Tensor | None = Non
     if not fast_applies(qt, x, bias):
         return QuantizedTensor.linear(qt, x, bias)
     y = _int4pack(qt, x, bias)
-    if y is None:
+    if y is not None:
+        return y
+    ext = extension()
+    if ext is None:
+        return QuantizedTensor.linear(qt, x, bias)
+    codes, scale, zero, bits, gs, k, zc = kernel_args(qt)
+    return ext.uniform_linear(x, codes, scale, zero, bias, bits, gs, k, zc, GEMV_MAX_ROWS)
+
+
+def kernel_args(qt: QuantizedTensor) -> tuple:
+    """``(codes, scale, zero, bits, group_size, in_features, symmetric zero point)`` as the extension takes
+    them, built once per instance and kept in its runtime cache (outside ``data``: not saved)."""
+    cache = qt.__dict__.setdefault("_runtime", {})
+    args = cache.get("qgemv")
+    if args is None:
         codes, scale, zero, bits, gs, k, grid = op_args(qt)
-        y = fast(x, codes, scale, zero, bias, bits, gs, k, grid)
-    return QuantizedTensor.linear(qt, x, bias) if y is None else y
+        zc = 0.0 if zero is not None else zero_point(bits, grid)
+        args = cache["qgemv"] = (codes.contiguous(), scale.contiguous(), None if zero is None else zero.contiguous(),
+                                 bits, gs, k, zc)
+    return args
