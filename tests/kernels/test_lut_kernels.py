@@ -110,7 +110,7 @@ def test_reference_kernels_and_no_extension_force_the_reference(ext, monkeypatch
         raise AssertionError("fast path used")
 
     with monkeypatch.context() as mp:
-        mp.setattr(kl, "fast", boom)
+        mp.setattr(kl, "extension", boom)
         with reference_kernels():
             assert torch.equal(kl.linear(qt, x), ref)
             assert torch.equal(torch.ops.moequant.lut_linear(*kl.op_args(qt, None, x)), ref)
