@@ -69,7 +69,7 @@ GEOMETRIES = [(576, 128), (100, 48), (1536, 64), (100, 32), (100, -1)]  # (K, gr
 
 @pytest.mark.parametrize("k,gs", GEOMETRIES, ids=lambda v: str(v))
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])  # 5, 6: the generic vector layout
 @pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16", "float32"])
 def test_fast_matches_reference(ext, bits, symmetric, k, gs, scale_dtype):
     qt = _tensor(40, k, bits, gs, symmetric, scale_dtype)
@@ -86,9 +86,9 @@ def test_fast_matches_reference(ext, bits, symmetric, k, gs, scale_dtype):
         assert torch.equal(qt.linear(x), y)  # the format dispatches to the same kernel
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
-def test_midrise_v1_and_other_widths(ext, bits):
-    # a v1 symmetric tensor (no grid in its metadata: midrise) and a width without a vector path (5 bits)
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_midrise_v1(ext, bits):
+    # a v1 symmetric tensor (no grid in its metadata: midrise)
     qt = _tensor(24, 576, bits, 128, True)
     meta = {**qt.meta(), "format_version": 1}
     del meta["grid"]

@@ -64,6 +64,7 @@ int64_t step_codes(int64_t bits) {
     case 3: return 64;  // 24 bytes = 8 chunks of 8 codes -> 8 planes x 8 lanes
     case 4: return 32;  // 2 x 8 bytes -> (low, high nibble) x 8 lanes each
     case 8: return 32;  // 4 x 8 bytes
+    case 1: case 5: case 6: case 7: return 32;  // 4 x (8 codes in b bytes), lanes in column order
     default: return 0;
   }
 #else
@@ -301,16 +302,51 @@ inline __m256i load8_u8_to_i32(const uint8_t* p) {
 
 // One step of BITS-bit codes, loaded into registers (`load_step`), and its planes: `plane<BITS, MASKED, t>`
 // = 8 int32 lanes, t = 0 .. U/8 - 1: the codes of plane t (MASKED = false), or the telescoped planes c_t
-// of `permute_row` (MASKED = true: low bits masked, no shift).
+// of `permute_row` (MASKED = true: low bits masked, no shift). Widths without a layout of their own (1, 5,
+// 6, 7 bits) take 8 codes = b bytes per plane, lane i = code i (`chunk8`; nothing to telescope).
 template <int BITS>
-struct StepBits {
+constexpr bool kGeneric = !(BITS == 2 || BITS == 3 || BITS == 4 || BITS == 8);
+
+template <int BITS>
+constexpr int kStep = BITS == 3 ? 64 : 32;  // codes per step (step_codes)
+
+struct StepWords {
   __m256i a, b;
 };
 
-template <>
-struct StepBits<8> {
-  const uint8_t* p;  // 8-bit planes are plain loads
+struct StepPtr {
+  const uint8_t* p;  // planes are loaded one by one
 };
+
+template <int BITS>
+using StepBits = std::conditional_t<BITS == 8 || kGeneric<BITS>, StepPtr, StepWords>;
+
+// vpshufb control and shifts of `chunk8`: lane i takes bytes b i / 8 and b i / 8 + 1, shifted by b i % 8.
+template <int BITS>
+struct Chunk8Layout {
+  alignas(32) int8_t ctrl[32];
+  alignas(32) int32_t shift[8];
+  constexpr Chunk8Layout() : ctrl{}, shift{} {
+    for (int i = 0; i < 8; ++i) {
+      ctrl[4 * i] = static_cast<int8_t>(BITS * i / 8);
+      ctrl[4 * i + 1] = static_cast<int8_t>(BITS * i / 8 + 1);
+      ctrl[4 * i + 2] = ctrl[4 * i + 3] = -128;  // zero
+      shift[i] = BITS * i % 8;
+    }
+  }
+};
+
+template <int BITS>
+inline constexpr Chunk8Layout<BITS> kChunk8{};
+
+// 8 codes of BITS bits (BITS bytes at q; reads 8 bytes) -> 8 int32 lanes in column order.
+template <int BITS>
+inline __m256i chunk8(const uint8_t* q) {
+  const __m256i v = _mm256_broadcastsi128_si256(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+  const __m256i ctrl = _mm256_load_si256(reinterpret_cast<const __m256i*>(kChunk8<BITS>.ctrl));
+  const __m256i shift = _mm256_load_si256(reinterpret_cast<const __m256i*>(kChunk8<BITS>.shift));
+  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(v, ctrl), shift), _mm256_set1_epi32((1 << BITS) - 1));
+}
 
 template <int BITS>
 inline StepBits<BITS> load_step(const uint8_t* p) {
@@ -327,7 +363,6 @@ inline StepBits<BITS> load_step(const uint8_t* p) {
                                           4, 5, 6, -1, 7, 8, 9, -1, 10, 11, 12, -1, 13, 14, 15, -1);
     return {_mm256_shuffle_epi8(_mm256_set_m128i(hi, lo), shuf), _mm256_setzero_si256()};
   } else {
-    static_assert(BITS == 8, "vector path: 2, 3, 4 or 8 bits");
     return {p};
   }
 }
@@ -337,6 +372,8 @@ inline __m256i plane(const StepBits<BITS>& st) {
   const auto mask = [](int bits) { return _mm256_set1_epi32((1 << bits) - 1); };
   if constexpr (BITS == 8) {
     return load8_u8_to_i32(st.p + 8 * T);
+  } else if constexpr (kGeneric<BITS>) {
+    return chunk8<BITS>(st.p + BITS * T);
   } else {
     constexpr int P = BITS == 4 ? 2 : BITS == 2 ? 4 : 8;  // planes per loaded word
     const __m256i w = BITS == 4 && T >= 2 ? st.b : st.a;
@@ -360,11 +397,9 @@ inline void decode_step_impl(const uint8_t* p, F&& f, std::integer_sequence<int,
 // One step of BITS-bit codes at p -> f(Idx<t>, plane t) for t = 0 .. U/8 - 1.
 template <int BITS, bool MASKED, class F>
 inline void decode_step(const uint8_t* p, F&& f) {
-  decode_step_impl<BITS, MASKED>(p, f, std::make_integer_sequence<int, (BITS == 3 ? 64 : 32) / 8>{});
+  decode_step_impl<BITS, MASKED>(p, f, std::make_integer_sequence<int, kStep<BITS> / 8>{});
 }
 
-template <int BITS>
-constexpr int kStep = BITS == 3 ? 64 : 32;
 
 // The 16 fp32 table entries as 4 byte planes (byte p of entry c at position c of both 128-bit lanes), for
 // vpshufb lookups that rebuild exact fp32 bit patterns.
@@ -604,6 +639,41 @@ void row_dequant_vec(const Geometry& g, const uint8_t* row, const float* s, cons
 
 int64_t grain_rows(const Geometry& g) { return std::max<int64_t>(1, kGrainWeights / std::max<int64_t>(g.K, 1)); }
 
+#ifdef __AVX2__
+// f(Idx<b>{}) for the vector path's width b (LUT codes: 4 only); false when there is none.
+template <bool LUT, class F>
+inline bool with_bits(int64_t bits, F&& f) {
+  if constexpr (LUT) {
+    if (bits != 4) return false;
+    f(Idx<4>{});
+    return true;
+  } else {
+    switch (bits) {
+      case 1: f(Idx<1>{}); return true;
+      case 2: f(Idx<2>{}); return true;
+      case 3: f(Idx<3>{}); return true;
+      case 4: f(Idx<4>{}); return true;
+      case 5: f(Idx<5>{}); return true;
+      case 6: f(Idx<6>{}); return true;
+      case 7: f(Idx<7>{}); return true;
+      case 8: f(Idx<8>{}); return true;
+      default: return false;
+    }
+  }
+}
+#endif
+
+// Row n of the codes. The vector path of the widths without a layout of their own reads up to 8 bytes past a
+// step; on the last row that could leave the tensor, so that row is read from a padded copy (`pad`).
+inline const uint8_t* row_at(const Geometry& g, const uint8_t* codes, int64_t n, std::vector<uint8_t>& pad) {
+  const uint8_t* row = codes + n * g.row_bytes;
+  const bool generic = !(g.bits == 2 || g.bits == 3 || g.bits == 4 || g.bits == 8);
+  if (!(g.U && generic && n == g.N - 1)) return row;
+  pad.assign(g.row_bytes + 8, 0);
+  std::memcpy(pad.data(), row, g.row_bytes);
+  return pad.data();
+}
+
 // GEMV: x [M, K] fp32 -> y [M, N] fp32 (+ bias), one decode of W per pass of up to 4 rows of x.
 template <bool LUT, class Params>
 at::Tensor gemv(const Geometry& g, const uint8_t* codes, const Params& params, const float* lut,
@@ -636,6 +706,7 @@ at::Tensor gemv(const Geometry& g, const uint8_t* codes, const Params& params, c
     // Group parameters of a block of rows at once (contiguous in the scale tensor: vectorised conversion).
     const int64_t block = std::max<int64_t>(1, std::min<int64_t>(n1 - n0, 4096 / std::max<int64_t>(G, 1)));
     std::vector<float> s(block * G), z(block * G), out(std::max<int64_t>(M, 2));
+    std::vector<uint8_t> pad;
     for (int64_t nb = n0; nb < n1; nb += block) {
       const int64_t rows = std::min(block, n1 - nb);
       params.rows(g, nb, rows, s.data(), z.data());
@@ -644,18 +715,13 @@ at::Tensor gemv(const Geometry& g, const uint8_t* codes, const Params& params, c
       if constexpr (!LUT) {  // one row of x: two rows of W per pass (uniform codes)
         for (; g.U && M == 1 && r + 2 <= rows; r += 2) {
           const int64_t n = nb + r;
-          const uint8_t* row = codes + n * g.row_bytes;
+          const uint8_t* ra = row_at(g, codes, n, pad);
+          const uint8_t* rb = row_at(g, codes, n + 1, pad);
           const float *sr = s.data() + r * G, *zr = z.data() + r * G;
-#define MOEQUANT_PAIR(b)                                                                                        \
-  row_pair_dot_vec<b, false>(g, row, row + g.row_bytes, xp, xn, sx.data(), sr, zr, sr + G, zr + G, tab, lut, \
-                             out.data())
-          switch (g.bits) {
-            case 2: MOEQUANT_PAIR(2); break;
-            case 3: MOEQUANT_PAIR(3); break;
-            case 4: MOEQUANT_PAIR(4); break;
-            default: MOEQUANT_PAIR(8); break;
-          }
-#undef MOEQUANT_PAIR
+          with_bits<false>(g.bits, [&](auto b) {
+            row_pair_dot_vec<decltype(b)::value, false>(g, ra, rb, xp, xn, sx.data(), sr, zr, sr + G, zr + G, tab,
+                                                        lut, out.data());
+          });
           yp[n] = out[0] + (bp ? bp[n] : 0.0f);
           yp[n + 1] = out[1] + (bp ? bp[n + 1] : 0.0f);
         }
@@ -663,21 +729,15 @@ at::Tensor gemv(const Geometry& g, const uint8_t* codes, const Params& params, c
 #endif
       for (; r < rows; ++r) {
         const int64_t n = nb + r;
-        const uint8_t* row = codes + n * g.row_bytes;
+        const uint8_t* row = row_at(g, codes, n, pad);
         const float* sr = s.data() + r * G;
         const float* zr = z.data() + r * G;
         bool done = false;
 #ifdef __AVX2__
-        if (g.U) {
-          done = true;
-          switch (g.bits) {  // (LUT codes are always 4-bit: their other cases are unreachable)
-            case 2: row_dot_vec_all<LUT ? 4 : 2, LUT>(g, row, xp, xn, M, sx.data(), sr, zr, tab, lut, out.data()); break;
-            case 3: row_dot_vec_all<LUT ? 4 : 3, LUT>(g, row, xp, xn, M, sx.data(), sr, zr, tab, lut, out.data()); break;
-            case 4: row_dot_vec_all<4, LUT>(g, row, xp, xn, M, sx.data(), sr, zr, tab, lut, out.data()); break;
-            case 8: row_dot_vec_all<LUT ? 4 : 8, LUT>(g, row, xp, xn, M, sx.data(), sr, zr, tab, lut, out.data()); break;
-            default: done = false;
-          }
-        }
+        if (g.U)
+          done = with_bits<LUT>(g.bits, [&](auto b) {
+            row_dot_vec_all<decltype(b)::value, LUT>(g, row, xp, xn, M, sx.data(), sr, zr, tab, lut, out.data());
+          });
 #endif
         if (!done) row_dot_scalar<LUT>(g, row, xn, M, sx.data(), sr, zr, lut, out.data());
         const float b = bp ? bp[n] : 0.0f;
@@ -700,21 +760,17 @@ void dequant_rows(const Geometry& g, const uint8_t* codes, const Params& params,
 #endif
   at::parallel_for(r0, r1, grain_rows(g), [&](int64_t n0, int64_t n1) {
     std::vector<float> s(g.G), z(g.G), tmp(permuted ? 0 : g.U);
+    std::vector<uint8_t> pad;
     for (int64_t n = n0; n < n1; ++n) {
       params.rows(g, n, 1, s.data(), z.data());
-      const uint8_t* row = codes + n * g.row_bytes;
+      const uint8_t* row = row_at(g, codes, n, pad);
       float* wr = w + (n - r0) * g.K;
       bool done = false;
 #ifdef __AVX2__
       if (g.U) {
-        done = true;
-        switch (g.bits) {
-          case 2: row_dequant_vec<LUT ? 4 : 2, LUT>(g, row, s.data(), z.data(), tab, lut, wr); break;
-          case 3: row_dequant_vec<LUT ? 4 : 3, LUT>(g, row, s.data(), z.data(), tab, lut, wr); break;
-          case 4: row_dequant_vec<4, LUT>(g, row, s.data(), z.data(), tab, lut, wr); break;
-          case 8: row_dequant_vec<LUT ? 4 : 8, LUT>(g, row, s.data(), z.data(), tab, lut, wr); break;
-          default: done = false;
-        }
+        done = with_bits<LUT>(g.bits, [&](auto b) {
+          row_dequant_vec<decltype(b)::value, LUT>(g, row, s.data(), z.data(), tab, lut, wr);
+        });
         if (done && !permuted)  // back to column order, step by step
           for (int64_t k0 = 0; k0 < g.full_end; k0 += g.U) {
             std::memcpy(tmp.data(), wr + k0, sizeof(float) * g.U);
