@@ -469,12 +469,10 @@ inline void row_dot_vec(const Geometry& g, const uint8_t* row, const float* xp, 
                         const float* s, const float* z, const LutTables& tab, const float* lut, float* out) {
   constexpr int U = kStep<BITS>;
   constexpr int SB = U / 8 * BITS;  // bytes per step
-  constexpr int TV = U / 8;         // vectors per step
-  // Independent accumulators per row of x, enough to hide the FMA latency (one row: two steps at a time
-  // when a step has 4 vectors). Group sums fold into `tot` with the group's scale: one row of x keeps a
-  // running total per accumulator pair (no serial reduction per group); more rows sum theirs first.
+  // Independent accumulators per row of x (the FMA latency), vector t of a step into accumulator t % NA.
+  // Group sums fold into `tot` with the group's scale: one row of x keeps a running total per accumulator
+  // pair (no serial reduction per group); more rows sum theirs first (registers).
   constexpr int NA = MR == 1 ? 4 : 2;
-  constexpr bool PAIR = false;
   constexpr int NT = MR == 1 ? 2 : 1;
   const int64_t K = g.K, G = g.G;
   const int64_t spg = G == 1 ? g.full_end / U : g.gs / U;  // whole steps per group (the last: fewer)
@@ -491,21 +489,12 @@ inline void row_dot_vec(const Geometry& g, const uint8_t* row, const float* xp, 
       acc[m][0] = LUT ? _mm256_setzero_ps() : _mm256_set_ps(0, 0, 0, 0, 0, 0, 0, -z[gi] * sx[m * G + gi]);
       for (int a = 1; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
     }
-    const auto step = [&](const uint8_t* ps, const float* xs, auto base) {
-      constexpr int B = decltype(base)::value;
-      step_vectors<BITS, LUT>(ps, tab, [&](auto t, __m256 w) {
+    for (int64_t i = 0; i < steps; ++i, p += SB, xq += U)
+      step_vectors<BITS, LUT>(p, tab, [&](auto t, __m256 w) {
         constexpr int T = decltype(t)::value;
         for (int m = 0; m < MR; ++m)
-          acc[m][(B + T) % NA] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xs + m * K + 8 * T), acc[m][(B + T) % NA]);
+          acc[m][T % NA] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xq + m * K + 8 * T), acc[m][T % NA]);
       });
-    };
-    int64_t i = 0;
-    if constexpr (PAIR)
-      for (; i + 2 <= steps; i += 2, p += 2 * SB, xq += 2 * U) {
-        step(p, xq, Idx<0>{});
-        step(p + SB, xq + U, Idx<TV>{});
-      }
-    for (; i < steps; ++i, p += SB, xq += U) step(p, xq, Idx<0>{});
     const __m256 sv = _mm256_set1_ps(s[gi]);
     for (int m = 0; m < MR; ++m) {
       if constexpr (NT > 1) {
@@ -532,8 +521,8 @@ inline void row_dot_vec(const Geometry& g, const uint8_t* row, const float* xp, 
 }
 
 template <int BITS, int NA, int... T>
-inline void pair_step(const StepBits<BITS>& st_a, const StepBits<BITS>& st_b, const float* xq, const LutTables& tab,
-                      __m256* acc_a, __m256* acc_b, std::integer_sequence<int, T...>) {
+inline void pair_step(const StepBits<BITS>& st_a, const StepBits<BITS>& st_b, const float* xq, __m256* acc_a,
+                      __m256* acc_b, std::integer_sequence<int, T...>) {
   const auto one = [&](auto t) {
     constexpr int I = decltype(t)::value;
     const __m256 xv = _mm256_loadu_ps(xq + 8 * I);
@@ -543,12 +532,12 @@ inline void pair_step(const StepBits<BITS>& st_a, const StepBits<BITS>& st_b, co
   (one(Idx<T>{}), ...);
 }
 
-// One row of x against two rows of W (one x load feeds both, loop and group control shared): out[0], out[1]
-// as row_dot_vec<BITS, LUT, 1> computes them for rows a and b.
-template <int BITS, bool LUT>
+// One row of x against two rows a, b of uniform codes (one x load feeds both, loop and group control shared):
+// out[0], out[1] as row_dot_vec<BITS, false, 1> computes them.
+template <int BITS>
 inline void row_pair_dot_vec(const Geometry& g, const uint8_t* ra, const uint8_t* rb, const float* xp,
                              const float* xn, const float* sx, const float* sa, const float* za, const float* sb,
-                             const float* zb, const LutTables& tab, const float* lut, float* out) {
+                             const float* zb, float* out) {
   constexpr int U = kStep<BITS>;
   constexpr int SB = U / 8 * BITS;
   constexpr int TV = U / 8;
@@ -562,12 +551,12 @@ inline void row_pair_dot_vec(const Geometry& g, const uint8_t* ra, const uint8_t
   for (int64_t gi = 0; gi < G; ++gi) {
     const int64_t steps = gi + 1 < G ? spg : (xp + g.full_end - xq) / U;
     __m256 acc_a[NA], acc_b[NA];
-    acc_a[0] = LUT ? _mm256_setzero_ps() : _mm256_set_ps(0, 0, 0, 0, 0, 0, 0, -za[gi] * sx[gi]);
-    acc_b[0] = LUT ? _mm256_setzero_ps() : _mm256_set_ps(0, 0, 0, 0, 0, 0, 0, -zb[gi] * sx[gi]);
+    acc_a[0] = _mm256_set_ps(0, 0, 0, 0, 0, 0, 0, -za[gi] * sx[gi]);  // the zero-point term (row_dot_vec)
+    acc_b[0] = _mm256_set_ps(0, 0, 0, 0, 0, 0, 0, -zb[gi] * sx[gi]);
     for (int a = 1; a < NA; ++a) acc_a[a] = acc_b[a] = _mm256_setzero_ps();
     for (int64_t i = 0; i < steps; ++i, pa += SB, pb += SB, xq += U) {
       const StepBits<BITS> st_a = load_step<BITS>(pa), st_b = load_step<BITS>(pb);
-      pair_step<BITS, NA>(st_a, st_b, xq, tab, acc_a, acc_b, std::make_integer_sequence<int, TV>{});
+      pair_step<BITS, NA>(st_a, st_b, xq, acc_a, acc_b, std::make_integer_sequence<int, TV>{});
     }
     tot_a = _mm256_fmadd_ps(_mm256_set1_ps(sa[gi]),
                             _mm256_add_ps(_mm256_add_ps(acc_a[0], acc_a[1]), _mm256_add_ps(acc_a[2], acc_a[3])), tot_a);
@@ -576,8 +565,8 @@ inline void row_pair_dot_vec(const Geometry& g, const uint8_t* ra, const uint8_t
   }
   float tail_a = 0.0f, tail_b = 0.0f;
   for (int64_t k = g.full_end; k < g.K; ++k) {
-    tail_a += xn[k] * code_value<LUT>(code_at(ra, k, BITS), lut);
-    tail_b += xn[k] * code_value<LUT>(code_at(rb, k, BITS), lut);
+    tail_a += xn[k] * static_cast<float>(code_at(ra, k, BITS));
+    tail_b += xn[k] * static_cast<float>(code_at(rb, k, BITS));
   }
   out[0] = hsum(tot_a) + sa[G - 1] * tail_a;
   out[1] = hsum(tot_b) + sb[G - 1] * tail_b;
@@ -719,8 +708,7 @@ at::Tensor gemv(const Geometry& g, const uint8_t* codes, const Params& params, c
           const uint8_t* rb = row_at(g, codes, n + 1, pad);
           const float *sr = s.data() + r * G, *zr = z.data() + r * G;
           with_bits<false>(g.bits, [&](auto b) {
-            row_pair_dot_vec<decltype(b)::value, false>(g, ra, rb, xp, xn, sx.data(), sr, zr, sr + G, zr + G, tab,
-                                                        lut, out.data());
+            row_pair_dot_vec<decltype(b)::value>(g, ra, rb, xp, xn, sx.data(), sr, zr, sr + G, zr + G, out.data());
           });
           yp[n] = out[0] + (bp ? bp[n] : 0.0f);
           yp[n + 1] = out[1] + (bp ? bp[n + 1] : 0.0f);
