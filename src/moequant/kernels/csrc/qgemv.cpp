@@ -41,7 +41,9 @@
 
 namespace {
 
-// Rows of W per parallel task: at least this many weights each.
+// Rows of W per parallel task: at least this many weights each. at::parallel_for is header code: under
+// torch's OpenMP backend it runs in parallel only when this file is compiled with -fopenmp (checked: it then
+// binds to torch's own libgomp); without the flag every loop runs on the calling thread.
 constexpr int64_t kGrainWeights = 1 << 15;
 
 // ---------------------------------------------------------------------------------------------------
