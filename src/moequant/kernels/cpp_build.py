@@ -37,6 +37,13 @@ def simd_flags() -> list[str]:
     return ["-mavx2", "-mfma", "-mf16c"] if cap in ("AVX2", "AVX512") else []
 
 
+def openmp_flags() -> list[str]:
+    """``-fopenmp`` when torch parallelises with OpenMP: ``at::parallel_for`` is inlined into the
+    extension, so without it every kernel loop runs on one thread whatever ``torch.set_num_threads`` says."""
+    info = torch.__config__.parallel_info()
+    return ["-fopenmp"] if "ATen parallel backend: OpenMP" in info else []
+
+
 def _build_tag(name: str, sources: list[Path], cflags: list[str]) -> str:
     h = hashlib.sha256()
     for s in sources:
@@ -68,7 +75,7 @@ def load_extension(name: str, sources: list[str | Path]) -> ModuleType | None:
 @functools.lru_cache(maxsize=None)
 def _load(name: str, sources: tuple[str, ...]) -> ModuleType | None:
     paths = [Path(s) if Path(s).is_absolute() else CSRC / s for s in sources]
-    cflags = ["-O3", "-std=c++17", *simd_flags()]
+    cflags = ["-O3", "-std=c++17", *simd_flags(), *openmp_flags()]
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         log.warning("moequant: no C++ compiler (%s) found; %s kernels use the slower pure-torch path "
@@ -84,7 +91,7 @@ def _load(name: str, sources: tuple[str, ...]) -> ModuleType | None:
         build.mkdir(parents=True, exist_ok=True)
         with file_lock(ext_dir() / f"{tag}.lock", what=f"the build of the {name} C++ kernels"):
             return cpp_extension.load(name=name.replace("-", "_") + "_" + tag[-8:], sources=[str(p) for p in paths],
-                                      extra_cflags=cflags, build_directory=str(build), verbose=False)
+                                      extra_cflags=cflags, extra_ldflags=openmp_flags(), build_directory=str(build), verbose=False)
     except Exception as e:  # a compiler error, a missing ninja, a read-only cache ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         log.warning("moequant: could not build the %s C++ kernels (%s); using the slower pure-torch path "
