@@ -110,12 +110,13 @@ def _block(m: int) -> torch.Tensor:
     return (q * torch.sign(torch.diagonal(r))[None, :]).contiguous()  # unique Q: positive diagonal of R
 
 
-def _factor_sizes(n: int) -> list[int]:
+@functools.lru_cache(maxsize=256)
+def _factor_sizes(n: int) -> tuple[int, ...]:
     """Orders ``[f_1, …, f_r, (m)]`` with ``H_n = H_{f_1} ⊗ … ⊗ H_{f_r} ⊗ B_m``, outermost first."""
     p, m = hadamard_factors(n)
     k = p.bit_length() - 1
     sizes = [1 << min(_FACTOR_BITS, k - i) for i in range(0, k, _FACTOR_BITS)]
-    return sizes + ([m] if m > 1 else [])
+    return tuple(sizes + ([m] if m > 1 else []))
 
 
 @functools.lru_cache(maxsize=64)
