@@ -433,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moequant.eval.compare_cli import add_compare_parser
 
     add_compare_parser(sub)
+    from moequant.bench import add_bench_parser
+
+    add_bench_parser(sub)
     return p
 
 
