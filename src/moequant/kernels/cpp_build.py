@@ -101,3 +101,18 @@ def _load(name: str, sources: tuple[str, ...]) -> ModuleType | None:
 
 def available(name: str, sources: list[str | Path]) -> bool:
     return load_extension(name, sources) is not None
+
+
+def build_all() -> dict[str, bool]:
+    """Build (or find built) every C++ kernel extension; ``{name: available}``. The setup script runs it
+    so the first model load does not pay the compile."""
+    from moequant.kernels import trellis, uniform
+
+    return {uniform.EXT_NAME: load_extension(uniform.EXT_NAME, uniform.EXT_SOURCES) is not None,
+            trellis.EXTENSION: load_extension(trellis.EXTENSION, trellis.SOURCES) is not None}
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for ext, ok in build_all().items():
+        print(f"{ext}: {'built' if ok else 'not available (the pure-torch path will be used)'}")
