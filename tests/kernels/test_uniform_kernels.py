@@ -8,8 +8,6 @@ cases (x = N(0.5, 1)): up to ~3e-6 of the output's scale; a wrong code, scale or
 
 from __future__ import annotations
 
-import os
-import shutil
 
 import pytest
 import torch
@@ -28,15 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def ext():
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        pytest.skip("no C++ compiler here: only the reference path exists")
-    if os.environ.get(cpp_build.DISABLE_ENV, "").strip() not in ("", "0"):
-        pytest.skip(f"{cpp_build.DISABLE_ENV} is set")
-    mod = ku.extension()
-    assert mod is not None, "the qgemv extension failed to build (see the warning)"
-    assert mod.has_avx2() == bool(cpp_build.simd_flags())  # the vector path is what these tests exercise
-    return mod
+def ext(qgemv_ext):
+    return qgemv_ext
 
 
 @pytest.fixture(autouse=True)
