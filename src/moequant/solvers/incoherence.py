@@ -25,7 +25,9 @@ a random one. A DCT block would not do: it maps a constant vector to a single sp
 ``[f_1, …, f_r, m]`` and one small matrix is applied along each axis, using
 ``H_p = H_{f_1} ⊗ … ⊗ H_{f_r}`` (Sylvester blocks of order ``f_i ≤ 2^_FACTOR_BITS``). That costs
 ``n · (Σ f_i + m)`` per vector, the ``O(n log n)`` of a butterfly FWHT up to a small constant, with
-``log p / _FACTOR_BITS`` batched matmuls instead of ``log p`` memory passes.
+``log p / _FACTOR_BITS`` batched matmuls instead of ``log p`` memory passes. At run time
+(``transform_input`` / ``restore_output``, float32 on the CPU, shared signs) one call of the C++ kernel
+``kernels.hadamard`` does the signs and the whole transform instead (the same math, fp32 rounding aside).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from moequant.kernels import hadamard as _kernel
 
 # Largest Sylvester factor applied as one dense matmul: 2^5 measured at least as fast as 2^6 and the
 # butterfly FWHT on CPU (x [4096, 3072] fp32, one thread); every cap gives the same matrix.
@@ -240,12 +244,17 @@ class Incoherence:
         return _left(hadamard_transform(a))  # H_K (...) H_Kᵀ
 
     def transform_input(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
-        """``H_K S_U x`` for every ``x`` along the last dim of ``x [..., K]``."""
-        return hadamard_transform(_times_signs(x, self._at(expert).sign_in, -1, "input"))
+        """``H_K S_U x`` for every ``x`` along the last dim of ``x [..., K]``. Float32 CPU activations with
+        shared signs take one call of the C++ kernel (``kernels.hadamard``) where it is available."""
+        s = self._at(expert).sign_in
+        out = _kernel.fast(x, s, None, False)
+        return hadamard_transform(_times_signs(x, s, -1, "input")) if out is None else out
 
     def restore_output(self, y: torch.Tensor, expert: int | None = None) -> torch.Tensor:
-        """``S_V H_Nᵀ y`` for every ``y`` along the last dim of ``y [..., N]``."""
-        return _times_signs(hadamard_transform(y, transpose=True), self._at(expert).sign_out, -1, "output")
+        """``S_V H_Nᵀ y`` for every ``y`` along the last dim of ``y [..., N]`` (the C++ kernel as above)."""
+        s = self._at(expert).sign_out
+        out = _kernel.fast(y, None, s, True)
+        return _times_signs(hadamard_transform(y, transpose=True), s, -1, "output") if out is None else out
 
     def to_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """``{prefix}sign_in`` / ``{prefix}sign_out`` as int8 ±1 tensors of the signs' shapes."""

@@ -1,0 +1,240 @@
+// moequant CPU kernel for the random Hadamard transform of the activations (solvers/incoherence.py):
+//
+//   rht_apply(x [..., n], signs_before [n] | empty, signs_after [n] | empty, block [m, m] | empty, transpose)
+//     = ((x * signs_before) @ H^T) * signs_after        H = H_n (transpose: H_n^T), n = p * m
+//
+// H_n = H_p (x) B_m: H_p the orthonormal Sylvester-Hadamard matrix of the power of two p, B_m the small
+// orthonormal block (m = 1: none). Element i of a row is i = a * m + b (a in [0, p), b in [0, m)); viewing
+// the row as V [p, m], H_n v is H_p V B_m^T (transpose: H_p V B_m, H_p being symmetric). Per row, in place
+// in the output:
+//   1. copy x (times signs_before);
+//   2. butterfly FWHT over a: log2(p) stages; the stage of half-width h adds/subtracts contiguous spans of
+//      h * m floats (AVX2 8 at a time; for m = 1 the first three stages run inside each 8-float vector);
+//   3. each of the p sub-rows of m floats times (B_m^T or B_m) / sqrt(p): 4 sub-rows at a time, 16 output
+//      columns at a time accumulated in registers (the matrix padded to whole vectors); m = 1: the
+//      1/sqrt(p) scale alone;
+//   4. times signs_after.
+// Rows run in parallel (at::parallel_for) only when there are enough of them (kGrainFloats per task).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// Floats of x per parallel task: a decode-sized call (a few rows) stays on the calling thread.
+constexpr int64_t kGrainFloats = 1 << 16;
+
+int64_t power_of_two_part(int64_t n) { return n & -n; }
+
+// One butterfly stage: for each block of 2 * s floats, (u, v) -> (u + v, u - v) with u the first s floats.
+void stage(float* v, int64_t n, int64_t s) {
+  for (int64_t o = 0; o < n; o += 2 * s) {
+    float* u = v + o;
+    float* w = u + s;
+    int64_t t = 0;
+#ifdef __AVX2__
+    for (; t + 8 <= s; t += 8) {
+      const __m256 a = _mm256_loadu_ps(u + t), b = _mm256_loadu_ps(w + t);
+      _mm256_storeu_ps(u + t, _mm256_add_ps(a, b));
+      _mm256_storeu_ps(w + t, _mm256_sub_ps(a, b));
+    }
+#endif
+    for (; t < s; ++t) {
+      const float a = u[t], b = w[t];
+      u[t] = a + b;
+      w[t] = a - b;
+    }
+  }
+}
+
+#ifdef __AVX2__
+// The 8-point Sylvester transform (unscaled) of each 8 consecutive floats: stages h = 1, 2, 4 in-register.
+// Each stage is r = swap(v) + v * sign, the swap exchanging the partner lanes and sign = -1 on upper lanes.
+void stages_within_vectors(float* v, int64_t n) {
+  const __m256 s1 = _mm256_setr_ps(1, -1, 1, -1, 1, -1, 1, -1);
+  const __m256 s2 = _mm256_setr_ps(1, 1, -1, -1, 1, 1, -1, -1);
+  const __m256 s4 = _mm256_setr_ps(1, 1, 1, 1, -1, -1, -1, -1);
+  for (int64_t o = 0; o < n; o += 8) {
+    __m256 r = _mm256_loadu_ps(v + o);
+    r = _mm256_fmadd_ps(r, s1, _mm256_permute_ps(r, 0xB1));  // lanes (1, 0, 3, 2, ...)
+    r = _mm256_fmadd_ps(r, s2, _mm256_permute_ps(r, 0x4E));  // lanes (2, 3, 0, 1, ...)
+    r = _mm256_fmadd_ps(r, s4, _mm256_permute2f128_ps(r, r, 1));  // halves swapped
+    _mm256_storeu_ps(v + o, r);
+  }
+}
+#endif
+
+// Unscaled H_p along a for one row v [p * m].
+void fwht(float* v, int64_t p, int64_t m) {
+  const int64_t n = p * m;
+  int64_t h = 1;
+#ifdef __AVX2__
+  if (m == 1 && p >= 8) {
+    stages_within_vectors(v, n);
+    h = 8;
+  }
+#endif
+  for (; h < p; h *= 2) stage(v, n, h * m);
+}
+
+// The block step as the kernel reads it: rows[c, :] (c in [0, m)) padded to `width` floats, so that the
+// sub-row u = v M is sum_c v[c] * rows[c, :].
+struct Block {
+  int64_t m = 1, width = 0;
+  std::vector<float> rows;  // [m, width]
+};
+
+// M = (transpose ? B : B^T) * scale, zero-padded to a whole number of 8-float vectors.
+Block make_block(const at::Tensor& block, bool transpose, float scale) {
+  Block b;
+  b.m = block.size(0);
+  b.width = (b.m + 7) / 8 * 8;
+  b.rows.assign(b.m * b.width, 0.0f);
+  const float* src = block.data_ptr<float>();  // [m, m]
+  for (int64_t c = 0; c < b.m; ++c)
+    for (int64_t j = 0; j < b.m; ++j)  // u[j] = sum_c v[c] * B[j, c] (or B[c, j] transposed)
+      b.rows[c * b.width + j] = scale * (transpose ? src[c * b.m + j] : src[j * b.m + c]);
+  return b;
+}
+
+#ifdef __AVX2__
+// Columns [col, col + 8 * CV) of T consecutive sub-rows (in [T, m]) times the block, into out [T, width].
+// T * CV independent accumulators hide the FMA latency (one sub-row of a 12-wide block alone has 2 chains);
+// each block vector loaded is used T times.
+template <int CV, int T>
+void block_chunk(const float* in, const Block& b, int64_t col, float* out) {
+  const int64_t m = b.m;
+  __m256 acc[T][CV];
+  for (int t = 0; t < T; ++t)
+    for (int k = 0; k < CV; ++k) acc[t][k] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < m; ++c) {
+    __m256 s[T];
+    for (int t = 0; t < T; ++t) s[t] = _mm256_broadcast_ss(in + t * m + c);
+    const float* r = b.rows.data() + c * b.width + col;
+    for (int k = 0; k < CV; ++k) {
+      const __m256 w = _mm256_loadu_ps(r + 8 * k);
+      for (int t = 0; t < T; ++t) acc[t][k] = _mm256_fmadd_ps(s[t], w, acc[t][k]);
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int k = 0; k < CV; ++k) _mm256_storeu_ps(out + t * b.width + col + 8 * k, acc[t][k]);
+}
+
+// T sub-rows v [T, m] times the block, in place (through the scratch tile [T, width]).
+template <int T>
+void block_rows(float* v, const Block& b, float* tile) {
+  int64_t col = 0;
+  for (; col + 16 <= b.width; col += 16) block_chunk<2, T>(v, b, col, tile);
+  if (col < b.width) block_chunk<1, T>(v, b, col, tile);
+  for (int t = 0; t < T; ++t) std::memcpy(v + t * b.m, tile + t * b.width, b.m * sizeof(float));
+}
+#endif
+
+// The p sub-rows of v [p, m] times the block, in place; scratch: at least 4 * width floats.
+void apply_block(float* v, int64_t p, const Block& b, std::vector<float>& scratch) {
+  const int64_t m = b.m;
+  scratch.resize(4 * b.width);
+  int64_t a = 0;
+#ifdef __AVX2__
+  for (; a + 4 <= p; a += 4) block_rows<4>(v + a * m, b, scratch.data());
+  for (; a < p; ++a) block_rows<1>(v + a * m, b, scratch.data());
+#endif
+  for (; a < p; ++a) {  // without AVX2
+    float* row = v + a * m;
+    std::fill(scratch.begin(), scratch.end(), 0.0f);
+    for (int64_t c = 0; c < m; ++c) {
+      const float x = row[c];
+      const float* r = b.rows.data() + c * b.width;
+      for (int64_t j = 0; j < m; ++j) scratch[j] += x * r[j];
+    }
+    std::memcpy(row, scratch.data(), m * sizeof(float));
+  }
+}
+
+// out[i] = x[i] * s[i] (s null: a copy).
+void copy_signed(float* out, const float* x, const float* s, int64_t n) {
+  if (s == nullptr) {
+    std::memcpy(out, x, n * sizeof(float));
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * s[i];
+}
+
+const float* signs_ptr(const at::Tensor& s, int64_t n, const char* what) {
+  if (s.numel() == 0) return nullptr;
+  TORCH_CHECK(s.dim() == 1 && s.size(0) == n, what, " must be [", n, "] or empty, got ", s.sizes());
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.device().is_cpu(),
+              what, " must be a contiguous float32 CPU tensor");
+  return s.data_ptr<float>();
+}
+
+// x [..., n] float32 -> ((x * signs_before) H^T) * signs_after [..., n] (see the file comment); any leading
+// dims (R = their product), so that callers need no reshape.
+at::Tensor rht_apply(const at::Tensor& x, const at::Tensor& signs_before, const at::Tensor& signs_after,
+                     const at::Tensor& block, bool transpose) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) >= 1, "x must be [..., n] with n >= 1, got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be a float32 CPU tensor");
+  const at::Tensor xc = x.contiguous();
+  const int64_t n = xc.size(-1), rows = xc.numel() / n;
+  const float* pre = signs_ptr(signs_before, n, "signs_before");
+  const float* post = signs_ptr(signs_after, n, "signs_after");
+  int64_t m = 1;
+  if (block.numel() > 0) {
+    TORCH_CHECK(block.dim() == 2 && block.size(0) == block.size(1), "block must be [m, m], got ", block.sizes());
+    TORCH_CHECK(block.scalar_type() == at::kFloat && block.is_contiguous() && block.device().is_cpu(),
+                "block must be a contiguous float32 CPU tensor");
+    m = block.size(0);
+  }
+  TORCH_CHECK(n % m == 0 && power_of_two_part(n / m) == n / m, "n = ", n, " is not a power of two times m = ", m);
+  const int64_t p = n / m;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(p));
+  const Block b = m > 1 ? make_block(block.contiguous(), transpose, scale) : Block{};
+
+  at::Tensor out = at::empty(xc.sizes(), xc.options());
+  const float* src = xc.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, kGrainFloats / n);
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<float> scratch;
+    for (int64_t r = r0; r < r1; ++r) {
+      float* v = dst + r * n;
+      copy_signed(v, src + r * n, pre, n);
+      fwht(v, p, m);
+      if (m > 1) {
+        apply_block(v, p, b, scratch);  // the 1/sqrt(p) is in the block
+        if (post != nullptr)
+          for (int64_t i = 0; i < n; ++i) v[i] *= post[i];
+      } else if (post != nullptr) {
+        for (int64_t i = 0; i < n; ++i) v[i] *= scale * post[i];
+      } else if (p > 1) {
+        for (int64_t i = 0; i < n; ++i) v[i] *= scale;
+      }
+    }
+  });
+  return out;
+}
+
+bool has_avx2() {
+#ifdef __AVX2__
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rht_apply", &rht_apply, "((x * s_before) H_n^T) * s_after, x [..., n] float32");
+  m.def("has_avx2", &has_avx2, "built with the AVX2 path");
+}

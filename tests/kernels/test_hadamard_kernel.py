@@ -1,0 +1,152 @@
+"""moequant::rht_apply: the C++ random-Hadamard kernel (kernels/hadamard.py, csrc/hadamard.cpp) against the
+torch path of solvers.incoherence (signs times ``hadamard_transform``), and its use by ``Incoherence``.
+
+Tolerance: both compute in fp32 in different orders (a butterfly vs Kronecker-factor matmuls); measured
+max |kernel - reference| <= 2e-7 of the row's norm here. The tests allow 1e-5 of ``‖x‖``; a wrong sign,
+block or scale is off by O(1) of it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from moequant.kernels import cpp_build
+from moequant.kernels import hadamard as kh
+from moequant.kernels.select import reference_kernels
+from moequant.solvers.incoherence import Incoherence, hadamard_transform, random_signs
+
+TOL = 1e-5  # max |kernel - reference| / max row norm of x
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SIZES = [1, 2, 12, 64, 576, 768, 896, 1536, 4864, 7]  # powers of two, Paley blocks, a random block (7)
+ROWS = [1, 3, 8, 300]
+
+
+@pytest.fixture(scope="module")
+def ext():
+    """The ``rht`` extension: skipped without a compiler or with it disabled on purpose (the qgemv_ext pattern)."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler here: only the torch path exists")
+    if os.environ.get(cpp_build.DISABLE_ENV, "").strip() not in ("", "0"):
+        pytest.skip(f"{cpp_build.DISABLE_ENV} is set")
+    mod = kh.extension()
+    assert mod is not None, "the rht extension failed to build (see the warning)"
+    assert mod.has_avx2() == bool(cpp_build.simd_flags())
+    return mod
+
+
+def _x(rows, n, seed=0):
+    return torch.randn(rows, n, generator=torch.Generator().manual_seed(seed)) + 0.25  # [R, n]
+
+
+def _err(got, want, x):
+    return float((got - want).abs().max() / x.norm(dim=-1).max())
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("rows", ROWS)
+def test_kernel_matches_hadamard_transform(ext, n, rows):
+    x, sb, sa = _x(rows, n), random_signs(n, 1), random_signs(n, 2)
+    for transpose in (False, True):
+        want = hadamard_transform(x * sb, transpose=transpose) * sa  # [R, n]
+        got = ext.rht_apply(x, sb, sa, kh.block_for(n), transpose)
+        assert got.shape == x.shape and got.dtype == torch.float32
+        assert _err(got, want, x) <= TOL
+        bare = ext.rht_apply(x, kh._NONE, kh._NONE, kh.block_for(n), transpose)  # no signs
+        assert _err(bare, hadamard_transform(x, transpose=transpose), x) <= TOL
+        ref = kh.reference(x, sb, sa, kh.block_for(n), transpose)  # the op's torch definition
+        assert _err(ref, want, x) <= TOL
+
+
+@pytest.mark.parametrize("n", [12, 576, 7])
+def test_kernel_takes_any_layout_and_leading_dims(ext, n):
+    x = _x(n, 6, seed=3).T  # [6, n], not contiguous
+    sb = random_signs(n, 4)
+    want = hadamard_transform(x * sb)
+    assert _err(ext.rht_apply(x, sb, kh._NONE, kh.block_for(n), False), want, x) <= TOL
+    got = ext.rht_apply(x.reshape(2, 3, n), sb, kh._NONE, kh.block_for(n), False)  # [2, 3, n]
+    assert got.shape == (2, 3, n) and _err(got.reshape(6, n), want, x) <= TOL
+    assert ext.rht_apply(x[:0], sb, kh._NONE, kh.block_for(n), False).shape == (0, n)  # no rows
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_op_dispatches_to_kernel_and_reference(ext, n):
+    x, sb = _x(3, n, seed=1), random_signs(n, 3)
+    want = hadamard_transform(x * sb)
+    got = torch.ops.moequant.rht_apply(x, sb, kh._NONE, kh.block_for(n), False)
+    assert _err(got, want, x) <= TOL
+    with reference_kernels():
+        assert _err(torch.ops.moequant.rht_apply(x, sb, kh._NONE, kh.block_for(n), False), want, x) <= TOL
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("lead", [(1,), (5,), (2, 3)])
+def test_incoherence_fast_path_round_trip(ext, n, lead):
+    inc = Incoherence.make((n, n), seed=7)
+    x = torch.randn(*lead, n, generator=torch.Generator().manual_seed(2))  # [..., n]
+    xr = inc.transform_input(x)
+    with reference_kernels():
+        want = inc.transform_input(x)
+        back_ref = inc.restore_output(want)
+    assert xr.shape == x.shape and _err(xr, want, x.reshape(-1, n)) <= TOL
+    assert _err(inc.restore_output(xr), back_ref, x.reshape(-1, n)) <= TOL
+    # H_n^T inverts H_n and the signs square to one: with S_V = S_U, restore_output(transform_input(x)) == x
+    same = Incoherence(inc.sign_in, inc.sign_in)
+    assert _err(same.restore_output(same.transform_input(x)), x, x.reshape(-1, n)) <= TOL
+
+
+def test_fast_path_taken_and_skipped(ext, monkeypatch):
+    n = 576
+    inc, x = Incoherence.make((n, n), seed=1), _x(1, n)
+    calls = []
+    real = ext.rht_apply
+
+    class Spy:
+        def rht_apply(self, *a):
+            calls.append(a[-1])
+            return real(*a)
+
+    monkeypatch.setattr(kh, "_extension", lambda: Spy())
+    inc.restore_output(inc.transform_input(x))
+    assert calls == [False, True]  # one kernel call each
+    calls.clear()
+    with reference_kernels():
+        inc.restore_output(inc.transform_input(x))
+    monkeypatch.setenv("MOEQUANT_KERNELS", "reference")
+    inc.restore_output(inc.transform_input(x))
+    monkeypatch.delenv("MOEQUANT_KERNELS")
+    inc.transform_input(x.double())  # float64: the torch path
+    inc.transform_input(x.clone().requires_grad_())  # autograd: the torch path
+    per_expert = Incoherence.make((2, n, n), seed=1, per_expert=True)
+    per_expert.transform_input(x.expand(2, 1, n))  # [E, n] signs over the leading dim: the torch path
+    assert calls == []
+    per_expert.transform_input(x, expert=1)  # one expert's [n] signs: the kernel
+    assert calls == [False]
+
+
+def test_reference_path_without_extension(monkeypatch):
+    """MOEQUANT_NO_EXT=1 (no compiler, a failed build): ``fast`` declines and the torch path gives the result."""
+    monkeypatch.setenv(cpp_build.DISABLE_ENV, "1")
+    cpp_build._load.cache_clear()
+    try:
+        n = 896
+        inc, x = Incoherence.make((n, n), seed=2), _x(2, n)
+        assert kh.fast(x, inc.sign_in, None, False) is None
+        got = inc.transform_input(x)
+        torch.testing.assert_close(got, hadamard_transform(x * inc.sign_in), rtol=0, atol=0)
+    finally:
+        monkeypatch.delenv(cpp_build.DISABLE_ENV)
+        cpp_build._load.cache_clear()
+
+
+def test_shape_errors_still_raised(ext):
+    inc = Incoherence.make((12, 64), seed=0)
+    with pytest.raises(ValueError, match="does not match signs"):
+        inc.transform_input(torch.randn(2, 63))
+    with pytest.raises(ValueError, match="does not match signs"):
+        inc.restore_output(torch.randn(2, 64))
