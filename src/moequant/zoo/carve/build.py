@@ -1,0 +1,364 @@
+"""Carve a dense causal LM into a stock transformers MoE, layer by layer, and write it with its provenance.
+
+``carve_model`` walks the decoder like the quantizer does (``calib.runner.LayerwiseRunner``): the
+calibration windows enter layer ``i`` as the already-carved layers ``< i`` produce them; the layer's
+attention runs (copied from the dense model), its MLP inputs ``x`` and the dense MLP's outputs ``y`` are
+captured, the neurons are split (``neurons``), written into the target's ``SparseMoeBlock``
+(``targets``) and fitted (``fit``), and the carved layer produces the inputs of layer ``i + 1``. Errors
+therefore do not compound silently: each layer is fitted on what the carved model before it really
+produces. ``build_moe`` adds the optional recovery distillation (``recover``), the PTB test scores of
+dense and carved model with routing statistics, and writes the directory atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from moequant.calib.data import CalibData
+from moequant.errors import MoequantError
+from moequant.zoo.carve.fit import FitSettings, fit_block
+from moequant.zoo.carve.neurons import (activation_markers, balanced_kmeans, contributions, experts_from_labels,
+                                        neuron_activations, split_shared)
+from moequant.zoo.carve.recover import RecoverSettings
+from moequant.zoo.carve.targets import (SOURCE_TYPES, TARGETS, CarvedMLP, check_pair, copy_shared_weights,
+                                        moe_config, source_attention, write_block)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CarveSpec:
+    """Everything that determines a carved model (with the source model and the code version)."""
+
+    arch: str = "qwen2_moe"
+    experts: int = 8
+    top_k: int = 2
+    shared_fraction: float = 0.25
+    calib: CalibData = field(default_factory=lambda: CalibData(samples=64, seqlen=512))
+    marker_tokens: int = 8192  # tokens whose markers describe a neuron for the clustering
+    fit: FitSettings = field(default_factory=FitSettings)
+    recover: RecoverSettings = field(default_factory=RecoverSettings)
+    batch_size: int = 8  # calibration windows per forward
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.arch not in TARGETS:
+            raise MoequantError(f"--arch {self.arch!r}: choose from {', '.join(TARGETS)}")
+        if self.experts < 1:
+            raise MoequantError(f"--experts must be >= 1, got {self.experts}")
+        if not 1 <= self.top_k <= self.experts:
+            raise MoequantError(f"--top-k must be in [1, --experts={self.experts}], got {self.top_k}")
+        if not 0.0 <= self.shared_fraction < 1.0:
+            raise MoequantError(f"--shared-fraction must be in [0, 1), got {self.shared_fraction}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def split_sizes(intermediate: int, experts: int, shared_fraction: float) -> tuple[int, int]:
+    """(shared neurons, neurons per routed expert): the shared count nearest ``shared_fraction · I`` that
+    leaves a multiple of ``experts`` routed neurons."""
+    per = (intermediate - round(shared_fraction * intermediate)) // experts
+    if per < 1:
+        raise MoequantError(f"{intermediate} MLP neurons leave fewer than one per expert for {experts} experts "
+                            f"at --shared-fraction {shared_fraction}")
+    return intermediate - per * experts, per
+
+
+class _CaptureMLP(nn.Module):
+    """Stands in for a layer's MLP during one pass: records its inputs and the dense MLP's outputs."""
+
+    def __init__(self, dense_mlp: nn.Module) -> None:
+        super().__init__()
+        self.dense = dense_mlp
+        self.xs: list[torch.Tensor] = []
+        self.ys: list[torch.Tensor] = []
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        y = self.dense(h)
+        self.xs.append(h.reshape(-1, h.shape[-1]).detach().clone())
+        self.ys.append(y.reshape(-1, y.shape[-1]).detach().clone())
+        return y
+
+
+def _qk_norm_from_rms(layer: nn.Module, runner: Any, index: int, mode: str) -> dict[str, float]:
+    """Set the target's q/k norm weights to the calibration RMS of q and k (see ``targets``)."""
+    attn = layer.self_attn
+    head_dim = attn.head_dim
+    sums = {"q_proj": [0.0, 0], "k_proj": [0.0, 0]}
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
+            o = out.detach().float()
+            o = o.reshape(*o.shape[:-1], -1, head_dim) if mode == "head" else o  # per head or over all
+            rms = o.pow(2).mean(-1).sqrt()
+            sums[name][0] += float(rms.sum())
+            sums[name][1] += rms.numel()
+        return fn
+
+    handles = [getattr(attn, n).register_forward_hook(hook(n)) for n in sums]
+    try:
+        runner.run(index, keep_outputs=False)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    with torch.no_grad():
+        for proj, norm in (("q_proj", "q_norm"), ("k_proj", "k_norm")):
+            s, n = sums[proj]
+            out[norm] = s / max(n, 1)
+            getattr(attn, norm).weight.fill_(out[norm])
+    return out
+
+
+def _carve_neurons(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act,
+                   n_shared: int, experts: int, per_token: int, marker_tokens: int, seed: int
+                   ) -> tuple[CarvedMLP, torch.Tensor]:
+    """Split one dense MLP's neurons (see ``neurons``). -> (carving, activation rate ``[I]``)."""
+    counts = torch.zeros(gate.shape[0])
+    marks = []
+    with torch.no_grad():
+        for s in range(0, x.shape[0], 4096):
+            m = activation_markers(contributions(neuron_activations(x[s:s + 4096], gate, up, act), down), per_token)
+            counts += m.sum(0)
+            marks.append(m)
+    rate = counts / x.shape[0]
+    shared, routed = split_shared(rate, n_shared)
+    markers = torch.cat(marks)  # [T, I] bool
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(markers.shape[0], generator=g)[:marker_tokens].sort().values
+    feats = markers[rows][:, routed].T.float()  # [n_routed, t]
+    labels = balanced_kmeans(feats, experts, seed=seed)
+    return CarvedMLP(gate, up, down, shared, experts_from_labels(routed, labels, experts)), rate
+
+
+def _expert_hessian_spread(block: nn.Module, x: torch.Tensor, experts: int) -> dict[str, Any]:
+    """Routed-token share per expert and ``‖H_e − H_mean‖_F / ‖H_mean‖_F`` of each expert's input
+    second moment ``H_e = mean x xᵀ`` over its routed calibration tokens."""
+    h = x.shape[1]
+    acc = torch.zeros(experts, h, h, dtype=torch.float64)
+    n = torch.zeros(experts)
+    with torch.no_grad():
+        for s in range(0, x.shape[0], 4096):
+            xb = x[s:s + 4096]
+            _, _, idx = block.gate(xb)
+            for e in range(experts):
+                sel = (idx == e).any(1)
+                xe = xb[sel].double()
+                acc[e] += xe.T @ xe
+                n[e] += int(sel.sum())
+    mean_h = acc.sum(0) / max(float(n.sum()), 1.0)
+    spread = []
+    for e in range(experts):
+        he = acc[e] / max(float(n[e]), 1.0)
+        spread.append(float(torch.linalg.norm(he - mean_h) / torch.linalg.norm(mean_h)) if n[e] else float("nan"))
+    return {"tokens": [int(c) for c in n], "hessian_spread": spread}
+
+
+def carve_model(dense: nn.Module, tokens: torch.Tensor, spec: CarveSpec, progress: bool = True
+                ) -> tuple[nn.Module, list[dict[str, Any]], bool]:
+    """(carved MoE model in eval mode, per-layer records, attention exact?) for ``dense`` calibrated on
+    ``tokens [S, L]``."""
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    from moequant.calib.runner import LayerwiseRunner
+    from moequant.models.adapters import adapter_for
+
+    src_type = dense.config.model_type
+    if src_type not in SOURCE_TYPES:
+        raise MoequantError(f"cannot carve a {src_type!r} model: the source must be a dense "
+                            f"{'/'.join(SOURCE_TYPES)} model")
+    target = TARGETS[spec.arch]
+    src = source_attention(dense)
+    exact = check_pair(src_type, src, target)
+    if not exact:
+        log.warning("%s normalises q and k and the %s source does not: the q/k norms are set to the calibration "
+                    "RMS, an approximation (the carved MLPs are exact; --recover-steps trains the norms)",
+                    target.model_type, src_type)
+    inter = dense.model.layers[0].mlp.gate_proj.weight.shape[0]
+    n_shared, per = split_sizes(inter, spec.experts, spec.shared_fraction)
+    if not target.shared_expert and n_shared:
+        log.info("%s has no shared-expert module: the %d shared neurons are replicated in every expert",
+                 target.model_type, n_shared)
+    cfg = moe_config(dense.config, target, experts=spec.experts, top_k=spec.top_k,
+                     expert_size=per if target.shared_expert else per + n_shared, shared_size=n_shared, src=src)
+    torch.manual_seed(spec.seed)  # from_config initialises weights we overwrite; keep it reproducible anyway
+    moe = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    moe.eval()
+    copy_shared_weights(moe, dense)
+    per_token = n_shared + spec.top_k * per  # neurons a token is given in the MoE
+    runner = LayerwiseRunner(moe, adapter_for(moe), tokens, batch_size=spec.batch_size)
+    records = []
+    for i in tqdm(range(len(moe.model.layers)), desc="carve", unit="layer", disable=not progress):
+        t0 = time.perf_counter()
+        layer, dense_layer = moe.model.layers[i], dense.model.layers[i]
+        block = layer.mlp
+        rec: dict[str, Any] = {"layer": i}
+        cap = _CaptureMLP(dense_layer.mlp)
+        layer.mlp = cap
+        try:
+            if not exact:
+                rec["qk_norm_init"] = _qk_norm_from_rms(layer, runner, i, target.qk_norm)
+            runner.run(i, keep_outputs=False)
+        finally:
+            layer.mlp = block
+        x, y = torch.cat(cap.xs), torch.cat(cap.ys)  # [T, H] each
+        del cap
+        dm = dense_layer.mlp
+        carved, rate = _carve_neurons(x, dm.gate_proj.weight.detach(), dm.up_proj.weight.detach(),
+                                      dm.down_proj.weight.detach(), dm.act_fn, n_shared, spec.experts, per_token,
+                                      spec.marker_tokens, spec.seed + i)
+        write_block(block, carved, target, spec.top_k)
+        rec["errors"] = fit_block(block, carved, target, dm.act_fn, x, y, spec.fit)
+        rec.update(_expert_hessian_spread(block, x, spec.experts))
+        rec["shared_rate_mean"] = float(rate[carved.shared].mean()) if n_shared else None
+        rec["routed_rate_mean"] = float(rate[torch.cat(carved.experts)].mean())
+        runner.run(i, keep_outputs=True)
+        rec["seconds"] = round(time.perf_counter() - t0, 2)
+        records.append(rec)
+        last = list(rec["errors"].items())[-1]
+        log.info("layer %d: relative MLP error %s = %.4f (%.1f s)", i, last[0], last[1], rec["seconds"])
+    moe.config.output_router_logits = False
+    return moe, records, exact
+
+
+def active_fraction(inter: int, spec: CarveSpec) -> float:
+    """Fraction of the dense MLP's neurons a token uses in the carved model."""
+    n_shared, per = split_sizes(inter, spec.experts, spec.shared_fraction)
+    return (n_shared + spec.top_k * per) / inter
+
+
+class RoutingCounter:
+    """Counts, per layer, the tokens routed to each expert and the mean entropy of the router's softmax,
+    from forward hooks on every ``mlp.gate`` (use as a context manager around an evaluation)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.counts: list[torch.Tensor] = []
+        self.entropy: list[float] = []
+        self.tokens: list[int] = []
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "RoutingCounter":
+        for i, layer in enumerate(self.model.model.layers):
+            e = layer.mlp.gate.weight.shape[0]
+            self.counts.append(torch.zeros(e, dtype=torch.long))
+            self.entropy.append(0.0)
+            self.tokens.append(0)
+            self._handles.append(layer.mlp.gate.register_forward_hook(self._hook(i)))
+        return self
+
+    def _hook(self, i: int) -> Callable[..., None]:
+        def fn(_m: nn.Module, _inp: Any, out: Any) -> None:
+            logits, _, idx = out
+            self.counts[i] += torch.bincount(idx.reshape(-1), minlength=self.counts[i].numel())
+            p = torch.softmax(logits.float(), -1)
+            self.entropy[i] += float(-(p * torch.log(p.clamp_min(1e-30))).sum())
+            self.tokens[i] += logits.shape[0]
+        return fn
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def summary(self) -> list[dict[str, Any]]:
+        out = []
+        for c, ent, n in zip(self.counts, self.entropy, self.tokens):
+            share = c.double() / max(int(c.sum()), 1)
+            nz = share[share > 0]
+            out.append({"tokens": n, "share": [round(float(s), 5) for s in share],
+                        "balance_entropy": float(-(nz * nz.log()).sum() / math.log(share.numel())) if share.numel() > 1 else 1.0,
+                        "router_entropy_mean": ent / max(n, 1)})
+        return out
+
+
+def is_carve_build(path: Path) -> bool:
+    from moequant.fsutil import read_json_object
+
+    rec = read_json_object(Path(path) / "training.json")
+    return rec is not None and str(rec.get("call", "")).startswith("moequant.zoo.carve.build_moe(")
+
+
+def build_moe(source: str, out: Path, spec: CarveSpec, *, overwrite: bool = False, eval_tokens: int | None = None,
+              evaluate: bool = True, eval_data: str = "ptb", alias: str | None = None, progress: bool = True
+              ) -> dict[str, Any]:
+    """Carve ``source`` (zoo alias, HF directory, ``.gguf`` or hub id) into ``out`` and return the
+    provenance written there as ``training.json``. ``eval_data`` (a corpus alias's test split, or a text
+    file) is scored by the dense and the carved model; ``eval_tokens``: only its first N tokens."""
+    from moequant.calib.data import calibration_tokens
+    from moequant.fsutil import AtomicDir, atomic_write_json, is_empty_dir
+    from moequant.models.loader import load_model
+    from moequant.runinfo import run_info
+    from moequant.zoo.carve.recover import distill
+    from moequant.zoo.manifest import write_manifest
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    is_ours = lambda p: is_empty_dir(p) or is_carve_build(p)  # noqa: E731
+    kind = "a previous carved build (its training.json) or an empty directory"
+    with AtomicDir(out, overwrite=overwrite, what="--out", is_ours=is_ours, kind=kind) as tmp:
+        dense, tok, _ = load_model(source)
+        if tok is None:
+            raise MoequantError(f"{source}: no tokenizer; carving needs one for the calibration text")
+        for p in dense.parameters():
+            p.requires_grad_(False)
+        tokens = calibration_tokens(tok, spec.calib)  # [S, L]
+        t0 = time.perf_counter()
+        moe, layers, exact = carve_model(dense, tokens, spec, progress)
+        carve_s = time.perf_counter() - t0
+        rec: dict[str, Any] = {}
+        if spec.recover.steps:
+            r = distill(moe, dense, tokens, spec.recover, progress)
+            rec = {k: v for k, v in asdict(r).items()}
+        inter = dense.model.layers[0].mlp.gate_proj.weight.shape[0]
+        prov: dict[str, Any] = {
+            "call": f"moequant.zoo.carve.build_moe({source!r}, {str(out)!r})",
+            "alias": alias, "source": source, "source_model_type": dense.config.model_type,
+            "spec": spec.to_dict(), "attention_exact": exact,
+            "active_fraction": active_fraction(inter, spec),
+            "parameters": {"dense": sum(p.numel() for p in dense.parameters()),
+                           "moe": sum(p.numel() for p in moe.parameters())},
+            "layers": layers, "recover": rec, "seconds": {"carve": round(carve_s, 1)},
+            **run_info([*sys.argv]),
+        }
+        if evaluate:
+            prov["eval"] = evaluate_pair(dense, moe, tok, eval_tokens, progress, data=eval_data)
+        prov["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
+        moe.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        atomic_write_json(tmp / "training.json", prov)
+        write_manifest(tmp, {"carved_from": source, "arch": spec.arch})
+    return prov
+
+
+def evaluate_pair(dense: nn.Module, moe: nn.Module, tok: Any, max_tokens: int | None, progress: bool,
+                  data: str = "ptb") -> dict[str, Any]:
+    """Perplexity of both models on the same windows of ``data`` (test split), the paired ratio CI, and
+    the carved model's routing statistics."""
+    from moequant.eval.bootstrap import paired_delta_ci
+    from moequant.eval.perplexity import PplConfig, evaluate_perplexity, tokenize_corpus
+    from moequant.zoo.corpora import load_text
+
+    ids = tokenize_corpus(tok, load_text(data, "test"))
+    cfg = PplConfig(max_tokens=max_tokens)
+    t0 = time.perf_counter()
+    base = evaluate_perplexity(dense, ids, cfg, tok.bos_token_id, progress)
+    t1 = time.perf_counter()
+    with RoutingCounter(moe) as rc:
+        res = evaluate_perplexity(moe, ids, cfg, tok.bos_token_id, progress)
+    t2 = time.perf_counter()
+    d = paired_delta_ci(base.nll_per_window, base.tokens_per_window, res.nll_per_window, res.tokens_per_window)
+    return {"data": data, "split": "test", "tokens": res.tokens, "n_windows": res.n_windows,
+            "ppl_dense": base.ppl, "ppl_moe": res.ppl, "ratio": res.ppl / base.ppl, "ratio_ci95": list(d.ratio_ci),
+            "seconds_dense": round(t1 - t0, 1), "seconds_moe": round(t2 - t1, 1), "routing": rc.summary(),
+            "nll_per_window_dense": base.nll_per_window, "nll_per_window_moe": res.nll_per_window}

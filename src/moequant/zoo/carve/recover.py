@@ -1,0 +1,119 @@
+"""A short end-to-end distillation of a carved MoE towards the dense model it came from.
+
+The loss is the token-mean KL divergence ``KL(p_dense ‖ p_moe)`` of the next-token distributions on
+calibration windows (the dense model is the teacher; no labels). Only small parameter groups train:
+``routers`` (every ``mlp.gate.weight`` and Qwen2-MoE's ``shared_expert_gate``), ``norms`` (every RMSNorm
+weight, including the q/k norms OLMoE and Qwen3-MoE add) and optionally ``experts`` (the fused expert
+tensors and the shared expert). AdamW, constant learning rate after a short linear warm-up, a
+generator seeded with ``seed`` for the batch order: the same inputs give the same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moequant.errors import MoequantError
+
+log = logging.getLogger(__name__)
+
+GROUPS = ("routers", "norms", "experts")
+
+
+@dataclass(frozen=True)
+class RecoverSettings:
+    steps: int = 0
+    batch: int = 4
+    seqlen: int = 256
+    lr: float = 1e-3
+    experts_lr: float = 2e-5
+    params: tuple[str, ...] = ("routers", "norms")
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.params if p not in GROUPS]
+        if bad:
+            raise ValueError(f"--recover-params: unknown group(s) {', '.join(bad)} (choose from {', '.join(GROUPS)})")
+
+
+def parameter_groups(model: nn.Module, groups: tuple[str, ...]) -> dict[str, list[nn.Parameter]]:
+    """The trainable parameters of each group, by name pattern."""
+    out: dict[str, list[nn.Parameter]] = {g: [] for g in groups}
+    for name, p in model.named_parameters():
+        if "routers" in groups and (name.endswith("mlp.gate.weight") or "shared_expert_gate" in name):
+            out["routers"].append(p)
+        elif "norms" in groups and "norm" in name.rsplit(".", 2)[-2]:
+            out["norms"].append(p)
+        elif "experts" in groups and (".mlp.experts." in name or ".mlp.shared_expert." in name):
+            out["experts"].append(p)
+    return out
+
+
+@dataclass
+class RecoverResult:
+    steps: int
+    seconds: float
+    kl_first: float
+    kl_last: float  # mean of the last 10% of steps
+    trained_parameters: int
+    history: list[float] = field(default_factory=list)
+
+
+def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor, settings: RecoverSettings,
+            progress: bool = True) -> RecoverResult:
+    """Train ``student``'s chosen groups for ``settings.steps`` on windows cut from ``tokens [S, L]``."""
+    from tqdm.auto import tqdm
+
+    if tokens.shape[1] < settings.seqlen:
+        raise MoequantError(f"recovery windows of {settings.seqlen} tokens do not fit calibration windows of "
+                            f"{tokens.shape[1]}")
+    windows = tokens[:, : settings.seqlen]  # [S, l]: each calibration window's start (keeps its BOS)
+    groups = parameter_groups(student, settings.params)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    opt_groups = []
+    for name, ps in groups.items():
+        for p in ps:
+            p.requires_grad_(True)
+        if ps:
+            opt_groups.append({"params": ps, "lr": settings.experts_lr if name == "experts" else settings.lr})
+    n_train = sum(p.numel() for ps in groups.values() for p in ps)
+    if not opt_groups:
+        raise MoequantError(f"--recover-params {','.join(settings.params)}: nothing to train in this model")
+    opt = torch.optim.AdamW(opt_groups, weight_decay=0.0)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    warm = max(1, settings.steps // 20)
+    g = torch.Generator().manual_seed(settings.seed)
+    teacher.eval()
+    student.train()
+    hist: list[float] = []
+    t0 = time.perf_counter()
+    try:
+        for step in tqdm(range(settings.steps), desc="recover", unit="step", disable=not progress):
+            idx = torch.randint(0, windows.shape[0], (settings.batch,), generator=g)
+            ids = windows[idx]  # [b, l]
+            with torch.no_grad():
+                t_logp = F.log_softmax(teacher(ids, use_cache=False).logits.float(), -1)  # [b, l, V]
+            s_logp = F.log_softmax(student(ids, use_cache=False).logits.float(), -1)
+            loss = F.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean")
+            for pg, lr in zip(opt.param_groups, base_lrs):
+                pg["lr"] = lr * min(1.0, (step + 1) / warm)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            hist.append(float(loss.detach()))
+            del t_logp, s_logp, loss
+    finally:
+        student.eval()
+        for p in student.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+    tail = hist[-max(1, len(hist) // 10):] if hist else [float("nan")]
+    return RecoverResult(steps=settings.steps, seconds=round(time.perf_counter() - t0, 1),
+                         kl_first=hist[0] if hist else float("nan"), kl_last=sum(tail) / len(tail),
+                         trained_parameters=n_train, history=[round(h, 5) for h in hist])

@@ -1,0 +1,174 @@
+"""Carving a dense model into a stock transformers MoE (issue #11): the partition is exact, refused pairs
+say why, the fit lowers the MLP error, and every target round-trips through stock transformers and
+through moequant's quantize -> save -> load."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model, toy_lines, toy_tok_model, toy_words
+from moequant.errors import MoequantError
+from moequant.zoo.carve.build import CarveSpec, active_fraction, carve_model, split_sizes
+from moequant.zoo.carve.fit import FitSettings
+from moequant.zoo.carve.neurons import activation_markers, balanced_assign, balanced_kmeans, split_shared
+
+PAIRS_EXACT = [("llama", "qwen2_moe"), ("llama", "mixtral"), ("qwen2", "qwen2_moe"), ("qwen3", "qwen3_moe")]
+PAIRS_APPROX = [("llama", "olmoe"), ("llama", "qwen3_moe"), ("qwen2", "olmoe"), ("qwen2", "qwen3_moe")]
+PAIRS_REFUSED = [("qwen2", "mixtral", "q/k/v biases"), ("qwen3", "qwen2_moe", "per head"),
+                 ("qwen3", "mixtral", "per head"), ("qwen3", "olmoe", "per head")]
+EXACT = FitSettings(router_init="zero", router_steps=0, refit_down=False)
+
+
+def _tokens(n: int = 4, length: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 256, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("src,arch", PAIRS_EXACT)
+def test_all_experts_and_no_shared_reproduce_the_dense_model(src, arch):
+    dense = tiny_model(src)
+    toks = _tokens()
+    moe, records, exact = carve_model(dense, toks, CarveSpec(arch=arch, experts=4, top_k=4, shared_fraction=0.0,
+                                                             fit=EXACT), progress=False)
+    assert exact
+    with torch.no_grad():
+        a, b = dense(toks).logits, moe(toks).logits
+    assert (a - b).abs().max() < 1e-5 * a.abs().max()
+    assert all(r["errors"]["zero_router"] < 1e-10 for r in records)
+
+
+@pytest.mark.parametrize("src,arch", PAIRS_APPROX)
+def test_qk_norm_targets_keep_the_mlp_exact_and_warn(src, arch, caplog):
+    dense = tiny_model(src)
+    toks = _tokens()
+    with caplog.at_level("WARNING"):
+        moe, records, exact = carve_model(dense, toks, CarveSpec(arch=arch, experts=4, top_k=4, shared_fraction=0.0,
+                                                                 fit=EXACT), progress=False)
+    assert not exact and "approximation" in caplog.text
+    assert all(r["errors"]["zero_router"] < 1e-10 for r in records)  # the MLP partition is still exact
+    for r in records:  # q/k norms set from the calibration RMS of q and k, not left at 1
+        assert 0 < r["qk_norm_init"]["q_norm"] != pytest.approx(1.0)
+    with torch.no_grad():
+        a, b = dense(toks).logits, moe(toks).logits
+    assert (a - b).abs().max() < 0.05 * a.abs().max()  # close, not equal: the attention changed
+
+
+@pytest.mark.parametrize("src,arch,why", PAIRS_REFUSED)
+def test_incompatible_attention_is_refused_with_the_reason(src, arch, why):
+    with pytest.raises(MoequantError, match=why):
+        carve_model(tiny_model(src), _tokens(), CarveSpec(arch=arch, experts=4, top_k=2), progress=False)
+
+
+def test_fit_lowers_the_mlp_error_at_top2_of_4():
+    dense = tiny_model("llama")
+    toks = _tokens(8, 64)
+    spec = CarveSpec(arch="qwen2_moe", experts=4, top_k=2, shared_fraction=0.25,
+                     fit=FitSettings(router_steps=60, seed=0))
+    _, records, _ = carve_model(dense, toks, spec, progress=False)
+    for r in records:
+        e = r["errors"]
+        assert e["down_refit_0"] < 0.8 * e["zero_router"], e
+        assert e["down_refit_0"] <= e["router_fit_0"] + 1e-9, e  # least squares never increases the error
+        assert sum(r["tokens"]) == 2 * toks.numel()  # top-2: every token counted twice
+    assert active_fraction(128, spec) == pytest.approx((32 + 2 * 24) / 128)
+
+
+def test_split_sizes_leave_equal_experts():
+    assert split_sizes(1536, 8, 0.25) == (384, 144)
+    assert split_sizes(4864, 8, 0.25) == (1216, 456)
+    assert split_sizes(100, 8, 0.0) == (4, 12)  # 100 = 4 shared + 8 x 12
+    with pytest.raises(MoequantError, match="fewer than one per expert"):
+        split_sizes(6, 8, 0.0)
+
+
+def test_balanced_kmeans_recovers_planted_equal_groups():
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(4, 16, generator=g) * 5
+    labels_true = torch.arange(4).repeat_interleave(10)[torch.randperm(40, generator=g)]
+    feats = centers[labels_true] + 0.1 * torch.randn(40, 16, generator=g)
+    labels = balanced_kmeans(feats, 4, seed=0)
+    assert torch.bincount(labels).tolist() == [10, 10, 10, 10]
+    # same grouping up to a renaming of the clusters
+    pairs = {(int(a), int(b)) for a, b in zip(labels_true, labels)}
+    assert len(pairs) == 4
+
+
+def test_balanced_assign_fills_every_cluster_exactly():
+    dist = torch.tensor([[0.0, 5.0], [0.1, 5.0], [0.2, 5.0], [9.0, 0.0]])  # three points prefer cluster 0
+    labels = balanced_assign(dist, 2)
+    assert torch.bincount(labels).tolist() == [2, 2]
+    assert labels.tolist() == [0, 0, 1, 1]
+
+
+def test_markers_and_shared_split():
+    c = torch.tensor([[3.0, 1.0, 2.0, 0.0], [0.0, 5.0, 4.0, 1.0]])
+    m = activation_markers(c, 2)
+    assert m.tolist() == [[True, False, True, False], [False, True, True, False]]
+    shared, routed = split_shared(m.float().mean(0), 1)
+    assert shared.tolist() == [2] and routed.tolist() == [0, 1, 3]
+
+
+@pytest.mark.parametrize("src,arch", PAIRS_EXACT[:2] + PAIRS_APPROX[:1] + PAIRS_EXACT[3:])
+def test_carved_model_round_trips_stock_transformers_and_moequant(src, arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from moequant import api
+    from moequant.alloc.recipe import Recipe
+    from moequant.codecs.config import UniformConfig
+    from moequant.nn.quant_experts import QuantExperts
+
+    dense = tiny_model(src)
+    toks = _tokens()
+    spec = CarveSpec(arch=arch, experts=4, top_k=2, shared_fraction=0.25, fit=FitSettings(router_steps=10))
+    moe, _, _ = carve_model(dense, toks, spec, progress=False)
+    moe.save_pretrained(tmp_path / "moe")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.float32).eval()
+    assert type(stock).__name__ == type(moe).__name__
+    with torch.no_grad():
+        ref = moe(toks).logits
+        assert torch.equal(stock(toks).logits, ref)
+    api.quantize(stock, Recipe.uniform(UniformConfig(bits=4, group_size=16)), progress=False)
+    with torch.no_grad():
+        q = stock(toks).logits
+    assert 0 < (q - ref).abs().max() < 0.5 * ref.abs().max()
+    api.save(stock, tmp_path / "q")
+    loaded = api.load(tmp_path / "q")
+    assert isinstance(loaded.model.layers[0].mlp.experts, QuantExperts)
+    with torch.no_grad():
+        assert torch.equal(loaded(toks).logits, q)
+
+
+def test_cli_builds_a_moe_from_a_local_dense_model(tmp_path):
+    """`moequant zoo build moe --from DIR ...` writes a stock checkpoint with its provenance; a rerun
+    without --overwrite refuses, and a directory that is not a carved build is never replaced."""
+    from transformers import AutoModelForCausalLM
+
+    from moequant.cli import main
+
+    text = toy_lines(toy_words(6000))
+    (tmp_path / "text.txt").write_text(text)
+    tok, model = toy_tok_model("llama", text)
+    model.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    out = tmp_path / "moe"
+    args = ["-q", "zoo", "build", "moe", "--from", str(tmp_path / "dense"), "--arch", "mixtral", "--experts", "4",
+            "--top-k", "2", "--shared-fraction", "0.25", "--calib", str(tmp_path / "text.txt"),
+            "--calib-samples", "8", "--calib-seqlen", "64", "--router-steps", "5", "--recover-steps", "2",
+            "--recover-seqlen", "32", "--eval-data", str(tmp_path / "text.txt"), "--eval-tokens", "1024",
+            "--out", str(out)]
+    assert main(args) == 0
+    prov = json.loads((out / "training.json").read_text())
+    assert prov["spec"]["arch"] == "mixtral" and prov["spec"]["top_k"] == 2
+    assert len(prov["layers"]) == 2 and prov["recover"]["steps"] == 2
+    assert prov["eval"]["tokens"] > 0 and prov["eval"]["ppl_moe"] > 0
+    assert len(prov["eval"]["routing"]) == 2 and len(prov["eval"]["routing"][0]["share"]) == 4
+    assert sum(prov["eval"]["routing"][0]["share"]) == pytest.approx(1.0)
+    m = AutoModelForCausalLM.from_pretrained(out)
+    assert m.config.model_type == "mixtral" and m.config.num_local_experts == 4
+    assert main(args) == 2  # exists, no --overwrite
+    assert main(args + ["--overwrite"]) == 0
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    assert main(args[:-1] + [str(other), "--overwrite"]) == 2
+    assert (other / "notes.txt").read_text() == "keep me"
