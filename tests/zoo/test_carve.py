@@ -160,6 +160,7 @@ def test_cli_builds_a_moe_from_a_local_dense_model(tmp_path):
     prov = json.loads((out / "training.json").read_text())
     assert prov["spec"]["arch"] == "mixtral" and prov["spec"]["top_k"] == 2
     assert len(prov["layers"]) == 2 and prov["recover"]["steps"] == 2
+    assert prov["eval"]["before_recover"]["ppl_moe"] > 0  # scored before and after the distillation
     assert prov["eval"]["tokens"] > 0 and prov["eval"]["ppl_moe"] > 0
     assert len(prov["eval"]["routing"]) == 2 and len(prov["eval"]["routing"][0]["share"]) == 4
     assert sum(prov["eval"]["routing"][0]["share"]) == pytest.approx(1.0)

@@ -317,7 +317,10 @@ def build_moe(source: str, out: Path, spec: CarveSpec, *, overwrite: bool = Fals
         moe, layers, exact = carve_model(dense, tokens, spec, progress)
         carve_s = time.perf_counter() - t0
         rec: dict[str, Any] = {}
+        before = None
         if spec.recover.steps:
+            if evaluate:  # the carved model before the distillation, on the same windows
+                before = evaluate_pair(dense, moe, tok, eval_tokens, progress, data=eval_data)
             r = distill(moe, dense, tokens, spec.recover, progress)
             rec = {k: v for k, v in asdict(r).items()}
         inter = dense.model.layers[0].mlp.gate_proj.weight.shape[0]
@@ -332,7 +335,13 @@ def build_moe(source: str, out: Path, spec: CarveSpec, *, overwrite: bool = Fals
             **run_info([*sys.argv]),
         }
         if evaluate:
-            prov["eval"] = evaluate_pair(dense, moe, tok, eval_tokens, progress, data=eval_data)
+            ev = evaluate_pair(dense, moe, tok, eval_tokens, progress, data=eval_data,
+                               base=before.pop("_base") if before else None)
+            ev.pop("_base")
+            if before:
+                ev["before_recover"] = {k: before[k] for k in ("ppl_moe", "ratio", "ratio_ci95", "seconds_moe",
+                                                              "routing", "nll_per_window_moe")}
+            prov["eval"] = ev
         prov["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
         moe.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -341,24 +350,36 @@ def build_moe(source: str, out: Path, spec: CarveSpec, *, overwrite: bool = Fals
     return prov
 
 
+def _score(model: nn.Module, ids: torch.Tensor, max_tokens: int | None, bos: int | None, progress: bool,
+           routing: bool = False) -> tuple[Any, float, list[dict[str, Any]] | None]:
+    from moequant.eval.perplexity import PplConfig, evaluate_perplexity
+
+    t0 = time.perf_counter()
+    if routing:
+        with RoutingCounter(model) as rc:
+            res = evaluate_perplexity(model, ids, PplConfig(max_tokens=max_tokens), bos, progress)
+        return res, round(time.perf_counter() - t0, 1), rc.summary()
+    return evaluate_perplexity(model, ids, PplConfig(max_tokens=max_tokens), bos, progress), \
+        round(time.perf_counter() - t0, 1), None
+
+
 def evaluate_pair(dense: nn.Module, moe: nn.Module, tok: Any, max_tokens: int | None, progress: bool,
-                  data: str = "ptb") -> dict[str, Any]:
+                  data: str = "ptb", base: tuple[Any, float] | None = None) -> dict[str, Any]:
     """Perplexity of both models on the same windows of ``data`` (test split), the paired ratio CI, and
-    the carved model's routing statistics."""
+    the carved model's routing statistics. ``base``: the dense model's (result, seconds) already scored."""
     from moequant.eval.bootstrap import paired_delta_ci
-    from moequant.eval.perplexity import PplConfig, evaluate_perplexity, tokenize_corpus
+    from moequant.eval.perplexity import tokenize_corpus
     from moequant.zoo.corpora import load_text
 
     ids = tokenize_corpus(tok, load_text(data, "test"))
-    cfg = PplConfig(max_tokens=max_tokens)
-    t0 = time.perf_counter()
-    base = evaluate_perplexity(dense, ids, cfg, tok.bos_token_id, progress)
-    t1 = time.perf_counter()
-    with RoutingCounter(moe) as rc:
-        res = evaluate_perplexity(moe, ids, cfg, tok.bos_token_id, progress)
-    t2 = time.perf_counter()
-    d = paired_delta_ci(base.nll_per_window, base.tokens_per_window, res.nll_per_window, res.tokens_per_window)
+    if base is None:
+        b, b_s, _ = _score(dense, ids, max_tokens, tok.bos_token_id, progress)
+        base = (b, b_s)
+    b, b_s = base
+    res, r_s, routing = _score(moe, ids, max_tokens, tok.bos_token_id, progress, routing=True)
+    d = paired_delta_ci(b.nll_per_window, b.tokens_per_window, res.nll_per_window, res.tokens_per_window)
     return {"data": data, "split": "test", "tokens": res.tokens, "n_windows": res.n_windows,
-            "ppl_dense": base.ppl, "ppl_moe": res.ppl, "ratio": res.ppl / base.ppl, "ratio_ci95": list(d.ratio_ci),
-            "seconds_dense": round(t1 - t0, 1), "seconds_moe": round(t2 - t1, 1), "routing": rc.summary(),
-            "nll_per_window_dense": base.nll_per_window, "nll_per_window_moe": res.nll_per_window}
+            "ppl_dense": b.ppl, "ppl_moe": res.ppl, "ratio": res.ppl / b.ppl, "ratio_ci95": list(d.ratio_ci),
+            "seconds_dense": b_s, "seconds_moe": r_s, "routing": routing,
+            "nll_per_window_dense": b.nll_per_window, "nll_per_window_moe": res.nll_per_window,
+            "_base": base}
