@@ -153,8 +153,8 @@ def _expert_hessian_spread(block: nn.Module, x: torch.Tensor, experts: int) -> d
             _, _, idx = block.gate(xb)
             for e in range(experts):
                 sel = (idx == e).any(1)
-                xe = xb[sel].double()
-                acc[e] += xe.T @ xe
+                xe = xb[sel]
+                acc[e] += (xe.T @ xe).double()
                 n[e] += int(sel.sum())
     mean_h = acc.sum(0) / max(float(n.sum()), 1.0)
     spread = []

@@ -37,7 +37,9 @@ def block_out(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(x.shape)
 
 
-def relative_error(block: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> float:
+def relative_error(block: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096, limit: int = 8192) -> float:
+    """``Σ‖block(x) − y‖² / Σ‖y‖²`` over the first ``limit`` tokens (a fixed subset: the stages compare alike)."""
+    x, y = x[:limit], y[:limit]
     num = den = 0.0
     with torch.no_grad():
         for s in range(0, x.shape[0], chunk):
@@ -66,9 +68,8 @@ def init_router(block: nn.Module, carved: CarvedMLP, act, x: torch.Tensor, ridge
             norms = torch.stack([(a[:, idx] @ carved.down[:, idx].T).norm(dim=1) for idx in carved.experts], 1)
             z = torch.log(norms + 1e-6)
             z = z - z.mean(1, keepdim=True)  # [t, E]
-            xd = xb.double()
-            xtx += xd.T @ xd
-            xtz += xd.T @ z.double()
+            xtx += (xb.T @ xb).double()
+            xtz += (xb.T @ z).double()
         lam = ridge * float(torch.diagonal(xtx).mean()) + 1e-12
         r = torch.linalg.solve(xtx + lam * torch.eye(h, dtype=torch.float64), xtz).T  # [E, H]
         logits = x[: min(x.shape[0], 8192)].double() @ r.T
@@ -131,9 +132,9 @@ def refit_down(block: nn.Module, carved: CarvedMLP, target: TargetArch, act, x: 
             scale[:, n_s:] = w[:, expert_of[n_s:]]
             if target.shared_expert and n_s:
                 scale[:, :n_s] = torch.sigmoid(block.shared_expert_gate(xb))  # [t, 1]
-            phi = (a * scale).double()
-            gtg += phi.T @ phi
-            gty += phi.T @ yb.double()
+            phi = a * scale  # [t, I]: float32 products per chunk, accumulated in float64
+            gtg += (phi.T @ phi).double()
+            gty += (phi.T @ yb).double()
         d0 = _current_down(block, target, n_s, n_e).double()  # [H, I]
         lam = ridge * float(torch.diagonal(gtg).mean()) + 1e-12
         d = torch.linalg.solve(gtg + lam * torch.eye(i_all, dtype=torch.float64), gty + lam * d0.T).T  # [H, I]
