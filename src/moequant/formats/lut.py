@@ -34,6 +34,17 @@ from moequant.formats.bitpack import pack, packed_len, unpack
 
 CODE_BITS = 4
 
+# moequant.kernels.lut, imported at the first linear(): an import statement there costs ~1 µs a call
+_KERNELS: Any = None
+
+
+def _kernels() -> Any:
+    global _KERNELS
+    from moequant.kernels import lut as kernels
+
+    _KERNELS = kernels
+    return kernels
+
 
 def _check_config(cls_name: str, config: MethodConfig, double_quant: bool) -> LutConfig:
     if not isinstance(config, LutConfig):
@@ -78,9 +89,7 @@ class _LutBase(QuantizedTensor):
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x [..., K] -> x Ŵᵀ + b [..., N]`` (2-D tensors) through ``kernels.lut``: the C++ GEMV / decode +
         GEMM on CPU (double-quantized scales decoded in the kernel), the reference decode elsewhere."""
-        from moequant.kernels.lut import linear
-
-        return linear(self, x, bias)
+        return (_KERNELS or _kernels()).linear(self, x, bias)
 
 
 class LutTensor(_LutBase):

@@ -31,6 +31,17 @@ from moequant.formats.uniform import hessian_diag
 
 _ATTRS = ("bits", "L", "V", "tile", "code", "Q", "tail_biting")
 
+# moequant.kernels.trellis, imported at the first linear(): an import statement there costs ~1 µs a call
+_KERNELS: Any = None
+
+
+def _kernels() -> Any:
+    global _KERNELS
+    from moequant.kernels import trellis as kernels
+
+    _KERNELS = kernels
+    return kernels
+
 
 def _check_config(config: MethodConfig) -> TrellisConfig:
     if not isinstance(config, TrellisConfig):
@@ -121,11 +132,9 @@ class TrellisTensor(QuantizedTensor):
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x [..., K] -> x Ŵᵀ + b [..., N]`` through ``kernels.trellis.linear`` (fused C++ GEMV for a few rows
         on CPU, the C++ decode + ``F.linear`` for more, the torch reference elsewhere)."""
-        from moequant.kernels.trellis import linear
-
         if len(self.shape) != 2:
             raise ValueError(f"{self.format_id}: linear() needs a 2-D tensor, shape is {self.shape}")
-        return linear(self, x, bias)
+        return (_KERNELS or _kernels()).linear(self, x, bias)
 
     @classmethod
     def expected_bits_per_weight(cls, shape: tuple[int, ...], config: MethodConfig) -> float:

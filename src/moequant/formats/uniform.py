@@ -35,6 +35,17 @@ from moequant.formats.bitpack import pack, packed_len, unpack
 
 log = logging.getLogger(__name__)
 
+# moequant.kernels.uniform, imported at the first linear(): an import statement there costs ~1 µs a call
+_KERNELS: Any = None
+
+
+def _kernels() -> Any:
+    global _KERNELS
+    from moequant.kernels import uniform as kernels
+
+    _KERNELS = kernels
+    return kernels
+
 
 def hessian_diag(hessian: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor | None:
     """``hessian`` with as many dims as ``w`` is a full ``[..., K, K]`` matrix (its diagonal is taken);
@@ -109,9 +120,7 @@ class _UniformBase(QuantizedTensor):
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x [..., K] -> x Ŵᵀ + b [..., N]`` (2-D tensors) through ``kernels.uniform``: the C++ GEMV /
         decode + GEMM on CPU (torch's int4pack kernel for 4 bits), the reference decode elsewhere."""
-        from moequant.kernels.uniform import linear
-
-        return linear(self, x, bias)
+        return (_KERNELS or _kernels()).linear(self, x, bias)
 
     @classmethod
     def expected_bits_per_weight(cls, shape: tuple[int, ...], config: MethodConfig) -> float:

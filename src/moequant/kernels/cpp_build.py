@@ -22,6 +22,8 @@ from types import ModuleType
 
 import torch
 
+from moequant.kernels.select import EnvSwitch
+
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
@@ -60,16 +62,23 @@ def ext_dir() -> Path:
     return cache_root() / "ext"
 
 
+_DISABLE = EnvSwitch(DISABLE_ENV, lambda v: v is not None and v.strip() not in ("", "0"))
+
+
 def _disabled() -> bool:
-    return os.environ.get(DISABLE_ENV, "").strip() not in ("", "0")
+    """``MOEQUANT_NO_EXT`` is set (read at every call, ~50 ns: ``select.EnvSwitch``)."""
+    return _DISABLE.get()
 
 
-def load_extension(name: str, sources: list[str | Path]) -> ModuleType | None:
+def load_extension(name: str, sources: list[str | Path] | tuple[str, ...]) -> ModuleType | None:
     """The compiled extension ``name`` built from ``sources`` (paths, or names under ``kernels/csrc``),
-    or ``None`` with one warning when it cannot be built here. Cached per process."""
-    if _disabled():
+    or ``None`` with one warning when it cannot be built here. Cached per process (``_load``; a hot path
+    passes ``sources`` as a tuple of ``str``, which is the cache key as is)."""
+    if _DISABLE.get():
         return None
-    return _load(name, tuple(str(s) for s in sources))
+    if type(sources) is not tuple:
+        sources = tuple(str(s) for s in sources)
+    return _load(name, sources)
 
 
 @functools.lru_cache(maxsize=None)

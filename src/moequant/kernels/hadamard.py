@@ -26,8 +26,9 @@ then the caller runs its torch path.
 Measured here (AMD EPYC, 2 shared cores under other load, 1 thread, torch 2.13; best of 5 x 2000 calls of
 ``Incoherence.transform_input``, torch path -> kernel): x [1, 576] 39.7 -> 7.7 µs, [1, 1536] 66.4 -> 8.7,
 [1, 4864] 92.9 -> 24.5, [8, 1536] 172 -> 23.6, [300, 1536] 7650 -> 720. At decode most of the remaining
-~8 µs is the checks of ``fast`` (``use_fast``, ``MOEQUANT_NO_EXT``: ~2.5 µs) and the pybind call; the kernel
-is ~1.5 µs. SmolLM2-135M RHT int4, greedy decode at batch 1: 15.7 -> 21.9 tok/s (plain int4: 27.7).
+~8 µs was the checks of ``fast`` (``use_fast``, ``MOEQUANT_NO_EXT``: ~2.5 µs, since dict probes:
+``select.EnvSwitch``; [1, 576] 8.6 -> 5.8 µs CPU time) and the pybind call; the kernel is ~1.5 µs.
+SmolLM2-135M RHT int4, greedy decode at batch 1: 15.7 -> 21.9 tok/s (plain int4: 27.7).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from moequant.codecs.lut import dq_dequantize, lut_dequantize, lut_values
 from moequant.formats.base import QuantizedTensor
 from moequant.formats.bitpack import unpack
 from moequant.kernels.select import use_fast
-from moequant.kernels.uniform import GEMV_MAX_ROWS, extension, fast_applies, needs_grad
+from moequant.kernels.uniform import GEMV_MAX_ROWS, cached_args, extension, fast_activations, needs_grad
 
 CODE_BITS = 4
 
@@ -118,13 +118,15 @@ def linear(qt: QuantizedTensor, x: torch.Tensor, bias: torch.Tensor | None = Non
         if len(qt.shape) != 2 or needs_grad(x, bias):
             return QuantizedTensor.linear(qt, x, bias)
         return lut_linear(*op_args(qt, bias, x, cached=False))
-    if not fast_applies(qt, x, bias):
-        return QuantizedTensor.linear(qt, x, bias)
-    ext = extension()
-    if ext is None:
-        return QuantizedTensor.linear(qt, x, bias)
-    codes, lut, absmax, a_codes, a_scale, a_offset, k, block, dq_block = kernel_args(qt)
-    return ext.lut_linear(x, codes, lut, absmax, a_codes, a_scale, a_offset, bias, k, block, dq_block, GEMV_MAX_ROWS)
+    # ``uniform.fast_applies``' checks: the call's, then the tensor's (cached with its kernel arguments)
+    args = cached_args(qt, kernel_args) if fast_activations(x, bias) else None
+    if args is not None and x.shape[-1] == args[6]:
+        ext = extension()
+        if ext is not None:
+            codes, lut, absmax, a_codes, a_scale, a_offset, k, block, dq_block = args
+            return ext.lut_linear(x, codes, lut, absmax, a_codes, a_scale, a_offset, bias, k, block, dq_block,
+                                  GEMV_MAX_ROWS)
+    return QuantizedTensor.linear(qt, x, bias)
 
 
 def kernel_args(qt: QuantizedTensor) -> tuple:

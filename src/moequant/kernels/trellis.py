@@ -53,17 +53,19 @@ import torch.nn.functional as F
 
 from moequant.codecs.config import TrellisConfig
 from moequant.codecs.trellis import _unpack_tile_states_bitwise, code_values, reconstruct, unpack_tile_states
-from moequant.kernels.cpp_build import load_extension
+from moequant.kernels import cpp_build
 from moequant.kernels.select import use_fast
 
 EXTENSION = "moequant-trellis"
 SOURCES = ["trellis_gemv.cpp"]
 GEMV_MAX_ROWS = 8  # activation rows up to which the fused GEMV beats decode + GEMM (measured: module docstring)
+_SOURCES = tuple(SOURCES)  # cpp_build._load's cache key
 
 
 def extension() -> ModuleType | None:
-    """The compiled ``moequant-trellis`` kernels, or None where they cannot be built (one warning)."""
-    return load_extension(EXTENSION, SOURCES)
+    """The compiled ``moequant-trellis`` kernels, or None where they cannot be built (one warning). Called per
+    linear: an environment probe and a cache lookup (``cpp_build.load_extension`` inlined)."""
+    return None if cpp_build._disabled() else cpp_build._load(EXTENSION, _SOURCES)
 
 
 def fast_extension() -> ModuleType | None:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moequant.formats.base import QuantizedTensor
-from moequant.nn.packed import buffers_key, packed_tensor, register_packed
+from moequant.nn.packed import buffers_token, buffers_unchanged, packed_tensor, register_packed
 
 ExpertLinear = Callable[[int, torch.Tensor], torch.Tensor]  # (expert e, x [n_e, K]) -> [n_e, N]
 
@@ -143,14 +143,14 @@ def expert_views(module: nn.Module, name: str) -> list[QuantizedTensor]:
     """``[packed_tensor(module, name).select(e) for e in range(E)]``, built once and kept on the module
     (outside ``state_dict``) while its ``{name}_*`` buffers stay the same tensors, unmodified."""
     shape = module._packed_specs[name][1]
-    key = buffers_key(module, name)
     cache: dict[str, tuple[tuple, list[QuantizedTensor]]] = module.__dict__.setdefault(_VIEWS, {})
     hit = cache.get(name)
-    if hit is not None and hit[0] == key:
+    if hit is not None and buffers_unchanged(module, hit[0]):
         return hit[1]
+    token = buffers_token(module, name)
     qt = packed_tensor(module, name)
     views = [qt.select(e) for e in range(shape[0])]
-    cache[name] = (key, views)
+    cache[name] = (token, views)
     return views
 
 
