@@ -125,22 +125,28 @@ def save_toy_olmoe(tmp_path, name: str, n_words: int):
     return d, tmp_path / "text.txt"
 
 
-# The qgemv extension as a fixture: skipped where no compiler exists or the extension is disabled on
-# purpose, a failure where it should build and does not. It lives here, not in tests/kernels/conftest.py:
-# a second module named `conftest` shadows this one for the tests that `from conftest import ...`.
-@pytest.fixture(scope="module")
-def qgemv_ext():
+def require_extension(load, name: str):
+    """A C++ extension (``load()`` -> module or None): skipped where no compiler exists or the extensions
+    are disabled on purpose, a failure where it should build and does not."""
     import os
     import shutil
 
     from moequant.kernels import cpp_build
-    from moequant.kernels import uniform as ku
 
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler here: only the reference path exists")
     if os.environ.get(cpp_build.DISABLE_ENV, "").strip() not in ("", "0"):
         pytest.skip(f"{cpp_build.DISABLE_ENV} is set")
-    mod = ku.extension()
-    assert mod is not None, "the qgemv extension failed to build (see the warning)"
-    assert mod.has_avx2() == bool(cpp_build.simd_flags())  # the vector path is what these tests exercise
+    mod = load()
+    assert mod is not None, f"the {name} extension failed to build (see the warning)"
+    assert mod.has_avx2() == bool(cpp_build.simd_flags())  # the vector path is what the tests exercise
     return mod
+
+
+# The qgemv extension as a fixture. It lives here, not in tests/kernels/conftest.py: a second module named
+# `conftest` shadows this one for the tests that `from conftest import ...`.
+@pytest.fixture(scope="module")
+def qgemv_ext():
+    from moequant.kernels import uniform as ku
+
+    return require_extension(ku.extension, "qgemv")

@@ -8,12 +8,11 @@ block or scale is off by O(1) of it.
 
 from __future__ import annotations
 
-import os
-import shutil
 
 import pytest
 import torch
 
+from conftest import require_extension
 from moequant.kernels import cpp_build
 from moequant.kernels import hadamard as kh
 from moequant.kernels.select import reference_kernels
@@ -29,15 +28,8 @@ ROWS = [1, 3, 8, 300]
 
 @pytest.fixture(scope="module")
 def ext():
-    """The ``rht`` extension: skipped without a compiler or with it disabled on purpose (the qgemv_ext pattern)."""
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        pytest.skip("no C++ compiler here: only the torch path exists")
-    if os.environ.get(cpp_build.DISABLE_ENV, "").strip() not in ("", "0"):
-        pytest.skip(f"{cpp_build.DISABLE_ENV} is set")
-    mod = kh.extension()
-    assert mod is not None, "the rht extension failed to build (see the warning)"
-    assert mod.has_avx2() == bool(cpp_build.simd_flags())
-    return mod
+    """The ``rht`` extension (skipped without a compiler or with the extensions disabled on purpose)."""
+    return require_extension(kh.extension, "rht")
 
 
 def _x(rows, n, seed=0):
