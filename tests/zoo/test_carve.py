@@ -173,3 +173,23 @@ def test_cli_builds_a_moe_from_a_local_dense_model(tmp_path):
     (other / "notes.txt").write_text("keep me")
     assert main(args[:-1] + [str(other), "--overwrite"]) == 2
     assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_carved_aliases_are_zoo_aliases_and_flags_are_checked(capsys):
+    from moequant.cli import main
+    from moequant.zoo.carve.presets import CARVE_PRESETS
+    from moequant.zoo.models import CARVED_MODELS, model_aliases
+
+    assert set(CARVED_MODELS) == set(CARVE_PRESETS) <= set(model_aliases())
+    for p in CARVE_PRESETS.values():
+        assert p.source in model_aliases()
+    assert main(["zoo", "list"]) == 0
+    assert "smollm2-moe-starved" in capsys.readouterr().out
+    assert main(["zoo", "build", "tiny-olmoe", "--experts", "4"]) == 2  # carving flags on a trained fixture
+    assert "--experts" in capsys.readouterr().err
+    assert main(["zoo", "build", "smollm2-moe", "--top-k", "3"]) == 2  # a preset is fixed
+    assert main(["zoo", "build", "moe", "--out", "x"]) == 2  # no --from
+    assert "--from" in capsys.readouterr().err
+    assert main(["zoo", "build", "moe", "--from", "smollm2-135m"]) == 2  # no --out
+    assert main(["zoo", "build", "moe", "--from", "m", "--out", "x", "--recover-params", "heads"]) == 2
+    assert "heads" in capsys.readouterr().err
