@@ -34,7 +34,8 @@ on ``get_decoder()``), then applies the output head (``get_output_embeddings()``
 packed head works, plus Gemma's ``final_logit_softcapping``) to the scored positions only, ``chunk_rows``
 at a time, with the same fp32 log-softmax (``chunked_window_nll``). The head is checked against the
 model's own logits of the last position of every batch; a model whose head it cannot reproduce (another
-scaling, no decoder hook, no ``logits_to_keep``) is scored from its full logits as before.
+scaling, no decoder hook, no ``logits_to_keep``) is scored from its full logits as before. ``eval tasks``
+(``lm_eval_adapter``) scores its continuations with the same ``ChunkedScorer`` / ``head_target_logprobs``.
 """
 
 from __future__ import annotations
@@ -161,11 +162,42 @@ def default_chunk_rows(vocab: int) -> int:
     return max(1, min(MAX_CHUNK_ROWS, CHUNK_ELEMENTS // max(1, vocab)))
 
 
+def head_target_logprobs(flat: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
+                         head: Callable[[torch.Tensor], torch.Tensor], chunk_rows: int,
+                         dtype: torch.dtype | None = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of ``targets`` [N] under the logits ``head(flat[rows])`` ([N] positions of the
+    final hidden states ``flat`` [M, D]), and whether each target is the argmax of its position's logits.
+
+    ``head`` ([c, D] -> logits [c, V]) is applied once per distinct row (a row may be scored for several
+    targets), ``chunk_rows`` distinct rows at a time, so at most ``chunk_rows × V`` logits exist at once;
+    the log-softmax is taken in ``dtype`` (None: the logits' own dtype).
+    Returns ``(logp [N] in that dtype, is_argmax [N] bool)``."""
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    uniq, where = torch.unique(rows, return_inverse=True)  # [U] ascending, [N] index into uniq
+    logp_out: torch.Tensor | None = None
+    top = torch.zeros(rows.numel(), dtype=torch.bool, device=flat.device)  # [N]
+    for start in range(0, uniq.numel(), chunk_rows):
+        part = uniq[start:start + chunk_rows]  # [c]
+        logp = F.log_softmax(head(flat[part]), dim=-1, dtype=dtype)  # [c, V]
+        if logp_out is None:
+            logp_out = torch.empty(rows.numel(), dtype=logp.dtype, device=flat.device)  # [N]
+        sel = ((where >= start) & (where < start + part.numel())).nonzero().squeeze(1)  # [n] targets here
+        local, tgt = where[sel] - start, targets[sel]  # [n], [n]
+        logp_out[sel] = logp[local, tgt]
+        top[sel] = logp.argmax(dim=-1)[local] == tgt
+        del logp
+    if logp_out is None:
+        logp_out = torch.empty(0, dtype=dtype or flat.dtype, device=flat.device)
+    return logp_out, top
+
+
 def chunked_window_nll(hidden: torch.Tensor, input_ids: torch.Tensor, n_scored: list[int],
                        head: Callable[[torch.Tensor], torch.Tensor], chunk_rows: int) -> list[float]:
     """``window_nll`` of every row of a batch from its final hidden states ``hidden`` [B, L, D]: ``head``
     ([c, D] -> logits [c, V]) is applied to the scored positions only, ``chunk_rows`` positions at a time
-    (chunks run across windows), each chunk's NLL in fp32 and the per-window sums in float64."""
+    (chunks run across windows; ``head_target_logprobs``), each chunk's NLL in fp32 and the per-window
+    sums in float64."""
     batch, length = input_ids.shape
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
@@ -180,13 +212,9 @@ def chunked_window_nll(hidden: torch.Tensor, input_ids: torch.Tensor, n_scored: 
     flat = hidden.reshape(batch * length, hidden.shape[-1])  # [B·L, D]
     rows_t, targets_t, owner_t = (torch.cat(rows).to(device), torch.cat(targets).to(device),
                                   torch.cat(owner).to(device))  # [N] each
+    logp, _ = head_target_logprobs(flat, rows_t, targets_t, head, chunk_rows)  # [N] fp32
     sums = torch.zeros(batch, dtype=torch.float64, device=device)  # [B]
-    for start in range(0, rows_t.numel(), chunk_rows):
-        sl = slice(start, start + chunk_rows)
-        logits = head(flat[rows_t[sl]]).float()  # [c, V]
-        nll = F.cross_entropy(logits, targets_t[sl], reduction="none")  # [c]
-        sums.index_add_(0, owner_t[sl], nll.double())
-        del logits, nll
+    sums.index_add_(0, owner_t, logp.neg().double())
     return sums.tolist()
 
 
@@ -198,9 +226,10 @@ def _call(model: torch.nn.Module, method: str) -> Any:
         return None
 
 
-class _ChunkedScorer:
-    """Final hidden states from the decoder, logits per chunk from the head (see the module docstring).
-    ``nll`` returns None when this model's logits cannot be reproduced that way."""
+class ChunkedScorer:
+    """Final hidden states from the decoder, logits per chunk from the head (see the module docstring;
+    also used by ``moequant.eval.lm_eval_adapter``). ``hidden_states`` and ``nll`` return None, and set
+    ``reason``, when this model's logits cannot be reproduced that way."""
 
     def __init__(self, model: torch.nn.Module, chunk_rows: int | None) -> None:
         self.model, self.reason, self.told = model, None, False
@@ -225,7 +254,10 @@ class _ChunkedScorer:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def nll(self, input_ids: torch.Tensor, n_scored: list[int], kwargs: dict[str, Any]) -> list[float] | None:
+    def hidden_states(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """One forward pass of ``input_ids`` [B, L] with ``logits_to_keep=1``: the decoder's final hidden
+        states [B, L, D], once ``head`` has reproduced the model's own logits of the last position; None
+        (and ``reason`` set) when it does not."""
         if self.reason is not None:
             return None
         captured: list[torch.Tensor] = []
@@ -250,6 +282,12 @@ class _ChunkedScorer:
                 (mine - theirs).abs().max() > 1e-5 * float(theirs.abs().max()) + 1e-6:
             self.reason = "its output head is not lm_head (+ final_logit_softcapping)"
             return None
+        return hidden
+
+    def nll(self, input_ids: torch.Tensor, n_scored: list[int], kwargs: dict[str, Any]) -> list[float] | None:
+        hidden = self.hidden_states(input_ids, kwargs)
+        if hidden is None:
+            return None
         return chunked_window_nll(hidden, input_ids, n_scored, self.head, self.chunk_rows)
 
 
@@ -265,7 +303,7 @@ def _input_device(model: torch.nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def _forward_kwargs(model: torch.nn.Module) -> dict[str, Any]:
+def forward_kwargs(model: torch.nn.Module) -> dict[str, Any]:
     # A KV cache is useless for one scoring pass; only pass the flag to models that know it.
     config = getattr(model, "config", None)
     return {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}
@@ -296,10 +334,10 @@ def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor, config:
     if isinstance(max_pos, int) and longest > max_pos:
         log.warning("windows of %d positions exceed the model's max_position_embeddings=%d", longest, max_pos)
 
-    device, kwargs = _input_device(model), _forward_kwargs(model)
+    device, kwargs = _input_device(model), forward_kwargs(model)
     nll = [0.0] * len(windows)
     batches = _batches(windows, config.batch_size)
-    scorer = _ChunkedScorer(model, chunk_rows)
+    scorer = ChunkedScorer(model, chunk_rows)
     with torch.inference_mode():
         for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
             input_ids = torch.stack([windows[i][0] for i in batch]).to(device)  # [B, L]
