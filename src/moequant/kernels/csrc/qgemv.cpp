@@ -11,6 +11,8 @@
 //     of W per pass) and multiplied in fp32 registers; nothing of size N x K is written.
 //   - dequant + GEMM (large M): tiles of rows of W are decoded to fp32 (bit-identical to the reference
 //     decode) and multiplied by BLAS into their columns of y.
+// 4-bit codes have a third, opt-in path (`uniform_linear_q8`, MOEQUANT_INT4=q8): a GEMV against x quantized to
+// int8 per 32 columns, with integer dot products (its own section below).
 //
 // The vector path decodes a "step" of U consecutive codes of a row into U/8 vectors of 8 codes (AVX2). The
 // vectors hold the codes in the order the bits fall out of the bytes (4-bit: the even columns, then the
@@ -817,6 +819,360 @@ at::Tensor dequant_gemm(const Geometry& g, const uint8_t* codes, const Params& p
 }
 
 // ---------------------------------------------------------------------------------------------------
+// 4-bit codes x int8 activations (MOEQUANT_INT4=q8): the GEMV of llama.cpp's Q4 x Q8 dot products
+// ---------------------------------------------------------------------------------------------------
+//
+// x is quantized per block of 32 columns, symmetrically: d_b = max |x_b| / 127, a_k = rint(x_k * (127 /
+// max |x_b|)) in [-127, 127] (round half to even; an all-zero block: d = 0, a = 0). Then
+//
+//   y[n] = sum_g s[g] sum_{b in g} d_b sum_{k in b} q_k a_k  -  sum_g s[g] z[g] XS[g],
+//   XS[g] = sum_{b in g} d_b sum_{k in b} a_k  (once per call and row of x)
+//
+// (sum_k (q_k - z) s d a_k = s d (sum_k q_k a_k - z sum_k a_k)). The integer dot products are vpmaddubsw (u8
+// codes x s8 activations -> i16 pairs, at most 2 * 15 * 127) and vpmaddwd (-> i32), converted once per block
+// and accumulated in fp32 with the factor s[g] d_b; the zero-point term is a dot product of length G per row
+// (8 groups per vector), subtracted at the end.
+//
+// Two layouts of the int8 x, by the group size:
+//   - pairs (group size % 64 == 0, or one group per row): 32 bytes of codes = blocks b, b + 1 in one load; the
+//     low nibbles are the even columns of both blocks, the high nibbles the odd ones, so x is stored per pair
+//     as [even columns of b | of b + 1 | odd columns of b | of b + 1] (64 bytes) and its scales as 8 floats
+//     [d_b x 4 | d_b+1 x 4]: the i16 products of both nibble planes are added (at most 4 * 15 * 127, no
+//     saturation) before one vpmaddwd, whose 8 lanes are 4 partial sums of b and 4 of b + 1;
+//   - blocks (group size % 64 == 32): 16 bytes of codes per block, unpacked to [low | high nibbles]; x per
+//     block [even columns | odd columns], one scale per block.
+// A partial last pair / block (K % 64 or K % 32 != 0) reads its codes from a zero-padded copy against
+// zero-padded x (d = 0 past the last block). Other geometries, x that is not fp32, more than `gemv_max_rows`
+// rows or a build without AVX2 take `uniform_linear`.
+#ifdef __AVX2__
+
+constexpr int64_t kQ8Block = 32;
+// One row of x: the codes of the pass kQ8Ahead passes (of 4 rows) on are prefetched, where rows are at most
+// kQ8PrefetchBytes long. Measured (1 thread, the 210 SmolLM2-135M decoder linears, weights from DRAM): 6.2 ms
+// without, 5.1 / 5.0 / 5.1 ms 1 / 2 / 4 passes ahead; a 4096 x 4096 matrix (2 KiB rows): 0.52 ms without,
+// 0.61 ms with (the hardware prefetcher does better alone on long rows).
+constexpr int64_t kQ8Ahead = 2;
+constexpr int64_t kQ8PrefetchBytes = 1024;
+
+// x [M, K] fp32 quantized per 32-block, in the pair or block layout.
+struct Q8Acts {
+  int64_t M = 0, K = 0, nb = 0, G = 0, bpg = 0;  // rows, columns, blocks per row, groups, blocks per group
+  bool pairs = false;
+  int64_t units = 0;       // pairs (pair layout, ceil(nb / 2)) or blocks per row
+  int64_t unit_bytes = 0;  // 64 or 32
+  int64_t unit_scales = 0; // 8 or 1
+  std::vector<int8_t> q;   // [M, units, unit_bytes]
+  std::vector<float> d;    // [M, units, unit_scales]
+  int64_t Gp = 0;          // G rounded up to a multiple of 8
+  std::vector<float> xs;   // [M, Gp] XS, zero past G
+};
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+// One block of x (len <= 32 columns) -> a[32] (zero past len), returns d; *sum = sum a.
+inline float q8_block_quantize(const float* x, int64_t len, int32_t* a, int32_t* sum) {
+  alignas(32) float buf[kQ8Block];
+  const float* src = x;
+  if (len < kQ8Block) {
+    std::memset(buf, 0, sizeof(buf));
+    std::memcpy(buf, x, sizeof(float) * len);
+    src = buf;
+  }
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 v[4];
+  __m256 mx = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(src + 8 * i);
+    mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
+  }
+  const float amax = hmax(mx);
+  const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+  __m256i s = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // MXCSR rounding: half to even
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + 8 * i), q);
+    s = _mm256_add_epi32(s, q);
+  }
+  alignas(32) int32_t t[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(t), s);
+  *sum = t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7];
+  return amax / 127.0f;
+}
+
+Q8Acts q8_quantize(const Geometry& g, const float* x, int64_t M) {
+  Q8Acts a;
+  a.M = M;
+  a.K = g.K;
+  a.nb = (g.K + kQ8Block - 1) / kQ8Block;
+  a.G = g.G;
+  a.bpg = g.G == 1 ? a.nb : g.gs / kQ8Block;
+  a.pairs = g.G == 1 || a.bpg % 2 == 0;
+  a.units = a.pairs ? (a.nb + 1) / 2 : a.nb;
+  a.unit_bytes = a.pairs ? 2 * kQ8Block : kQ8Block;
+  a.unit_scales = a.pairs ? 8 : 1;
+  a.q.assign(M * a.units * a.unit_bytes, 0);
+  a.d.assign(M * a.units * a.unit_scales, 0.0f);
+  a.Gp = (a.G + 7) / 8 * 8;
+  a.xs.assign(M * a.Gp, 0.0f);
+  std::vector<float> dblk(a.nb);
+  std::vector<int32_t> bsum(a.nb);
+  alignas(32) int32_t v[kQ8Block];
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * g.K;
+    int8_t* qm = a.q.data() + m * a.units * a.unit_bytes;
+    float* dm = a.d.data() + m * a.units * a.unit_scales;
+    for (int64_t b = 0; b < a.nb; ++b) {
+      const int64_t k0 = b * kQ8Block;
+      dblk[b] = q8_block_quantize(xm + k0, std::min(kQ8Block, g.K - k0), v, &bsum[b]);
+      if (a.pairs) {  // [even of 2p | even of 2p + 1 | odd of 2p | odd of 2p + 1]
+        int8_t* o = qm + (b / 2) * 64 + (b % 2) * 16;
+        for (int i = 0; i < 16; ++i) {
+          o[i] = static_cast<int8_t>(v[2 * i]);
+          o[32 + i] = static_cast<int8_t>(v[2 * i + 1]);
+        }
+        for (int i = 0; i < 4; ++i) dm[(b / 2) * 8 + (b % 2) * 4 + i] = dblk[b];
+      } else {  // [even | odd]
+        int8_t* o = qm + b * 32;
+        for (int i = 0; i < 16; ++i) {
+          o[i] = static_cast<int8_t>(v[2 * i]);
+          o[16 + i] = static_cast<int8_t>(v[2 * i + 1]);
+        }
+        dm[b] = dblk[b];
+      }
+    }
+    for (int64_t gi = 0; gi < a.G; ++gi) {
+      float acc = 0.0f;
+      for (int64_t b = gi * a.bpg; b < std::min(a.nb, (gi + 1) * a.bpg); ++b) acc += dblk[b] * static_cast<float>(bsum[b]);
+      a.xs[m * a.Gp + gi] = acc;
+    }
+  }
+  return a;
+}
+
+// The rows of W one pass reads, and their group parameters.
+template <int RW>
+struct Q8Rows {
+  const uint8_t* code[RW];  // row r's codes
+  const uint8_t* tail[RW];  // its zero-padded last unit (tail_u >= 0)
+  const float* s[RW];       // its group scales [G] (readable up to a multiple of 8)
+  const uint8_t* zero[RW];  // its packed zero points (readable up to 4 bytes per 8 groups), or nullptr
+  float zconst;             // the symmetric grid's zero point (zero == nullptr)
+};
+
+// Sum of the 8 lanes of each of 4 vectors -> 4 floats.
+inline __m128 hsum4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// One unit (a pair or a block) of RW rows of W (codes at p[r], group scales sv[r]) against MR rows of x (the
+// unit of row m at xu + m * xstride, its scales at du + m * dstride): acc[r][m] += s d (integer dot product).
+template <bool PAIRS, int RW, int MR>
+__attribute__((always_inline)) inline void q8_unit(const uint8_t* const* p, const __m256* sv, const int8_t* xu,
+                                                   int64_t xstride, const float* du, int64_t dstride,
+                                                   __m256 (&acc)[RW][MR]) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int r = 0; r < RW; ++r) {
+    __m256i lo, hi;
+    if constexpr (PAIRS) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[r]));
+      lo = _mm256_and_si256(raw, m4);
+      hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+    } else {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p[r]));
+      lo = hi = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), m4);
+    }
+    for (int m = 0; m < MR; ++m) {
+      const int8_t* x = xu + m * xstride;
+      const __m256 dv = PAIRS ? _mm256_loadu_ps(du + m * dstride) : _mm256_set1_ps(du[m * dstride]);
+      __m256i p16 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+      if constexpr (PAIRS)
+        p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))));
+      acc[r][m] = _mm256_fmadd_ps(_mm256_mul_ps(dv, sv[r]), _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)), acc[r][m]);
+    }
+  }
+}
+
+// RW rows of W against MR rows of x from row m0 of `a` -> out[r * MR + m] = sum_g s_g sum_{b in g} d_b (q . a)_b
+// - sum_g s_g z_g XS_g. PAIRS: the pair layout, else the block layout. UPG > 0: units per group known at
+// compile time (the whole groups run unrolled); 0: any. One accumulator per (row of W, row of x), reduced in
+// one order: an output sums in the same order in any pass, so it depends neither on how the rows of W are
+// split between threads nor on M.
+template <bool PAIRS, int UPG, int RW, int MR>
+inline void q8_rows(const Q8Acts& a, int64_t m0, const Q8Rows<RW>& w, int64_t tail_u, float* out) {
+  constexpr int64_t UB = PAIRS ? 64 : 32;  // x bytes per unit
+  constexpr int64_t CB = UB / 2;           // code bytes per unit
+  constexpr int64_t US = PAIRS ? 8 : 1;    // scales per unit
+  const int64_t units = a.units, G = a.G;
+  const int64_t upg = G == 1 ? units : a.bpg / (PAIRS ? 2 : 1);  // units per group
+  const int8_t* xq = a.q.data() + m0 * units * UB;
+  const float* xd = a.d.data() + m0 * units * US;
+  const int64_t xstride = units * UB, dstride = units * US;
+  // groups [0, whole) have upg units and no padded tail
+  const int64_t whole = UPG > 0 && upg == UPG ? (tail_u >= 0 || G * upg > units ? G - 1 : G) : 0;
+  __m256 acc[RW][MR];
+  for (int r = 0; r < RW; ++r)
+    for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps();
+  const uint8_t* p[RW];
+  __m256 sv[RW];
+  for (int64_t gi = 0; gi < G; ++gi) {
+    const int64_t u0 = gi * upg, u1 = std::min(units, u0 + upg);
+    for (int r = 0; r < RW; ++r) sv[r] = _mm256_set1_ps(w.s[r][gi]);
+    if (gi < whole) {
+      for (int j = 0; j < (UPG > 0 ? UPG : 1); ++j) {
+        for (int r = 0; r < RW; ++r) p[r] = w.code[r] + (u0 + j) * CB;
+        q8_unit<PAIRS, RW, MR>(p, sv, xq + (u0 + j) * UB, xstride, xd + (u0 + j) * US, dstride, acc);
+      }
+    } else {
+      for (int64_t u = u0; u < u1; ++u) {
+        for (int r = 0; r < RW; ++r) p[r] = u == tail_u ? w.tail[r] : w.code[r] + u * CB;
+        q8_unit<PAIRS, RW, MR>(p, sv, xq + u * UB, xstride, xd + u * US, dstride, acc);
+      }
+    }
+  }
+  // the zero-point terms sum_g s_g z_g XS_g, 8 groups at a time (XS is zero past G)
+  __m256 zt[RW][MR];
+  const float* xs = a.xs.data() + m0 * a.Gp;
+  for (int r = 0; r < RW; ++r) {
+    for (int m = 0; m < MR; ++m) zt[r][m] = _mm256_setzero_ps();
+    for (int64_t g0 = 0; g0 < G; g0 += 8) {
+      __m256 z;
+      if (w.zero[r]) {
+        uint32_t word;
+        std::memcpy(&word, w.zero[r] + g0 / 2, 4);
+        const __m128i b = _mm_cvtsi32_si128(static_cast<int>(word));
+        const __m128i m4 = _mm_set1_epi8(0x0F);
+        z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+            _mm_unpacklo_epi8(_mm_and_si128(b, m4), _mm_and_si128(_mm_srli_epi16(b, 4), m4))));
+      } else {
+        z = _mm256_set1_ps(w.zconst);
+      }
+      const __m256 sz = _mm256_mul_ps(_mm256_loadu_ps(w.s[r] + g0), z);
+      for (int m = 0; m < MR; ++m) zt[r][m] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xs + m * a.Gp + g0), zt[r][m]);
+    }
+  }
+  // every total is reduced in hsum4's order, 4 at a time where there are 4
+  if constexpr (MR == 1 && RW % 4 == 0) {
+    for (int r = 0; r < RW; r += 4) {
+      alignas(16) float o[4];
+      _mm_store_ps(o, _mm_sub_ps(hsum4(acc[r][0], acc[r + 1][0], acc[r + 2][0], acc[r + 3][0]),
+                                 hsum4(zt[r][0], zt[r + 1][0], zt[r + 2][0], zt[r + 3][0])));
+      for (int i = 0; i < 4; ++i) out[r + i] = o[i];
+    }
+  } else if constexpr (RW == 1 && MR == 4) {
+    _mm_storeu_ps(out, _mm_sub_ps(hsum4(acc[0][0], acc[0][1], acc[0][2], acc[0][3]),
+                                  hsum4(zt[0][0], zt[0][1], zt[0][2], zt[0][3])));
+  } else {
+    for (int r = 0; r < RW; ++r)
+      for (int m = 0; m < MR; ++m)
+        out[r * MR + m] = _mm_cvtss_f32(_mm_sub_ps(hsum4(acc[r][m], acc[r][m], acc[r][m], acc[r][m]),
+                                                   hsum4(zt[r][m], zt[r][m], zt[r][m], zt[r][m])));
+  }
+}
+
+// GEMV: x [M, K] fp32 -> y [M, N] fp32 (+ bias) from 4-bit codes, x quantized to int8 per 32-block. One row
+// of x: RW1 rows of W per pass; more: one row of W per pass of up to 4 rows of x.
+template <bool PAIRS, int UPG>
+void gemv_q8_rows(const Geometry& g, const uint8_t* codes, const UniformParams& params, const Q8Acts& a,
+                  const float* bp, float* yp) {
+  constexpr int64_t CB = PAIRS ? 32 : 16;  // code bytes per unit
+  constexpr int RW1 = 4;                   // rows of W per pass, one row of x
+  const int64_t M = a.M, N = g.N, G = g.G;
+  const int64_t tail_off = (a.units - 1) * CB, tail_len = g.row_bytes - tail_off;
+  const int64_t tail_u = tail_len < CB ? a.units - 1 : -1;
+  const bool prefetch = kQ8Ahead > 0 && g.row_bytes <= kQ8PrefetchBytes;
+  at::parallel_for(0, N, grain_rows(g), [&](int64_t n0, int64_t n1) {
+    const int64_t block = std::max<int64_t>(RW1, std::min<int64_t>(n1 - n0, 4096 / std::max<int64_t>(G, 1)));
+    std::vector<float> s(block * G + 8, 0.0f), outv(std::max<int64_t>(M, RW1));  // s: 8 floats more to read
+    float* out = outv.data();
+    alignas(32) uint8_t pad[RW1][32];
+    const int64_t zread = (G + 7) / 8 * 4;  // zero-point bytes q8_rows reads per row
+    std::vector<uint8_t> zpad(RW1 * zread);  // zero points of the last rows, padded
+    const auto setup = [&](int64_t nb, int64_t r, auto& w, int rw) {
+      for (int i = 0; i < rw; ++i) {
+        w.code[i] = codes + (nb + r + i) * g.row_bytes;
+        w.s[i] = s.data() + (r + i) * G;
+        const int64_t n = nb + r + i;
+        w.zconst = params.zconst;
+        w.zero[i] = params.zero ? params.zero + n * params.zero_bytes : nullptr;
+        if (params.zero && n * params.zero_bytes + zread > N * params.zero_bytes) {  // would read past the tensor
+          uint8_t* zp = zpad.data() + i * zread;
+          std::memset(zp, 0, zread);
+          std::memcpy(zp, w.zero[i], params.zero_bytes);
+          w.zero[i] = zp;
+        }
+        w.tail[i] = pad[i];
+        if (tail_u >= 0) {
+          std::memset(pad[i], 0, sizeof(pad[i]));
+          std::memcpy(pad[i], w.code[i] + tail_off, tail_len);
+        }
+      }
+    };
+    for (int64_t nb = n0; nb < n1; nb += block) {
+      const int64_t rows = std::min(block, n1 - nb);
+      load_row_f32(params.scale, params.scale_dtype, nb * G, rows * G, s.data());
+      int64_t r = 0;
+      if (M == 1) {
+        Q8Rows<RW1> w;
+        for (; r + RW1 <= rows; r += RW1) {
+          setup(nb, r, w, RW1);
+          if (prefetch && nb + r + (kQ8Ahead + 1) * RW1 <= n1) {  // the codes of the pass kQ8Ahead passes on
+            const uint8_t* ahead = codes + (nb + r + kQ8Ahead * RW1) * g.row_bytes;
+            for (int64_t off = 0; off < RW1 * g.row_bytes; off += 64)
+              _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
+          }
+          q8_rows<PAIRS, UPG, RW1, 1>(a, 0, w, tail_u, out);
+          for (int i = 0; i < RW1; ++i) yp[nb + r + i] = out[i] + (bp ? bp[nb + r + i] : 0.0f);
+        }
+      }
+      Q8Rows<1> w1;
+      for (; r < rows; ++r) {
+        const int64_t n = nb + r;
+        setup(nb, r, w1, 1);
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) q8_rows<PAIRS, UPG, 1, 4>(a, m, w1, tail_u, out + m);
+        switch (M - m) {
+          case 3: q8_rows<PAIRS, UPG, 1, 3>(a, m, w1, tail_u, out + m); break;
+          case 2: q8_rows<PAIRS, UPG, 1, 2>(a, m, w1, tail_u, out + m); break;
+          case 1: q8_rows<PAIRS, UPG, 1, 1>(a, m, w1, tail_u, out + m); break;
+          default: break;
+        }
+        const float bias_n = bp ? bp[n] : 0.0f;
+        for (int64_t i = 0; i < M; ++i) yp[i * N + n] = out[i] + bias_n;
+      }
+    }
+  });
+}
+
+at::Tensor gemv_q8(const Geometry& g, const uint8_t* codes, const UniformParams& params, const at::Tensor& x,
+                   const c10::optional<at::Tensor>& bias) {
+  const Q8Acts a = q8_quantize(g, x.data_ptr<float>(), x.size(0));
+  at::Tensor y = at::empty({a.M, g.N}, x.options());  // [M, N]
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const int64_t upg = a.G == 1 ? 0 : a.bpg / (a.pairs ? 2 : 1);  // units per group (one group: no unrolling)
+  if (a.pairs && upg == 2)  // group size 128
+    gemv_q8_rows<true, 2>(g, codes, params, a, bp, yp);
+  else if (a.pairs && upg == 1)  // 64
+    gemv_q8_rows<true, 1>(g, codes, params, a, bp, yp);
+  else if (a.pairs && upg == 4)  // 256
+    gemv_q8_rows<true, 4>(g, codes, params, a, bp, yp);
+  else if (a.pairs)
+    gemv_q8_rows<true, 0>(g, codes, params, a, bp, yp);
+  else
+    gemv_q8_rows<false, 0>(g, codes, params, a, bp, yp);
+  return y;
+}
+
+#endif  // __AVX2__
+
+// ---------------------------------------------------------------------------------------------------
 // argument checks and entry points
 // ---------------------------------------------------------------------------------------------------
 
@@ -915,6 +1271,34 @@ at::Tensor uniform_linear(const at::Tensor& x, const at::Tensor& codes, const at
   return finish(y, x, g.N);
 }
 
+// uniform_linear with 4-bit codes against int8-quantized x (`gemv_q8`) where it applies; else uniform_linear.
+at::Tensor uniform_linear_q8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                             const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& bias,
+                             int64_t bits, int64_t group_size, int64_t K, double zconst, int64_t gemv_max_rows) {
+#ifdef __AVX2__
+  const Geometry g = make_geometry(bits, codes.size(0), K, group_size);
+  const bool blocks = g.G == 1 || g.gs % kQ8Block == 0;
+  if (bits == 4 && blocks && x.scalar_type() == at::kFloat && x.dim() >= 1 && x.size(-1) == K &&
+      x.numel() / std::max<int64_t>(K, 1) <= gemv_max_rows) {
+    check_common(g, codes);
+    const auto [x2, b] = prepare(g, x, bias);
+    const UniformParams p = uniform_params(g, scale, zero, zconst);
+    return finish(gemv_q8(g, codes.data_ptr<uint8_t>(), p, x2, b), x, g.N);
+  }
+#endif
+  return uniform_linear(x, codes, scale, zero, bias, bits, group_size, K, zconst, gemv_max_rows);
+}
+
+bool q8_applies(int64_t bits, int64_t group_size, int64_t K) {
+#ifdef __AVX2__
+  const int64_t gs = std::min(group_size, K);
+  return bits == 4 && K >= 1 && gs >= 1 && (gs >= K || gs % kQ8Block == 0);
+#else
+  (void)bits, (void)group_size, (void)K;
+  return false;
+#endif
+}
+
 at::Tensor uniform_dequant(const at::Tensor& codes, const at::Tensor& scale, const c10::optional<at::Tensor>& zero,
                            int64_t bits, int64_t group_size, int64_t K, double zconst, bool permuted) {
   const Geometry g = make_geometry(bits, codes.size(0), K, group_size);
@@ -961,6 +1345,9 @@ bool has_avx2() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("uniform_linear", &uniform_linear, "y = x W^T (+ b) from packed uniform int-k codes");
+  m.def("uniform_linear_q8", &uniform_linear_q8,
+        "uniform_linear; 4-bit codes with fp32 x of at most gemv_max_rows rows: x quantized to int8 per 32 columns");
+  m.def("q8_applies", &q8_applies, "uniform_linear_q8 takes the int8 path for these (bits, group size, K)");
   m.def("uniform_dequant", &uniform_dequant, "packed uniform int-k codes -> fp32 [N, K]");
   m.def("lut_linear", &lut_linear, "y = x W^T (+ b) from packed 4-bit LUT codes");
   m.def("lut_dequant", &lut_dequant, "packed 4-bit LUT codes -> fp32 [N, K]");
