@@ -168,12 +168,15 @@ def format_table(job: SweepJob, rows: list[dict[str, Any]], pairs: list[dict[str
              "| method | bits/weight (quantized tensors) | checkpoint MiB | resident MiB (ideal) | PPL [95% CI] "
              "| PPL ratio vs fp [95% CI] |",
              "|---|---|---|---|---|---|"]
+    fp_ppl = next((r["ppl"] for r in rows if r["ratio_ci95"] is None), None)  # the unquantized row
     for r in rows:
         ck = "-" if r["checkpoint_bytes"] is None else f"{r['checkpoint_bytes'] / 2**20:.1f}"
         res = f"{r['resident_bytes'] / 2**20:.1f}"
         if r.get("ideal_bytes"):
             res += f" ({r['ideal_bytes'] / 2**20:.1f})"
         ratio = "-" if r["ratio_ci95"] is None else f"[{r['ratio_ci95'][0]:.3f}, {r['ratio_ci95'][1]:.3f}]"
+        if r["ratio_ci95"] is not None and fp_ppl:
+            ratio = f"x{r['ppl'] / fp_ppl:.3f} {ratio}"
         lines.append(f"| {r['method']} | {r['bits_per_weight']:.3f} | {ck} | {res} | "
                      f"{r['ppl']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | {ratio} |")
     if pairs:
