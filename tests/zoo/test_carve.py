@@ -193,3 +193,11 @@ def test_carved_aliases_are_zoo_aliases_and_flags_are_checked(capsys):
     assert main(["zoo", "build", "moe", "--from", "smollm2-135m"]) == 2  # no --out
     assert main(["zoo", "build", "moe", "--from", "m", "--out", "x", "--recover-params", "heads"]) == 2
     assert "heads" in capsys.readouterr().err
+
+
+def test_top1_warns_that_the_router_fit_has_no_gradient(caplog):
+    dense = tiny_model("llama")
+    spec = CarveSpec(arch="mixtral", experts=4, top_k=1, shared_fraction=0.0, fit=FitSettings(router_steps=5))
+    with caplog.at_level("WARNING"):
+        moe, _, _ = carve_model(dense, _tokens(), spec, progress=False)
+    assert "no gradient" in caplog.text

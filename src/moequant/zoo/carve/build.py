@@ -185,6 +185,9 @@ def carve_model(dense: nn.Module, tokens: torch.Tensor, spec: CarveSpec, progres
         log.warning("%s normalises q and k and the %s source does not: the q/k norms are set to the calibration "
                     "RMS, an approximation (the carved MLPs are exact; --recover-steps trains the norms)",
                     target.model_type, src_type)
+    if spec.top_k == 1 and spec.fit.router_steps:
+        log.warning("--top-k 1: the renormalised routing weight is always 1, so the router fit gets no gradient "
+                    "and keeps the least-squares router (routing may collapse onto few experts)")
     inter = dense.model.layers[0].mlp.gate_proj.weight.shape[0]
     n_shared, per = split_sizes(inter, spec.experts, spec.shared_fraction)
     if not target.shared_expert and n_shared:
