@@ -150,3 +150,19 @@ def qgemv_ext():
     from moequant.kernels import uniform as ku
 
     return require_extension(ku.extension, "qgemv")
+
+
+def packed_uniform(n: int, k: int, bits: int, gs: int, symmetric: bool, scale_dtype: str = "float16", seed: int = 0):
+    """A packed uniform tensor of a seeded ``[N, K]`` weight whose rows vary in scale (kernel tests)."""
+    from moequant.codecs.config import UniformConfig
+    from moequant.formats.registry import tensor_class_for
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * (0.5 + torch.rand(n, 1, generator=g))  # [N, K], rows of varied scale
+    cfg = UniformConfig(bits=bits, group_size=gs, symmetric=symmetric, scale_dtype=scale_dtype, clip_search=False)
+    return tensor_class_for(cfg).encode(w, cfg)
+
+
+def kernel_x(m: int, k: int, seed: int = 1) -> torch.Tensor:
+    """Seeded activations ``[M, K]`` with a non-zero mean (kernel tests)."""
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)) + 0.5

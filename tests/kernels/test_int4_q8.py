@@ -22,11 +22,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moequant.codecs.config import UniformConfig
+from conftest import kernel_x, packed_uniform
 from moequant.codecs.uniform import num_groups
 from moequant.formats.base import QuantizedTensor
 from moequant.formats.bitpack import unpack
-from moequant.formats.registry import tensor_class_for
 from moequant.kernels import uniform as ku
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,14 +55,10 @@ def q8(monkeypatch):
 
 
 def _tensor(n, k, gs, symmetric, seed=0, scale_dtype="float16", bits=4):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * (0.5 + torch.rand(n, 1, generator=g))  # [N, K], rows of varied scale
-    cfg = UniformConfig(bits=bits, group_size=gs, symmetric=symmetric, scale_dtype=scale_dtype, clip_search=False)
-    return tensor_class_for(cfg).encode(w, cfg)
+    return packed_uniform(n, k, bits, gs, symmetric, scale_dtype, seed)
 
 
-def _x(m, k, seed=1):
-    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)) + 0.5  # [M, K], non-zero mean
+_x = kernel_x
 
 
 def quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

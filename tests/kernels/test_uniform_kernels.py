@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moequant.codecs.config import UniformConfig
+from conftest import kernel_x, packed_uniform
 from moequant.formats.base import QuantizedTensor
-from moequant.formats.registry import from_state_dict, tensor_class_for
+from moequant.formats.registry import from_state_dict
 from moequant.formats.rotated import RotatedTensor
 from moequant.kernels import cpp_build
 from moequant.kernels import uniform as ku
@@ -36,15 +36,8 @@ def native_int4(monkeypatch):
     monkeypatch.setenv(ku.INT4_ENV, "native")
 
 
-def _tensor(n, k, bits, gs, symmetric, scale_dtype="float16", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * (0.5 + torch.rand(n, 1, generator=g))  # [N, K], rows of varied scale
-    cfg = UniformConfig(bits=bits, group_size=gs, symmetric=symmetric, scale_dtype=scale_dtype, clip_search=False)
-    return tensor_class_for(cfg).encode(w, cfg)
-
-
-def _x(m, k, seed=1):
-    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)) + 0.5  # [M, K], non-zero mean
+_tensor = packed_uniform
+_x = kernel_x
 
 
 def _rel(y, ref):

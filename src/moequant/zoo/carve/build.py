@@ -325,7 +325,7 @@ def build_moe(source: str, out: Path, spec: CarveSpec, *, overwrite: bool = Fals
             if evaluate:  # the carved model before the distillation, on the same windows
                 before = evaluate_pair(dense, moe, tok, eval_tokens, progress, data=eval_data)
             r = distill(moe, dense, tokens, spec.recover, progress)
-            rec = {k: v for k, v in asdict(r).items()}
+            rec = asdict(r)
         inter = dense.model.layers[0].mlp.gate_proj.weight.shape[0]
         prov: dict[str, Any] = {
             "call": f"moequant.zoo.carve.build_moe({source!r}, {str(out)!r})",
