@@ -574,6 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
     from moequant.bench import add_bench_parser
 
     add_bench_parser(sub)
+    from moequant.export.cli import add_export_parser
+
+    add_export_parser(sub)
     return p
 
 
