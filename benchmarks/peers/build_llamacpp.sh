@@ -5,7 +5,7 @@
 #
 #     bash benchmarks/peers/build_llamacpp.sh      # ~25-40 min on 2 shared cores (nice, -j2)
 #
-# Flags as FACTS.md "GGUF": GGML_NATIVE=OFF with AVX2/AVX512 on and AMX off (a native build dies on
+# Flags as FACTS.md "GGUF": GGML_NATIVE=OFF with AVX2 (AVX512 where the CPU has it) and AMX off (a native build dies on
 # quantized models on these Xeons: "Illegal instruction" / a segfault in ggml_backend_amx_mul_mat).
 # Output: runs/peers/build/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/{llama-*,lib*.so}; the .so
 # files are also copied into the installed llama_cpp/lib (llama_cpp/_ggml.py loads libggml only from there;
@@ -22,13 +22,16 @@ if [ ! -d "$B/llama_cpp_python-$VER" ]; then
     tar xzf "$B/llama_cpp_python-$VER.tar.gz" -C "$B"
 fi
 L="$B/llama_cpp_python-$VER/vendor/llama.cpp"
-FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+# AVX512 only where the CPU has it (an AVX512 build dies with "Illegal instruction" on the AVX2-only EPYCs).
+AVX512=OFF
+grep -qw avx512f /proc/cpuinfo && AVX512=ON
+FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=$AVX512 -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
 if [ ! -x "$L/build/bin/llama-quantize" ] || [ ! -f "$L/build/bin/libllama.so" ]; then
     GEN=""
     command -v ninja >/dev/null && GEN="-G Ninja"
-    nice -n 5 cmake -S "$L" -B "$L/build" $GEN -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON $FLAGS \
+    nice -n "${NICE:-5}" cmake -S "$L" -B "$L/build" $GEN -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON $FLAGS \
         -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
-    nice -n 5 cmake --build "$L/build" -j2 --target llama-quantize llama-perplexity llama-imatrix llama
+    nice -n "${NICE:-5}" cmake --build "$L/build" -j"${JOBS:-2}" --target llama-quantize llama-perplexity llama-imatrix llama
 fi
 if ! python -c "import llama_cpp" 2>/dev/null; then
     # LLAMA_BUILD=OFF: scikit-build-core installs the Python package only (no second llama.cpp compile).
