@@ -13,14 +13,6 @@ from moequant.errors import MoequantError, one_line
 from moequant.interrupt import interrupt_exit_code, sigterm_as_interrupt
 
 
-# Flags that belong to one --method only: given with another method they are an error, not ignored.
-_METHOD_FLAGS = {
-    "int": ("group_size", "asym", "sym", "no_clip_search", "clip_steps", "clip_min", "scale_dtype"),
-    "lut": ("block_size", "double_quant"),
-    "trellis": ("trellis_l", "trellis_v", "trellis_code", "trellis_tile", "no_tail_biting"),
-}
-
-
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -31,47 +23,35 @@ def _given(args: argparse.Namespace, name: str) -> bool:
     return v is not None and v is not False
 
 
-def _check_method_flags(args: argparse.Namespace) -> None:
-    family = "lut" if args.method in ("nf4", "fp4") else args.method
-    for fam, names in _METHOD_FLAGS.items():
-        if fam == family:
-            continue
-        for n in names:
-            if _given(args, n):
-                raise MoequantError(f"{_flag(n)} does not apply to --method {args.method}")
-    if args.sym and args.asym:
-        raise MoequantError("--sym and --asym contradict each other")
-    if family == "lut" and args.bits is not None and args.bits != 4:
-        raise MoequantError(f"--method {args.method} stores 4-bit codes; --bits {args.bits} does not apply "
-                            f"(use --method int --bits {args.bits})")
+def _method_flag_names() -> list[str]:
+    """Every method's own flags (``formats.methods``): given with another method they are an error, not ignored."""
+    from moequant.formats.methods import METHODS
+
+    return [f.dest for f in METHODS.flags()]
 
 
 def _method_config(args: argparse.Namespace):
-    from moequant.codecs.config import LutConfig, TrellisConfig, UniformConfig
+    """The config of ``--method``, built by its registered entry from the flags that belong to it."""
+    from moequant.formats.methods import METHODS
 
-    _check_method_flags(args)
-    v = lambda name, default: default if getattr(args, name) is None else getattr(args, name)  # noqa: E731
+    if args.method not in METHODS:
+        raise MoequantError(f"unknown --method {args.method!r}")
+    method = METHODS.get(args.method)
+    own = {f.dest for f in method.flags}
+    for n in _method_flag_names():
+        if n not in own and _given(args, n):
+            raise MoequantError(f"{_flag(n)} does not apply to --method {args.method}")
     try:
-        if args.method == "int":
-            return UniformConfig(bits=v("bits", 4), group_size=v("group_size", 128), symmetric=bool(args.sym),
-                                 clip_search=not args.no_clip_search, clip_steps=v("clip_steps", 16),
-                                 clip_min=v("clip_min", 0.65), scale_dtype=v("scale_dtype", "float16"))
-        if args.method in ("nf4", "fp4"):
-            return LutConfig(lut=args.method, block_size=v("block_size", 64), double_quant=args.double_quant)
-        if args.method == "trellis":
-            return TrellisConfig(bits=v("bits", 2), L=v("trellis_l", 16), V=v("trellis_v", 2),
-                                 code=v("trellis_code", "hyb"), tile=v("trellis_tile", 16),
-                                 tail_biting=not args.no_tail_biting)
+        return method.from_flags(lambda name, default: default if getattr(args, name) is None else getattr(args, name))
     except ValueError as e:
         raise MoequantError(str(e)) from None
-    raise MoequantError(f"unknown --method {args.method!r}")
 
 
 def _recipe(args: argparse.Namespace):
     from moequant.alloc.recipe import DEFAULT_KEEP, Recipe
 
     if args.recipe:
-        given = [n for names in _METHOD_FLAGS.values() for n in names if _given(args, n)]
+        given = [n for n in _method_flag_names() if _given(args, n)]
         given += [n for n in ("bits",) if _given(args, n)] + (["method"] if args.method is not None else [])
         if given:
             raise MoequantError(f"--recipe sets every method option; drop {', '.join(_flag(n) for n in given)}")
@@ -119,29 +99,19 @@ def _add_embed_head_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
+    from moequant.formats.methods import METHODS
+
     # Method flags default to None so that a flag given to a method it does not apply to is an error.
     g = p.add_argument_group("method (defaults: int4, asymmetric, group 128, MSE clip search; see README 'Defaults')")
-    g.add_argument("--method", default=None, choices=["int", "nf4", "fp4", "trellis"], help="codec (default int)")
+    g.add_argument("--method", default=None, choices=[m.name for m in METHODS.ordered()], help="codec (default int)")
     g.add_argument("--bits", type=int, default=None,
                    help="bits per weight code: --method int 2, 3, 4, 5, 6, 8 (default 4); --method trellis 1-4 (default 2)")
-    g.add_argument("--group-size", type=int, default=None,
-                   help="int: input columns per scale, -1 = whole row (default 128; a partial last group is allowed)")
-    g.add_argument("--asym", action="store_true", help="int: asymmetric grid with an integer zero point (the default)")
-    g.add_argument("--sym", action="store_true", help="int: symmetric midtread grid (q - 2^(b-1))*s, no zero point stored")
-    g.add_argument("--no-clip-search", action="store_true", help="int: plain absmax/minmax scales (no MSE clip search)")
-    g.add_argument("--clip-steps", type=int, default=None, help="int: shrink factors tried per group (default 16)")
-    g.add_argument("--clip-min", type=float, default=None, help="int: smallest shrink factor (default 0.65)")
-    g.add_argument("--scale-dtype", default=None, choices=["float16", "bfloat16", "float32"],
-                   help="int: dtype of the stored group scales (default float16)")
-    g.add_argument("--block-size", type=int, default=None, help="nf4/fp4: absmax block (default 64)")
-    g.add_argument("--double-quant", action="store_true", help="nf4/fp4: quantize the block scales to 8 bits")
-    g.add_argument("--trellis-l", type=int, default=None, help="trellis: state bits L (default 16)")
-    g.add_argument("--trellis-v", type=int, default=None, help="trellis: weights per step V (default 2)")
-    g.add_argument("--trellis-code", default=None, choices=["hyb", "1mad", "3inst"],
-                   help="trellis: state -> value code (default hyb; 1mad/3inst need --trellis-v 1)")
-    g.add_argument("--trellis-tile", type=int, default=None, help="trellis: tile side, tile x tile weights per walk "
-                   "(default 16)")
-    g.add_argument("--no-tail-biting", action="store_true", help="trellis: store each tile's start state in full")
+    for f in METHODS.flags():
+        if f.switch:
+            g.add_argument(_flag(f.dest), action="store_true", help=f.help)
+        else:
+            g.add_argument(_flag(f.dest), type=f.type, default=None, choices=None if f.choices is None
+                           else list(f.choices), help=f.help)
     g.add_argument("--recipe", help="JSON recipe file (replaces every method flag)")
     g.add_argument("--keep", action="append", help="extra parameter pattern to keep in full precision "
                    "(exact name or re:REGEX), repeatable")

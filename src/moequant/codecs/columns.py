@@ -168,15 +168,28 @@ class TrellisColumns(ColumnQuantizer):
         return out
 
 
+def uniform_columns(config: UniformConfig, w: torch.Tensor, hdiag: torch.Tensor | None = None) -> UniformColumns:
+    """The int-k column quantizer for ``w [R, K]``."""
+    return UniformColumns(w.shape[0], w.shape[1], config, hdiag)
+
+
+def lut_columns(config: LutConfig, w: torch.Tensor, hdiag: torch.Tensor | None = None) -> LutColumns:
+    """The NF4 / FP4 column quantizer for ``w [R, K]`` (the absmax blocks ignore ``hdiag``)."""
+    if w.shape[1] % config.block_size:
+        raise ValueError(f"block size {config.block_size} does not divide the input dim K={w.shape[1]}")
+    return LutColumns(w.shape[0], w.shape[1], config, w)
+
+
+def trellis_columns(config: TrellisConfig, w: torch.Tensor, hdiag: torch.Tensor | None = None) -> TrellisColumns:
+    """The trellis column quantizer for ``w [R, K]``."""
+    return TrellisColumns(w.shape[0], w.shape[1], config, w, hdiag)
+
+
 def column_quantizer(config: MethodConfig, w: torch.Tensor, hdiag: torch.Tensor | None = None) -> ColumnQuantizer:
-    """The column quantizer of ``config`` for one matrix ``w [R, K]``."""
-    rows, cols = w.shape
-    if isinstance(config, UniformConfig):
-        return UniformColumns(rows, cols, config, hdiag)
-    if isinstance(config, LutConfig):
-        if cols % config.block_size:
-            raise ValueError(f"block size {config.block_size} does not divide the input dim K={cols}")
-        return LutColumns(rows, cols, config, w)
-    if isinstance(config, TrellisConfig):
-        return TrellisColumns(rows, cols, config, w, hdiag)
-    raise ValueError(f"{type(config).__name__} has no column quantizer (it cannot be driven by LDLQ)")
+    """The column quantizer of ``config`` for one matrix ``w [R, K]``, as registered with its method.
+
+    The method registry (``formats.methods``) is where each config is bound to its factory above; this
+    name stays here for the solver tests, and is the one import from codecs up to formats."""
+    from moequant.formats.methods import column_quantizer as registered
+
+    return registered(config, w, hdiag)

@@ -1,4 +1,7 @@
-"""The registry of packed tensor formats, keyed by ``format_id``, and dispatch from configs and metadata."""
+"""The registry of packed tensor formats, keyed by ``format_id``, and dispatch from configs and metadata.
+
+The formats are those of the registered methods (``formats.methods``) plus the rotated wrapper; which
+format a config is stored in is its method's choice (``tensor_class_for``)."""
 
 from __future__ import annotations
 
@@ -6,13 +9,13 @@ from typing import Any, Iterable
 
 import torch
 
-from moequant.codecs.config import LutConfig, MethodConfig, TrellisConfig, UniformConfig
+from moequant.codecs.config import MethodConfig
 from moequant.formats.base import QuantizedTensor
-from moequant.formats.lut import LutDqTensor, LutTensor
+from moequant.formats.methods import METHODS, tensor_class_for
 from moequant.formats.rotated import RotatedTensor
-from moequant.formats.trellis import TrellisTensor
-from moequant.formats.uniform import UniformAsymTensor, UniformTensor
 from moequant.registry import Registry
+
+__all__ = ["FORMATS", "encode", "from_state_dict", "make_format_registry", "tensor_class_for"]
 
 
 def make_format_registry(classes: Iterable[type[QuantizedTensor]]) -> Registry[type[QuantizedTensor]]:
@@ -23,19 +26,15 @@ def make_format_registry(classes: Iterable[type[QuantizedTensor]]) -> Registry[t
     return reg
 
 
-FORMATS: Registry[type[QuantizedTensor]] = make_format_registry(
-    (UniformTensor, UniformAsymTensor, LutTensor, LutDqTensor, RotatedTensor, TrellisTensor))
+def _method_formats() -> list[type[QuantizedTensor]]:
+    """Each registered method's tensor classes once (nf4 and fp4 share theirs)."""
+    out: list[type[QuantizedTensor]] = []
+    for m in METHODS.ordered():
+        out += [cls for cls in m.formats if cls not in out]
+    return out
 
 
-def tensor_class_for(config: MethodConfig) -> type[QuantizedTensor]:
-    """The packed format that stores weights quantized under ``config``."""
-    if isinstance(config, UniformConfig):
-        return UniformTensor if config.symmetric else UniformAsymTensor
-    if isinstance(config, LutConfig):
-        return LutDqTensor if config.double_quant else LutTensor
-    if isinstance(config, TrellisConfig):
-        return TrellisTensor
-    raise ValueError(f"no packed format for {type(config).__name__}")
+FORMATS: Registry[type[QuantizedTensor]] = make_format_registry([*_method_formats(), RotatedTensor])
 
 
 def encode(w: torch.Tensor, config: MethodConfig, hessian: torch.Tensor | None = None) -> QuantizedTensor:

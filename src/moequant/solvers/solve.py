@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import torch
 
 from moequant.calib.hessian import damp
-from moequant.codecs.columns import column_quantizer
 from moequant.codecs.config import MethodConfig
 from moequant.errors import MoequantError, UnrepresentableError
 from moequant.formats.base import QuantizedTensor
+from moequant.formats.methods import column_quantizer
 from moequant.formats.registry import encode, tensor_class_for
 from moequant.solvers.config import SolverConfig
 from moequant.solvers.ldlq import ldlq, proxy_loss
