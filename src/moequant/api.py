@@ -188,6 +188,32 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", verify: bool =
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError) as e:
         raise MoequantError(f"{path / 'config.json'}: transformers cannot build the model from it "
                             f"({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
+    used, tied = swap_packed_modules(model, qcfg, reader, path, device)
+    rest = {k: reader.read(k).to(device) for k in reader.keys() if k not in used}
+    for dropped, kept in tied.items():
+        if kept not in rest:
+            raise MoequantError(f"{path}: tied tensor {dropped!r} names {kept!r}, which the checkpoint lacks")
+        rest[dropped] = rest[kept]
+    expected = {n: t for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    for k, v in rest.items():
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape):
+            raise MoequantError(f"{path}: tensor {k!r} is {list(v.shape)}, the model expects {list(expected[k].shape)}")
+    result = model.load_state_dict(rest, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise MoequantError(f"{path}: tensors the model does not have: {result.unexpected_keys[:5]}")
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise MoequantError(f"{path}: checkpoint lacks tensors {still_meta[:5]}")
+    finish_loaded(model, qcfg, path)
+    return model
+
+
+def swap_packed_modules(model: nn.Module, qcfg: dict[str, Any], reader: ShardReader, path: Path,
+                        device: str | torch.device) -> tuple[set[str], dict[str, str]]:
+    """Swap in ``QuantLinear`` / ``QuantExperts`` / ``QuantEmbedding`` / ``TiedQuantLinear`` for every packed
+    tensor of ``qcfg["tensors"]``, built from what ``reader`` returns (``load``: the checked tensors;
+    ``export.hf_quantizer``: meta tensors of the stored shapes and dtypes, which transformers' loader fills).
+    -> (the checkpoint tensors the new modules hold, the dense tied pairs ``{dropped: kept}`` left to tie)."""
     used: set[str] = set()
     experts: dict[str, dict[str, Any]] = {}
     for name, meta in qcfg["tensors"].items():
@@ -226,21 +252,28 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", verify: bool =
         if kept in qcfg["tensors"]:  # a head over the packed embedding table
             used.update(_tie_packed_head(model, reader, dropped, kept, path, device))
             del tied[dropped]
-    rest = {k: reader.read(k).to(device) for k in reader.keys() if k not in used}
-    for dropped, kept in tied.items():
-        if kept not in rest:
-            raise MoequantError(f"{path}: tied tensor {dropped!r} names {kept!r}, which the checkpoint lacks")
-        rest[dropped] = rest[kept]
-    expected = {n: t for n, t in list(model.named_parameters()) + list(model.named_buffers())}
-    for k, v in rest.items():
-        if k in expected and tuple(v.shape) != tuple(expected[k].shape):
-            raise MoequantError(f"{path}: tensor {k!r} is {list(v.shape)}, the model expects {list(expected[k].shape)}")
-    result = model.load_state_dict(rest, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise MoequantError(f"{path}: tensors the model does not have: {result.unexpected_keys[:5]}")
-    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if still_meta:
-        raise MoequantError(f"{path}: checkpoint lacks tensors {still_meta[:5]}")
+    _forget_packed_ties(model, set(qcfg["tensors"]) | (set(qcfg.get("tied", {})) - set(tied)))
+    return used, tied
+
+
+def _forget_packed_ties(model: nn.Module, packed: set[str]) -> None:
+    """Drop the tie entries of transformers (``all_tied_weights_keys``, ``_tied_weights_keys``, on the model and
+    its sub-models) that name a ``packed`` tensor: a head over a packed table is a ``TiedQuantLinear``, a packed
+    head its own, and ``tie_weights()`` or transformers' loader would look for a ``weight`` there."""
+    for prefix, sub in model.named_modules():
+        for attr in ("all_tied_weights_keys", "_tied_weights_keys"):
+            keys = getattr(sub, attr, None)
+            if not isinstance(keys, dict):
+                continue
+            keep = {t: s for t, s in keys.items() if not {f"{prefix}.{t}" if prefix else t,
+                                                         f"{prefix}.{s}" if prefix else s} & packed}
+            if len(keep) != len(keys):
+                setattr(sub, attr, keep)
+
+
+def finish_loaded(model: nn.Module, qcfg: dict[str, Any], path: Path) -> None:
+    """The last steps of loading a packed checkpoint (``load``, ``export.hf_quantizer``): embeddings return
+    the kept tensors' dtype, the recipe is attached, experts dispatch to moequant's grouped path, eval mode."""
     _set_embedding_dtype(model)
     recipe = qcfg.get("recipe")
     try:
@@ -249,7 +282,6 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", verify: bool =
         raise MoequantError(f"{path / 'config.json'}: quantization_config.recipe is invalid ({e})") from None
     use_moequant_experts(model)  # stock experts modules left dense dispatch to moequant's grouped path too
     model.eval()
-    return model
 
 
 def _quant_embedding(qt: Any, old: nn.Embedding, path: Path, name: str) -> nn.Module:
