@@ -12,10 +12,11 @@ from gguf import quants as gq
 from moequant.calib.hessian import damp
 from moequant.codecs import kquant as kq
 from moequant.codecs.kquant_columns import gguf_columns
-from moequant.codecs.kquant_config import GgufConfig
+from moequant.codecs.config import GgufConfig
 from moequant.codecs.kquant_pack import pack_blocks, pack_f16, unpack_blocks, unpack_f16
 from moequant.errors import UnrepresentableError
-from moequant.formats.kquant import GGUF_CLASSES, GgufTensor
+from moequant.formats.kquant import GGUF_CLASSES
+from moequant.formats.registry import encode
 from moequant.solvers.ldlq import ldlq, proxy_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -210,7 +211,7 @@ def test_ldlq_beats_rtn_on_the_block_grid(name) -> None:
     h = _correlated_hessian(512)
     cfg = GgufConfig(qtype=name)
     hdiag = torch.diagonal(h).to(torch.float32)
-    rtn = GgufTensor.encode(w, cfg, hessian=hdiag)
+    rtn = encode(w, cfg, hessian=hdiag)
     cols = gguf_columns(cfg, w, hdiag)
     res = ldlq(w, damp(h, 0.01), cols)
     packed = GGUF_CLASSES[name].from_parts(tuple(w.shape), cols.parts(), cfg)
@@ -229,5 +230,6 @@ def test_ldlq_fallback_and_f16_columns() -> None:
         cfg = GgufConfig(qtype="q4_k")
         cols = gguf_columns(cfg, w, torch.diagonal(h).to(torch.float32))
         res = ldlq(w, damp(h, 0.01), cols)
-        qt = GgufTensor.from_parts(tuple(w.shape), cols.parts(), cfg)
-        assert qt.attrs["qtype"] == want and torch.equal(qt.dequantize(), res.w_hat)
+        qt = GGUF_CLASSES["q4_k"].from_parts(tuple(w.shape), cols.parts(), cfg)
+        assert qt.stored.name == want and torch.equal(qt.dequantize(), res.w_hat)
+        assert _same_bits(qt.dequantize(), _ref_decode(want, qt.gguf_blocks()[1]))

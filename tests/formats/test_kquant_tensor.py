@@ -10,10 +10,12 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
 from conftest import sqnr
+from moequant.codecs.config import GgufConfig, UniformConfig
 from moequant.codecs.kquant import TYPES
-from moequant.codecs.kquant_config import GgufConfig
 from moequant.formats.base import check_data
-from moequant.formats.kquant import GGUF_CLASSES, GgufQ4KTensor, GgufTensor, gguf_class_for
+from moequant.formats.kquant import GGUF_CLASSES, GgufQ4KTensor, GgufTensor
+from moequant.formats.methods import METHODS
+from moequant.formats.registry import FORMATS, encode, from_state_dict, tensor_class_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,8 +37,9 @@ def _gguf_decode(qt: GgufTensor) -> np.ndarray:
 def test_encode_is_gguf_bit_exact(qtype, shape) -> None:
     cfg = GgufConfig(qtype=qtype)
     w = _w(*shape)
-    qt = GgufTensor.encode(w, cfg)
-    assert type(qt) is GGUF_CLASSES[qtype] is gguf_class_for(cfg) and qt.attrs == {"qtype": qtype}
+    qt = encode(w, cfg)
+    assert type(qt) is GGUF_CLASSES[qtype] is tensor_class_for(cfg) and qt.attrs == {"qtype": qtype}
+    assert qt.stored is TYPES[qtype]
     type_id, blocks = qt.gguf_blocks()
     assert type_id == int(GGMLQuantizationType[qtype.upper()])
     assert blocks.dtype == torch.uint8 and blocks.shape == (*shape[:-1], shape[-1] // TYPES[qtype].block
@@ -49,33 +52,34 @@ def test_encode_is_gguf_bit_exact(qtype, shape) -> None:
     assert sqnr(w, deq) > 5.5 * min(TYPES[qtype].bits, 12) - 2  # a faithful reconstruction, not just bytes
 
 
-@pytest.mark.parametrize("qtype", GgufConfig.QTYPES)
-def test_state_dict_and_byte_round_trip(qtype) -> None:
-    qt = GgufTensor.encode(_w(2, 3, 512, seed=1), GgufConfig(qtype=qtype))
+@pytest.mark.parametrize("qtype,k", [(q, 512) for q in GgufConfig.QTYPES] + [("q4_k", 96), ("q6_k", 40)])
+def test_state_dict_and_byte_round_trip(qtype, k) -> None:
+    qt = encode(_w(2, 3, k, seed=1), GgufConfig(qtype=qtype))
     sd = qt.to_state_dict("blk.experts")
     assert set(sd) == {"blk.experts_blocks"}
     meta = qt.meta()
-    assert meta == {"format": f"gguf-{qtype}", "format_version": 1, "shape": [2, 3, 512], "qtype": qtype}
+    assert meta == {"format": f"gguf-{qtype}", "format_version": 1, "shape": [2, 3, k], "qtype": qtype}
     cls = GGUF_CLASSES[qtype]
-    assert cls.check_meta(meta) == ((2, 3, 512), {"qtype": qtype})
-    back = cls.from_state_dict({k: v.clone() for k, v in sd.items()}, "blk.experts", meta)
-    assert torch.equal(back.gguf_blocks()[1], qt.gguf_blocks()[1])
+    assert FORMATS.get(meta["format"]) is cls and cls.check_meta(meta) == ((2, 3, k), {"qtype": qtype})
+    back = from_state_dict({n: v.clone() for n, v in sd.items()}, "blk.experts", meta)
+    assert type(back) is cls and torch.equal(back.gguf_blocks()[1], qt.gguf_blocks()[1])
     assert torch.equal(back.dequantize(), qt.dequantize())
     # bytes written by anyone -> our class -> the same bytes, and gguf-py's decode of them
     raw = torch.randint(0, 256, qt.data["blocks"].shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
-    if qtype == "f16":
-        raw = raw & 0x3B  # finite halves only: gguf-py's F16 decode is a plain cast
-    theirs = cls((2, 3, 512), {"blocks": raw.clone()}, {"qtype": qtype})
+    if qt.stored.name == "f16":
+        raw[..., 1::2] &= 0x3B  # finite halves only: gguf-py's F16 decode is a plain cast
+    theirs = cls((2, 3, k), {"blocks": raw.clone()}, {"qtype": qtype})
+    theirs.check_data()
     assert torch.equal(theirs.gguf_blocks()[1], raw)
     with np.errstate(invalid="ignore", over="ignore"):
-        ref = gq.dequantize(raw.numpy(), GGMLQuantizationType[qtype.upper()])
+        ref = gq.dequantize(raw.numpy(), GGMLQuantizationType(theirs.gguf_blocks()[0]))
     got = theirs.dequantize().numpy()
     assert np.array_equal(np.isnan(got), np.isnan(ref))
     assert np.array_equal(got.view(np.int32)[~np.isnan(ref)], ref.view(np.int32)[~np.isnan(ref)])
 
 
 def test_select_expert() -> None:
-    qt = GgufTensor.encode(_w(3, 4, 256, seed=3), GgufConfig(qtype="q3_k"))
+    qt = encode(_w(3, 4, 256, seed=3), GgufConfig(qtype="q3_k"))
     for e in range(3):
         one = qt.select(e)
         assert type(one) is type(qt) and one.shape == (4, 256)
@@ -86,10 +90,13 @@ def test_select_expert() -> None:
                                           ("q5_k", 96, "q5_1"), ("q6_k", 160, "q8_0"), ("q4_k", 40, "f16"),
                                           ("q4_0", 48, "f16")])
 def test_fallback_types(qtype, k, want) -> None:
+    """The class asked for keeps its name and attributes; its bytes are llama.cpp's fallback type's."""
     cfg = GgufConfig(qtype=qtype)
-    qt = GgufQ4KTensor.encode(_w(3, k, seed=4), cfg)  # any class's encode goes by the config and the width
-    assert type(qt) is GGUF_CLASSES[want] and qt.attrs["qtype"] == want
-    assert qt.bits_per_weight() == BPW[want] == GgufTensor.expected_bits_per_weight((3, k), cfg)
+    qt = encode(_w(3, k, seed=4), cfg)
+    assert type(qt) is GGUF_CLASSES[qtype] and qt.attrs == {"qtype": qtype} and qt.stored.name == want
+    assert qt.gguf_blocks()[0] == int(GGMLQuantizationType[want.upper()])
+    assert qt.bits_per_weight() == BPW[want] == type(qt).expected_bits_per_weight((3, k), cfg)
+    qt.check_data()
     assert np.array_equal(qt.dequantize().numpy(), _gguf_decode(qt))
 
 
@@ -99,31 +106,41 @@ def test_hessian_weights_the_search() -> None:
     x = _w(512, 256, seed=6) * torch.exp(_w(256, seed=7))
     h = x.T @ x / 512
     cfg = GgufConfig(qtype="q4_k")
-    full = GgufTensor.encode(w, cfg, hessian=h)
-    diag = GgufTensor.encode(w, cfg, hessian=torch.diagonal(h))
-    plain = GgufTensor.encode(w, cfg)
+    full = encode(w, cfg, hessian=h)
+    diag = encode(w, cfg, hessian=torch.diagonal(h))
+    plain = encode(w, cfg)
     assert torch.equal(full.gguf_blocks()[1], diag.gguf_blocks()[1])
     assert not torch.equal(full.gguf_blocks()[1], plain.gguf_blocks()[1])
 
 
 def test_errors() -> None:
     raw = torch.zeros(2, 144, dtype=torch.uint8)
-    with pytest.raises(ValueError, match="stores q4_k"):
+    with pytest.raises(ValueError, match="holds q4_k"):
         GgufQ4KTensor((2, 256), {"blocks": raw}, {"qtype": "q6_k"})
-    with pytest.raises(ValueError, match="multiple of 256"):
-        GgufQ4KTensor.data_spec((2, 96), {"qtype": "q4_k"})
+    with pytest.raises(ValueError, match="holds q4_k"):
+        GgufQ4KTensor.encode(_w(2, 256), GgufConfig(qtype="q2_k"))
     with pytest.raises(ValueError, match="blocks"):
         check_data(GgufQ4KTensor, (2, 512), {"qtype": "q4_k"}, {"blocks": ((2, 144), torch.uint8)})
     with pytest.raises(ValueError, match="not supported"):
         GgufQ4KTensor.check_meta({"format": "gguf-q4_k", "shape": [2, 256], "qtype": "q7_k"})
     with pytest.raises(ValueError, match="not supported"):
         GgufConfig(qtype="Q4_K")
-    with pytest.raises(ValueError, match="search_steps"):
+    with pytest.raises(ValueError, match="search-steps"):
         GgufConfig(search_steps=0)
     with pytest.raises(TypeError, match="GgufConfig"):
-        from moequant.codecs.config import UniformConfig
-
-        GgufTensor.encode(_w(2, 256), UniformConfig())
+        GgufQ4KTensor.encode(_w(2, 256), UniformConfig())
     assert GgufConfig(qtype="q2_k").to_dict() == {"type": "GgufConfig", "version": 1, "qtype": "q2_k",
                                                   "search_steps": 8}
     assert GgufConfig(qtype="q2_k").short_name == "gguf-q2_k"
+
+
+def test_registered_methods() -> None:
+    """``--method q4_k`` etc.: each type is one method whose config, class and column quantizer agree."""
+    for qtype in GgufConfig.QTYPES:
+        m = METHODS.get(qtype)
+        cfg = m.from_flags(lambda name, default: {"gguf_search_steps": 4}.get(name, default))
+        assert cfg == GgufConfig(qtype=qtype, search_steps=4) and METHODS.find(cfg) is m
+        assert m.formats == (GGUF_CLASSES[qtype],) and FORMATS.get(f"gguf-{qtype}") is GGUF_CLASSES[qtype]
+        with pytest.raises(ValueError, match="--bits 7 does not apply"):
+            m.from_flags(lambda name, default: 7 if name == "bits" else default)
+    assert METHODS.get("q4_k").from_flags(lambda name, default: 4 if name == "bits" else default).qtype == "q4_k"

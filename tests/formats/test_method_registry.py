@@ -15,7 +15,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # flag values that reach every packed class of every built-in method (trellis at L=10 to keep Viterbi fast)
 VARIANTS = {"int": [{}, {"sym": True}], "nf4": [{}, {"double_quant": True}], "fp4": [{}, {"double_quant": True}],
-            "trellis": [{"trellis_l": 10}]}
+            "trellis": [{"trellis_l": 10}],
+            **{q: [{}] for q in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_0", "q5_0", "q5_1", "q8_0", "iq4_nl")}}
 
 
 def _config(m: Method, flags: dict) -> MethodConfig:
@@ -33,7 +34,8 @@ def _drive(q, w: torch.Tensor) -> torch.Tensor:
 
 
 def test_every_method_has_variants():
-    assert set(VARIANTS) == set(METHODS.names()) == {"int", "nf4", "fp4", "trellis"}
+    assert set(VARIANTS) == set(METHODS.names()) == {"int", "nf4", "fp4", "trellis", "q2_k", "q3_k", "q4_k", "q5_k",
+                                                     "q6_k", "q4_0", "q5_0", "q5_1", "q8_0", "iq4_nl"}
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -72,7 +74,8 @@ def test_duplicate_registration_raises():
 
 
 def test_unknown_method_lists_the_known_ones(capsys):
-    with pytest.raises(KeyError, match=r"unknown method 'q9_z' \(known: fp4, int, nf4, trellis\)"):
+    known = "fp4, int, iq4_nl, nf4, q2_k, q3_k, q4_0, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0, trellis"
+    with pytest.raises(KeyError, match=rf"unknown method 'q9_z' \(known: {known}\)"):
         METHODS.get("q9_z")
     with pytest.raises(SystemExit):
         main(["quantize", "x/y", "--method", "q9_z", "--out", "o"])

@@ -141,10 +141,40 @@ class TrellisConfig(MethodConfig):
         return f"trellis{self.bits}-{self.code}-L{self.L}"
 
 
+@dataclass(frozen=True)
+class GgufConfig(MethodConfig):
+    """One of llama.cpp's GGUF block types (``codecs.kquant``), rounded by our weighted block-parameter
+    search (and LDLQ when calibrated) straight onto its grid, stored as the exact GGUF bytes.
+
+    qtype: ``q2_k``, ``q3_k``, ``q4_k``, ``q5_k``, ``q6_k`` (super-blocks of 256 along a row) or ``q4_0``,
+    ``q5_0``, ``q5_1``, ``q8_0``, ``iq4_nl`` (blocks of 32). A row whose width the type's block does not
+    divide is stored in llama.cpp's fallback type (``codecs.kquant.stored_type``). (The field is
+    ``qtype``: ``to_dict`` writes the class name under ``type``.)
+    search_steps: candidate scales tried per sub-block fit and per super-block scale grid.
+    """
+
+    qtype: str = "q4_k"
+    search_steps: int = 8
+
+    QTYPES: ClassVar[tuple[str, ...]] = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_0", "q5_0", "q5_1", "q8_0",
+                                         "iq4_nl")
+
+    def validate(self) -> None:
+        if self.qtype not in self.QTYPES:
+            raise ValueError(f"GGUF type {self.qtype!r} is not supported (choose from {', '.join(self.QTYPES)})")
+        if not 1 <= self.search_steps <= 64:
+            raise ValueError(f"--gguf-search-steps must be in 1..64, got {self.search_steps}")
+
+    @property
+    def short_name(self) -> str:
+        return f"gguf-{self.qtype}"
+
+
 CONFIG_TYPES: dict[str, type[MethodConfig]] = {
     "UniformConfig": UniformConfig,
     "LutConfig": LutConfig,
     "TrellisConfig": TrellisConfig,
+    "GgufConfig": GgufConfig,
 }
 
 

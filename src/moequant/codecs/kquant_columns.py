@@ -14,7 +14,7 @@ import torch
 
 from moequant.codecs.columns import ColumnQuantizer
 from moequant.codecs.kquant import BlockParams, choose_params, effective, grid_decode, grid_round, stored_type
-from moequant.codecs.kquant_config import GgufConfig
+from moequant.codecs.config import GgufConfig
 
 
 class GgufColumns(ColumnQuantizer):

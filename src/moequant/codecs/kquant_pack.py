@@ -53,7 +53,7 @@ def _bits_in(u: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _bits_out(b: torch.Tensor, n: int, width: int) -> torch.Tensor:
-    """bytes int32 ``[..., L]`` -> ``[..., n, L]``: the inverse of ``_bits_in``."""
+    """bytes ``[..., L]`` (uint8 or int32) -> ``[..., n, L]``: the inverse of ``_bits_in``."""
     mask = (1 << width) - 1
     return torch.stack([(b >> (width * j)) & mask for j in range(n)], dim=-2)
 
@@ -64,7 +64,7 @@ def _fp16_in(v: torch.Tensor) -> torch.Tensor:
 
 
 def _fp16_out(b: torch.Tensor) -> torch.Tensor:
-    """int32 bytes ``[..., B, 2]`` -> float16 ``[..., B]``."""
+    """bytes ``[..., B, 2]`` -> float16 ``[..., B]``."""
     return b.to(torch.uint8).contiguous().view(torch.float16).squeeze(-1)
 
 
@@ -166,7 +166,7 @@ def unpack_blocks(t: GgmlType, raw: torch.Tensor) -> tuple[torch.Tensor, BlockPa
     if nbytes % t.block_bytes:
         raise ValueError(f"{t.name}: {nbytes} bytes per row is not a whole number of {t.block_bytes}-byte blocks")
     nb = nbytes // t.block_bytes
-    blk = raw.reshape(*lead, n, nb, t.block_bytes).to(torch.int32)
+    blk = raw.reshape(*lead, n, nb, t.block_bytes).to(torch.uint8)  # every field fits in 8 bits until widened
     f: dict[str, torch.Tensor] = {}
     at = 0
     for field, size in _FIELDS[t.name]:
@@ -181,7 +181,7 @@ def unpack_blocks(t: GgmlType, raw: torch.Tensor) -> tuple[torch.Tensor, BlockPa
         scales, mins = f["scales"] & 15, f["scales"] >> 4
     elif name == "q3_k":
         u = _crumbs_out(f["qs"]) | (_plane_out(f["hmask"]) << 2)
-        scales = _scales_q3_out(f["scales"]) - 32
+        scales = _scales_q3_out(f["scales"]).to(torch.int16) - 32
     elif name in ("q4_k", "q5_k"):
         scales, mins = _scales_k4_out(f["scales"])
         u = _nibbles_out(f["qs"], 32)
@@ -189,7 +189,7 @@ def unpack_blocks(t: GgmlType, raw: torch.Tensor) -> tuple[torch.Tensor, BlockPa
             u = u | (_plane_out(f["qh"]) << 4)
     elif name == "q6_k":
         u = _nibbles_out(f["ql"], 64) | (_crumbs_out(f["qh"]) << 4)
-        scales = f["scales"] - ((f["scales"] & 0x80) << 1)  # int8
+        scales = f["scales"].contiguous().view(torch.int8)
     elif name in ("q4_0", "iq4_nl", "q5_0", "q5_1"):
         u = _nibbles_out(f["qs"], 16)
         if name in ("q5_0", "q5_1"):

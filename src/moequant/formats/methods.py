@@ -35,8 +35,11 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from moequant.codecs.columns import ColumnQuantizer, lut_columns, trellis_columns, uniform_columns
-from moequant.codecs.config import CONFIG_TYPES, LutConfig, MethodConfig, TrellisConfig, UniformConfig
+from moequant.codecs.config import CONFIG_TYPES, GgufConfig, LutConfig, MethodConfig, TrellisConfig, UniformConfig
+from moequant.codecs.kquant import TYPES as GGML_TYPES
+from moequant.codecs.kquant_columns import gguf_columns
 from moequant.formats.base import QuantizedTensor
+from moequant.formats.kquant import GGUF_CLASSES
 from moequant.formats.lut import LutDqTensor, LutTensor
 from moequant.formats.trellis import TrellisTensor
 from moequant.formats.uniform import UniformAsymTensor, UniformTensor
@@ -187,7 +190,28 @@ TRELLIS = Method(
                                          tail_biting=not get("no_tail_biting", False)))
 
 
-ALL_METHODS: tuple[Method, ...] = (INT, NF4, FP4, TRELLIS)
+_GGUF_FLAGS = (
+    Flag("gguf_search_steps", "q2_k ... iq4_nl: candidate scales per block-parameter search (default 8)", type=int),
+)
+
+
+def _gguf_method(qtype: str) -> Method:
+    """``--method q4_k`` etc.: one of llama.cpp's GGUF block types (``formats.kquant``)."""
+    bits = GGML_TYPES[qtype].bits
+
+    def from_flags(get: FlagGetter) -> GgufConfig:
+        given = get("bits", None)
+        if given is not None and given != bits:
+            raise ValueError(f"--method {qtype} stores {bits}-bit codes; --bits {given} does not apply")
+        return GgufConfig(qtype=qtype, search_steps=get("gguf_search_steps", 8))
+
+    return Method(name=qtype, config_type=GgufConfig, select={"qtype": qtype}, formats=(GGUF_CLASSES[qtype],),
+                  columns=gguf_columns, flags=_GGUF_FLAGS, from_flags=from_flags)
+
+
+GGUF_METHODS: tuple[Method, ...] = tuple(_gguf_method(q) for q in GgufConfig.QTYPES)
+
+ALL_METHODS: tuple[Method, ...] = (INT, NF4, FP4, TRELLIS, *GGUF_METHODS)
 METHODS = MethodRegistry(ALL_METHODS)
 
 
