@@ -349,7 +349,7 @@ def export(cfg: CtExportConfig, command: str = "") -> dict[str, Any]:
     _warn_kernel_limits(planned, layout)
     kept = kept_tensors(reader, qcfg, planned, adapter, model_cfg)
     summary: dict[str, Any] = {"producer": PRODUCER, "command": command or f"{PRODUCER} {run} --out {out}",
-                               "moequant_version": __version__, "source": str(run), "ct_version": cfg.ct_version,
+                               "moequant_version": __version__, "source": str(run.absolute()), "ct_version": cfg.ct_version,
                                "layout": layout.value, "dtype": dtype_name}
     with AtomicDir(out, cfg.overwrite, what="--out", is_ours=_replaceable, kind=_KIND) as tmp:
         writer = StreamingWriter(tmp)
@@ -481,5 +481,5 @@ def cmd_export_ct(args: argparse.Namespace) -> int:
     print(f"{r['out']}: {r['quantized_tensors']} quantized tensors as {r['linears']} pack-quantized linears "
           f"({r['config_groups']} config group{'s' if r['config_groups'] > 1 else ''}, {r['dtype']} scales, "
           f"{r['bits_per_weight']:.3f} bits/weight), compressed-tensors {r['ct_version']} layout ({r['layout']}), "
-          f"{len(r['ignore'])} modules ignored, {r['bytes'] / 2**20:.1f} MiB")
+          f"{len(r['ignore'])} ignored module{'s' if len(r['ignore']) != 1 else ''}, {r['bytes'] / 2**20:.1f} MiB")
     return 0
