@@ -144,3 +144,31 @@ def test_registered_methods() -> None:
         with pytest.raises(ValueError, match="--bits 7 does not apply"):
             m.from_flags(lambda name, default: 7 if name == "bits" else default)
     assert METHODS.get("q4_k").from_flags(lambda name, default: 4 if name == "bits" else default).qtype == "q4_k"
+
+
+def test_quantize_cli_end_to_end(capsys, tmp_path) -> None:
+    """``moequant quantize --method q4_k`` with LDLQ on a tiny OLMoE (rows of 64: every tensor holds llama.cpp's
+    Q5_0 fallback), then ``--method q2_k`` round to nearest (IQ4_NL): the checkpoint loads, every packed
+    tensor (fused experts included) decodes exactly as gguf-py decodes its blocks, and LDLQ's proxy is
+    reported."""
+    import json
+
+    from conftest import save_toy_olmoe
+    from moequant.api import load, packed_modules
+    from moequant.cli import main
+
+    d, text = save_toy_olmoe(tmp_path, "tok_model", 2000)
+    for method, solver, stored in (("q4_k", "ldlq", "q5_0"), ("q2_k", "rtn", "iq4_nl")):
+        out = tmp_path / method
+        rc = main(["-q", "quantize", str(d), "--method", method, "--solver", solver, "--incoherence", "none",
+                   "--calib", str(text), "--calib-samples", "4", "--calib-seqlen", "32", "--out", str(out)])
+        assert rc == 0, capsys.readouterr().err
+        rep = json.loads((out / "report.json").read_text())
+        assert rep["solver"]["solver"] == solver and len(rep["quantized_tensors"]) == 12
+        if solver == "ldlq":
+            assert all(0 < t["proxy"] < 0.05 for t in rep["quantized_tensors"] if t["kind"] != "experts")
+        packed = packed_modules(load(out))
+        assert len(packed) == 12 and any(len(qt.shape) == 3 for qt in packed.values())
+        for qt in packed.values():
+            assert type(qt) is GGUF_CLASSES[method] and qt.stored.name == stored
+            assert np.array_equal(qt.dequantize().numpy(), _gguf_decode(qt))
