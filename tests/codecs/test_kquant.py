@@ -166,9 +166,10 @@ def test_importance_lowers_weighted_error(name) -> None:
 
 
 def test_fallback_types() -> None:
-    """llama.cpp's fallback (llama-quant.cpp) for widths that are not a multiple of 256, F16 below 32."""
+    """llama.cpp's fallback (llama-quant.cpp's tensor_type_fallback, llama-cpp-python 0.3.36) for widths that
+    are not a multiple of 256; F16 when 32 does not divide them either."""
     assert {n: kq.stored_type(n, 896).name for n in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")} == {
-        "q2_k": "iq4_nl", "q3_k": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+        "q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
     assert kq.stored_type("q4_k", 1536).name == "q4_k"
     assert kq.stored_type("q4_k", 40).name == "f16" and kq.stored_type("q8_0", 40).name == "f16"
     assert kq.stored_type("q8_0", 96).name == "q8_0"

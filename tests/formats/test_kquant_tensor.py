@@ -86,7 +86,7 @@ def test_select_expert() -> None:
         assert torch.equal(one.dequantize(), qt.dequantize()[e])
 
 
-@pytest.mark.parametrize("qtype,k,want", [("q4_k", 896, "q5_0"), ("q2_k", 896, "iq4_nl"), ("q3_k", 320, "iq4_nl"),
+@pytest.mark.parametrize("qtype,k,want", [("q4_k", 896, "q5_0"), ("q2_k", 896, "q4_0"), ("q3_k", 320, "q4_0"),
                                           ("q5_k", 96, "q5_1"), ("q6_k", 160, "q8_0"), ("q4_k", 40, "f16"),
                                           ("q4_0", 48, "f16")])
 def test_fallback_types(qtype, k, want) -> None:
@@ -148,7 +148,7 @@ def test_registered_methods() -> None:
 
 def test_quantize_cli_end_to_end(capsys, tmp_path) -> None:
     """``moequant quantize --method q4_k`` with LDLQ on a tiny OLMoE (rows of 64: every tensor holds llama.cpp's
-    Q5_0 fallback), then ``--method q2_k`` round to nearest (IQ4_NL): the checkpoint loads, every packed
+    Q5_0 fallback), then ``--method q2_k`` round to nearest (Q4_0): the checkpoint loads, every packed
     tensor (fused experts included) decodes exactly as gguf-py decodes its blocks, and LDLQ's proxy is
     reported."""
     import json
@@ -158,7 +158,7 @@ def test_quantize_cli_end_to_end(capsys, tmp_path) -> None:
     from moequant.cli import main
 
     d, text = save_toy_olmoe(tmp_path, "tok_model", 2000)
-    for method, solver, stored in (("q4_k", "ldlq", "q5_0"), ("q2_k", "rtn", "iq4_nl")):
+    for method, solver, stored in (("q4_k", "ldlq", "q5_0"), ("q2_k", "rtn", "q4_0")):
         out = tmp_path / method
         rc = main(["-q", "quantize", str(d), "--method", method, "--solver", solver, "--incoherence", "none",
                    "--calib", str(text), "--calib-samples", "4", "--calib-seqlen", "32", "--out", str(out)])

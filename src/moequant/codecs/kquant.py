@@ -1,6 +1,6 @@
-"""llama.cpp's GGUF block formats as codecs: the k-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) and the 32-wide
-types llama.cpp falls back to for rows whose width is not a multiple of 256 (Q4_0, Q5_0, Q5_1, Q8_0,
-IQ4_NL; F16 when the width is not even a multiple of 32).
+"""llama.cpp's GGUF block formats as codecs: the k-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), the 32-wide
+types llama.cpp falls back to for rows whose width is not a multiple of 256 (Q4_0, Q5_0, Q5_1, Q8_0; F16
+when the width is not even a multiple of 32) and IQ4_NL (a 32-wide 4-bit table type).
 
 Blocks run along a row (the input dim ``K``). A k-quant *super-block* of 256 weights is cut into
 sub-blocks of 16 or 32 that each have an integer scale (and, for Q2_K/Q4_K/Q5_K, an integer min) on a
@@ -111,9 +111,10 @@ TYPES: dict[str, GgmlType] = {t.name: t for t in (
     GgmlType("f16", 1, 1, 2, 1, 16, "float"),
 )}
 
-# llama.cpp's fallback (llama-quant.cpp) for a k-quant whose row width is not a multiple of 256; any
-# type whose block does not divide the width falls back to F16.
-FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+# llama.cpp's fallback for a k-quant whose row width is not a multiple of 256 (tensor_type_fallback in
+# llama-quant.cpp of the llama.cpp that llama-cpp-python 0.3.36 vendors; older llama.cpp sent Q2_K/Q3_K to
+# IQ4_NL); any type whose block does not divide the width falls back to F16.
+FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 
 def stored_type(name: str, k: int) -> GgmlType:

@@ -115,13 +115,13 @@ class GgufTensor(QuantizedTensor):
 
 
 class GgufQ2KTensor(GgufTensor):
-    """Q2_K: 2.625 bits per weight (IQ4_NL rows when 256 does not divide K)."""
+    """Q2_K: 2.625 bits per weight (Q4_0 rows when 256 does not divide K)."""
     format_id: ClassVar[str] = "gguf-q2_k"
     ggml: ClassVar[GgmlType] = TYPES["q2_k"]
 
 
 class GgufQ3KTensor(GgufTensor):
-    """Q3_K: 3.4375 bits per weight (IQ4_NL rows when 256 does not divide K)."""
+    """Q3_K: 3.4375 bits per weight (Q4_0 rows when 256 does not divide K)."""
     format_id: ClassVar[str] = "gguf-q3_k"
     ggml: ClassVar[GgmlType] = TYPES["q3_k"]
 
