@@ -181,22 +181,23 @@ def grid_decode(t: GgmlType, u: torch.Tensor, s: torch.Tensor, m: torch.Tensor |
 
 def grid_round(t: GgmlType, x: torch.Tensor, s: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
     """x -> the codes uint8 of the nearest levels of the grid ``s``/``m`` (broadcasting against ``x``); where
-    ``s`` is 0 every code decodes alike and the zero level's code is written."""
-    x = x.to(torch.float32)
-    dead = s == 0
-    safe = torch.where(dead, torch.ones_like(s), s)
+    ``s`` is 0 every code decodes alike and the zero level's code (0 for types with a min) is written."""
+    y = x.to(torch.float32)
     lo, hi = t.code_range
     if t.kind == "sym":
-        u = torch.round(x / safe).clamp_(lo - t.offset, hi - t.offset) + t.offset
-        u = torch.where(dead, torch.full_like(u, t.offset), u)
+        u = torch.round(y / _nz(s)).clamp_(lo - t.offset, hi - t.offset).add_(t.offset)
     elif t.kind in ("min", "affine"):
-        u = torch.round((x + m if t.kind == "min" else x - m) / safe).clamp_(lo, hi)
-        u = torch.where(dead, torch.zeros_like(u), u)
+        u = torch.round((y + m if t.kind == "min" else y - m) / _nz(s)).clamp_(lo, hi)
     elif t.kind == "lut":
-        u = _nearest_lut(x / safe)
+        u = _nearest_lut(y / _nz(s))
     else:
         raise ValueError(f"{t.name} has no codes")
     return u.to(torch.uint8)
+
+
+def _nz(s: torch.Tensor) -> torch.Tensor:
+    """``s`` with zeros made infinite: dividing a finite weight by it gives 0, the zero level."""
+    return torch.where(s == 0, torch.full_like(s, float("inf")), s)
 
 
 def decode(t: GgmlType, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
@@ -293,10 +294,9 @@ def _choose_blocks(t: GgmlType, x: torch.Tensor, a: torch.Tensor, steps: int) ->
 def _codes_for(x: torch.Tensor, s: torch.Tensor, m: torch.Tensor | None, t: GgmlType) -> torch.Tensor:
     """Signed levels (sym) or codes (min) of ``x [M, S, sub]`` under real-valued ``s``, ``m`` ``[M, S]``."""
     lo, hi = t.code_range
-    safe = torch.where(s == 0, torch.ones_like(s), s).unsqueeze(-1)
     if m is None:
-        return torch.round(x / safe).clamp_(lo - t.offset, hi - t.offset)
-    return torch.round((x + m.unsqueeze(-1)) / safe).clamp_(lo, hi)
+        return torch.round(x / _nz(s).unsqueeze(-1)).clamp_(lo - t.offset, hi - t.offset)
+    return _round_affine(x, s, m, hi)
 
 
 def _to_fp16(v: torch.Tensor, t: GgmlType) -> torch.Tensor:
@@ -354,9 +354,8 @@ def fit_affine(x: torch.Tensor, a: torch.Tensor, qmax: int, steps: int, nonneg_m
 
 
 def _round_affine(x: torch.Tensor, s: torch.Tensor, m: torch.Tensor, qmax: int) -> torch.Tensor:
-    safe = torch.where(s == 0, torch.ones_like(s), s).unsqueeze(-1)
-    u = torch.round((x + m.unsqueeze(-1)) / safe).clamp_(0, qmax)
-    return torch.where((s == 0).unsqueeze(-1), torch.zeros_like(u), u)
+    """Codes in ``[0, qmax]`` of ``x [M, S, sub]`` for ``x ≈ s*u - m`` (``s``, ``m`` ``[M, S]``; 0 where ``s`` is 0)."""
+    return torch.round((x + m.unsqueeze(-1)).div_(_nz(s).unsqueeze(-1))).clamp_(0, qmax)
 
 
 def _affine_err(x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, m: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -411,14 +410,11 @@ def fit_symmetric(x: torch.Tensor, a: torch.Tensor, levels: tuple[float, float] 
 
 
 def _sym_levels(x: torch.Tensor, s: torch.Tensor, levels: tuple[float, float] | None) -> torch.Tensor:
-    """The level values ``q`` nearest ``x / s`` (0 where ``s`` is 0)."""
-    dead = (s == 0).unsqueeze(-1)
-    y = x / torch.where(s == 0, torch.ones_like(s), s).unsqueeze(-1)
+    """The level values ``q`` nearest ``x / s`` (where ``s`` is 0: the level nearest 0, which ``s`` zeroes)."""
+    y = x / _nz(s).unsqueeze(-1)
     if levels is None:
-        q = _lut(x.device)[_nearest_lut(y)]
-    else:
-        q = torch.round(y).clamp_(levels[0], levels[1])
-    return torch.where(dead, torch.zeros_like(q), q)
+        return _lut(x.device)[_nearest_lut(y)]
+    return torch.round(y).clamp_(levels[0], levels[1])
 
 
 def quantize_scales(s: torch.Tensor, cost: torch.Tensor, lo: int, hi: int, steps: int
