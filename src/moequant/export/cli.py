@@ -9,7 +9,7 @@ import argparse
 import importlib
 
 # module (under moequant.export) -> defines add_parser(subparsers)
-TARGETS: tuple[str, ...] = ("compressed_tensors",)
+TARGETS: tuple[str, ...] = ("compressed_tensors", "gguf")
 
 
 def add_export_parser(sub: argparse._SubParsersAction) -> None:

@@ -116,6 +116,17 @@ class QuantizedTensor(ABC):
         except (TypeError, ValueError) as e:
             raise ValueError(f"attributes {given}: {e}") from None
 
+    def gguf_blocks(self) -> tuple[int, torch.Tensor]:
+        """This tensor as ggml blocks, repacked without rounding: (ggml type id, uint8 ``[*lead, N,
+        row_bytes]``, each row the blocks of one output row in llama.cpp's byte layout), such that
+        ``gguf.quants.dequantize`` gives exactly ``dequantize()``. Formats with a GGUF equivalent
+        override it; the default refuses, naming the format and what would export."""
+        from moequant.errors import MoequantError
+
+        raise MoequantError(f"{self.format_id} ({self.attrs}) has no GGUF equivalent: quantize with a GGUF-native "
+                            f"method (--method q4_k / q3_k / q2_k / q4_0 ..., or --method int --sym --group-size 32 "
+                            f"at 4, 5 or 8 bits), or export the float model with --types q8_0")
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x [..., K] -> x Ŵᵀ + b [..., N]`` for a 2-D tensor (reference path: decode, then matmul).
         Formats that can do better (rotate activations, fused kernels) override it."""

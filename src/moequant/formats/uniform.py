@@ -169,6 +169,44 @@ class UniformTensor(_UniformBase):
             raise ValueError(f"{prefix}: unknown symmetric grid {meta['grid']!r}")
         return super().from_state_dict(tensors, prefix, meta)
 
+    def gguf_blocks(self) -> tuple[int, torch.Tensor]:
+        """The midtread grid ``(q - 2^(b-1)) * s`` in groups of 32 with scales exact in float16 is ggml's
+        Q4_0 / Q5_0 / Q8_0 at 4 / 5 / 8 bits: block = fp16 ``d`` then the codes (Q4_0: byte j holds
+        ``q[j] | q[j+16] << 4``; Q5_0: a uint32 of the 32 fifth bits, then those nibbles; Q8_0: int8
+        ``q - 128``); little-endian. -> (type id, uint8 ``[..., N, K/32 * block_bytes]``)."""
+        from gguf import GGMLQuantizationType as T
+
+        from moequant.errors import MoequantError
+
+        bits, k = self.attrs["bits"], self.shape[-1]
+        qtype = {4: T.Q4_0, 5: T.Q5_0, 8: T.Q8_0}.get(bits)
+        why = ("its grid is midrise (format v1), not llama.cpp's midtread" if self.attrs["grid"] != "midtread"
+               else f"{bits}-bit codes (ggml's symmetric grids are 4, 5 and 8 bits)" if qtype is None
+               else f"group size {self.attrs['group_size']} over rows of {k} (ggml blocks are 32 wide)"
+               if k % 32 or resolve_group_size(k, self.attrs["group_size"]) != 32 else None)
+        scale = self.data["scale"]  # [..., N, K/32]
+        d = scale.to(torch.float16)
+        if why is None and not torch.equal(d.to(scale.dtype), scale):
+            why = f"{self.attrs['scale_dtype']} scales that float16 cannot hold exactly"
+        if why is not None:
+            raise MoequantError(f"{self.format_id} {bits}-bit symmetric tensor {list(self.shape)}: {why}; quantize "
+                                f"with a GGUF-native method (--method q4_0 / q5_0 / q8_0 / q4_k ...) or --sym "
+                                f"--group-size 32 at 4, 5 or 8 bits, or export the float model with --types q8_0")
+        *lead, n, _ = self.shape
+        q = unpack(self.data["codes"], bits, k).reshape(*lead, n, k // 32, 32)  # [..., N, B, 32] in 0..2^b-1
+        d_bytes = d.contiguous().view(torch.uint8).reshape(*lead, n, k // 32, 2)  # [..., N, B, 2]
+        if bits == 8:
+            body = (q.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)  # [..., N, B, 32]
+        else:
+            low = q & 15
+            body = low[..., :16] | (low[..., 16:] << 4)  # [..., N, B, 16]
+            if bits == 5:
+                high = ((q >> 4) & 1).to(torch.int64) << torch.arange(32)  # [..., N, B, 32]
+                qh = high.sum(-1, keepdim=True) >> torch.arange(0, 32, 8)  # [..., N, B, 4] little-endian
+                body = torch.cat([(qh & 255).to(torch.uint8), body], dim=-1)
+        blocks = torch.cat([d_bytes, body], dim=-1)  # [..., N, B, block_bytes]
+        return int(qtype), blocks.reshape(*lead, n, -1)
+
 
 class UniformAsymTensor(_UniformBase):
     """Asymmetric int-k: packed ``codes`` + ``scale`` + packed integer ``zero`` (see the module docstring)."""
