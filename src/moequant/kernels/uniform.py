@@ -30,8 +30,11 @@ Implementations:
   every other call takes the fp32 kernel (switch unset: unchanged, bit for bit). Error: the int8 rounding of
   x, ~0.6% of ‖y‖ on Gaussian x (``tests/kernels/test_int4_q8.py``); an output does not depend on M or on the
   thread split. SmolLM2-135M int4 PPL on the first 4,096 PTB test tokens: 100.215 -> 100.437 (q8 on every row).
-A GPU kernel registers with ``uniform_linear.register_kernel("cuda")``; until then other devices run the
-reference. ``register_fake`` makes the op traceable by ``torch.compile``.
+- CUDA: the Triton kernel of ``kernels/triton_uniform.py`` (decode in registers, float32 accumulation;
+  registered with ``uniform_linear.register_kernel("cuda")``; the reference where Triton is missing). It is
+  checked against the reference under ``TRITON_INTERPRET=1`` on CPU tensors, and on a GPU when one is lent.
+  ``grouped_linear`` runs the routed experts of a 3-D uniform tensor on CUDA in one Triton launch.
+Other devices run the reference. ``register_fake`` makes the op traceable by ``torch.compile``.
 
 Entry point: ``linear(qt, x, bias)`` picks, per call: the reference (``not use_fast()``, a non-CPU
 device, autograd needing gradients, no extension), torch's int4pack kernel for 4-bit tensors where it
@@ -81,6 +84,7 @@ from moequant.formats.base import QuantizedTensor
 from moequant.formats.bitpack import unpack
 from moequant.kernels import cpp_build
 from moequant.kernels.select import EnvSwitch, use_fast
+from moequant.kernels.triton_load import triton_module
 
 EXT_NAME = "qgemv"
 EXT_SOURCES = ["qgemv.cpp"]
@@ -150,6 +154,34 @@ def _uniform_linear_cpu(x, codes, scale, zero, bias, bits, group_size, in_featur
     return reference(x, codes, scale, zero, bias, bits, group_size, in_features, grid) if y is None else y
 
 
+@uniform_linear.register_kernel("cuda")
+def _uniform_linear_cuda(x, codes, scale, zero, bias, bits, group_size, in_features, grid):
+    tri = triton_module("triton_uniform") if use_fast() else None
+    if tri is None:
+        return reference(x, codes, scale, zero, bias, bits, group_size, in_features, grid)
+    zc = 0.0 if zero is not None else zero_point(bits, grid)
+    return tri.linear(x, codes, scale, zero, bias, bits, group_size, in_features, zc)
+
+
+UNIFORM_FORMATS = frozenset(("uniform-packed", "uniform-asym-packed"))  # formats.uniform's two classes
+
+
+def grouped_linear(qt: QuantizedTensor, x: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor | None:
+    """``x [S, K]`` sorted by expert (``counts[e]`` rows each) times each expert of the 3-D uniform tensor
+    ``qt [E, N, K]`` -> ``[S, N]`` in one Triton launch on CUDA; ``None`` where that does not apply (other
+    devices, gradients needed, reference mode, no Triton): the caller loops over experts."""
+    if not (x.is_cuda and len(qt.shape) == 3 and use_fast()) or needs_grad(x, None):
+        return None
+    if qt.format_id not in UNIFORM_FORMATS:
+        return None
+    tri = triton_module("triton_uniform")
+    if tri is None:
+        return None
+    codes, scale, zero, bits, gs, k, grid = op_args(qt)
+    zc = 0.0 if zero is not None else zero_point(bits, grid)
+    return tri.grouped(x, counts, codes, scale, zero, bits, gs, k, zc)
+
+
 @uniform_linear.register_fake
 def _(x, codes, scale, zero, bias, bits, group_size, in_features, grid):
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
@@ -161,6 +193,12 @@ def op_args(qt: QuantizedTensor) -> tuple:
     bits = qt.attrs["bits"]
     return (qt.data["codes"], qt.data["scale"], qt.data.get("zero"), bits, resolve_group_size(k, qt.attrs["group_size"]),
             k, qt.attrs.get("grid", "midtread"))
+
+
+def op_args_with_bias(qt: QuantizedTensor, bias: torch.Tensor | None) -> tuple:
+    """``op_args`` with ``bias`` in its place in the op's schema (after ``zero``)."""
+    codes, scale, zero, bits, gs, k, grid = op_args(qt)
+    return codes, scale, zero, bias, bits, gs, k, grid
 
 
 def fast_applies(qt: QuantizedTensor, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -214,6 +252,8 @@ def linear(qt: QuantizedTensor, x: torch.Tensor, bias: torch.Tensor | None = Non
             return QuantizedTensor.linear(qt, x, bias)
         codes, scale, zero, bits, gs, k, grid = op_args(qt)
         return uniform_linear(x, codes, scale, zero, bias, bits, gs, k, grid)
+    if x.is_cuda and len(qt.shape) == 2 and not needs_grad(x, bias):  # the op's CUDA kernel (Triton)
+        return uniform_linear(x, *op_args_with_bias(qt, bias))
     # the checks of ``fast_applies``, split into the call's and the tensor's (cached with its kernel arguments)
     args = cached_args(qt, kernel_args) if fast_activations(x, bias) else None
     if args is not None and x.shape[-1] == args[5]:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moequant.formats.base import QuantizedTensor
+from moequant.kernels import uniform as uniform_kernels
 from moequant.nn.packed import buffers_token, buffers_unchanged, packed_tensor, register_packed
 
 ExpertLinear = Callable[[int, torch.Tensor], torch.Tensor]  # (expert e, x [n_e, K]) -> [n_e, N]
@@ -196,8 +197,17 @@ class QuantExperts(nn.Module):
 
     def _project(self, name: str, n_out: int) -> Callable[[torch.Tensor, ExpertRouting], torch.Tensor]:
         if self.is_packed(name):
-            return lambda x, r: looped_linear(x, r, lambda e, xe: self._expert_linear(name, e, xe), n_out)
+            return lambda x, r: self._packed_grouped(name, x, r, n_out)
         return lambda x, r: dense_grouped_linear(x, getattr(self, name), r)
+
+    def _packed_grouped(self, name: str, x: torch.Tensor, routing: ExpertRouting, n_out: int) -> torch.Tensor:
+        """Every routed expert's packed ``name`` on its rows of ``x [S, K]``: one grouped kernel call where the
+        format and device have one (uniform on CUDA), else one call per routed expert."""
+        if x.is_cuda:
+            y = uniform_kernels.grouped_linear(packed_tensor(self, name), x, routing.counts)
+            if y is not None:
+                return y
+        return looped_linear(x, routing, lambda e, xe: self._expert_linear(name, e, xe), n_out)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
