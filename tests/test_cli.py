@@ -5,6 +5,7 @@ import logging
 import math
 
 import pytest
+import torch
 
 from conftest import save_toy_olmoe, tiny_model
 from moequant.cli import main
@@ -124,6 +125,29 @@ def test_defaults_pick_the_best_known_recipe(capsys, caplog, tmp_path, tok_model
     assert rc == 0, err
     warned = [r.message for r in caplog.records if r.levelname == "WARNING" and "int2" in r.message]
     assert len(warned) == 1 and "--method trellis --bits 2" in warned[0]
+
+
+def test_gguf_method_defaults_to_ldlq_without_rotation(capsys, caplog, tmp_path, tok_model_dir):
+    # --method q4_k with no solver flag: LDLQ on the block grid, no Hadamard (GGUF cannot store it), so every
+    # packed tensor has GGUF blocks; q8_0 rounds to nearest
+    caplog.set_level(logging.INFO, logger="moequant")
+    d, text = tok_model_dir
+    rc, _, err = _run(capsys, "-q", "quantize", str(d), "--method", "q4_k", "--calib", str(text), "--calib-samples",
+                      "4", "--calib-seqlen", "32", "--out", str(tmp_path / "k4"))
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "k4" / "report.json").read_text())
+    assert rep["solver"]["solver"] == "ldlq" and rep["solver"]["incoherence"] == "none"
+    assert any("recipe: gguf-q4_k, LDLQ, calibrated" in r.message for r in caplog.records)
+    import moequant
+    from moequant.nn.packed import packed_names, packed_tensor
+
+    model = moequant.load(tmp_path / "k4")
+    packed = [packed_tensor(m, n) for m in model.modules() for n in packed_names(m)]
+    assert packed and all(qt.gguf_blocks()[1].dtype == torch.uint8 for qt in packed)
+    rc, _, err = _run(capsys, "-q", "quantize", str(d), "--method", "q8_0", "--out", str(tmp_path / "q8"))
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "q8" / "report.json").read_text())
+    assert rep["solver"]["solver"] == "rtn" and rep["solver"]["incoherence"] == "none"
 
 
 @pytest.fixture()

@@ -160,7 +160,7 @@ def _solver_and_calib(args: argparse.Namespace, recipe):
     name = args.solver
     if name == AUTO:
         name = "ldlq" if any(auto_solver(c) == "ldlq" for c in configs) else "rtn"
-    inc = auto_incoherence(name) if args.incoherence == AUTO else args.incoherence
+    inc = auto_incoherence(name, configs) if args.incoherence == AUTO else args.incoherence
     try:
         solver = SolverConfig(solver=name, damp=args.damp, act_order=args.act_order, incoherence=inc, seed=args.seed)
         calib = None

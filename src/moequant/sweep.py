@@ -70,7 +70,7 @@ def demo_configs(bits: tuple[int, ...], group_size: int = 128, solver: str = "au
     for b in bits:
         cfg = UniformConfig(bits=b, group_size=group_size, symmetric=False, clip_search=True)
         name = auto_solver(cfg) if solver == AUTO else solver
-        inc = auto_incoherence(name) if incoherence == AUTO else incoherence
+        inc = auto_incoherence(name, [cfg]) if incoherence == AUTO else incoherence
         sc = SolverConfig(solver=name, incoherence=inc)
         calib = CalibData(samples=calib_samples) if sc.needs_hessian else None
         label = describe(cfg, name, inc, None if calib is None else f"ptb train {calib.samples} x {calib.seqlen}")

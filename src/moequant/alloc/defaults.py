@@ -9,13 +9,18 @@ loses ×2.9 and the 2-bit trellis ×2.2.
 - solver ``auto``: LDLQ error feedback with calibration Hessians for int at 4 bits and fewer and for
   the trellis; round to nearest at 5+ bits and for the NF4/FP4 LUTs (no column quantizer benefit
   measured there yet);
-- incoherence ``auto``: the random Hadamard transform whenever the solver is LDLQ;
+- GGUF block types (``--method q4_k`` ...): LDLQ with calibration Hessians straight onto the block grid (round
+  to nearest for ``q8_0``), and never the Hadamard transform: a GGUF file cannot store a rotated tensor, and
+  being exportable to llama.cpp is why one picks these types;
+- incoherence ``auto``: the random Hadamard transform whenever the solver is LDLQ (except for GGUF types);
 - the int grid is asymmetric (an integer zero point per group) unless ``--sym`` is given.
 """
 
 from __future__ import annotations
 
-from moequant.codecs.config import MethodConfig, TrellisConfig, UniformConfig
+from collections.abc import Iterable
+
+from moequant.codecs.config import GgufConfig, MethodConfig, TrellisConfig, UniformConfig
 
 AUTO = "auto"
 
@@ -24,13 +29,18 @@ def auto_solver(config: MethodConfig) -> str:
     """``rtn`` or ``ldlq`` for ``--solver auto``."""
     if isinstance(config, TrellisConfig):
         return "ldlq"
+    if isinstance(config, GgufConfig):
+        return "rtn" if config.qtype == "q8_0" else "ldlq"
     if isinstance(config, UniformConfig) and config.bits <= 4:
         return "ldlq"
     return "rtn"
 
 
-def auto_incoherence(solver: str) -> str:
-    """``rht`` or ``none`` for ``--incoherence auto``: the transform is worth its cost only with LDLQ."""
+def auto_incoherence(solver: str, configs: Iterable[MethodConfig] = ()) -> str:
+    """``rht`` or ``none`` for ``--incoherence auto``: the transform is worth its cost only with LDLQ, and
+    never where a GGUF block type is among the recipe's ``configs`` (GGUF cannot store the rotation)."""
+    if any(isinstance(c, GgufConfig) for c in configs):
+        return "none"
     return "rht" if solver == "ldlq" else "none"
 
 
