@@ -447,6 +447,89 @@ def test_pre_tokenizer_names():
 
 
 # ------------------------------------------------------------------------------------------------
+# the importance matrix
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2_moe"])
+def test_imatrix_is_the_hessian_diagonal(arch, hf_dir, tmp_path):
+    """``--imatrix-out``: llama.cpp's GGUF imatrix layout (keys, ``W.in_sum2`` ``[n_mat, K]``, ``W.counts``
+    ``[n_mat, 1]``, one entry per weight of the model file with its K and expert count); the sums equal
+    Σ x² of each linear's input over the calibration windows, taken here by hooks on one plain forward of
+    the whole model; per expert, the counts are the routed tokens and the sums add up to top_k Σ x²."""
+    from moequant.calib.data import CalibData, calibration_tokens
+    from moequant.models.loader import load_model
+
+    text = tmp_path / "calib.txt"
+    text.write_text(toy_lines(toy_words(3000)))
+    calib = CalibData(data=str(text), samples=6, seqlen=40, seed=1)
+    d = hf_dir(arch)
+    out, imx = tmp_path / "m.gguf", tmp_path / "m.imatrix.gguf"
+    s = export_gguf(GgufExportJob(str(d), out, types="f16", imatrix_out=imx, calib=calib, calib_batch_size=4))
+    model_tensors, _ = read(out)
+    r = gguf.GGUFReader(imx)
+    kv = {k: f.contents() for k, f in r.fields.items()}
+    assert kv["general.type"] == "imatrix" and kv["imatrix.datasets"] == [str(text)]
+    assert kv["imatrix.chunk_count"] == 6 and kv["imatrix.chunk_size"] == 40
+    data = {t.name: torch.from_numpy(np.array(t.data, dtype=np.float32)) for t in r.tensors}
+    names = sorted(n[: -len(".in_sum2")] for n in data if n.endswith(".in_sum2"))
+    assert len(data) == 2 * len(names) == 2 * s["imatrix"]["entries"]
+    want = sorted(n for n in model_tensors if n.startswith("blk.") and not n.endswith("norm.weight")
+                  and not n.endswith(".bias") and ".ffn_gate_inp.weight" not in n)
+    assert names == want  # every matrix a calibration token reaches (not the router, which is never quantized)
+    for n in names:
+        shape = [int(x) for x in model_tensors[n].shape]  # ggml order: K, N[, E]
+        n_mat = shape[2] if len(shape) == 3 else 1
+        assert tuple(data[f"{n}.in_sum2"].shape) == (n_mat, shape[0]) and tuple(data[f"{n}.counts"].shape) == (n_mat, 1)
+
+    model, tok, _ = load_model(str(d))
+    tokens = calibration_tokens(tok, calib)  # [6, 40]
+    sums: dict[str, torch.Tensor] = {}
+    routed: dict[int, torch.Tensor] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers.1." in name and not name.endswith("mlp.gate"):
+            hooks.append(mod.register_forward_pre_hook(
+                lambda m, a, name=name: sums.__setitem__(name, sums.get(name, 0) + a[0].reshape(-1, a[0].shape[-1])
+                                                          .double().pow(2).sum(0))))
+    if arch in MOE_ARCHS:
+        experts = model.model.layers[1].mlp.experts
+
+        def hook(m, args, kwargs):
+            v = dict(zip(("hidden_states", "top_k_index"), args)) | kwargs
+            x = v["hidden_states"].detach().reshape(-1, v["hidden_states"].shape[-1])  # [T, H]
+            routed.setdefault(0, []).append((x, v["top_k_index"].reshape(x.shape[0], -1)))  # [T, k]
+        hooks.append(experts.register_forward_pre_hook(hook, with_kwargs=True))
+    with torch.no_grad():
+        for b in tokens.split(4):
+            model(input_ids=b, use_cache=False)
+    for h in hooks:
+        h.remove()
+    n_tok = tokens.numel()
+    to_gguf = {"self_attn.q_proj": "attn_q", "self_attn.o_proj": "attn_output", "mlp.down_proj": "ffn_down",
+               "mlp.gate_proj": "ffn_gate", "mlp.shared_expert.down_proj": "ffn_down_shexp",
+               "mlp.shared_expert.up_proj": "ffn_up_shexp"}
+    checked = 0
+    for hf, g in to_gguf.items():
+        name = f"model.layers.1.{hf}"
+        if name not in sums:
+            continue
+        got = data[f"blk.1.{g}.weight.in_sum2"][0].double()
+        torch.testing.assert_close(got, sums[name], rtol=2e-5, atol=0)
+        assert data[f"blk.1.{g}.weight.counts"].flatten().tolist() == [n_tok]
+        checked += 1
+    assert checked == 4
+    if arch in MOE_ARCHS:
+        xs = torch.cat([x for x, _ in routed[0]])  # [T, H]
+        idx = torch.cat([i for _, i in routed[0]])  # [T, k]
+        counts = torch.bincount(idx.flatten(), minlength=4).float()
+        assert torch.equal(data["blk.1.ffn_gate_exps.weight.counts"].flatten(), counts) and counts.sum() == 2 * n_tok
+        gate = data["blk.1.ffn_gate_exps.weight.in_sum2"]
+        assert torch.equal(gate, data["blk.1.ffn_up_exps.weight.in_sum2"])
+        per_expert = torch.stack([xs[(idx == e).any(-1)].double().pow(2).sum(0) for e in range(4)])
+        torch.testing.assert_close(gate.double(), per_expert, rtol=2e-5, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
 # the command line: refusals, overwrite safety, atomic writes
 # ------------------------------------------------------------------------------------------------
 
@@ -483,6 +566,10 @@ def test_cli_export_and_refusals(run_dir, hf_dir, tmp_path, capsys, tokenizer):
     assert rc == 0  # missing parents are created
     rc, _, se = _cli(capsys, run, "--out", tmp_path)
     assert rc == 2 and "is a directory" in _one_error(se)
+    rc, _, se = _cli(capsys, run, "--out", tmp_path / "x.gguf", "--imatrix-out", tmp_path / "x.imatrix")
+    assert rc == 2 and "keeps no Hessians" in _one_error(se)
+    rc, _, se = _cli(capsys, hf_dir("llama"), "--out", tmp_path / "x.gguf", "--calib", "ptb")
+    assert rc == 2 and "--calib applies with --imatrix-out" in _one_error(se)
 
     bad = {"asym": Recipe.uniform(UniformConfig(bits=4, group_size=32, symmetric=False, clip_search=False)),
            "nf4": Recipe.uniform(LutConfig(lut="nf4", block_size=32)),

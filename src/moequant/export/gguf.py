@@ -32,6 +32,7 @@ import gguf
 import numpy as np
 import torch
 
+from moequant.calib.data import CalibData
 from moequant.errors import MoequantError
 
 log = logging.getLogger(__name__)
@@ -46,13 +47,17 @@ _STORED = {torch.float32: Q.F32, torch.float16: Q.F16, torch.bfloat16: Q.BF16}
 @dataclass(frozen=True)
 class GgufExportJob:
     """model: a moequant checkpoint or a float model spec; out: the .gguf file; types: ``auto`` or a
-    ``FLOAT_TYPES`` key (float models); kept_type: a ``KEPT_TYPES`` entry (checkpoints)."""
+    ``FLOAT_TYPES`` key (float models); kept_type: a ``KEPT_TYPES`` entry (checkpoints); imatrix_out: also
+    write the calibration Hessian diagonals as a llama.cpp imatrix file (float models), over ``calib``."""
 
     model: str
     out: Path
     types: str = "auto"
     kept_type: str = "stored"
     overwrite: bool = False
+    imatrix_out: Path | None = None
+    calib: CalibData = CalibData()
+    calib_batch_size: int = 8
 
 
 @dataclass
@@ -179,30 +184,47 @@ def _magic(p: Path) -> bytes:
         return f.read(4)
 
 
+def check_job(job: GgufExportJob, is_run: bool) -> None:
+    """The options against the input kind, before any work."""
+    if job.types != "auto" and job.types not in FLOAT_TYPES:
+        raise MoequantError(f"--types {job.types!r}: choose auto or one of {', '.join(FLOAT_TYPES)}")
+    if job.kept_type not in KEPT_TYPES:
+        raise MoequantError(f"--kept-type {job.kept_type!r}: choose one of {', '.join(KEPT_TYPES)}")
+    if is_run and job.types != "auto":
+        raise MoequantError(f"--types {job.types}: {job.model} is a moequant checkpoint, exported by repacking its "
+                            f"tensors (--types auto; --kept-type sets the kept ones); convert the float model it "
+                            f"came from to use --types {job.types}")
+    if is_run and job.imatrix_out is not None:
+        raise MoequantError(f"--imatrix-out: {job.model} is a moequant checkpoint, which keeps no Hessians; write the "
+                            f"imatrix from the float model it came from (moequant export gguf FLOAT_MODEL --types "
+                            f"f16 --out F.gguf --imatrix-out F.imatrix.gguf --calib ...)")
+    if not is_run and job.kept_type != "stored":
+        raise MoequantError(f"--kept-type applies to moequant checkpoints; {job.model} is a float model (--types)")
+    if job.calib_batch_size < 1:
+        raise MoequantError(f"--calib-batch-size must be >= 1, got {job.calib_batch_size}")
+
+
 def export_gguf(job: GgufExportJob) -> dict[str, Any]:
-    """Write ``job.out``; -> a summary (tensor and type counts, fallbacks, bytes)."""
+    """Write ``job.out`` (and ``job.imatrix_out``); -> a summary (tensor and type counts, fallbacks, bytes)."""
     from moequant.export.gguf_meta import add_model_keys
     from moequant.export.gguf_names import arch_for, placements
     from moequant.export.gguf_source import open_source
     from moequant.export.gguf_tokenizer import add_vocab, read_vocab
     from moequant.fsutil import input_paths
+    from moequant.models.loader import resolve_model_spec
 
-    if job.types != "auto" and job.types not in FLOAT_TYPES:
-        raise MoequantError(f"--types {job.types!r}: choose auto or one of {', '.join(FLOAT_TYPES)}")
-    if job.kept_type not in KEPT_TYPES:
-        raise MoequantError(f"--kept-type {job.kept_type!r}: choose one of {', '.join(KEPT_TYPES)}")
+    check_job(job, resolve_model_spec(job.model).kind == "moequant")
     check_out_file(job.out, job.overwrite, input_paths(job.model))
+    if job.imatrix_out is not None:
+        if Path(job.imatrix_out).expanduser().absolute() == Path(job.out).expanduser().absolute():
+            raise MoequantError(f"--imatrix-out {job.imatrix_out}: is --out; choose another file")
+        check_out_file(job.imatrix_out, job.overwrite, input_paths(job.model), "--imatrix-out")
     with open_source(job.model) as src:
-        if src.is_run and job.types != "auto":
-            raise MoequantError(f"--types {job.types}: {job.model} is a moequant checkpoint, exported by repacking "
-                                f"its tensors (--types auto; --kept-type sets the kept ones); convert the float "
-                                f"model it came from to use --types {job.types}")
-        if not src.is_run and job.kept_type != "stored":
-            raise MoequantError(f"--kept-type applies to moequant checkpoints; {job.model} is a float model (--types)")
         arch = arch_for(str(src.hparams.get("model_type")))
         vocab = read_vocab(src.tokenizer, src.tokenizer_dir, None if arch.trim_vocab else int(src.hparams["vocab_size"]))
         places = placements(arch, src.names, src.hparams, len(vocab.tokens))
         tensors = plan_tensors(src, places, job)
+        imatrix = _imatrix(job, src, places) if job.imatrix_out is not None else None
         writer = gguf.GGUFWriter(None, arch.name)
         for t in tensors:
             writer.add_tensor_info(t.name, t.byte_shape, np.dtype(np.uint8), t.nbytes, raw_dtype=t.qtype)
@@ -212,7 +234,24 @@ def export_gguf(job: GgufExportJob) -> dict[str, Any]:
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_vocab(writer, vocab)
         _write(writer, tensors, job.out)
-    return _summary(job, tensors, ftype, arch.name)
+    summary = _summary(job, tensors, ftype, arch.name)
+    if imatrix is not None:
+        from moequant.export.gguf_imatrix import write_imatrix
+
+        c = job.calib
+        dataset = c.data if Path(c.data).is_file() else f"{c.data}:{c.split}"
+        write_imatrix(Path(job.imatrix_out), arch.name, imatrix, dataset, c.samples, c.seqlen)
+        summary["imatrix"] = {"out": str(job.imatrix_out), "entries": len(imatrix), "calib": c.to_dict()}
+    return summary
+
+
+def _imatrix(job: GgufExportJob, src: Any, places: list[Any]) -> dict[str, Any]:
+    """The imatrix entries of the float model over ``job.calib`` (see ``gguf_imatrix``)."""
+    from moequant.calib.data import calibration_tokens
+    from moequant.export.gguf_imatrix import hessian_diagonals, imatrix_entries
+
+    tokens = calibration_tokens(src.tokenizer, job.calib)  # [S, L]
+    return imatrix_entries(hessian_diagonals(src.model, tokens, job.calib_batch_size), places)
 
 
 def _add_general(writer: gguf.GGUFWriter, src: Any) -> None:
@@ -275,16 +314,40 @@ def add_parser(esub: argparse._SubParsersAction) -> None:
     g.add_argument("--kept-type", default="stored", choices=KEPT_TYPES,
                    help="checkpoints: the type of the matrices the run kept in full precision (default: as stored)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing GGUF file")
+    c = g.add_argument_group("importance matrix (float models)")
+    c.add_argument("--imatrix-out", type=Path, help="also write the calibration Hessian diagonals as a llama.cpp "
+                                                    "imatrix file (GGUF format; llama-quantize --imatrix)")
+    c.add_argument("--calib", help="calibration text: corpus alias or text file (default ptb, train split)")
+    c.add_argument("--calib-samples", type=int, help="calibration windows (default 128)")
+    c.add_argument("--calib-seqlen", type=int, help="tokens per window (default 512)")
+    c.add_argument("--calib-seed", type=int, help="seed of the window positions (default 0)")
+    c.add_argument("--calib-batch-size", type=int, default=8)
     g.set_defaults(func=cmd_export_gguf)
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
+    given = [f for f in ("calib", "calib_samples", "calib_seqlen", "calib_seed") if getattr(args, f) is not None]
+    if given and args.imatrix_out is None:
+        raise MoequantError(f"--{given[0].replace('_', '-')} applies with --imatrix-out")
+    d = CalibData()
+    try:
+        calib = CalibData(data=args.calib or d.data, split="train",
+                          samples=d.samples if args.calib_samples is None else args.calib_samples,
+                          seqlen=d.seqlen if args.calib_seqlen is None else args.calib_seqlen,
+                          seed=d.seed if args.calib_seed is None else args.calib_seed)
+    except ValueError as e:
+        raise MoequantError(str(e)) from None
     job = GgufExportJob(model=args.model, out=args.out, types=args.types, kept_type=args.kept_type,
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, imatrix_out=args.imatrix_out, calib=calib,
+                        calib_batch_size=args.calib_batch_size)
     s = export_gguf(job)
     types = ", ".join(f"{n} x{c}" for n, c in s["types"].items())
     print(f"wrote {s['out']}: {s['arch']}, {s['tensors']} tensors ({s['repacked']} repacked; {types}), "
           f"{s['bytes'] / 2**20:.1f} MiB, file type {s['file_type']}")
     for name, why in s["fallbacks"].items():
         print(f"  {name}: F16 ({why})")
+    if "imatrix" in s:
+        c = s["imatrix"]["calib"]
+        print(f"wrote {s['imatrix']['out']}: imatrix of {s['imatrix']['entries']} weights over {c['samples']} x "
+              f"{c['seqlen']} tokens of {c['data']}")
     return 0

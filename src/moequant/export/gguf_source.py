@@ -34,6 +34,7 @@ class ModelSource:
     tokenizer_dir: Path
     card_dir: Path | None
     tied: dict[str, str] = field(default_factory=dict)
+    model: Any = None  # float models: the transformers model (calibration statistics run it)
 
 
 def _natural(name: str) -> tuple:
@@ -97,4 +98,4 @@ def _float_source(spec: str, r: Any, tmp: Path) -> ModelSource:
         seen[key] = name
         names.append(name)
     return ModelSource(spec, False, hparams, sorted(names, key=_natural), {}, lambda name: state[name], tok, tok_dir,
-                       Path(r.path) if local else None, tied)
+                       Path(r.path) if local else None, tied, model)
