@@ -335,12 +335,10 @@ def test_llama_qk_rows_give_transformers_attention_under_interleaved_rope(hf_dir
 # moequant checkpoints: repacked, never rounded again
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_run_export_repacks_bit_for_bit(arch, run_dir, tokenizer, tmp_path):
-    """Every packed tensor decodes (gguf-py) to moequant's decode of it, bit for bit, in the ggml type of its
-    grid (4-bit linears Q4_0, 5-bit experts Q5_0, the 8-bit embedding Q8_0); kept tensors as stored."""
-    run = run_dir(arch)
-    out = tmp_path / "q.gguf"
+def check_repacked(arch: str, run: Path, out: Path) -> dict[str, Q]:
+    """Every tensor of the export of ``run`` decodes (gguf-py) to moequant's decode of it (packed) or to the
+    stored tensor (kept, F32), bit for bit, after the converter's transforms -> {GGUF name: type} of the
+    packed ones."""
     s = export_gguf(GgufExportJob(str(run), out))
     tensors, kv = read(out)
     model = api.load(run)
@@ -349,22 +347,52 @@ def test_run_export_repacks_bit_for_bit(arch, run_dir, tokenizer, tmp_path):
     cfg = model.config
     want = expected_tensors(arch, cfg)
     assert sorted(tensors) == sorted(want) and s["repacked"] > 0
-    n_packed = 0
+    types = {}
     for gname, (src, half) in want.items():
         t = tensors[gname]
         if src in packed:
-            n_packed += 1
-            kind = "experts" if "_exps." in gname else "embedding" if gname == "token_embd.weight" else "linear"
-            assert t.tensor_type == {"experts": Q.Q5_0, "embedding": Q.Q8_0, "linear": Q.Q4_0}[kind], gname
+            types[gname] = t.tensor_type
             value = packed[src]
         else:
             assert t.tensor_type == Q.F32, gname
             value = kept[src]
         assert same_bits(decoded(t), expected_value(arch, cfg, gname, value, half)), gname
-    assert n_packed == s["repacked"] == sum(1 for g in want if want[g][0] in packed)
-    check_keys(arch, cfg, kv, gguf.LlamaFileType.MOSTLY_Q4_0 if arch not in MOE_ARCHS else gguf.LlamaFileType.MOSTLY_Q5_0)
-    assert kv["general.quantized_by"].startswith("moequant ")
+    assert len(types) == s["repacked"] and kv["general.quantized_by"].startswith("moequant ")
+    check_keys(arch, cfg, kv, gguf.LlamaFileType(kv["general.file_type"]))
     check_vocab(arch, kv, run)
+    return types
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_run_export_repacks_bit_for_bit(arch, run_dir, tmp_path):
+    """Uniform grids repack into the ggml type of their grid: 4-bit linears Q4_0, 5-bit experts Q5_0, the 8-bit
+    embedding Q8_0, bit for bit; the file type is the type holding most weights."""
+    types = check_repacked(arch, run_dir(arch), tmp_path / "q.gguf")
+    for gname, t in types.items():
+        kind = "experts" if "_exps." in gname else "embedding" if gname == "token_embd.weight" else "linear"
+        assert t == {"experts": Q.Q5_0, "embedding": Q.Q8_0, "linear": Q.Q4_0}[kind], gname
+    _, kv = read(tmp_path / "q.gguf")
+    assert kv["general.file_type"] == (gguf.LlamaFileType.MOSTLY_Q5_0 if arch in MOE_ARCHS
+                                       else gguf.LlamaFileType.MOSTLY_Q4_0)
+
+
+@pytest.mark.parametrize("arch,qtype,fallback", [("llama", "q4_k", Q.Q5_0), ("qwen3_moe", "q2_k", Q.Q4_0)])
+def test_run_export_repacks_kquants(arch, qtype, fallback, tokenizer, tmp_path):
+    """GGUF-native k-quant checkpoints (widths of 256 and 512, plus rows of 64 that llama.cpp's fallback type
+    stores) repack bit for bit: each tensor in its own type, or the fallback where K is not a multiple of 256."""
+    from moequant.codecs.config import GgufConfig
+
+    over = dict(hidden_size=256, intermediate_size=512) if arch == "llama" else \
+        dict(hidden_size=256, moe_intermediate_size=256)
+    model = make_model(arch, **over)
+    api.quantize(model, Recipe.uniform(GgufConfig(qtype=qtype, search_steps=2)), progress=False)
+    run = api.save(model, tmp_path / "run", tokenizer=tokenizer)
+    types = check_repacked(arch, run, tmp_path / "k.gguf")
+    tensors, _ = read(tmp_path / "k.gguf")
+    for gname, t in types.items():
+        k = int(tensors[gname].shape[0])
+        assert t == (Q[qtype.upper()] if k % 256 == 0 else fallback), (gname, k, t)
+    assert sum(t == Q[qtype.upper()] for t in types.values()) >= 3  # real super-blocks, not only fallbacks
 
 
 def test_run_kept_type_and_tied_packed_head(tmp_path, tokenizer):
