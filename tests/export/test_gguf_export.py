@@ -598,6 +598,8 @@ def test_cli_export_and_refusals(run_dir, hf_dir, tmp_path, capsys, tokenizer):
     assert rc == 2 and "keeps no Hessians" in _one_error(se)
     rc, _, se = _cli(capsys, hf_dir("llama"), "--out", tmp_path / "x.gguf", "--calib", "ptb")
     assert rc == 2 and "--calib applies with --imatrix-out" in _one_error(se)
+    rc, _, se = _cli(capsys, out, "--out", tmp_path / "x.gguf")
+    assert rc == 2 and "is a GGUF file already" in _one_error(se)
 
     bad = {"asym": Recipe.uniform(UniformConfig(bits=4, group_size=32, symmetric=False, clip_search=False)),
            "nf4": Recipe.uniform(LutConfig(lut="nf4", block_size=32)),

@@ -213,7 +213,11 @@ def export_gguf(job: GgufExportJob) -> dict[str, Any]:
     from moequant.fsutil import input_paths
     from moequant.models.loader import resolve_model_spec
 
-    check_job(job, resolve_model_spec(job.model).kind == "moequant")
+    kind = resolve_model_spec(job.model).kind
+    if kind == "gguf":
+        raise MoequantError(f"{job.model}: is a GGUF file already; export the Hugging Face directory or moequant "
+                            f"checkpoint it came from (transformers' GGUF reader does not keep the tokenizer exactly)")
+    check_job(job, kind == "moequant")
     check_out_file(job.out, job.overwrite, input_paths(job.model))
     if job.imatrix_out is not None:
         if Path(job.imatrix_out).expanduser().absolute() == Path(job.out).expanduser().absolute():

@@ -84,7 +84,7 @@ def _float_source(spec: str, r: Any, tmp: Path) -> ModelSource:
     local = r.kind in ("alias", "dir")
     if local:
         hparams, tok_dir = read_model_config(r.path), Path(r.path)
-    else:  # a .gguf file or a hub id: the config and tokenizer files as transformers has them
+    else:  # a hub id: the config and tokenizer files as transformers has them
         hparams, tok_dir = model.config.to_dict(), tmp
         tok.save_pretrained(tmp)
     state = model.state_dict()
