@@ -8,7 +8,7 @@ Two inputs, one writer:
   equivalent (trellis, NF4/FP4, RHT-rotated, asymmetric grids, other group sizes) is refused with one line
   naming the tensor. Tensors the run kept in full precision are written as ``--kept-type`` (default
   ``stored``: F32 / F16 / BF16 as stored, exact).
-- a **float model** (zoo alias, HF directory, .gguf, hub id): a plain converter, every weight matrix in
+- a **float model** (zoo alias, HF directory, hub id): a plain converter, every weight matrix in
   ``--types`` f32 / f16 / bf16 / q8_0 / q4_0 / q4_1 (``auto``: f16), rounded by gguf-py's own encoders
   (the "llama.cpp's own quantizer" baseline and the F16 reference).
 
@@ -124,10 +124,9 @@ def plan_tensors(src: Any, places: list[Any], job: GgufExportJob) -> list[Planne
             shape = gguf.quant_shape_from_byte_shape(b.shape, qtype)
             out.append(PlannedTensor(p.gguf_name, qtype, tuple(shape), p.source, lambda b=b: b, repacked=True))
             continue
-        t = src.read(p.source)
-        shape = tuple(place(p, t).shape)
-        want = _want(job, t.dtype)
-        qtype, why = float_type(shape, want, p.always_f32)
+        src_shape, dtype = src.info(p.source)
+        shape = tuple(place(p, torch.empty(src_shape, device="meta")).shape)  # placed without reading the data
+        qtype, why = float_type(shape, _want(job, dtype), p.always_f32)
 
         def make(p=p, qtype=qtype) -> np.ndarray:
             v = place(p, src.read(p.source).to(torch.float32))

@@ -21,7 +21,8 @@ from moequant.formats.base import QuantizedTensor
 class ModelSource:
     """spec: as given; is_run: a moequant checkpoint; hparams: the model's config (``config.json``);
     names: the tensors to write, in decoder order, tied duplicates left out (``tied``: dropped -> kept);
-    packed: the packed ones; read(name): a float tensor in its stored dtype; tokenizer and the directory
+    packed: the packed ones; read(name): a float tensor in its stored dtype, info(name): its (shape, dtype)
+    without reading it; tokenizer and the directory
     of its files; card_dir: where general.* metadata is read from (``gguf.Metadata``)."""
 
     spec: str
@@ -30,6 +31,7 @@ class ModelSource:
     names: list[str]
     packed: dict[str, QuantizedTensor]
     read: Callable[[str], torch.Tensor]
+    info: Callable[[str], tuple[tuple[int, ...], torch.dtype]]
     tokenizer: Any
     tokenizer_dir: Path
     card_dir: Path | None
@@ -72,7 +74,7 @@ def _run_source(spec: str, path: Path) -> ModelSource:
     if tok is None:
         raise MoequantError(f"{path}: no tokenizer files; a GGUF file needs the tokenizer")
     return ModelSource(spec, True, hparams, sorted([*packed, *floats], key=_natural), packed,
-                       lambda name: reader.read(name), tok, path, path, tied)
+                       lambda name: reader.read(name), lambda name: reader.info(name), tok, path, path, tied)
 
 
 def _float_source(spec: str, r: Any, tmp: Path) -> ModelSource:
@@ -97,5 +99,6 @@ def _float_source(spec: str, r: Any, tmp: Path) -> ModelSource:
             continue
         seen[key] = name
         names.append(name)
-    return ModelSource(spec, False, hparams, sorted(names, key=_natural), {}, lambda name: state[name], tok, tok_dir,
+    return ModelSource(spec, False, hparams, sorted(names, key=_natural), {}, lambda name: state[name],
+                       lambda name: (tuple(state[name].shape), state[name].dtype), tok, tok_dir,
                        Path(r.path) if local else None, tied, model)
