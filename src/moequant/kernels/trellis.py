@@ -39,8 +39,11 @@ Threshold, measured (1 thread, 2-bit hyb, ms, GEMV / blocked decode + GEMM): 153
 M=4 0.32/0.53, M=8 0.60/0.67, M=12 3.8/0.71 (the GEMV is specialised for 1-8 rows); 4096x4096: M=1
 4.4/7.9, M=8 10.6/15.1, M=12 71/17.
 
-A GPU kernel registers itself with ``trellis_dequant.register_kernel("cuda")`` /
-``trellis_linear.register_kernel("cuda")``; until one does, CUDA tensors run the torch reference.
+CUDA: the Triton kernels of ``kernels/triton_trellis.py`` (registered with ``register_kernel("cuda")`` on both
+ops; the reference where Triton is missing or ``select.use_fast()`` is off): a decode bit-identical to the
+reference, and a linear that decodes ``[64, 64]`` weight blocks in registers into a float32 accumulator (IEEE
+dots for float32 ``x``). Checked against the reference under ``TRITON_INTERPRET=1`` on CPU tensors
+(``tests/kernels/test_triton_trellis.py``), and on a GPU when one is lent.
 ``register_fake`` gives the outputs' shapes, so both ops trace under ``torch.compile``.
 """
 
@@ -55,6 +58,7 @@ from moequant.codecs.config import TrellisConfig
 from moequant.codecs.trellis import _unpack_tile_states_bitwise, code_values, reconstruct, unpack_tile_states
 from moequant.kernels import cpp_build
 from moequant.kernels.select import use_fast
+from moequant.kernels.triton_load import triton_module
 
 EXTENSION = "moequant-trellis"
 SOURCES = ["trellis_gemv.cpp"]
@@ -111,6 +115,14 @@ def _(words, scale, lut, bits, L, V, tile, code, Q, tail_biting):
     return _torch_dequant(words, scale, lut, _config(bits, L, V, tile, code, Q, tail_biting))
 
 
+@trellis_dequant.register_kernel("cuda")
+def _(words, scale, lut, bits, L, V, tile, code, Q, tail_biting):
+    tri = triton_module("triton_trellis") if use_fast() else None
+    if tri is None:
+        return _torch_dequant(words, scale, lut, _config(bits, L, V, tile, code, Q, tail_biting))
+    return tri.dequant(words, scale, lut, bits, L, V, tile, code, Q, tail_biting)
+
+
 @trellis_dequant.register_fake
 def _(words, scale, lut, bits, L, V, tile, code, Q, tail_biting):
     n_tiles, k_tiles = words.shape[-3], words.shape[-2]
@@ -151,6 +163,14 @@ def _(x, words, scale, lut, bias, bits, L, V, tile, code, Q, tail_biting):
     if ext is None:
         return linear_reference(x, words, scale, lut, bias, _config(bits, L, V, tile, code, Q, tail_biting))
     return linear_packed(ext.Packed(words, scale, lut, bits, L, V, tile, code, Q, tail_biting), x, bias)
+
+
+@trellis_linear.register_kernel("cuda")
+def _(x, words, scale, lut, bias, bits, L, V, tile, code, Q, tail_biting):
+    tri = triton_module("triton_trellis") if use_fast() else None
+    if tri is None:
+        return linear_reference(x, words, scale, lut, bias, _config(bits, L, V, tile, code, Q, tail_biting))
+    return tri.linear(x, words, scale, lut, bias, bits, L, V, tile, code, Q, tail_biting)
 
 
 @trellis_linear.register_fake
