@@ -172,7 +172,7 @@ def _tensors(words: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor | None
     """words as int16 (Triton has no uint16 pointers; the kernel masks to 16 bits), scale [N] and the float32
     LUT [2^Q, 2] (any tensor when there is none: never read)."""
     w16 = words.contiguous().view(torch.int16)
-    lut32 = scale if lut is None else lut.to(torch.float32).contiguous()
+    lut32 = scale if lut is None else lut.to(words.device, torch.float32).contiguous()
     return w16, scale.contiguous().reshape(-1), lut32
 
 
