@@ -170,11 +170,80 @@ class GgufConfig(MethodConfig):
         return f"gguf-{self.qtype}"
 
 
+@dataclass(frozen=True)
+class AdditiveConfig(MethodConfig):
+    """AQLM additive codebooks (``codecs.additive``): each group of ``g`` consecutive input weights of a row is
+    the sum of ``M`` codewords, one from each of ``M`` codebooks of ``2^B`` vectors of length ``g``, times the
+    row's scale; ``M·B/g`` code bits per weight plus float16 codebooks and row scales.
+
+    beam: beam width of the code search under the full calibration Hessian. init: ``kmeans`` (residual
+    k-means, Hessian-diagonal weighted) or ``oa-em`` (k-means, then ``em_rounds`` output-aware EM rounds
+    under the Hessian's ``g x g`` diagonal blocks). share: ``expert`` (every expert of a fused ``[E, N, K]``
+    tensor has its own codebooks) or ``layer`` (one codebook set for all of them). kmeans_iters: Lloyd
+    iterations per codebook. search_rounds: most (Adam on codebooks and scales, beam search) rounds after
+    the first beam search; the search stops earlier when a round improves the output error by less than
+    ``tol`` (relative). adam_steps / lr: Adam steps per M-step or search round, and its learning rate
+    (relative to the codebooks' RMS). seed: k-means starts.
+    """
+
+    M: int = 2
+    B: int = 8
+    g: int = 8
+    beam: int = 8
+    init: str = "oa-em"
+    share: str = "expert"
+    em_rounds: int = 3
+    kmeans_iters: int = 16
+    search_rounds: int = 3
+    tol: float = 1e-3
+    adam_steps: int = 50
+    lr: float = 1e-2
+    seed: int = 0
+
+    INITS: ClassVar[tuple[str, ...]] = ("kmeans", "oa-em")
+    SHARES: ClassVar[tuple[str, ...]] = ("expert", "layer")
+
+    def validate(self) -> None:
+        if not 1 <= self.M <= 8:
+            raise ValueError(f"--codebooks {self.M}x{self.B}: the number of codebooks must be in 1..8")
+        if not 1 <= self.B <= 16:
+            raise ValueError(f"--codebooks {self.M}x{self.B}: bits per codebook must be in 1..16")
+        if not 1 <= self.g <= 64:
+            raise ValueError(f"--group {self.g} must be in 1..64")
+        if not 1 <= self.beam <= 64:
+            raise ValueError(f"--beam {self.beam} must be in 1..64")
+        if self.init not in self.INITS:
+            raise ValueError(f"--init {self.init!r} is not one of {', '.join(self.INITS)}")
+        if self.share not in self.SHARES:
+            raise ValueError(f"--share {self.share!r} is not one of {', '.join(self.SHARES)}")
+        for name in ("em_rounds", "search_rounds"):
+            if not 0 <= getattr(self, name) <= 100:
+                raise ValueError(f"{name} must be in 0..100, got {getattr(self, name)}")
+        if not 1 <= self.kmeans_iters <= 1000:
+            raise ValueError(f"kmeans_iters must be in 1..1000, got {self.kmeans_iters}")
+        if not 0 <= self.adam_steps <= 100_000:
+            raise ValueError(f"adam_steps must be in 0..100000, got {self.adam_steps}")
+        if not self.tol >= 0:
+            raise ValueError(f"tol must be >= 0, got {self.tol}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    @property
+    def bits(self) -> float:
+        """Code bits per weight, ``M·B/g`` (codebooks and scales not counted)."""
+        return self.M * self.B / self.g
+
+    @property
+    def short_name(self) -> str:
+        return f"additive{self.M}x{self.B}-g{self.g}-{self.init}{'-shared' if self.share == 'layer' else ''}"
+
+
 CONFIG_TYPES: dict[str, type[MethodConfig]] = {
     "UniformConfig": UniformConfig,
     "LutConfig": LutConfig,
     "TrellisConfig": TrellisConfig,
     "GgufConfig": GgufConfig,
+    "AdditiveConfig": AdditiveConfig,
 }
 
 
