@@ -1,0 +1,142 @@
+"""``AdditiveTensor`` (additive-packed v1): exact packing at the code width, exact decode, every stored bit
+counted (codebooks per expert or once when shared), the checkpoint contract and the method entry."""
+
+import pytest
+import torch
+
+from moequant.codecs.additive import reconstruct
+from moequant.codecs.additive_search import quantize
+from moequant.codecs.config import AdditiveConfig
+from moequant.formats.additive import AdditiveTensor, code_bytes, pack_codes, unpack_codes
+from moequant.formats.base import check_data
+from moequant.formats.bitpack import chunk_geometry
+from moequant.formats.methods import METHODS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAST = dict(kmeans_iters=4, em_rounds=1, adam_steps=5, search_rounds=1)
+
+
+def _parts(shape, m, b, g, share, seed=0):
+    """Random codes, fp16-exact codebooks and scales for a tensor of ``shape`` (no encoder run)."""
+    gen = torch.Generator().manual_seed(seed)
+    *lead, n, k = shape
+    codes = torch.randint(1 << b, (*lead, n, k // g, m), generator=gen)
+    book_lead = () if share == "layer" or not lead else tuple(lead)
+    books = torch.randn(*book_lead, m, 1 << b, g, generator=gen).half().float()
+    scale = (torch.rand(*lead, n, generator=gen) + 0.1).half().float()
+    return {"codes": codes, "codebooks": books, "scale": scale}
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_codes_pack_at_their_width(bits):
+    codes = torch.randint(1 << bits, (3, 37), generator=torch.Generator().manual_seed(bits))
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, code_bytes(37, bits))
+    parts = [min(bits, 8)] + ([bits - 8] if bits > 8 else [])
+    chunk_bits = sum(8 * chunk_geometry(p)[1] for p in parts)
+    assert 0 <= code_bytes(37, bits) * 8 - 37 * bits < chunk_bits  # only the padding to whole chunks is extra
+    assert torch.equal(unpack_codes(packed, bits, 37), codes)
+
+
+@pytest.mark.parametrize("shape,m,b,g,share", [((5, 24), 2, 8, 8, "expert"), ((3, 5, 24), 2, 8, 8, "expert"),
+                                               ((3, 5, 24), 2, 8, 8, "layer"), ((2, 4, 16), 1, 16, 8, "layer"),
+                                               ((2, 3, 12), 3, 5, 4, "expert"), ((7, 8), 1, 12, 2, "layer")])
+def test_packed_round_trip_is_exact(shape, m, b, g, share):
+    cfg = AdditiveConfig(M=m, B=b, g=g, share=share)
+    parts = _parts(shape, m, b, g, share)
+    qt = AdditiveTensor.from_parts(shape, parts, cfg)
+    qt.check_data()
+    assert torch.equal(qt.codes(), parts["codes"])
+    lead = shape[:-2]
+    want = _decode_by_hand(parts, shape, share)
+    assert torch.equal(qt.dequantize(), want)
+    sd = qt.to_state_dict("w")
+    back = AdditiveTensor.from_state_dict(sd, "w", qt.meta())
+    assert type(back) is AdditiveTensor and all(torch.equal(back.data[n], qt.data[n]) for n in qt.data)
+    assert torch.equal(back.dequantize(), want)
+    check_data(AdditiveTensor, shape, AdditiveTensor.check_meta(qt.meta())[1],
+               {n: (tuple(t.shape), t.dtype) for n, t in sd_items(sd)})
+    if lead:
+        for e in range(lead[0]):
+            view = qt.select(e)
+            assert torch.equal(view.dequantize(), want[e])
+            if share == "layer":
+                assert view.data["codebooks"] is qt.data["codebooks"]  # the one shared set, no copy
+    assert qt.bits_per_weight() == AdditiveTensor.expected_bits_per_weight(shape, cfg)
+
+
+def _decode_by_hand(parts, shape, share):
+    """Ŵ[..., r, jg:(j+1)g] = s[r] · (C_0[b_0] + C_1[b_1] + ...), matrix by matrix, row by row."""
+    *lead, n, k = shape
+    codes = parts["codes"].reshape(-1, n, *parts["codes"].shape[-2:])  # [E, N, G, M]
+    books = parts["codebooks"]
+    scale = parts["scale"].reshape(-1, n)
+    out = torch.empty(codes.shape[0], n, k)
+    for e in range(codes.shape[0]):
+        be = books if books.dim() == 3 else books.reshape(-1, *books.shape[-3:])[e]  # [M, C, g]
+        for r in range(n):
+            groups = [sum((be[m, int(codes[e, r, j, m])] for m in range(1, be.shape[0])), be[0, int(codes[e, r, j, 0])])
+                      for j in range(codes.shape[2])]
+            out[e, r] = scale[e, r] * torch.cat(groups)
+    return out.reshape(shape)
+
+
+def sd_items(sd):
+    return [(k[len("w_"):], t) for k, t in sd.items()]
+
+
+def test_bits_per_weight_counted_by_hand():
+    # 2x8 in groups of 8 on [E=4, N=64, K=128]: 2 code bits per weight, a 16-bit scale per row, and
+    # 2 x 256 x 8 float16 codebook values per expert, or once for the layer when shared
+    e, n, k = 4, 64, 128
+    weights = e * n * k
+    codes, scales, books = 2 * weights, 16 * e * n, 2 * 256 * 8 * 16
+    for share, book_sets in (("expert", e), ("layer", 1)):
+        cfg = AdditiveConfig(M=2, B=8, g=8, share=share)
+        qt = AdditiveTensor.from_parts((e, n, k), _parts((e, n, k), 2, 8, 8, share), cfg)
+        want = (codes + scales + book_sets * books) / weights
+        assert qt.bits_per_weight() == want == AdditiveTensor.expected_bits_per_weight((e, n, k), cfg)
+    assert (2 + 16 / 128 + 4 * 65536 / weights, 2 + 16 / 128 + 65536 / weights) == (10.125, 4.125)
+
+
+def test_decode_of_encode_is_the_codecs_reconstruction():
+    torch.manual_seed(0)
+    w = torch.randn(3, 8, 16)
+    h = torch.eye(16) + 0.5 * torch.ones(16, 16)
+    for share in ("expert", "layer"):
+        cfg = AdditiveConfig(M=2, B=4, g=4, share=share, **FAST)
+        qt = AdditiveTensor.encode(w, cfg, h)
+        codes, books, scale = quantize(w, h, cfg)  # the encoder is deterministic: the same parts again
+        flat_books = books if books.dim() == 3 else books.reshape(-1, *books.shape[-3:])
+        assert torch.equal(qt.dequantize(), reconstruct(codes, flat_books, scale))
+        assert torch.equal(qt.codes(), codes)
+        assert float((qt.dequantize() - w).pow(2).sum() / w.pow(2).sum()) < 0.5  # a real fit
+
+
+def test_data_spec_and_metadata():
+    spec = AdditiveTensor.data_spec((4, 6, 32), {"M": 2, "B": 8, "g": 8, "share": "layer"})
+    assert spec == {"codes": ((4, 6, 8), torch.uint8), "scale": ((4, 6), torch.float16),
+                    "codebooks": ((2, 256, 8), torch.float16)}
+    spec = AdditiveTensor.data_spec((4, 6, 32), {"M": 1, "B": 16, "g": 8, "share": "expert"})
+    assert spec["codes"] == ((4, 6, 8), torch.uint8) and spec["codebooks"] == ((4, 1, 65536, 8), torch.float16)
+    with pytest.raises(ValueError, match="K a multiple of 8"):
+        AdditiveTensor.data_spec((6, 20), {"M": 2, "B": 8, "g": 8, "share": "expert"})
+    meta = {"format": "additive-packed", "format_version": 1, "shape": [4, 6, 32], "M": 2, "B": 17, "g": 8,
+            "share": "layer"}
+    with pytest.raises(ValueError, match="bits per codebook"):
+        AdditiveTensor.check_meta(meta)
+
+
+def test_refusals():
+    cfg = AdditiveConfig(M=1, B=4, g=4)
+    parts = _parts((4, 8), 1, 4, 4, "expert")
+    with pytest.raises(ValueError, match="out of range"):
+        AdditiveTensor.from_parts((4, 8), {**parts, "codes": parts["codes"] + 16}, cfg)
+    qt = AdditiveTensor.from_parts((2, 4, 8), _parts((2, 4, 8), 1, 4, 4, "layer"), AdditiveConfig(M=1, B=4, g=4,
+                                                                                                   share="layer"))
+    with pytest.raises(ValueError, match="are not \\[M, 2\\^B, g\\]"):
+        AdditiveTensor((2, 4, 8), {**qt.data, "codebooks": qt.data["codebooks"][None]}, qt.attrs)
+    with pytest.raises(TypeError, match="needs an AdditiveConfig"):
+        AdditiveTensor.encode(torch.zeros(4, 8), METHODS.get("int").from_flags(lambda n, d: d))
+
