@@ -206,7 +206,7 @@ def check_job(job: GgufExportJob, is_run: bool) -> None:
 def export_gguf(job: GgufExportJob) -> dict[str, Any]:
     """Write ``job.out`` (and ``job.imatrix_out``); -> a summary (tensor and type counts, fallbacks, bytes)."""
     from moequant.export.gguf_meta import add_model_keys
-    from moequant.export.gguf_names import arch_for, placements
+    from moequant.export.gguf_names import arch_for, check_llama_cpp, placements
     from moequant.export.gguf_source import open_source
     from moequant.export.gguf_tokenizer import add_vocab, read_vocab
     from moequant.fsutil import input_paths
@@ -224,6 +224,7 @@ def export_gguf(job: GgufExportJob) -> dict[str, Any]:
         check_out_file(job.imatrix_out, job.overwrite, input_paths(job.model), "--imatrix-out")
     with open_source(job.model) as src:
         arch = arch_for(str(src.hparams.get("model_type")))
+        check_llama_cpp(arch, src.hparams)
         vocab = read_vocab(src.tokenizer, src.tokenizer_dir, None if arch.trim_vocab else int(src.hparams["vocab_size"]))
         places = placements(arch, src.names, src.hparams, len(vocab.tokens))
         tensors = plan_tensors(src, places, job)

@@ -31,13 +31,20 @@ class GgufArch:
 
     arch: llama.cpp architecture; permute_qk: Q/K rows reordered (the converter's ``LlamaModel``);
     norm_shift: added to RMSNorm weights (Gemma 3 stores ``1 + w``); trim_vocab: embedding rows cut to
-    the tokenizer's token count (Gemma 3)."""
+    the tokenizer's token count (Gemma 3); needs_output: llama.cpp's loader requires ``output.weight``
+    (no fallback to ``token_embd``), so a tied head is written as a copy of the embedding (the converter
+    writes none, and llama.cpp then refuses the file: "missing tensor 'output.weight'"); topk_norm: whether
+    llama.cpp's MoE graph renormalises the top-k routing weights (fixed per architecture; None: dense, or
+    the model always does); mha_only: llama.cpp's graph assumes as many KV heads as query heads."""
 
     model_type: str
     arch: gguf.MODEL_ARCH
     permute_qk: bool = False
     norm_shift: float = 0.0
     trim_vocab: bool = False
+    needs_output: bool = False
+    topk_norm: bool | None = None
+    mha_only: bool = False
 
     @property
     def name(self) -> str:
@@ -51,9 +58,9 @@ ARCHS: dict[str, GgufArch] = {a.model_type: a for a in (
     GgufArch("qwen2", gguf.MODEL_ARCH.QWEN2),
     GgufArch("qwen3", gguf.MODEL_ARCH.QWEN3),
     GgufArch("gemma3_text", gguf.MODEL_ARCH.GEMMA3, norm_shift=1.0, trim_vocab=True),
-    GgufArch("olmoe", gguf.MODEL_ARCH.OLMOE),
-    GgufArch("qwen2_moe", gguf.MODEL_ARCH.QWEN2MOE),
-    GgufArch("qwen3_moe", gguf.MODEL_ARCH.QWEN3MOE),
+    GgufArch("olmoe", gguf.MODEL_ARCH.OLMOE, needs_output=True, topk_norm=False, mha_only=True),
+    GgufArch("qwen2_moe", gguf.MODEL_ARCH.QWEN2MOE, needs_output=True, topk_norm=False),
+    GgufArch("qwen3_moe", gguf.MODEL_ARCH.QWEN3MOE, topk_norm=True),
 )}
 
 
@@ -63,6 +70,28 @@ def arch_for(model_type: str) -> GgufArch:
     except KeyError:
         raise MoequantError(f"GGUF export: architecture {model_type!r} is not supported (supported: "
                             f"{', '.join(sorted(ARCHS))})") from None
+
+
+def check_llama_cpp(arch: GgufArch, hp: dict[str, Any]) -> None:
+    """Refuse a config that llama.cpp's graph for ``arch`` would compute differently: it would load the file
+    and silently run another model. The routing weights' top-k renormalisation is fixed per architecture;
+    OLMoE's Q/K norms span all heads (no grouped-query attention); Gemma 3 scales queries by
+    ``1/sqrt(head_dim)`` (by ``1/sqrt(hidden/heads)`` for its 62-layer 27B)."""
+    where = f"GGUF export: {arch.model_type}"
+    if arch.topk_norm is not None and bool(hp.get("norm_topk_prob", False)) != arch.topk_norm:
+        raise MoequantError(f"{where} with norm_topk_prob={bool(hp.get('norm_topk_prob', False))}: llama.cpp's "
+                            f"{arch.name} {'always renormalises' if arch.topk_norm else 'never renormalises'} the "
+                            f"top-k routing weights, so it would run another model")
+    heads, kv = hp.get("num_attention_heads"), hp.get("num_key_value_heads")
+    if arch.mha_only and kv is not None and kv != heads:
+        raise MoequantError(f"{where} with {kv} KV heads for {heads} query heads: llama.cpp's {arch.name} supports "
+                            f"only as many KV heads as query heads")
+    if arch.arch == gguf.MODEL_ARCH.GEMMA3 and hp.get("query_pre_attn_scalar") is not None:
+        scalar, head_dim = hp["query_pre_attn_scalar"], hp.get("head_dim", 256)
+        big = hp.get("num_hidden_layers") == 62 and scalar == hp["hidden_size"] // heads
+        if scalar != head_dim and not big:
+            raise MoequantError(f"{where} with query_pre_attn_scalar={scalar} and head_dim={head_dim}: llama.cpp "
+                                f"scales queries by 1/sqrt(head_dim), so it would run another model")
 
 
 # Tensors the converter always writes as F32 whatever the requested type (besides 1-D tensors and norms).
@@ -120,6 +149,10 @@ def placements(arch: GgufArch, names: list[str], hparams: dict[str, Any], n_voca
         shift = arch.norm_shift if name.endswith("norm.weight") else 0.0
         rows = n_vocab if arch.trim_vocab and kind == T.TOKEN_EMBD else None
         out.append(Placement(name, gname, kind, qk_heads=heads, shift=shift, rows=rows))
+    if arch.needs_output and not any(p.kind == T.OUTPUT for p in out):
+        emb = next((p for p in out if p.kind == T.TOKEN_EMBD), None)
+        if emb is not None:  # a tied head: llama.cpp reads this architecture's head only from output.weight
+            out.append(Placement(emb.source, "output.weight", T.OUTPUT))
     return out
 
 
