@@ -233,3 +233,56 @@ def test_no_verify_skips_the_digest_check(capsys, tmp_path, tiny_dir):
     assert rc == 2 and key in err and "sha256" in err
     rc, _, err = _run(capsys, "-q", "inspect", str(out), "--no-verify")
     assert rc == 0, err
+
+
+def test_additive_end_to_end_dense_and_shared_experts(capsys, caplog, tmp_path, tok_model_dir):
+    # --method additive with no solver flag: calibrated, the encoder gets the damped Hessian (solver "ldlq" in the
+    # report: no column feedback, solvers.solve), no rotation. The checkpoint, decoded by hand from its safetensors
+    # (2x8: one byte per code), is what moequant.load gives, bit for bit; the MoE's experts share one codebook set.
+    from safetensors.torch import load_file
+
+    import moequant
+    from conftest import toy_lines, toy_tok_model, toy_words
+    from moequant.nn.packed import packed_names, packed_tensor
+
+    caplog.set_level(logging.INFO, logger="moequant")
+    olmoe, text = tok_model_dir
+    tok, llama = toy_tok_model("llama", toy_lines(toy_words(4000)))
+    llama.save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    for src, extra in ((tmp_path / "llama", []), (olmoe, ["--share", "layer"])):
+        out = tmp_path / f"a_{src.name}"
+        rc, _, err = _run(capsys, "-q", "quantize", str(src), "--method", "additive", "--codebooks", "2x8", "--group",
+                          "8", "--init", "oa-em", "--beam", "4", "--search-rounds", "1", *extra, "--calib", str(text),
+                          "--calib-samples", "4", "--calib-seqlen", "32", "--out", str(out))
+        assert rc == 0, err
+        rep = json.loads((out / "report.json").read_text())
+        assert rep["solver"]["solver"] == "ldlq" and rep["solver"]["incoherence"] == "none" and rep["calibration"]
+        assert all(0 < t["proxy"] < 0.1 for t in rep["quantized_tensors"])
+        metas = json.loads((out / "config.json").read_text())["quantization_config"]["tensors"]
+        files = {}
+        for f in out.glob("*.safetensors"):
+            files.update(load_file(f))
+        model = moequant.load(out)
+        loaded = {f"{name}.{p}": packed_tensor(mod, p) for name, mod in model.named_modules() for p in packed_names(mod)}
+        assert set(loaded) == set(metas) and len(metas) == len(rep["quantized_tensors"])
+        for name, meta in metas.items():
+            assert meta["format"] == "additive-packed" and meta["share"] == ("layer" if extra else "expert")
+            *lead, n, k = meta["shape"]
+            codes = files[f"{name}_codes"].to(torch.int64).reshape(-1, n, k // 8, 2)  # [E, N, G, M]
+            books = files[f"{name}_codebooks"].float()
+            assert books.shape == ((2, 256, 8) if not lead or extra else (*lead, 2, 256, 8))
+            books = books.reshape(-1, 2, 256, 8)
+            scale = files[f"{name}_scale"].float().reshape(-1, n)
+            by_hand = torch.stack([scale[e, :, None] * (books[e % books.shape[0], 0][codes[e, :, :, 0]]
+                                                        + books[e % books.shape[0], 1][codes[e, :, :, 1]]).reshape(n, k)
+                                   for e in range(codes.shape[0])]).reshape(meta["shape"])
+            assert torch.equal(loaded[name].dequantize(), by_hand), name
+        with torch.no_grad():
+            assert torch.isfinite(model(torch.tensor([[1, 5, 9, 14]])).logits).all()
+    assert any("recipe: additive2x8-g8-oa-em-shared, beam search under the Hessian" in r.message
+               for r in caplog.records)
+    rc, _, err = _run(capsys, "-q", "quantize", str(olmoe), "--method", "additive", "--share", "layer", "--incoherence",
+                      "rht", "--calib", str(text), "--calib-samples", "4", "--calib-seqlen", "32", "--out",
+                      str(tmp_path / "x"))
+    assert rc == 2 and "cannot follow" in err and not (tmp_path / "x").exists()

@@ -10,7 +10,8 @@ from moequant.codecs.config import AdditiveConfig
 from moequant.formats.additive import AdditiveTensor, code_bytes, pack_codes, unpack_codes
 from moequant.formats.base import check_data
 from moequant.formats.bitpack import chunk_geometry
-from moequant.formats.methods import METHODS
+from moequant.formats.methods import METHODS, tensor_class_for
+from moequant.formats.registry import FORMATS, encode, from_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,7 +53,7 @@ def test_packed_round_trip_is_exact(shape, m, b, g, share):
     want = _decode_by_hand(parts, shape, share)
     assert torch.equal(qt.dequantize(), want)
     sd = qt.to_state_dict("w")
-    back = AdditiveTensor.from_state_dict(sd, "w", qt.meta())
+    back = from_state_dict(sd, "w", qt.meta())
     assert type(back) is AdditiveTensor and all(torch.equal(back.data[n], qt.data[n]) for n in qt.data)
     assert torch.equal(back.dequantize(), want)
     check_data(AdditiveTensor, shape, AdditiveTensor.check_meta(qt.meta())[1],
@@ -106,7 +107,7 @@ def test_decode_of_encode_is_the_codecs_reconstruction():
     h = torch.eye(16) + 0.5 * torch.ones(16, 16)
     for share in ("expert", "layer"):
         cfg = AdditiveConfig(M=2, B=4, g=4, share=share, **FAST)
-        qt = AdditiveTensor.encode(w, cfg, h)
+        qt = encode(w, cfg, h)
         codes, books, scale = quantize(w, h, cfg)  # the encoder is deterministic: the same parts again
         flat_books = books if books.dim() == 3 else books.reshape(-1, *books.shape[-3:])
         assert torch.equal(qt.dequantize(), reconstruct(codes, flat_books, scale))
@@ -140,3 +141,41 @@ def test_refusals():
     with pytest.raises(TypeError, match="needs an AdditiveConfig"):
         AdditiveTensor.encode(torch.zeros(4, 8), METHODS.get("int").from_flags(lambda n, d: d))
 
+
+def test_method_entry_builds_the_config_from_flags():
+    m = METHODS.get("additive")
+    flags = {"codebooks": "1x16", "group": 8, "init": "kmeans", "share": "layer"}
+    cfg = m.from_flags(lambda name, default: flags.get(name, default))
+    assert cfg == AdditiveConfig(M=1, B=16, g=8, init="kmeans", share="layer")
+    assert METHODS.find(cfg) is m and tensor_class_for(cfg) is AdditiveTensor and m.columns is None
+    assert FORMATS.get("additive-packed") is AdditiveTensor
+    assert m.from_flags(lambda name, default: default) == AdditiveConfig()  # 2x8, g8, beam 8, oa-em, per expert
+    with pytest.raises(ValueError, match="is not MxB"):
+        m.from_flags(lambda name, default: {"codebooks": "2by8"}.get(name, default))
+    with pytest.raises(ValueError, match="--bits 3 does not apply"):
+        m.from_flags(lambda name, default: {"bits": 3}.get(name, default))
+    assert m.from_flags(lambda name, default: {"bits": 2}.get(name, default)).bits == 2
+
+
+def test_solver_hands_the_encoder_the_damped_hessian():
+    # --solver auto picks "ldlq" for additive (calibrate) and no rotation; solve_tensor then encodes with the
+    # whole damped Hessian (no column feedback); rtn encodes without it; act-order has no columns to order
+    from moequant.alloc.defaults import auto_incoherence, auto_solver
+    from moequant.calib.hessian import damp
+    from moequant.errors import MoequantError
+    from moequant.solvers.config import SolverConfig
+    from moequant.solvers.solve import solve_tensor
+
+    cfg = AdditiveConfig(M=1, B=4, g=4, **FAST)
+    assert auto_solver(cfg) == "ldlq" and auto_incoherence("ldlq", [cfg]) == "none"
+    torch.manual_seed(0)
+    w = torch.randn(8, 16)
+    x = torch.randn(64, 16) @ torch.randn(16, 16)
+    h = (x.T @ x / 64).double()
+    qt, info = solve_tensor(w, cfg, SolverConfig(solver="ldlq", damp=0.05), h, "t")
+    assert torch.equal(qt.dequantize(), encode(w, cfg, damp(h, 0.05)).dequantize())
+    plain, plain_info = solve_tensor(w, cfg, SolverConfig(solver="rtn"), h, "t")
+    assert torch.equal(plain.dequantize(), encode(w, cfg).dequantize())
+    assert 0 < info.proxy[0] < plain_info.proxy[0]  # the Hessian-aware search has the lower output error
+    with pytest.raises(MoequantError, match="no columns to order"):
+        solve_tensor(w, cfg, SolverConfig(solver="ldlq", act_order=True), h, "t")

@@ -12,7 +12,10 @@ loses ×2.9 and the 2-bit trellis ×2.2.
 - GGUF block types (``--method q4_k`` ...): LDLQ with calibration Hessians straight onto the block grid (round
   to nearest for ``q8_0``), and never the Hadamard transform: a GGUF file cannot store a rotated tensor, and
   being exportable to llama.cpp is why one picks these types;
-- incoherence ``auto``: the random Hadamard transform whenever the solver is LDLQ (except for GGUF types);
+- additive codebooks (``--method additive``): calibration Hessians, which the encoder's beam search and
+  codebook updates use whole (no LDLQ column feedback: ``solvers.solve``), and no Hadamard transform;
+- incoherence ``auto``: the random Hadamard transform whenever the solver is LDLQ (except for GGUF types
+  and additive codebooks);
 - the int grid is asymmetric (an integer zero point per group) unless ``--sym`` is given.
 """
 
@@ -20,14 +23,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from moequant.codecs.config import GgufConfig, MethodConfig, TrellisConfig, UniformConfig
+from moequant.codecs.config import AdditiveConfig, GgufConfig, MethodConfig, TrellisConfig, UniformConfig
 
 AUTO = "auto"
 
 
 def auto_solver(config: MethodConfig) -> str:
-    """``rtn`` or ``ldlq`` for ``--solver auto``."""
-    if isinstance(config, TrellisConfig):
+    """``rtn`` or ``ldlq`` for ``--solver auto`` (``ldlq`` for additive codebooks: calibrate, and hand the
+    encoder the Hessian)."""
+    if isinstance(config, (TrellisConfig, AdditiveConfig)):
         return "ldlq"
     if isinstance(config, GgufConfig):
         return "rtn" if config.qtype == "q8_0" else "ldlq"
@@ -38,8 +42,9 @@ def auto_solver(config: MethodConfig) -> str:
 
 def auto_incoherence(solver: str, configs: Iterable[MethodConfig] = ()) -> str:
     """``rht`` or ``none`` for ``--incoherence auto``: the transform is worth its cost only with LDLQ, and
-    never where a GGUF block type is among the recipe's ``configs`` (GGUF cannot store the rotation)."""
-    if any(isinstance(c, GgufConfig) for c in configs):
+    never where a GGUF block type is among the recipe's ``configs`` (GGUF cannot store the rotation) or
+    additive codebooks (not measured to help; shared codebooks cannot follow per-expert rotations)."""
+    if any(isinstance(c, (GgufConfig, AdditiveConfig)) for c in configs):
         return "none"
     return "rht" if solver == "ldlq" else "none"
 
@@ -59,12 +64,17 @@ def collapse_warning(config: MethodConfig, solver: str) -> str | None:
                     "drop --solver rtn to get LDLQ + RHT with calibration")
     if isinstance(config, TrellisConfig) and solver == "rtn":
         return "the trellis without LDLQ error feedback loses much more than with it; drop --solver rtn"
+    if isinstance(config, AdditiveConfig) and solver == "rtn":
+        return ("additive codebooks without a calibration Hessian fit the weights, not the layer's output; "
+                "drop --solver rtn")
     return None
 
 
 def describe(config: MethodConfig, solver: str, incoherence: str, calib: str | None) -> str:
     """A one-line human description of a recipe, e.g. ``int3a-g128-clip, LDLQ + RHT, calibrated on ptb``."""
     parts = [config.short_name, "round-to-nearest" if solver == "rtn" else "LDLQ"]
+    if isinstance(config, AdditiveConfig):
+        parts[-1] = "beam search (weights' squared error)" if solver == "rtn" else "beam search under the Hessian"
     if incoherence == "rht":
         parts[-1] += " + RHT"
     if calib:

@@ -35,9 +35,11 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from moequant.codecs.columns import ColumnQuantizer, lut_columns, trellis_columns, uniform_columns
-from moequant.codecs.config import CONFIG_TYPES, GgufConfig, LutConfig, MethodConfig, TrellisConfig, UniformConfig
+from moequant.codecs.config import (CONFIG_TYPES, AdditiveConfig, GgufConfig, LutConfig, MethodConfig, TrellisConfig,
+                                    UniformConfig)
 from moequant.codecs.kquant import TYPES as GGML_TYPES
 from moequant.codecs.kquant_columns import gguf_columns
+from moequant.formats.additive import AdditiveTensor
 from moequant.formats.base import QuantizedTensor
 from moequant.formats.kquant import GGUF_CLASSES
 from moequant.formats.lut import LutDqTensor, LutTensor
@@ -211,7 +213,39 @@ def _gguf_method(qtype: str) -> Method:
 
 GGUF_METHODS: tuple[Method, ...] = tuple(_gguf_method(q) for q in GgufConfig.QTYPES)
 
-ALL_METHODS: tuple[Method, ...] = (INT, NF4, FP4, TRELLIS, *GGUF_METHODS)
+def _additive_from_flags(get: FlagGetter) -> AdditiveConfig:
+    spec = get("codebooks", "2x8")
+    try:
+        m, b = (int(x) for x in spec.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--codebooks {spec!r} is not MxB (M codebooks of 2^B codewords, e.g. 2x8 or 1x16)") from None
+    cfg = AdditiveConfig(M=m, B=b, g=get("group", 8), beam=get("beam", 8), init=get("init", "oa-em"),
+                         share=get("share", "expert"), search_rounds=get("search_rounds", 3))
+    bits = get("bits", None)
+    if bits is not None and bits != cfg.bits:
+        raise ValueError(f"--method additive sets its width with --codebooks MxB and --group g ({m}x{b} in groups of "
+                         f"{cfg.g}: {cfg.bits:g} code bits/weight); --bits {bits} does not apply")
+    return cfg
+
+
+# AQLM additive codebooks: no column quantizer; the solver hands the encoder the whole Hessian (solvers.solve).
+ADDITIVE = Method(
+    name="additive", config_type=AdditiveConfig, formats=(AdditiveTensor,),
+    flags=(
+        Flag("codebooks", "additive: M codebooks of 2^B codewords each, MxB (default 2x8; 1x16 too)"),
+        Flag("group", "additive: input weights per codeword (default 8)", type=int),
+        Flag("beam", "additive: beam width of the code search (default 8)", type=int),
+        Flag("init", "additive: codebook initialisation, residual k-means or k-means + output-aware EM "
+             "(default oa-em)", choices=AdditiveConfig.INITS),
+        Flag("share", "additive: codebooks per expert (default) or one set for all experts of a fused tensor",
+             choices=AdditiveConfig.SHARES),
+        Flag("search_rounds", "additive: most rounds of Adam on codebooks and scales + beam search (default 3)",
+             type=int),
+    ),
+    from_flags=_additive_from_flags)
+
+
+ALL_METHODS: tuple[Method, ...] = (INT, NF4, FP4, TRELLIS, *GGUF_METHODS, ADDITIVE)
 METHODS = MethodRegistry(ALL_METHODS)
 
 

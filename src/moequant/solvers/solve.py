@@ -1,5 +1,9 @@
 """One weight tensor, one method: (optionally) rotate it incoherent, quantize it with RTN or LDLQ, pack
-it. Experts of a fused ``[E, N, K]`` tensor are solved one at a time, each with its own Hessian."""
+it. Experts of a fused ``[E, N, K]`` tensor are solved one at a time, each with its own Hessian.
+
+A method without a column quantizer (additive codebooks) cannot be driven by LDLQ; with a Hessian (solver
+``ldlq``, what ``--solver auto`` picks for it) its encoder gets the whole damped Hessian and searches its codes
+under it (``formats.registry.encode(w, config, hessian)``)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from moequant.calib.hessian import damp
 from moequant.codecs.config import MethodConfig
 from moequant.errors import MoequantError, UnrepresentableError
 from moequant.formats.base import QuantizedTensor
-from moequant.formats.methods import column_quantizer
+from moequant.formats.methods import METHODS, column_quantizer
 from moequant.formats.registry import encode, tensor_class_for
 from moequant.solvers.config import SolverConfig
 from moequant.solvers.ldlq import ldlq, proxy_loss
@@ -72,10 +76,18 @@ def _solve(w: torch.Tensor, config: MethodConfig, solver: SolverConfig, hessian:
         h = None if h is None else inc.hessian(h)
         h_ev = h if h_eval is None else inc.hessian(h_ev)
     info = SolveInfo()
-    if solver.solver == "rtn" or h is None:
-        if solver.needs_hessian:
+    whole = _searches_whole_matrix(config)
+    if whole and inc is not None and w.dim() == 3 and getattr(config, "share", None) == "layer":
+        raise MoequantError(f"{where}: --incoherence rht rotates every expert differently, which codebooks shared "
+                            f"across experts cannot follow; use --incoherence none or --share expert")
+    if solver.solver == "rtn" or h is None or whole:
+        if solver.needs_hessian and h is None:
             raise MoequantError(f"{where}: solver {solver.solver!r} needs a calibration Hessian")
-        inner = encode(w, config)
+        if whole and solver.act_order:
+            raise MoequantError(f"{where}: --act-order orders LDLQ's columns; {config.short_name} has no columns "
+                                f"to order (drop --act-order)")
+        # a method without a column quantizer takes the whole damped Hessian into its own search
+        inner = encode(w, config, damp(h, solver.damp, where=where) if whole and solver.needs_hessian else None)
         if h is not None:
             w_hat = inner.dequantize()
             info.proxy = _per_expert(lambda e: proxy_loss(_at(w, e), _at(w_hat, e), _at_h(h_ev, e)), w)
@@ -102,6 +114,12 @@ def _solve(w: torch.Tensor, config: MethodConfig, solver: SolverConfig, hessian:
         qt = RotatedTensor.wrap(inner, inc)
     info.seconds = time.time() - t0
     return qt, info
+
+
+def _searches_whole_matrix(config: MethodConfig) -> bool:
+    """A registered method without a column quantizer: its encoder takes the Hessian itself."""
+    m = METHODS.find(config)
+    return m is not None and m.columns is None
 
 
 def check_finite(w: torch.Tensor, where: str) -> None:
