@@ -179,3 +179,30 @@ def test_solver_hands_the_encoder_the_damped_hessian():
     assert 0 < info.proxy[0] < plain_info.proxy[0]  # the Hessian-aware search has the lower output error
     with pytest.raises(MoequantError, match="no columns to order"):
         solve_tensor(w, cfg, SolverConfig(solver="ldlq", act_order=True), h, "t")
+
+
+@pytest.mark.parametrize("m,b", [(2, 8), (1, 12)])
+def test_linear_matches_decode_then_matmul(monkeypatch, m, b):
+    # one input row: the lookup-table path; sixteen: decoded chunks of rows; tiny chunks: the same products
+    import moequant.formats.additive as fa
+
+    shape = (3, 20, 32)
+    qt = AdditiveTensor.from_parts(shape, _parts(shape, m, b, 8, "layer", seed=4),
+                                   AdditiveConfig(M=m, B=b, g=8, share="layer"))
+    view = qt.select(1)  # an expert's view: the shared codebooks, its codes and scales
+    bias = torch.randn(20)
+    gen = torch.Generator().manual_seed(5)
+    for t in (1, 16):
+        x = torch.randn(t, 32, generator=gen)
+        want = torch.nn.functional.linear(x, view.dequantize(), bias)
+        got = view.linear(x, bias)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+        with monkeypatch.context() as mp:
+            mp.setattr(fa, "_CHUNK_ELEMS", 64)  # a few rows per chunk
+            torch.testing.assert_close(view.linear(x, bias), got, rtol=1e-6, atol=1e-6)
+            mp.setattr(fa, "_LUT_MAX_ROWS", 0)  # the decode path for one row too
+            torch.testing.assert_close(view.linear(x, bias), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    y = view.linear(torch.randn(4, 5, 32, dtype=torch.float64))
+    assert y.shape == (4, 5, 20) and y.dtype == torch.float64
+    with pytest.raises(ValueError, match="needs a 2-D tensor"):
+        qt.linear(torch.randn(1, 32))
