@@ -156,6 +156,8 @@ def test_errors() -> None:
 
 
 def test_registry() -> None:
-    assert FORMATS.names() == ["lut4-dq-packed", "lut4-packed", "rht", "trellis-packed", "uniform-asym-packed",
-                              "uniform-packed"]
+    gguf = ["gguf-iq4_nl", "gguf-q2_k", "gguf-q3_k", "gguf-q4_0", "gguf-q4_k", "gguf-q5_0", "gguf-q5_1", "gguf-q5_k",
+            "gguf-q6_k", "gguf-q8_0"]
+    assert FORMATS.names() == ["additive-packed", *gguf, "lut4-dq-packed", "lut4-packed", "rht", "trellis-packed",
+                               "uniform-asym-packed", "uniform-packed"]
     assert FORMATS.get("uniform-packed") is UniformTensor
