@@ -34,8 +34,11 @@ def _drive(q, w: torch.Tensor) -> torch.Tensor:
 
 
 def test_every_method_has_variants():
-    assert set(VARIANTS) == set(METHODS.names()) == {"int", "nf4", "fp4", "trellis", "q2_k", "q3_k", "q4_k", "q5_k",
-                                                     "q6_k", "q4_0", "q5_0", "q5_1", "q8_0", "iq4_nl"}
+    # additive has no column quantizer (its encoder takes the whole Hessian); tests/formats/test_additive_tensor.py
+    # checks its flags -> config -> packed class
+    assert set(VARIANTS) | {"additive"} == set(METHODS.names()) == {"int", "nf4", "fp4", "trellis", "q2_k", "q3_k",
+                                                                    "q4_k", "q5_k", "q6_k", "q4_0", "q5_0", "q5_1",
+                                                                    "q8_0", "iq4_nl", "additive"}
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -74,7 +77,7 @@ def test_duplicate_registration_raises():
 
 
 def test_unknown_method_lists_the_known_ones(capsys):
-    known = "fp4, int, iq4_nl, nf4, q2_k, q3_k, q4_0, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0, trellis"
+    known = "additive, fp4, int, iq4_nl, nf4, q2_k, q3_k, q4_0, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0, trellis"
     with pytest.raises(KeyError, match=rf"unknown method 'q9_z' \(known: {known}\)"):
         METHODS.get("q9_z")
     with pytest.raises(SystemExit):
