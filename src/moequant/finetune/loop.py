@@ -1,0 +1,348 @@
+"""The PV-tuning run: a quantized run directory in, a normal packed checkpoint out (``moequant finetune``).
+
+Each step draws ``batch`` calibration windows (a generator seeded by ``(seed, step)``, so a resumed run draws
+what the uninterrupted one would), runs the teacher (the unquantized model the run was made from, its
+``report.json``'s ``model``) and the student (the run, its packed weights decoded differentiably), takes the
+token-mean KL, then a P-step on every continuous parameter and, every ``v_every`` steps, a V-step on every
+packed tensor (``finetune.pv``). The KL on the first ``eval_windows`` windows is measured before and after.
+
+Work directory ``.<out-name>.moequant-finetune/`` beside ``--out``: ``log.jsonl`` (one line per step: step,
+loss, fraction of codes changed), and every ``save_every`` steps ``state-<step>.safetensors`` (codes, codebooks,
+scales, norms, every Adam moment, the straight-through offsets) with ``state.json`` (fingerprint, step, Adam
+step counts, step sizes, history) written after it. ``--resume`` continues from the saved step and ends with
+the same checkpoint bytes as an uninterrupted run. The directory is removed once the checkpoint is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from moequant.calib.data import CalibData
+from moequant.errors import MoequantError
+from moequant.finetune.pv import AdamState, adam_step, kl_loss, rate_for, st_target
+from moequant.finetune.trainable import norm_parameters, open_tensors, train_forward, write_back
+
+log = logging.getLogger(__name__)
+
+WORK_SUFFIX = ".moequant-finetune"
+
+
+@dataclass(frozen=True)
+class PVSettings:
+    steps: int
+    lr: float = 1e-3  # P-step size relative to each parameter's RMS
+    code_lr: float = 1e-3  # straight-through step relative to each decoded weight's RMS
+    max_change: float = 0.01  # fraction of a tensor's codes a V-step may change
+    v_every: int = 1
+    batch: int = 4
+    train_norms: bool = True
+    seed: int = 0
+    save_every: int = 50
+    eval_windows: int = 8
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        for name in ("lr", "code_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.max_change <= 1:
+            raise ValueError(f"--max-change must be in [0, 1], got {self.max_change}")
+        for name in ("v_every", "batch", "save_every", "eval_windows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class PVJob:
+    run: Path
+    out: Path
+    settings: PVSettings
+    calib: CalibData | None = None  # None: the run's own calibration text and windows
+    overwrite: bool = False
+    resume: bool = False
+    progress: bool = True
+
+
+def work_dir_for(out: Path) -> Path:
+    return out.parent / f".{out.name}{WORK_SUFFIX}"
+
+
+def batch_index(seed: int, step: int, windows: int, batch: int) -> torch.Tensor:
+    """The windows of step ``step``: ``[batch]`` drawn by a generator seeded with ``(seed, step)``."""
+    g = torch.Generator().manual_seed((seed << 32) + step)
+    return torch.randint(0, windows, (batch,), generator=g)
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def _run_report(run: Path) -> dict[str, Any]:
+    from moequant.fsutil import read_json_object
+
+    if not (run / "config.json").is_file():
+        raise MoequantError(f"{run}: not a moequant checkpoint (no config.json)")
+    qcfg = (read_json_object(run / "config.json") or {}).get("quantization_config") or {}
+    formats = sorted({m.get("format") for m in (qcfg.get("tensors") or {}).values()})
+    if formats != ["additive-packed"]:
+        raise MoequantError(f"{run}: PV-tuning needs an additive run (--method additive); its tensors are "
+                            f"{', '.join(map(str, formats)) or 'not quantized'}")
+    rep = read_json_object(run / "report.json")
+    if not rep or not isinstance(rep.get("model"), str) or not rep["model"]:
+        raise MoequantError(f"{run}: no report.json naming the model it was quantized from (the teacher)")
+    return rep
+
+
+def _calib_spec(job: PVJob, rep: dict[str, Any]) -> CalibData:
+    if job.calib is not None:
+        return job.calib
+    c = rep.get("calibration") or {}
+    if not c.get("data"):
+        raise MoequantError(f"{job.run} was quantized without calibration text: pass --calib")
+    return CalibData(data=c["data"], split=c.get("split", "train"), samples=int(c["sequences"]),
+                     seqlen=int(c["seqlen"]), seed=int(c.get("seed", 0)))
+
+
+def _teacher(rep: dict[str, Any], run: Path):
+    from moequant.bench import base_model_of
+    from moequant.models.loader import load_model
+
+    spec = base_model_of(run)
+    log.info("teacher: %s", spec)
+    model, tok, _ = load_model(spec)
+    if tok is None:
+        raise MoequantError(f"the teacher {spec} has no tokenizer: cannot tokenize the calibration text")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+
+class PVState:
+    """Everything a step changes: the trainable tensors, the norms, the Adam moments, the offsets ``δ``."""
+
+    def __init__(self, model: torch.nn.Module, settings: PVSettings) -> None:
+        self.tensors = open_tensors(model)
+        self.params: dict[str, torch.Tensor] = {}
+        for name, t in self.tensors.items():
+            self.params.update({f"{name}:{k}": p for k, p in t.parameters().items()})
+        if settings.train_norms:
+            for name, p in norm_parameters(model).items():
+                p.requires_grad_(True)
+                self.params[name] = p
+        self.adam = {n: AdamState.zeros_like(p) for n, p in self.params.items()}
+        self.rates = {n: rate_for(p, settings.lr) for n, p in self.params.items()}
+        self.delta: dict[str, torch.Tensor] = {}
+        self.v_adam: dict[str, AdamState] = {}
+        self.v_rates: dict[str, float] = {}
+        with torch.no_grad():
+            for name, t in self.tensors.items():
+                w = t.weight()
+                self.delta[name] = torch.zeros_like(w)
+                self.v_adam[name] = AdamState.zeros_like(w)
+                self.v_rates[name] = rate_for(w, settings.code_lr)
+
+    def tensors_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, t in self.tensors.items():
+            out.update({f"t/{name}/{k}": v for k, v in t.state().items()})
+            out[f"delta/{name}"] = self.delta[name]
+            out[f"vm/{name}"], out[f"vv/{name}"] = self.v_adam[name].m, self.v_adam[name].v
+        for name, p in self.params.items():
+            if ":" not in name:
+                out[f"norm/{name}"] = p.detach()
+            out[f"m/{name}"], out[f"v/{name}"] = self.adam[name].m, self.adam[name].v
+        return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+    def meta(self) -> dict[str, Any]:
+        return {"adam_t": {n: s.t for n, s in self.adam.items()}, "v_adam_t": {n: s.t for n, s in self.v_adam.items()},
+                "rates": self.rates, "v_rates": self.v_rates}
+
+    def load(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        for name, t in self.tensors.items():
+            t.load_state({k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"t/{name}/")})
+            self.delta[name] = tensors[f"delta/{name}"].clone()
+            self.v_adam[name] = AdamState(tensors[f"vm/{name}"].clone(), tensors[f"vv/{name}"].clone(),
+                                          meta["v_adam_t"][name])
+        with torch.no_grad():
+            for name, p in self.params.items():
+                if ":" not in name:
+                    p.copy_(tensors[f"norm/{name}"])
+                self.adam[name] = AdamState(tensors[f"m/{name}"].clone(), tensors[f"v/{name}"].clone(),
+                                            meta["adam_t"][name])
+        self.rates, self.v_rates = dict(meta["rates"]), dict(meta["v_rates"])
+
+
+def _save_state(work: Path, step: int, state: PVState, fp: dict[str, Any], history: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    from moequant.fsutil import atomic_write_json, temp_name
+
+    tmp = work / temp_name("tmp", f"state-{step}", ".safetensors")
+    save_file(state.tensors_dict(), str(tmp))
+    final = work / f"state-{step}.safetensors"
+    tmp.replace(final)
+    atomic_write_json(work / "state.json", {"fingerprint": fp, "step": step, "file": final.name, **state.meta(),
+                                            "history": history})
+    for old in work.glob("state-*.safetensors"):
+        if old != final:
+            old.unlink()
+
+
+def _load_state(work: Path, state: PVState, fp: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    from moequant.fsutil import read_json_object
+
+    meta = read_json_object(work / "state.json")
+    if meta is None:
+        return 0, {}
+    if meta.get("fingerprint") != fp:
+        diff = sorted(k for k in set(fp) | set(meta.get("fingerprint", {})) if meta["fingerprint"].get(k) != fp.get(k))
+        raise MoequantError(f"--resume: {work} was written by a different run (differs in {', '.join(diff)}); "
+                            "remove it to start over")
+    state.load(load_file(str(work / meta["file"])), meta)
+    return int(meta["step"]), meta["history"]
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def mean_kl(student, teacher, windows: torch.Tensor, batch: int, weights: dict[str, torch.Tensor] | None = None
+            ) -> float:
+    """Token-mean KL(teacher ‖ student) over ``windows [S, L]`` (equal-sized batches weigh by tokens)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, windows.shape[0], batch):
+            ids = windows[i:i + batch]
+            t_logp = torch.log_softmax(teacher(ids, use_cache=False).logits.float(), -1)
+            total += float(kl_loss(student(ids, use_cache=False).logits, t_logp)) * ids.shape[0]
+            count += ids.shape[0]
+    return total / count
+
+
+def _step(student, teacher, ids: torch.Tensor, state: PVState, weights: dict[str, torch.Tensor], do_v: bool,
+          max_change: float) -> tuple[float, float | None]:
+    """One P-step (and V-step when ``do_v``) on batch ``ids [b, L]`` -> (loss, fraction of codes changed)."""
+    with torch.no_grad():
+        t_logp = torch.log_softmax(teacher(ids, use_cache=False).logits.float(), -1)  # [b, L, V]
+    for name, t in state.tensors.items():
+        weights[name] = t.weight()
+        weights[name].retain_grad()
+    loss = kl_loss(student(ids, use_cache=False).logits, t_logp)
+    for p in state.params.values():
+        p.grad = None
+    loss.backward()
+    with torch.no_grad():
+        for name, p in state.params.items():
+            p.copy_(adam_step(p, p.grad, state.adam[name], state.rates[name]))
+            p.grad = None
+    changed = None
+    if do_v:
+        moved = total = 0
+        with torch.no_grad():
+            for name, t in state.tensors.items():
+                target = st_target(t.weight(), state.delta[name], weights[name].grad, state.v_adam[name],
+                                   state.v_rates[name])
+                frac = t.reencode(target, max_change)
+                n_codes = t.state()["codes"].numel()
+                moved, total = moved + frac * n_codes, total + n_codes
+                state.delta[name] = target - t.weight()
+        changed = moved / max(1, total)
+    weights.clear()
+    return float(loss.detach()), changed
+
+
+def run_pv(job: PVJob, argv: list[str] | None = None, on_step: Callable[[int, float], None] | None = None
+           ) -> dict[str, Any]:
+    """Fine-tune ``job.run`` into ``job.out``; returns the result ``report.json`` holds. ``on_step(step, loss)``
+    is called after each step."""
+    from tqdm.auto import tqdm
+
+    from moequant import api
+    from moequant.calib.data import calibration_tokens
+    from moequant.fsutil import AtomicDir, atomic_write_json, check_output
+    from moequant.resume import remove_work_dir, tokens_digest
+    from moequant.runinfo import run_info
+
+    settings, run, out = job.settings, Path(job.run), Path(job.out)
+    work = work_dir_for(out)
+    if work.exists() and not job.resume:
+        raise MoequantError(f"{work} holds the progress of an interrupted finetune to {out}: pass --resume to "
+                            "continue it, or remove that directory to start over")
+    rep = _run_report(run)
+    check_output(out, job.overwrite, "--out", sources=[run])
+    calib = _calib_spec(job, rep)
+    teacher, tok = _teacher(rep, run)
+    tokens = calibration_tokens(tok, calib)  # [S, L]
+    student = api.load(run)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    state = PVState(student, settings)
+    fp = {"run": str(run.resolve()), "run_config": (run / "config.json").read_text(),
+          "settings": {k: v for k, v in asdict(settings).items() if k != "steps"}, "calib": calib.to_dict(),
+          "tokens": tokens_digest(tokens)}
+    evalw = tokens[:settings.eval_windows]
+    start, history = 0, {}
+    if job.resume and work.exists():
+        start, history = _load_state(work, state, fp)
+        log.info("--resume: continuing from step %d", start)
+    work.mkdir(exist_ok=True)
+    t0 = time.time()
+    if not history:
+        history = {"loss_before": mean_kl(student, teacher, evalw, settings.batch), "loss": [], "changed": [],
+                   "seconds": 0.0}
+    logf = work / "log.jsonl"
+    lines = logf.read_text().splitlines()[:start] if logf.exists() else []
+    logf.write_text("".join(line + "\n" for line in lines))
+    weights: dict[str, torch.Tensor] = {}
+    with train_forward(student, state.tensors, weights), open(logf, "a") as logfh:
+        bar = tqdm(range(start, settings.steps), desc="pv", unit="step", disable=not job.progress,
+                   initial=start, total=settings.steps)
+        for step in bar:
+            ids = tokens[batch_index(settings.seed, step, tokens.shape[0], settings.batch)]
+            loss, changed = _step(student, teacher, ids, state, weights, (step + 1) % settings.v_every == 0,
+                                  settings.max_change)
+            history["loss"].append(loss)
+            if changed is not None:
+                history["changed"].append(changed)
+            logfh.write(json.dumps({"step": step + 1, "loss": loss, "changed": changed}) + "\n")
+            logfh.flush()
+            bar.set_postfix(kl=f"{loss:.4f}")
+            done = step + 1
+            if done % settings.save_every == 0 and done < settings.steps:
+                _save_state(work, done, state, fp, {**history, "seconds": history["seconds"] + time.time() - t0})
+            if on_step is not None:
+                on_step(done, loss)
+    for p in state.params.values():
+        p.requires_grad_(False)
+    write_back(student, state.tensors)
+    loss_after = mean_kl(student, teacher, evalw, settings.batch)
+    seconds = history["seconds"] + time.time() - t0
+    result = {
+        "model": rep["model"], "source": rep.get("source"), "config": rep.get("config"),
+        "bits_per_weight": rep.get("bits_per_weight"), "calibration": rep.get("calibration"),
+        "finetuned_from": str(run), "out": str(out),
+        "finetune": {"method": "pv", **asdict(settings), "calib": calib.to_dict(),
+                     "loss": "token-mean KL(teacher || student) on the first eval_windows calibration windows",
+                     "loss_before": history["loss_before"], "loss_after": loss_after,
+                     "train_loss": history["loss"], "changed_fraction": history["changed"],
+                     "trained_parameters": sum(p.numel() for p in state.params.values()),
+                     "seconds": round(seconds, 2)},
+        **run_info(argv),
+    }
+    log.info("KL %.5f -> %.5f over %d steps (%.1f s)", history["loss_before"], loss_after, settings.steps, seconds)
+    with AtomicDir(out, overwrite=job.overwrite) as tmp:
+        api.save(student, tmp, tokenizer=tok, overwrite=True)  # replaces the empty temp dir
+        atomic_write_json(tmp / "report.json", result)
+    remove_work_dir(work)
+    return result

@@ -1,0 +1,157 @@
+"""PV-tuning (Malinovskii et al. 2024) for additive codes: the math of one P-step and one V-step, pure torch.
+
+After the layer-wise pass a quantized weight has *continuous* parameters (codebooks, row scales; the model's
+norms beside them) and *discrete* ones (the codes). PV-tuning alternates:
+
+- **P-step**: the codes fixed, Adam on the continuous parameters against a loss that compares the quantized
+  model with the unquantized one (here the token-mean ``KL(p_teacher ‖ p_student)`` of next-token
+  distributions, ``kl_loss``; a layer-wise MSE works the same way). ``adam_step`` is one such update of one
+  tensor. The step is ``lr`` times the tensor's RMS at the start (``rate_for``), so one learning rate suits
+  codebooks (RMS ~1 in the row-normalised space), row scales (~the weights' RMS) and norm weights (~1).
+- **V-step**: the straight-through direction. The gradient of the loss in the decoded weight ``Ŵ`` moves a
+  continuous target ``T = Ŵ + δ`` by one Adam step (``δ`` carries what the codes could not follow, AQLM's
+  straight-through buffer written relative to ``Ŵ`` so it follows the P-steps); then the codes are re-chosen
+  towards ``T`` under the current codebooks and scales (``v_step``): each group's codes by coordinate descent,
+  one codebook at a time, to the nearest codeword of what the others leave. At most ``max_fraction`` of all
+  codes may change per V-step: the groups whose squared error to ``T`` falls the most go first. Groups are
+  independent under this objective (the row scale is fixed), and a group only changes when its error falls,
+  so a V-step never increases ``‖Ŵ − T‖²``.
+
+Shapes: a tensor of ``E`` matrices ``[E, N, K]`` (``E = 1`` for a plain linear) with ``G = K/g`` groups of
+``g`` weights per row, codes ``[E, N, G, M]``, codebooks ``[M, C, g]`` (one set) or ``[E, M, C, g]``, scales
+``[E, N]`` (``codecs.additive``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moequant.codecs.additive import assign, decode_groups, fp16_exact
+
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+
+
+# ---------------------------------------------------------------- P-step
+
+
+@dataclass
+class AdamState:
+    """First and second moments of one tensor and the number of steps taken."""
+
+    m: torch.Tensor
+    v: torch.Tensor
+    t: int = 0
+
+    @classmethod
+    def zeros_like(cls, p: torch.Tensor) -> "AdamState":
+        return cls(torch.zeros_like(p, dtype=torch.float32), torch.zeros_like(p, dtype=torch.float32))
+
+
+def rate_for(p: torch.Tensor, lr: float) -> float:
+    """The step size of a tensor: ``lr`` times its RMS (a tensor of zeros gets ``lr`` itself)."""
+    rms = float(p.detach().to(torch.float32).pow(2).mean().sqrt()) if p.numel() else 0.0
+    return lr * (rms if rms > 0 else 1.0)
+
+
+def adam_direction(grad: torch.Tensor, state: AdamState) -> torch.Tensor:
+    """Advance ``state`` by ``grad`` (in place) and return the bias-corrected Adam direction ``m̂ / (√v̂ + ε)``."""
+    b1, b2 = BETAS
+    g = grad.to(torch.float32)
+    state.t += 1
+    state.m.mul_(b1).add_(g, alpha=1 - b1)
+    state.v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    denom = (state.v / (1 - b2 ** state.t)).sqrt_().add_(EPS)
+    return state.m / (1 - b1 ** state.t) / denom
+
+
+def adam_step(p: torch.Tensor, grad: torch.Tensor, state: AdamState, rate: float) -> torch.Tensor:
+    """One P-step on one tensor: ``p − rate · m̂ / (√v̂ + ε)`` (a new tensor; ``state`` advances in place)."""
+    return p.detach().to(torch.float32) - rate * adam_direction(grad, state)
+
+
+def kl_loss(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """Token-mean ``KL(p_teacher ‖ p_student)``: logits ``[B, L, V]``, teacher log-probabilities ``[B, L, V]``."""
+    s = F.log_softmax(student_logits.float(), -1).flatten(0, 1)  # [B·L, V]
+    return F.kl_div(s, teacher_logp.flatten(0, 1), log_target=True, reduction="batchmean")
+
+
+def fp16_straight_through(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its float16-rounded values in the forward pass and the identity as its gradient, so the
+    trained model computes with exactly what the format stores."""
+    return t + (fp16_exact(t.detach()) - t.detach())
+
+
+# ---------------------------------------------------------------- V-step
+
+
+def st_target(w_hat: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, state: AdamState, rate: float
+              ) -> torch.Tensor:
+    """The straight-through target ``T = Ŵ + δ − rate · Adam(∂L/∂Ŵ)`` ``[*shape]`` (``state`` advances)."""
+    return w_hat.detach().to(torch.float32) + delta - rate * adam_direction(grad, state)
+
+
+def group_errors(y: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """``s² ‖Σ_m C_m[b_m] − y‖²`` per group: y ``[E, N, G, g]``, codes ``[E, N, G, M]``, s2 ``[E, N]`` -> ``[E, N, G]``."""
+    return (decode_groups(codes, codebooks) - y).pow(2).sum(-1) * s2[..., None]
+
+
+def _nearest(target: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Nearest codeword in squared distance: target ``[P, g]``, codebook ``[C, g]`` -> ``[P]`` (``assign`` under
+    the identity metric, chunked there)."""
+    g = target.shape[-1]
+    return assign(target[None, None], torch.eye(g)[None, None], codebook)[0, 0]
+
+
+def coordinate_descent(y: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, sweeps: int) -> torch.Tensor:
+    """Codes re-chosen one codebook at a time as the nearest codeword to what the others leave of ``y``.
+
+    y ``[E, N, G, g]`` (row-normalised targets), codes ``[E, N, G, M]``, codebooks ``[M, C, g]`` or
+    ``[E, M, C, g]`` -> codes ``[E, N, G, M]``."""
+    e, n, G, m_count = codes.shape
+    g = y.shape[-1]
+    books = codebooks.to(torch.float32)
+    out = codes.clone()
+    for _ in range(sweeps):
+        for m in range(m_count):
+            mine = decode_groups(out[..., m:m + 1], books[..., m:m + 1, :, :])  # [E, N, G, g]
+            rest = y - (decode_groups(out, books) - mine)  # [E, N, G, g]: what codebook m should cover
+            if books.dim() == 3:
+                out[..., m] = _nearest(rest.reshape(-1, g), books[m]).reshape(e, n, G)
+            else:
+                for i in range(e):
+                    out[i, ..., m] = _nearest(rest[i].reshape(-1, g), books[i, m]).reshape(n, G)
+    return out
+
+
+def v_step(target: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scale: torch.Tensor,
+           max_fraction: float, sweeps: int = 2) -> tuple[torch.Tensor, float]:
+    """One V-step: codes moved towards ``target`` with at most ``max_fraction`` of them changed.
+
+    target ``[E, N, K]``, codes ``[E, N, G, M]``, codebooks ``[M, C, g]`` / ``[E, M, C, g]`` (the values
+    decoded, i.e. float16-exact), scale ``[E, N]`` -> (codes ``[E, N, G, M]``, fraction of codes changed).
+    Candidates come from ``coordinate_descent``; a group adopts its candidate only if its error
+    ``s² ‖ŷ − target/s‖²`` strictly falls, in order of the largest fall, while the count of changed codes
+    stays within ``floor(max_fraction · codes.numel())``."""
+    e, n, G, m_count = codes.shape
+    g = target.shape[-1] // G
+    s = scale.to(torch.float32)  # [E, N]
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    y = (target.to(torch.float32) / safe[..., None]).reshape(e, n, G, g)  # [E, N, G, g]
+    s2 = s.pow(2)
+    cand = coordinate_descent(y, codes, codebooks, sweeps)  # [E, N, G, M]
+    gain = (group_errors(y, codes, codebooks, s2) - group_errors(y, cand, codebooks, s2)).reshape(-1)  # [E·N·G]
+    moved = (cand != codes).sum(-1).reshape(-1)  # [E·N·G] codes that would change per group
+    budget = int(max_fraction * codes.numel())
+    order = torch.argsort(gain, descending=True, stable=True)
+    useful = gain[order] > 0
+    within = torch.cumsum(moved[order] * useful, 0) <= budget
+    take = torch.zeros_like(useful)
+    take[order] = useful & within  # the largest falls first, as many as the budget allows
+    flat_new, flat_old = cand.reshape(-1, m_count), codes.reshape(-1, m_count)
+    out = torch.where(take[:, None], flat_new, flat_old).reshape(codes.shape)
+    changed = int((out != codes).sum())
+    return out, changed / max(1, codes.numel())
