@@ -544,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     from moequant.bench import add_bench_parser
 
     add_bench_parser(sub)
+    from moequant.finetune.cli import add_finetune_parser
+    add_finetune_parser(sub)
     from moequant.export.cli import add_export_parser
 
     add_export_parser(sub)
