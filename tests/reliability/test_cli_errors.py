@@ -176,8 +176,8 @@ def test_hub_id_offline(capsys, tmp_path, monkeypatch):
     ({"rules": [{"match": "kind:linear", "config": {"type": "UniformConfig", "bits": 7}}]},
      "recipe rule 0 ('kind:linear'): --bits 7 is not supported by the int codec (choose from (2, 3, 4, 5, 6, 8))"),
     ({"rules": [{"match": "kind:linear", "config": {"type": "NoSuch"}}]},
-     "recipe rule 0 ('kind:linear'): unknown method config type 'NoSuch' (known: ['LutConfig', 'TrellisConfig', "
-     "'UniformConfig'])"),
+     "recipe rule 0 ('kind:linear'): unknown method config type 'NoSuch' (known: ['AdditiveConfig', 'GgufConfig', "
+     "'LutConfig', 'TrellisConfig', 'UniformConfig'])"),
     ({"rules": [{"match": "re:(", "config": None}]},
      "recipe rule 're:(': bad regex (missing ), unterminated subpattern at position 0)"),
     ({"rules": [{"match": "kind:conv", "config": None}]},
