@@ -238,9 +238,12 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
                  progress=not args.quiet, verify=not args.no_verify)
     r = run_ppl(job, sys.argv[1:])
     lo, hi = r["ci95"]
-    _print_json_or_table(r, args.json, [f"{args.model} {args.data}/{args.split}: PPL {r['ppl']:.3f} "
-                                        f"[95% CI {lo:.3f}, {hi:.3f}] over {r['tokens']} tokens, "
-                                        f"{r['n_windows']} windows of {r['seqlen']}"])
+    lines = [f"{args.model} {args.data}/{args.split}: PPL {r['ppl']:.3f} [95% CI {lo:.3f}, {hi:.3f}] over "
+             f"{r['tokens']} tokens, {r['n_windows']} windows of {r['seqlen']}"]
+    if r.get("experts_total"):  # a model with QuantExperts: the routed experts its passes decoded
+        lines.append(f"routed experts computed: {r['experts_computed']} of {r['experts_total']} "
+                     f"({100 * r['experts_computed'] / r['experts_total']:.1f}% of a dense pass)")
+    _print_json_or_table(r, args.json, lines)
     return 0
 
 

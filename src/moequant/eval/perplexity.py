@@ -36,10 +36,17 @@ at a time, with the same fp32 log-softmax (``chunked_window_nll``). The head is 
 model's own logits of the last position of every batch; a model whose head it cannot reproduce (another
 scaling, no decoder hook, no ``logits_to_keep``) is scored from its full logits as before. ``eval tasks``
 (``lm_eval_adapter``) scores its continuations with the same ``ChunkedScorer`` / ``head_target_logprobs``.
+
+Routed experts: on a model with ``QuantExperts`` the result also says how many experts the scoring passes
+computed (``experts_computed``: per call, the experts that got at least one token) against a dense pass
+(``experts_total``: every expert on every call), in total and per experts module
+(``moequant.nn.quant_experts.count_routed_experts``). A batch scored from full logits after the head check
+failed (see above) ran the model twice; both passes are counted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -51,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from moequant.eval.bootstrap import bootstrap_ci
+from moequant.nn.quant_experts import ExpertCounts, QuantExperts, count_routed_experts
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +96,9 @@ class PplConfig:
 class PplResult:
     """Perplexity of one run. ``nll_per_window[i]`` is the NLL sum (nats) over the
     ``tokens_per_window[i]`` scored tokens of window ``i``; ``ci95`` is a percentile bootstrap over
-    windows (``bootstrap_ci``, 2000 replicates, seed 0)."""
+    windows (``bootstrap_ci``, 2000 replicates, seed 0). ``experts_*`` (``None`` for a model without
+    ``QuantExperts``): the experts computed against a dense pass's, summed and per experts module
+    (``{name: {"computed", "total", "calls"}}``)."""
 
     ppl: float
     nll_mean: float
@@ -101,11 +111,26 @@ class PplResult:
     nll_per_window: list[float]
     tokens_per_window: list[int]
     max_tokens: int | None = None
+    experts_computed: int | None = None
+    experts_total: int | None = None
+    experts_per_layer: dict[str, dict[str, int]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["ci95"] = list(self.ci95)
+        if self.experts_total is None:  # no QuantExperts: the JSON of a dense model is unchanged
+            for key in ("experts_computed", "experts_total", "experts_per_layer"):
+                del out[key]
         return out
+
+
+def expert_totals(counts: dict[str, ExpertCounts]) -> dict[str, Any]:
+    """``PplResult``'s ``experts_*`` fields from ``count_routed_experts``' counts (empty for no module)."""
+    if not counts:
+        return {}
+    return {"experts_computed": sum(c.computed for c in counts.values()),
+            "experts_total": sum(c.total for c in counts.values()),
+            "experts_per_layer": {name: asdict(c) for name, c in counts.items()}}
 
 
 # ---------------------------------------------------------------- windows (pure)
@@ -338,7 +363,9 @@ def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor, config:
     nll = [0.0] * len(windows)
     batches = _batches(windows, config.batch_size)
     scorer = ChunkedScorer(model, chunk_rows)
-    with torch.inference_mode():
+    has_experts = any(isinstance(m, QuantExperts) for m in model.modules())
+    with torch.inference_mode(), \
+            (count_routed_experts(model) if has_experts else contextlib.nullcontext({})) as expert_counts:
         for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
             input_ids = torch.stack([windows[i][0] for i in batch]).to(device)  # [B, L]
             sums = scorer.nll(input_ids, [windows[i][1] for i in batch], kwargs)
@@ -359,10 +386,13 @@ def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor, config:
         ppl=math.exp(nll_mean), nll_mean=nll_mean,
         ci95=bootstrap_ci(nll, counts), tokens=total_tokens, seqlen=config.seqlen,
         stride=config.effective_stride, add_bos=config.add_bos, n_windows=len(windows),
-        nll_per_window=nll, tokens_per_window=counts, max_tokens=config.max_tokens,
+        nll_per_window=nll, tokens_per_window=counts, max_tokens=config.max_tokens, **expert_totals(expert_counts),
     )
     log.info("perplexity %.4f (95%% CI %.4f-%.4f) over %d tokens in %d windows", result.ppl, *result.ci95,
              result.tokens, result.n_windows)
+    if result.experts_total:
+        log.info("routed experts computed: %d of %d (%.1f%% of a dense pass)", result.experts_computed,
+                 result.experts_total, 100.0 * result.experts_computed / result.experts_total)
     return result
 
 

@@ -16,10 +16,16 @@ The per-expert views of a packed tensor (``QuantizedTensor.select(e)``) are buil
 module (``expert_views``; not in ``state_dict``), so a per-tensor runtime cache a fast kernel keeps on a
 view (e.g. an int4 repack) lives as long as the weights do. They are rebuilt when the buffers change
 (``.to()``, ``load_state_dict``, an in-place write).
+
+Counting (``count_routed_experts(model)``, a context manager): while it is open, every ``QuantExperts`` of
+``model`` adds to an ``ExpertCounts`` how many experts its projections ran for (the routed experts, those
+with at least one token, once per call) and how many a dense pass would run (``E`` per call). Outside it
+the forward pass does no counting work beyond one dict lookup.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -34,6 +40,7 @@ from moequant.nn.packed import buffers_token, buffers_unchanged, packed_tensor, 
 ExpertLinear = Callable[[int, torch.Tensor], torch.Tensor]  # (expert e, x [n_e, K]) -> [n_e, N]
 
 _VIEWS = "_moequant_expert_views"
+_COUNTS = "_moequant_expert_counts"
 
 
 # ---------------------------------------------------------------- routing (pure)
@@ -159,6 +166,51 @@ def clear_expert_views(module: nn.Module) -> None:
     module.__dict__.pop(_VIEWS, None)
 
 
+# ---------------------------------------------------------------- counting routed experts
+
+
+@dataclass
+class ExpertCounts:
+    """Expert work of one ``QuantExperts`` while counted: ``computed`` = experts whose projections ran (one per
+    routed expert, i.e. with at least one (token, slot) pair, per call), ``total`` = what a dense pass would run
+    (``E`` per call), ``calls`` = forward calls."""
+
+    computed: int = 0
+    total: int = 0
+    calls: int = 0
+
+
+def _counted(project: Callable[[torch.Tensor, ExpertRouting], torch.Tensor],
+             counts: ExpertCounts) -> Callable[[torch.Tensor, ExpertRouting], torch.Tensor]:
+    """``project`` that first adds the experts it is about to run for (those ``routing`` gives rows) to ``counts``."""
+
+    def run(x: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
+        counts.computed += sum(1 for c in routing.counts if c)
+        return project(x, routing)
+
+    return run
+
+
+@contextmanager
+def count_routed_experts(model: nn.Module) -> Iterator[dict[str, ExpertCounts]]:
+    """Count, inside the ``with`` block, the experts every ``QuantExperts`` of ``model`` computes: yields
+    ``{module name: ExpertCounts}`` (empty when the model has none), filled as the model runs. Nested blocks on
+    the same modules count into the innermost one and restore the outer one on exit."""
+    modules = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantExperts)]
+    counts = {name: ExpertCounts() for name, _ in modules}
+    outer = [m.__dict__.get(_COUNTS) for _, m in modules]
+    for name, m in modules:
+        m.__dict__[_COUNTS] = counts[name]
+    try:
+        yield counts
+    finally:
+        for (_, m), prev in zip(modules, outer):
+            if prev is None:
+                m.__dict__.pop(_COUNTS, None)
+            else:
+                m.__dict__[_COUNTS] = prev
+
+
 # ---------------------------------------------------------------- the module
 
 
@@ -211,8 +263,13 @@ class QuantExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        return grouped_experts(hidden_states, top_k_index, top_k_weights, self.num_experts,
-                               self._project("gate_up_proj", 2 * self.intermediate_dim),
+        gate_up = self._project("gate_up_proj", 2 * self.intermediate_dim)
+        counts: ExpertCounts | None = self.__dict__.get(_COUNTS)
+        if counts is not None:  # only inside count_routed_experts
+            counts.calls += 1
+            counts.total += self.num_experts
+            gate_up = _counted(gate_up, counts)  # once per call: down runs for the same experts
+        return grouped_experts(hidden_states, top_k_index, top_k_weights, self.num_experts, gate_up,
                                self._project("down_proj", self.hidden_dim),
                                lambda gu: default_gate(gu, self.act_fn))
 
