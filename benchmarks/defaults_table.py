@@ -16,34 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
-from moequant.eval.bootstrap import paired_delta_ci
-from moequant.runinfo import run_info
+from _cli_runs import eval_ppl, paired, quantize, write_json
 
 log = logging.getLogger("defaults_table")
-
-
-def _run(cmd: list[str]) -> float:
-    log.info("$ %s", " ".join(cmd))
-    t0 = time.time()
-    subprocess.run(cmd, check=True)
-    return round(time.time() - t0, 1)
-
-
-def _ppl(model: str, out: Path, max_tokens: int | None) -> tuple[dict[str, Any], list[str], float]:
-    cmd = [sys.executable, "-m", "moequant.cli", "-q", "eval", "ppl", model, "--data", "ptb", "--json", str(out)]
-    if max_tokens:
-        cmd += ["--max-tokens", str(max_tokens)]
-    if not out.is_file():
-        secs = _run(cmd)
-    else:
-        secs = float("nan")  # reused from an earlier run of this script
-    return json.loads(out.read_text()), cmd, secs
 
 
 def main() -> int:
@@ -64,20 +42,15 @@ def main() -> int:
     done = {(r["model"], r["bits"]) for r in rows}
     for model in args.models:
         mt = limits.get(model)
-        base, base_cmd, base_secs = _ppl(model, work / f"{model}-fp-ppl.json", mt)
+        base, base_cmd, base_secs = eval_ppl(model, work / f"{model}-fp-ppl.json", mt)
         for bits in args.bits:
             if (model, bits) in done:
                 continue
             run_dir = work / f"{model}-b{bits}"
-            qcmd = [sys.executable, "-m", "moequant.cli", "-q", "quantize", model, "--bits", str(bits), "--out", str(run_dir)]
-            if run_dir.is_dir():
-                qsecs = float("nan")
-            else:
-                qsecs = _run(qcmd)
-            res, ecmd, esecs = _ppl(str(run_dir), work / f"{model}-b{bits}-ppl.json", mt)
+            qcmd, qsecs = quantize(model, ["--bits", str(bits)], run_dir)
+            res, ecmd, esecs = eval_ppl(str(run_dir), work / f"{model}-b{bits}-ppl.json", mt)
             rep = json.loads((run_dir / "report.json").read_text())
-            d = paired_delta_ci(base["nll_per_window"], base["tokens_per_window"], res["nll_per_window"],
-                                res["tokens_per_window"])
+            d = paired(base, res)
             rows.append({"model": model, "bits": bits, "quantize_command": " ".join(qcmd),
                          "eval_command": " ".join(ecmd), "fp_eval_command": " ".join(base_cmd),
                          "recipe": rep["config"]["rules"][-1]["config"], "solver": rep["solver"],
@@ -87,9 +60,7 @@ def main() -> int:
                          "ratio": res["ppl"] / base["ppl"], "ratio_ci95": list(d.ratio_ci),
                          "seconds_quantize": qsecs, "seconds_eval": esecs, "seconds_eval_fp": base_secs,
                          "nll_per_window": res["nll_per_window"], "fp_nll_per_window": base["nll_per_window"]})
-            out_json.parent.mkdir(parents=True, exist_ok=True)
-            out_json.write_text(json.dumps({"rows": rows, **run_info(["benchmarks/defaults_table.py", *sys.argv[1:]])},
-                                           indent=1))
+            write_json(out_json, {"rows": rows}, "benchmarks/defaults_table.py")
             log.info("%s --bits %d: %.3f b/w, PPL %.2f vs %.2f (x%.3f)", model, bits, rows[-1]["bits_per_weight"],
                      res["ppl"], base["ppl"], rows[-1]["ratio"])
     print("| model | --bits | recipe (no other flag) | bits/weight | PTB tokens | PPL fp | PPL | ratio [95% CI] |")

@@ -1,0 +1,59 @@
+"""Shared by the benchmarks that run the real ``moequant`` command line in subprocesses (exactly the user
+path), one heavy job at a time, reusing what an earlier, interrupted run of the same script finished:
+a checkpoint whose ``report.json`` exists is not quantized again, an eval JSON that exists is not re-run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from moequant.eval.bootstrap import PplDelta, paired_delta_ci
+from moequant.runinfo import run_info
+
+log = logging.getLogger("benchmarks")
+
+MOEQUANT = [sys.executable, "-m", "moequant.cli", "-q"]
+
+
+def run(cmd: list[str]) -> float:
+    """Run ``cmd`` (failing loudly); its wall time in seconds."""
+    log.info("$ %s", " ".join(cmd))
+    t0 = time.time()
+    subprocess.run(cmd, check=True)
+    return round(time.time() - t0, 1)
+
+
+def quantize(model: str, flags: list[str], out: Path) -> tuple[list[str], float]:
+    """``moequant quantize MODEL FLAGS --out OUT`` unless ``OUT/report.json`` exists (then NaN seconds); a
+    directory an interrupted run left without its report is replaced."""
+    cmd = [*MOEQUANT, "quantize", model, *flags, "--out", str(out)]
+    if (out / "report.json").is_file():
+        return cmd, float("nan")
+    return cmd, run(cmd + (["--overwrite"] if out.exists() else []))
+
+
+def eval_ppl(model: str, out: Path, max_tokens: int | None, data: str = "ptb") -> tuple[dict[str, Any], list[str], float]:
+    """``moequant eval ppl MODEL --data DATA --json OUT [--max-tokens N]`` unless ``OUT`` exists (then NaN
+    seconds): (its JSON, the command, seconds)."""
+    cmd = [*MOEQUANT, "eval", "ppl", model, "--data", data, "--json", str(out)]
+    if max_tokens:
+        cmd += ["--max-tokens", str(max_tokens)]
+    secs = float("nan") if out.is_file() else run(cmd)
+    return json.loads(out.read_text()), cmd, secs
+
+
+def paired(base: dict[str, Any], res: dict[str, Any]) -> PplDelta:
+    """Paired bootstrap of ``res``'s PPL against ``base``'s over their (identical) windows."""
+    return paired_delta_ci(base["nll_per_window"], base["tokens_per_window"], res["nll_per_window"],
+                           res["tokens_per_window"])
+
+
+def write_json(path: Path, payload: dict[str, Any], script: str) -> None:
+    """``payload`` plus this run's command, versions, machine and git commit."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**payload, **run_info([script, *sys.argv[1:]])}, indent=1))
