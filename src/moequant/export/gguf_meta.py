@@ -113,7 +113,7 @@ def _add_rope_scaling(w: gguf.GGUFWriter, rope: dict[str, Any], arch: GgufArch) 
             if rope.get(key) is not None:
                 add(float(rope[key]))
     elif kind == "llama3" and arch.arch == gguf.MODEL_ARCH.LLAMA:
-        pass  # a tensor: rope_freqs.weight (llama3_rope_factors)
+        return  # no metadata key: llama.cpp reads llama3 scaling from the tensor rope_freqs.weight (gguf.py writes it)
     else:
         raise MoequantError(f"GGUF export: RoPE type {kind!r} (factor {factor}) is not written by moequant's GGUF "
                             f"export for {arch.name} (supported: default, linear, yarn, llama3)")

@@ -59,6 +59,7 @@ from moequant.codecs.trellis import _unpack_tile_states_bitwise, code_values, re
 from moequant.kernels import cpp_build
 from moequant.kernels.select import use_fast
 from moequant.kernels.triton_load import triton_module
+from moequant.kernels.uniform import needs_grad
 
 EXTENSION = "moequant-trellis"
 SOURCES = ["trellis_gemv.cpp"]
@@ -204,8 +205,7 @@ def linear(qt, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tenso
     µs, 3-5 µs of it the C++ GEMV itself. Under ``torch.compile`` the op is called, so that it traces.
     """
     words, scale, lut = qt.data["words"], qt.data["scale"], qt.data.get("lut")
-    grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-    if torch.compiler.is_compiling() or (x.is_cuda and words.is_cuda and not grad):  # traced / CUDA: the op
+    if torch.compiler.is_compiling() or (x.is_cuda and words.is_cuda and not needs_grad(x, bias)):  # traced / CUDA
         a = qt.attrs
         return trellis_linear(x, words, scale, lut, bias, a["bits"], a["L"], a["V"], a["tile"], a["code"], a["Q"],
                               a["tail_biting"])

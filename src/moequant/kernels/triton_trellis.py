@@ -32,6 +32,7 @@ import torch
 
 from moequant.codecs.config import TrellisConfig
 from moequant.codecs.trellis import check_geometry, tile_bits, words_per_tile
+from moequant.kernels.triton_uniform import block_m as _block_m
 
 CODES = {"hyb": 0, "1mad": 1, "3inst": 2}
 # how a state reads past the stream's end: zeros, whole words again, or bits again
@@ -142,11 +143,6 @@ def _linear_kernel(x_ptr, words_ptr, scale_ptr, lut_ptr, bias_ptr, y_ptr, M, N, 
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     ym = (rm < M)[:, None] & (rn < N)[None, :]
     tl.store(y_ptr + rm.to(tl.int64)[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=ym)
-
-
-def _block_m(m: int) -> int:
-    """Rows of activations per program: 16 (tl.dot's minimum) up to 64 for prefill-sized batches."""
-    return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
 def _geometry(words: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor | None, cfg: TrellisConfig) -> dict:

@@ -116,7 +116,7 @@ def _grouped_kernel(x_ptr, tiles_ptr, codes_ptr, scale_ptr, zero_ptr, y_ptr, N, 
     tl.store(y_ptr + rm[:, None].to(tl.int64) * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=ym)
 
 
-def _block_m(m: int) -> int:
+def block_m(m: int) -> int:
     """Rows of activations per program: 16 (tl.dot's minimum) up to 64 for prefill-sized batches."""
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
@@ -137,7 +137,7 @@ def linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torc
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)  # [M, N]
     if m == 0 or n == 0:
         return y.reshape(*lead, n)
-    bm, bn, bk = _block_m(m), 64, 64
+    bm, bn, bk = block_m(m), 64, 64
     grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
     _linear_kernel[grid](x2, codes.contiguous(), scale.contiguous(), codes if zero is None else zero.contiguous(),
                          x2 if bias is None else bias.contiguous(), y, m, n, k, row_bytes, groups, zrow,
@@ -169,7 +169,7 @@ def grouped(x: torch.Tensor, counts: list[int] | tuple[int, ...], codes: torch.T
     y = torch.empty((s, n), dtype=x.dtype, device=x.device)  # [S, N]
     if s == 0 or n == 0:
         return y
-    bm, bn, bk = _block_m(max(counts)), 64, 64
+    bm, bn, bk = block_m(max(counts)), 64, 64
     tiles = tile_table(counts, bm, x.device)  # [T, 3]
     x2 = x.contiguous()
     grid = (triton.cdiv(n, bn), tiles.shape[0])
