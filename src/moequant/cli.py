@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from moequant.calib.cli_args import add_calib_arguments
 from moequant.errors import MoequantError, one_line
 from moequant.interrupt import interrupt_exit_code, sigterm_as_interrupt
 
@@ -128,12 +129,7 @@ def _add_solver_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--damp", type=float, default=0.01, help="Hessian damping λ (H + λ·mean(diag H)·I), default 0.01")
     g.add_argument("--act-order", action="store_true", help="LDLQ columns by decreasing Hessian diagonal")
     g.add_argument("--seed", type=int, default=0, help="seed of the RHT sign vectors (default 0)")
-    g.add_argument("--calib", default=None, help="calibration text: corpus alias or text file (default ptb when "
-                   "the solver is ldlq); its train split is used")
-    g.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
-    g.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
-    g.add_argument("--calib-seed", type=int, default=0, help="seed of the window positions (default 0)")
-    g.add_argument("--calib-batch-size", type=int, default=8)
+    add_calib_arguments(g, data_help="default ptb when the solver is ldlq; its train split is used", samples=128)
     g.add_argument("--hessian", default="per-expert", choices=["per-expert", "layer-mean", "layer-token-weighted"],
                    help="Hessian of each expert: its own routed tokens (default), or a layer aggregate")
     g.add_argument("--min-expert-tokens", type=int, default=None,
@@ -336,10 +332,7 @@ def _add_carve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, help="routed experts per token [2]")
     g.add_argument("--shared-fraction", type=float, help="MLP neurons in the shared expert (Qwen2-MoE) or "
                    "replicated in every expert (the others) [0.25]")
-    g.add_argument("--calib", help="calibration text: corpus alias or text file [ptb train]")
-    g.add_argument("--calib-samples", type=int, help="calibration windows [64]")
-    g.add_argument("--calib-seqlen", type=int, help="tokens per window [512]")
-    g.add_argument("--calib-seed", type=int, help="seed of the window positions [0]")
+    add_calib_arguments(g, data_help="default ptb, train split", samples=64, batch_size=False, defer_defaults=True)
     g.add_argument("--router-steps", type=int, help="Adam steps fitting each layer's router [150]")
     g.add_argument("--fit-rounds", type=int, help="(router fit, down refit) rounds per layer [1]")
     g.add_argument("--no-refit-down", action="store_true", default=None,

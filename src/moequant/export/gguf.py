@@ -32,6 +32,7 @@ import gguf
 import numpy as np
 import torch
 
+from moequant.calib.cli_args import add_calib_arguments
 from moequant.calib.data import CalibData
 from moequant.errors import MoequantError
 
@@ -321,11 +322,7 @@ def add_parser(esub: argparse._SubParsersAction) -> None:
     c = g.add_argument_group("importance matrix (float models)")
     c.add_argument("--imatrix-out", type=Path, help="also write the calibration Hessian diagonals as a llama.cpp "
                                                     "imatrix file (GGUF format; llama-quantize --imatrix)")
-    c.add_argument("--calib", help="calibration text: corpus alias or text file (default ptb, train split)")
-    c.add_argument("--calib-samples", type=int, help="calibration windows (default 128)")
-    c.add_argument("--calib-seqlen", type=int, help="tokens per window (default 512)")
-    c.add_argument("--calib-seed", type=int, help="seed of the window positions (default 0)")
-    c.add_argument("--calib-batch-size", type=int, default=8)
+    add_calib_arguments(c, data_help="default ptb, train split", samples=128, defer_defaults=True)
     g.set_defaults(func=cmd_export_gguf)
 
 
