@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from moequant.codecs.config import TrellisConfig
-from moequant.codecs.trellis import code_rms, code_values, decode_tiles, encode_tiles, initial_lut, mse_per_weight
+from moequant.codecs.trellis import code_rms, code_values, encode_tiles, initial_lut, mse_per_weight
+from moequant.formats.trellis_bits import decode_tiles, pack_tile_bits
 from moequant.runinfo import run_info
 
 log = logging.getLogger("trellis_codec")
@@ -47,7 +48,8 @@ def measure(cfg: TrellisConfig, x: torch.Tensor) -> dict:
     # error back in the data's units
     s = code_rms(values)
     t0 = time.perf_counter()
-    words, states = encode_tiles(tiles * s, cfg, lut)
+    states = encode_tiles(tiles * s, cfg, lut)
+    words = pack_tile_bits(states, cfg)
     secs = time.perf_counter() - t0
     rec = values[states].reshape(tiles.shape)  # the encoder's reconstruction [B, T], at the code's scale
     dec = decode_tiles(words, cfg, lut)  # [B, T] from the packed words alone

@@ -10,6 +10,7 @@ import torch
 
 from moequant.codecs import trellis as tr
 from moequant.codecs.config import TrellisConfig
+from moequant.formats import trellis_bits as tbits
 from moequant.formats.registry import FORMATS, encode, from_state_dict, tensor_class_for
 from moequant.formats.trellis import TrellisTensor, initial_lut
 
@@ -110,7 +111,7 @@ def test_tail_biting_costs_what_its_missing_start_bits_are_worth(lut):
     mse = {}
     for tb in (True, False):
         cfg = TrellisConfig(bits=2, L=10, V=2, tail_biting=tb)
-        _, states = tr.encode_tiles(x, cfg, lut)
+        states = tr.encode_tiles(x, cfg, lut)
         mse[tb] = tr.mse_per_weight(x, tr.decode_states(states, tr.code_values(cfg, lut)))
     assert mse[False] <= mse[True] <= mse[False] * 2 ** (2 * (10 - 4) / 256)
 
@@ -150,21 +151,22 @@ def test_pack_unpack_every_state(cfg):
     states = torch.tensor(ref)  # [5, S]
     if cfg.tail_biting:
         assert torch.equal(states[:, -1] % (1 << (cfg.L - kv)), states[:, 0] >> kv)
-    words = tr.pack_tile_bits(states, cfg)
+    words = tbits.pack_tile_bits(states, cfg)
     assert words.dtype == torch.uint16 and words.shape == (5, -(-nbits // 16))
     bits = [[(int(w) >> (15 - i)) & 1 for w in row for i in range(16)] for row in words]
     assert [row[:nbits] for row in bits] == streams and all(not any(row[nbits:]) for row in bits)
-    assert torch.equal(tr.unpack_tile_states(words, cfg), states)
+    assert torch.equal(tbits.unpack_tile_states(words, cfg), states)
 
 
 def test_encoded_tiles_are_cyclic_and_exactly_kt_bits(lut):
     cfg = TrellisConfig(bits=2, L=12, V=2)
     x = _gauss(4, 256, seed=5)
-    words, states = tr.encode_tiles(x, cfg, lut)
+    states = tr.encode_tiles(x, cfg, lut)
+    words = tbits.pack_tile_bits(states, cfg)
     assert words.shape == (4, 2 * 256 // 16)  # exactly K·T bits per tile
     assert torch.equal(states[:, -1] % (1 << 8), states[:, 0] >> 4)
-    assert torch.equal(tr.unpack_tile_states(words, cfg), states)
-    assert torch.equal(tr.decode_tiles(words, cfg, lut), tr.decode_states(states, tr.code_values(cfg, lut)))
+    assert torch.equal(tbits.unpack_tile_states(words, cfg), states)
+    assert torch.equal(tbits.decode_tiles(words, cfg, lut), tr.decode_states(states, tr.code_values(cfg, lut)))
 
 
 def test_short_tiles_are_rejected():
@@ -229,7 +231,7 @@ def test_registry_and_errors():
     with pytest.raises(ValueError, match="multiples of 16"):
         encode(_gauss(16, 40), TrellisConfig(L=8, V=1, code="1mad"))
     with pytest.raises(ValueError, match="words per tile"):
-        tr.unpack_tile_states(torch.zeros(1, 3, dtype=torch.uint16), TrellisConfig())
+        tbits.unpack_tile_states(torch.zeros(1, 3, dtype=torch.uint16), TrellisConfig())
 
 
 def test_tile_columns_with_fixed_scales_match_the_whole_matrix():

@@ -1,4 +1,4 @@
-"""QTIP bitshift-trellis codec (Tseng et al., NeurIPS 2024): codes, Viterbi with tail-biting, bit packing.
+"""QTIP bitshift-trellis codec (Tseng et al., NeurIPS 2024): codes, Viterbi with tail-biting.
 
 Pure tensor math, no I/O. Notation: ``K`` = bits per weight (``config.bits``), ``V`` values per step,
 ``kv = K·V`` new bits per step, ``L`` state bits, a tile of ``T = tile²`` weights is ``S = T / V`` steps.
@@ -45,11 +45,7 @@ per tile. Those ``L − kv`` extra bits are worth up to ``2^(2(L−kv)/T)`` in M
 free start does buy part of it: at L=16 on 2048 tiles tail-biting's MSE is 4.0% / 2.9% / 1.5% above
 free start's for K = 2 / 3 / 4 (HYB, V=2) and ~5% for 1MAD / 3INST (V=1, 14 extra bits).
 
-**Packing.** Chunk ``c_t = s_t >> (L-kv)`` (the ``kv`` bits step ``t`` brings in first). Stored bits:
-``c_0 … c_{S-1}`` (``K·T`` bits), then, without tail-biting, the low ``L-kv`` bits of ``s_{S-1}``. Bits
-go MSB first into uint16 words (bit ``i`` of the stream is bit ``15 − i mod 16`` of word ``i // 16``),
-zero-padded to whole words: ``ceil(bits / 16)`` words per tile, exactly ``K·T / 16`` when tail-biting
-and ``16 | K·T`` (every tile of 16x16 or 4x4).
+**Packing** into stored words is the format's (``formats.trellis_bits``).
 """
 
 from __future__ import annotations
@@ -272,81 +268,13 @@ def viterbi_tail_biting(x: torch.Tensor, values: torch.Tensor, L: int, kv: int,
     return viterbi(x, values, L, kv, start_high=overlap, end_low=overlap, weights=weights, max_bytes=max_bytes)
 
 
-# --- packing --------------------------------------------------------------------------------------
-def _to_bits(v: torch.Tensor, nbits: int) -> torch.Tensor:
-    """int ``[..., n]`` -> uint8 bits ``[..., n·nbits]``, each value MSB first."""
-    shifts = torch.arange(nbits - 1, -1, -1, dtype=torch.int64)
-    return ((v.to(torch.int64).unsqueeze(-1) >> shifts) & 1).to(torch.uint8).flatten(-2)
-
-
-def _from_bits(bits: torch.Tensor, nbits: int) -> torch.Tensor:
-    """uint8 bits ``[..., n·nbits]`` (MSB first) -> int64 ``[..., n]``."""
-    shifts = torch.arange(nbits - 1, -1, -1, dtype=torch.int64)
-    return (bits.unflatten(-1, (-1, nbits)).to(torch.int64) << shifts).sum(-1)
-
-
-def pack_tile_bits(states: torch.Tensor, config: TrellisConfig) -> torch.Tensor:
-    """states ``[B, S]`` -> uint16 words ``[B, words_per_tile]`` (layout in the module docstring)."""
-    L, kv = config.L, config.bits * config.V
-    bits = _to_bits(states >> (L - kv), kv)  # [B, S·kv]
-    if not config.tail_biting:
-        bits = torch.cat([bits, _to_bits(states[:, -1:] & ((1 << (L - kv)) - 1), L - kv)], -1)
-    pad = words_per_tile(config) * 16 - bits.shape[-1]
-    bits = torch.nn.functional.pad(bits, (0, pad))
-    return _from_bits(bits, 16).to(torch.uint16)
-
-
-def unpack_tile_states(words: torch.Tensor, config: TrellisConfig) -> torch.Tensor:
-    """uint16 words ``[B, words_per_tile]`` -> states int64 ``[B, S]`` (inverse of ``pack_tile_bits``).
-
-    State ``t`` is the ``L`` stream bits from bit ``t·kv``: read as three consecutive words joined into
-    48 bits (``L <= 24`` and an offset < 16 fit), one gather and a shift per state. The cyclic stream of
-    a tail-biting tile wraps at a word boundary when ``16 | K·T`` (every 16x16 or 4x4 tile); other
-    geometries take the bit-by-bit path."""
-    L, kv, steps = config.L, config.bits * config.V, steps_per_tile(config)
-    n_words = words_per_tile(config)
-    if words.shape[-1] != n_words:
-        raise ValueError(f"{words.shape[-1]} words per tile; {config.short_name} stores {n_words}")
-    if config.tail_biting and tile_bits(config) % 16:
-        return _unpack_tile_states_bitwise(words, config)
-    w = words.to(torch.int32).to(torch.int64) & 0xFFFF  # [B, W]
-    # two more words: the stream's start again (cyclic) or zeros (free start: the padding)
-    ext = w[:, torch.arange(2) % n_words] if config.tail_biting else w.new_zeros(w.shape[0], 2)
-    w = torch.cat([w, ext], -1)  # [B, W + 2]
-    mask = (1 << L) - 1
-    if 16 % kv == 0:  # 16/kv states start in each word: shifts of one joined value per word, no gather
-        joined = (w[:, :-2] << 32) | (w[:, 1:-1] << 16) | w[:, 2:]  # [B, W]: 48 bits from each word
-        off = torch.arange(0, 16, kv, dtype=torch.int64)  # [16/kv]
-        states = (joined.unsqueeze(-1) >> (48 - L - off)) & mask  # [B, W, 16/kv]
-        return states.flatten(1)[:, :steps]
-    pos = torch.arange(steps, dtype=torch.int64) * kv  # [S]: first bit of each state
-    idx, off = pos // 16, pos % 16
-    joined = (w[:, idx] << 32) | (w[:, idx + 1] << 16) | w[:, idx + 2]  # [B, S]: 48 bits from word idx
-    return (joined >> (48 - L - off)) & mask
-
-
-def _unpack_tile_states_bitwise(words: torch.Tensor, config: TrellisConfig) -> torch.Tensor:
-    """``unpack_tile_states`` through one uint8 per bit: any geometry, slower and larger."""
-    L, kv, steps = config.L, config.bits * config.V, steps_per_tile(config)
-    bits = _to_bits(words.to(torch.int32), 16)[:, :tile_bits(config)]  # [B, bits]
-    # extend the stream to L + (S-1)·kv bits (cyclically when tail-biting), padded to whole chunks
-    ext = bits[:, :L - kv] if config.tail_biting else bits.new_zeros(bits.shape[0], 0)
-    bits = torch.cat([bits, ext], -1)
-    span = -(-(L - kv) // kv)  # chunks after the last one that the last state reaches into
-    bits = torch.nn.functional.pad(bits, (0, (steps + span) * kv - bits.shape[-1]))
-    chunks = _from_bits(bits, kv)  # [B, S + span]
-    acc = torch.zeros(bits.shape[0], steps, dtype=torch.int64)  # [B, S]
-    for u in range(span + 1):
-        acc = (acc << kv) | chunks[:, u:u + steps]
-    return acc >> ((span + 1) * kv - L)
-
-
 # --- tiles ----------------------------------------------------------------------------------------
 def encode_tiles(x: torch.Tensor, config: TrellisConfig, lut: torch.Tensor | None = None,
                  weights: torch.Tensor | None = None, max_bytes: int = MAX_BYTES
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x ``[B, T]`` (tile positions row-major, already at the code's scale) -> (uint16 words
-    ``[B, words_per_tile]``, states int64 ``[B, S]``). ``weights [B, T]`` weight the squared errors."""
+                 ) -> torch.Tensor:
+    """x ``[B, T]`` (tile positions row-major, already at the code's scale) -> states int64 ``[B, S]``
+    (``formats.trellis_bits.pack_tile_bits`` turns them into the stored words). ``weights [B, T]`` weight
+    the squared errors."""
     check_geometry(config)
     values = code_values(config, lut)  # [2^L, V]
     kv, steps = config.bits * config.V, steps_per_tile(config)
@@ -356,18 +284,13 @@ def encode_tiles(x: torch.Tensor, config: TrellisConfig, lut: torch.Tensor | Non
         states = viterbi_tail_biting(xs, values, config.L, kv, ws, max_bytes)
     else:
         states = viterbi(xs, values, config.L, kv, weights=ws, max_bytes=max_bytes)
-    return pack_tile_bits(states, config), states
+    return states
 
 
 def decode_states(states: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """states ``[..., S]`` -> values ``[..., S·V]`` (tile positions row-major)."""
     # index_select: several times faster than advanced indexing on CPU
     return values.index_select(0, states.reshape(-1)).reshape(*states.shape[:-1], -1)
-
-
-def decode_tiles(words: torch.Tensor, config: TrellisConfig, lut: torch.Tensor | None = None) -> torch.Tensor:
-    """uint16 words ``[B, words_per_tile]`` -> float32 ``[B, T]``."""
-    return decode_states(unpack_tile_states(words, config), code_values(config, lut))
 
 
 def fp16_row_scale(w: torch.Tensor, target_rms: float) -> torch.Tensor:
@@ -405,7 +328,7 @@ def quantize_matrix(w: torch.Tensor, config: TrellisConfig, lut: torch.Tensor | 
     weights = None
     if hdiag is not None:
         weights = to_tiles(hdiag.to(torch.float32).unsqueeze(-2).expand(w.shape), config.tile).reshape(-1, x.shape[-1])
-    _, states = encode_tiles(x.reshape(-1, x.shape[-1]), config, lut, weights, max_bytes)  # [B, S]
+    states = encode_tiles(x.reshape(-1, x.shape[-1]), config, lut, weights, max_bytes)  # [B, S]
     states = states.reshape(*x.shape[:-1], states.shape[-1])
     return states, scale, reconstruct(states, values, scale, config.tile)
 

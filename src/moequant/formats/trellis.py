@@ -24,9 +24,9 @@ from typing import Any, ClassVar
 import torch
 
 from moequant.codecs.config import MethodConfig, TrellisConfig
-from moequant.codecs.trellis import (check_geometry, initial_lut, pack_tile_bits, quantize_matrix, unpack_tile_states,
-                                     words_per_tile)
+from moequant.codecs.trellis import check_geometry, initial_lut, quantize_matrix, words_per_tile
 from moequant.formats.base import QuantizedTensor
+from moequant.formats.trellis_bits import pack_tile_bits, unpack_tile_states
 from moequant.formats.uniform import hessian_diag
 
 _ATTRS = ("bits", "L", "V", "tile", "code", "Q", "tail_biting")

@@ -17,7 +17,7 @@ Implementations:
 
 - ``reference`` (pure torch, one uint8 per stream bit: the definition, slow) and ``linear_reference``
   (``trellis_dequant`` + ``F.linear``): the oracles;
-- the torch path (states from joined words, ``codecs.trellis.unpack_tile_states``): the default kernel
+- the torch path (states from joined words, ``formats.trellis_bits.unpack_tile_states``): the default kernel
   of ``trellis_dequant`` on every device;
 - the C++ extension ``moequant-trellis`` (``csrc/trellis_gemv.cpp``, built on first use by
   ``cpp_build``): ``decode`` (bit-identical to the torch path; the CPU kernel of ``trellis_dequant``),
@@ -55,7 +55,8 @@ import torch
 import torch.nn.functional as F
 
 from moequant.codecs.config import TrellisConfig
-from moequant.codecs.trellis import _unpack_tile_states_bitwise, code_values, reconstruct, unpack_tile_states
+from moequant.codecs.trellis import code_values, reconstruct
+from moequant.formats.trellis_bits import unpack_tile_states, unpack_tile_states_bitwise
 from moequant.kernels import cpp_build
 from moequant.kernels.select import use_fast
 from moequant.kernels.triton_load import triton_module
@@ -89,7 +90,7 @@ def _values(cfg: TrellisConfig, lut: torch.Tensor | None, device: torch.device) 
 
 def reference(words: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor | None, cfg: TrellisConfig) -> torch.Tensor:
     """Pure-torch definition of the op (bit-by-bit unpacking) -> float32 ``[N, K]``."""
-    states = _unpack_tile_states_bitwise(words.reshape(-1, words.shape[-1]), cfg)  # [B, S]
+    states = unpack_tile_states_bitwise(words.reshape(-1, words.shape[-1]), cfg)  # [B, S]
     states = states.reshape(*words.shape[:-1], states.shape[-1])  # [N/t, K/t, S]
     return reconstruct(states, _values(cfg, lut, words.device), scale, cfg.tile)
 
