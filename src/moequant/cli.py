@@ -534,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration windows of 512 PTB train tokens for the LDLQ rows (default 32; quantize uses 128)")
     d.set_defaults(func=cmd_demo)
 
-    from moequant.eval.compare_cli import add_compare_parser
+    from moequant.compare_job import add_compare_parser
 
     add_compare_parser(sub)
     from moequant.bench import add_bench_parser

@@ -23,7 +23,7 @@ from moequant.eval.compare import (
     ppl_gate,
     ppl_row,
 )
-from moequant.eval.compare_cli import CompareJob, run_compare
+from moequant.compare_job import CompareJob, run_compare
 from moequant.eval.runs_io import find_ppl, find_tasks, load_run
 
 N_WIN, SEQ = 40, 512
