@@ -11,7 +11,7 @@ from moequant.cli import main
 from moequant.codecs.additive import decode_groups, reconstruct
 from moequant.codecs.config import AdditiveConfig
 from moequant.finetune.pv import AdamState, adam_step, rate_for, v_step
-from moequant.finetune.trainable import AdditiveTrainable
+from moequant.finetune.packed_trainables import AdditiveTrainable
 from moequant.formats.additive import AdditiveTensor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -114,7 +114,7 @@ def test_finetune_lowers_kl_and_loads_bit_exact(capsys, additive_run, tmp_path):
     from moequant.nn.packed import packed_names, packed_tensor
 
     out = tmp_path / "pv"
-    rc = main(["-q", "finetune", str(additive_run), "--steps", "20", "--lr", "1e-2", "--code-lr", "0.05",
+    rc = main(["-q", "finetune", str(additive_run), "--method", "pv", "--steps", "20", "--lr", "1e-2", "--code-lr", "0.05",
                "--max-change", "0.01", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     ft = json.loads((out / "report.json").read_text())["finetune"]
@@ -145,20 +145,21 @@ def test_finetune_lowers_kl_and_loads_bit_exact(capsys, additive_run, tmp_path):
 
 
 def test_resume_ends_byte_identical(additive_run, tmp_path):
-    from moequant.finetune.loop import PVJob, PVSettings, run_pv, work_dir_for
+    from moequant.finetune.loop import FinetuneJob, FinetuneSettings, run_finetune, work_dir_for
 
-    settings = PVSettings(steps=6, lr=1e-2, code_lr=0.2, max_change=0.02, save_every=2, eval_windows=2)
-    a = run_pv(PVJob(additive_run, tmp_path / "a", settings, progress=False))
+    settings = FinetuneSettings(steps=6, method="pv", lr=1e-2, code_lr=0.2, max_change=0.02, save_every=2,
+                                eval_windows=2)
+    a = run_finetune(FinetuneJob(additive_run, tmp_path / "a", settings, progress=False))
 
     def stop(step, _):
         if step == 5:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_pv(PVJob(additive_run, tmp_path / "b", settings, progress=False), on_step=stop)
+        run_finetune(FinetuneJob(additive_run, tmp_path / "b", settings, progress=False), on_step=stop)
     state = json.loads((work_dir_for(tmp_path / "b") / "state.json").read_text())
     assert state["step"] == 4 and not (tmp_path / "b").exists()
-    b = run_pv(PVJob(additive_run, tmp_path / "b", settings, resume=True, progress=False))
+    b = run_finetune(FinetuneJob(additive_run, tmp_path / "b", settings, resume=True, progress=False))
     assert not work_dir_for(tmp_path / "b").exists()
     assert max(a["finetune"]["changed_fraction"]) > 0  # codes moved, so the V-step state was resumed too
     assert a["finetune"]["train_loss"] == b["finetune"]["train_loss"]
@@ -172,20 +173,16 @@ def test_refusals(capsys, additive_run, tmp_path):
         assert rc == 2 and e.count("\n") == 1, e
         return e
 
-    assert "--steps must be >= 1" in err(str(additive_run), "--steps", "0", "--out", str(tmp_path / "o"))
-    assert "no such run directory" in err(str(tmp_path / "nope"), "--steps", "1")
+    pv = ("--method", "pv")
+    assert "--steps must be >= 1" in err(str(additive_run), *pv, "--steps", "0", "--out", str(tmp_path / "o"))
+    assert "no such run directory" in err(str(tmp_path / "nope"), *pv, "--steps", "1")
     bad = tmp_path / "copy"
     bad.mkdir()
     for f in additive_run.iterdir():
         (bad / f.name).write_bytes(f.read_bytes())
     rep = json.loads((bad / "report.json").read_text())
     (bad / "report.json").write_text(json.dumps({**rep, "model": str(tmp_path / "gone")}))
-    assert "gone" in err(str(bad), "--steps", "1", "--out", str(tmp_path / "o"))
-    cfg = json.loads((bad / "config.json").read_text())
-    for meta in cfg["quantization_config"]["tensors"].values():
-        meta["format"] = "uniform-packed"
-    (bad / "config.json").write_text(json.dumps(cfg))
-    assert "needs an additive run" in err(str(bad), "--steps", "1", "--out", str(tmp_path / "o"))
+    assert "gone" in err(str(bad), *pv, "--steps", "1", "--out", str(tmp_path / "o"))
     (tmp_path / ".o.moequant-finetune").mkdir()
-    assert "--resume" in err(str(additive_run), "--steps", "1", "--out", str(tmp_path / "o"))
+    assert "--resume" in err(str(additive_run), *pv, "--steps", "1", "--out", str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()

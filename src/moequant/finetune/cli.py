@@ -1,4 +1,5 @@
-"""``moequant finetune RUN --method pv --steps N``: arguments into a ``PVJob``, a one-screen summary."""
+"""``moequant finetune RUN --method pv|kd|bcjr|ste --steps N``: arguments into a ``FinetuneJob``, a one-screen
+summary."""
 
 from __future__ import annotations
 
@@ -9,31 +10,63 @@ from typing import Any
 
 from moequant.errors import MoequantError
 
+_METHOD_HELP = ("pv: PV-tuning of an additive run (Adam on codebooks, scales and norms; V-steps re-choose at most "
+                "--max-change of the codes). kd: distillation of any packed run with its codes fixed (Adam on the "
+                "continuous parameters: int scales, nf4/fp4 absmax, GGUF super-block scales, additive codebooks and "
+                "scales, trellis scales/LUT; and norms). bcjr: BCJR-QAT of a trellis run (a latent weight through a "
+                "soft trellis at temperature --tau, hardened by Viterbi at the end). ste: straight-through trellis "
+                "QAT (Viterbi codes forward, identity gradient)")
+
+
+def parse_layers(spec: str) -> tuple[int, ...]:
+    """``"0"``, ``"0,1"``, ``"0-3"``, ``"0,2-3"`` -> sorted distinct decoder layer indices; ``ValueError`` naming
+    ``--layers`` otherwise (the range is checked against the model later)."""
+    out: set[int] = set()
+    for part in spec.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            a = int(lo)
+            b = int(hi) if sep else a
+        except ValueError:
+            raise ValueError(f"--layers {spec!r} is not a list of layer indices and ranges (e.g. 0 or 0,2-3)") from None
+        if a < 0 or b < a:
+            raise ValueError(f"--layers {spec!r}: {part.strip()!r} is not an index >= 0 or a range lo-hi with lo <= hi")
+        out.update(range(a, b + 1))
+    return tuple(sorted(out))
+
 
 def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
-    f = subparsers.add_parser("finetune", help="PV-tuning of an additive run towards the model it was quantized "
-                              "from: a packed checkpoint out")
-    f.add_argument("run", help="a moequant run directory quantized with --method additive")
-    f.add_argument("--method", default="pv", choices=["pv"], help="pv: PV-tuning (P-steps on codebooks, scales "
-                   "and norms; V-steps on the codes)")
+    f = subparsers.add_parser("finetune", help="fine-tune a quantized run towards the model it was quantized from "
+                              "(PV-tuning, distillation, BCJR-QAT, STE): a packed checkpoint out")
+    f.add_argument("run", help="a moequant run directory (moequant quantize --out)")
+    f.add_argument("--method", required=True, choices=["pv", "kd", "bcjr", "ste"], help=_METHOD_HELP)
     f.add_argument("--steps", type=int, required=True, help="optimisation steps")
-    f.add_argument("--lr", type=float, default=1e-3,
-                   help="P-step size, relative to each parameter's RMS (default 1e-3)")
-    f.add_argument("--code-lr", type=float, default=1e-3,
-                   help="straight-through step of the V-step, relative to each weight's RMS (default 1e-3)")
-    f.add_argument("--max-change", type=float, default=0.01,
-                   help="largest fraction of a tensor's codes one V-step may change (default 0.01)")
-    f.add_argument("--v-every", type=int, default=1, help="a V-step after every N-th P-step (default 1)")
-    f.add_argument("--batch", type=int, default=4, help="calibration windows per step (default 4)")
+    f.add_argument("--layers", default=None, help="train only the packed tensors and norms of these decoder layers "
+                   "(e.g. 0, 0,1 or 0-3; default: all, the final norm included)")
+    f.add_argument("--lr", type=float, default=1e-3, help="Adam step size, relative to each parameter's RMS "
+                   "(default 1e-3)")
+    f.add_argument("--tau", default=None, help="bcjr: temperature START:END, annealed by a cosine over the steps "
+                   "(default 0.3:0.05)")
+    f.add_argument("--code-lr", type=float, default=None,
+                   help="pv: straight-through step of the V-step, relative to each weight's RMS (default 1e-3)")
+    f.add_argument("--max-change", type=float, default=None,
+                   help="pv: largest fraction of a tensor's codes one V-step may change (default 0.01)")
+    f.add_argument("--v-every", type=int, default=None, help="pv: a V-step after every N-th step (default 1)")
+    f.add_argument("--batch", type=int, default=4, help="training windows per step (default 4)")
     f.add_argument("--no-norms", action="store_true", help="keep the norm weights fixed")
     f.add_argument("--seed", type=int, default=0, help="seed of the window order (default 0)")
     f.add_argument("--eval-windows", type=int, default=8,
-                   help="calibration windows the KL before/after is measured on (default 8)")
-    f.add_argument("--calib", default=None, help="training text: corpus alias or text file (default: the run's)")
-    f.add_argument("--calib-samples", type=int, default=None, help="windows (default: the run's)")
-    f.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default: the run's)")
-    f.add_argument("--calib-seed", type=int, default=0, help="seed of the window positions with --calib (default 0)")
-    f.add_argument("--out", default=None, help="output checkpoint (default: RUN-pv)")
+                   help="training windows the KL before/after is measured on (default 8)")
+    f.add_argument("--data", "--calib", dest="data", default=None,
+                   help="training text: corpus alias (ptb, ...) or text file (default: the run's calibration text, "
+                   "PTB train unless the run was calibrated on another)")
+    f.add_argument("--data-samples", "--calib-samples", dest="data_samples", type=int, default=None,
+                   help="windows of --data (default 128)")
+    f.add_argument("--data-seqlen", "--calib-seqlen", dest="data_seqlen", type=int, default=None,
+                   help="tokens per window of --data (default 512)")
+    f.add_argument("--data-seed", "--calib-seed", dest="data_seed", type=int, default=0,
+                   help="seed of the window positions in --data (default 0)")
+    f.add_argument("--out", default=None, help="output checkpoint (default: RUN-<method>)")
     f.add_argument("--overwrite", action="store_true", help="replace an existing moequant output at --out")
     f.add_argument("--save-every", type=int, default=50, help="save the training state every N steps (default 50)")
     f.add_argument("--resume", action="store_true", help="continue an interrupted finetune to --out")
@@ -43,29 +76,37 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from moequant.calib.data import CalibData
-    from moequant.finetune.loop import PVJob, PVSettings, run_pv
+    from moequant.finetune.loop import FinetuneJob, FinetuneSettings, run_finetune
+    from moequant.finetune.schedule import parse_tau
 
     try:
-        settings = PVSettings(steps=args.steps, lr=args.lr, code_lr=args.code_lr, max_change=args.max_change,
-                              v_every=args.v_every, batch=args.batch, train_norms=not args.no_norms, seed=args.seed,
-                              save_every=args.save_every, eval_windows=args.eval_windows)
+        settings = FinetuneSettings(
+            steps=args.steps, method=args.method, lr=args.lr, code_lr=args.code_lr, max_change=args.max_change,
+            v_every=args.v_every, tau=None if args.tau is None else parse_tau(args.tau),
+            layers=None if args.layers is None else parse_layers(args.layers), batch=args.batch,
+            train_norms=not args.no_norms, seed=args.seed, save_every=args.save_every, eval_windows=args.eval_windows)
         calib = None
-        if args.calib is not None:
-            calib = CalibData(data=args.calib, split="train", samples=args.calib_samples or 128,
-                              seqlen=args.calib_seqlen or 512, seed=args.calib_seed)
-        elif args.calib_samples is not None or args.calib_seqlen is not None:
-            raise ValueError("--calib-samples/--calib-seqlen need --calib (without it the run's windows are used)")
+        if args.data is not None:
+            calib = CalibData(data=args.data, split="train", samples=args.data_samples or 128,
+                              seqlen=args.data_seqlen or 512, seed=args.data_seed)
+        elif args.data_samples is not None or args.data_seqlen is not None:
+            raise ValueError("--data-samples/--data-seqlen need --data (without it the run's windows are used)")
     except ValueError as e:
         raise MoequantError(str(e)) from None
     run = Path(args.run)
     if not run.is_dir():
         raise MoequantError(f"{run}: no such run directory")
-    out = Path(args.out) if args.out else run.parent / f"{run.name}-pv"
-    job = PVJob(run=run, out=out, settings=settings, calib=calib, overwrite=args.overwrite, resume=args.resume,
-                progress=not args.quiet)
-    res = run_pv(job, sys.argv[1:])
-    ft = res["finetune"]
-    changed = ft["changed_fraction"]
-    print(f"{out}: {ft['steps']} steps, KL {ft['loss_before']:.5f} -> {ft['loss_after']:.5f}, codes changed per "
-          f"V-step {min(changed, default=0):.4f}-{max(changed, default=0):.4f}, {ft['seconds']:.1f} s")
+    out = Path(args.out) if args.out else run.parent / f"{run.name}-{args.method}"
+    job = FinetuneJob(run=run, out=out, settings=settings, calib=calib, overwrite=args.overwrite, resume=args.resume,
+                      progress=not args.quiet)
+    ft = run_finetune(job, sys.argv[1:])["finetune"]
+    extra = ""
+    if "changed_fraction" in ft:
+        changed = ft["changed_fraction"]
+        extra = f", codes changed per V-step {min(changed, default=0):.4f}-{max(changed, default=0):.4f}"
+    if "tau_schedule" in ft:
+        extra = f", tau {ft['tau_schedule']['start']:g} -> {ft['tau_schedule']['end']:g} (cosine)"
+    layers = "all layers" if ft["layers"] is None else "layers " + ",".join(map(str, ft["layers"]))
+    print(f"{out}: {ft['method']} on {layers}, {ft['steps']} steps, {ft['tokens_seen']:,} tokens, KL "
+          f"{ft['loss_before']:.5f} -> {ft['loss_after']:.5f}{extra}, {ft['seconds']:.1f} s")
     return 0

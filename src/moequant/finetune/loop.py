@@ -1,16 +1,21 @@
-"""The PV-tuning run: a quantized run directory in, a normal packed checkpoint out (``moequant finetune``).
+"""The fine-tuning run: a quantized run directory in, a normal packed checkpoint out (``moequant finetune``).
 
-Each step draws ``batch`` calibration windows (a generator seeded by ``(seed, step)``, so a resumed run draws
+Each step draws ``batch`` training windows (a generator seeded by ``(seed, step)``, so a resumed run draws
 what the uninterrupted one would), runs the teacher (the unquantized model the run was made from, its
-``report.json``'s ``model``) and the student (the run, its packed weights decoded differentiably), takes the
-token-mean KL, then a P-step on every continuous parameter and, every ``v_every`` steps, a V-step on every
-packed tensor (``finetune.pv``). The KL on the first ``eval_windows`` windows is measured before and after.
+``report.json``'s ``model``) and the student (the run, its packed weights decoded differentiably by the
+trainables of ``settings.method``, ``finetune.trainable``), takes the token-mean KL, then an Adam step on every
+continuous parameter (and the norms). Per method: ``pv`` adds, every ``v_every`` steps, a V-step on every
+packed tensor (``finetune.pv``); ``bcjr`` sets each trellis tensor's temperature before the step from the
+cosine schedule (``finetune.schedule``); ``kd`` and ``ste`` take the gradient step only. ``layers`` limits the
+training to the packed tensors and norms of some decoder layers; everything else stays as it was. The KL on
+the first ``eval_windows`` windows is measured before and after, on the packed model.
 
 Work directory ``.<out-name>.moequant-finetune/`` beside ``--out``: ``log.jsonl`` (one line per step: step,
-loss, fraction of codes changed), and every ``save_every`` steps ``state-<step>.safetensors`` (codes, codebooks,
-scales, norms, every Adam moment, the straight-through offsets) with ``state.json`` (fingerprint, step, Adam
-step counts, step sizes, history) written after it. ``--resume`` continues from the saved step and ends with
-the same checkpoint bytes as an uninterrupted run. The directory is removed once the checkpoint is in place.
+loss, fraction of codes changed (pv), temperature (bcjr)), and every ``save_every`` steps
+``state-<step>.safetensors`` (every trainable's state, norms, every Adam moment, PV's straight-through offsets)
+with ``state.json`` (fingerprint, step, Adam step counts, step sizes, history) written after it. ``--resume``
+continues from the saved step and ends with the same checkpoint bytes as an uninterrupted run. The directory is
+removed once the checkpoint is in place.
 """
 
 from __future__ import annotations
@@ -27,20 +32,30 @@ import torch
 from moequant.calib.data import CalibData
 from moequant.errors import MoequantError
 from moequant.finetune.pv import AdamState, adam_step, kl_loss, rate_for, st_target
-from moequant.finetune.trainable import norm_parameters, open_tensors, train_forward, write_back
+from moequant.finetune.schedule import cosine_tau
+from moequant.finetune.trainable import (FINETUNE_METHODS, layer_prefixes, norm_parameters, open_tensors,
+                                         train_forward, write_back)
 
 log = logging.getLogger(__name__)
 
 WORK_SUFFIX = ".moequant-finetune"
 
 
+# Options of one method only, their defaults, and the method they belong to.
+_METHOD_OPTIONS: dict[str, tuple[str, object]] = {
+    "code_lr": ("pv", 1e-3), "max_change": ("pv", 0.01), "v_every": ("pv", 1), "tau": ("bcjr", (0.3, 0.05))}
+
+
 @dataclass(frozen=True)
-class PVSettings:
+class FinetuneSettings:
     steps: int
-    lr: float = 1e-3  # P-step size relative to each parameter's RMS
-    code_lr: float = 1e-3  # straight-through step relative to each decoded weight's RMS
-    max_change: float = 0.01  # fraction of a tensor's codes a V-step may change
-    v_every: int = 1
+    method: str = "pv"
+    lr: float = 1e-3  # step size relative to each parameter's RMS
+    code_lr: float | None = None  # pv: straight-through step relative to each decoded weight's RMS (1e-3)
+    max_change: float | None = None  # pv: fraction of a tensor's codes a V-step may change (0.01)
+    v_every: int | None = None  # pv: a V-step after every v_every-th step (1)
+    tau: tuple[float, float] | None = None  # bcjr: (start, end) of the cosine temperature anneal ((0.3, 0.05))
+    layers: tuple[int, ...] | None = None  # decoder layers whose packed tensors and norms train; None: all
     batch: int = 4
     train_norms: bool = True
     seed: int = 0
@@ -48,23 +63,43 @@ class PVSettings:
     eval_windows: int = 8
 
     def __post_init__(self) -> None:
+        if self.method not in FINETUNE_METHODS:
+            raise ValueError(f"--method {self.method!r} is not one of {', '.join(FINETUNE_METHODS)}")
+        for name, (owner, default) in _METHOD_OPTIONS.items():
+            flag = f"--{name.replace('_', '-')}"
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default if self.method == owner else None)
+            elif self.method != owner:
+                raise ValueError(f"{flag} applies to --method {owner} only, not {self.method}")
         if self.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {self.steps}")
         for name in ("lr", "code_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if not 0 <= self.max_change <= 1:
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if self.max_change is not None and not 0 <= self.max_change <= 1:
             raise ValueError(f"--max-change must be in [0, 1], got {self.max_change}")
         for name in ("v_every", "batch", "save_every", "eval_windows"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.tau is not None and not (len(self.tau) == 2 and all(t > 0 for t in self.tau)):
+            raise ValueError(f"--tau must be two temperatures > 0, got {self.tau}")
+        if self.layers is not None:
+            if not self.layers or any(i < 0 for i in self.layers):
+                raise ValueError(f"--layers must name decoder layers (indices >= 0), got {list(self.layers)}")
+            object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
+
+    def tau_at(self, step: int) -> float | None:
+        """The temperature of 0-based ``step`` (None without a schedule)."""
+        return None if self.tau is None else cosine_tau(step, self.steps, *self.tau)
 
 
 @dataclass(frozen=True)
-class PVJob:
+class FinetuneJob:
     run: Path
     out: Path
-    settings: PVSettings
+    settings: FinetuneSettings
     calib: CalibData | None = None  # None: the run's own calibration text and windows
     overwrite: bool = False
     resume: bool = False
@@ -90,22 +125,20 @@ def _run_report(run: Path) -> dict[str, Any]:
     if not (run / "config.json").is_file():
         raise MoequantError(f"{run}: not a moequant checkpoint (no config.json)")
     qcfg = (read_json_object(run / "config.json") or {}).get("quantization_config") or {}
-    formats = sorted({m.get("format") for m in (qcfg.get("tensors") or {}).values()})
-    if formats != ["additive-packed"]:
-        raise MoequantError(f"{run}: PV-tuning needs an additive run (--method additive); its tensors are "
-                            f"{', '.join(map(str, formats)) or 'not quantized'}")
+    if not qcfg.get("tensors"):
+        raise MoequantError(f"{run}: no quantized tensors to fine-tune (not a moequant quantize output)")
     rep = read_json_object(run / "report.json")
     if not rep or not isinstance(rep.get("model"), str) or not rep["model"]:
         raise MoequantError(f"{run}: no report.json naming the model it was quantized from (the teacher)")
     return rep
 
 
-def _calib_spec(job: PVJob, rep: dict[str, Any]) -> CalibData:
+def _calib_spec(job: FinetuneJob, rep: dict[str, Any]) -> CalibData:
     if job.calib is not None:
         return job.calib
     c = rep.get("calibration") or {}
     if not c.get("data"):
-        raise MoequantError(f"{job.run} was quantized without calibration text: pass --calib")
+        raise MoequantError(f"{job.run} was quantized without calibration text: pass --data")
     return CalibData(data=c["data"], split=c.get("split", "train"), samples=int(c["sequences"]),
                      seqlen=int(c["seqlen"]), seed=int(c.get("seed", 0)))
 
@@ -127,16 +160,17 @@ def _teacher(rep: dict[str, Any], run: Path):
 # ------------------------------------------------------------------------------------------------ state
 
 
-class PVState:
-    """Everything a step changes: the trainable tensors, the norms, the Adam moments, the offsets ``δ``."""
+class FinetuneState:
+    """Everything a step changes: the trainable tensors, the norms, the Adam moments, PV's offsets ``δ``."""
 
-    def __init__(self, model: torch.nn.Module, settings: PVSettings) -> None:
-        self.tensors = open_tensors(model)
+    def __init__(self, model: torch.nn.Module, settings: FinetuneSettings) -> None:
+        prefixes = None if settings.layers is None else layer_prefixes(model, settings.layers)
+        self.tensors = open_tensors(model, settings.method, prefixes)
         self.params: dict[str, torch.Tensor] = {}
         for name, t in self.tensors.items():
             self.params.update({f"{name}:{k}": p for k, p in t.parameters().items()})
         if settings.train_norms:
-            for name, p in norm_parameters(model).items():
+            for name, p in norm_parameters(model, prefixes).items():
                 p.requires_grad_(True)
                 self.params[name] = p
         self.adam = {n: AdamState.zeros_like(p) for n, p in self.params.items()}
@@ -144,6 +178,8 @@ class PVState:
         self.delta: dict[str, torch.Tensor] = {}
         self.v_adam: dict[str, AdamState] = {}
         self.v_rates: dict[str, float] = {}
+        if settings.code_lr is None:
+            return
         with torch.no_grad():
             for name, t in self.tensors.items():
                 w = t.weight()
@@ -151,10 +187,20 @@ class PVState:
                 self.v_adam[name] = AdamState.zeros_like(w)
                 self.v_rates[name] = rate_for(w, settings.code_lr)
 
+    def set_temperature(self, tau: float | None) -> None:
+        """Every trainable with a temperature (a soft trellis) at ``tau`` (None: nothing to set)."""
+        if tau is None:
+            return
+        for t in self.tensors.values():
+            setter = getattr(t, "set_temperature", None)
+            if setter is not None:
+                setter(tau)
+
     def tensors_dict(self) -> dict[str, torch.Tensor]:
         out = {}
         for name, t in self.tensors.items():
             out.update({f"t/{name}/{k}": v for k, v in t.state().items()})
+        for name in self.delta:
             out[f"delta/{name}"] = self.delta[name]
             out[f"vm/{name}"], out[f"vv/{name}"] = self.v_adam[name].m, self.v_adam[name].v
         for name, p in self.params.items():
@@ -170,6 +216,7 @@ class PVState:
     def load(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         for name, t in self.tensors.items():
             t.load_state({k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"t/{name}/")})
+        for name in self.delta:
             self.delta[name] = tensors[f"delta/{name}"].clone()
             self.v_adam[name] = AdamState(tensors[f"vm/{name}"].clone(), tensors[f"vv/{name}"].clone(),
                                           meta["v_adam_t"][name])
@@ -182,7 +229,7 @@ class PVState:
         self.rates, self.v_rates = dict(meta["rates"]), dict(meta["v_rates"])
 
 
-def _save_state(work: Path, step: int, state: PVState, fp: dict[str, Any], history: dict[str, Any]) -> None:
+def _save_state(work: Path, step: int, state: FinetuneState, fp: dict[str, Any], history: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     from moequant.fsutil import atomic_write_json, temp_name
@@ -198,7 +245,7 @@ def _save_state(work: Path, step: int, state: PVState, fp: dict[str, Any], histo
             old.unlink()
 
 
-def _load_state(work: Path, state: PVState, fp: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+def _load_state(work: Path, state: FinetuneState, fp: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     from safetensors.torch import load_file
 
     from moequant.fsutil import read_json_object
@@ -217,8 +264,7 @@ def _load_state(work: Path, state: PVState, fp: dict[str, Any]) -> tuple[int, di
 # ------------------------------------------------------------------------------------------------ the run
 
 
-def mean_kl(student, teacher, windows: torch.Tensor, batch: int, weights: dict[str, torch.Tensor] | None = None
-            ) -> float:
+def mean_kl(student, teacher, windows: torch.Tensor, batch: int) -> float:
     """Token-mean KL(teacher ‖ student) over ``windows [S, L]`` (equal-sized batches weigh by tokens)."""
     total, count = 0.0, 0
     with torch.no_grad():
@@ -230,9 +276,10 @@ def mean_kl(student, teacher, windows: torch.Tensor, batch: int, weights: dict[s
     return total / count
 
 
-def _step(student, teacher, ids: torch.Tensor, state: PVState, weights: dict[str, torch.Tensor], do_v: bool,
-          max_change: float) -> tuple[float, float | None]:
-    """One P-step (and V-step when ``do_v``) on batch ``ids [b, L]`` -> (loss, fraction of codes changed)."""
+def _step(student, teacher, ids: torch.Tensor, state: FinetuneState, weights: dict[str, torch.Tensor],
+          max_change: float | None) -> tuple[float, float | None]:
+    """One gradient step (and a V-step when ``max_change`` is given) on batch ``ids [b, L]`` -> (loss, fraction
+    of codes changed or None)."""
     with torch.no_grad():
         t_logp = torch.log_softmax(teacher(ids, use_cache=False).logits.float(), -1)  # [b, L, V]
     for name, t in state.tensors.items():
@@ -244,17 +291,18 @@ def _step(student, teacher, ids: torch.Tensor, state: PVState, weights: dict[str
     loss.backward()
     with torch.no_grad():
         for name, p in state.params.items():
-            p.copy_(adam_step(p, p.grad, state.adam[name], state.rates[name]))
+            if p.grad is not None:  # a parameter the loss does not reach keeps its Adam state
+                p.copy_(adam_step(p, p.grad, state.adam[name], state.rates[name]))
             p.grad = None
     changed = None
-    if do_v:
+    if max_change is not None:
         moved = total = 0
         with torch.no_grad():
             for name, t in state.tensors.items():
                 target = st_target(t.weight(), state.delta[name], weights[name].grad, state.v_adam[name],
                                    state.v_rates[name])
                 frac = t.reencode(target, max_change)
-                n_codes = t.state()["codes"].numel()
+                n_codes = t.code_count()
                 moved, total = moved + frac * n_codes, total + n_codes
                 state.delta[name] = target - t.weight()
         changed = moved / max(1, total)
@@ -262,8 +310,21 @@ def _step(student, teacher, ids: torch.Tensor, state: PVState, weights: dict[str
     return float(loss.detach()), changed
 
 
-def run_pv(job: PVJob, argv: list[str] | None = None, on_step: Callable[[int, float], None] | None = None
-           ) -> dict[str, Any]:
+def _fingerprint(run: Path, settings: FinetuneSettings, calib: CalibData, tokens: torch.Tensor) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one, as JSON reads it back (tuples become lists).
+    The number of steps may differ, except under a temperature schedule, which it stretches."""
+    from moequant.resume import tokens_digest
+
+    schedule = None if settings.tau is None else {"tau": list(settings.tau), "anneal": "cosine",
+                                                   "steps": settings.steps}
+    fp = {"run": str(run.resolve()), "run_config": (run / "config.json").read_text(),
+          "settings": {k: v for k, v in asdict(settings).items() if k != "steps"}, "calib": calib.to_dict(),
+          "tokens": tokens_digest(tokens), "schedule": schedule}
+    return json.loads(json.dumps(fp))
+
+
+def run_finetune(job: FinetuneJob, argv: list[str] | None = None,
+                 on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Fine-tune ``job.run`` into ``job.out``; returns the result ``report.json`` holds. ``on_step(step, loss)``
     is called after each step."""
     from tqdm.auto import tqdm
@@ -271,7 +332,7 @@ def run_pv(job: PVJob, argv: list[str] | None = None, on_step: Callable[[int, fl
     from moequant import api
     from moequant.calib.data import calibration_tokens
     from moequant.fsutil import AtomicDir, atomic_write_json, check_output
-    from moequant.resume import remove_work_dir, tokens_digest
+    from moequant.resume import remove_work_dir
     from moequant.runinfo import run_info
 
     settings, run, out = job.settings, Path(job.run), Path(job.out)
@@ -282,15 +343,13 @@ def run_pv(job: PVJob, argv: list[str] | None = None, on_step: Callable[[int, fl
     rep = _run_report(run)
     check_output(out, job.overwrite, "--out", sources=[run])
     calib = _calib_spec(job, rep)
-    teacher, tok = _teacher(rep, run)
-    tokens = calibration_tokens(tok, calib)  # [S, L]
     student = api.load(run)
     for p in student.parameters():
         p.requires_grad_(False)
-    state = PVState(student, settings)
-    fp = {"run": str(run.resolve()), "run_config": (run / "config.json").read_text(),
-          "settings": {k: v for k, v in asdict(settings).items() if k != "steps"}, "calib": calib.to_dict(),
-          "tokens": tokens_digest(tokens)}
+    state = FinetuneState(student, settings)  # refuses a format the method does not train before the teacher loads
+    teacher, tok = _teacher(rep, run)
+    tokens = calibration_tokens(tok, calib)  # [S, L]
+    fp = _fingerprint(run, settings, calib, tokens)
     evalw = tokens[:settings.eval_windows]
     start, history = 0, {}
     if job.resume and work.exists():
@@ -306,18 +365,23 @@ def run_pv(job: PVJob, argv: list[str] | None = None, on_step: Callable[[int, fl
     logf.write_text("".join(line + "\n" for line in lines))
     weights: dict[str, torch.Tensor] = {}
     with train_forward(student, state.tensors, weights), open(logf, "a") as logfh:
-        bar = tqdm(range(start, settings.steps), desc="pv", unit="step", disable=not job.progress,
+        bar = tqdm(range(start, settings.steps), desc=settings.method, unit="step", disable=not job.progress,
                    initial=start, total=settings.steps)
         for step in bar:
             ids = tokens[batch_index(settings.seed, step, tokens.shape[0], settings.batch)]
-            loss, changed = _step(student, teacher, ids, state, weights, (step + 1) % settings.v_every == 0,
-                                  settings.max_change)
+            tau = settings.tau_at(step)
+            state.set_temperature(tau)
+            v_now = settings.v_every is not None and (step + 1) % settings.v_every == 0
+            loss, changed = _step(student, teacher, ids, state, weights, settings.max_change if v_now else None)
             history["loss"].append(loss)
             if changed is not None:
                 history["changed"].append(changed)
-            logfh.write(json.dumps({"step": step + 1, "loss": loss, "changed": changed}) + "\n")
+            line = {"step": step + 1, "loss": loss}
+            line.update({"changed": changed} if settings.method == "pv" else {})
+            line.update({"tau": tau} if tau is not None else {})
+            logfh.write(json.dumps(line) + "\n")
             logfh.flush()
-            bar.set_postfix(kl=f"{loss:.4f}")
+            bar.set_postfix(kl=f"{loss:.4f}", **({"tau": f"{tau:.3f}"} if tau is not None else {}))
             done = step + 1
             if done % settings.save_every == 0 and done < settings.steps:
                 _save_state(work, done, state, fp, {**history, "seconds": history["seconds"] + time.time() - t0})
@@ -328,19 +392,25 @@ def run_pv(job: PVJob, argv: list[str] | None = None, on_step: Callable[[int, fl
     write_back(student, state.tensors)
     loss_after = mean_kl(student, teacher, evalw, settings.batch)
     seconds = history["seconds"] + time.time() - t0
+    ft = {"method": settings.method, "about": FINETUNE_METHODS[settings.method],
+          **json.loads(json.dumps(asdict(settings))),
+          "trained_tensors": sorted(state.tensors), "calib": calib.to_dict(),
+          "tokens_seen": settings.steps * settings.batch * int(tokens.shape[1]),
+          "loss": "token-mean KL(teacher || student) on the first eval_windows training windows",
+          "loss_before": history["loss_before"], "loss_after": loss_after, "train_loss": history["loss"],
+          "trained_parameters": sum(p.numel() for p in state.params.values()), "seconds": round(seconds, 2)}
+    if settings.method == "pv":
+        ft["changed_fraction"] = history["changed"]
+    if settings.tau is not None:
+        ft["tau_schedule"] = {"start": settings.tau[0], "end": settings.tau[1], "anneal": "cosine",
+                              "tau": [settings.tau_at(i) for i in range(settings.steps)]}
     result = {
         "model": rep["model"], "source": rep.get("source"), "config": rep.get("config"),
         "bits_per_weight": rep.get("bits_per_weight"), "calibration": rep.get("calibration"),
-        "finetuned_from": str(run), "out": str(out),
-        "finetune": {"method": "pv", **asdict(settings), "calib": calib.to_dict(),
-                     "loss": "token-mean KL(teacher || student) on the first eval_windows calibration windows",
-                     "loss_before": history["loss_before"], "loss_after": loss_after,
-                     "train_loss": history["loss"], "changed_fraction": history["changed"],
-                     "trained_parameters": sum(p.numel() for p in state.params.values()),
-                     "seconds": round(seconds, 2)},
-        **run_info(argv),
+        "finetuned_from": str(run), "out": str(out), "finetune": ft, **run_info(argv),
     }
-    log.info("KL %.5f -> %.5f over %d steps (%.1f s)", history["loss_before"], loss_after, settings.steps, seconds)
+    log.info("%s: KL %.5f -> %.5f over %d steps (%.1f s)", settings.method, history["loss_before"], loss_after,
+             settings.steps, seconds)
     with AtomicDir(out, overwrite=job.overwrite) as tmp:
         api.save(student, tmp, tokenizer=tok, overwrite=True)  # replaces the empty temp dir
         atomic_write_json(tmp / "report.json", result)

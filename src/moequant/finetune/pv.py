@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moequant.codecs.additive import assign, decode_groups, fp16_exact
+from moequant.codecs.additive import assign, decode_groups
 
 BETAS = (0.9, 0.999)
 EPS = 1e-8
@@ -77,12 +77,6 @@ def kl_loss(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.T
     """Token-mean ``KL(p_teacher ‖ p_student)``: logits ``[B, L, V]``, teacher log-probabilities ``[B, L, V]``."""
     s = F.log_softmax(student_logits.float(), -1).flatten(0, 1)  # [B·L, V]
     return F.kl_div(s, teacher_logp.flatten(0, 1), log_target=True, reduction="batchmean")
-
-
-def fp16_straight_through(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with its float16-rounded values in the forward pass and the identity as its gradient, so the
-    trained model computes with exactly what the format stores."""
-    return t + (fp16_exact(t.detach()) - t.detach())
 
 
 # ---------------------------------------------------------------- V-step

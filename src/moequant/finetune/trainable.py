@@ -1,30 +1,39 @@
-"""What fine-tuning may change in a packed model, behind one small interface.
+"""What fine-tuning may change in a packed model, behind one small interface, and which method opens what.
 
 ``TrainableTensor`` is a packed weight opened up for training: its continuous parameters (float32 leaves the
-P-step updates), a differentiable decoded weight, the V-step on its discrete codes, its state as tensors (for
-resuming) and the packed tensor it stands for now. ``TRAINABLE`` maps a format id to the class that opens it
-(additive codes today; a trellis or int class follows the same six methods). ``train_forward`` makes the
-``QuantLinear`` / ``QuantExperts`` modules holding those tensors compute from given (differentiable) weights
-while it is active; ``write_back`` stores the packed tensors into the modules again.
+optimiser updates), a differentiable decoded weight, its state as tensors (for resuming) and the packed tensor
+it stands for now; PV-tuning's V-step also needs ``reencode`` (the discrete codes moved towards a target), a
+soft trellis ``set_temperature``. ``TRAINABLES`` is the one registry of which class opens a format under which
+fine-tuning method (``FINETUNE_METHODS``); the rotated format ``rht`` is opened by every method by opening its
+inner tensor with that method (``packed_trainables.Rotated``). ``open_tensors`` opens the packed weights of a
+model (or of some decoder layers), ``train_forward`` makes the ``QuantLinear`` / ``QuantExperts`` modules
+holding them compute from given (differentiable) weights while it is active, and ``write_back`` stores the
+packed tensors into the modules again.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moequant.codecs.additive import reconstruct
 from moequant.errors import MoequantError
-from moequant.finetune.pv import fp16_straight_through, v_step
+from moequant.finetune.packed_trainables import (AdditiveTrainable, GgufScales, LutAbsmax, LutDqScales, Rotated,
+                                                 UniformScales)
 from moequant.formats.additive import AdditiveTensor
 from moequant.formats.base import QuantizedTensor
+from moequant.formats.kquant import GGUF_CLASSES
+from moequant.formats.lut import LutDqTensor, LutTensor
+from moequant.formats.rotated import RotatedTensor
+from moequant.formats.trellis import TrellisTensor
+from moequant.formats.uniform import UniformAsymTensor, UniformTensor
 from moequant.nn.packed import packed_names, packed_tensor, register_packed
 from moequant.nn.quant_experts import QuantExperts, default_gate, grouped_experts, looped_linear
 from moequant.nn.quant_linear import QuantLinear
+from moequant.registry import Registry
 
 
 class TrainableTensor(Protocol):
@@ -36,93 +45,117 @@ class TrainableTensor(Protocol):
     def weight(self) -> torch.Tensor:
         """The decoded weight ``[*shape]``, differentiable in ``parameters()``."""
 
-    def reencode(self, target: torch.Tensor, max_fraction: float) -> float:
-        """Move the codes towards ``target [*shape]``; the fraction of codes changed."""
-
     def state(self) -> dict[str, torch.Tensor]:
-        """Everything that defines the tensor now (``parameters()`` and codes)."""
+        """Everything that defines the tensor now and may have changed (``parameters()``, codes that move)."""
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None: ...
 
     def packed(self) -> QuantizedTensor: ...
 
 
-class AdditiveTrainable:
-    """An ``AdditiveTensor`` opened up: codes int64 ``[E, N, G, M]``, codebooks float32 ``[S, M, C, g]`` (``S = 1``
-    for one set — a plain linear or ``share="layer"`` — else ``E``), scales float32 ``[E, N]``. The forward
-    uses their float16 values (``fp16_straight_through``), so training computes with what is stored."""
+# What each method trains (the CLI's help says it the same way).
+FINETUNE_METHODS: dict[str, str] = {
+    "pv": "PV-tuning of additive runs: P-steps on codebooks, scales and norms, V-steps re-choosing a capped "
+          "fraction of the codes",
+    "kd": "distillation with the codes fixed: the continuous parameters of every packed format (int scales, "
+          "nf4/fp4 absmax, GGUF super-block scales, additive codebooks and scales, trellis scales and LUT) and norms",
+    "bcjr": "BCJR-QAT of trellis runs: a latent weight through a soft trellis (forward-backward at temperature tau, "
+            "annealed), hardened by Viterbi at the end",
+    "ste": "straight-through trellis QAT: a latent weight, Viterbi codes in the forward pass, identity gradient",
+}
 
-    def __init__(self, qt: AdditiveTensor) -> None:
-        self.shape = tuple(qt.shape)
-        self.cfg = qt.config
-        *lead, n, k = self.shape
-        e = 1 if not lead else lead[0]
-        self.codes = qt.codes().reshape(e, n, k // self.cfg.g, self.cfg.M)  # [E, N, G, M]
-        books = qt.data["codebooks"].to(torch.float32)
-        self.books = books.reshape(-1, *books.shape[-3:]).clone().requires_grad_(True)  # [S, M, C, g]
-        self.scale = qt.data["scale"].to(torch.float32).reshape(e, n).clone().requires_grad_(True)  # [E, N]
-
-    def parameters(self) -> dict[str, torch.Tensor]:
-        return {"codebooks": self.books, "scale": self.scale}
-
-    def _books(self, books: torch.Tensor) -> torch.Tensor:
-        return books[0] if books.shape[0] == 1 else books  # [M, C, g] or [E, M, C, g]
-
-    def weight(self) -> torch.Tensor:
-        books = self._books(fp16_straight_through(self.books))
-        return reconstruct(self.codes, books, fp16_straight_through(self.scale)).reshape(self.shape)
-
-    def reencode(self, target: torch.Tensor, max_fraction: float) -> float:
-        e, n, _, _ = self.codes.shape
-        books = self._books(self.books.detach()).to(torch.float16).to(torch.float32)
-        scale = self.scale.detach().to(torch.float16).to(torch.float32)
-        self.codes, frac = v_step(target.reshape(e, n, -1), self.codes, books, scale, max_fraction)
-        return frac
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {"codes": self.codes, "codebooks": self.books.detach(), "scale": self.scale.detach()}
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.codes = state["codes"].to(torch.int64).clone()
-        with torch.no_grad():
-            self.books.copy_(state["codebooks"])
-            self.scale.copy_(state["scale"])
-
-    def packed(self) -> QuantizedTensor:
-        *lead, n, _ = self.shape
-        books = self.books.detach()
-        books = books[0] if books.shape[0] == 1 else books  # [M, C, g] or [E, M, C, g]
-        parts = {"codes": self.codes.reshape(*lead, *self.codes.shape[1:]), "codebooks": books,
-                 "scale": self.scale.detach().reshape(*lead, n)}
-        return AdditiveTensor.from_parts(self.shape, parts, self.cfg)
+Opener = Callable[[QuantizedTensor], TrainableTensor]
 
 
-TRAINABLE: dict[str, type] = {AdditiveTensor.format_id: AdditiveTrainable}
+def _trainables() -> Registry[Opener]:
+    """``"<method> <format_id>"`` -> the class that opens that format for that method (duplicates raise)."""
+    try:  # TEMPORARY until finetune/trellis_trainable.py lands
+        from moequant.finetune.trellis_trainable import TRELLIS_TRAINABLES
+    except ImportError:
+        TRELLIS_TRAINABLES = {}
+
+    reg: Registry[Opener] = Registry("trainable")
+    reg.register(f"pv {AdditiveTensor.format_id}", AdditiveTrainable)
+    kd: list[tuple[type[QuantizedTensor], Opener]] = [
+        (UniformTensor, UniformScales), (UniformAsymTensor, UniformScales), (LutTensor, LutAbsmax),
+        (LutDqTensor, LutDqScales), *((cls, GgufScales) for cls in GGUF_CLASSES.values()),
+        (AdditiveTensor, AdditiveTrainable)]
+    for cls, opener in kd:
+        reg.register(f"kd {cls.format_id}", opener)
+    for method, opener in TRELLIS_TRAINABLES.items():
+        reg.register(f"{method} {TrellisTensor.format_id}", opener)
+    return reg
 
 
-def open_tensors(model: nn.Module) -> dict[str, TrainableTensor]:
-    """``{parameter name: TrainableTensor}`` of every packed weight of a ``QuantLinear`` / ``QuantExperts``;
-    ``MoequantError`` for a format no class opens or a model without such weights."""
+TRAINABLES: Registry[Opener] = _trainables()
+
+
+def trainable_formats(method: str) -> list[str]:
+    """The format ids ``method`` opens (besides ``rht`` around them)."""
+    return [key.split(" ", 1)[1] for key in TRAINABLES if key.split(" ", 1)[0] == method]
+
+
+def open_tensor(method: str, name: str, qt: QuantizedTensor) -> TrainableTensor:
+    """``qt`` (the packed weight ``name``) opened for ``method``; a one-line ``MoequantError`` naming the tensor
+    and its format when ``method`` does not train that format."""
+    if isinstance(qt, RotatedTensor):
+        inner = qt.inner
+        return Rotated(qt, _open(method, name, inner, f"{inner.format_id} inside rht"))
+    return _open(method, name, qt, qt.format_id)
+
+
+def _open(method: str, name: str, qt: QuantizedTensor, stored: str) -> TrainableTensor:
+    key = f"{method} {qt.format_id}"
+    if method not in FINETUNE_METHODS:
+        raise MoequantError(f"unknown finetune method {method!r} (known: {', '.join(FINETUNE_METHODS)})")
+    if key not in TRAINABLES:
+        raise MoequantError(f"{name} is stored as {stored}: --method {method} trains "
+                            f"{', '.join(trainable_formats(method))} tensors (also inside rht)")
+    return TRAINABLES.get(key)(qt)
+
+
+def layer_prefixes(model: nn.Module, layers: Iterable[int]) -> tuple[str, ...]:
+    """``("model.layers.0.", ...)``: the module-name prefixes of decoder layers ``layers``; a one-line
+    ``MoequantError`` for an index the model does not have."""
+    from moequant.models.adapters import adapter_for, decoder_layers
+
+    adapter = adapter_for(model)
+    count = len(decoder_layers(model, adapter))
+    for i in layers:
+        if not 0 <= i < count:
+            raise MoequantError(f"--layers {i}: the model has {count} decoder layers (0-{count - 1})")
+    return tuple(f"{adapter.layers}.{i}." for i in layers)
+
+
+def _selected(name: str, prefixes: tuple[str, ...] | None) -> bool:
+    return prefixes is None or name.startswith(prefixes)
+
+
+def open_tensors(model: nn.Module, method: str, prefixes: tuple[str, ...] | None = None
+                 ) -> dict[str, TrainableTensor]:
+    """``{parameter name: TrainableTensor}`` of every packed weight of a ``QuantLinear`` / ``QuantExperts``
+    (under ``prefixes`` when given, e.g. ``layer_prefixes``), opened for ``method``; ``MoequantError`` for a
+    format the method does not train, or when there is nothing to open."""
     out: dict[str, TrainableTensor] = {}
     for mname, mod in model.named_modules():
         if not isinstance(mod, (QuantLinear, QuantExperts)):
             continue
         for p in packed_names(mod):
-            qt = packed_tensor(mod, p)
-            cls = TRAINABLE.get(qt.format_id)
-            if cls is None:
-                raise MoequantError(f"{mname}.{p} is stored as {qt.format_id}: PV-tuning opens "
-                                    f"{', '.join(sorted(TRAINABLE))} tensors only")
-            out[f"{mname}.{p}"] = cls(qt)
+            name = f"{mname}.{p}"
+            if _selected(name, prefixes):
+                out[name] = open_tensor(method, name, packed_tensor(mod, p))
     if not out:
-        raise MoequantError("the model has no packed linear or expert weights to fine-tune")
+        where = "" if prefixes is None else f" in {', '.join(x.rstrip('.') for x in prefixes)}"
+        raise MoequantError(f"the model has no packed linear or expert weights{where} to fine-tune")
     return out
 
 
-def norm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """``{name: weight}`` of every normalisation layer (RMSNorm / LayerNorm weights, q/k norms included)."""
+def norm_parameters(model: nn.Module, prefixes: tuple[str, ...] | None = None) -> dict[str, nn.Parameter]:
+    """``{name: weight}`` of every normalisation layer (RMSNorm / LayerNorm weights, q/k norms included), under
+    ``prefixes`` when given."""
     return {f"{n}.weight": m.weight for n, m in model.named_modules()
-            if "norm" in type(m).__name__.lower() and isinstance(getattr(m, "weight", None), nn.Parameter)}
+            if "norm" in type(m).__name__.lower() and isinstance(getattr(m, "weight", None), nn.Parameter)
+            and _selected(f"{n}.weight", prefixes)}
 
 
 def _linear_forward(mod: QuantLinear, weights: dict[str, torch.Tensor], name: str):
