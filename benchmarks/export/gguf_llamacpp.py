@@ -47,7 +47,7 @@ import peer_common as pc  # noqa: E402
 
 from moequant.calib.data import CalibData, calibration_tokens  # noqa: E402
 from moequant.eval.bootstrap import paired_delta_ci  # noqa: E402
-from moequant.eval.perplexity import tokenize_corpus  # noqa: E402
+from moequant.zoo.corpora import tokenize_corpus  # noqa: E402
 from moequant.runinfo import run_info  # noqa: E402
 
 log = logging.getLogger("bench.gguf_llamacpp")

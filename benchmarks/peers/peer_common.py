@@ -23,7 +23,8 @@ from typing import Any, Callable
 import torch
 
 from moequant.eval.bootstrap import bootstrap_ci
-from moequant.eval.perplexity import PplConfig, PplResult, evaluate_perplexity, make_windows, tokenize_corpus, window_nll
+from moequant.eval.perplexity import PplConfig, PplResult, evaluate_perplexity, make_windows, window_nll
+from moequant.zoo.corpora import tokenize_corpus
 from moequant.runinfo import run_info
 
 log = logging.getLogger("peers")

@@ -217,7 +217,8 @@ class PplJob:
 
 
 def run_ppl(job: PplJob, argv: list[str] | None = None, model=None, tokenizer=None) -> dict[str, Any]:
-    from moequant.eval.perplexity import PplConfig, evaluate_perplexity, tokenize_corpus
+    from moequant.eval.perplexity import PplConfig, evaluate_perplexity
+    from moequant.zoo.corpora import tokenize_corpus
     from moequant.models.loader import load_model
     from moequant.zoo.corpora import load_text
 

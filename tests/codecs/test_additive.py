@@ -142,7 +142,7 @@ def test_oa_em_init_beats_kmeans_on_a_real_smollm2_layer():
     from transformers import AutoTokenizer
 
     from moequant.calib.hessian import damp
-    from moequant.eval.perplexity import tokenize_corpus
+    from moequant.zoo.corpora import tokenize_corpus
     from moequant.zoo.corpora import load_text
     from moequant.zoo.models import resolve_alias
 

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from moequant.eval.perplexity import PplConfig, evaluate_perplexity, make_windows, tokenize_corpus
+from moequant.eval.perplexity import PplConfig, evaluate_perplexity, make_windows
+from moequant.zoo.corpora import tokenize_corpus
 
 BOS = 999
 

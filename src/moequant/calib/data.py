@@ -57,7 +57,7 @@ def sample_windows(ids: torch.Tensor, samples: int, seqlen: int, seed: int, bos_
 
 def calibration_tokens(tokenizer: Any, spec: CalibData) -> torch.Tensor:
     """Tokenize ``spec.data``'s ``spec.split`` and draw the windows: int64 ``[samples, seqlen]``."""
-    from moequant.eval.perplexity import tokenize_corpus
+    from moequant.zoo.corpora import tokenize_corpus
     from moequant.zoo.corpora import load_text
 
     ids = tokenize_corpus(tokenizer, load_text(spec.data, spec.split))

@@ -2,7 +2,7 @@
 
 Protocol (``make_windows``; the same for every model and every peer):
 
-1. The whole split is tokenized once, without special tokens (``tokenize_corpus``), into a stream
+1. The whole split is tokenized once, without special tokens (``zoo.corpora.tokenize_corpus``), into a stream
    ``t[0..n)``. ``max_tokens`` (if set) keeps only ``t[0..max_tokens)``, from the start.
 2. Window ``i`` starts at ``begin_i = i * stride`` and holds the tokens ``t[begin_i .. end_i)`` with
    ``end_i = min(begin_i + seqlen, n)``; windows are made until one reaches the end of the stream
@@ -394,16 +394,3 @@ def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor, config:
         log.info("routed experts computed: %d of %d (%.1f%% of a dense pass)", result.experts_computed,
                  result.experts_total, 100.0 * result.experts_computed / result.experts_total)
     return result
-
-
-def tokenize_corpus(tokenizer: Any, text: str) -> torch.Tensor:
-    """Token ids of ``text`` without special tokens, from one encode of the whole text: [n] int64.
-
-    The text is *not* split into chunks: splitting changes the ids with many tokenizers (a
-    SentencePiece tokenizer adds its dummy prefix space to every chunk; Llama-3/Qwen pre-tokenizers
-    merge runs of newlines across a would-be boundary), and the fast (Rust) tokenizers encode a
-    multi-megabyte split in one call in seconds. ``verbose=False`` silences transformers' "sequence
-    length is longer than the specified maximum" warning, which concerns feeding the whole sequence
-    to the model at once; we never do (see ``make_windows``)."""
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)  # [n]

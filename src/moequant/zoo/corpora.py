@@ -16,6 +16,9 @@ import ast
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from moequant.errors import MoequantError
 from moequant.fsutil import atomic_write_text, remove_path
@@ -170,3 +173,16 @@ def _hub_text(name: str, split: str) -> str:
     except Exception as e:  # network / offline errors come in many types
         raise MoequantError(f"could not load {name!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
                             f"it needs network access — use a local corpus such as 'ptb' here") from None
+
+
+def tokenize_corpus(tokenizer: Any, text: str) -> torch.Tensor:
+    """Token ids of ``text`` without special tokens, from one encode of the whole text: [n] int64.
+
+    The text is *not* split into chunks: splitting changes the ids with many tokenizers (a
+    SentencePiece tokenizer adds its dummy prefix space to every chunk; Llama-3/Qwen pre-tokenizers
+    merge runs of newlines across a would-be boundary), and the fast (Rust) tokenizers encode a
+    multi-megabyte split in one call in seconds. ``verbose=False`` silences transformers' "sequence
+    length is longer than the specified maximum" warning, which concerns feeding the whole sequence
+    to the model at once; we never do (see ``make_windows``)."""
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)  # [n]

@@ -371,7 +371,7 @@ def evaluate_pair(dense: nn.Module, moe: nn.Module, tok: Any, max_tokens: int | 
     """Perplexity of both models on the same windows of ``data`` (test split), the paired ratio CI, and
     the carved model's routing statistics. ``base``: the dense model's (result, seconds) already scored."""
     from moequant.eval.bootstrap import paired_delta_ci
-    from moequant.eval.perplexity import tokenize_corpus
+    from moequant.zoo.corpora import tokenize_corpus
     from moequant.zoo.corpora import load_text
 
     ids = tokenize_corpus(tok, load_text(data, "test"))
