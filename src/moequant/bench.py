@@ -30,6 +30,7 @@ and run, ``rss_after_bytes - rss_before_load_bytes`` what loading and running it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import logging
 import statistics
@@ -138,22 +139,31 @@ def check_positions(limit: Any, settings: BenchSettings, what: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ timing
 
-def decode_run(model: nn.Module, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, float]:
+def decode_run(model: nn.Module, prompt: torch.Tensor, steps: int, expert_counts: dict[str, Any] | None = None
+               ) -> tuple[torch.Tensor, float]:
     """Greedy decode with the KV cache: ``prompt`` [B, P] minus its last token in one untimed forward, then
-    ``steps`` timed single-token steps -> (new tokens [B, steps], seconds of the steps)."""
+    ``steps`` timed single-token steps -> (new tokens [B, steps], seconds of the steps). With
+    ``expert_counts`` (a dict), the experts every ``QuantExperts`` computes during the steps (not the prompt)
+    are counted into it (``count_routed_experts``; a run that counts is not one to time)."""
+    from moequant.nn.quant_experts import count_routed_experts
+
     with torch.inference_mode():
         past = None
         if prompt.shape[1] > 1:
             past = model(input_ids=prompt[:, :-1], use_cache=True).past_key_values
         nxt = prompt[:, -1:]  # [B, 1]
         out = []
+        counting = count_routed_experts(model) if expert_counts is not None else contextlib.nullcontext({})
         t0 = time.perf_counter()
-        for _ in range(steps):
-            r = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past = r.past_key_values
-            nxt = r.logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
-            out.append(nxt)
+        with counting as counts:
+            for _ in range(steps):
+                r = model(input_ids=nxt, past_key_values=past, use_cache=True)
+                past = r.past_key_values
+                nxt = r.logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
+                out.append(nxt)
         seconds = time.perf_counter() - t0
+        if expert_counts is not None:
+            expert_counts.update(counts)
     return torch.cat(out, dim=1), seconds
 
 
@@ -180,8 +190,13 @@ def _timing(seconds: list[float], work: int) -> dict[str, Any]:
 
 
 def time_decode(model: nn.Module, prompt: torch.Tensor, steps: int, repeats: int) -> dict[str, Any]:
-    """Warm-up, then ``repeats`` timed decode runs of ``prompt`` [B, P]: the median and every run."""
-    decode_run(model, prompt, steps)  # warm-up: first-call work (kernel builds, repacking, allocator)
+    """Warm-up, then ``repeats`` timed decode runs of ``prompt`` [B, P]: the median and every run. The warm-up
+    counts the routed experts each decode step computes (models with ``QuantExperts``): ``experts_computed``
+    of ``experts_total`` (what computing every expert would be), summed over layers and steps."""
+    from moequant.eval.perplexity import expert_totals
+
+    counts: dict[str, Any] = {}
+    decode_run(model, prompt, steps, counts)  # warm-up: first-call work (kernel builds, repacking, allocator)
     runs = [decode_run(model, prompt, steps) for _ in range(repeats)]
     new = runs[0][0]  # [B, steps]
     same = all(torch.equal(new, r[0]) for r in runs[1:])
@@ -190,7 +205,8 @@ def time_decode(model: nn.Module, prompt: torch.Tensor, steps: int, repeats: int
     return {"batch": b, "sequences": int(new.shape[0]), "new_tokens_per_sequence": int(new.shape[1]),
             "prompt_tokens": int(prompt.shape[1]), **t, "tokens_per_s_per_sequence": t["tokens_per_s"] / b,
             "ms_per_step": 1000.0 * t["seconds"] / steps, "repeats_identical": same,
-            "generated_ids": new[0].tolist()}
+            "generated_ids": new[0].tolist(),
+            **{k: v for k, v in expert_totals(counts).items() if k != "experts_per_layer"}}
 
 
 def time_prefill(model: nn.Module, ids: torch.Tensor, repeats: int) -> dict[str, Any]:
@@ -373,7 +389,8 @@ def table(result: dict[str, Any]) -> str:
             "peak RSS MiB (sampled)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["runs"]:
-        dec = [f"{d['tokens_per_s']:.2f}" for d in r["decode"]]
+        dec = [f"{d['tokens_per_s']:.2f}" + (f" ({100 * d['experts_computed'] / d['experts_total']:.0f}% of experts)"
+                                              if d.get("experts_total") else "") for d in r["decode"]]
         pre = f"{r['prefill']['tokens_per_s']:.1f}" if r.get("prefill") else "-"
         lines.append(f"| {r['label']}: {r['model']} | {r['kernels']} | " + " | ".join(dec) +
                      f" | {pre} | {r['memory']['resident_mib']:.1f} | {r['peak_rss_sampled_bytes'] / 2**20:.0f} |")

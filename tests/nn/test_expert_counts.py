@@ -114,3 +114,20 @@ def test_no_routed_pair_counts_no_expert():
     assert torch.equal(out, torch.zeros(3, 64))
     c = counts["model.layers.0.mlp.experts"]
     assert (c.computed, c.total, c.calls) == (0, 4, 1)
+
+
+def test_bench_decode_counts_the_single_token_steps_only():
+    """``moequant bench``'s decode: batch 1, one token per step -> top-2 of 4 experts in each of 2 layers per step,
+    exactly, and the prompt's forward is not counted; the timed runs' output is unchanged by the counting."""
+    from moequant.bench import decode_run, time_decode
+
+    model = quantized_olmoe()
+    prompt = IDS[:1, :6]  # [1, 6]: a 5-token prompt forward, then the steps
+    counts: dict = {}
+    new, _ = decode_run(model, prompt, 3, counts)
+    assert [(c.computed, c.total, c.calls) for c in counts.values()] == [(3 * 2, 3 * 4, 3)] * 2
+    res = time_decode(model, prompt, 3, repeats=1)
+    assert (res["experts_computed"], res["experts_total"]) == (2 * 3 * 2, 2 * 3 * 4)
+    assert res["generated_ids"] == new[0].tolist()
+    dense = time_decode(tiny_model("llama"), prompt, 2, repeats=1)
+    assert "experts_total" not in dense
