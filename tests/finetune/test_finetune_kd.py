@@ -1,7 +1,8 @@
 """Distillation with the codes fixed (``moequant finetune --method kd``): every packed format opened for training
 decodes to its stored tensor bit for bit, trains its continuous parameters, keeps its codes, and packs back to
 exactly what it computed with; the run on tiny int and nf4 models lowers the KL, touches only ``--layers``, and
-resumes byte-identically."""
+resumes byte-identically. Trellis runs end to end under bcjr, ste and kd (load, KL, eval ppl), and a bcjr run
+resumes byte-identically under its temperature schedule."""
 
 import json
 
@@ -191,39 +192,128 @@ def test_kd_lowers_kl_keeps_codes_and_loads(request, capsys, tmp_path, which):
     assert mean_kl(model, teacher, tokens[:ft["eval_windows"]], ft["batch"]) == ft["loss_after"]
 
 
-def test_kd_layers_trains_only_those_layers(int_run, tmp_path):
+@pytest.mark.parametrize("layer", [0, 1])
+def test_kd_layers_trains_only_those_layers(int_run, tmp_path, layer):
+    # layer 0: the gradient passes back through layer 1's frozen packed (rht) tensors, decoded for autograd
     import moequant
     from moequant.finetune.loop import FinetuneJob, FinetuneSettings, run_finetune
 
-    settings = FinetuneSettings(steps=3, method="kd", lr=1e-2, layers=(1,), eval_windows=2)
-    ft = run_finetune(FinetuneJob(int_run, tmp_path / "l1", settings, progress=False))["finetune"]
-    assert ft["layers"] == [1] and ft["trained_tensors"] and all(n.startswith("model.layers.1.")
-                                                                 for n in ft["trained_tensors"])
-    before, after = moequant.load(int_run).state_dict(), moequant.load(tmp_path / "l1").state_dict()
+    settings = FinetuneSettings(steps=3, method="kd", lr=1e-2, layers=(layer,), eval_windows=2)
+    ft = run_finetune(FinetuneJob(int_run, tmp_path / "l", settings, progress=False))["finetune"]
+    prefix = f"model.layers.{layer}."
+    assert ft["layers"] == [layer] and ft["trained_tensors"]
+    assert all(n.startswith(prefix) for n in ft["trained_tensors"])
+    before, after = moequant.load(int_run).state_dict(), moequant.load(tmp_path / "l").state_dict()
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(k.startswith("model.layers.1.") for k in changed)
+    assert changed and all(k.startswith(prefix) for k in changed)
     assert any("norm" in k for k in changed) and any(k.endswith("_scale") for k in changed)
+    assert ft["loss_after"] < ft["loss_before"]
 
 
-def test_kd_resume_ends_byte_identical(nf4_run, tmp_path):
-    from moequant.finetune.loop import FinetuneJob, FinetuneSettings, run_finetune, work_dir_for
+def _interrupt_and_resume(run, settings, tmp_path, stop_at, before_resume=None):
+    """The run uninterrupted into ``a``; into ``b`` stopped by an interrupt after step ``stop_at``, then
+    (``before_resume(out b)`` first, when given) resumed. Asserts both end with the same losses and checkpoint
+    bytes -> (result a, log lines of the interrupted run)."""
+    from moequant.finetune.loop import FinetuneJob, run_finetune, work_dir_for
 
-    settings = FinetuneSettings(steps=5, method="kd", lr=1e-2, save_every=2, eval_windows=2)
-    a = run_finetune(FinetuneJob(nf4_run, tmp_path / "a", settings, progress=False))
+    a = run_finetune(FinetuneJob(run, tmp_path / "a", settings, progress=False))
 
     def stop(step, _):
-        if step == 3:
+        if step == stop_at:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_finetune(FinetuneJob(nf4_run, tmp_path / "b", settings, progress=False), on_step=stop)
+        run_finetune(FinetuneJob(run, tmp_path / "b", settings, progress=False), on_step=stop)
     work = work_dir_for(tmp_path / "b")
-    assert json.loads((work / "state.json").read_text())["step"] == 2
-    assert len((work / "log.jsonl").read_text().splitlines()) == 3  # the third step ran, its line is dropped
-    b = run_finetune(FinetuneJob(nf4_run, tmp_path / "b", settings, resume=True, progress=False))
+    saved = json.loads((work / "state.json").read_text())["step"]
+    assert saved == stop_at // settings.save_every * settings.save_every
+    logged = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    assert len(logged) == stop_at  # the steps after the saved one ran; their lines are dropped on resume
+    if before_resume is not None:
+        before_resume(tmp_path / "b")
+    b = run_finetune(FinetuneJob(run, tmp_path / "b", settings, resume=True, progress=False))
     assert not work.exists()
     assert a["finetune"]["train_loss"] == b["finetune"]["train_loss"]
     files = [p.name for p in sorted((tmp_path / "a").iterdir()) if p.suffix == ".safetensors" or p.name == "config.json"]
     assert len(files) >= 2
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    return a, logged
+
+
+def test_kd_resume_ends_byte_identical(nf4_run, tmp_path):
+    from moequant.finetune.loop import FinetuneSettings
+
+    settings = FinetuneSettings(steps=5, method="kd", lr=1e-2, save_every=2, eval_windows=2)
+    _interrupt_and_resume(nf4_run, settings, tmp_path, stop_at=3)
+
+
+# ------------------------------------------------------------------------------------------------ trellis runs
+
+
+@pytest.fixture(scope="module")
+def trellis_run(toy):
+    pytest.importorskip("moequant.finetune.trellis_trainable")  # TEMPORARY until helper "bcjr" commits it
+    tmp, src, text = toy
+    return _quantize(tmp, "trellis", src, text, "--method", "trellis", "--bits", "2", "--trellis-l", "8")
+
+
+def _trellis_tensors(run):
+    out, model = _packed(run)
+    assert out and all(qt.format_id == "rht" and qt.inner.format_id == "trellis-packed" for qt in out.values())
+    return out, model
+
+
+@pytest.mark.parametrize("method", ["bcjr", "ste", "kd"])
+def test_trellis_methods_end_to_end(capsys, trellis_run, tmp_path, method):
+    import math
+
+    from moequant.calib.data import CalibData, calibration_tokens
+    from moequant.finetune.loop import mean_kl
+    from moequant.models.loader import load_model
+
+    out = tmp_path / method
+    tau = ["--tau", "0.3:0.05"] if method == "bcjr" else []
+    rc = main(["finetune", str(trellis_run), "--method", method, "--steps", "2", "--lr", "1e-2", *tau,
+               "--eval-windows", "4", "--out", str(out)])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    rep = json.loads((out / "report.json").read_text())
+    ft = rep["finetune"]
+    assert ft["method"] == method and len(ft["train_loss"]) == 2 and ft["tokens_seen"] == 2 * 4 * 32
+    if method == "bcjr":
+        assert ft["tau_schedule"]["tau"] == [0.3, 0.05] and ", tau 0.3 -> 0.05 (cosine), " in cap.out
+    else:
+        assert "tau_schedule" not in ft
+    before, _ = _trellis_tensors(trellis_run)
+    after, model = _trellis_tensors(out)
+    assert before.keys() == after.keys()
+    for name, qt in after.items():
+        old = before[name]
+        assert qt.attrs == old.attrs and qt.bits_per_weight() == old.bits_per_weight()
+        assert torch.equal(qt.data["sign_in"], old.data["sign_in"])
+        if method == "kd":
+            assert torch.equal(qt.data["inner_words"], old.data["inner_words"])  # codes fixed bit for bit
+    # a normal checkpoint: loaded natively it gives the reported KL exactly, and eval ppl reads it
+    teacher, tok, _ = load_model(rep["model"])
+    tokens = calibration_tokens(tok, CalibData(**ft["calib"]))
+    assert mean_kl(model, teacher, tokens[:4], ft["batch"]) == ft["loss_after"]
+    res = tmp_path / "ppl.json"
+    assert main(["-q", "eval", "ppl", str(out), "--data", str(trellis_run.parent / "text.txt"), "--seqlen", "32",
+                 "--max-tokens", "256", "--json", str(res)]) == 0
+    assert math.isfinite(json.loads(res.read_text())["ppl"])
+
+
+def test_bcjr_resume_ends_byte_identical_and_keeps_its_schedule(trellis_run, tmp_path):
+    from moequant.errors import MoequantError
+    from moequant.finetune.loop import FinetuneJob, FinetuneSettings, run_finetune
+
+    common = dict(method="bcjr", lr=1e-2, tau=(0.3, 0.05), layers=(0,), save_every=1, eval_windows=2)
+    settings, longer = FinetuneSettings(steps=3, **common), FinetuneSettings(steps=4, **common)
+
+    def refuse_other_steps(out):
+        with pytest.raises(MoequantError, match="differs in schedule"):  # more steps would stretch the anneal
+            run_finetune(FinetuneJob(trellis_run, out, longer, resume=True, progress=False))
+
+    _, logged = _interrupt_and_resume(trellis_run, settings, tmp_path, stop_at=2, before_resume=refuse_other_steps)
+    assert [x["tau"] for x in logged] == [0.3, pytest.approx(0.175)]

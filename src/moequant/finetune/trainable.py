@@ -158,20 +158,36 @@ def norm_parameters(model: nn.Module, prefixes: tuple[str, ...] | None = None) -
             and _selected(f"{n}.weight", prefixes)}
 
 
-def _linear_forward(mod: QuantLinear, weights: dict[str, torch.Tensor], name: str):
+def _needs_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _linear_forward(mod: QuantLinear, weights: dict[str, torch.Tensor], name: str | None):
+    """``mod``'s forward from ``weights[name]``; ``name`` None (a frozen weight): its own forward, or its decoded
+    weight when autograd must reach ``x`` (the fast kernels have no backward)."""
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weights[name].to(x.dtype), mod.bias)
+        if name is not None:
+            return F.linear(x, weights[name].to(x.dtype), mod.bias)
+        if _needs_grad(x):
+            return F.linear(x, mod.dequantized_weight(x.dtype), mod.bias)
+        return type(mod).forward(mod, x)
     return forward
 
 
-def _experts_forward(mod: QuantExperts, weights: dict[str, torch.Tensor], mname: str):
+def _experts_forward(mod: QuantExperts, weights: dict[str, torch.Tensor], mname: str, trained: set[str]):
+    """``mod``'s forward with its trained projections (``trained``) from ``weights``, the frozen ones as in
+    ``_linear_forward``."""
     def project(p: str, n_out: int):
-        if f"{mname}.{p}" not in weights:
-            return mod._project(p, n_out)
+        name = f"{mname}.{p}"
+        own = mod._project(p, n_out)
 
         def run(x: torch.Tensor, routing) -> torch.Tensor:
-            w = weights[f"{mname}.{p}"].to(x.dtype)  # [E, N, K]
-            return looped_linear(x, routing, lambda e, xe: F.linear(xe, w[e]), n_out)
+            if name in trained:
+                w = weights[name].to(x.dtype)  # [E, N, K]
+                return looped_linear(x, routing, lambda e, xe: F.linear(xe, w[e]), n_out)
+            if mod.is_packed(p) and _needs_grad(x):
+                return looped_linear(x, routing, lambda e, xe: F.linear(xe, mod.expert_weight(p, e, xe.dtype)), n_out)
+            return own(x, routing)
         return run
 
     def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -184,13 +200,20 @@ def _experts_forward(mod: QuantExperts, weights: dict[str, torch.Tensor], mname:
 @contextlib.contextmanager
 def train_forward(model: nn.Module, names: Iterable[str], weights: dict[str, torch.Tensor]) -> Iterator[None]:
     """While active, the modules holding the packed weights ``names`` compute from ``weights[name]`` (read at
-    each call: the caller puts each step's differentiable weights there)."""
+    each call: the caller puts each step's differentiable weights there). Every other ``QuantLinear`` /
+    ``QuantExperts`` computes from its decoded weight whenever autograd must pass through it to trained
+    parameters before it, else as usual."""
+    trained = set(names)
     patched = []
     try:
-        for mname in sorted({n.rpartition(".")[0] for n in names}):
-            mod = model.get_submodule(mname)
-            mod.forward = _linear_forward(mod, weights, f"{mname}.weight") if isinstance(mod, QuantLinear) \
-                else _experts_forward(mod, weights, mname)
+        for mname, mod in model.named_modules():
+            if isinstance(mod, QuantLinear):
+                mod.forward = _linear_forward(mod, weights, f"{mname}.weight" if f"{mname}.weight" in trained
+                                              else None)
+            elif isinstance(mod, QuantExperts):
+                mod.forward = _experts_forward(mod, weights, mname, trained)
+            else:
+                continue
             patched.append(mod)
         yield
     finally:
