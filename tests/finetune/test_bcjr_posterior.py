@@ -188,3 +188,32 @@ def test_chunking_does_not_change_results():
     torch.testing.assert_close(xs[0].grad, xs[1].grad, atol=1e-12, rtol=0)
     torch.testing.assert_close(ts[0].grad, ts[1].grad, atol=1e-12, rtol=0)
     assert sub_states(ref, geom).shape == (5, 8, 8)
+
+
+def test_grouped_tables_equal_separate_passes():
+    """Several tables (one per expert) in one pass: the same soft codewords, gradients and best walks as one
+    pass per table."""
+    L, kv = 6, 2
+    g = torch.Generator().manual_seed(8)
+    tables = torch.randn(3, 1 << L, 2, generator=g, dtype=torch.float64)  # [G, 2^L, V]
+    x = torch.randn(7, 6, 2, generator=g, dtype=torch.float64)
+    group = torch.tensor([2, 0, 1, 1, 2, 0, 2])
+    geom = SoftGeometry(L, kv, (1,))
+    ref = torch.stack([viterbi_tail_biting(x[i:i + 1].float(), tables[group[i]].float(), L, kv)[0] for i in range(7)])
+    ov = soft_overlap(ref, geom)
+    xa, ta = x.clone().requires_grad_(), tables.clone().requires_grad_()
+    ya = soft_codeword(xa, ta, 0.4, geom, ref, ov, group, max_bytes=1)
+    xb, tb = x.clone().requires_grad_(), tables.clone().requires_grad_()
+    yb = torch.cat([soft_codeword(xb[i:i + 1], tb[group[i]], 0.4, geom, ref[i:i + 1], ov[i:i + 1]) for i in range(7)])
+    torch.testing.assert_close(ya, yb, atol=1e-13, rtol=0)
+    w = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    (ya * w).sum().backward()
+    (yb * w).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ta.grad, tb.grad, atol=1e-12, rtol=0)
+    assert (ta.grad.abs().sum((1, 2)) > 0).all()
+    hp = hard_path(x, tables, geom, ref, ov, group)
+    assert torch.equal(hp, torch.cat([hard_path(x[i:i + 1], tables[group[i]], geom, ref[i:i + 1], ov[i:i + 1])
+                                      for i in range(7)]))
+    with pytest.raises(ValueError):
+        soft_codeword(x, tables, 0.4, geom, ref, ov)  # three tables need a group

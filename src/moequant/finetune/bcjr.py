@@ -277,76 +277,89 @@ def _chunks(b: int, x: torch.Tensor, geom: SoftGeometry, max_bytes: int):
     return [slice(i, i + size) for i in range(0, b, size)]
 
 
-def _idx(ref: torch.Tensor | None, geom: SoftGeometry, sl: slice) -> torch.Tensor:
-    return sub_states(None if ref is None else ref[sl], geom)
+def _idx(ref: torch.Tensor | None, group: torch.Tensor | None, geom: SoftGeometry, sl: slice) -> torch.Tensor:
+    """Rows of the flattened tables ``[G·2^L, V]`` of the tiles ``sl``: ``[b|1, S|1, n]``."""
+    idx = sub_states(None if ref is None else ref[sl], geom)
+    return idx if group is None else idx + (group[sl] << geom.L).view(-1, 1, 1)
 
 
 class _SoftTrellis(torch.autograd.Function):
-    """y ``[B, S, V]`` from x ``[B, S, V]`` and the value table ``[2^L, V]``; backward in closed form, chunked."""
+    """y ``[B, S, V]`` from x ``[B, S, V]`` and the value tables ``[G·2^L, V]`` (tile ``i`` reads table ``group[i]``);
+    backward in closed form, chunked."""
 
     @staticmethod
-    def forward(ctx, x, table, ref, overlap, geom, tau, max_bytes):
+    def forward(ctx, x, table, ref, overlap, group, geom, tau, max_bytes):
         out = torch.empty_like(x)  # [B, S, V]
         with torch.no_grad():
             cols = _columns(table)
             for sl in _chunks(x.shape[0], x, geom, max_bytes):
                 ov = None if overlap is None else overlap[sl]
-                _, vals, *_, post = _chunk_posterior(x[sl], cols, _idx(ref, geom, sl), geom.f, tau, ov)
+                _, vals, *_, post = _chunk_posterior(x[sl], cols, _idx(ref, group, geom, sl), geom.f, tau, ov)
                 out[sl] = _soft(vals, post)
-        ctx.save_for_backward(x, table, ref, overlap)
+        ctx.save_for_backward(x, table, ref, overlap, group)
         ctx.geom, ctx.tau, ctx.max_bytes = geom, tau, max_bytes
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, table, ref, overlap = ctx.saved_tensors
+        x, table, ref, overlap, group = ctx.saved_tensors
         geom, tau = ctx.geom, ctx.tau
         v = x.shape[-1]
         g_x = torch.zeros_like(x)
-        acc = torch.zeros(v + 1, table.shape[0], dtype=x.dtype)  # [V+1, 2^L]
+        acc = torch.zeros(v + 1, table.shape[0], dtype=x.dtype)  # [V+1, G·2^L]
         with torch.no_grad():
             cols = _columns(table)
             for sl in _chunks(x.shape[0], x, geom, ctx.max_bytes):
-                g_x[sl], flat, terms = _chunk_grads(x[sl], cols, _idx(ref, geom, sl), geom.f, tau,
+                g_x[sl], flat, terms = _chunk_grads(x[sl], cols, _idx(ref, group, geom, sl), geom.f, tau,
                                                     None if overlap is None else overlap[sl], grad[sl].to(x.dtype))
                 if ctx.needs_input_grad[1]:
                     for i, term in enumerate(terms):
                         acc[i].index_add_(0, flat, term)
             g_table = None
             if ctx.needs_input_grad[1]:
-                g_table = acc[:v].T - table * acc[v].unsqueeze(-1) * (2.0 / tau)  # [2^L, V]
-        return g_x if ctx.needs_input_grad[0] else None, g_table, None, None, None, None, None
+                g_table = acc[:v].T - table * acc[v].unsqueeze(-1) * (2.0 / tau)  # [G·2^L, V]
+        return g_x if ctx.needs_input_grad[0] else None, g_table, None, None, None, None, None, None
 
 
-def _check(x: torch.Tensor, table: torch.Tensor, ref: torch.Tensor | None, geom: SoftGeometry, tau: float) -> None:
-    if x.dim() != 3 or table.shape != (1 << geom.L, x.shape[-1]):
+def _check(x: torch.Tensor, table: torch.Tensor, ref: torch.Tensor | None, group: torch.Tensor | None,
+           geom: SoftGeometry, tau: float) -> None:
+    if x.dim() != 3 or table.dim() not in (2, 3) or table.shape[-2:] != (1 << geom.L, x.shape[-1]):
         raise ValueError(f"x {tuple(x.shape)} and table {tuple(table.shape)} do not match L={geom.L}")
     if ref is not None and ref.shape != x.shape[:2]:
         raise ValueError(f"reference walk {tuple(ref.shape)} does not match x {tuple(x.shape)}")
+    tables = 1 if table.dim() == 2 else table.shape[0]
+    if group is None and tables > 1 or group is not None and (
+            group.shape != x.shape[:1] or group.numel() and not 0 <= int(group.min()) <= int(group.max()) < tables):
+        raise ValueError(f"{tables} tables need a group [B] of table indices for the {x.shape[0]} tiles")
     if not tau > 0:
         raise ValueError(f"temperature {tau} must be > 0")
 
 
+def _group(group: torch.Tensor | None) -> torch.Tensor | None:
+    return None if group is None else group.to(torch.int64)
+
+
 def soft_codeword(x: torch.Tensor, table: torch.Tensor, tau: float, geom: SoftGeometry,
                   ref: torch.Tensor | None = None, overlap: torch.Tensor | None = None,
-                  max_bytes: int = MAX_BYTES) -> torch.Tensor:
+                  group: torch.Tensor | None = None, max_bytes: int = MAX_BYTES) -> torch.Tensor:
     """The soft codeword ``Σ_σ P_t(σ) v_t(σ)`` ``[B, S, V]`` of each tile ``x [B, S, V]`` (code units) under the value
     table ``[2^L, V]`` at temperature ``tau``, over the sub-trellis ``geom`` around ``ref [B, S]`` (None: the full
-    trellis), tail-biting given ``overlap [B]`` (``soft_overlap``; None: free start). Differentiable in ``x`` and
-    ``table``; computed in ``x``'s dtype."""
-    _check(x, table, ref, geom, tau)
-    table = table.to(x.dtype)
+    trellis), tail-biting given ``overlap [B]`` (``soft_overlap``; None: free start). Several tables ``[G, 2^L, V]``
+    (the experts of a stack, one LUT each) with ``group [B]`` naming each tile's table run in one pass.
+    Differentiable in ``x`` and ``table``; computed in ``x``'s dtype."""
+    _check(x, table, ref, group, geom, tau)
+    table = table.to(x.dtype).reshape(-1, x.shape[-1])  # [G·2^L, V]
     ref = None if ref is None else ref.to(torch.int64)
     overlap = None if overlap is None else overlap.to(torch.int64)
-    return _SoftTrellis.apply(x, table, ref, overlap, geom, float(tau), max_bytes)
+    return _SoftTrellis.apply(x, table, ref, overlap, _group(group), geom, float(tau), max_bytes)
 
 
 def posterior(x: torch.Tensor, table: torch.Tensor, tau: float, geom: SoftGeometry,
               ref: torch.Tensor | None = None, overlap: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(posterior ``P_t(σ)`` ``[B, S, 2^F]``, the stored-code state of each ``σ`` int64 ``[B, S, 2^F]``); one chunk,
-    no gradient: for inspection and tests."""
-    _check(x, table, ref, geom, tau)
+    """(posterior ``P_t(σ)`` ``[B, S, 2^F]``, the stored-code state of each ``σ`` int64 ``[B, S, 2^F]``) under one
+    table ``[2^L, V]``; one chunk, no gradient: for inspection and tests."""
+    _check(x, table, ref, None, geom, tau)
     with torch.no_grad():
         idx = sub_states(ref, geom).expand(x.shape[0], x.shape[1], -1)
         *_, post = _chunk_posterior(x, _columns(table.to(x.dtype)), idx, geom.f, float(tau),
@@ -355,23 +368,26 @@ def posterior(x: torch.Tensor, table: torch.Tensor, tau: float, geom: SoftGeomet
 
 
 def hard_path(x: torch.Tensor, table: torch.Tensor, geom: SoftGeometry, ref: torch.Tensor | None = None,
-              overlap: torch.Tensor | None = None, max_bytes: int = MAX_BYTES) -> torch.Tensor:
+              overlap: torch.Tensor | None = None, group: torch.Tensor | None = None,
+              max_bytes: int = MAX_BYTES) -> torch.Tensor:
     """The best walk of the sub-trellis (its Viterbi; the ``τ → 0`` limit of the soft pass) as stored-code states
-    int64 ``[B, S]``: x ``[B, S, V]``, table ``[2^L, V]``, ``ref`` / ``overlap`` as in ``soft_codeword``. Ties go
-    to the smallest predecessor index and end state, as in ``codecs.trellis.viterbi``."""
-    _check(x, table, ref, geom, 1.0)
+    int64 ``[B, S]``: x ``[B, S, V]``, table ``[2^L, V]`` (or ``[G, 2^L, V]`` with ``group``), ``ref`` / ``overlap`` as
+    in ``soft_codeword``. Ties go to the smallest predecessor index and end state, as in ``codecs.trellis.viterbi``."""
+    _check(x, table, ref, group, geom, 1.0)
+    group = _group(group)
+    ref = None if ref is None else ref.to(torch.int64)
     b, steps, _ = x.shape
     m, n = 1 << geom.f, 1 << geom.F
     r = n >> geom.f
     state = torch.arange(n)
     out = torch.empty(b, steps, dtype=torch.int64)  # [B, S]
     with torch.no_grad():
-        cols = _columns(table.to(x.dtype))
+        cols = _columns(table.to(x.dtype).reshape(-1, x.shape[-1]))
         for sl in _chunks(b, x, geom, max_bytes):
-            idx = _idx(None if ref is None else ref.to(torch.int64), geom, sl)
+            idx = _idx(ref, None, geom, sl)  # [c|1, S|1, n]: stored-code states
             c = x[sl].shape[0]
             xs = x[sl].transpose(0, 1).contiguous()  # [S, c, V]
-            scores = _scores(_gather(cols, idx, c, steps)[1], xs, 1.0)  # [S, c, n]: −squared error + const
+            scores = _scores(_gather(cols, _idx(ref, group, geom, sl), c, steps)[1], xs, 1.0)  # [S, c, n]
             cost = scores[0].clone()
             ov = None if overlap is None else overlap[sl].to(torch.int64)
             if ov is not None:
