@@ -211,6 +211,22 @@ def test_kd_layers_trains_only_those_layers(int_run, tmp_path, layer):
     assert ft["loss_after"] < ft["loss_before"]
 
 
+def test_bfloat16_norms_accumulate_steps_below_their_resolution(toy, tmp_path):
+    # norms stored in bfloat16 at 1.0 (spacing 2^-8 below it): steps of 1e-3 each would round away one by one;
+    # the float32 master copy accumulates them, and the model computes with the rounded values
+    import moequant
+    from moequant.finetune.loop import FinetuneJob, FinetuneSettings, run_finetune
+
+    tmp, src, text = toy
+    run = _quantize(tmp_path, "bf16", src, text, "--method", "nf4", "--block-size", "32", "--kept-dtype", "bfloat16")
+    settings = FinetuneSettings(steps=8, method="kd", lr=1e-3, eval_windows=2)
+    run_finetune(FinetuneJob(run, tmp_path / "o", settings, progress=False))
+    before, after = moequant.load(run).state_dict(), moequant.load(tmp_path / "o").state_dict()
+    norms = [k for k in before if "norm" in k]
+    assert norms and all(before[k].dtype == after[k].dtype == torch.bfloat16 for k in norms)
+    assert all(not torch.equal(before[k], after[k]) for k in norms)
+
+
 def _interrupt_and_resume(run, settings, tmp_path, stop_at, before_resume=None):
     """The run uninterrupted into ``a``; into ``b`` stopped by an interrupt after step ``stop_at``, then
     (``before_resume(out b)`` first, when given) resumed. Asserts both end with the same losses and checkpoint

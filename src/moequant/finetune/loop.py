@@ -169,10 +169,14 @@ class FinetuneState:
         self.params: dict[str, torch.Tensor] = {}
         for name, t in self.tensors.items():
             self.params.update({f"{name}:{k}": p for k, p in t.parameters().items()})
+        # a norm trains as a float32 master copy; the model's parameter holds it rounded to the stored dtype (so a
+        # bfloat16 norm is not stuck where one step is below its resolution) and receives the gradient
+        self.norms: dict[str, torch.nn.Parameter] = {}
         if settings.train_norms:
             for name, p in norm_parameters(model, prefixes).items():
                 p.requires_grad_(True)
-                self.params[name] = p
+                self.norms[name] = p
+                self.params[name] = p.detach().to(torch.float32).clone()
         self.adam = {n: AdamState.zeros_like(p) for n, p in self.params.items()}
         self.rates = {n: rate_for(p, settings.lr) for n, p in self.params.items()}
         self.delta: dict[str, torch.Tensor] = {}
@@ -204,10 +208,25 @@ class FinetuneState:
             out[f"delta/{name}"] = self.delta[name]
             out[f"vm/{name}"], out[f"vv/{name}"] = self.v_adam[name].m, self.v_adam[name].v
         for name, p in self.params.items():
-            if ":" not in name:
+            if name in self.norms:
                 out[f"norm/{name}"] = p.detach()
             out[f"m/{name}"], out[f"v/{name}"] = self.adam[name].m, self.adam[name].v
         return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+    def grad(self, name: str) -> torch.Tensor | None:
+        """The gradient of parameter ``name`` (a norm's is its model parameter's)."""
+        p = self.norms.get(name, self.params[name])
+        return p.grad
+
+    def zero_grad(self) -> None:
+        for p in [*self.params.values(), *self.norms.values()]:
+            p.grad = None
+
+    def sync_norms(self) -> None:
+        """Each trained norm's model parameter set to its master copy (rounded to the parameter's dtype)."""
+        with torch.no_grad():
+            for name, p in self.norms.items():
+                p.copy_(self.params[name])
 
     def meta(self) -> dict[str, Any]:
         return {"adam_t": {n: s.t for n, s in self.adam.items()}, "v_adam_t": {n: s.t for n, s in self.v_adam.items()},
@@ -222,11 +241,12 @@ class FinetuneState:
                                           meta["v_adam_t"][name])
         with torch.no_grad():
             for name, p in self.params.items():
-                if ":" not in name:
+                if name in self.norms:
                     p.copy_(tensors[f"norm/{name}"])
                 self.adam[name] = AdamState(tensors[f"m/{name}"].clone(), tensors[f"v/{name}"].clone(),
                                             meta["adam_t"][name])
         self.rates, self.v_rates = dict(meta["rates"]), dict(meta["v_rates"])
+        self.sync_norms()
 
 
 def _save_state(work: Path, step: int, state: FinetuneState, fp: dict[str, Any], history: dict[str, Any]) -> None:
@@ -284,16 +304,18 @@ def _step(student, teacher, ids: torch.Tensor, state: FinetuneState, weights: di
         t_logp = torch.log_softmax(teacher(ids, use_cache=False).logits.float(), -1)  # [b, L, V]
     for name, t in state.tensors.items():
         weights[name] = t.weight()
-        weights[name].retain_grad()
+        if max_change is not None:
+            weights[name].retain_grad()  # the V-step's straight-through direction
     loss = kl_loss(student(ids, use_cache=False).logits, t_logp)
-    for p in state.params.values():
-        p.grad = None
+    state.zero_grad()
     loss.backward()
     with torch.no_grad():
         for name, p in state.params.items():
-            if p.grad is not None:  # a parameter the loss does not reach keeps its Adam state
-                p.copy_(adam_step(p, p.grad, state.adam[name], state.rates[name]))
-            p.grad = None
+            grad = state.grad(name)
+            if grad is not None:  # a parameter the loss does not reach keeps its Adam state
+                p.copy_(adam_step(p, grad, state.adam[name], state.rates[name]))
+    state.zero_grad()
+    state.sync_norms()
     changed = None
     if max_change is not None:
         moved = total = 0
@@ -387,7 +409,7 @@ def run_finetune(job: FinetuneJob, argv: list[str] | None = None,
                 _save_state(work, done, state, fp, {**history, "seconds": history["seconds"] + time.time() - t0})
             if on_step is not None:
                 on_step(done, loss)
-    for p in state.params.values():
+    for p in [*state.params.values(), *state.norms.values()]:
         p.requires_grad_(False)
     write_back(student, state.tensors)
     loss_after = mean_kl(student, teacher, evalw, settings.batch)
