@@ -1,7 +1,6 @@
 """``moequant finetune``'s flags: the temperature schedule and the --layers / --tau parsers, one-line refusals of
 bad combinations (exit 2, nothing written)."""
 
-import importlib.util
 import math
 
 import pytest
@@ -12,10 +11,6 @@ from moequant.finetune.cli import parse_layers
 from moequant.finetune.schedule import cosine_tau, parse_tau
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-# TEMPORARY until finetune/trellis_trainable.py (helper "bcjr") is committed
-NEEDS_TRELLIS = pytest.mark.skipif(importlib.util.find_spec("moequant.finetune.trellis_trainable") is None,
-                                   reason="finetune/trellis_trainable.py not there yet")
 
 
 def test_cosine_tau_anneals_from_start_to_end():
@@ -65,12 +60,9 @@ def nf4_run(tmp_path_factory):
     (["--method", "kd", "--data-samples", "4"], "--data-samples/--data-seqlen need --data"),
     (["--method", "kd", "--lr", "0"], "--lr must be > 0"),
     (["--method", "pv"], r"model\.layers\.0\.\S+ is stored as lut4-packed: --method pv trains additive-packed"),
-    pytest.param(["--method", "bcjr"],
-                 r"model\.layers\.0\.\S+ is stored as lut4-packed: --method bcjr trains trellis-packed",
-                 marks=NEEDS_TRELLIS),
-    pytest.param(["--method", "ste", "--layers", "1"],
-                 r"model\.layers\.1\.\S+ is stored as lut4-packed: --method ste trains trellis-packed",
-                 marks=NEEDS_TRELLIS),
+    (["--method", "bcjr"], r"model\.layers\.0\.\S+ is stored as lut4-packed: --method bcjr trains trellis-packed"),
+    (["--method", "ste", "--layers", "1"],
+     r"model\.layers\.1\.\S+ is stored as lut4-packed: --method ste trains trellis-packed"),
 ])
 def test_bad_combinations_are_one_line_errors(capsys, nf4_run, tmp_path, argv, message):
     import re

@@ -10,14 +10,6 @@ from typing import Any
 
 from moequant.errors import MoequantError
 
-_METHOD_HELP = ("pv: PV-tuning of an additive run (Adam on codebooks, scales and norms; V-steps re-choose at most "
-                "--max-change of the codes). kd: distillation of any packed run with its codes fixed (Adam on the "
-                "continuous parameters: int scales, nf4/fp4 absmax, GGUF super-block scales, additive codebooks and "
-                "scales, trellis scales/LUT; and norms). bcjr: BCJR-QAT of a trellis run (a latent weight through a "
-                "soft trellis at temperature --tau, hardened by Viterbi at the end). ste: straight-through trellis "
-                "QAT (Viterbi codes forward, identity gradient)")
-
-
 def parse_layers(spec: str) -> tuple[int, ...]:
     """``"0"``, ``"0,1"``, ``"0-3"``, ``"0,2-3"`` -> sorted distinct decoder layer indices; ``ValueError`` naming
     ``--layers`` otherwise (the range is checked against the model later)."""
@@ -36,10 +28,13 @@ def parse_layers(spec: str) -> tuple[int, ...]:
 
 
 def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from moequant.finetune.trainable import FINETUNE_METHODS
+
     f = subparsers.add_parser("finetune", help="fine-tune a quantized run towards the model it was quantized from "
                               "(PV-tuning, distillation, BCJR-QAT, STE): a packed checkpoint out")
     f.add_argument("run", help="a moequant run directory (moequant quantize --out)")
-    f.add_argument("--method", required=True, choices=["pv", "kd", "bcjr", "ste"], help=_METHOD_HELP)
+    f.add_argument("--method", required=True, choices=list(FINETUNE_METHODS),
+                   help=" ".join(f"{m}: {about}." for m, about in FINETUNE_METHODS.items()))
     f.add_argument("--steps", type=int, required=True, help="optimisation steps")
     f.add_argument("--layers", default=None, help="train only the packed tensors and norms of these decoder layers "
                    "(e.g. 0, 0,1 or 0-3; default: all, the final norm included)")

@@ -23,6 +23,7 @@ from torch import nn
 from moequant.errors import MoequantError
 from moequant.finetune.packed_trainables import (AdditiveTrainable, GgufScales, LutAbsmax, LutDqScales, Rotated,
                                                  UniformScales)
+from moequant.finetune.trellis_trainable import TRELLIS_TRAINABLES
 from moequant.formats.additive import AdditiveTensor
 from moequant.formats.base import QuantizedTensor
 from moequant.formats.kquant import GGUF_CLASSES
@@ -60,7 +61,7 @@ FINETUNE_METHODS: dict[str, str] = {
     "kd": "distillation with the codes fixed: the continuous parameters of every packed format (int scales, "
           "nf4/fp4 absmax, GGUF super-block scales, additive codebooks and scales, trellis scales and LUT) and norms",
     "bcjr": "BCJR-QAT of trellis runs: a latent weight through a soft trellis (forward-backward at temperature tau, "
-            "annealed), hardened by Viterbi at the end",
+            "annealed), hardened by Viterbi on the final soft codeword",
     "ste": "straight-through trellis QAT: a latent weight, Viterbi codes in the forward pass, identity gradient",
 }
 
@@ -69,11 +70,6 @@ Opener = Callable[[QuantizedTensor], TrainableTensor]
 
 def _trainables() -> Registry[Opener]:
     """``"<method> <format_id>"`` -> the class that opens that format for that method (duplicates raise)."""
-    try:  # TEMPORARY until finetune/trellis_trainable.py lands
-        from moequant.finetune.trellis_trainable import TRELLIS_TRAINABLES
-    except ImportError:
-        TRELLIS_TRAINABLES = {}
-
     reg: Registry[Opener] = Registry("trainable")
     reg.register(f"pv {AdditiveTensor.format_id}", AdditiveTrainable)
     kd: list[tuple[type[QuantizedTensor], Opener]] = [
@@ -82,8 +78,8 @@ def _trainables() -> Registry[Opener]:
         (AdditiveTensor, AdditiveTrainable)]
     for cls, opener in kd:
         reg.register(f"kd {cls.format_id}", opener)
-    for method, opener in TRELLIS_TRAINABLES.items():
-        reg.register(f"{method} {TrellisTensor.format_id}", opener)
+    for method in ("kd", "bcjr", "ste"):
+        reg.register(f"{method} {TrellisTensor.format_id}", TRELLIS_TRAINABLES[method])
     return reg
 
 
