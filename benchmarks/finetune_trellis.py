@@ -1,0 +1,189 @@
+"""Issue #14's experiment: ``smollm2-135m`` with one decoder layer (then two) at 2-bit trellis and every other
+weight unquantized — PTQ vs BCJR-QAT vs straight-through trellis QAT (and, on request, KD with the codes fixed),
+each scored on PTB test next to the unquantized model and next to PTQ (same windows, paired bootstrap CIs).
+
+    python benchmarks/finetune_trellis.py --json benchmarks/results/finetune_trellis_smollm2-135m.json
+
+For each ``--layers`` set (default ``0`` then ``0,1``): ``moequant quantize`` with a recipe that quantizes only
+those layers' linears (the CLI's solver defaults, LDLQ + RHT for the trellis; ``--trellis-l`` and the calibration
+flags passed on), then ``moequant finetune RUN --method M --layers SET --steps --lr [--tau]`` from that PTQ run
+for each ``--methods`` entry, then ``moequant eval ppl`` of every checkpoint. Each row keeps its commands,
+bits/weight, the finetune report's KL before/after, tokens seen and seconds, the PPL with its paired ratio
+against fp and against the PTQ row of the same layers, and (bcjr) against the STE row.
+
+Runs the real command line in subprocesses (``_cli_runs``). Resumable: finished rows in ``--json`` are kept,
+finished checkpoints (a ``report.json``) and eval JSONs reused from ``--work``/MODEL/<digest of the settings>,
+an interrupted finetune continued with ``--resume``; a ``--json`` made with other settings is refused. ``--max-tokens`` scores only the first N PTB
+test tokens (default the whole split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from _cli_runs import MOEQUANT, eval_ppl, paired, quantize, run, write_json
+
+from moequant.alloc.recipe import DEFAULT_KEEP
+from moequant.codecs.config import TrellisConfig
+from moequant.finetune.loop import work_dir_for
+
+log = logging.getLogger("finetune_trellis")
+
+SCRIPT = "benchmarks/finetune_trellis.py"
+METHODS = ("bcjr", "ste", "kd")
+
+
+def layer_slug(layers: str) -> str:
+    return "L" + layers.replace(",", "+")
+
+
+def recipe(layers: str, config: TrellisConfig) -> dict[str, Any]:
+    """Keep the protected weights, quantize every weight of decoder layers ``layers`` ("0" or "0,1"), keep the
+    rest (no rule matches them)."""
+    alt = "|".join(str(int(i)) for i in layers.split(","))
+    return {"rules": [*({"match": p, "config": None} for p in DEFAULT_KEEP),
+                      {"match": rf"re:model\.layers\.({alt})\..*", "config": config.to_dict()}]}
+
+
+def finetune(run_dir: Path, flags: list[str], out: Path) -> tuple[list[str], float]:
+    """``moequant finetune RUN FLAGS --out OUT`` unless ``OUT/report.json`` exists (then NaN seconds); continued
+    with ``--resume`` where an interrupted one left its work directory."""
+    cmd = [*MOEQUANT, "finetune", str(run_dir), *flags, "--out", str(out)]
+    if (out / "report.json").is_file():
+        return cmd, float("nan")
+    return cmd, run(cmd + (["--resume"] if work_dir_for(out).exists() else []))
+
+
+def relate(rows: dict[str, dict[str, Any]], base: dict[str, Any]) -> None:
+    """Each finetuned row's paired ratio against the PTQ row of its layers, and BCJR's against STE's, where
+    those rows exist."""
+    tokens = base["tokens_per_window"]
+    for r in rows.values():
+        for key in ("ptq", "ste") if r["method"] == "bcjr" else ("ptq",) if r["method"] != "ptq" else ():
+            other = rows.get(f"{key}-{layer_slug(r['layers'])}")
+            if other is not None:
+                d = paired({"nll_per_window": other["nll_per_window"], "tokens_per_window": tokens},
+                           {"nll_per_window": r["nll_per_window"], "tokens_per_window": tokens})
+                r[f"ratio_vs_{key}"], r[f"ratio_vs_{key}_ci95"] = d.ratio, list(d.ratio_ci)
+
+
+def measure_ptq(layers: str, args: argparse.Namespace, base: dict[str, Any], work: Path) -> dict[str, Any]:
+    cfg = TrellisConfig(bits=args.bits, **({} if args.trellis_l is None else {"L": args.trellis_l}))
+    slug = f"ptq-{layer_slug(layers)}"
+    path = work / f"{slug}-recipe.json"
+    path.write_text(json.dumps(recipe(layers, cfg), indent=1))
+    flags = ["--recipe", str(path)] + [f"--{k.replace('_', '-')}={getattr(args, k)}"
+                                       for k in ("calib_samples", "calib_seqlen") if getattr(args, k) is not None]
+    qcmd, qsecs = quantize(args.model, flags, work / slug)
+    res, ecmd, esecs = eval_ppl(str(work / slug), work / f"{slug}-ppl.json", args.max_tokens)
+    rep = json.loads((work / slug / "report.json").read_text())
+    d = paired(base, res)
+    return {"slug": slug, "layers": layers, "method": "ptq", "config": cfg.to_dict(), "command": " ".join(qcmd),
+            "eval_command": " ".join(ecmd), "bits_per_weight": rep["bits_per_weight"],
+            "bits_per_weight_model": rep["bits_per_weight_model"], "seconds": qsecs, "seconds_eval": esecs,
+            "ppl": res["ppl"], "ratio": d.ratio, "ratio_ci95": list(d.ratio_ci), "nll_per_window": res["nll_per_window"]}
+
+
+def measure_finetune(layers: str, method: str, args: argparse.Namespace, base: dict[str, Any], work: Path
+                     ) -> dict[str, Any]:
+    ptq = work / f"ptq-{layer_slug(layers)}"
+    slug = f"{method}-{layer_slug(layers)}"
+    flags = ["--method", method, "--layers", layers, "--steps", str(args.steps), "--lr", str(args.lr),
+             "--batch", str(args.batch)] + (["--tau", args.tau] if method == "bcjr" else [])
+    cmd, secs = finetune(ptq, flags, work / slug)
+    res, ecmd, esecs = eval_ppl(str(work / slug), work / f"{slug}-ppl.json", args.max_tokens)
+    rep = json.loads((work / slug / "report.json").read_text())
+    ft = rep["finetune"]
+    d = paired(base, res)
+    return {"slug": slug, "layers": layers, "method": method, "command": " ".join(cmd), "eval_command": " ".join(ecmd),
+            "bits_per_weight": rep["bits_per_weight"], "kl_before": ft["loss_before"], "kl_after": ft["loss_after"],
+            "tokens_seen": ft["tokens_seen"], "seconds": ft["seconds"], "seconds_run": secs, "seconds_eval": esecs,
+            "ppl": res["ppl"], "ratio": d.ratio, "ratio_ci95": list(d.ratio_ci), "nll_per_window": res["nll_per_window"]}
+
+
+def _ci(r: dict[str, Any], key: str) -> str:
+    if f"{key}_ci95" not in r:
+        return "-"
+    lo, hi = r[f"{key}_ci95"]
+    return f"x{r[key]:.4f} [{lo:.4f}, {hi:.4f}]"
+
+
+HEAD = ["layers", "method", "bits/weight", "PPL", "vs fp [95% CI]", "vs PTQ [95% CI]", "vs STE [95% CI]",
+        "KL before -> after", "tokens seen", "seconds"]
+
+
+def tables(payload: dict[str, Any]) -> str:
+    fp, rows = payload["fp"], payload["rows"]
+    out = [f"{payload['model']}: fp PPL {fp['ppl']:.3f} on {fp['tokens']} PTB test tokens ({fp['n_windows']} windows "
+           f"of {fp['seqlen']}); the listed layers at 2-bit trellis, every other weight unquantized", "",
+           "| " + " | ".join(HEAD) + " |", "|---" * len(HEAD) + "|"]
+    for slug in payload["order"]:
+        r = rows.get(slug)
+        if r is None:
+            continue
+        kl = f"{r['kl_before']:.5f} -> {r['kl_after']:.5f}" if "kl_after" in r else "-"
+        cells = [r["layers"], r["method"], f"{r['bits_per_weight']:.3f}", f"{r['ppl']:.3f}", _ci(r, "ratio"),
+                 _ci(r, "ratio_vs_ptq"), _ci(r, "ratio_vs_ste"), kl, f"{r.get('tokens_seen', 0):,}",
+                 f"{r['seconds']:.0f}"]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(layers, method) in running order, PTQ first for each layer set."""
+    return [(layers, m) for layers in args.layers for m in ("ptq", *args.methods)]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="zoo alias or checkpoint directory (a Llama-style model)")
+    p.add_argument("--layers", nargs="+", default=["0", "0,1"], help="decoder layer sets, each quantized alone")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=["bcjr", "ste"], help="finetune methods")
+    p.add_argument("--bits", type=int, default=2)
+    p.add_argument("--trellis-l", type=int, default=None, help="trellis state bits (default: the CLI's)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-3, help="finetune --lr (relative to each parameter's RMS)")
+    p.add_argument("--tau", default="0.3:0.05", help="bcjr temperature START:END")
+    p.add_argument("--batch", type=int, default=4, help="finetune windows per step")
+    p.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: the CLI's)")
+    p.add_argument("--calib-seqlen", type=int, default=None, help="calibration window length (default: the CLI's)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N PTB test tokens")
+    p.add_argument("--work", default="runs/finetune_trellis", help="checkpoints and per-run JSON go here")
+    p.add_argument("--json", required=True)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    settings = {k: getattr(args, k) for k in ("model", "bits", "trellis_l", "steps", "lr", "tau", "batch",
+                                              "calib_samples", "calib_seqlen", "max_tokens")}
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    work = Path(args.work) / Path(args.model).name / digest  # checkpoints are only reused under equal settings
+    work.mkdir(parents=True, exist_ok=True)
+    out_json = Path(args.json)
+    old = json.loads(out_json.read_text()) if out_json.is_file() else None
+    if old is not None and old["settings"] != settings:
+        sys.exit(f"finetune_trellis: {out_json} was made with {old['settings']}, not {settings}; give another --json")
+    rows: dict[str, dict[str, Any]] = old["rows"] if old else {}
+    base, base_cmd, base_secs = eval_ppl(args.model, work / "fp-ppl.json", args.max_tokens)
+    fp = {k: base[k] for k in ("ppl", "tokens", "n_windows", "seqlen", "nll_per_window", "tokens_per_window")}
+    fp.update(eval_command=" ".join(base_cmd), seconds_eval=base_secs)
+    order = [f"{m}-{layer_slug(layers)}" for layers, m in plan(args)]
+    payload = {"model": args.model, "settings": settings, "work": str(work), "order": order, "rows": rows, "fp": fp}
+    for layers, method in plan(args):
+        slug = f"{method}-{layer_slug(layers)}"
+        if slug not in rows:
+            rows[slug] = measure_ptq(layers, args, base, work) if method == "ptq" else \
+                measure_finetune(layers, method, args, base, work)
+        relate(rows, base)
+        write_json(out_json, {**payload, "table": tables(payload)}, SCRIPT)
+        log.info("%s: PPL %.3f vs fp %.3f (%s)", slug, rows[slug]["ppl"], base["ppl"], _ci(rows[slug], "ratio"))
+    print(tables(payload))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
