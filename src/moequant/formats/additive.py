@@ -17,9 +17,10 @@ order ``m = 0 .. M−1`` (``codecs.additive.reconstruct``), which is the encoder
 Bits per weight count every stored bit: codes, scales and the codebooks (once when shared).
 Attributes: ``M``, ``B``, ``g``, ``share`` (the fields of ``AdditiveConfig``).
 
-Run time (``linear``, pure torch, a first path before a fused kernel): chunks of rows, never a whole matrix;
-for one or two input rows a lookup table of every input group against every codeword and a gather of each
-row's entries, otherwise each chunk decoded and multiplied.
+Run time (``linear``): the op ``moequant::additive_linear`` of ``kernels.additive`` — on the CPU a C++ GEMV from
+a lookup table of every input group against every codeword (or each row's codewords summed in registers) for a
+few input rows, tiles of decoded rows and a GEMM for more, never the whole matrix; the reference decode +
+``F.linear`` elsewhere.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from moequant.codecs.additive import lut_rows, lut_table, num_groups, reconstruct
+from moequant.codecs.additive import num_groups, reconstruct
 from moequant.codecs.additive_search import quantize
 from moequant.codecs.config import AdditiveConfig, MethodConfig
 from moequant.formats.base import QuantizedTensor
@@ -153,32 +154,13 @@ class AdditiveTensor(QuantizedTensor):
         return type(self)(self.shape[1:], data, dict(self.attrs))
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x [..., K] -> x Ŵᵀ + b [..., N]`` for a 2-D tensor (an expert's view included) in pure torch, chunk
-        of rows by chunk of rows, never the whole matrix: for a few input rows a lookup table of each input
-        group against every codeword (``codecs.additive.lut_table``) and, per output row, the sum of its codes'
-        entries; otherwise each chunk of rows decoded and multiplied. float32 arithmetic, ``x``'s dtype out."""
-        if len(self.shape) != 2:
-            raise ValueError(f"{self.format_id}: linear() needs a 2-D tensor, shape is {self.shape}; select an expert")
-        n, k = self.shape
-        m, bits, g = self.attrs["M"], self.attrs["B"], self.attrs["g"]
-        G, c = k // g, 1 << bits
-        x2 = x.reshape(-1, k).to(torch.float32)  # [T, K]
-        t = x2.shape[0]
-        books = self.data["codebooks"].to(torch.float32)  # [M, C, g]
-        scale = self.data["scale"].to(torch.float32)  # [N]
-        lut = t <= _LUT_MAX_ROWS and t * G * m * c <= _LUT_ELEMS
-        table = lut_table(x2, books) if lut else None  # [T, G·M·C]
-        rows = max(1, _CHUNK_ELEMS // (max(t, 1) * G * m if lut else k))
-        out = torch.empty(t, n)
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            codes = unpack_codes(self.data["codes"][r0:r1], bits, G * m).reshape(r1 - r0, G, m)  # [r, G, M]
-            if table is not None:
-                out[:, r0:r1] = lut_rows(table, codes, scale[r0:r1], c)
-            else:
-                out[:, r0:r1] = x2 @ reconstruct(codes[None], books, scale[None, r0:r1])[0].T  # [T, r]
-        y = out.reshape(*x.shape[:-1], n).to(x.dtype)
-        return y if bias is None else y + bias
+        """``x [..., K] -> x Ŵᵀ + b [..., N]`` for a 2-D tensor (an expert's view included) through
+        ``kernels.additive`` (op ``moequant::additive_linear``): on the CPU the C++ lookup-table / codeword GEMV,
+        or tiles of decoded rows and a GEMM, never the whole matrix; the reference decode + ``F.linear``
+        elsewhere, under autograd and in reference mode."""
+        from moequant.kernels import additive as kernels
+
+        return kernels.linear(self, x, bias)
 
     @classmethod
     def expected_bits_per_weight(cls, shape: tuple[int, ...], config: MethodConfig) -> float:
