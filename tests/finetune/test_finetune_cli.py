@@ -59,6 +59,9 @@ def nf4_run(tmp_path_factory):
     (["--method", "kd", "--layers", "2"], "--layers 2: the model has 2 decoder layers (0-1)"),
     (["--method", "kd", "--data-samples", "4"], "--data-samples/--data-seqlen need --data"),
     (["--method", "kd", "--lr", "0"], "--lr must be > 0"),
+    (["--method", "kd", "--soft-bits", "4"], "--soft-bits applies to --method bcjr only, not kd"),
+    (["--method", "bcjr", "--ste-every", "4"], "--ste-every applies to --method ste only, not bcjr"),
+    (["--method", "ste", "--ste-every", "0"], "--ste-every must be >= 1"),
     (["--method", "pv"], r"model\.layers\.0\.\S+ is stored as lut4-packed: --method pv trains additive-packed"),
     (["--method", "bcjr"], r"model\.layers\.0\.\S+ is stored as lut4-packed: --method bcjr trains trellis-packed"),
     (["--method", "ste", "--layers", "1"],
@@ -74,3 +77,29 @@ def test_bad_combinations_are_one_line_errors(capsys, nf4_run, tmp_path, argv, m
     assert re.search(message if message.startswith("model") else re.escape(message), err), err
     assert not out.exists() and not (tmp_path / ".o.moequant-finetune").exists()
 
+
+
+def test_trellis_options_reach_the_trellis_classes():
+    """--soft-bits / --ste-every become the TrellisTrainOptions of every trellis tensor opened (inside rht too)."""
+    from moequant.finetune.loop import FinetuneSettings, FinetuneState
+    from moequant.finetune.trellis_trainable import TrellisBCJR, TrellisSTE
+
+    model = _trellis_model()
+    state = FinetuneState(model, FinetuneSettings(steps=1, method="bcjr", soft_bits=5))
+    inner = [getattr(t, "inner", t) for t in state.tensors.values()]
+    assert inner and all(isinstance(t, TrellisBCJR) and t.opts.soft_bits == 5 for t in inner)
+    state = FinetuneState(_trellis_model(), FinetuneSettings(steps=1, method="ste", ste_every=3))
+    inner = [getattr(t, "inner", t) for t in state.tensors.values()]
+    assert inner and all(isinstance(t, TrellisSTE) and t.opts.ste_every == 3 for t in inner)
+    assert FinetuneSettings(steps=1, method="bcjr").soft_bits == 8 and FinetuneSettings(steps=1, method="kd").soft_bits is None
+
+
+def _trellis_model():
+    from conftest import tiny_model
+    from moequant import api
+    from moequant.alloc.recipe import Recipe
+    from moequant.codecs.config import TrellisConfig
+
+    model = tiny_model("llama")
+    api.quantize(model, Recipe.uniform(TrellisConfig(bits=2, L=8, tile=4)), progress=False)
+    return model

@@ -42,6 +42,10 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "(default 1e-3)")
     f.add_argument("--tau", default=None, help="bcjr: temperature START:END, annealed by a cosine over the steps "
                    "(default 0.3:0.05)")
+    f.add_argument("--soft-bits", type=int, default=None, help="bcjr: state bits of the soft pass (default 8; "
+                   "4 is ~10x faster and fits less well; >= the run's L: the full trellis)")
+    f.add_argument("--ste-every", type=int, default=None,
+                   help="ste: recompute the latent weight's Viterbi codes every N-th step (default 8)")
     f.add_argument("--code-lr", type=float, default=None,
                    help="pv: straight-through step of the V-step, relative to each weight's RMS (default 1e-3)")
     f.add_argument("--max-change", type=float, default=None,
@@ -77,7 +81,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     try:
         settings = FinetuneSettings(
             steps=args.steps, method=args.method, lr=args.lr, code_lr=args.code_lr, max_change=args.max_change,
-            v_every=args.v_every, tau=None if args.tau is None else parse_tau(args.tau),
+            v_every=args.v_every, tau=None if args.tau is None else parse_tau(args.tau), soft_bits=args.soft_bits,
+            ste_every=args.ste_every,
             layers=None if args.layers is None else parse_layers(args.layers), batch=args.batch,
             train_norms=not args.no_norms, seed=args.seed, save_every=args.save_every, eval_windows=args.eval_windows)
         calib = None

@@ -33,6 +33,7 @@ from moequant.calib.data import CalibData
 from moequant.errors import MoequantError
 from moequant.finetune.pv import AdamState, adam_step, kl_loss, rate_for, st_target
 from moequant.finetune.schedule import cosine_tau
+from moequant.finetune.trellis_trainable import TrellisTrainOptions
 from moequant.finetune.trainable import (FINETUNE_METHODS, layer_prefixes, norm_parameters, open_tensors,
                                          train_forward, write_back)
 
@@ -43,7 +44,8 @@ WORK_SUFFIX = ".moequant-finetune"
 
 # Options of one method only, their defaults, and the method they belong to.
 _METHOD_OPTIONS: dict[str, tuple[str, object]] = {
-    "code_lr": ("pv", 1e-3), "max_change": ("pv", 0.01), "v_every": ("pv", 1), "tau": ("bcjr", (0.3, 0.05))}
+    "code_lr": ("pv", 1e-3), "max_change": ("pv", 0.01), "v_every": ("pv", 1), "tau": ("bcjr", (0.3, 0.05)),
+    "soft_bits": ("bcjr", 8), "ste_every": ("ste", 8)}
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class FinetuneSettings:
     max_change: float | None = None  # pv: fraction of a tensor's codes a V-step may change (0.01)
     v_every: int | None = None  # pv: a V-step after every v_every-th step (1)
     tau: tuple[float, float] | None = None  # bcjr: (start, end) of the cosine temperature anneal ((0.3, 0.05))
+    soft_bits: int | None = None  # bcjr: state bits of the soft pass (8; >= L: the full trellis)
+    ste_every: int | None = None  # ste: the latent's Viterbi codes recomputed every N-th step (8)
     layers: tuple[int, ...] | None = None  # decoder layers whose packed tensors and norms train; None: all
     batch: int = 4
     train_norms: bool = True
@@ -79,7 +83,7 @@ class FinetuneSettings:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
         if self.max_change is not None and not 0 <= self.max_change <= 1:
             raise ValueError(f"--max-change must be in [0, 1], got {self.max_change}")
-        for name in ("v_every", "batch", "save_every", "eval_windows"):
+        for name in ("v_every", "batch", "save_every", "eval_windows", "soft_bits", "ste_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -165,7 +169,9 @@ class FinetuneState:
 
     def __init__(self, model: torch.nn.Module, settings: FinetuneSettings) -> None:
         prefixes = None if settings.layers is None else layer_prefixes(model, settings.layers)
-        self.tensors = open_tensors(model, settings.method, prefixes)
+        trellis = TrellisTrainOptions(soft_bits=settings.soft_bits or TrellisTrainOptions.soft_bits,
+                                      ste_every=settings.ste_every or TrellisTrainOptions.ste_every)
+        self.tensors = open_tensors(model, settings.method, prefixes, trellis)
         self.params: dict[str, torch.Tensor] = {}
         for name, t in self.tensors.items():
             self.params.update({f"{name}:{k}": p for k, p in t.parameters().items()})

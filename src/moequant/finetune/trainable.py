@@ -23,7 +23,7 @@ from torch import nn
 from moequant.errors import MoequantError
 from moequant.finetune.packed_trainables import (AdditiveTrainable, GgufScales, LutAbsmax, LutDqScales, Rotated,
                                                  UniformScales)
-from moequant.finetune.trellis_trainable import TRELLIS_TRAINABLES
+from moequant.finetune.trellis_trainable import TRELLIS_TRAINABLES, TrellisTrainOptions
 from moequant.formats.additive import AdditiveTensor
 from moequant.formats.base import QuantizedTensor
 from moequant.formats.kquant import GGUF_CLASSES
@@ -91,22 +91,27 @@ def trainable_formats(method: str) -> list[str]:
     return [key.split(" ", 1)[1] for key in TRAINABLES if key.split(" ", 1)[0] == method]
 
 
-def open_tensor(method: str, name: str, qt: QuantizedTensor) -> TrainableTensor:
-    """``qt`` (the packed weight ``name``) opened for ``method``; a one-line ``MoequantError`` naming the tensor
-    and its format when ``method`` does not train that format."""
+def open_tensor(method: str, name: str, qt: QuantizedTensor, trellis: TrellisTrainOptions | None = None
+                ) -> TrainableTensor:
+    """``qt`` (the packed weight ``name``) opened for ``method`` (``trellis``: the options of a trellis tensor's
+    class, its defaults when None); a one-line ``MoequantError`` naming the tensor and its format when
+    ``method`` does not train that format."""
     if isinstance(qt, RotatedTensor):
         inner = qt.inner
-        return Rotated(qt, _open(method, name, inner, f"{inner.format_id} inside rht"))
-    return _open(method, name, qt, qt.format_id)
+        return Rotated(qt, _open(method, name, inner, f"{inner.format_id} inside rht", trellis))
+    return _open(method, name, qt, qt.format_id, trellis)
 
 
-def _open(method: str, name: str, qt: QuantizedTensor, stored: str) -> TrainableTensor:
+def _open(method: str, name: str, qt: QuantizedTensor, stored: str, trellis: TrellisTrainOptions | None
+          ) -> TrainableTensor:
     key = f"{method} {qt.format_id}"
     if method not in FINETUNE_METHODS:
         raise MoequantError(f"unknown finetune method {method!r} (known: {', '.join(FINETUNE_METHODS)})")
     if key not in TRAINABLES:
         raise MoequantError(f"{name} is stored as {stored}: --method {method} trains "
                             f"{', '.join(trainable_formats(method))} tensors (also inside rht)")
+    if isinstance(qt, TrellisTensor):
+        return TRAINABLES.get(key)(qt, trellis)
     return TRAINABLES.get(key)(qt)
 
 
@@ -127,8 +132,8 @@ def _selected(name: str, prefixes: tuple[str, ...] | None) -> bool:
     return prefixes is None or name.startswith(prefixes)
 
 
-def open_tensors(model: nn.Module, method: str, prefixes: tuple[str, ...] | None = None
-                 ) -> dict[str, TrainableTensor]:
+def open_tensors(model: nn.Module, method: str, prefixes: tuple[str, ...] | None = None,
+                 trellis: TrellisTrainOptions | None = None) -> dict[str, TrainableTensor]:
     """``{parameter name: TrainableTensor}`` of every packed weight of a ``QuantLinear`` / ``QuantExperts``
     (under ``prefixes`` when given, e.g. ``layer_prefixes``), opened for ``method``; ``MoequantError`` for a
     format the method does not train, or when there is nothing to open."""
@@ -139,7 +144,7 @@ def open_tensors(model: nn.Module, method: str, prefixes: tuple[str, ...] | None
         for p in packed_names(mod):
             name = f"{mname}.{p}"
             if _selected(name, prefixes):
-                out[name] = open_tensor(method, name, packed_tensor(mod, p))
+                out[name] = open_tensor(method, name, packed_tensor(mod, p), trellis)
     if not out:
         where = "" if prefixes is None else f" in {', '.join(x.rstrip('.') for x in prefixes)}"
         raise MoequantError(f"the model has no packed linear or expert weights{where} to fine-tune")
