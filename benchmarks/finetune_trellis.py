@@ -95,7 +95,8 @@ def measure_finetune(layers: str, method: str, args: argparse.Namespace, base: d
     ptq = work / f"ptq-{layer_slug(layers)}"
     slug = f"{method}-{layer_slug(layers)}"
     flags = ["--method", method, "--layers", layers, "--steps", str(args.steps), "--lr", str(args.lr),
-             "--batch", str(args.batch)] + (["--tau", args.tau] if method == "bcjr" else [])
+             "--batch", str(args.batch)] + (["--tau", args.tau, "--soft-bits", str(args.soft_bits)] if method == "bcjr"
+                                            else []) + (["--ste-every", str(args.ste_every)] if method == "ste" else [])
     cmd, secs = finetune(ptq, flags, work / slug)
     res, ecmd, esecs = eval_ppl(str(work / slug), work / f"{slug}-ppl.json", args.max_tokens)
     rep = json.loads((work / slug / "report.json").read_text())
@@ -151,6 +152,8 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=1e-3, help="finetune --lr (relative to each parameter's RMS)")
     p.add_argument("--tau", default="0.3:0.05", help="bcjr temperature START:END")
     p.add_argument("--batch", type=int, default=4, help="finetune windows per step")
+    p.add_argument("--soft-bits", type=int, default=8, help="bcjr: soft-pass state bits (finetune's default 8)")
+    p.add_argument("--ste-every", type=int, default=8, help="ste: Viterbi every N-th step (finetune's default 8)")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: the CLI's)")
     p.add_argument("--calib-seqlen", type=int, default=None, help="calibration window length (default: the CLI's)")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N PTB test tokens")
@@ -158,7 +161,7 @@ def main() -> int:
     p.add_argument("--json", required=True)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    settings = {k: getattr(args, k) for k in ("model", "bits", "trellis_l", "steps", "lr", "tau", "batch",
+    settings = {k: getattr(args, k) for k in ("model", "bits", "trellis_l", "steps", "lr", "tau", "batch", "soft_bits", "ste_every",
                                               "calib_samples", "calib_seqlen", "max_tokens")}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     work = Path(args.work) / Path(args.model).name / digest  # checkpoints are only reused under equal settings
