@@ -247,24 +247,3 @@ def oa_em(y: torch.Tensor, blocks: torch.Tensor, s2: torch.Tensor, codes: torch.
             others = decode_groups(codes, codebooks) - codebooks[m][codes[..., m]]  # [E, G, N, g]
             codes[..., m] = assign(y - others, blocks, codebooks[m])
     return codes, codebooks
-
-
-# ---------------------------------------------------------------- products without decoding
-
-
-def lut_table(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """Every group of every input row against every codeword: x ``[T, K]``, codebooks ``[M, C, g]`` ->
-    ``[T, G·M·C]`` float32, entry ``(t, (j·M + m)·C + c) = x[t, jg:(j+1)g] · C_m[c]``."""
-    t, k = x.shape
-    _, _, g = codebooks.shape
-    xg = x.to(torch.float32).reshape(t, k // g, g)  # [T, G, g]
-    return torch.einsum("tjg,mcg->tjmc", xg, codebooks.to(torch.float32)).reshape(t, -1)  # [T, G·M·C]
-
-
-def lut_rows(table: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, c: int) -> torch.Tensor:
-    """``x Ŵᵀ`` for the rows whose codes are ``codes [n, G, M]`` and scales ``scale [n]``, read from ``lut_table``
-    ``[T, G·M·C]`` (the rows are never decoded) -> ``[T, n]``."""
-    n, G, m_count = codes.shape
-    offset = torch.arange(G * m_count).reshape(G, m_count) * c  # [G, M]
-    idx = (codes + offset).reshape(n, G * m_count)  # [n, G·M]
-    return table[:, idx].sum(-1) * scale.to(torch.float32)  # [T, n]

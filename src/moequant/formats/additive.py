@@ -38,14 +38,6 @@ from moequant.formats.bitpack import pack, packed_len, unpack
 
 _ATTRS = ("M", "B", "g", "share")
 
-# linear(): rows decoded (or looked up) per chunk so one temporary stays under this many elements (16 MiB); the
-# lookup-table path for at most _LUT_MAX_ROWS input rows (measured on [576, 1536] 2x8, one thread: 2.5-4x faster
-# than decoding at 1 row, even at 4, slower at 8) and tables of at most _LUT_ELEMS entries (not 1x16's).
-_CHUNK_ELEMS = 1 << 22
-_LUT_MAX_ROWS = 2
-_LUT_ELEMS = 1 << 22
-
-
 def _check_config(config: MethodConfig) -> AdditiveConfig:
     if not isinstance(config, AdditiveConfig):
         raise TypeError(f"AdditiveTensor needs an AdditiveConfig, got {type(config).__name__}")
