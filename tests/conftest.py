@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -157,6 +158,20 @@ def qgemv_ext():
     from moequant.kernels import uniform as ku
 
     return require_extension(ku.extension, "qgemv")
+
+
+@contextlib.contextmanager
+def cpp_extensions_disabled(monkeypatch):
+    """Inside the block no C++ extension loads (``MOEQUANT_NO_EXT``, load cache cleared); restored after."""
+    from moequant.kernels import cpp_build
+
+    monkeypatch.setenv(cpp_build.DISABLE_ENV, "1")
+    cpp_build._load.cache_clear()
+    try:
+        yield
+    finally:
+        monkeypatch.delenv(cpp_build.DISABLE_ENV)
+        cpp_build._load.cache_clear()
 
 
 def packed_uniform(n: int, k: int, bits: int, gs: int, symmetric: bool, scale_dtype: str = "float16", seed: int = 0):

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import require_extension
+from conftest import cpp_extensions_disabled, require_extension
 
 from moequant.codecs.config import AdditiveConfig
 from moequant.formats.additive import AdditiveTensor
 from moequant.kernels import additive as ka
-from moequant.kernels import cpp_build
 from moequant.kernels.select import reference_kernels
 from moequant.kernels.uniform import GEMV_MAX_ROWS
 
@@ -197,14 +196,9 @@ def test_reference_where_the_fast_path_does_not_apply(ext, monkeypatch):
         y.sum().backward()
         assert torch.allclose(xg.grad, qt.dequantize().sum(0).expand(3, 64))
         assert qt.linear(x.double()).dtype == torch.float64  # float64 x: the reference
-    try:
-        monkeypatch.setenv(cpp_build.DISABLE_ENV, "1")
-        cpp_build._load.cache_clear()
+    with cpp_extensions_disabled(monkeypatch):
         assert ka.extension() is None
         assert torch.equal(qt.linear(x), ref)
-    finally:
-        monkeypatch.delenv(cpp_build.DISABLE_ENV)
-        cpp_build._load.cache_clear()
 
 
 def test_runtime_cache_follows_replaced_tensors(ext):

@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import cpp_extensions_disabled
 from moequant.codecs.config import LutConfig
 from moequant.formats.base import QuantizedTensor
 from moequant.formats.registry import encode
 from moequant.formats.rotated import RotatedTensor
-from moequant.kernels import cpp_build
 from moequant.kernels import lut as kl
 from moequant.kernels.select import reference_kernels
 
@@ -106,14 +106,9 @@ def test_reference_kernels_and_no_extension_force_the_reference(ext, monkeypatch
         with reference_kernels():
             assert torch.equal(kl.linear(qt, x), ref)
             assert torch.equal(torch.ops.moequant.lut_linear(*kl.op_args(qt, None, x)), ref)
-    try:
-        monkeypatch.setenv(cpp_build.DISABLE_ENV, "1")
-        cpp_build._load.cache_clear()
+    with cpp_extensions_disabled(monkeypatch):
         assert kl.extension() is None
         assert torch.equal(qt.linear(x), ref)
-    finally:
-        monkeypatch.delenv(cpp_build.DISABLE_ENV)
-        cpp_build._load.cache_clear()
 
 
 def test_op_traces(ext):

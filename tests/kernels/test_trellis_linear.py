@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import moequant.kernels.cpp_build as cpp_build
+from conftest import cpp_extensions_disabled
 import moequant.kernels.trellis as kt
 from moequant.codecs.config import TrellisConfig
 from moequant.codecs.trellis import code_values, words_per_tile
@@ -170,15 +170,10 @@ def test_reference_paths(ext, monkeypatch):
     monkeypatch.setattr(kt, "linear_packed", boom)
     with reference_kernels():
         assert torch.equal(qt.linear(x), want)
-    monkeypatch.setenv(cpp_build.DISABLE_ENV, "1")
-    cpp_build._load.cache_clear()
-    try:
+    with cpp_extensions_disabled(monkeypatch):
         assert kt.extension() is None
         assert torch.equal(qt.linear(x), want)
         assert torch.equal(qt.dequantize(), kt.reference(*_parts(qt), cfg))
-    finally:
-        monkeypatch.delenv(cpp_build.DISABLE_ENV)
-        cpp_build._load.cache_clear()
 
 
 def test_the_op_and_its_fake(ext):

@@ -12,11 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import kernel_x, packed_uniform
+from conftest import cpp_extensions_disabled, kernel_x, packed_uniform
 from moequant.formats.base import QuantizedTensor
 from moequant.formats.registry import from_state_dict
 from moequant.formats.rotated import RotatedTensor
-from moequant.kernels import cpp_build
 from moequant.kernels import uniform as ku
 from moequant.kernels.select import reference_kernels
 
@@ -136,15 +135,10 @@ def test_reference_kernels_and_no_extension_force_the_reference(ext, monkeypatch
             assert torch.equal(ku.linear(qt, x), ref)
             assert torch.equal(torch.ops.moequant.uniform_linear(x, *ku.op_args(qt)[:3], None, *ku.op_args(qt)[3:]),
                                ref)
-    try:
-        monkeypatch.setenv(cpp_build.DISABLE_ENV, "1")
-        cpp_build._load.cache_clear()
+    with cpp_extensions_disabled(monkeypatch):
         assert ku.extension() is None
         assert torch.equal(ku.linear(qt, x), ref)
         assert torch.equal(qt.linear(x), ref)
-    finally:
-        monkeypatch.delenv(cpp_build.DISABLE_ENV)
-        cpp_build._load.cache_clear()
     assert ku.extension() is not None
 
 
