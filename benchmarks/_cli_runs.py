@@ -57,3 +57,21 @@ def write_json(path: Path, payload: dict[str, Any], script: str) -> None:
     """``payload`` plus this run's command, versions, machine and git commit."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**payload, **run_info([script, *sys.argv[1:]])}, indent=1))
+
+
+def previous_rows(out_json: Path, settings: dict[str, Any], script: str) -> dict[str, dict[str, Any]]:
+    """The finished rows of an earlier run of ``script`` into ``out_json`` (empty when there is none); exits with
+    one line when that run used other ``settings`` (its rows would not be comparable)."""
+    old = json.loads(out_json.read_text()) if out_json.is_file() else None
+    if old is not None and old["settings"] != settings:
+        sys.exit(f"{script}: {out_json} was made with {old['settings']}, not {settings}; give another --json")
+    return old["rows"] if old else {}
+
+
+def fp_reference(model: str, out: Path, max_tokens: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``eval ppl`` of the unquantized ``model`` (reused when ``out`` exists) -> (its result, the row kept in a
+    benchmark JSON: PPL, windows, per-window NLLs, the command and its seconds)."""
+    base, cmd, secs = eval_ppl(model, out, max_tokens)
+    fp = {k: base[k] for k in ("ppl", "tokens", "n_windows", "seqlen", "nll_per_window", "tokens_per_window")}
+    fp.update(eval_command=" ".join(cmd), seconds_eval=secs)
+    return base, fp

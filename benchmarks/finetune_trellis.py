@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _cli_runs import MOEQUANT, eval_ppl, paired, quantize, run, write_json
+from _cli_runs import MOEQUANT, eval_ppl, fp_reference, paired, previous_rows, quantize, run, write_json
 
 from moequant.alloc.recipe import DEFAULT_KEEP
 from moequant.codecs.config import TrellisConfig
@@ -161,19 +161,14 @@ def main() -> int:
     p.add_argument("--json", required=True)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    settings = {k: getattr(args, k) for k in ("model", "bits", "trellis_l", "steps", "lr", "tau", "batch", "soft_bits", "ste_every",
-                                              "calib_samples", "calib_seqlen", "max_tokens")}
+    settings = {k: getattr(args, k) for k in ("model", "bits", "trellis_l", "steps", "lr", "tau", "batch", "soft_bits",
+                                              "ste_every", "calib_samples", "calib_seqlen", "max_tokens")}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     work = Path(args.work) / Path(args.model).name / digest  # checkpoints are only reused under equal settings
     work.mkdir(parents=True, exist_ok=True)
     out_json = Path(args.json)
-    old = json.loads(out_json.read_text()) if out_json.is_file() else None
-    if old is not None and old["settings"] != settings:
-        sys.exit(f"finetune_trellis: {out_json} was made with {old['settings']}, not {settings}; give another --json")
-    rows: dict[str, dict[str, Any]] = old["rows"] if old else {}
-    base, base_cmd, base_secs = eval_ppl(args.model, work / "fp-ppl.json", args.max_tokens)
-    fp = {k: base[k] for k in ("ppl", "tokens", "n_windows", "seqlen", "nll_per_window", "tokens_per_window")}
-    fp.update(eval_command=" ".join(base_cmd), seconds_eval=base_secs)
+    rows = previous_rows(out_json, settings, "finetune_trellis")
+    base, fp = fp_reference(args.model, work / "fp-ppl.json", args.max_tokens)
     order = [f"{m}-{layer_slug(layers)}" for layers, m in plan(args)]
     payload = {"model": args.model, "settings": settings, "work": str(work), "order": order, "rows": rows, "fp": fp}
     for layers, method in plan(args):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _cli_runs import eval_ppl, paired, quantize, write_json
+from _cli_runs import eval_ppl, fp_reference, paired, previous_rows, quantize, write_json
 
 log = logging.getLogger("moe_ablation")
 
@@ -170,14 +170,9 @@ def main() -> int:
     work = Path(args.work) / Path(args.model).name
     work.mkdir(parents=True, exist_ok=True)
     out_json = Path(args.json)
-    old = json.loads(out_json.read_text()) if out_json.is_file() else None
-    if old is not None and old["settings"] != settings:
-        sys.exit(f"moe_ablation: {out_json} was made with {old['settings']}, not {settings}; give another --json")
-    rows: dict[str, dict[str, Any]] = old["rows"] if old else {}
-    base, base_cmd, base_secs = eval_ppl(args.model, work / "fp-ppl.json", args.max_tokens)
+    rows = previous_rows(out_json, settings, "moe_ablation")
+    base, fp = fp_reference(args.model, work / "fp-ppl.json", args.max_tokens)
     parts = {part: [r.slug for r in rs] for part, rs in plan(args.bits, args.parts).items()}
-    fp = {k: base[k] for k in ("ppl", "tokens", "n_windows", "seqlen", "nll_per_window", "tokens_per_window")}
-    fp.update(eval_command=" ".join(base_cmd), seconds_eval=base_secs)
     payload = {"model": args.model, "settings": settings, "parts": parts, "rows": rows, "fp": fp}
     for part_rows in plan(args.bits, args.parts).values():
         for row in part_rows:
