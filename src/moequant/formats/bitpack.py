@@ -32,6 +32,10 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     per, nbytes = chunk_geometry(bits)
     n = codes.shape[-1]
     lead = codes.shape[:-1]
+    if bits == 8:  # one code per byte: the layout is the codes themselves (no int64 copy of a large table)
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 255):
+            raise ValueError("codes out of range for 8-bit packing")
+        return codes.to(torch.uint8, copy=True).contiguous()
     c = codes.to(torch.int64)
     if c.numel() and (int(c.min()) < 0 or int(c.max()) >= (1 << bits)):
         raise ValueError(f"codes out of range for {bits}-bit packing")
