@@ -205,6 +205,9 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", verify: bool =
     if still_meta:
         raise MoequantError(f"{path}: checkpoint lacks tensors {still_meta[:5]}")
     finish_loaded(model, qcfg, path)
+    from moequant.nn.exact_head import attach_exact_head
+
+    attach_exact_head(model)  # a kept head dequantized from Q8_0 is multiplied from that grid at decode
     return model
 
 

@@ -212,3 +212,32 @@ def uniform_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     s = scale.to(torch.float32).unsqueeze(-1)  # [..., N, G, 1]
     z = None if zero is None else zero.to(torch.float32).unsqueeze(-1)  # [..., N, G, 1]
     return decode_grid(q, s, z, bits, grid).reshape(*lead, n, g * gs)[..., :k]
+
+
+def exact_symmetric_parts(w: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype,
+                          chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The symmetric midtread codes and scales that reproduce ``w [N, K]`` **exactly**, or None.
+
+    A group is exact when it equals ``(q - 2^(b-1)) * s`` with ``s = absmax / (2^(b-1) - 1)`` already a value
+    of ``scale_dtype`` and integer ``q``: the grid of llama.cpp's Q8_0 at ``bits=8, group_size=32`` (fp16
+    ``d = absmax / 127``, ``x = d * q`` in fp32), so a table dequantized from such a block type is found again
+    bit for bit. Rows are checked ``chunk_rows`` at a time, and the first group that is not exact ends the
+    search (a bf16 or trained fp32 table fails in its first chunk). -> (codes uint8 ``[N, K]``, scale
+    ``[N, K / group_size]`` in ``scale_dtype``); None when ``group_size`` does not divide ``K`` or any group
+    is off the grid. A zero group is exact with scale 0."""
+    n, k = w.shape
+    if k % group_size or bits > 8:
+        return None
+    qmax, mid = (1 << (bits - 1)) - 1, 1 << (bits - 1)
+    codes = torch.empty(n, k, dtype=torch.uint8)
+    scales = torch.empty(n, k // group_size, dtype=scale_dtype)
+    for r0 in range(0, n, chunk_rows):
+        wg = w[r0:r0 + chunk_rows].detach().to(torch.float32).reshape(-1, k // group_size, group_size)  # [r, G, g]
+        s = (wg.abs().amax(-1, keepdim=True) / qmax).to(scale_dtype)  # [r, G, 1]
+        sf = s.to(torch.float32)
+        q = torch.round(wg / torch.where(sf > 0, sf, torch.ones_like(sf))).clamp_(-qmax - 1, qmax)  # [r, G, g]
+        if not bool(torch.isfinite(sf).all()) or not torch.equal(q * sf, wg):
+            return None
+        codes[r0:r0 + chunk_rows] = (q + mid).to(torch.uint8).reshape(-1, k)
+        scales[r0:r0 + chunk_rows] = s.squeeze(-1)
+    return codes, scales
