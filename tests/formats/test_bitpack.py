@@ -63,7 +63,18 @@ def test_errors() -> None:
         pack(torch.tensor([8]), 3)
     with pytest.raises(ValueError, match="out of range"):
         pack(torch.tensor([-1]), 4)
+    with pytest.raises(ValueError, match="out of range"):
+        pack(torch.tensor([256]), 8)  # 8-bit codes take their own short path: same checks
+    with pytest.raises(ValueError, match="out of range"):
+        pack(torch.tensor([-1]), 8)
     with pytest.raises(ValueError, match="1..8"):
         pack(torch.tensor([0]), 9)
     with pytest.raises(ValueError, match="does not hold"):
         unpack(torch.zeros(2, dtype=torch.uint8), 3, 8)
+
+
+def test_eight_bit_packing_copies_its_input() -> None:
+    codes = torch.tensor([[0, 255, 7]], dtype=torch.uint8)
+    packed = pack(codes, 8)
+    codes[0, 0] = 9  # the packed tensor is not a view of the codes it was given
+    assert packed.tolist() == [[0, 255, 7]]
