@@ -43,7 +43,8 @@ CUDA: the Triton kernels of ``kernels/triton_trellis.py`` (registered with ``reg
 ops; the reference where Triton is missing or ``select.use_fast()`` is off): a decode bit-identical to the
 reference, and a linear that decodes ``[64, 64]`` weight blocks in registers into a float32 accumulator (IEEE
 dots for float32 ``x``). Checked against the reference under ``TRITON_INTERPRET=1`` on CPU tensors
-(``tests/kernels/test_triton_trellis.py``), and on a GPU when one is lent.
+(``tests/kernels/test_triton_trellis.py``), and on a GPU when one is lent. ``grouped_linear`` runs the routed
+experts of a 3-D trellis tensor on CUDA in one Triton launch (``tests/kernels/test_triton_trellis_grouped.py``).
 ``register_fake`` gives the outputs' shapes, so both ops trace under ``torch.compile``.
 """
 
@@ -178,6 +179,25 @@ def _(x, words, scale, lut, bias, bits, L, V, tile, code, Q, tail_biting):
 @trellis_linear.register_fake
 def _(x, words, scale, lut, bias, bits, L, V, tile, code, Q, tail_biting):
     return x.new_empty((*x.shape[:-1], words.shape[-3] * tile))
+
+
+TRELLIS_FORMAT = "trellis-packed"  # formats.trellis.TrellisTensor
+
+
+def grouped_linear(qt, x: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor | None:
+    """``x [S, K]`` sorted by expert (``counts[e]`` rows each) times each expert of the 3-D trellis tensor
+    ``qt [E, N, K]`` -> ``[S, N]`` in one Triton launch on CUDA; ``None`` where that does not apply (other
+    devices, gradients needed, reference mode, no Triton): the caller loops over experts."""
+    if not (x.is_cuda and len(qt.shape) == 3 and use_fast()) or needs_grad(x, None):
+        return None
+    if qt.format_id != TRELLIS_FORMAT or not qt.data["words"].is_cuda:
+        return None
+    tri = triton_module("triton_trellis")
+    if tri is None:
+        return None
+    a = qt.attrs
+    return tri.grouped(x, counts, qt.data["words"], qt.data["scale"], qt.data.get("lut"), a["bits"], a["L"], a["V"],
+                       a["tile"], a["code"], a["Q"], a["tail_biting"])
 
 
 def _packed(qt, ext: ModuleType):

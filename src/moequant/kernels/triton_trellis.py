@@ -1,13 +1,17 @@
 """Triton kernels of the bitshift-trellis format (``trellis-packed``): decode, and ``x Ŵᵀ + b`` from the words.
 
 One block body (``_decode_block``: the float32 weights of rows ``rn`` and columns ``rk`` of the ``[N, K]``
-matrix, each computed from the packed words in registers) and two kernels:
+matrix, each computed from the packed words in registers) and three kernels:
 
 - ``dequant(words, scale, lut, ...) -> float32 [N, K]``: bit-identical to ``moequant::trellis_dequant``'s
   reference (same integer state, same float32 code value, one float32 multiply by the row scale);
 - ``linear(x [..., K], words, scale, lut, bias, ...) -> [..., N]``: each program decodes ``[BN, BK]``
   blocks of weights and multiplies them into a ``[BM, BN]`` float32 accumulator (the ``[N, K]`` matrix
-  never exists; ``input_precision="ieee"`` for float32 inputs: no TF32).
+  never exists; ``input_precision="ieee"`` for float32 inputs: no TF32);
+- ``grouped(x [S, K], counts, words [E, ·], scale [E, N], lut [E, 2^Q, 2], ...) -> [S, N]``: the routed experts
+  of an MoE layer in ONE launch, with the same block body and accumulation: the ``S`` (token, slot) rows are
+  sorted by expert, each program takes up to ``BM`` rows of one expert (the tile table of
+  ``triton_uniform.tile_table``) and ``BN`` output columns, and decodes only that expert's words.
 
 Per weight ``(n, k)`` (layout and codes: ``codecs/trellis.py``): tile ``(n // tile, k // tile)``, position
 ``p = (n mod tile)·tile + k mod tile``, step ``t = p // V``, component ``p mod V``; the state is the ``L``
@@ -33,6 +37,7 @@ import torch
 from moequant.codecs.config import TrellisConfig
 from moequant.codecs.trellis import check_geometry, tile_bits, words_per_tile
 from moequant.kernels.triton_uniform import block_m as _block_m
+from moequant.kernels.triton_uniform import tile_table as _tile_table
 
 CODES = {"hyb": 0, "1mad": 1, "3inst": 2}
 # how a state reads past the stream's end: zeros, whole words again, or bits again
@@ -121,6 +126,25 @@ def _dequant_kernel(words_ptr, scale_ptr, lut_ptr, out_ptr, N, K, KT, L: tl.cons
 
 
 @triton.jit
+def _accumulate(acc, x_ptr, sxm, rm, row_end, words_ptr, scale_ptr, lut_ptr, rn, N, K, KT, L: tl.constexpr,
+                KV: tl.constexpr, V: tl.constexpr, TILE: tl.constexpr, Q: tl.constexpr, CODE: tl.constexpr,
+                W: tl.constexpr, TB: tl.constexpr, STREAM: tl.constexpr, IEEE: tl.constexpr, BK: tl.constexpr):
+    """``acc [BM, BN] += x[rm] Ŵ[rn]ᵀ`` over all of ``K``, one decoded ``[BN, BK]`` block at a time (rows of ``x``
+    from ``row_end`` on read as zeros)."""
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        xm = (rm < row_end)[:, None] & (rk < K)[None, :]
+        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * sxm + rk[None, :], mask=xm, other=0.0)  # [BM, BK]
+        w = _decode_block(words_ptr, scale_ptr, lut_ptr, rn, rk, N, K, KT, L, KV, V, TILE, Q, CODE, W, TB,
+                          STREAM).to(x.dtype)  # [BN, BK]
+        if IEEE:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))
+    return acc
+
+
+@triton.jit
 def _linear_kernel(x_ptr, words_ptr, scale_ptr, lut_ptr, bias_ptr, y_ptr, M, N, K, KT, sxm, sym,
                    L: tl.constexpr, KV: tl.constexpr, V: tl.constexpr, TILE: tl.constexpr, Q: tl.constexpr,
                    CODE: tl.constexpr, W: tl.constexpr, TB: tl.constexpr, STREAM: tl.constexpr,
@@ -129,19 +153,32 @@ def _linear_kernel(x_ptr, words_ptr, scale_ptr, lut_ptr, bias_ptr, y_ptr, M, N, 
     rn = tl.program_id(0) * BN + tl.arange(0, BN)  # [BN]
     rm = tl.program_id(1) * BM + tl.arange(0, BM)  # [BM]
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        xm = (rm < M)[:, None] & (rk < K)[None, :]
-        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * sxm + rk[None, :], mask=xm, other=0.0)  # [BM, BK]
-        w = _decode_block(words_ptr, scale_ptr, lut_ptr, rn, rk, N, K, KT, L, KV, V, TILE, Q, CODE, W, TB,
-                          STREAM).to(x.dtype)  # [BN, BK]
-        if IEEE:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w))
+    acc = _accumulate(acc, x_ptr, sxm, rm, M, words_ptr, scale_ptr, lut_ptr, rn, N, K, KT, L, KV, V, TILE, Q, CODE,
+                      W, TB, STREAM, IEEE, BK)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     ym = (rm < M)[:, None] & (rn < N)[None, :]
+    tl.store(y_ptr + rm.to(tl.int64)[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=ym)
+
+
+@triton.jit
+def _grouped_kernel(x_ptr, tiles_ptr, words_ptr, scale_ptr, lut_ptr, y_ptr, N, K, KT, sxm, sym, lut_stride,
+                    L: tl.constexpr, KV: tl.constexpr, V: tl.constexpr, TILE: tl.constexpr, Q: tl.constexpr,
+                    CODE: tl.constexpr, W: tl.constexpr, TB: tl.constexpr, STREAM: tl.constexpr,
+                    IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Program ``(j, t)``: columns ``[j·BN, (j+1)·BN)`` of the rows of tile ``t`` of the host's tile table
+    (expert ``e``, first row, end row), from expert ``e``'s words, scales and LUT."""
+    t = tl.program_id(1)
+    e = tl.load(tiles_ptr + 3 * t).to(tl.int64)
+    row0 = tl.load(tiles_ptr + 3 * t + 1)
+    row_end = tl.load(tiles_ptr + 3 * t + 2)
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)  # [BN]
+    rm = row0 + tl.arange(0, BM)  # [BM]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    # expert e's matrix: N/TILE x KT tiles of W words, N scales, one LUT
+    acc = _accumulate(acc, x_ptr, sxm, rm, row_end, words_ptr + e * (N // TILE) * KT * W, scale_ptr + e * N,
+                      lut_ptr + e * lut_stride, rn, N, K, KT, L, KV, V, TILE, Q, CODE, W, TB, STREAM, IEEE, BK)
+    ym = (rm < row_end)[:, None] & (rn < N)[None, :]
     tl.store(y_ptr + rm.to(tl.int64)[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=ym)
 
 
@@ -212,3 +249,37 @@ def linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, lut: torch
                          x2.stride(0), y.stride(0), **geo, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
                          BM=bm, BN=bn, BK=bk)
     return y.reshape(*lead, n)
+
+
+def grouped(x: torch.Tensor, counts: list[int] | tuple[int, ...], words: torch.Tensor, scale: torch.Tensor,
+            lut: torch.Tensor | None, bits: int, L: int, V: int, tile: int, code: str, Q: int,
+            tail_biting: bool) -> torch.Tensor:
+    """x ``[S, K]`` sorted by expert (``counts[e]`` rows for expert ``e``) times each expert of the stack ``words
+    [E, N/tile, K/tile, W]``, ``scale [E, N]``, ``lut [E, 2^Q, 2]`` (hyb) -> ``[S, N]`` in ``x.dtype``, in one
+    launch; experts with no rows get no program."""
+    cfg = TrellisConfig(bits=bits, L=L, V=V, tile=tile, code=code, Q=Q, tail_biting=tail_biting)
+    if words.dim() != 4 or words.shape[0] == 0:
+        raise ValueError(f"trellis grouped: words {tuple(words.shape)} are not an expert stack [E, N/t, K/t, W]")
+    e_all, nt, kt = words.shape[:3]
+    n, k = nt * tile, kt * tile
+    if tuple(scale.shape) != (e_all, n) or (lut is not None and lut.shape[0] != e_all):
+        raise ValueError(f"trellis grouped: scale {tuple(scale.shape)} / lut {None if lut is None else tuple(lut.shape)}"
+                         f" do not match {e_all} experts of {n} rows")
+    geo = _geometry(words[0], scale[0], None if lut is None else lut[0], cfg)
+    s = x.shape[0]
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"trellis grouped: x {tuple(x.shape)} is not [S, {k}]")
+    if len(counts) != e_all or sum(counts) != s:
+        raise ValueError(f"counts {list(counts)} do not split {s} rows over {e_all} experts")
+    y = torch.empty((s, n), dtype=x.dtype, device=x.device)  # [S, N]
+    if s == 0 or n == 0:
+        return y
+    w16, sc, lut32 = _tensors(words, scale, lut)  # [E, N/t, K/t, W], [E·N], [E, 2^Q, 2]
+    bm, bn, bk = _block_m(max(counts)), 64, 64
+    tiles = _tile_table(counts, bm, x.device)  # [T, 3]
+    x2 = x.contiguous()
+    grid = (triton.cdiv(n, bn), tiles.shape[0])
+    _grouped_kernel[grid](x2, tiles, w16, sc, lut32, y, n, k, kt, x2.stride(0), y.stride(0),
+                          0 if lut is None else lut32[0].numel(), **geo, IEEE=x.dtype == torch.float32,
+                          BM=bm, BN=bn, BK=bk)
+    return y

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moequant.formats.base import QuantizedTensor
+from moequant.kernels import trellis as trellis_kernels
 from moequant.kernels import uniform as uniform_kernels
 from moequant.nn.packed import buffers_token, buffers_unchanged, packed_tensor, register_packed
 
@@ -254,9 +255,11 @@ class QuantExperts(nn.Module):
 
     def _packed_grouped(self, name: str, x: torch.Tensor, routing: ExpertRouting, n_out: int) -> torch.Tensor:
         """Every routed expert's packed ``name`` on its rows of ``x [S, K]``: one grouped kernel call where the
-        format and device have one (uniform on CUDA), else one call per routed expert."""
+        format and device have one (uniform and trellis on CUDA), else one call per routed expert."""
         if x.is_cuda:
-            y = uniform_kernels.grouped_linear(packed_tensor(self, name), x, routing.counts)
+            qt = packed_tensor(self, name)
+            y = uniform_kernels.grouped_linear(qt, x, routing.counts)
+            y = trellis_kernels.grouped_linear(qt, x, routing.counts) if y is None else y
             if y is not None:
                 return y
         return looped_linear(x, routing, lambda e, xe: self._expert_linear(name, e, xe), n_out)
