@@ -163,7 +163,8 @@ def test_a_corrupted_word_is_seen(tri):
 # Compiled for an H100-class GPU (sm_90) by Triton's own compiler and the ptxas it ships, no GPU needed: the
 # GPU code path (types, constexpr branches, bf16/fp32 dots) builds, and 1mad divides with div.rn. Runs in a
 # child process: with TRITON_INTERPRET=1 set (as here) @triton.jit gives interpreter functions.
-AOT_SCRIPT = r"""
+# The child script's head, shared with test_triton_trellis_grouped.py: for each case, a one-tile config's geometry.
+AOT_PREAMBLE = r"""
 import json, sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -177,7 +178,8 @@ for code, bits, L, tb, xdt in json.loads(sys.argv[1]):
     words = torch.zeros(1, 1, words_per_tile(cfg), dtype=torch.uint16)
     lut = torch.zeros(1 << cfg.Q, 2) if code == "hyb" else None
     geo = tt._geometry(words, torch.zeros(cfg.tile), lut, cfg)
-    tensors = {"words_ptr": "*i16", "scale_ptr": "*fp16", "lut_ptr": "*fp32"}
+"""
+AOT_SCRIPT = AOT_PREAMBLE + r"""    tensors = {"words_ptr": "*i16", "scale_ptr": "*fp16", "lut_ptr": "*fp32"}
     if xdt is None:
         kernel, sizes = tt._dequant_kernel, dict(BN=64, BK=64)
         sig = dict(tensors, out_ptr="*fp32", N="i32", K="i32", KT="i32")

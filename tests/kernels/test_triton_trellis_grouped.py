@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import kernel_x
+from test_triton_trellis import AOT_PREAMBLE
 from moequant.codecs.config import TrellisConfig
 from moequant.codecs.trellis import words_per_tile
 from moequant.formats.trellis import TrellisTensor
@@ -183,21 +184,7 @@ def test_grouped_linear_leaves_the_cpu_path_alone(tri, monkeypatch):
 
 # Compiled for an H100-class GPU (sm_90) by Triton's compiler and the ptxas it ships, no GPU needed (as in
 # test_triton_trellis.py), in a child process without TRITON_INTERPRET.
-AOT_SCRIPT = r"""
-import json, sys, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from moequant.codecs.config import TrellisConfig
-from moequant.codecs.trellis import words_per_tile
-from moequant.kernels import triton_trellis as tt
-
-out = {}
-for code, bits, L, tb, xdt in json.loads(sys.argv[1]):
-    cfg = TrellisConfig(bits=bits, L=L, V=2 if code == "hyb" else 1, code=code, tail_biting=tb)
-    words = torch.zeros(1, 1, words_per_tile(cfg), dtype=torch.uint16)
-    lut = torch.zeros(1 << cfg.Q, 2) if code == "hyb" else None
-    geo = tt._geometry(words, torch.zeros(cfg.tile), lut, cfg)
-    sig = dict(x_ptr="*" + xdt, tiles_ptr="*i32", words_ptr="*i16", scale_ptr="*fp16", lut_ptr="*fp32",
+AOT_SCRIPT = AOT_PREAMBLE + r"""    sig = dict(x_ptr="*" + xdt, tiles_ptr="*i32", words_ptr="*i16", scale_ptr="*fp16", lut_ptr="*fp32",
                y_ptr="*" + xdt, N="i32", K="i32", KT="i32", sxm="i32", sym="i32", lut_stride="i32")
     consts = dict(geo, IEEE=xdt == "fp32", BM=16, BN=64, BK=64)
     sig.update({name: "constexpr" for name in consts})
