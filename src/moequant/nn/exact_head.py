@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moequant.kernels.select import EnvSwitch, use_fast
+from moequant.kernels.uniform import GEMV_MAX_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,6 @@ class ExactGridLinear(nn.Linear):
         self.packed = packed  # a QuantizedTensor (not a buffer: never saved)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from moequant.kernels.uniform import GEMV_MAX_ROWS
-
         rows = x.numel() // max(1, x.shape[-1])
         if (rows <= GEMV_MAX_ROWS and x.is_cpu and x.dtype == torch.float32 and self.weight.is_cpu
                 and _ENABLED.get() and use_fast()
