@@ -79,3 +79,30 @@ def test_offload_ldlq_rht_bit_identical(arch, tmp_path):
     rep = quantize_offloaded(src, off, recipe, Calibration(tokens, batch_size=4), solver, progress=False)
     assert_same_checkpoint(ref, off)
     assert [t.proxy for t in rep.quantized] == [t.proxy for t in mem.moequant_report.quantized]
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_offload_stores_q8_0_tables_exactly_as_in_memory(tie, tmp_path):
+    """A kept table on Q8_0's grid is stored packed by both paths, the same bytes and the same ``exact`` entry."""
+    from nn.test_exact_head import q8_0_table
+
+    model = tiny_model("llama")
+    if tie:
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(q8_0_table(*model.model.embed_tokens.weight.shape, seed=1))
+        if not tie:
+            model.lm_head.weight.copy_(q8_0_table(*model.lm_head.weight.shape, seed=2))
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    recipe = Recipe.uniform(UniformConfig(bits=4, group_size=32))
+    mem = type(model).from_pretrained(src).eval()
+    api.quantize(mem, recipe, progress=False)
+    api.save(mem, tmp_path / "ref")
+    rep = quantize_offloaded(src, tmp_path / "off", recipe, None, SolverConfig(), progress=False)
+    assert_same_checkpoint(tmp_path / "ref", tmp_path / "off")
+    exact = json.loads((tmp_path / "off" / "config.json").read_text())["quantization_config"]["exact"]
+    want = ["model.embed_tokens.weight"] if tie else ["lm_head.weight", "model.embed_tokens.weight"]
+    assert exact == want and sorted(t.name for t in rep.exact) == want
+    assert [t.name for t in rep.exact] == [t.name for t in mem.moequant_report.exact]

@@ -50,6 +50,7 @@ def quantize(model: nn.Module, recipe: Recipe, calib: Calibration | None = None,
     report.record_kept(model)
     model.moequant_report = report
     model.moequant_recipe = recipe
+    model.moequant_exact = tuple(t.name for t in report.exact)
     return model
 
 
@@ -118,6 +119,9 @@ def save(model: nn.Module, out_dir: str | Path, *, tokenizer: Any = None, overwr
         seen[key] = name
         state[name] = t.detach()
     recipe = getattr(model, "moequant_recipe", None)
+    exact = sorted(n for n in getattr(model, "moequant_exact", ()) if n in packed)  # kept tables stored exactly
+    if exact:
+        extra = {**(extra or {}), "exact": exact}
     with AtomicDir(out, overwrite=overwrite) as tmp:
         write_shards(state, tmp)
         write_checkpoint_config(tmp, model.config.to_dict(), {n: qt.meta() for n, qt in packed.items()}, recipe,
@@ -283,6 +287,7 @@ def finish_loaded(model: nn.Module, qcfg: dict[str, Any], path: Path) -> None:
         model.moequant_recipe = Recipe.from_dict(recipe) if recipe else None
     except (ValueError, TypeError, KeyError) as e:
         raise MoequantError(f"{path / 'config.json'}: quantization_config.recipe is invalid ({e})") from None
+    model.moequant_exact = tuple(qcfg.get("exact", ()))  # kept tables stored packed, values unchanged
     use_moequant_experts(model)  # stock experts modules left dense dispatch to moequant's grouped path too
     model.eval()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -88,13 +89,15 @@ def _with_embed_head(recipe, args: argparse.Namespace):
 
 
 def _add_embed_head_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("embeddings and output head (default: kept in full precision; always round to nearest)")
+    g = p.add_argument_group("embeddings and output head (default: kept, their values unchanged: in float32, or packed "
+                             "in Q8_0's int8 grid where every value already lies on it; always round to nearest)")
     choices = ["keep", "int8", "int6", "int4"]
     g.add_argument("--embeddings", default=None, choices=choices,
                    help="quantize the input embedding table: int8 = symmetric group 64 (8.25 bits/weight, like "
                    "llama.cpp's Q8_0), int6 = symmetric group 64 with clip search (6.25), int4 = asymmetric group 32 "
                    "with clip search (4.625); a lookup decodes only the rows it needs. A tied head "
-                   "(tie_word_embeddings) is the same table: give --head the same choice")
+                   "(tie_word_embeddings) is the same table: give --head the same choice. keep = float32 as loaded, "
+                   "even where the table would pack losslessly")
     g.add_argument("--head", default=None, choices=choices,
                    help="quantize the output head (lm_head), same choices; tied to the embeddings: give both")
 
@@ -221,6 +224,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
              f"  checkpoint: {r['checkpoint_bytes'] / 2**20:.1f} MiB, resident: {r['resident_bytes'] / 2**20:.1f} MiB "
              f"(ideal {r['ideal_bytes'] / 2**20:.1f} MiB)",
              f"  report: {Path(r['out']) / 'report.json'}"]
+    for t in r.get("exact_tensors", []):
+        also = f" (also {', '.join(t['shared_with'])})" if t.get("shared_with") else ""
+        lines.insert(-1, f"  kept, stored exactly in Q8_0's grid (every value unchanged): {t['name']}{also}, "
+                         f"{t['nbytes'] / 2**20:.1f} MiB instead of {math.prod(t['shape']) * 4 / 2**20:.1f}")
     _print_json_or_table(r, None, lines)
     return 0
 
@@ -251,6 +258,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     lines = [f"{'tensor':60s} {'format':22s} {'shape':>18s} {'bits/w':>7s}"]
     for t in r["quantized_tensors"]:
         lines.append(f"{t['name']:60s} {t['format']:22s} {str(tuple(t['shape'])):>18s} {t['bits_per_weight']:7.3f}")
+    for t in r.get("exact_tensors", []):
+        lines.append(f"{t['name']:60s} {'kept, exact ' + t['format']:22s} {str(tuple(t['shape'])):>18s} "
+                     f"{t['bits_per_weight']:7.3f}")
     lines.append(f"kept in full precision: {len(r['kept_tensors'])} tensors, {r['kept_bytes'] / 2**20:.1f} MiB")
     for t in r["kept_tensors"]:
         lines.append(f"  {t['name']:58s} {t['dtype']:10s} {str(tuple(t['shape'])):>18s}")

@@ -13,13 +13,23 @@ against the model, rounding them to nearest and swapping in the packed modules.
 Always round to nearest, whatever the solver of the decoder layers: no Hessian reaches these tables
 (llama.cpp quantizes its output tensors the same way). The embeddings are quantized before the first
 decoder layer, so calibration sees what the packed model will; the head after the last.
+
+**Lossless packing of kept tables** (``with_exact_grids``): a table kept by the default rules (no rule names
+it) whose float32 values lie exactly on llama.cpp's ``Q8_0`` grid (int8 codes, one fp16 scale per 32
+columns: a model converted from a GGUF file whose embeddings or head are ``Q8_0``, as SmolLM2's tied table
+and Qwen2.5-Coder-0.5B's head are) is stored packed in that grid: every value the same, bit for bit
+(``codecs.uniform.exact_symmetric_parts`` proves it group by group), at 8.5 bits/weight instead of 32, on
+disk and in memory. Nothing is rounded, so it is not counted as quantized (``TensorRecord.solver`` is
+``"exact"``; the report's ``bits_per_weight`` is the quantized targets' alone, the whole-model figure counts
+it). A rule that names the table (``--embeddings keep`` / ``--head keep``, ``kind:embedding`` /
+``kind:head`` or the exact name with no method) keeps it in float32 as loaded.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -28,7 +38,7 @@ from moequant.alloc.recipe import Recipe
 from moequant.codecs.config import MethodConfig
 from moequant.errors import MoequantError
 from moequant.models.adapters import Target
-from moequant.report import QuantReport, TensorRecord
+from moequant.report import EXACT, QuantReport, TensorRecord
 from moequant.solvers.config import SolverConfig
 
 log = logging.getLogger(__name__)
@@ -49,10 +59,17 @@ class EmbedHeadPlan:
     embed_rule: str | None = None
     head_config: MethodConfig | None = None
     head_rule: str | None = None
+    embed_exact: Any = None  # the packed QuantizedTensor holding the kept table's exact values (with_exact_grids)
+    head_exact: Any = None
 
     @property
     def quantizes(self) -> bool:
-        return self.embed_config is not None or self.head_config is not None
+        """Whether the embeddings or the head are swapped for packed modules (quantized or stored exactly)."""
+        return self.embed_config is not None or self.head_config is not None or self.packs_exact
+
+    @property
+    def packs_exact(self) -> bool:
+        return self.embed_exact is not None or self.head_exact is not None
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str | None:
@@ -132,10 +149,45 @@ def plan_embed_head(model: nn.Module, recipe: Recipe, warn: bool = True) -> Embe
     return EmbedHeadPlan(emb, head, tied, ec, er, hc, hr)
 
 
-def _record(t: Target, rule: str | None, config: MethodConfig, qt: Any, seconds: float,
-            shared_with: list[str] | None) -> TensorRecord:
-    return TensorRecord(t.name, t.kind, t.shape, rule, config.short_name, qt.bits_per_weight(), qt.nbytes(),
-                        solver="rtn", seconds=round(seconds, 3), shared_with=shared_with)
+def _record(t: Target, rule: str | None, short_name: str, qt: Any, seconds: float,
+            shared_with: list[str] | None, solver: str = "rtn") -> TensorRecord:
+    return TensorRecord(t.name, t.kind, t.shape, rule, short_name, qt.bits_per_weight(), qt.nbytes(),
+                        solver=solver, seconds=round(seconds, 3), shared_with=shared_with)
+
+
+def _exact_name() -> str:
+    from moequant.nn.exact_head import exact_grid_config
+
+    return exact_grid_config().short_name
+
+
+def _kept_by_default(config: MethodConfig | None, rule: str | None) -> bool:
+    """Kept by no rule or by a catch-all ``re:`` rule (the default keeps), not by a rule that names the table."""
+    return config is None and (rule is None or rule.startswith("re:"))
+
+
+def with_exact_grids(model: nn.Module, plan: EmbedHeadPlan,
+                     weight_of: Callable[[Target], torch.Tensor] | None = None) -> EmbedHeadPlan:
+    """``plan`` with each table that the recipe keeps by default and whose values lie exactly on the int8
+    group-32 fp16-scale grid (``Q8_0``) given its packed form, to be stored instead of the float table
+    (module docstring). A tied pair is packed once, when neither side is kept by a rule that names it.
+    ``weight_of(target)``: the table as float32 (default: the model's own parameter; ``--offload`` reads it
+    from disk)."""
+    from moequant.nn.exact_head import exact_packed_view
+
+    def exact(target: Target | None, config: MethodConfig | None, rule: str | None) -> Any:
+        if target is None or not _kept_by_default(config, rule):
+            return None
+        if weight_of is not None:
+            return exact_packed_view(weight_of(target).to(torch.float32))
+        return exact_packed_view(model.get_submodule(target.module).weight.detach())
+
+    embed = exact(plan.embedding, plan.embed_config, plan.embed_rule)
+    if plan.tied:
+        if embed is None or not _kept_by_default(plan.head_config, plan.head_rule):
+            return plan
+        return replace(plan, embed_exact=embed)
+    return replace(plan, embed_exact=embed, head_exact=exact(plan.head, plan.head_config, plan.head_rule))
 
 
 def quantize_embedding(model: nn.Module, plan: EmbedHeadPlan, report: QuantReport) -> None:
@@ -148,7 +200,11 @@ def quantize_embedding(model: nn.Module, plan: EmbedHeadPlan, report: QuantRepor
     t = plan.embedding
     old = model.get_submodule(t.module)
     w = old.weight.detach()  # [V, H]
-    qt, info = solve_tensor(w, plan.embed_config, SolverConfig(), None, t.name)
+    if plan.embed_exact is not None:
+        qt, seconds, short, solver = plan.embed_exact, 0.0, _exact_name(), EXACT
+    else:
+        qt, info = solve_tensor(w, plan.embed_config, SolverConfig(), None, t.name)
+        seconds, short, solver = info.seconds, plan.embed_config.short_name, "rtn"
     scale = getattr(old, "embed_scale", None)
     if scale is not None and not isinstance(scale, torch.Tensor):
         scale = torch.tensor(float(scale))
@@ -159,7 +215,7 @@ def quantize_embedding(model: nn.Module, plan: EmbedHeadPlan, report: QuantRepor
         head = model.get_submodule(plan.head.module)
         set_module(model, plan.head.module, TiedQuantLinear(new, head.bias))
         shared = [plan.head.name]
-    report.tensors.append(_record(t, plan.embed_rule, plan.embed_config, qt, info.seconds, shared))
+    report.tensors.append(_record(t, plan.embed_rule, short, qt, seconds, shared, solver))
 
 
 def quantize_head(model: nn.Module, plan: EmbedHeadPlan, report: QuantReport) -> None:
@@ -169,13 +225,30 @@ def quantize_head(model: nn.Module, plan: EmbedHeadPlan, report: QuantReport) ->
     from moequant.nn.quant_linear import QuantLinear
     from moequant.solvers.solve import solve_tensor
 
-    if plan.tied or plan.head_config is None:
+    if plan.tied or (plan.head_config is None and plan.head_exact is None):
         return
     t = plan.head
     old = model.get_submodule(t.module)
-    qt, info = solve_tensor(old.weight.detach(), plan.head_config, SolverConfig(), None, t.name)  # [V, H]
+    if plan.head_exact is not None:
+        qt = plan.head_exact
+        record = _record(t, plan.head_rule, _exact_name(), qt, 0.0, None, EXACT)
+    else:
+        qt, info = solve_tensor(old.weight.detach(), plan.head_config, SolverConfig(), None, t.name)  # [V, H]
+        record = _record(t, plan.head_rule, plan.head_config.short_name, qt, info.seconds, None)
     set_module(model, t.module, QuantLinear(qt, old.bias))
-    report.tensors.append(_record(t, plan.head_rule, plan.head_config, qt, info.seconds, None))
+    report.tensors.append(record)
+
+
+def exact_records(plan: EmbedHeadPlan) -> tuple[list[TensorRecord], list[TensorRecord]]:
+    """The report records of ``plan``'s exactly stored tables, (before the layers, after them), as
+    ``quantize_embedding`` / ``quantize_head`` write them (``--offload`` stores the tables itself)."""
+    name = _exact_name()
+    before = [] if plan.embed_exact is None else [
+        _record(plan.embedding, plan.embed_rule, name, plan.embed_exact, 0.0,
+                [plan.head.name] if plan.tied else None, EXACT)]
+    after = [] if plan.head_exact is None else [
+        _record(plan.head, plan.head_rule, name, plan.head_exact, 0.0, None, EXACT)]
+    return before, after
 
 
 def refuse_offloaded(model: nn.Module, recipe: Recipe) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moequant.alloc.recipe import Recipe
-from moequant.embed_head import plan_embed_head, quantize_embedding, quantize_head
+from moequant.embed_head import plan_embed_head, quantize_embedding, quantize_head, with_exact_grids
 from moequant.errors import MoequantError
 from moequant.fsutil import make_temp_dir
 from moequant.models.adapters import ModelAdapter, Target, adapter_for, decoder_layers, iter_targets
@@ -81,12 +81,12 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: Calibration | None, 
     if not targets:
         raise MoequantError(f"{adapter.model_type}: found no linear or expert weights to quantize")
     check_recipe(targets, recipe)
-    plan = plan_embed_head(model, recipe)
+    plan = with_exact_grids(model, plan_embed_head(model, recipe))
     if solver.needs_hessian and calib is None:
         raise MoequantError(f"solver {solver.solver!r} needs calibration data (pass calib=..., or --calib on the CLI)")
     report = QuantReport(recipe=recipe.to_dict(), solver=solver.to_dict(),
                          calibration=None if calib is None else calib.to_dict())
-    if plan.embed_config is not None:
+    if plan.embed_config is not None or plan.embed_exact is not None:
         quantize_embedding(model, plan, report)
     by_layer: dict[int, list[Target]] = {}
     for t in targets:
@@ -114,7 +114,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: Calibration | None, 
                 metas: dict[str, Any] = {}
                 state = layer_state(layers[layer], f"{adapter.layers}.{layer}", metas)
                 run.commit(layer, len(layers), state, metas, records_since(report, mark), runner)
-    if plan.head_config is not None:
+    if plan.head_config is not None or plan.head_exact is not None:
         quantize_head(model, plan, report)
     if run is not None and plan.quantizes:
         run.store_embed_head_records(report)

@@ -5,8 +5,10 @@ by one; then, for each layer: its weights are read from disk, its Hessians accum
 quantized exactly as in memory (``layerwise._quantize_layer``), the calibration batches go through
 the quantized layer, its packed and kept tensors are written as one new shard, and it is emptied
 back to the meta device. Embeddings, final norm and head are copied byte for byte from the source
-files at the end. Activations live in files (read back one batch at a time). The result has the
-same tensors, bit for bit, as quantizing in memory and ``api.save``.
+files at the end — except a table the recipe keeps by default whose values lie exactly on Q8_0's grid,
+which is stored packed as in memory (``embed_head.with_exact_grids``). Activations live in files (read
+back one batch at a time). The result has the same tensors, bit for bit, as quantizing in memory and
+``api.save``.
 """
 
 from __future__ import annotations
@@ -128,11 +130,40 @@ def quantize_offloaded(path: Path, out: Path, recipe: Recipe, calib: Calibration
             del runner
             cleanup.close()
         tied = _tied(model, reader, adapter)
-        writer.copy(reader, _rest_keys(model, reader, adapter, adapter.layers + ".", tied))
+        rest = _rest_keys(model, reader, adapter, adapter.layers + ".", tied)
+        exact = _exact_tables(model, reader, adapter, recipe, report, bool(tied))  # {name: packed}, values unchanged
+        for name, qt in exact.items():
+            writer.add(qt.to_state_dict(name))
+            metas[name] = qt.meta()
+        writer.copy(reader, {k: n for k, n in rest.items() if n not in exact})
         writer.finish()
         write_checkpoint_config(tmp, model.config.to_dict(), metas, recipe, tied,
+                                {"exact": sorted(exact)} if exact else None,
                                 generation_config=getattr(model, "generation_config", None), tokenizer=tokenizer)
     return report
+
+
+def _exact_tables(model: nn.Module, reader: ShardReader, adapter, recipe: Recipe, report: QuantReport,
+                  tied: bool) -> dict:
+    """The kept embedding / head tables stored packed because every value lies on Q8_0's grid (as in memory:
+    ``embed_head.with_exact_grids``), read from disk one at a time; their records go into ``report``.
+    ``tied``: the head is the embedding table (the meta skeleton cannot show it by storage)."""
+    from dataclasses import replace
+
+    from moequant.embed_head import exact_records, plan_embed_head, with_exact_grids
+
+    plan = plan_embed_head(model, recipe, warn=False)
+    plan = with_exact_grids(model, replace(plan, tied=plan.tied or (tied and plan.head is not None)),
+                            lambda t: reader.read(_disk_key(reader, t.name, adapter)))
+    before, after = exact_records(plan)
+    report.tensors[:0] = before
+    report.tensors.extend(after)
+    out = {}
+    if plan.embed_exact is not None:
+        out[plan.embedding.name] = plan.embed_exact
+    if plan.head_exact is not None:
+        out[plan.head.name] = plan.head_exact
+    return out
 
 
 def _param_name(model: nn.Module, module: nn.Module) -> str:

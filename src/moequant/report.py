@@ -44,6 +44,7 @@ class KeptTensor:
 
 
 NOT_A_TARGET = "not a target"
+EXACT = "exact"  # TensorRecord.solver of a kept table stored packed, every value unchanged (embed_head)
 
 
 @dataclass
@@ -79,7 +80,13 @@ class QuantReport:
 
     @property
     def quantized(self) -> list[TensorRecord]:
-        return [t for t in self.tensors if t.method is not None]
+        """Tensors rounded to a method (not the kept tables stored exactly: ``exact``)."""
+        return [t for t in self.tensors if t.method is not None and t.solver != EXACT]
+
+    @property
+    def exact(self) -> list[TensorRecord]:
+        """Kept tables stored packed with every value unchanged (``embed_head.with_exact_grids``)."""
+        return [t for t in self.tensors if t.method is not None and t.solver == EXACT]
 
     @property
     def kept(self) -> list[TensorRecord]:
@@ -95,6 +102,7 @@ class QuantReport:
         return {"recipe": self.recipe, "solver": self.solver, "calibration": self.calibration,
                 "bits_per_weight": self.bits_per_weight(),
                 "quantized_tensors": [asdict(t) for t in self.quantized],
+                "exact_tensors": [asdict(t) for t in self.exact],
                 "kept_tensors": [asdict(t) for t in self.kept_tensors],
                 "kept_totals": self.kept_totals(),
                 "starved_experts": [asdict(s) for s in self.starved],
@@ -111,7 +119,9 @@ class QuantReport:
             bpw = "-" if t.bits_per_weight is None else f"{t.bits_per_weight:.3f}"
             sec = "-" if t.seconds is None else f"{t.seconds:.1f}"
             method = t.method if t.method else f"kept ({t.rule})"
-            if t.solver and t.method:
+            if t.solver == EXACT:
+                method = f"kept, stored exactly as {t.method} (lossless)"
+            elif t.solver and t.method:
                 method += f" {t.solver}"
             if t.shared_with:
                 method += f" (also {', '.join(t.shared_with)})"

@@ -261,7 +261,11 @@ def run_inspect(path: Path, argv: list[str] | None = None, verify: bool = True) 
                         **{k: v for k, v in qt.attrs.items()}})
     kept = [{"name": n, "shape": list(p.shape), "dtype": str(p.dtype).replace("torch.", ""),
              "bytes": p.numel() * p.element_size()} for n, p in model.named_parameters()]
+    exact_names = set(qcfg.get("exact", ()))
+    exact = [t for t in tensors if t["name"] in exact_names]  # kept tables stored packed, values unchanged
+    tensors = [t for t in tensors if t["name"] not in exact_names]
     n_q = sum(math.prod(t["shape"]) for t in tensors)
     return {"path": str(path), "checkpoint_bytes": checkpoint_bytes(path), **model_sizes(model),
             "bits_per_weight": 8.0 * sum(t["bytes"] for t in tensors) / n_q if n_q else float("nan"),
-            "recipe": qcfg.get("recipe"), "quantized_tensors": tensors, "kept_tensors": kept, **run_info(argv)}
+            "recipe": qcfg.get("recipe"), "quantized_tensors": tensors, "exact_tensors": exact, "kept_tensors": kept,
+            **run_info(argv)}

@@ -97,15 +97,15 @@ EMBED_HEAD_CHOICES: dict[str, UniformConfig | None] = {
 EMBED_PATTERN, HEAD_PATTERN = "kind:embedding", "kind:head"
 
 
-def embed_head_rules(embeddings: str | None, head: str | None) -> tuple[tuple[str, UniformConfig], ...]:
-    """``(pattern, config)`` rules for ``--embeddings`` / ``--head`` (``keep`` or None: no rule)."""
+def embed_head_rules(embeddings: str | None, head: str | None) -> tuple[tuple[str, UniformConfig | None], ...]:
+    """``(pattern, config)`` rules for ``--embeddings`` / ``--head`` (None: no rule; ``keep``: a rule with no
+    method, which keeps the table in float32 as loaded, even where its values would pack exactly:
+    ``embed_head.with_exact_grids``)."""
     rules = []
     for pattern, choice in ((EMBED_PATTERN, embeddings), (HEAD_PATTERN, head)):
         if choice is None:
             continue
         if choice not in EMBED_HEAD_CHOICES:
             raise ValueError(f"{choice!r} is not one of {', '.join(EMBED_HEAD_CHOICES)}")
-        config = EMBED_HEAD_CHOICES[choice]
-        if config is not None:
-            rules.append((pattern, config))
+        rules.append((pattern, EMBED_HEAD_CHOICES[choice]))
     return tuple(rules)

@@ -32,7 +32,7 @@ import argparse
 import logging
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -209,7 +209,10 @@ def plan(qcfg: dict[str, Any], adapter: ModelAdapter) -> list[Planned]:
     metas = qcfg["tensors"]
     advice = group_size_advice(metas)
     out = []
+    exact = set(qcfg.get("exact", ()))  # kept tables stored packed, values unchanged: written decoded (kept_tensors)
     for name, meta in sorted(metas.items()):
+        if name in exact:
+            continue
         if _is_embedding_or_head(name):
             what = "head" if name == "lm_head.weight" else "embeddings"
             raise MoequantError(f"tensor {name!r} is quantized: vLLM loads the {what} only unquantized; re-quantize "
@@ -365,7 +368,7 @@ def export(cfg: CtExportConfig, command: str = "") -> dict[str, Any]:
                 writer.add(pending)
                 pending = {}
         writer.add(pending)
-        _write_kept(writer, reader, kept, adapter)
+        _write_kept(writer, reader, kept, adapter, qcfg["tensors"])
         writer.finish()
         qc = quantization_config(planned, list(kept.ignore), cfg.ct_version)
         _write_config(tmp, model_cfg, qc, dtype_name)
@@ -401,6 +404,7 @@ class Kept:
     tied_copies: dict[str, str]
     experts: tuple[str, ...]
     ignore: tuple[str, ...]
+    exact: dict[str, tuple[str, ...]] = field(default_factory=dict)  # packed exact table -> its hub names
 
 
 def kept_tensors(reader: ShardReader, qcfg: dict[str, Any], planned: list[Planned], adapter: ModelAdapter,
@@ -410,6 +414,13 @@ def kept_tensors(reader: ShardReader, qcfg: dict[str, Any], planned: list[Planne
     from moequant.formats.registry import FORMATS
 
     packed = {f"{p.name}_{d}" for p in planned for d in FORMATS.get(p.meta["format"]).names_for(p.meta)}
+    tie = bool(model_cfg.get("tie_word_embeddings", False))
+    exact: dict[str, tuple[str, ...]] = {}
+    for name in qcfg.get("exact", ()):  # decoded: float32, bit for bit the values the run kept
+        meta = qcfg["tensors"][name]
+        packed |= {f"{name}_{d}" for d in FORMATS.get(meta["format"]).names_for(meta)}
+        copies = [d for d, src in qcfg.get("tied", {}).items() if src == name and not tie]
+        exact[name] = tuple(hub_name(n, adapter) for n in (name, *copies))
     plain, experts, ignore = {}, [], []
     for key in reader.keys():
         if key in packed:
@@ -422,16 +433,22 @@ def kept_tensors(reader: ShardReader, qcfg: dict[str, Any], planned: list[Planne
         plain[key] = hub_name(key, adapter)
         if len(shape) == 2 and key.endswith(".weight") and not key.endswith("embed_tokens.weight"):
             ignore.append(plain[key][: -len(".weight")])  # a linear kept in full precision (head, router, ...)
-    tie = bool(model_cfg.get("tie_word_embeddings", False))
+    for hubs in exact.values():
+        ignore += [h[: -len(".weight")] for h in hubs if not h.endswith("embed_tokens.weight")]  # a head
     copies = {src: hub_name(dropped, adapter) for dropped, src in qcfg.get("tied", {}).items()
               if not tie and src in plain}
-    return Kept(plain, copies, tuple(experts), tuple(ignore))
+    return Kept(plain, copies, tuple(experts), tuple(ignore), exact)
 
 
-def _write_kept(writer: StreamingWriter, reader: ShardReader, kept: Kept, adapter: ModelAdapter) -> None:
-    """Kept tensors byte for byte (digests verified on the way); kept fused experts split per expert."""
+def _write_kept(writer: StreamingWriter, reader: ShardReader, kept: Kept, adapter: ModelAdapter,
+                qcfg_tensors: dict[str, Any]) -> None:
+    """Kept tensors byte for byte (digests verified on the way); kept fused experts split per expert; kept
+    tables stored exactly on a grid decoded to float32 (the values the run kept, bit for bit)."""
     writer.copy(reader, kept.plain)
     writer.copy(reader, kept.tied_copies)
+    for name, hubs in kept.exact.items():
+        w = read_packed(reader, name, qcfg_tensors[name]).dequantize(torch.float32)  # the kept values exactly
+        writer.add({h: w.clone() for h in hubs})
     for key in kept.experts:
         t = reader.read(key)  # [E, N, K]
         pieces, _ = expert_pieces(key, tuple(t.shape), adapter)

@@ -138,12 +138,13 @@ def open_tensors(model: nn.Module, method: str, prefixes: tuple[str, ...] | None
     (under ``prefixes`` when given, e.g. ``layer_prefixes``), opened for ``method``; ``MoequantError`` for a
     format the method does not train, or when there is nothing to open."""
     out: dict[str, TrainableTensor] = {}
+    exact = set(getattr(model, "moequant_exact", ()))  # kept tables stored exactly: kept, so not tuned
     for mname, mod in model.named_modules():
         if not isinstance(mod, (QuantLinear, QuantExperts)):
             continue
         for p in packed_names(mod):
             name = f"{mname}.{p}"
-            if _selected(name, prefixes):
+            if _selected(name, prefixes) and name not in exact:
                 out[name] = open_tensor(method, name, packed_tensor(mod, p), trellis)
     if not out:
         where = "" if prefixes is None else f" in {', '.join(x.rstrip('.') for x in prefixes)}"

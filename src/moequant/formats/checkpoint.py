@@ -10,7 +10,10 @@ Contract (``moequant`` checkpoint format version 1):
   parameter that shares storage with an earlier one (tied embeddings) is stored once;
 - a tied head over a *packed* embedding table is only a ``tied`` entry whose value names a key of
   ``tensors`` (``{"lm_head.weight": "model.embed_tokens.weight"}``): loaded, it computes from that packed
-  tensor (``nn.quant_embedding.TiedQuantLinear``).
+  tensor (``nn.quant_embedding.TiedQuantLinear``);
+- optional ``"exact": [param_name, ...]``, keys of ``tensors``: tables the recipe kept that are stored packed
+  because every value lies on the format's grid (``embed_head.with_exact_grids``): decoded, they are the
+  kept float32 values bit for bit, so they are not counted as quantized.
 """
 
 from __future__ import annotations
@@ -336,6 +339,9 @@ def read_quantization_config(path: Path, verify: bool = True) -> dict[str, Any]:
         raise MoequantError(f"{cfg_path}: quantization_config.tensors is not a map of tensor names to metadata")
     if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
         raise MoequantError(f"{cfg_path}: quantization_config.tied is not a map of tensor names to tensor names")
+    exact = q.get("exact", [])
+    if not isinstance(exact, list) or not all(isinstance(n, str) and n in tensors for n in exact):
+        raise MoequantError(f"{cfg_path}: quantization_config.exact is not a list of names of its packed tensors")
     for name, meta in tensors.items():
         tensor_meta(cfg_path, name, meta)
     return q

@@ -54,9 +54,16 @@ class ExactGridLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+def exact_grid_config():
+    """The ``UniformConfig`` of the grid: symmetric midtread int8, group 32, fp16 scales (``Q8_0``)."""
+    from moequant.codecs.config import UniformConfig
+
+    return UniformConfig(bits=EXACT_BITS, group_size=EXACT_GROUP, symmetric=True, clip_search=False,
+                         scale_dtype="float16")
+
+
 def exact_packed_view(weight: torch.Tensor):
     """The int8 g32 fp16-scale ``UniformTensor`` holding exactly ``weight [N, K]``, or None."""
-    from moequant.codecs.config import UniformConfig
     from moequant.codecs.uniform import exact_symmetric_parts
     from moequant.formats.uniform import UniformTensor
 
@@ -65,9 +72,7 @@ def exact_packed_view(weight: torch.Tensor):
     parts = exact_symmetric_parts(weight, EXACT_BITS, EXACT_GROUP, torch.float16)
     if parts is None:
         return None
-    config = UniformConfig(bits=EXACT_BITS, group_size=EXACT_GROUP, symmetric=True, clip_search=False,
-                           scale_dtype="float16")
-    return UniformTensor.from_parts(tuple(weight.shape), {"codes": parts[0], "scale": parts[1]}, config)
+    return UniformTensor.from_parts(tuple(weight.shape), {"codes": parts[0], "scale": parts[1]}, exact_grid_config())
 
 
 def attach_exact_head(model: nn.Module) -> bool:
