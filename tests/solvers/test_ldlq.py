@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moequant.codecs.columns import UniformColumns, column_quantizer
+from moequant.codecs.columns import UniformColumns
 from moequant.codecs.config import LutConfig, UniformConfig
+from moequant.formats.methods import column_quantizer
 from moequant.formats.registry import encode, tensor_class_for
 from moequant.solvers.ldlq import inverse_cholesky_upper, ldlq, proxy_loss
 

@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from moequant.codecs.config import LutConfig, MethodConfig, TrellisConfig, UniformConfig
+from moequant.codecs.config import LutConfig, TrellisConfig, UniformConfig
 from moequant.codecs.trellis import (check_geometry, code_rms, code_values, fp16_row_scale, initial_lut,
                                      quantize_matrix, steps_per_tile)
 from moequant.codecs.lut import block_absmax, dq_dequantize, dq_quantize, lut_assign, lut_dequantize, lut_values
@@ -183,13 +183,3 @@ def lut_columns(config: LutConfig, w: torch.Tensor, hdiag: torch.Tensor | None =
 def trellis_columns(config: TrellisConfig, w: torch.Tensor, hdiag: torch.Tensor | None = None) -> TrellisColumns:
     """The trellis column quantizer for ``w [R, K]``."""
     return TrellisColumns(w.shape[0], w.shape[1], config, w, hdiag)
-
-
-def column_quantizer(config: MethodConfig, w: torch.Tensor, hdiag: torch.Tensor | None = None) -> ColumnQuantizer:
-    """The column quantizer of ``config`` for one matrix ``w [R, K]``, as registered with its method.
-
-    The method registry (``formats.methods``) is where each config is bound to its factory above; this
-    name stays here for the solver tests, and is the one import from codecs up to formats."""
-    from moequant.formats.methods import column_quantizer as registered
-
-    return registered(config, w, hdiag)
