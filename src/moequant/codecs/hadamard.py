@@ -27,7 +27,9 @@ a random one. A DCT block would not do: it maps a constant vector to a single sp
 ``n · (Σ f_i + m)`` per vector, the ``O(n log n)`` of a butterfly FWHT up to a small constant, with
 ``log p / _FACTOR_BITS`` batched matmuls instead of ``log p`` memory passes. At run time
 (``transform_input`` / ``restore_output``, float32 on the CPU, shared signs) one call of the C++ kernel
-``kernels.hadamard`` does the signs and the whole transform instead (the same math, fp32 rounding aside).
+``kernels.hadamard`` does the signs and the whole transform instead (the same math, fp32 rounding aside):
+this module imports torch only, so the kernel module installs itself here when it is imported
+(``set_fast_path``); ``solvers.incoherence`` and the rotated format's run-time path import it.
 """
 
 from __future__ import annotations
@@ -35,10 +37,26 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
-from moequant.kernels import hadamard as _kernel
+# ``(x, signs_before | None, signs_after | None, transpose) -> y | None``: the accelerated
+# ``rht_apply`` (``kernels.hadamard.fast``) once installed; None where it does not apply.
+FastPath = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], bool], Optional[torch.Tensor]]
+_fast: FastPath | None = None
+
+
+def set_fast_path(fn: FastPath | None) -> None:
+    """Install (or, with None, remove) the accelerated transform ``transform_input`` / ``restore_output``
+    try first (``kernels.hadamard`` installs its C++ kernel on import)."""
+    global _fast
+    _fast = fn
+
+
+def _apply_fast(x: torch.Tensor, before: torch.Tensor | None, after: torch.Tensor | None,
+                transpose: bool) -> torch.Tensor | None:
+    return None if _fast is None else _fast(x, before, after, transpose)
 
 # Largest Sylvester factor applied as one dense matmul: 2^5 measured at least as fast as 2^6 and the
 # butterfly FWHT on CPU (x [4096, 3072] fp32, one thread); every cap gives the same matrix.
@@ -247,13 +265,13 @@ class Incoherence:
         """``H_K S_U x`` for every ``x`` along the last dim of ``x [..., K]``. Float32 CPU activations with
         shared signs take one call of the C++ kernel (``kernels.hadamard``) where it is available."""
         s = self._at(expert).sign_in
-        out = _kernel.fast(x, s, None, False)
+        out = _apply_fast(x, s, None, False)
         return hadamard_transform(_times_signs(x, s, -1, "input")) if out is None else out
 
     def restore_output(self, y: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         """``S_V H_Nᵀ y`` for every ``y`` along the last dim of ``y [..., N]`` (the C++ kernel as above)."""
         s = self._at(expert).sign_out
-        out = _kernel.fast(y, None, s, True)
+        out = _apply_fast(y, None, s, True)
         return _times_signs(hadamard_transform(y, transpose=True), s, -1, "output") if out is None else out
 
     def to_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -249,6 +249,21 @@ ALL_METHODS: tuple[Method, ...] = (INT, NF4, FP4, TRELLIS, *GGUF_METHODS, ADDITI
 METHODS = MethodRegistry(ALL_METHODS)
 
 
+def method_formats() -> tuple[type[QuantizedTensor], ...]:
+    """Each registered method's tensor classes once (nf4 and fp4 share theirs), in registration order."""
+    out: list[type[QuantizedTensor]] = []
+    for m in METHODS.ordered():
+        out += [cls for cls in m.formats if cls not in out]
+    return tuple(out)
+
+
+# The methods' own formats by ``format_id`` (a duplicate id raises): what a rotated tensor may wrap. The
+# checkpoint registry ``formats.registry.FORMATS`` is these plus the rotated wrapper.
+METHOD_FORMATS: Registry[type[QuantizedTensor]] = Registry("format")
+for _cls in method_formats():
+    METHOD_FORMATS.register(_cls.format_id, _cls)
+
+
 def tensor_class_for(config: MethodConfig) -> type[QuantizedTensor]:
     """The packed class that stores weights quantized under ``config``."""
     m = METHODS.find(config)

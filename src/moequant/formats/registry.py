@@ -1,7 +1,8 @@
 """The registry of packed tensor formats, keyed by ``format_id``, and dispatch from configs and metadata.
 
-The formats are those of the registered methods (``formats.methods``) plus the rotated wrapper; which
-format a config is stored in is its method's choice (``tensor_class_for``)."""
+The formats are those of the registered methods (``formats.methods.METHOD_FORMATS``) plus the rotated
+wrapper, which looks its inner formats up there (so it does not import this module); which format a config
+is stored in is its method's choice (``tensor_class_for``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from moequant.codecs.config import MethodConfig
 from moequant.formats.base import QuantizedTensor
-from moequant.formats.methods import METHODS, tensor_class_for
+from moequant.formats.methods import method_formats, tensor_class_for
 from moequant.formats.rotated import RotatedTensor
 from moequant.registry import Registry
 
@@ -26,15 +27,7 @@ def make_format_registry(classes: Iterable[type[QuantizedTensor]]) -> Registry[t
     return reg
 
 
-def _method_formats() -> list[type[QuantizedTensor]]:
-    """Each registered method's tensor classes once (nf4 and fp4 share theirs)."""
-    out: list[type[QuantizedTensor]] = []
-    for m in METHODS.ordered():
-        out += [cls for cls in m.formats if cls not in out]
-    return out
-
-
-FORMATS: Registry[type[QuantizedTensor]] = make_format_registry([*_method_formats(), RotatedTensor])
+FORMATS: Registry[type[QuantizedTensor]] = make_format_registry([*method_formats(), RotatedTensor])
 
 
 def encode(w: torch.Tensor, config: MethodConfig, hessian: torch.Tensor | None = None) -> QuantizedTensor:

@@ -1,7 +1,7 @@
 """``RotatedTensor`` (format ``rht`` v1): a packed tensor of the *incoherent* weight
 ``W̃ = H_N S_V W S_U H_Kᵀ`` plus the random sign vectors that undo the rotation.
 
-``H_n`` is the orthonormal Hadamard-type transform of ``solvers.incoherence`` (fast Walsh–Hadamard,
+``H_n`` is the orthonormal Hadamard-type transform of ``codecs.hadamard`` (fast Walsh–Hadamard,
 Kronecker with a small block for non-powers of two) and ``S_U``, ``S_V`` are diagonal ±1 matrices.
 Stored tensors, for a logical weight ``[..., N, K]`` (every expert has its own signs):
 
@@ -21,8 +21,10 @@ from typing import Any, ClassVar
 import torch
 
 from moequant.codecs.config import MethodConfig
+from moequant.codecs.hadamard import Incoherence
 from moequant.formats.base import QuantizedTensor
 from moequant.formats.bitpack import pack, packed_len, unpack
+from moequant.formats.methods import METHOD_FORMATS
 
 INNER = "inner_"
 
@@ -48,7 +50,7 @@ class RotatedTensor(QuantizedTensor):
 
     @classmethod
     def wrap(cls, inner: QuantizedTensor, incoherence: Any) -> "RotatedTensor":
-        """``inner`` encodes ``W̃``; ``incoherence`` (``solvers.incoherence.Incoherence``) holds signs
+        """``inner`` encodes ``W̃``; ``incoherence`` (``codecs.hadamard.Incoherence``) holds signs
         ``[..., K]`` / ``[..., N]`` (or shared ``[K]`` / ``[N]``, which are broadcast over the experts)."""
         *lead, n, k = inner.shape
         s_in = torch.broadcast_to(incoherence.sign_in, (*lead, k))  # [..., K]
@@ -108,9 +110,7 @@ class RotatedTensor(QuantizedTensor):
         return cls(tuple(meta["shape"]), {d: self.data[INNER + d] for d in cls.names_for(meta)},
                    {a: meta[a] for a in cls.attr_names})
 
-    def incoherence(self):
-        from moequant.solvers.incoherence import Incoherence
-
+    def incoherence(self) -> Incoherence:
         *_, n, k = self.shape
         return Incoherence(sign_in=_unpack_signs(self.data["sign_in"], k),
                            sign_out=_unpack_signs(self.data["sign_out"], n))
@@ -136,6 +136,8 @@ class RotatedTensor(QuantizedTensor):
         lives as long as this view. (``QuantLinear`` keeps one view while its buffers are unchanged.)"""
         cache = self.__dict__.setdefault("_runtime", {})
         if "rht_views" not in cache:
+            import moequant.kernels.hadamard  # noqa: F401  (installs the C++ transform: codecs.hadamard)
+
             cache["rht_views"] = (self.inner, self.incoherence())
         return cache["rht_views"]
 
@@ -151,9 +153,7 @@ class RotatedTensor(QuantizedTensor):
 
 
 def _inner_class(meta: dict[str, Any]) -> type[QuantizedTensor]:
-    from moequant.formats.registry import FORMATS
-
-    cls = FORMATS.get(meta["format"])
-    if cls is RotatedTensor:
+    """The format class of an inner tensor: one of the methods' formats (``KeyError`` naming the known ones)."""
+    if meta["format"] == RotatedTensor.format_id:
         raise ValueError("a rotated tensor cannot wrap another rotated tensor")
-    return cls
+    return METHOD_FORMATS.get(meta["format"])

@@ -6,7 +6,7 @@ Schema::
 
 - ``x`` float32 ``[..., n]`` (``R`` rows: the product of the leading dims); ``signs_before`` /
   ``signs_after`` ±1 ``[n]`` or empty (none); ``block`` the ``[m, m]`` block ``B_m`` of
-  ``H_n = H_p ⊗ B_m`` (``solvers.incoherence``), empty when ``m = 1``;
+  ``H_n = H_p ⊗ B_m`` (``codecs.hadamard``), empty when ``m = 1``;
 - returns ``((x · s_before) H_nᵀ) · s_after`` ``[..., n]`` (each row ``v ↦ H_n v``), or with ``transpose``
   ``((x · s_before) H_n) · s_after`` (``v ↦ H_nᵀ v``). ``Incoherence.transform_input`` (``H_K S_U x``) is
   ``rht_apply(x, S_U, -, B, False)`` and ``restore_output`` (``S_V H_Nᵀ y``) ``rht_apply(y, -, S_V, B, True)``.
@@ -37,6 +37,7 @@ import functools
 
 import torch
 
+from moequant.codecs.hadamard import _factor, hadamard_factors, hadamard_transform, set_fast_path
 from moequant.kernels import cpp_build
 from moequant.kernels.select import use_fast
 
@@ -54,8 +55,6 @@ def extension():
 @functools.lru_cache(maxsize=64)
 def block_for(n: int) -> torch.Tensor:
     """``B_m`` float32 ``[m, m]`` of ``H_n`` on the CPU, or an empty tensor when ``m = 1``."""
-    from moequant.solvers.incoherence import _factor, hadamard_factors
-
     _, m = hadamard_factors(n)
     return _factor(m, torch.float32, torch.device("cpu")).contiguous() if m > 1 else _NONE
 
@@ -63,8 +62,6 @@ def block_for(n: int) -> torch.Tensor:
 def reference(x: torch.Tensor, signs_before: torch.Tensor, signs_after: torch.Tensor, block: torch.Tensor,
               transpose: bool) -> torch.Tensor:
     """The definition with torch ops: ``x [..., n] -> [..., n]`` (see the module docstring)."""
-    from moequant.solvers.incoherence import hadamard_transform
-
     n = x.shape[-1]
     m = block.shape[0] if block.numel() else 1
     y = x * signs_before if signs_before.numel() else x
@@ -125,3 +122,6 @@ def fast(x: torch.Tensor, signs_before: torch.Tensor | None, signs_after: torch.
         return None
     ext = _extension()
     return None if ext is None else ext.rht_apply(x, sb, sa, block_for(n), transpose)  # [..., n]
+
+
+set_fast_path(fast)  # Incoherence.transform_input / restore_output try the kernel first (codecs.hadamard)

@@ -69,7 +69,7 @@ def _solve(w: torch.Tensor, config: MethodConfig, solver: SolverConfig, hessian:
     h_ev = h if h_eval is None else h_eval.to(torch.float64)
     inc = None
     if solver.incoherence == "rht":
-        from moequant.solvers.incoherence import Incoherence
+        from moequant.solvers.incoherence import Incoherence  # the kernel-accelerated transform installed
 
         inc = Incoherence.make(tuple(w.shape), seed=tensor_seed(solver.seed, where), per_expert=True)
         w = inc.weight(w)
