@@ -84,6 +84,22 @@ def test_an_untied_q8_0_head_is_packed_and_a_random_embedding_stays_float():
     assert [t.name for t in model.moequant_report.exact] == ["lm_head.weight"]
 
 
+def test_a_q5_0_embedding_is_packed_at_5_bits_and_loads_back(tmp_path):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(q8_0_table(*model.model.embed_tokens.weight.shape, 4, qtype="Q5_0"))
+    table = model.model.embed_tokens.weight.detach().clone()
+    api.quantize(model, Recipe.uniform(INT4), progress=False)
+    (rec,) = model.moequant_report.exact
+    assert rec.name == "model.embed_tokens.weight" and rec.method == "int5-g32" and rec.bits_per_weight == 5.5
+    api.save(model, tmp_path / "run")
+    back = api.load(tmp_path / "run")
+    assert torch.equal(back.model.embed_tokens.qweight.dequantize(torch.float32), table)
+    ids = torch.randint(0, table.shape[0], (1, 9))
+    with torch.no_grad():
+        assert torch.equal(back.model.embed_tokens(ids), table[ids])
+
+
 def test_tables_off_the_grid_are_kept_in_float32():
     model, tables = _quantized(False, False, False)
     assert type(model.model.embed_tokens) is torch.nn.Embedding and type(model.lm_head) is torch.nn.Linear

@@ -211,7 +211,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", verify: bool =
     finish_loaded(model, qcfg, path)
     from moequant.nn.exact_head import attach_exact_head
 
-    attach_exact_head(model)  # a kept head dequantized from Q8_0 is multiplied from that grid at decode
+    attach_exact_head(model)  # a kept head dequantized from Q8_0 / Q5_0 / Q4_0 is multiplied from that grid at decode
     return model
 
 

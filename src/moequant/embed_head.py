@@ -15,11 +15,12 @@ Always round to nearest, whatever the solver of the decoder layers: no Hessian r
 decoder layer, so calibration sees what the packed model will; the head after the last.
 
 **Lossless packing of kept tables** (``with_exact_grids``): a table kept by the default rules (no rule names
-it) whose float32 values lie exactly on llama.cpp's ``Q8_0`` grid (int8 codes, one fp16 scale per 32
-columns: a model converted from a GGUF file whose embeddings or head are ``Q8_0``, as SmolLM2's tied table
-and Qwen2.5-Coder-0.5B's head are) is stored packed in that grid: every value the same, bit for bit
-(``codecs.uniform.exact_symmetric_parts`` proves it group by group), at 8.5 bits/weight instead of 32, on
-disk and in memory. Nothing is rounded, so it is not counted as quantized (``TensorRecord.solver`` is
+it) whose float32 values lie exactly on one of llama.cpp's ``Q4_0`` / ``Q5_0`` / ``Q8_0`` grids (symmetric
+int4 / int5 / int8 codes, one fp16 scale per 32 columns: a model converted from a GGUF file whose
+embeddings or head are of those types, as SmolLM2's tied table (Q8_0) and Qwen2.5-Coder-0.5B's head (Q8_0)
+and embeddings (Q5_0) are) is stored packed in that grid (the narrowest that holds it): every value the
+same, bit for bit (``codecs.uniform.exact_symmetric_parts`` proves it group by group), at 4.5 / 5.5 / 8.5
+bits/weight instead of 32, on disk and in memory. Nothing is rounded, so it is not counted as quantized (``TensorRecord.solver`` is
 ``"exact"``; the report's ``bits_per_weight`` is the quantized targets' alone, the whole-model figure counts
 it). A rule that names the table (``--embeddings keep`` / ``--head keep``, ``kind:embedding`` /
 ``kind:head`` or the exact name with no method) keeps it in float32 as loaded.
@@ -155,10 +156,11 @@ def _record(t: Target, rule: str | None, short_name: str, qt: Any, seconds: floa
                         solver=solver, seconds=round(seconds, 3), shared_with=shared_with)
 
 
-def _exact_name() -> str:
+def _exact_name(qt: Any) -> str:
+    """The config short name of an exactly stored table's grid (e.g. ``int8-g32``)."""
     from moequant.nn.exact_head import exact_grid_config
 
-    return exact_grid_config().short_name
+    return exact_grid_config(qt.attrs["bits"]).short_name
 
 
 def _kept_by_default(config: MethodConfig | None, rule: str | None) -> bool:
@@ -168,9 +170,9 @@ def _kept_by_default(config: MethodConfig | None, rule: str | None) -> bool:
 
 def with_exact_grids(model: nn.Module, plan: EmbedHeadPlan,
                      weight_of: Callable[[Target], torch.Tensor] | None = None) -> EmbedHeadPlan:
-    """``plan`` with each table that the recipe keeps by default and whose values lie exactly on the int8
-    group-32 fp16-scale grid (``Q8_0``) given its packed form, to be stored instead of the float table
-    (module docstring). A tied pair is packed once, when neither side is kept by a rule that names it.
+    """``plan`` with each table that the recipe keeps by default and whose values lie exactly on one of the
+    group-32 fp16-scale grids (``Q4_0`` / ``Q5_0`` / ``Q8_0``: ``nn.exact_head.EXACT_GRIDS``) given its packed
+    form, to be stored instead of the float table (module docstring). A tied pair is packed once, when neither side is kept by a rule that names it.
     ``weight_of(target)``: the table as float32 (default: the model's own parameter; ``--offload`` reads it
     from disk)."""
     from moequant.nn.exact_head import exact_packed_view
@@ -201,7 +203,7 @@ def quantize_embedding(model: nn.Module, plan: EmbedHeadPlan, report: QuantRepor
     old = model.get_submodule(t.module)
     w = old.weight.detach()  # [V, H]
     if plan.embed_exact is not None:
-        qt, seconds, short, solver = plan.embed_exact, 0.0, _exact_name(), EXACT
+        qt, seconds, short, solver = plan.embed_exact, 0.0, _exact_name(plan.embed_exact), EXACT
     else:
         qt, info = solve_tensor(w, plan.embed_config, SolverConfig(), None, t.name)
         seconds, short, solver = info.seconds, plan.embed_config.short_name, "rtn"
@@ -231,7 +233,7 @@ def quantize_head(model: nn.Module, plan: EmbedHeadPlan, report: QuantReport) ->
     old = model.get_submodule(t.module)
     if plan.head_exact is not None:
         qt = plan.head_exact
-        record = _record(t, plan.head_rule, _exact_name(), qt, 0.0, None, EXACT)
+        record = _record(t, plan.head_rule, _exact_name(qt), qt, 0.0, None, EXACT)
     else:
         qt, info = solve_tensor(old.weight.detach(), plan.head_config, SolverConfig(), None, t.name)  # [V, H]
         record = _record(t, plan.head_rule, plan.head_config.short_name, qt, info.seconds, None)
@@ -242,12 +244,11 @@ def quantize_head(model: nn.Module, plan: EmbedHeadPlan, report: QuantReport) ->
 def exact_records(plan: EmbedHeadPlan) -> tuple[list[TensorRecord], list[TensorRecord]]:
     """The report records of ``plan``'s exactly stored tables, (before the layers, after them), as
     ``quantize_embedding`` / ``quantize_head`` write them (``--offload`` stores the tables itself)."""
-    name = _exact_name()
     before = [] if plan.embed_exact is None else [
-        _record(plan.embedding, plan.embed_rule, name, plan.embed_exact, 0.0,
+        _record(plan.embedding, plan.embed_rule, _exact_name(plan.embed_exact), plan.embed_exact, 0.0,
                 [plan.head.name] if plan.tied else None, EXACT)]
     after = [] if plan.head_exact is None else [
-        _record(plan.head, plan.head_rule, name, plan.head_exact, 0.0, None, EXACT)]
+        _record(plan.head, plan.head_rule, _exact_name(plan.head_exact), plan.head_exact, 0.0, None, EXACT)]
     return before, after
 
 

@@ -18,13 +18,14 @@ from moequant.nn.exact_head import EXACT_HEAD_ENV, ExactGridLinear, attach_exact
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def q8_0_table(n: int, k: int, seed: int = 0) -> torch.Tensor:
-    """``[n, k]`` float32 as llama.cpp's own Q8_0 quantize + dequantize leaves it (gguf-py, same arithmetic)."""
+def q8_0_table(n: int, k: int, seed: int = 0, qtype: str = "Q8_0") -> torch.Tensor:
+    """``[n, k]`` float32 as llama.cpp's own ``qtype`` quantize + dequantize leaves it (gguf-py, same arithmetic)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.05
     w[3, :32] = 0.0  # an all-zero block: scale 0
-    q = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0)
-    return torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).copy()).reshape(n, k)
+    t = gguf.GGMLQuantizationType[qtype]
+    q = gguf.quants.quantize(w.numpy(), t)
+    return torch.from_numpy(gguf.quants.dequantize(q, t).copy()).reshape(n, k)
 
 
 def test_q8_0_table_is_found_exactly_and_decodes_bit_for_bit():
@@ -38,6 +39,35 @@ def test_q8_0_table_is_found_exactly_and_decodes_bit_for_bit():
     assert view.attrs["bits"] == 8 and view.attrs["group_size"] == 32
     assert torch.equal(view.dequantize(), w)
     assert view.bits_per_weight() == pytest.approx(8.5)
+
+
+@pytest.mark.parametrize("qtype, bits", [("Q4_0", 4), ("Q5_0", 5)])
+def test_q4_0_and_q5_0_tables_are_found_on_their_own_grid(qtype, bits):
+    """Their scale is the signed extreme / -2^(b-1): negative where the extreme is positive; the narrowest grid
+    that holds a table is chosen (a Q4_0 table also fits the Q5_0 grid, at twice the codes)."""
+    w = q8_0_table(300, 96, seed=5, qtype=qtype)
+    parts = exact_symmetric_parts(w, bits, 32, torch.float16, chunk_rows=128, signed_max=True)
+    assert parts is not None
+    codes, scale = parts
+    assert bool((scale < 0).any()) and bool((scale > 0).any())  # both signs of the extreme occur
+    assert int(codes.max()) <= (1 << bits) - 1 and int(codes.min()) == 0  # the extreme is code 0
+    view = exact_packed_view(w)
+    assert view.attrs["bits"] == bits and torch.equal(view.dequantize(), w)
+    assert view.bits_per_weight() == pytest.approx(bits + 0.5)
+    assert exact_symmetric_parts(w, bits, 32, torch.float16) is None  # the Q8_0 rule (absmax / qmax) misses it
+    if bits == 5:
+        assert exact_symmetric_parts(w, 4, 32, torch.float16, signed_max=True) is None  # not a Q4_0 table
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_0", "Q8_0"])
+def test_exact_tables_repack_to_their_gguf_type_bit_for_bit(qtype, caplog):
+    w = q8_0_table(64, 96, seed=7, qtype=qtype)
+    view = exact_packed_view(w)
+    tid, blocks = view.gguf_blocks()
+    assert gguf.GGMLQuantizationType(tid).name == qtype
+    back = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType(tid))
+    assert torch.equal(torch.from_numpy(back.copy()).reshape(w.shape), w)
+    assert "normal range" not in caplog.text  # negative and zero scales are not "tiny weights"
 
 
 @pytest.mark.parametrize("edit", ["one_ulp", "bf16_table", "k_not_multiple", "inf"])

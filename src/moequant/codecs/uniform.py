@@ -96,9 +96,12 @@ def _round_scale(s: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
 
 
 def subnormal_scales(scale: torch.Tensor, scale_dtype: torch.dtype) -> int:
-    """How many stored scales lie below ``scale_dtype``'s normal range (they keep fewer significant bits:
-    the group's values are tiny, its absolute error stays below the dtype's smallest normal times 2^b)."""
-    return int((scale.to(torch.float32) < torch.finfo(scale_dtype).tiny).sum())
+    """How many stored scales lie below ``scale_dtype``'s normal range in magnitude (they keep fewer significant
+    bits: the group's values are tiny, its absolute error stays below the dtype's smallest normal times 2^b).
+    A zero scale (an all-zero group, stored exactly) is not counted; a negative one (exact Q4_0 / Q5_0 tables)
+    is counted by its magnitude."""
+    mag = scale.to(torch.float32).abs()
+    return int(((mag > 0) & (mag < torch.finfo(scale_dtype).tiny)).sum())
 
 
 def _grid(wg: torch.Tensor, shrink: float, bits: int, symmetric: bool, scale_dtype: torch.dtype
@@ -215,16 +218,19 @@ def uniform_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
 
 
 def exact_symmetric_parts(w: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype,
-                          chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor] | None:
+                          chunk_rows: int = 4096, signed_max: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The symmetric midtread codes and scales that reproduce ``w [N, K]`` **exactly**, or None.
 
-    A group is exact when it equals ``(q - 2^(b-1)) * s`` with ``s = absmax / (2^(b-1) - 1)`` already a value
-    of ``scale_dtype`` and integer ``q``: the grid of llama.cpp's Q8_0 at ``bits=8, group_size=32`` (fp16
-    ``d = absmax / 127``, ``x = d * q`` in fp32), so a table dequantized from such a block type is found again
-    bit for bit. Rows are checked ``chunk_rows`` at a time, and the first group that is not exact ends the
-    search (a bf16 or trained fp32 table fails in its first chunk). -> (codes uint8 ``[N, K]``, scale
-    ``[N, K / group_size]`` in ``scale_dtype``); None when ``group_size`` does not divide ``K`` or any group
-    is off the grid. A zero group is exact with scale 0."""
+    A group is exact when it equals ``(q - 2^(b-1)) * s`` with integer ``q`` in ``[0, 2^b)`` and ``s`` a value
+    of ``scale_dtype``: ``s = absmax / (2^(b-1) - 1)`` (llama.cpp's Q8_0 at ``bits=8, group_size=32``: fp16
+    ``d = absmax / 127``, ``x = d * q`` in fp32), or with ``signed_max`` ``s = -m / 2^(b-1)`` for ``m`` the group's
+    value of largest magnitude (its first, as llama.cpp picks it), so that value is code 0 and ``s`` is negative
+    where ``m`` is positive: the rule of Q4_0 / Q5_0 at ``bits=4 / 5``. A table dequantized from such a block
+    type is found again bit for bit. Rows are checked ``chunk_rows`` at a time, and the first group that is not
+    exact ends the search (a bf16 or trained fp32 table fails in its first chunk). -> (codes uint8 ``[N, K]``,
+    scale ``[N, K / group_size]`` in ``scale_dtype``); None when ``group_size`` does not divide ``K`` or any
+    group is off the grid. A zero group is exact with scale 0."""
     n, k = w.shape
     if k % group_size or bits > 8:
         return None
@@ -233,9 +239,13 @@ def exact_symmetric_parts(w: torch.Tensor, bits: int, group_size: int, scale_dty
     scales = torch.empty(n, k // group_size, dtype=scale_dtype)
     for r0 in range(0, n, chunk_rows):
         wg = w[r0:r0 + chunk_rows].detach().to(torch.float32).reshape(-1, k // group_size, group_size)  # [r, G, g]
-        s = (wg.abs().amax(-1, keepdim=True) / qmax).to(scale_dtype)  # [r, G, 1]
+        if signed_max:
+            m = wg.gather(-1, wg.abs().argmax(-1, keepdim=True))  # [r, G, 1]: the first value of largest |w|
+            s = (-m / mid + 0.0).to(scale_dtype)  # + 0.0: a zero group's scale is +0, not -0
+        else:
+            s = (wg.abs().amax(-1, keepdim=True) / qmax).to(scale_dtype)  # [r, G, 1]
         sf = s.to(torch.float32)
-        q = torch.round(wg / torch.where(sf > 0, sf, torch.ones_like(sf))).clamp_(-qmax - 1, qmax)  # [r, G, g]
+        q = torch.round(wg / torch.where(sf != 0, sf, torch.ones_like(sf))).clamp_(-qmax - 1, qmax)  # [r, G, g]
         if not bool(torch.isfinite(sf).all()) or not torch.equal(q * sf, wg):
             return None
         codes[r0:r0 + chunk_rows] = (q + mid).to(torch.uint8).reshape(-1, k)

@@ -32,6 +32,9 @@ EXACT_HEAD_ENV = "MOEQUANT_EXACT_HEAD"
 _ENABLED = EnvSwitch(EXACT_HEAD_ENV, lambda v: (v or "1").strip() not in ("0", "false", "no", "off"))
 # Q8_0's grid: what llama.cpp stores the heads and embedding tables of its q4/q5 files in.
 EXACT_BITS, EXACT_GROUP = 8, 32
+# The llama.cpp block types whose tables are found again exactly, narrowest first: (name, bits, scale rule of
+# ``codecs.uniform.exact_symmetric_parts``). Q4_0 / Q5_0 scale by the signed extreme (a scale may be negative).
+EXACT_GRIDS = (("Q4_0", 4, True), ("Q5_0", 5, True), ("Q8_0", 8, False))
 
 
 class ExactGridLinear(nn.Linear):
@@ -54,30 +57,40 @@ class ExactGridLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-def exact_grid_config():
-    """The ``UniformConfig`` of the grid: symmetric midtread int8, group 32, fp16 scales (``Q8_0``)."""
+def grid_name(bits: int) -> str:
+    """The llama.cpp block type of the exact grid at ``bits`` (``Q4_0`` / ``Q5_0`` / ``Q8_0``)."""
+    return next(name for name, b, _ in EXACT_GRIDS if b == bits)
+
+
+def exact_grid_config(bits: int = EXACT_BITS):
+    """The ``UniformConfig`` of a grid: symmetric midtread int ``bits``, group 32, fp16 scales (``Q8_0`` at 8
+    bits, ``Q5_0`` / ``Q4_0`` at 5 / 4)."""
     from moequant.codecs.config import UniformConfig
 
-    return UniformConfig(bits=EXACT_BITS, group_size=EXACT_GROUP, symmetric=True, clip_search=False,
+    return UniformConfig(bits=bits, group_size=EXACT_GROUP, symmetric=True, clip_search=False,
                          scale_dtype="float16")
 
 
 def exact_packed_view(weight: torch.Tensor):
-    """The int8 g32 fp16-scale ``UniformTensor`` holding exactly ``weight [N, K]``, or None."""
+    """The group-32 fp16-scale ``UniformTensor`` holding exactly ``weight [N, K]`` on the first grid of
+    ``EXACT_GRIDS`` that holds it (the narrowest: a Q4_0 table also fits the Q5_0 grid), or None."""
     from moequant.codecs.uniform import exact_symmetric_parts
     from moequant.formats.uniform import UniformTensor
 
     if weight.dim() != 2 or weight.dtype != torch.float32 or weight.is_meta or not weight.is_cpu:
         return None
-    parts = exact_symmetric_parts(weight, EXACT_BITS, EXACT_GROUP, torch.float16)
-    if parts is None:
-        return None
-    return UniformTensor.from_parts(tuple(weight.shape), {"codes": parts[0], "scale": parts[1]}, exact_grid_config())
+    for _, bits, signed_max in EXACT_GRIDS:
+        parts = exact_symmetric_parts(weight, bits, EXACT_GROUP, torch.float16, signed_max=signed_max)
+        if parts is not None:
+            return UniformTensor.from_parts(tuple(weight.shape), {"codes": parts[0], "scale": parts[1]},
+                                            exact_grid_config(bits))
+    return None
 
 
 def attach_exact_head(model: nn.Module) -> bool:
     """Swap the model's kept float32 ``nn.Linear`` head for an ``ExactGridLinear`` when its values lie exactly
-    on the int8 g32 grid (a GGUF ``Q8_0`` source); -> whether it did. Off under ``MOEQUANT_EXACT_HEAD=0``."""
+    on a group-32 grid of ``EXACT_GRIDS`` (a GGUF ``Q8_0`` / ``Q5_0`` / ``Q4_0`` source); -> whether it did. Off
+    under ``MOEQUANT_EXACT_HEAD=0``."""
     from moequant.layerwise import set_module
 
     if not _ENABLED.get():
@@ -90,6 +103,8 @@ def attach_exact_head(model: nn.Module) -> bool:
         return False
     name = next(n for n, m in model.named_modules() if m is head)
     set_module(model, name, ExactGridLinear(head, packed))
-    log.info("%s: its values lie exactly on an int8 group-32 grid (a Q8_0 source): decoding multiplies it from "
-             "the grid (%.1f MiB instead of %.1f)", name, packed.nbytes() / 2**20, head.weight.nbytes / 2**20)
+    bits = packed.attrs["bits"]
+    log.info("%s: its values lie exactly on an int%d group-32 grid (a %s source): decoding multiplies it from the "
+             "grid (%.1f MiB instead of %.1f)", name, bits, grid_name(bits), packed.nbytes() / 2**20,
+             head.weight.nbytes / 2**20)
     return True
