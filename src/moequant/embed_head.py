@@ -20,9 +20,9 @@ int4 / int5 / int8 codes, one fp16 scale per 32 columns: a model converted from 
 embeddings or head are of those types, as SmolLM2's tied table (Q8_0) and Qwen2.5-Coder-0.5B's head (Q8_0)
 and embeddings (Q5_0) are) is stored packed in that grid (the narrowest that holds it): every value the
 same, bit for bit (``codecs.uniform.exact_symmetric_parts`` proves it group by group), at 4.5 / 5.5 / 8.5
-bits/weight instead of 32, on disk and in memory. Nothing is rounded, so it is not counted as quantized (``TensorRecord.solver`` is
-``"exact"``; the report's ``bits_per_weight`` is the quantized targets' alone, the whole-model figure counts
-it). A rule that names the table (``--embeddings keep`` / ``--head keep``, ``kind:embedding`` /
+bits/weight instead of 32, on disk and in memory. Nothing is rounded, so it is not counted as quantized
+(``TensorRecord.solver`` is ``"exact"``; the report's ``bits_per_weight`` is the quantized targets' alone, the
+whole-model figure counts it). A rule that names the table (``--embeddings keep`` / ``--head keep``, ``kind:embedding`` /
 ``kind:head`` or the exact name with no method) keeps it in float32 as loaded.
 """
 
@@ -172,9 +172,9 @@ def with_exact_grids(model: nn.Module, plan: EmbedHeadPlan,
                      weight_of: Callable[[Target], torch.Tensor] | None = None) -> EmbedHeadPlan:
     """``plan`` with each table that the recipe keeps by default and whose values lie exactly on one of the
     group-32 fp16-scale grids (``Q4_0`` / ``Q5_0`` / ``Q8_0``: ``nn.exact_head.EXACT_GRIDS``) given its packed
-    form, to be stored instead of the float table (module docstring). A tied pair is packed once, when neither side is kept by a rule that names it.
-    ``weight_of(target)``: the table as float32 (default: the model's own parameter; ``--offload`` reads it
-    from disk)."""
+    form, to be stored instead of the float table (module docstring). A tied pair is packed once, when neither
+    side is kept by a rule that names it. ``weight_of(target)``: the table as float32 (default: the model's own
+    parameter; ``--offload`` reads it from disk)."""
     from moequant.nn.exact_head import exact_packed_view
 
     def exact(target: Target | None, config: MethodConfig | None, rule: str | None) -> Any:
