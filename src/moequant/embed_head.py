@@ -72,6 +72,11 @@ class EmbedHeadPlan:
     def packs_exact(self) -> bool:
         return self.embed_exact is not None or self.head_exact is not None
 
+    def exact_tables(self) -> dict[str, Any]:
+        """``{parameter name: packed table}`` of the tables stored exactly (``with_exact_grids``)."""
+        pairs = ((self.embedding, self.embed_exact), (self.head, self.head_exact))
+        return {t.name: qt for t, qt in pairs if qt is not None}
+
 
 def _module_name(model: nn.Module, module: nn.Module) -> str | None:
     for name, m in model.named_modules():
@@ -203,21 +208,20 @@ def quantize_embedding(model: nn.Module, plan: EmbedHeadPlan, report: QuantRepor
     old = model.get_submodule(t.module)
     w = old.weight.detach()  # [V, H]
     if plan.embed_exact is not None:
-        qt, seconds, short, solver = plan.embed_exact, 0.0, _exact_name(plan.embed_exact), EXACT
+        qt, (record,) = plan.embed_exact, exact_records(plan)[0]
     else:
         qt, info = solve_tensor(w, plan.embed_config, SolverConfig(), None, t.name)
-        seconds, short, solver = info.seconds, plan.embed_config.short_name, "rtn"
+        record = _record(t, plan.embed_rule, plan.embed_config.short_name, qt, info.seconds,
+                         [plan.head.name] if plan.tied else None)
     scale = getattr(old, "embed_scale", None)
     if scale is not None and not isinstance(scale, torch.Tensor):
         scale = torch.tensor(float(scale))
     new = QuantEmbedding(qt, scale, dtype=w.dtype, padding_idx=old.padding_idx)
     set_module(model, t.module, new)
-    shared = None
     if plan.tied:
         head = model.get_submodule(plan.head.module)
         set_module(model, plan.head.module, TiedQuantLinear(new, head.bias))
-        shared = [plan.head.name]
-    report.tensors.append(_record(t, plan.embed_rule, short, qt, seconds, shared, solver))
+    report.tensors.append(record)
 
 
 def quantize_head(model: nn.Module, plan: EmbedHeadPlan, report: QuantReport) -> None:
@@ -232,8 +236,7 @@ def quantize_head(model: nn.Module, plan: EmbedHeadPlan, report: QuantReport) ->
     t = plan.head
     old = model.get_submodule(t.module)
     if plan.head_exact is not None:
-        qt = plan.head_exact
-        record = _record(t, plan.head_rule, _exact_name(qt), qt, 0.0, None, EXACT)
+        qt, (record,) = plan.head_exact, exact_records(plan)[1]
     else:
         qt, info = solve_tensor(old.weight.detach(), plan.head_config, SolverConfig(), None, t.name)  # [V, H]
         record = _record(t, plan.head_rule, plan.head_config.short_name, qt, info.seconds, None)

@@ -5,8 +5,8 @@ by one; then, for each layer: its weights are read from disk, its Hessians accum
 quantized exactly as in memory (``layerwise._quantize_layer``), the calibration batches go through
 the quantized layer, its packed and kept tensors are written as one new shard, and it is emptied
 back to the meta device. Embeddings, final norm and head are copied byte for byte from the source
-files at the end — except a table the recipe keeps by default whose values lie exactly on a Q4_0 / Q5_0 / Q8_0 grid,
-which is stored packed as in memory (``embed_head.with_exact_grids``). Activations live in files (read
+files at the end — except a table the recipe keeps by default whose values lie exactly on a Q4_0 / Q5_0 /
+Q8_0 grid, which is stored packed as in memory (``embed_head.with_exact_grids``). Activations live in files (read
 back one batch at a time). The result has the same tensors, bit for bit, as quantizing in memory and
 ``api.save``.
 """
@@ -145,8 +145,8 @@ def quantize_offloaded(path: Path, out: Path, recipe: Recipe, calib: Calibration
 
 def _exact_tables(model: nn.Module, reader: ShardReader, adapter, recipe: Recipe, report: QuantReport,
                   tied: bool) -> dict:
-    """The kept embedding / head tables stored packed because every value lies on a Q4_0 / Q5_0 / Q8_0 grid (as in memory:
-    ``embed_head.with_exact_grids``), read from disk one at a time; their records go into ``report``.
+    """The kept embedding / head tables stored packed because every value lies on a Q4_0 / Q5_0 / Q8_0 grid (as
+    in memory: ``embed_head.with_exact_grids``), read from disk one at a time; their records go into ``report``.
     ``tied``: the head is the embedding table (the meta skeleton cannot show it by storage)."""
     from dataclasses import replace
 
@@ -158,12 +158,7 @@ def _exact_tables(model: nn.Module, reader: ShardReader, adapter, recipe: Recipe
     before, after = exact_records(plan)
     report.tensors[:0] = before
     report.tensors.extend(after)
-    out = {}
-    if plan.embed_exact is not None:
-        out[plan.embedding.name] = plan.embed_exact
-    if plan.head_exact is not None:
-        out[plan.head.name] = plan.head_exact
-    return out
+    return plan.exact_tables()
 
 
 def _param_name(model: nn.Module, module: nn.Module) -> str:
