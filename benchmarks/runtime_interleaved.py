@@ -1,0 +1,180 @@
+"""Issue #10's speed ratios, measured interleaved: batch-1 greedy decode and a prefill of every packed checkpoint
+and of the fp32 model it replaces, all loaded in one process and timed round-robin, so that a ratio is taken
+between runs seconds apart rather than minutes apart.
+
+    python benchmarks/runtime_interleaved.py --models smollm2-135m --formats int4 int3 int2 nf4 trellis2 \\
+        rht-int4 --threads 1 2 --rounds 7 --json benchmarks/results/runtime_interleaved_smollm2-135m.json
+
+Why: ``runtime.py`` benches one row after another (fp32, every packed row with its repeats, fp32 again). On
+this shared 2-core machine the speed of the same run drifts by 15-30% within minutes, and that drift lands in
+its ratios (its int4 row read 1.82x fp32 while a hand A/B gave 2.24x). Here one *round* runs fp32, then each
+variant once, and the next round starts with fp32 again; a variant's ratio in round ``r`` is its tokens/s over
+the mean of the fp32 runs that enclose it. The table gives the median of the per-round ratios and their range,
+for decode and for prefill.
+
+Protocol per thread count (one worker process, ``torch.set_num_threads`` and ``OMP_NUM_THREADS``): the same
+random prompt of ``--prompt`` ids (seed 0) for every model; one untimed warm-up decode per model; then
+``--rounds`` rounds of ``--tokens`` timed single-token steps each (``moequant.bench.decode_run``: the KV cache,
+argmax of the last logits, what ``moequant bench`` times), then one prefill of ``--prefill`` random ids
+(``moequant.bench.prefill_run``: one forward with the cache on, last-position logits; 0 skips it). Checkpoints are ``runtime.py``'s (RTN, made with the
+CLI under ``--work`` when missing, reused otherwise). Every run's generated ids are compared across rounds
+(``repeats_identical``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from runtime import FORMATS, make_checkpoints
+
+log = logging.getLogger("runtime_interleaved")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["smollm2-135m"])
+    p.add_argument("--formats", nargs="+", default=["int4", "int3", "int2", "nf4", "trellis2", "rht-int4"],
+                   choices=list(FORMATS)[1:])
+    p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--prompt", type=int, default=16)
+    p.add_argument("--prefill", type=int, default=512, help="prefill tokens timed per round (0: no prefill)")
+    p.add_argument("--trellis-l", type=int, default=12, help="trellis state bits of the trellis2 checkpoint")
+    p.add_argument("--work", default="runs/runtime", help="checkpoints (runtime.py's; made when missing)")
+    p.add_argument("--json", required=True)
+    p.add_argument("--make-only", action="store_true", help="make the missing checkpoints, time nothing")
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def round_ratios(fp: list[float], variant: list[float]) -> list[float]:
+    """Per-round ratio of ``variant``'s tokens/s [R] to the mean of the fp32 runs before and after it
+    (``fp`` [R + 1]: fp32 opens every round and closes the last one)."""
+    if len(fp) != len(variant) + 1:
+        raise ValueError(f"{len(fp)} fp32 runs for {len(variant)} rounds: expected one more")
+    return [v / (0.5 * (a + b)) for v, a, b in zip(variant, fp[:-1], fp[1:])]
+
+
+def summarize(tps: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
+    """``tps``: label -> tokens/s per run (fp32 [R + 1], each variant [R]) -> per-label median tokens/s and,
+    for variants, the per-round ratios, their median, min and max."""
+    out: dict[str, dict[str, Any]] = {"fp32": {"tokens_per_s": tps["fp32"], "median": statistics.median(tps["fp32"])}}
+    for label, runs in tps.items():
+        if label == "fp32":
+            continue
+        r = round_ratios(tps["fp32"], runs)
+        out[label] = {"tokens_per_s": runs, "median": statistics.median(runs), "ratios": r,
+                      "ratio_median": statistics.median(r), "ratio_min": min(r), "ratio_max": max(r)}
+    return out
+
+
+def measure_model(model: str, args: argparse.Namespace, threads: int) -> dict[str, Any]:
+    """The rounds of one model: every checkpoint loaded at once, timed round-robin (see the module doc)."""
+    import torch
+
+    from moequant.bench import decode_run, prefill_run
+    from moequant.models.loader import load_model
+
+    specs = {"fp32": model, **{f: str(Path(args.work) / f"{model}-{f}") for f in args.formats}}
+    loaded = {label: load_model(spec, verify=False)[0] for label, spec in specs.items()}
+    vocab = loaded["fp32"].config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (1, args.prompt), generator=gen)  # [1, P]
+    long_ids = torch.randint(0, vocab, (1, max(args.prefill, 1)), generator=gen)  # [1, prefill]
+    for m in loaded.values():
+        decode_run(m, prompt, args.tokens)  # warm-up: kernel builds, repacking, allocator
+        if args.prefill:
+            prefill_run(m, long_ids)
+    tps: dict[str, list[float]] = {label: [] for label in specs}
+    pre: dict[str, list[float]] = {label: [] for label in specs}
+    ids: dict[str, list[list[int]]] = {label: [] for label in specs}
+    order = ["fp32", *args.formats] * args.rounds + ["fp32"]
+    for i, label in enumerate(order):
+        new, secs = decode_run(loaded[label], prompt, args.tokens)
+        tps[label].append(args.tokens / secs)
+        ids[label].append(new[0].tolist())
+        if args.prefill:
+            pre[label].append(args.prefill / prefill_run(loaded[label], long_ids))
+        if label == "fp32" and i:
+            log.info("%s, %d thread(s): round %d/%d done", model, threads, len(tps["fp32"]) - 1, args.rounds)
+    summary = {"decode": summarize(tps), **({"prefill": summarize(pre)} if args.prefill else {})}
+    for label in specs:
+        summary["decode"][label].update(spec=specs[label], generated_ids=ids[label][0],
+                                        repeats_identical=all(x == ids[label][0] for x in ids[label]))
+    return summary
+
+
+def worker(args: argparse.Namespace) -> int:
+    import torch
+
+    threads = int(os.environ["OMP_NUM_THREADS"])
+    torch.set_num_threads(threads)
+    result = {"threads": threads, "models": {m: measure_model(m, args, threads) for m in args.models}}
+    Path(args.worker_out).write_text(json.dumps(result))
+    return 0
+
+
+def table(results: list[dict[str, Any]], formats: list[str]) -> str:
+    lines = ["| model | threads | variant | decode b1 tok/s | × fp32 (median of rounds) | range | prefill tok/s | "
+             "× fp32 | range |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def cells(part: dict[str, Any] | None, label: str) -> str:
+        if part is None:
+            return "- | - | -"
+        v = part[label]
+        if label == "fp32":
+            return f"{v['median']:.2f} | - | -"
+        return f"{v['median']:.2f} | **{v['ratio_median']:.2f}** | {v['ratio_min']:.2f}-{v['ratio_max']:.2f}"
+
+    for res in results:
+        for model, s in res["models"].items():
+            for label in ("fp32", *formats):
+                lines.append(f"| {model} | {res['threads']} | {label} | {cells(s['decode'], label)} | "
+                             f"{cells(s.get('prefill'), label)} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.worker_out is not None:
+        return worker(args)
+    from moequant.fsutil import atomic_write_json
+    from moequant.runinfo import run_info
+
+    data: dict[str, Any] = {"checkpoints": {}}
+    make_checkpoints(args, data, Path(args.work))
+    if args.make_only:
+        return 0
+    results = []
+    for n in args.threads:
+        env = {**os.environ, "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "worker.json"
+            cmd = [sys.executable, __file__, *argv, "--worker-out", str(out)]
+            log.info("$ %s  (OMP_NUM_THREADS=%d)", shlex.join(cmd), n)
+            subprocess.run(cmd, check=True, env=env)
+            results.append(json.loads(out.read_text()))
+    info = run_info(argv)
+    info["command"] = shlex.join(["python", "benchmarks/runtime_interleaved.py", *argv])
+    settings = {k: getattr(args, k) for k in ("rounds", "tokens", "prompt", "prefill", "trellis_l")}
+    atomic_write_json(Path(args.json), {"settings": settings, "checkpoints": data["checkpoints"],
+                                        "results": results, **info})
+    print(table(results, args.formats))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
