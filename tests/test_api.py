@@ -89,7 +89,7 @@ def test_save_refuses_existing_dir_and_leaves_nothing_behind(tmp_path, monkeypat
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("moequant.api.write_shards", boom)
+    monkeypatch.setattr("moequant.checkpoint_io.write_shards", boom)
     with pytest.raises(RuntimeError):
         api.save(model, tmp_path / "new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]

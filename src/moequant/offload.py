@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moequant.alloc.recipe import Recipe
+from moequant.checkpoint_io import param_name, stored_ties
 from moequant.errors import MoequantError
 from moequant.formats.checkpoint import AtomicDir, ShardReader
 from moequant.fsutil import make_temp_dir
@@ -57,7 +58,7 @@ def quantize_offloaded(path: Path, out: Path, recipe: Recipe, calib: Calibration
                        run: RunProgress | None = None, verify: bool = True) -> QuantReport:
     """``run``: store each finished layer there, and write the layers it already holds from there
     instead of quantizing them again (``quantize --resume``)."""
-    from moequant.api import write_checkpoint_config
+    from moequant.checkpoint_io import write_checkpoint_config
 
     path = Path(path)
     reader = ShardReader(path, verify=verify)  # verify: tensors with a recorded digest are checked as read
@@ -76,7 +77,7 @@ def quantize_offloaded(path: Path, out: Path, recipe: Recipe, calib: Calibration
     by_layer: dict[int, list[Target]] = {}
     for t in targets:
         by_layer.setdefault(t.layer, []).append(t)
-    emb_name = _param_name(model, model.get_input_embeddings())
+    emb_name = param_name(model, model.get_input_embeddings())
     with AtomicDir(out, overwrite=overwrite) as tmp, contextlib.ExitStack() as cleanup:
         writer = StreamingWriter(tmp)
         runner = None
@@ -161,13 +162,6 @@ def _exact_tables(model: nn.Module, reader: ShardReader, adapter, recipe: Recipe
     return plan.exact_tables()
 
 
-def _param_name(model: nn.Module, module: nn.Module) -> str:
-    for name, m in model.named_modules():
-        if m is module:
-            return f"{name}.weight"
-    raise MoequantError("input embeddings not found in the model")
-
-
 def _disk_key(reader: ShardReader, name: str, adapter) -> str:
     for k in _disk_names(name, adapter):
         if k in reader:
@@ -189,12 +183,9 @@ def _rest_keys(model: nn.Module, reader: ShardReader, adapter, prefix: str, tied
 
 
 def _tied(model: nn.Module, reader: ShardReader, adapter) -> dict[str, str]:
-    """Tied weights ``{dropped: kept}`` the way ``api.save`` records them (the head shares the embeddings)."""
-    tied = {}
-    if getattr(model.config, "tie_word_embeddings", False):
-        out_emb = model.get_output_embeddings()
-        if out_emb is not None:
-            tied[_param_name(model, out_emb)] = _param_name(model, model.get_input_embeddings())
+    """Tied weights ``{dropped: kept}`` by the rule ``api.save`` records (``checkpoint_io.stored_ties``); every
+    other tensor outside the decoder layers must be in the source checkpoint."""
+    tied = stored_ties(model)
     missing = [n for n in model.state_dict() if not n.startswith(adapter.layers + ".") and n not in tied
                and not any(k in reader for k in _disk_names(n, adapter))]
     if missing:

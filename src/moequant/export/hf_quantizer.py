@@ -101,7 +101,7 @@ class MoequantHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
                                              **kwargs: Any) -> nn.Module:
-        from moequant.api import swap_packed_modules
+        from moequant.checkpoint_io import swap_packed_modules
         from moequant.formats.checkpoint import read_quantization_config
 
         path = checkpoint_dir(checkpoint_files)
@@ -115,7 +115,7 @@ class MoequantHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        from moequant.api import finish_loaded
+        from moequant.checkpoint_io import finish_loaded
 
         p, self._pending = self._pending, None
         if p is None:
