@@ -51,6 +51,7 @@ free start's for K = 2 / 3 / 4 (HYB, V=2) and ~5% for 1MAD / 3INST (V=1, 14 extr
 from __future__ import annotations
 
 import functools
+from typing import Callable, Optional
 
 import torch
 
@@ -59,6 +60,20 @@ from moequant.codecs.config import TrellisConfig
 # cost of an excluded state: finite, so excluded-minus-excluded is 0 and never NaN
 _EXCLUDED = 1e30
 MAX_BYTES = 16 << 20  # default Viterbi memory bound per chunk of tiles (small chunks stay in cache)
+
+# ``(feats, table, L, kv, start_high | None, end_low | None) -> states | None``: the accelerated
+# ``_viterbi_chunk`` (``kernels.viterbi.fast_chunk``: the same search and arithmetic) once installed; it
+# returns None where it does not apply, and the torch loop runs.
+ViterbiFastPath = Callable[[torch.Tensor, torch.Tensor, int, int, Optional[torch.Tensor], Optional[torch.Tensor]],
+                           Optional[torch.Tensor]]
+_fast_chunk: ViterbiFastPath | None = None
+
+
+def set_viterbi_fast_path(fn: ViterbiFastPath | None) -> None:
+    """Install (or, with None, remove) the accelerated Viterbi chunk ``viterbi`` tries first
+    (``kernels.viterbi`` installs its C++ kernel on import; ``formats.trellis`` imports it)."""
+    global _fast_chunk
+    _fast_chunk = fn
 
 
 # --- geometry -------------------------------------------------------------------------------------
@@ -251,9 +266,10 @@ def viterbi(x: torch.Tensor, values: torch.Tensor, L: int, kv: int, start_high: 
     chunk = _chunk_tiles(steps, L, kv, max_bytes)
     for i in range(0, b, chunk):
         sl = slice(i, i + chunk)
-        out[sl] = _viterbi_chunk(feats[sl].contiguous(), table, L, kv,
-                                 None if start_high is None else start_high[sl].to(torch.int64),
-                                 None if end_low is None else end_low[sl].to(torch.int64))
+        args = (feats[sl].contiguous(), table, L, kv, None if start_high is None else start_high[sl].to(torch.int64),
+                None if end_low is None else end_low[sl].to(torch.int64))
+        got = None if _fast_chunk is None else _fast_chunk(*args)
+        out[sl] = _viterbi_chunk(*args) if got is None else got
     return out
 
 

@@ -28,6 +28,7 @@ from moequant.codecs.trellis import check_geometry, initial_lut, quantize_matrix
 from moequant.formats.base import QuantizedTensor
 from moequant.formats.trellis_bits import pack_tile_bits, unpack_tile_states
 from moequant.formats.uniform import hessian_diag
+from moequant.kernels import viterbi as _viterbi  # noqa: F401  (installs the C++ Viterbi the encoder tries first)
 
 _ATTRS = ("bits", "L", "V", "tile", "code", "Q", "tail_biting")
 

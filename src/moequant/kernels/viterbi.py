@@ -1,0 +1,53 @@
+"""The trellis encoder's Viterbi search in C++ (``csrc/viterbi.cpp``, extension ``viterbi``).
+
+``fast_chunk(feats, table, L, kv, start_high, end_low)`` is what ``codecs.trellis.viterbi`` calls for each
+chunk of tiles once this module is imported (``formats.trellis`` imports it): the extension, or ``None``
+where it does not apply (``MOEQUANT_KERNELS=reference``, no extension, not float32 / CPU, autograd, tracing),
+and then the torch loop ``codecs.trellis._viterbi_chunk`` runs.
+
+Same search, same arithmetic: the emission costs of a step are the same ``mm`` call, a state's cost is the
+same single float add of its emission and its best predecessor, ties go to the smallest predecessor index
+and the first minimal end state. So the states equal the torch loop's bit for bit
+(``tests/kernels/test_viterbi_kernel.py`` checks that on random tiles with and without the tail-biting
+constraints, and on a real layer). What it removes is the torch loop's dozen passes over the ``[b, 2^L]``
+costs per step and their Python dispatch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moequant.codecs.trellis import _EXCLUDED, set_viterbi_fast_path
+from moequant.kernels import cpp_build
+from moequant.kernels.select import use_fast
+
+EXT_NAME = "viterbi"
+EXT_SOURCES = ["viterbi.cpp"]
+_SOURCES = tuple(EXT_SOURCES)
+_NONE = torch.empty(0, dtype=torch.int64)
+
+
+def extension():
+    """The compiled ``viterbi`` kernel, or ``None`` (then the torch loop runs)."""
+    return cpp_build.load_extension(EXT_NAME, EXT_SOURCES)
+
+
+def fast_chunk(feats: torch.Tensor, table: torch.Tensor, L: int, kv: int, start_high: torch.Tensor | None,
+               end_low: torch.Tensor | None) -> torch.Tensor | None:
+    """States int64 ``[b, S]`` of ``codecs.trellis._viterbi_chunk``'s search by the C++ kernel, or ``None``.
+    ``feats [b, S, F]`` and ``table [F, 2^L]`` float32 CPU."""
+    if not use_fast() or torch.compiler.is_compiling():
+        return None
+    if feats.dtype != torch.float32 or table.dtype != torch.float32 or not feats.is_cpu or not table.is_cpu:
+        return None
+    if torch.is_grad_enabled() and (feats.requires_grad or table.requires_grad):
+        return None
+    ext = None if cpp_build._disabled() else cpp_build._load(EXT_NAME, _SOURCES)
+    if ext is None:
+        return None
+    return ext.viterbi_chunk(feats.contiguous(), table.contiguous(), L, kv,
+                             _NONE if start_high is None else start_high.to(torch.int64),
+                             _NONE if end_low is None else end_low.to(torch.int64), _EXCLUDED)
+
+
+set_viterbi_fast_path(fast_chunk)  # codecs.trellis.viterbi tries the kernel first

@@ -1,0 +1,75 @@
+"""The C++ Viterbi (``kernels.viterbi``) against the torch loop of ``codecs.trellis``: the same states bit for
+bit — plain and tail-biting walks, weighted errors, every kv width the codes use (m < 8 takes the scalar
+path, m >= 8 the fused vector one), chunked tiles — and the same packed trellis tensor end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import require_extension
+
+from moequant.codecs import trellis as T
+from moequant.codecs.config import TrellisConfig
+from moequant.kernels import viterbi as KV
+from moequant.kernels.select import reference_kernels
+
+
+@pytest.fixture(scope="module")
+def ext():
+    return require_extension(KV.extension, "viterbi")
+
+
+def _both(fn):
+    """``fn()`` with the torch loop, then with the kernel installed (as ``formats.trellis`` leaves it)."""
+    T.set_viterbi_fast_path(None)
+    try:
+        ref = fn()
+    finally:
+        T.set_viterbi_fast_path(KV.fast_chunk)
+    return ref, fn()
+
+
+@pytest.mark.parametrize("L,kv,V", [(8, 3, 1), (10, 2, 1), (12, 4, 2), (12, 1, 1), (9, 8, 1), (14, 6, 2)])
+@pytest.mark.parametrize("tail", [False, True])
+def test_states_equal_the_torch_loop(ext, L, kv, V, tail):
+    gen = torch.Generator().manual_seed(L * 100 + kv)
+    values = torch.randn(1 << L, V, generator=gen)  # [2^L, V]
+    steps = 24
+    x = torch.randn(9, steps, V, generator=gen)  # [B, S, V]
+    w = torch.rand(9, steps, V, generator=gen)
+    if tail:
+        ref, got = _both(lambda: T.viterbi_tail_biting(x, values, L, kv, w, max_bytes=1))  # chunks of 1 tile
+    else:
+        ref, got = _both(lambda: T.viterbi(x, values, L, kv, weights=w))
+    assert torch.equal(ref, got)
+    if tail:  # the constraint holds: the walk closes on itself
+        assert torch.equal(got[:, -1] % (1 << (L - kv)), got[:, 0] >> kv)
+
+
+def test_ties_go_to_the_smallest_predecessor(ext):
+    # a code whose values repeat: many exact ties, which both must break the same way
+    L, kv = 8, 2
+    values = torch.tensor([[0.0], [1.0], [-1.0], [0.5]]).repeat(1 << (L - 2), 1)  # [256, 1]
+    x = torch.tensor([0.0, 1.0, 0.5, -1.0, 0.0, 0.25] * 3).view(1, 18, 1).repeat(3, 1, 1)
+    ref, got = _both(lambda: T.viterbi(x, values, L, kv))
+    assert torch.equal(ref, got)
+
+
+def test_packed_matrix_is_identical(ext):
+    cfg = TrellisConfig(bits=2, L=10)
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(32, 64, generator=gen)
+    hdiag = torch.rand(64, generator=gen) + 0.1
+    lut = T.initial_lut(cfg)
+    ref, got = _both(lambda: T.quantize_matrix(w, cfg, lut, hdiag=hdiag))
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
+
+
+def test_fast_path_steps_aside(ext):
+    feats = torch.randn(2, 5, 2)
+    table = torch.randn(2, 1 << 6)
+    assert KV.fast_chunk(feats, table, 6, 2, None, None) is not None
+    with reference_kernels():
+        assert KV.fast_chunk(feats, table, 6, 2, None, None) is None
+    assert KV.fast_chunk(feats.double(), table.double(), 6, 2, None, None) is None
