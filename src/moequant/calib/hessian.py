@@ -75,10 +75,12 @@ def _add_gram(acc: torch.Tensor, c: torch.Tensor) -> None:
     """``acc [K, K] += (cᵀc)`` in float64 for an fp32 chunk ``c [t, K]``, computing only the blocks on and
     above the diagonal and mirroring the others (``xᵀx`` is symmetric): about half the multiply-adds of one
     ``cᵀc`` GEMM. Each block ``c[:, i]ᵀ c[:, j]`` sums over the same ``t`` tokens as the full product.
-    Measured here (AMD EPYC, AVX2, torch 2.13, t = 2048, median of 5, nothing else running), time of the
-    blocks over ``c.T @ c``: 2 threads K = 576 / 896 / 1536 / 4864: 0.77 / 0.75 / 0.53 / 0.54x (4864: 743 ->
-    404 ms); 1 thread 0.80 / 0.91 / 0.79 / 0.62x. The values were equal bit for bit at every K and thread
-    count tried (``tests/calib/test_hessian_gram.py`` allows 1e-6). The result is exactly symmetric. Why it
+    Measured here (``benchmarks/hessian_gram_speed.py``: AMD EPYC, AVX2, torch 2.13, t = 2048, median of 5,
+    nothing else running), time of the blocks over ``c.T @ c`` at K = 576 / 896 / 1536 / 4864 / 8960: 2 threads
+    0.89 / 0.82 / 0.94 / 0.58 / 0.62x (4864: 856 -> 500 ms), 1 thread 0.85 / 0.80 / 0.86 / 0.58 / 0.55x; the
+    values were equal bit for bit at every width and thread count (``tests/calib/test_hessian_gram.py`` allows
+    1e-6). Oversubscribed (2 threads beside another 2-thread job on 2 cores) the blocks were slower, 1.4-2.4x:
+    each small GEMM waits for a descheduled thread. The result is exactly symmetric. Why it
     matters: a py-spy profile of ``quantize qwen2.5-coder-0.5b --bits 3`` (LDLQ + RHT) spent 44% of its
     samples in this accumulation, most of it on ``down_proj``'s 4864-wide input."""
     blocks = _gram_blocks(c.shape[1])
