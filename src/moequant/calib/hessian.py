@@ -75,7 +75,7 @@ def _add_gram(acc: torch.Tensor, c: torch.Tensor) -> None:
     """``acc [K, K] += (cᵀc)`` in float64 for an fp32 chunk ``c [t, K]``, computing only the blocks on and
     above the diagonal and mirroring the others (``xᵀx`` is symmetric): about half the multiply-adds of one
     ``cᵀc`` GEMM. Each block ``c[:, i]ᵀ c[:, j]`` sums over the same ``t`` tokens as the full product.
-    Measured here (``benchmarks/hessian_gram_speed.py``: AMD EPYC, AVX2, torch 2.13, t = 2048, median of 5,
+    Measured here (``benchmarks/hessian_gram_speed.py``: AMD EPYC with AVX-512, torch 2.13, t = 2048, median of 5,
     nothing else running), time of the blocks over ``c.T @ c`` at K = 576 / 896 / 1536 / 4864 / 8960: 2 threads
     0.89 / 0.82 / 0.94 / 0.58 / 0.62x (4864: 856 -> 500 ms), 1 thread 0.85 / 0.80 / 0.86 / 0.58 / 0.55x; the
     values were equal bit for bit at every width and thread count (``tests/calib/test_hessian_gram.py`` allows

@@ -5,11 +5,13 @@ chunk of tiles once this module is imported (``formats.trellis`` imports it): th
 where it does not apply (``MOEQUANT_KERNELS=reference``, no extension, not float32 / CPU, autograd, tracing),
 and then the torch loop ``codecs.trellis._viterbi_chunk`` runs.
 
-Same search, same arithmetic: the emission costs of a step are the same ``mm`` call, a state's cost is the
-same single float add of its emission and its best predecessor, ties go to the smallest predecessor index
-and the first minimal end state. So the states equal the torch loop's bit for bit
-(``tests/kernels/test_viterbi_kernel.py`` checks that on random tiles with and without the tail-biting
-constraints, and on a real layer). What it removes is the torch loop's dozen passes over the ``[b, 2^L]``
+Same search, same arithmetic: the emission cost of a state is computed as torch's CPU GEMM computed
+``mm(feats[:, t], table)`` where this was written (the first product rounded, then one FMA per feature), a
+state's cost is the same single float add of its emission and its best predecessor, and ties go to the
+smallest predecessor index and the first minimal end state. So the states equal the torch loop's bit for bit
+there (``tests/kernels/test_viterbi_kernel.py`` checks it on random tiles with and without the tail-biting
+constraints, and on a packed matrix; on a BLAS that sums the 4 terms in another order the costs can differ
+in the last bit, and the test then asks for the same walks almost everywhere). What it removes is the torch loop's dozen passes over the ``[b, 2^L]``
 costs per step and their Python dispatch.
 """
 
