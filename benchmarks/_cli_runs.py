@@ -55,8 +55,10 @@ def paired(base: dict[str, Any], res: dict[str, Any]) -> PplDelta:
 
 def write_json(path: Path, payload: dict[str, Any], script: str) -> None:
     """``payload`` plus this run's command, versions, machine and git commit."""
+    from moequant.fsutil import atomic_write_json
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**payload, **run_info([script, *sys.argv[1:]])}, indent=1))
+    atomic_write_json(path, {**payload, **run_info([script, *sys.argv[1:]])})
 
 
 def previous_rows(out_json: Path, settings: dict[str, Any], script: str) -> dict[str, dict[str, Any]]:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from _cli_runs import write_json
 
 
 def main() -> int:
@@ -28,8 +29,6 @@ def main() -> int:
     import torch
 
     from moequant.calib.hessian import _CHUNK_TOKENS, _add_gram, _gram_blocks
-    from moequant.fsutil import atomic_write_json
-    from moequant.runinfo import run_info
 
     torch.set_num_threads(args.threads)
 
@@ -55,9 +54,7 @@ def main() -> int:
                "time_ratio": blocked / full, "identical": bool(torch.equal(a, b))}
         rows.append(row)
         print(json.dumps(row))
-    info = run_info(sys.argv[1:])
-    info["command"] = shlex.join(["python", "benchmarks/hessian_gram_speed.py", *sys.argv[1:]])
-    atomic_write_json(Path(args.json), {"threads": args.threads, "tokens": _CHUNK_TOKENS, "rows": rows, **info})
+    write_json(Path(args.json), {"threads": args.threads, "tokens": _CHUNK_TOKENS, "rows": rows}, "benchmarks/hessian_gram_speed.py")
     return 0
 
 

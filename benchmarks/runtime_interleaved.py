@@ -35,6 +35,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from _cli_runs import write_json
 from runtime import FORMATS, make_checkpoints
 
 log = logging.getLogger("runtime_interleaved")
@@ -151,9 +152,6 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.worker_out is not None:
         return worker(args)
-    from moequant.fsutil import atomic_write_json
-    from moequant.runinfo import run_info
-
     data: dict[str, Any] = {"checkpoints": {}}
     make_checkpoints(args, data, Path(args.work))
     if args.make_only:
@@ -167,11 +165,9 @@ def main() -> int:
             log.info("$ %s  (OMP_NUM_THREADS=%d)", shlex.join(cmd), n)
             subprocess.run(cmd, check=True, env=env)
             results.append(json.loads(out.read_text()))
-    info = run_info(argv)
-    info["command"] = shlex.join(["python", "benchmarks/runtime_interleaved.py", *argv])
     settings = {k: getattr(args, k) for k in ("rounds", "tokens", "prompt", "prefill", "trellis_l")}
-    atomic_write_json(Path(args.json), {"settings": settings, "checkpoints": data["checkpoints"],
-                                        "results": results, **info})
+    write_json(Path(args.json), {"settings": settings, "checkpoints": data["checkpoints"], "results": results},
+               "benchmarks/runtime_interleaved.py")
     print(table(results, args.formats))
     return 0
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
+
+from _cli_runs import write_json
 
 
 def main() -> int:
@@ -30,9 +31,7 @@ def main() -> int:
     import moequant.formats.trellis  # noqa: F401  (installs the kernel, as quantize does)
     from moequant.codecs import trellis as T
     from moequant.codecs.config import TrellisConfig
-    from moequant.fsutil import atomic_write_json
     from moequant.kernels import viterbi as KV
-    from moequant.runinfo import run_info
 
     torch.set_num_threads(args.threads)
     rows = []
@@ -55,9 +54,7 @@ def main() -> int:
                "states_identical": bool(torch.equal(runs["kernel"][1], runs["torch"][1]))}
         rows.append(row)
         print(json.dumps(row))
-    info = run_info(sys.argv[1:])
-    info["command"] = shlex.join(["python", "benchmarks/viterbi_speed.py", *sys.argv[1:]])
-    atomic_write_json(Path(args.json), {"threads": args.threads, "rows": rows, **info})
+    write_json(Path(args.json), {"threads": args.threads, "rows": rows}, "benchmarks/viterbi_speed.py")
     return 0
 
 
