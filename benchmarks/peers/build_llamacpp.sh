@@ -48,4 +48,6 @@ EOF
 mkdir -p "$LIBDIR"
 cp -a "$L"/build/bin/lib*.so* "$LIBDIR"/
 python -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__, 'system info:', llama_cpp.llama_print_system_info().decode())"
-pip show torch | grep -q '^Version: 2.13.0' || { echo "torch is not 2.13.0 any more" >&2; exit 1; }
+# (not `pip show | grep -q`: grep's early exit breaks pip's pipe, and pipefail turns that into a failure)
+python -c "import torch, sys; sys.exit(not torch.__version__.startswith('2.13.0'))" \
+    || { echo "torch is not 2.13.0 any more" >&2; exit 1; }
