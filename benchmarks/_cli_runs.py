@@ -29,11 +29,15 @@ def run(cmd: list[str]) -> float:
 
 
 def quantize(model: str, flags: list[str], out: Path) -> tuple[list[str], float]:
-    """``moequant quantize MODEL FLAGS --out OUT`` unless ``OUT/report.json`` exists (then NaN seconds); a
-    directory an interrupted run left without its report is replaced."""
+    """``moequant quantize MODEL FLAGS --out OUT`` unless ``OUT/report.json`` exists (then NaN seconds). An
+    interrupted run is continued with ``--resume`` when it left its progress directory (``resume.py``: the
+    finished layers; a run of another job there is refused by the CLI); a directory left without report or
+    progress is replaced. The seconds are this call's only."""
     cmd = [*MOEQUANT, "quantize", model, *flags, "--out", str(out)]
     if (out / "report.json").is_file():
         return cmd, float("nan")
+    if (out.parent / f".{out.name}.moequant-run").is_dir():
+        return cmd, run(cmd + ["--resume"] + (["--overwrite"] if out.exists() else []))
     return cmd, run(cmd + (["--overwrite"] if out.exists() else []))
 
 
