@@ -42,12 +42,14 @@ def main() -> int:
     done = {(r["model"], r["bits"]) for r in rows}
     for model in args.models:
         mt = limits.get(model)
-        base, base_cmd, base_secs = eval_ppl(model, work / f"{model}-fp-ppl.json", mt)
-        for bits in args.bits:
-            if (model, bits) in done:
-                continue
+        todo = [b for b in args.bits if (model, b) not in done]
+        # Quantize first: a killed quantize resumes from its last layer (``_cli_runs.quantize``), an eval restarts.
+        made = {b: quantize(model, ["--bits", str(b)], work / f"{model}-b{b}") for b in todo}
+        if todo:
+            base, base_cmd, base_secs = eval_ppl(model, work / f"{model}-fp-ppl.json", mt)
+        for bits in todo:
             run_dir = work / f"{model}-b{bits}"
-            qcmd, qsecs = quantize(model, ["--bits", str(bits)], run_dir)
+            qcmd, qsecs = made[bits]
             res, ecmd, esecs = eval_ppl(str(run_dir), work / f"{model}-b{bits}-ppl.json", mt)
             rep = json.loads((run_dir / "report.json").read_text())
             d = paired(base, res)
