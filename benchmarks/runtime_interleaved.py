@@ -19,6 +19,12 @@ argmax of the last logits, what ``moequant bench`` times), then one prefill of `
 (``moequant.bench.prefill_run``: one forward with the cache on, last-position logits; 0 skips it). Checkpoints are ``runtime.py``'s (RTN, made with the
 CLI under ``--work`` when missing, reused otherwise). Every run's generated ids are compared across rounds
 (``repeats_identical``).
+
+``--llamacpp Q4_0 Q8_0 F16`` adds llama.cpp on the same model to every round (GGUFs made as ``runtime.py`` makes
+them: llama.cpp's converter, then ``llama-quantize``; the tools from ``benchmarks/peers/build_llamacpp.sh``),
+timed through llama-cpp-python with the same prompt ids (``runtime._llama_decode`` / ``_llama_prefill``: one
+``eval`` per token, greedy pick from its logits; prefill one ``eval`` of the prefill ids). Its ratios are against
+the same fp32 runs as ours.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from _cli_runs import write_json
-from runtime import FORMATS, make_checkpoints
+from runtime import (FORMATS, LLAMACPP_DIR, _llama_cpp_importable, _llama_decode, _llama_prefill, make_checkpoints,
+                     make_ggufs)
 
 log = logging.getLogger("runtime_interleaved")
 
@@ -52,7 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--prefill", type=int, default=512, help="prefill tokens timed per round (0: no prefill)")
     p.add_argument("--trellis-l", type=int, default=12, help="trellis state bits of the trellis2 checkpoint")
-    p.add_argument("--work", default="runs/runtime", help="checkpoints (runtime.py's; made when missing)")
+    p.add_argument("--llamacpp", nargs="*", default=[],
+                   help="llama.cpp types timed in the same rounds (e.g. Q4_0 Q8_0 F16; default none)")
+    p.add_argument("--llamacpp-dir", default=str(LLAMACPP_DIR), help="llama.cpp source tree with build/bin")
+    p.add_argument("--llamacpp-f16-embeddings", action="store_true",
+                   help="llama-quantize --token-embedding-type f16 --output-tensor-type f16 (default: its choice)")
+    p.add_argument("--work", default="runs/runtime", help="checkpoints and GGUFs (runtime.py's; made when missing)")
     p.add_argument("--json", required=True)
     p.add_argument("--make-only", action="store_true", help="make the missing checkpoints, time nothing")
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
@@ -80,11 +92,29 @@ def summarize(tps: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def measure_model(model: str, args: argparse.Namespace, threads: int) -> dict[str, Any]:
-    """The rounds of one model: every checkpoint loaded at once, timed round-robin (see the module doc)."""
+def _moequant_decode(model: Any, prompt: Any, tokens: int) -> tuple[list[int], float]:
+    from moequant.bench import decode_run
+
+    new, secs = decode_run(model, prompt, tokens)
+    return new[0].tolist(), secs
+
+
+def _llama(gguf: str, args: argparse.Namespace, threads: int) -> Any:
+    """A llama-cpp-python model for batch-1 decode and one prefill of ``--prefill`` tokens."""
+    import llama_cpp
+
+    n_ctx = max(args.prompt + args.tokens, args.prefill) + 8
+    n_batch = max(args.prefill, args.prompt, 32)
+    return llama_cpp.Llama(gguf, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads,
+                           n_threads_batch=threads, logits_all=False, verbose=False)
+
+
+def measure_model(model: str, args: argparse.Namespace, threads: int, ggufs: dict[str, str]) -> dict[str, Any]:
+    """The rounds of one model: every checkpoint (and GGUF: ``ggufs`` type -> path) loaded at once, timed
+    round-robin (see the module doc)."""
     import torch
 
-    from moequant.bench import decode_run, prefill_run
+    from moequant.bench import prefill_run
     from moequant.models.loader import load_model
 
     specs = {"fp32": model, **{f: str(Path(args.work) / f"{model}-{f}") for f in args.formats}}
@@ -93,20 +123,30 @@ def measure_model(model: str, args: argparse.Namespace, threads: int) -> dict[st
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (1, args.prompt), generator=gen)  # [1, P]
     long_ids = torch.randint(0, vocab, (1, max(args.prefill, 1)), generator=gen)  # [1, prefill]
-    for m in loaded.values():
-        decode_run(m, prompt, args.tokens)  # warm-up: kernel builds, repacking, allocator
+
+    # label -> (decode: () -> (generated ids, seconds), prefill: () -> seconds)
+    runners = {label: (lambda m=m: _moequant_decode(m, prompt, args.tokens), lambda m=m: prefill_run(m, long_ids))
+               for label, m in loaded.items()}
+    for qtype, gguf in ggufs.items():
+        llm = _llama(gguf, args, threads)
+        specs[f"llama.cpp {qtype}"] = gguf
+        runners[f"llama.cpp {qtype}"] = (lambda llm=llm: _llama_decode(llm, prompt[0].tolist(), args.tokens),
+                                         lambda llm=llm: _llama_prefill(llm, long_ids[0].tolist()))
+    for dec, pf in runners.values():
+        dec()  # warm-up: kernel builds, repacking, allocator
         if args.prefill:
-            prefill_run(m, long_ids)
+            pf()
     tps: dict[str, list[float]] = {label: [] for label in specs}
     pre: dict[str, list[float]] = {label: [] for label in specs}
     ids: dict[str, list[list[int]]] = {label: [] for label in specs}
-    order = ["fp32", *args.formats] * args.rounds + ["fp32"]
+    order = [*specs] * args.rounds + ["fp32"]
     for i, label in enumerate(order):
-        new, secs = decode_run(loaded[label], prompt, args.tokens)
+        dec, pf = runners[label]
+        new, secs = dec()
         tps[label].append(args.tokens / secs)
-        ids[label].append(new[0].tolist())
+        ids[label].append(new)
         if args.prefill:
-            pre[label].append(args.prefill / prefill_run(loaded[label], long_ids))
+            pre[label].append(args.prefill / pf())
         if label == "fp32" and i:
             log.info("%s, %d thread(s): round %d/%d done", model, threads, len(tps["fp32"]) - 1, args.rounds)
     summary = {"decode": summarize(tps), **({"prefill": summarize(pre)} if args.prefill else {})}
@@ -121,7 +161,11 @@ def worker(args: argparse.Namespace) -> int:
 
     threads = int(os.environ["OMP_NUM_THREADS"])
     torch.set_num_threads(threads)
-    result = {"threads": threads, "models": {m: measure_model(m, args, threads) for m in args.models}}
+    ggufs = json.loads(os.environ.get("RUNTIME_INTERLEAVED_GGUFS", "{}"))  # model -> {type: path}
+    if any(ggufs.values()) and not _llama_cpp_importable(args):
+        ggufs = {}
+    result = {"threads": threads,
+              "models": {m: measure_model(m, args, threads, ggufs.get(m, {})) for m in args.models}}
     Path(args.worker_out).write_text(json.dumps(result))
     return 0
 
@@ -141,6 +185,8 @@ def table(results: list[dict[str, Any]], formats: list[str]) -> str:
     for res in results:
         for model, s in res["models"].items():
             for label in ("fp32", *formats):
+                if label not in s["decode"]:
+                    continue  # a llama.cpp type whose GGUF could not be made or loaded
                 lines.append(f"| {model} | {res['threads']} | {label} | {cells(s['decode'], label)} | "
                              f"{cells(s.get('prefill'), label)} |")
     return "\n".join(lines)
@@ -152,13 +198,18 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.worker_out is not None:
         return worker(args)
-    data: dict[str, Any] = {"checkpoints": {}}
+    data: dict[str, Any] = {"checkpoints": {}, "gguf": {}}
     make_checkpoints(args, data, Path(args.work))
+    make_ggufs(args, data, Path(args.work))
     if args.make_only:
         return 0
+    ggufs = {m: {t: data["gguf"][f"{m}/{t}"]["path"] for t in args.llamacpp
+                 if data["gguf"].get(f"{m}/{t}", {}).get("path")} for m in args.models}
+    labels = [*args.formats, *(f"llama.cpp {t}" for t in args.llamacpp)]
     results = []
     for n in args.threads:
-        env = {**os.environ, "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n),
+               "RUNTIME_INTERLEAVED_GGUFS": json.dumps(ggufs)}
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "worker.json"
             cmd = [sys.executable, __file__, *argv, "--worker-out", str(out)]
@@ -166,9 +217,9 @@ def main() -> int:
             subprocess.run(cmd, check=True, env=env)
             results.append(json.loads(out.read_text()))
     settings = {k: getattr(args, k) for k in ("rounds", "tokens", "prompt", "prefill", "trellis_l")}
-    write_json(Path(args.json), {"settings": settings, "checkpoints": data["checkpoints"], "results": results},
-               "benchmarks/runtime_interleaved.py")
-    print(table(results, args.formats))
+    write_json(Path(args.json), {"settings": settings, "checkpoints": data["checkpoints"], "gguf": data["gguf"],
+                                 "results": results}, "benchmarks/runtime_interleaved.py")
+    print(table(results, labels))
     return 0
 
 
