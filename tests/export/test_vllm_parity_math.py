@@ -47,3 +47,21 @@ def test_tolerance_and_summary():
     assert s["steps"] == 4 and s["top1_agree"] == 2 and s["failing_steps"] == 2 and not s["pass"]
     assert s["max_abs_dlogprob"] == 0.11 and s["mean_max_abs_dlogprob"] == pytest.approx(0.065, abs=1e-15)
     assert m.summarize([ok, tie], tol)["pass"]
+
+
+def test_kernel_vs_exact_stops_where_contexts_part_and_uses_shared_tokens():
+    m = _mod()
+    tol = m.Tolerance(max_abs=0.1, kl=1e-3, why="test")
+    lp = math.log
+    # prompt 0: same greedy tokens [5, 6]; step 1 differs by 0.05 on token 5 and native lacks token 9 (dropped)
+    exact0 = {"greedy": [5, 6], "topk": [{"5": lp(0.6), "7": lp(0.4)}, {"6": lp(0.5), "5": lp(0.3), "9": lp(0.2)}]}
+    native0 = {"greedy": [5, 6], "topk": [{"5": lp(0.6), "7": lp(0.4)}, {"6": lp(0.5), "5": lp(0.3) + 0.05}]}
+    # prompt 1: the first greedy tokens differ, so only step 0 shares its context
+    exact1 = {"greedy": [1, 2], "topk": [{"1": lp(0.9), "2": lp(0.1)}, {"2": 0.0}]}
+    native1 = {"greedy": [2, 2], "topk": [{"2": lp(0.6), "1": lp(0.4)}, {"2": 0.0}]}
+    r = m.kernel_vs_exact({"dtype": "bfloat16", "rows": [native0, native1]},
+                          {"dtype": "bfloat16", "rows": [exact0, exact1]}, tol)
+    assert r["shared_context_steps"] == 3  # 2 + 1: prompt 1's second step is not compared
+    assert r["top1_agree"] == 2  # prompt 1 step 0: exact says 1, native says 2
+    assert r["max_abs_dlogprob"] == pytest.approx(lp(0.6 / 0.1), abs=1e-12)  # token 2 there
+    assert r["failing_steps"] == 1 and not r["pass"]
