@@ -4,6 +4,7 @@ two live in ``checkpoint_io``)."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -11,6 +12,7 @@ from torch import nn
 from moequant.alloc.recipe import Recipe
 from moequant.checkpoint_io import load, packed_modules, save  # noqa: F401  (re-exported: the public entry points)
 from moequant.errors import MoequantError
+from moequant.exact_gguf import decode_slow_tables
 from moequant.layerwise import Calibration, quantize_model
 from moequant.nn.packed import packed_names
 from moequant.report import QuantReport, TensorRecord  # noqa: F401  (re-exported)
@@ -24,7 +26,8 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------------
 
 def quantize(model: nn.Module, recipe: Recipe, calib: Calibration | None = None, *,
-             solver: SolverConfig | None = None, progress: bool = True, run: Any = None) -> nn.Module:
+             solver: SolverConfig | None = None, progress: bool = True, run: Any = None,
+             source_gguf: str | Path | None = None) -> nn.Module:
     """Quantize ``model`` in place with ``recipe``, decoder layer by decoder layer.
 
     Every ``nn.Linear`` inside the decoder layers and every fused expert tensor is a target; the
@@ -34,14 +37,18 @@ def quantize(model: nn.Module, recipe: Recipe, calib: Calibration | None = None,
     the already-quantized layers before it produce. Afterwards every target a rule assigned a method
     is verified to be stored packed (``MoequantError`` otherwise). The report is attached as
     ``model.moequant_report``. ``run`` (a ``moequant.resume.RunProgress``, ``quantize --resume``) stores
-    each finished layer and restores those it already holds.
+    each finished layer and restores those it already holds. ``source_gguf``: the GGUF file the model was
+    converted from; kept embedding / head tables whose blocks there decode to them exactly are stored in those
+    blocks (``moequant.exact_gguf``).
     """
-    report = quantize_model(model, recipe, calib, solver or SolverConfig(), progress, run=run)
+    report = quantize_model(model, recipe, calib, solver or SolverConfig(), progress, run=run,
+                            source_gguf=None if source_gguf is None else Path(source_gguf))
     verify_quantized(model, report)
     report.record_kept(model)
     model.moequant_report = report
     model.moequant_recipe = recipe
     model.moequant_exact = tuple(t.name for t in report.exact)
+    decode_slow_tables(model)
     return model
 
 

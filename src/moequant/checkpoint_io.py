@@ -17,6 +17,7 @@ from torch import nn
 from moequant import __version__
 from moequant.alloc.recipe import Recipe
 from moequant.errors import MoequantError
+from moequant.exact_gguf import decode_slow_tables
 from moequant.formats.checkpoint import (CHECKPOINT_FORMAT_VERSION, QUANT_METHOD, AtomicDir, ShardReader,
                                          read_packed, read_quantization_config, seal_quantization_config,
                                          write_shards)
@@ -276,6 +277,7 @@ def finish_loaded(model: nn.Module, qcfg: dict[str, Any], path: Path) -> None:
     except (ValueError, TypeError, KeyError) as e:
         raise MoequantError(f"{path / 'config.json'}: quantization_config.recipe is invalid ({e})") from None
     model.moequant_exact = tuple(qcfg.get("exact", ()))  # kept tables stored packed, values unchanged
+    decode_slow_tables(model)  # a head in GGUF blocks (no fast kernel): decoded once, multiplied in float32
     use_moequant_experts(model)  # stock experts modules left dense dispatch to moequant's grouped path too
     model.eval()
 

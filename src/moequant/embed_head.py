@@ -23,13 +23,16 @@ same, bit for bit (``codecs.uniform.exact_symmetric_parts`` proves it group by g
 bits/weight instead of 32, on disk and in memory. Nothing is rounded, so it is not counted as quantized
 (``TensorRecord.solver`` is ``"exact"``; the report's ``bits_per_weight`` is the quantized targets' alone, the
 whole-model figure counts it). A rule that names the table (``--embeddings keep`` / ``--head keep``, ``kind:embedding`` /
-``kind:head`` or the exact name with no method) keeps it in float32 as loaded.
+``kind:head`` or the exact name with no method) keeps it in float32 as loaded. The K-quant tables of
+``Q4_K_M`` files (Q4_K embeddings, Q6_K head) are not provable from the values: those are taken from the source
+GGUF's own blocks when they decode to the table bit for bit (``exact_gguf``).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -162,9 +165,12 @@ def _record(t: Target, rule: str | None, short_name: str, qt: Any, seconds: floa
 
 
 def _exact_name(qt: Any) -> str:
-    """The config short name of an exactly stored table's grid (e.g. ``int8-g32``)."""
+    """The config short name of an exactly stored table's grid (e.g. ``int8-g32``), or its GGUF format
+    (``gguf-q6_k``: the source GGUF's blocks, ``exact_gguf``)."""
     from moequant.nn.exact_head import exact_grid_config
 
+    if qt.format_id.startswith("gguf-"):
+        return qt.format_id
     return exact_grid_config(qt.attrs["bits"]).short_name
 
 
@@ -174,20 +180,29 @@ def _kept_by_default(config: MethodConfig | None, rule: str | None) -> bool:
 
 
 def with_exact_grids(model: nn.Module, plan: EmbedHeadPlan,
-                     weight_of: Callable[[Target], torch.Tensor] | None = None) -> EmbedHeadPlan:
+                     weight_of: Callable[[Target], torch.Tensor] | None = None,
+                     source_gguf: Path | None = None) -> EmbedHeadPlan:
     """``plan`` with each table that the recipe keeps by default and whose values lie exactly on one of the
     group-32 fp16-scale grids (``Q4_0`` / ``Q5_0`` / ``Q8_0``: ``nn.exact_head.EXACT_GRIDS``) given its packed
-    form, to be stored instead of the float table (module docstring). A tied pair is packed once, when neither
-    side is kept by a rule that names it. ``weight_of(target)``: the table as float32 (default: the model's own
+    form, to be stored instead of the float table (module docstring); failing that, when the model was converted
+    from the GGUF file ``source_gguf``, the table's own blocks there if they decode to it bit for bit
+    (``exact_gguf``: the K-quant tables of ``Q4_K_M`` files). A tied pair is packed once, when neither side is
+    kept by a rule that names it. ``weight_of(target)``: the table as float32 (default: the model's own
     parameter; ``--offload`` reads it from disk)."""
+    from moequant.exact_gguf import exact_gguf_table
     from moequant.nn.exact_head import exact_packed_view
 
     def exact(target: Target | None, config: MethodConfig | None, rule: str | None) -> Any:
         if target is None or not _kept_by_default(config, rule):
             return None
         if weight_of is not None:
-            return exact_packed_view(weight_of(target).to(torch.float32))
-        return exact_packed_view(model.get_submodule(target.module).weight.detach())
+            w = weight_of(target).to(torch.float32)
+        else:
+            w = model.get_submodule(target.module).weight.detach()
+        packed = exact_packed_view(w)
+        if packed is None and source_gguf is not None:
+            packed = exact_gguf_table(w, Path(source_gguf), target.kind)
+        return packed
 
     embed = exact(plan.embedding, plan.embed_config, plan.embed_rule)
     if plan.tied:

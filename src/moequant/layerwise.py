@@ -71,17 +71,20 @@ class Calibration:
 
 
 def quantize_model(model: nn.Module, recipe: Recipe, calib: Calibration | None, solver: SolverConfig,
-                   progress: bool = True, run: RunProgress | None = None) -> QuantReport:
+                   progress: bool = True, run: RunProgress | None = None,
+                   source_gguf: Path | None = None) -> QuantReport:
     """``run``: store each finished layer there, and restore the layers it already holds instead of
     quantizing them again (``quantize --resume``). Embeddings and head, when the recipe asks for them
     (``moequant.embed_head``), are rounded to nearest: the embeddings before the first layer (calibration
-    then sees the packed table), the head after the last; a resumed run quantizes them again (the same bytes)."""
+    then sees the packed table), the head after the last; a resumed run quantizes them again (the same bytes).
+    ``source_gguf``: the GGUF file the model was converted from, whose blocks may hold kept tables exactly
+    (``embed_head.with_exact_grids``)."""
     adapter = adapter_for(model)
     targets = list(iter_targets(model, adapter))
     if not targets:
         raise MoequantError(f"{adapter.model_type}: found no linear or expert weights to quantize")
     check_recipe(targets, recipe)
-    plan = with_exact_grids(model, plan_embed_head(model, recipe))
+    plan = with_exact_grids(model, plan_embed_head(model, recipe), source_gguf=source_gguf)
     if solver.needs_hessian and calib is None:
         raise MoequantError(f"solver {solver.solver!r} needs calibration data (pass calib=..., or --calib on the CLI)")
     report = QuantReport(recipe=recipe.to_dict(), solver=solver.to_dict(),

@@ -55,9 +55,11 @@ def skeleton(path: Path) -> nn.Module:
 
 def quantize_offloaded(path: Path, out: Path, recipe: Recipe, calib: Calibration | None, solver: SolverConfig,
                        tokenizer: Any = None, overwrite: bool = False, progress: bool = True,
-                       run: RunProgress | None = None, verify: bool = True) -> QuantReport:
+                       run: RunProgress | None = None, verify: bool = True,
+                       source_gguf: Path | None = None) -> QuantReport:
     """``run``: store each finished layer there, and write the layers it already holds from there
-    instead of quantizing them again (``quantize --resume``)."""
+    instead of quantizing them again (``quantize --resume``). ``source_gguf``: the GGUF file the model was
+    converted from (kept tables found there exactly are stored in its blocks: ``embed_head.with_exact_grids``)."""
     from moequant.checkpoint_io import write_checkpoint_config
 
     path = Path(path)
@@ -132,7 +134,7 @@ def quantize_offloaded(path: Path, out: Path, recipe: Recipe, calib: Calibration
             cleanup.close()
         tied = _tied(model, reader, adapter)
         rest = _rest_keys(model, reader, adapter, adapter.layers + ".", tied)
-        exact = _exact_tables(model, reader, adapter, recipe, report, bool(tied))  # {name: packed}, values unchanged
+        exact = _exact_tables(model, reader, adapter, recipe, report, bool(tied), source_gguf)  # {name: packed}, values unchanged
         for name, qt in exact.items():
             writer.add(qt.to_state_dict(name))
             metas[name] = qt.meta()
@@ -145,7 +147,7 @@ def quantize_offloaded(path: Path, out: Path, recipe: Recipe, calib: Calibration
 
 
 def _exact_tables(model: nn.Module, reader: ShardReader, adapter, recipe: Recipe, report: QuantReport,
-                  tied: bool) -> dict:
+                  tied: bool, source_gguf: Path | None = None) -> dict:
     """The kept embedding / head tables stored packed because every value lies on a Q4_0 / Q5_0 / Q8_0 grid (as
     in memory: ``embed_head.with_exact_grids``), read from disk one at a time; their records go into ``report``.
     ``tied``: the head is the embedding table (the meta skeleton cannot show it by storage)."""
@@ -155,7 +157,7 @@ def _exact_tables(model: nn.Module, reader: ShardReader, adapter, recipe: Recipe
 
     plan = plan_embed_head(model, recipe, warn=False)
     plan = with_exact_grids(model, replace(plan, tied=plan.tied or (tied and plan.head is not None)),
-                            lambda t: reader.read(_disk_key(reader, t.name, adapter)))
+                            lambda t: reader.read(_disk_key(reader, t.name, adapter)), source_gguf=source_gguf)
     before, after = exact_records(plan)
     report.tensors[:0] = before
     report.tensors.extend(after)

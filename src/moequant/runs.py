@@ -15,6 +15,7 @@ import torch
 from moequant.alloc.recipe import Recipe
 from moequant.calib.data import CalibData
 from moequant.errors import MoequantError
+from moequant.exact_gguf import source_gguf
 from moequant.layerwise import HessianConfig
 from moequant.runinfo import RssSampler, current_rss_bytes, peak_rss_bytes, run_info
 from moequant.solvers.config import SolverConfig
@@ -107,12 +108,14 @@ def _quantize(job: QuantizeJob, resolved: Any, progress: Any, argv: list[str] | 
 
         with RssSampler() as sampler:
             report = quantize_offloaded(Path(resolved.path), job.out, job.recipe, calib, job.solver, tokenizer=tok,
-                                        overwrite=job.overwrite, progress=job.progress, run=progress)
+                                        overwrite=job.overwrite, progress=job.progress, run=progress,
+                                        source_gguf=source_gguf(resolved))
         t_quant = time.time() - t0
         peak = peak_rss_bytes()
         model = api.load(job.out)
     else:
-        api.quantize(model, job.recipe, calib, solver=job.solver, progress=job.progress, run=progress)
+        api.quantize(model, job.recipe, calib, solver=job.solver, progress=job.progress, run=progress,
+                     source_gguf=source_gguf(resolved))
         report = model.moequant_report
         t_quant = time.time() - t0
         api.save(model, job.out, tokenizer=tok, overwrite=job.overwrite)

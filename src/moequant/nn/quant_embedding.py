@@ -22,7 +22,10 @@ from moequant.nn.quant_linear import QuantLinear
 
 # Formats whose data tensors are all [N, ...] with row n's codes, scales and zero points in row n, and whose
 # decode of a row reads nothing else: a row slice of each data tensor is that row's packed tensor.
-ROW_LOCAL_FORMATS: tuple[str, ...] = ("uniform-packed", "uniform-asym-packed", "lut4-packed")
+# (``gguf-*``: ``blocks [N, row bytes]``, each row's GGUF blocks; ``formats.kquant``.)
+ROW_LOCAL_FORMATS: tuple[str, ...] = ("uniform-packed", "uniform-asym-packed", "lut4-packed", "gguf-q2_k", "gguf-q3_k",
+                                      "gguf-q4_k", "gguf-q5_k", "gguf-q6_k", "gguf-q4_0", "gguf-q5_0", "gguf-q5_1",
+                                      "gguf-q8_0", "gguf-iq4_nl")
 
 
 def check_row_local(qt: QuantizedTensor | type[QuantizedTensor]) -> None:

@@ -12,7 +12,13 @@ from moequant.nn.packed import cached_packed_tensor, clear_packed_cache, registe
 class QuantLinear(nn.Module):
     """``y = x Ŵᵀ + b`` computed from the packed ``weight_*`` buffers at call time
     (``QuantizedTensor.linear``: decode then matmul, or a format's own path — a rotated tensor rotates
-    the activations instead). Only the packed data is resident; a decoded weight lives for one call."""
+    the activations instead). Only the packed data is resident; a decoded weight lives for one call.
+
+    ``keep_decoded`` (off by default; ``exact_gguf.decode_slow_tables`` sets it on a head stored in a GGUF block
+    type, which has no fast kernel): the weight is decoded once, kept in float32 beside the packed data, and
+    multiplied with ``F.linear`` — the product of a float head with the same values."""
+
+    keep_decoded: bool = False
 
     def __init__(self, qweight: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -34,6 +40,13 @@ class QuantLinear(nn.Module):
         return self.qweight.dequantize(dtype)  # [N, K]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.keep_decoded:
+            q = self.qweight
+            cache = q.__dict__.setdefault("_runtime", {})  # lives as long as this view (cleared by _apply)
+            if "decoded" not in cache:
+                cache["decoded"] = q.dequantize(torch.float32)  # [N, K]
+            w = cache["decoded"]
+            return nn.functional.linear(x, w if w.dtype == x.dtype else w.to(x.dtype), self.bias)  # [..., N]
         return self.qweight.linear(x, self.bias)  # [..., N]
 
     def extra_repr(self) -> str:

@@ -1,0 +1,149 @@
+"""Kept tables whose values are a source GGUF's K-quant blocks are stored in those blocks (``moequant.exact_gguf``):
+found bit for bit or not at all, the logits unchanged, the checkpoint smaller, the head decoded once at load."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from moequant import api
+from moequant.alloc.recipe import Recipe, Rule
+from moequant.codecs.config import GgufConfig, UniformConfig
+from moequant.exact_gguf import exact_gguf_table, source_gguf
+from moequant.formats.kquant import GGUF_CLASSES
+from moequant.nn.quant_embedding import QuantEmbedding
+from moequant.nn.quant_linear import QuantLinear
+
+INT4 = UniformConfig(bits=4, group_size=32, symmetric=False)
+V, K = 96, 256  # K-quant blocks need rows of 256
+
+
+def _blocks(qtype: str, n: int, k: int, seed: int):
+    """A K-quant tensor of random weights: (its GGUF bytes [n, row bytes] as numpy, its decoded float32 values)."""
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    qt = GGUF_CLASSES[qtype].encode(w, GgufConfig(qtype=qtype))
+    return qt.data["blocks"].numpy(), qt.dequantize(torch.float32)
+
+
+def _write_gguf(path, tables):
+    """A GGUF file holding ``tables`` {name: (qtype, bytes)} (only what exact_gguf_table reads)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    for name, (qtype, raw) in tables.items():
+        w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType[qtype.upper()])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_a_table_is_found_bit_for_bit_or_not_at_all(tmp_path):
+    raw6, head = _blocks("q6_k", V, K, 1)
+    raw4, emb = _blocks("q4_k", V, K, 2)
+    path = _write_gguf(tmp_path / "m.gguf", {"output.weight": ("q6_k", raw6), "token_embd.weight": ("q4_k", raw4)})
+    qt = exact_gguf_table(head, path, "head")
+    assert qt.format_id == "gguf-q6_k" and qt.bits_per_weight() == 6.5625
+    assert torch.equal(qt.dequantize(torch.float32), head) and bytes(qt.data["blocks"].numpy()) == bytes(raw6)
+    assert exact_gguf_table(emb, path, "embedding").format_id == "gguf-q4_k"
+    off = head.clone()
+    off[V - 1, K - 1] = torch.nextafter(off[V - 1, K - 1], torch.tensor(1e9))  # one value one ulp away
+    assert exact_gguf_table(off, path, "head") is None
+    assert exact_gguf_table(head, path, "embedding") is None  # token_embd holds other values
+    assert exact_gguf_table(head[:, :128].contiguous(), path, "head") is None  # another shape
+    assert exact_gguf_table(head.double(), path, "head") is None  # not float32
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf")
+    assert exact_gguf_table(head, bad, "head") is None
+
+
+def test_source_gguf_of_a_spec():
+    from moequant.models.loader import ResolvedModel
+
+    assert source_gguf(ResolvedModel("/x/m.gguf", "gguf", "/x", "m.gguf")).as_posix() == "/x/m.gguf"
+    assert source_gguf(ResolvedModel("/some/dir", "dir", "/some/dir")) is None
+    assert source_gguf(ResolvedModel("tiny-olmoe", "alias", "/cache/tiny-olmoe")) is None  # trained here, no GGUF
+
+
+def _model_with_gguf_tables(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("llama")
+    cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size = K, V, 128
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    raw6, head = _blocks("q6_k", V, K, 1)
+    raw4, emb = _blocks("q4_k", V, K, 2)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(head)
+        model.model.embed_tokens.weight.copy_(emb)
+    path = _write_gguf(tmp_path / "src.gguf", {"output.weight": ("q6_k", raw6), "token_embd.weight": ("q4_k", raw4)})
+    return model, path
+
+
+def test_quantize_stores_the_source_blocks_and_the_logits_do_not_move(tmp_path):
+    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(3))
+    recipe = Recipe.uniform(INT4)
+    model, path = _model_with_gguf_tables(tmp_path)
+    (tmp_path / "c").mkdir()
+    control, _ = _model_with_gguf_tables(tmp_path / "c")
+    api.quantize(model, recipe, progress=False, source_gguf=path)
+    api.quantize(control, recipe, progress=False)  # the same layers, the tables kept in float32
+    rep = model.moequant_report
+    assert {t.name: t.method for t in rep.exact} == {"model.embed_tokens.weight": "gguf-q4_k",
+                                                     "lm_head.weight": "gguf-q6_k"}
+    assert isinstance(model.model.embed_tokens, QuantEmbedding) and isinstance(model.lm_head, QuantLinear)
+    assert model.lm_head.keep_decoded and control.moequant_report.exact == []
+    with torch.no_grad():
+        want = control(input_ids=ids).logits
+        assert torch.equal(model(input_ids=ids).logits, want)  # bit for bit: the same table values
+    api.save(model, tmp_path / "p")
+    api.save(control, tmp_path / "k")
+    size = {d: sum(f.stat().st_size for f in (tmp_path / d).glob("*.safetensors")) for d in ("p", "k")}
+    tables_f32 = 2 * V * K * 4
+    assert size["k"] - size["p"] == pytest.approx(tables_f32 - V * K * (6.5625 + 4.5) / 8, abs=4096)
+    loaded = api.load(tmp_path / "p")
+    assert isinstance(loaded.lm_head, QuantLinear) and loaded.lm_head.keep_decoded
+    assert loaded.lm_head.qweight.format_id == "gguf-q6_k"
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, want)
+
+
+def test_a_rule_naming_the_table_keeps_it_in_float(tmp_path):
+    model, path = _model_with_gguf_tables(tmp_path)
+    recipe = Recipe((Rule("kind:head", None),) + Recipe.uniform(INT4).rules)
+    api.quantize(model, recipe, progress=False, source_gguf=path)
+    assert [t.name for t in model.moequant_report.exact] == ["model.embed_tokens.weight"]
+    assert type(model.lm_head) is torch.nn.Linear
+
+
+def test_without_the_decoded_cache_the_head_product_is_the_same(tmp_path):
+    raw6, head = _blocks("q6_k", V, K, 1)
+    qt = exact_gguf_table(head, _write_gguf(tmp_path / "m.gguf", {"output.weight": ("q6_k", raw6)}), "head")
+    slow, fast = QuantLinear(qt), QuantLinear(qt)
+    fast.keep_decoded = True
+    x = torch.randn(3, K)
+    assert torch.equal(fast(x), torch.nn.functional.linear(x, head))
+    assert torch.equal(slow(x), fast(x))
+    fast.to(torch.float32)  # _apply drops the view and its decoded copy; it is rebuilt on the next call
+    assert torch.equal(fast(x), slow(x))
+    assert np.array_equal(fast.qweight.data["blocks"].numpy(), raw6)
+
+
+def test_offload_stores_the_source_blocks_as_in_memory(tmp_path):
+    from test_offload import assert_same_checkpoint
+
+    from moequant.offload import quantize_offloaded
+    from moequant.solvers.config import SolverConfig
+
+    model, path = _model_with_gguf_tables(tmp_path)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    recipe = Recipe.uniform(INT4)
+    mem = type(model).from_pretrained(src).eval()
+    api.quantize(mem, recipe, progress=False, source_gguf=path)
+    api.save(mem, tmp_path / "ref")
+    rep = quantize_offloaded(src, tmp_path / "off", recipe, None, SolverConfig(), progress=False, source_gguf=path)
+    assert_same_checkpoint(tmp_path / "ref", tmp_path / "off")
+    assert sorted(t.method for t in rep.exact) == ["gguf-q4_k", "gguf-q6_k"]
