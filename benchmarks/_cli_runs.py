@@ -43,11 +43,12 @@ def quantize(model: str, flags: list[str], out: Path) -> tuple[list[str], float]
 
 def eval_ppl(model: str, out: Path, max_tokens: int | None, data: str = "ptb") -> tuple[dict[str, Any], list[str], float]:
     """``moequant eval ppl MODEL --data DATA --json OUT [--max-tokens N]`` unless ``OUT`` exists (then NaN
-    seconds): (its JSON, the command, seconds)."""
+    seconds): (its JSON, the command, seconds). Run with ``--resume``: an eval killed earlier continues from
+    its last scored batch (the seconds are this call's only)."""
     cmd = [*MOEQUANT, "eval", "ppl", model, "--data", data, "--json", str(out)]
     if max_tokens:
         cmd += ["--max-tokens", str(max_tokens)]
-    secs = float("nan") if out.is_file() else run(cmd)
+    secs = float("nan") if out.is_file() else run(cmd + ["--resume"])
     return json.loads(out.read_text()), cmd, secs
 
 

@@ -234,12 +234,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
     _check_json_arg(args)
-    from moequant.runs import PplJob, run_ppl
+    from moequant.runs import PplJob, finish_ppl_progress, run_ppl
 
     job = PplJob(args.model, data=args.data, split=args.split, seqlen=args.seqlen, stride=args.stride,
                  add_bos=not args.no_bos, batch_size=args.batch_size, max_tokens=args.max_tokens,
                  progress=not args.quiet, verify=not args.no_verify)
-    r = run_ppl(job, sys.argv[1:])
+    if args.resume and not args.json:
+        raise MoequantError("eval ppl --resume needs --json (the progress is kept beside that file)")
+    r = run_ppl(job, sys.argv[1:], out_json=Path(args.json) if args.json else None, resume=args.resume)
     lo, hi = r["ci95"]
     lines = [f"{args.model} {args.data}/{args.split}: PPL {r['ppl']:.3f} [95% CI {lo:.3f}, {hi:.3f}] over "
              f"{r['tokens']} tokens, {r['n_windows']} windows of {r['seqlen']}"]
@@ -247,6 +249,8 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         lines.append(f"routed experts computed: {r['experts_computed']} of {r['experts_total']} "
                      f"({100 * r['experts_computed'] / r['experts_total']:.1f}% of a dense pass)")
     _print_json_or_table(r, args.json, lines)
+    if args.json:
+        finish_ppl_progress(Path(args.json))
     return 0
 
 
@@ -498,7 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--no-bos", action="store_true", help="do not prepend BOS to each window")
     pp.add_argument("--batch-size", type=int, default=4)
     pp.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the split")
-    pp.add_argument("--json", help="write the full result (per-window NLL included) to this file")
+    pp.add_argument("--json", help="write the full result (per-window NLL included) to this file; the scored "
+                    "windows are kept beside it (.<name>.ppl-progress.json) until it is written")
+    pp.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run to --json from its last scored batch (same model, data and "
+                    "options); the result is the uninterrupted run's")
     pp.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of a moequant checkpoint's tensors (faster load; see README)")
     pp.set_defaults(func=cmd_eval_ppl)
     from moequant.eval.tasks_cli import add_tasks_parser

@@ -219,8 +219,13 @@ class PplJob:
     verify: bool = True  # SHA-256 of a moequant checkpoint's tensors checked as they are read
 
 
-def run_ppl(job: PplJob, argv: list[str] | None = None, model=None, tokenizer=None) -> dict[str, Any]:
+def run_ppl(job: PplJob, argv: list[str] | None = None, model=None, tokenizer=None,
+            out_json: Path | None = None, resume: bool = False) -> dict[str, Any]:
+    """Score ``job``. With ``out_json`` (where the caller writes the result) the finished windows are kept beside
+    it after every batch (``eval.ppl_progress``), and ``resume`` continues an interrupted run from them; the
+    caller removes them with ``finish_ppl_progress`` once the result is written."""
     from moequant.eval.perplexity import PplConfig, evaluate_perplexity
+    from moequant.eval.ppl_progress import PplProgress, fingerprint
     from moequant.zoo.corpora import tokenize_corpus
     from moequant.models.loader import load_model
     from moequant.zoo.corpora import load_text
@@ -230,8 +235,11 @@ def run_ppl(job: PplJob, argv: list[str] | None = None, model=None, tokenizer=No
                         max_tokens=job.max_tokens)
     except ValueError as e:
         raise MoequantError(f"eval ppl: {e}") from None
+    if out_json is not None and not resume:
+        PplProgress(Path(out_json), {}).refuse_stale()  # before the model is loaded: fail fast
+    resolved = None
     if model is None:
-        model, tokenizer, _ = load_model(job.model, verify=job.verify)
+        model, tokenizer, resolved = load_model(job.model, verify=job.verify)
     if tokenizer is None:
         raise MoequantError(f"model {job.model!r} has no tokenizer: perplexity needs one")
     text = load_text(job.data, job.split)
@@ -241,13 +249,37 @@ def run_ppl(job: PplJob, argv: list[str] | None = None, model=None, tokenizer=No
         raise MoequantError(f"model {job.model!r}: tokenizer has no BOS token; pass --no-bos")
     if ids.numel() < (1 if job.add_bos else 2):
         raise MoequantError(f"--data {job.data} ({job.split}): {ids.numel()} tokens, nothing to score")
+    done: dict[int, float] = {}
+    keeper = None
+    if out_json is not None:
+        keeper = PplProgress(Path(out_json), fingerprint(job.model, resolved, ids, {
+            "data": job.data, "split": job.split, **cfg.to_dict(), "batch_size": job.batch_size}))
+        done = keeper.load(resume)
+    elif resume:
+        raise MoequantError("eval ppl --resume needs --json (the progress is kept beside that file)")
     t0 = time.time()
-    res = evaluate_perplexity(model, ids, cfg, bos, progress=job.progress)
+    try:
+        res = evaluate_perplexity(model, ids, cfg, bos, progress=job.progress, done=done,
+                                  on_batch=None if keeper is None else keeper.save)
+    except ValueError as e:  # progress that does not fit these windows (checked against the fingerprint first)
+        raise MoequantError(f"eval ppl: {e}") from None
     out = {"model": job.model, "data": job.data, "split": job.split, **res.to_dict(),
            "seconds": round(time.time() - t0, 2), **run_info(argv)}
+    if done:
+        out["resumed_windows"] = len(done)  # scored by the interrupted run; ``seconds`` covers the rest
+        if res.experts_total:
+            log.warning("routed-expert counts cover only the %d windows scored by this run",
+                        res.n_windows - len(done))
     if not math.isfinite(out["ppl"]):
         log.warning("perplexity is not finite")
     return out
+
+
+def finish_ppl_progress(out_json: Path) -> None:
+    """Remove the progress of a run whose result ``out_json`` is written."""
+    from moequant.eval.ppl_progress import progress_path
+
+    progress_path(Path(out_json)).unlink(missing_ok=True)
 
 
 def run_inspect(path: Path, argv: list[str] | None = None, verify: bool = True) -> dict[str, Any]:

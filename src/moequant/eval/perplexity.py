@@ -343,9 +343,14 @@ def _batches(windows: list[tuple[torch.Tensor, int]], batch_size: int) -> list[l
 
 
 def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor, config: PplConfig,
-                        bos_id: int | None, progress: bool = True, *, chunk_rows: int | None = None) -> PplResult:
+                        bos_id: int | None, progress: bool = True, *, chunk_rows: int | None = None,
+                        done: dict[int, float] | None = None,
+                        on_batch: Callable[[dict[int, float]], None] | None = None) -> PplResult:
     """Perplexity of ``model`` (``model(input_ids).logits`` -> [B, L, V]) on the stream ``token_ids`` [n].
-    ``chunk_rows``: positions whose logits are computed at once (default ``default_chunk_rows(V)``)."""
+    ``chunk_rows``: positions whose logits are computed at once (default ``default_chunk_rows(V)``).
+    ``done``: summed NLLs of windows an interrupted run already scored (``{window index: nll}``, whole batches
+    of the same ``config``): their batches are skipped. ``on_batch(scored)``: called after every batch with all
+    the windows scored so far (``eval.ppl_progress`` saves them)."""
     from tqdm.auto import tqdm
 
     if config.add_bos and bos_id is None:
@@ -361,12 +366,21 @@ def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor, config:
 
     device, kwargs = _input_device(model), forward_kwargs(model)
     nll = [0.0] * len(windows)
+    scored = dict(done or {})
+    if any(not 0 <= i < len(windows) for i in scored):
+        raise ValueError(f"scored windows {sorted(scored)[:3]}... do not index {len(windows)} windows")
     batches = _batches(windows, config.batch_size)
+    for i, v in scored.items():
+        nll[i] = v
+    if scored and any(any(i in scored for i in b) and not all(i in scored for i in b) for b in batches):
+        raise ValueError("the scored windows are not whole batches of this batch size")
+    todo = [b for b in batches if b[0] not in scored]
     scorer = ChunkedScorer(model, chunk_rows)
     has_experts = any(isinstance(m, QuantExperts) for m in model.modules())
     with torch.inference_mode(), \
             (count_routed_experts(model) if has_experts else contextlib.nullcontext({})) as expert_counts:
-        for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+        for batch in tqdm(todo, desc="perplexity", unit="batch", disable=not progress,
+                          initial=len(batches) - len(todo), total=len(batches)):
             input_ids = torch.stack([windows[i][0] for i in batch]).to(device)  # [B, L]
             sums = scorer.nll(input_ids, [windows[i][1] for i in batch], kwargs)
             if sums is None:
@@ -379,6 +393,9 @@ def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor, config:
                 del logits
             for row, i in enumerate(batch):
                 nll[i] = sums[row]
+                scored[i] = sums[row]
+            if on_batch is not None:
+                on_batch(scored)
     counts = [n_scored for _, n_scored in windows]
     total_nll, total_tokens = sum(nll), sum(counts)
     nll_mean = total_nll / total_tokens
