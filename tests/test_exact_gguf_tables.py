@@ -147,3 +147,35 @@ def test_offload_stores_the_source_blocks_as_in_memory(tmp_path):
     rep = quantize_offloaded(src, tmp_path / "off", recipe, None, SolverConfig(), progress=False, source_gguf=path)
     assert_same_checkpoint(tmp_path / "ref", tmp_path / "off")
     assert sorted(t.method for t in rep.exact) == ["gguf-q4_k", "gguf-q6_k"]
+
+
+def test_a_tied_k_quant_table_serves_both_sides(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from moequant.nn.quant_embedding import TiedQuantLinear
+
+    cfg = tiny_config("llama")
+    cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.tie_word_embeddings = K, V, 128, True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    raw6, table = _blocks("q6_k", V, K, 5)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(table)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    path = _write_gguf(tmp_path / "tied.gguf", {"token_embd.weight": ("q6_k", raw6)})  # no output.weight: tied
+    ids = torch.randint(0, V, (1, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        before_head = model.lm_head(model.model.norm(torch.randn(1, 3, K, generator=torch.Generator().manual_seed(6))))
+    api.quantize(model, Recipe.uniform(INT4), progress=False, source_gguf=path)
+    assert [(t.name, t.method, t.shared_with) for t in model.moequant_report.exact] == [
+        ("model.embed_tokens.weight", "gguf-q6_k", ["lm_head.weight"])]
+    assert isinstance(model.lm_head, TiedQuantLinear) and model.lm_head.keep_decoded
+    with torch.no_grad():
+        h = model.model.norm(torch.randn(1, 3, K, generator=torch.Generator().manual_seed(6)))
+        assert torch.equal(model.lm_head(h), before_head)  # the same table, the same product
+        want = model(input_ids=ids).logits
+    api.save(model, tmp_path / "t")
+    loaded = api.load(tmp_path / "t")
+    assert isinstance(loaded.lm_head, TiedQuantLinear) and loaded.lm_head.keep_decoded
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, want)
