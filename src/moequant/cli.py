@@ -226,7 +226,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
              f"  report: {Path(r['out']) / 'report.json'}"]
     for t in r.get("exact_tensors", []):
         also = f" (also {', '.join(t['shared_with'])})" if t.get("shared_with") else ""
-        lines.insert(-1, f"  kept, stored exactly in the {t['method']} grid (every value unchanged): {t['name']}{also}, "
+        grid = (f"source GGUF's {t['method'][5:].upper()} blocks" if t["method"].startswith("gguf-")
+                else f"{t['method']} grid")
+        lines.insert(-1, f"  kept, stored exactly in the {grid} (every value unchanged): {t['name']}{also}, "
                          f"{t['nbytes'] / 2**20:.1f} MiB instead of {math.prod(t['shape']) * 4 / 2**20:.1f}")
     _print_json_or_table(r, None, lines)
     return 0
