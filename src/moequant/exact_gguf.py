@@ -11,9 +11,9 @@ it gives the loaded table exactly (compared row chunk by row chunk). Anything el
 type, a shape or value mismatch) leaves the table as it was: kept in float.
 
 At run time such a table costs what its format does: an embedding is looked up row by row from the blocks
-(``QuantEmbedding``), a head has no fast K-quant kernel yet, so ``decode_slow_tables`` marks it to be decoded once
-into float32 and multiplied with ``F.linear`` (the same values as the float head it replaces, on disk at 6.56
-instead of 32 bits per weight).
+(``QuantEmbedding``), a head has no fast K-quant kernel yet, so ``decode_slow_tables`` marks it to be decoded once,
+at its first call, into float32 kept beside the blocks, and multiplied with ``F.linear`` (the same values as the
+float head it replaces; on disk 6.56 instead of 32 bits per weight, in memory the blocks plus the decoded copy).
 """
 
 from __future__ import annotations
