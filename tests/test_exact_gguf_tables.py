@@ -58,12 +58,23 @@ def test_a_table_is_found_bit_for_bit_or_not_at_all(tmp_path):
     assert exact_gguf_table(head, bad, "head") is None
 
 
-def test_source_gguf_of_a_spec():
+def test_source_gguf_of_a_spec(tmp_path, monkeypatch):
     from moequant.models.loader import ResolvedModel
+    from moequant.zoo.models import GGUF_MODELS
 
+    monkeypatch.setenv("MOEQUANT_CACHE", str(tmp_path / "cache"))
     assert source_gguf(ResolvedModel("/x/m.gguf", "gguf", "/x", "m.gguf")).as_posix() == "/x/m.gguf"
     assert source_gguf(ResolvedModel("/some/dir", "dir", "/some/dir")) is None
     assert source_gguf(ResolvedModel("tiny-olmoe", "alias", "/cache/tiny-olmoe")) is None  # trained here, no GGUF
+    spec = GGUF_MODELS["qwen2.5-coder-1.5b"]
+    entry = tmp_path / "cache" / "models" / spec.alias
+    (entry / "hf").mkdir(parents=True)
+    hf = str(entry / "hf")
+    assert source_gguf(ResolvedModel(spec.alias, "alias", hf)) is None  # the GGUF is not in the cache
+    (entry / spec.gguf_name).write_bytes(b"")
+    assert source_gguf(ResolvedModel(spec.alias, "alias", hf)) == entry / spec.gguf_name
+    assert source_gguf(ResolvedModel(hf, "dir", hf)) == entry / spec.gguf_name  # the alias's directory by path
+    assert source_gguf(ResolvedModel(str(entry), "dir", str(entry))) is None
 
 
 def _model_with_gguf_tables(tmp_path):

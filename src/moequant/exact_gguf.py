@@ -35,18 +35,26 @@ _CHECK_FLOATS = 1 << 24
 
 def source_gguf(resolved: Any) -> Path | None:
     """The GGUF file a resolved model spec (``models.loader.ResolvedModel``) was converted from: a ``.gguf``
-    spec itself, or a GGUF zoo alias's cached file; None for anything else."""
+    spec itself, a GGUF zoo alias's cached file, or that file for the alias's converted directory given by path
+    (``<cache>/models/<alias>/hf``); None for anything else."""
+    from moequant.zoo.fetch import cache_root
+    from moequant.zoo.models import GGUF_MODELS
+
     if getattr(resolved, "gguf_file", None):
         return Path(resolved.path) / resolved.gguf_file
-    if getattr(resolved, "kind", None) == "alias":
-        from moequant.zoo.models import GGUF_MODELS
-        from moequant.zoo.fetch import cache_root
-
+    kind = getattr(resolved, "kind", None)
+    if kind == "alias":
         spec = GGUF_MODELS.get(resolved.spec)
-        if spec is not None:
-            path = cache_root() / "models" / spec.alias / spec.gguf_name
-            return path if path.is_file() else None
-    return None
+    elif kind == "dir":
+        models = (cache_root() / "models").resolve()
+        here = Path(resolved.path).resolve()
+        spec = next((s for s in GGUF_MODELS.values() if here == models / s.alias / "hf"), None)
+    else:
+        spec = None
+    if spec is None:
+        return None
+    path = cache_root() / "models" / spec.alias / spec.gguf_name
+    return path if path.is_file() else None
 
 
 def exact_gguf_table(weight: torch.Tensor, gguf: Path, role: str):
