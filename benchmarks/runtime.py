@@ -326,20 +326,26 @@ def _llama_prefill(llm: Any, ids: list[int]) -> float:
     return time.perf_counter() - t0
 
 
+def open_llama(gguf: Path | str, args: argparse.Namespace, threads: int) -> Any:
+    """A llama-cpp-python model sized for ``args`` (a prompt + ``--tokens`` decode, one ``--prefill`` eval)."""
+    import llama_cpp
+
+    n_ctx = max(args.prompt + args.tokens, args.prefill) + 8
+    n_batch = max(args.prefill, args.prompt, 32)
+    return llama_cpp.Llama(str(gguf), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads,
+                           n_threads_batch=threads, logits_all=False, verbose=False)
+
+
 def llama_row(model: str, qtype: str, gguf: Path, args: argparse.Namespace, threads: int) -> dict[str, Any]:
     """Batch-1 greedy decode (and prefill) of a GGUF through llama-cpp-python with our prompt ids."""
     import importlib.metadata as md
 
-    import llama_cpp
 
     from moequant.bench import prompt_batch
     from moequant.models.loader import load_tokenizer, resolve_model_spec
 
     tok = load_tokenizer(resolve_model_spec(model))
-    n_ctx = max(args.prompt + args.tokens, args.prefill) + 8
-    n_batch = max(args.prefill, args.prompt, 32)
-    llm = llama_cpp.Llama(str(gguf), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads,
-                          n_threads_batch=threads, logits_all=False, verbose=False)
+    llm = open_llama(gguf, args, threads)
     vocab = llm.n_vocab()
     prompt = [int(i) for i in prompt_batch(tok, vocab, 1, args.prompt)[0][0]]
 

@@ -43,7 +43,7 @@ from typing import Any
 
 from _cli_runs import write_json
 from runtime import (FORMATS, LLAMACPP_DIR, _llama_cpp_importable, _llama_decode, _llama_prefill, make_checkpoints,
-                     make_ggufs)
+                     make_ggufs, open_llama)
 
 log = logging.getLogger("runtime_interleaved")
 
@@ -99,16 +99,6 @@ def _moequant_decode(model: Any, prompt: Any, tokens: int) -> tuple[list[int], f
     return new[0].tolist(), secs
 
 
-def _llama(gguf: str, args: argparse.Namespace, threads: int) -> Any:
-    """A llama-cpp-python model for batch-1 decode and one prefill of ``--prefill`` tokens."""
-    import llama_cpp
-
-    n_ctx = max(args.prompt + args.tokens, args.prefill) + 8
-    n_batch = max(args.prefill, args.prompt, 32)
-    return llama_cpp.Llama(gguf, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads,
-                           n_threads_batch=threads, logits_all=False, verbose=False)
-
-
 def measure_model(model: str, args: argparse.Namespace, threads: int, ggufs: dict[str, str]) -> dict[str, Any]:
     """The rounds of one model: every checkpoint (and GGUF: ``ggufs`` type -> path) loaded at once, timed
     round-robin (see the module doc)."""
@@ -128,7 +118,7 @@ def measure_model(model: str, args: argparse.Namespace, threads: int, ggufs: dic
     runners = {label: (lambda m=m: _moequant_decode(m, prompt, args.tokens), lambda m=m: prefill_run(m, long_ids))
                for label, m in loaded.items()}
     for qtype, gguf in ggufs.items():
-        llm = _llama(gguf, args, threads)
+        llm = open_llama(gguf, args, threads)
         specs[f"llama.cpp {qtype}"] = gguf
         runners[f"llama.cpp {qtype}"] = (lambda llm=llm: _llama_decode(llm, prompt[0].tolist(), args.tokens),
                                          lambda llm=llm: _llama_prefill(llm, long_ids[0].tolist()))

@@ -38,7 +38,7 @@ def source_gguf(resolved: Any) -> Path | None:
     spec itself, a GGUF zoo alias's cached file, or that file for the alias's converted directory given by path
     (``<cache>/models/<alias>/hf``); None for anything else."""
     from moequant.zoo.fetch import cache_root
-    from moequant.zoo.models import GGUF_MODELS
+    from moequant.zoo.models import GGUF_MODELS, cached_gguf_path
 
     if getattr(resolved, "gguf_file", None):
         return Path(resolved.path) / resolved.gguf_file
@@ -53,7 +53,7 @@ def source_gguf(resolved: Any) -> Path | None:
         spec = None
     if spec is None:
         return None
-    path = cache_root() / "models" / spec.alias / spec.gguf_name
+    path = cached_gguf_path(spec)
     return path if path.is_file() else None
 
 

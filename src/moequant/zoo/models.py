@@ -122,9 +122,14 @@ def refresh_alias(alias: str) -> Path:
     return _gguf_model_dir(spec)
 
 
+def cached_gguf_path(spec: GgufModelSpec) -> Path:
+    """Where the GGUF file of ``spec`` lives in the cache (it may not be there yet)."""
+    return cache_root() / "models" / spec.alias / spec.gguf_name
+
+
 def assemble_gguf(spec: GgufModelSpec) -> Path:
     """The GGUF file of ``spec`` in the cache, checked against its SHA-256."""
-    out = cache_root() / "models" / spec.alias / spec.gguf_name
+    out = cached_gguf_path(spec)
     if out.is_file():
         return out
     paths: list[Path] = []
