@@ -11,9 +11,11 @@ it gives the loaded table exactly (compared row chunk by row chunk). Anything el
 type, a shape or value mismatch) leaves the table as it was: kept in float.
 
 At run time such a table costs what its format does: an embedding is looked up row by row from the blocks
-(``QuantEmbedding``), a head has no fast K-quant kernel yet, so ``decode_slow_tables`` marks it to be decoded once,
-at its first call, into float32 kept beside the blocks, and multiplied with ``F.linear`` (the same values as the
-float head it replaces; on disk 6.56 instead of 32 bits per weight, in memory the blocks plus the decoded copy).
+(``QuantEmbedding``) and a head is multiplied from its blocks by the GGUF kernel (``kernels.gguf``: the same
+values, products summed in another order). Only where that kernel is not available (no C++ extension) does
+``decode_slow_tables`` mark the head to be decoded once, at its first call, into float32 kept beside the blocks,
+and multiplied with ``F.linear`` (on disk 6.56 instead of 32 bits per weight, in memory the blocks plus the
+decoded copy) instead of being decoded again at every call.
 """
 
 from __future__ import annotations
@@ -97,14 +99,17 @@ def exact_gguf_table(weight: torch.Tensor, gguf: Path, role: str):
 
 
 def decode_slow_tables(model: nn.Module) -> list[str]:
-    """Mark every packed head over a GGUF block table (``gguf-*``: no fast kernel) to be decoded once and multiplied
-    in float32 (``QuantLinear.keep_decoded``); -> the names of the modules marked."""
+    """Mark every packed head over a GGUF block table (``gguf-*``) that the GGUF kernel cannot multiply here (no
+    extension, a type it does not decode) to be decoded once and multiplied in float32
+    (``QuantLinear.keep_decoded``); -> the names of the modules marked."""
+    from moequant.kernels import gguf as gguf_kernels
     from moequant.nn.quant_linear import QuantLinear
 
     marked = []
     head = getattr(model, "get_output_embeddings", lambda: None)()
     for name, module in model.named_modules():
-        if module is head and isinstance(module, QuantLinear) and module.qweight.format_id.startswith("gguf-"):
+        if (module is head and isinstance(module, QuantLinear) and module.qweight.format_id.startswith("gguf-")
+                and not gguf_kernels.applies(module.qweight)):
             module.keep_decoded = True
             marked.append(name)
     return marked

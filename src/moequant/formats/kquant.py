@@ -28,6 +28,17 @@ from moequant.formats.uniform import hessian_diag
 # Row bytes decoded at a time (bounds the int32 temporaries of unpacking to ~64 MiB).
 _DECODE_BYTES = 1 << 24
 
+_KERNELS: Any = None
+
+
+def _kernels() -> Any:
+    """``kernels.gguf``, imported at first use (formats must not import the kernels at import time)."""
+    global _KERNELS
+    from moequant.kernels import gguf as kernels
+
+    _KERNELS = kernels
+    return kernels
+
 
 class GgufTensor(QuantizedTensor):
     """Shared by every GGUF block class; ``ggml`` is the type the class is asked for."""
@@ -83,6 +94,9 @@ class GgufTensor(QuantizedTensor):
         return stored_type(self.ggml.name, self.shape[-1])
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        fast = (_KERNELS or _kernels()).dequantize(self)  # the C++ decode, bit-identical; None where it is absent
+        if fast is not None:
+            return fast if fast.dtype == dtype else fast.to(dtype)
         t, raw = self.stored, self.data["blocks"]
         rows = raw.reshape(-1, raw.shape[-1])  # [R, bytes]
         step = max(1, _DECODE_BYTES // max(1, raw.shape[-1]))
@@ -95,6 +109,11 @@ class GgufTensor(QuantizedTensor):
                 codes, p = unpack_blocks(t, chunk)
                 out[r0:r0 + step] = dequantize(t, codes, p).to(dtype)
         return out.reshape(self.shape)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [..., K] -> x Ŵᵀ + b [..., N]`` (2-D tensors) through ``kernels.gguf``: the C++ GEMV / decode +
+        GEMM from the block bytes on CPU, the reference decode elsewhere."""
+        return (_KERNELS or _kernels()).linear(self, x, bias)
 
     def gguf_blocks(self) -> tuple[int, torch.Tensor]:
         """(ggml type id of ``stored``, the uint8 bytes ``[..., N, K / block * block_bytes]``) for a GGUF writer."""

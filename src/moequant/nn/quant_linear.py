@@ -15,7 +15,7 @@ class QuantLinear(nn.Module):
     the activations instead). Only the packed data is resident; a decoded weight lives for one call.
 
     ``keep_decoded`` (off by default; ``exact_gguf.decode_slow_tables`` sets it on a head stored in a GGUF block
-    type, which has no fast kernel): the weight is decoded once, kept in float32 beside the packed data, and
+    type when the GGUF kernel is not available): the weight is decoded once, kept in float32 beside the packed data, and
     multiplied with ``F.linear`` — the product of a float head with the same values."""
 
     keep_decoded: bool = False
