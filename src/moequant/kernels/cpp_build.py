@@ -47,8 +47,9 @@ def openmp_flags() -> list[str]:
 
 
 def _build_tag(name: str, sources: list[Path], cflags: list[str]) -> str:
+    """``name-<hash>`` of the sources, the headers of ``csrc`` they may include, torch's version and the flags."""
     h = hashlib.sha256()
-    for s in sources:
+    for s in [*sources, *sorted(CSRC.glob("*.h"))]:
         h.update(s.name.encode())
         h.update(s.read_bytes())
     h.update(torch.__version__.encode())

@@ -25,6 +25,8 @@
 // for g a multiple of 8, the table for any geometry; the rest (and builds without AVX2) run scalar loops.
 #include <torch/extension.h>
 
+#include "common.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -530,13 +532,6 @@ at::Tensor additive_dequant(const at::Tensor& codes, const at::Tensor& books, co
   return w;
 }
 
-bool has_avx2() {
-#ifdef MQ_AVX2
-  return true;
-#else
-  return false;
-#endif
-}
 
 }  // namespace
 
@@ -547,5 +542,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return table_pays(make_geometry(N, K, M, B, g), T);
   }, "the automatic choice of the table GEMV for T rows of x");
   m.def("additive_dequant", &additive_dequant, "packed additive codes -> fp32 [N, K] (codecs.additive.reconstruct)");
-  m.def("has_avx2", &has_avx2, "built with the AVX2 path");
+  m.def("has_avx2", &moequant::built_with_avx2, "built with the AVX2 path");
 }

@@ -20,6 +20,8 @@
 // their columns of y. Rows of W run in parallel (at::parallel_for).
 #include <torch/extension.h>
 
+#include "common.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 
@@ -477,13 +479,6 @@ bool supports(int64_t type_id) {
   return false;
 }
 
-bool has_avx2() {
-#ifdef __AVX2__
-  return true;
-#else
-  return false;
-#endif
-}
 
 }  // namespace
 
@@ -491,5 +486,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_dequant", &gguf_dequant, "GGUF blocks [N, bytes] -> float32 [N, K], ggml's decode bit for bit");
   m.def("gguf_linear", &gguf_linear, "x [..., K] float32 times the GGUF block matrix -> [..., N]");
   m.def("supports", &supports, "whether a ggml type id is decoded here");
-  m.def("has_avx2", &has_avx2, "built with the AVX2 path");
+  m.def("has_avx2", &moequant::built_with_avx2, "built with the AVX2 path");
 }

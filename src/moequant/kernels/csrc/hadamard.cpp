@@ -17,6 +17,8 @@
 // Rows run in parallel (at::parallel_for) only when there are enough of them (kGrainFloats per task).
 #include <torch/extension.h>
 
+#include "common.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -224,17 +226,10 @@ at::Tensor rht_apply(const at::Tensor& x, const at::Tensor& signs_before, const 
   return out;
 }
 
-bool has_avx2() {
-#ifdef __AVX2__
-  return true;
-#else
-  return false;
-#endif
-}
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rht_apply", &rht_apply, "((x * s_before) H_n^T) * s_after, x [..., n] float32");
-  m.def("has_avx2", &has_avx2, "built with the AVX2 path");
+  m.def("has_avx2", &moequant::built_with_avx2, "built with the AVX2 path");
 }

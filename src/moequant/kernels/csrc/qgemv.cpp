@@ -25,6 +25,8 @@
 // (`lut_step`). Without AVX2 (the build's flags) everything runs the scalar loops.
 #include <torch/extension.h>
 
+#include "common.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -1333,13 +1335,6 @@ at::Tensor lut_dequant(const at::Tensor& codes, const at::Tensor& lut, const c10
                        lut_table(lut), permuted);
 }
 
-bool has_avx2() {
-#ifdef __AVX2__
-  return true;
-#else
-  return false;
-#endif
-}
 
 }  // namespace
 
@@ -1351,5 +1346,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("uniform_dequant", &uniform_dequant, "packed uniform int-k codes -> fp32 [N, K]");
   m.def("lut_linear", &lut_linear, "y = x W^T (+ b) from packed 4-bit LUT codes");
   m.def("lut_dequant", &lut_dequant, "packed 4-bit LUT codes -> fp32 [N, K]");
-  m.def("has_avx2", &has_avx2, "built with the AVX2 path");
+  m.def("has_avx2", &moequant::built_with_avx2, "built with the AVX2 path");
 }

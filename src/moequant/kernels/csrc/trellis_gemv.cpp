@@ -18,6 +18,8 @@
 #include <c10/util/Half.h>
 #include <torch/extension.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -687,13 +689,6 @@ at::Tensor trellis_code_values(const at::Tensor& states, const c10::optional<at:
   return out;
 }
 
-bool has_avx2() {
-#ifdef MQ_AVX2
-  return true;
-#else
-  return false;
-#endif
-}
 
 }  // namespace
 
@@ -709,5 +704,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode", &trellis_decode, "packed trellis words -> float32 [N, K] (bit-identical to trellis_dequant)");
   m.def("gemv", &trellis_gemv, "x [M, K] @ decode(words)^T (+ bias), never the whole matrix");
   m.def("code_values", &trellis_code_values, "the kernels' code value of each state (scalar or vector path)");
-  m.def("has_avx2", &has_avx2, "whether the AVX2/FMA/F16C paths were compiled");
+  m.def("has_avx2", &moequant::built_with_avx2, "whether the AVX2/FMA/F16C paths were compiled");
 }

@@ -16,6 +16,8 @@
 // a time). Tiles run in parallel (at::parallel_for).
 #include <torch/extension.h>
 
+#include "common.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -27,13 +29,6 @@
 #include <immintrin.h>
 #endif
 
-bool has_avx2() {
-#ifdef __AVX2__
-  return true;
-#else
-  return false;
-#endif
-}
 
 namespace {
 
@@ -170,5 +165,5 @@ torch::Tensor viterbi_chunk(torch::Tensor feats, torch::Tensor table, int64_t L,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("viterbi_chunk", &viterbi_chunk, "best trellis walks of b tiles (codecs.trellis._viterbi_chunk)");
-  m.def("has_avx2", &has_avx2, "built with the AVX2 path");
+  m.def("has_avx2", &moequant::built_with_avx2, "built with the AVX2 path");
 }
