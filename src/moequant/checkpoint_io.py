@@ -277,7 +277,7 @@ def finish_loaded(model: nn.Module, qcfg: dict[str, Any], path: Path) -> None:
     except (ValueError, TypeError, KeyError) as e:
         raise MoequantError(f"{path / 'config.json'}: quantization_config.recipe is invalid ({e})") from None
     model.moequant_exact = tuple(qcfg.get("exact", ()))  # kept tables stored packed, values unchanged
-    decode_slow_tables(model)  # a head in GGUF blocks (no fast kernel): decoded once, multiplied in float32
+    decode_slow_tables(model)  # a head in GGUF blocks without the GGUF kernel here: decoded once, kept in float32
     use_moequant_experts(model)  # stock experts modules left dense dispatch to moequant's grouped path too
     model.eval()
 
