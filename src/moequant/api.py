@@ -13,6 +13,7 @@ from moequant.alloc.recipe import Recipe
 from moequant.checkpoint_io import load, packed_modules, save  # noqa: F401  (re-exported: the public entry points)
 from moequant.errors import MoequantError
 from moequant.exact_gguf import decode_slow_tables
+from moequant.kernels.cpp_ops import prepare as prepare_compiled_ops
 from moequant.layerwise import Calibration, quantize_model
 from moequant.nn.packed import packed_names
 from moequant.report import QuantReport, TensorRecord  # noqa: F401  (re-exported)
@@ -49,6 +50,7 @@ def quantize(model: nn.Module, recipe: Recipe, calib: Calibration | None = None,
     model.moequant_recipe = recipe
     model.moequant_exact = tuple(t.name for t in report.exact)
     decode_slow_tables(model)
+    prepare_compiled_ops(build=False)
     return model
 
 

@@ -18,6 +18,7 @@ from moequant import __version__
 from moequant.alloc.recipe import Recipe
 from moequant.errors import MoequantError
 from moequant.exact_gguf import decode_slow_tables
+from moequant.kernels.cpp_ops import prepare as prepare_compiled_ops
 from moequant.formats.checkpoint import (CHECKPOINT_FORMAT_VERSION, QUANT_METHOD, AtomicDir, ShardReader,
                                          read_packed, read_quantization_config, seal_quantization_config,
                                          write_shards)
@@ -279,6 +280,7 @@ def finish_loaded(model: nn.Module, qcfg: dict[str, Any], path: Path) -> None:
     model.moequant_exact = tuple(qcfg.get("exact", ()))  # kept tables stored packed, values unchanged
     decode_slow_tables(model)  # a head in GGUF blocks without the GGUF kernel here: decoded once, kept in float32
     use_moequant_experts(model)  # stock experts modules left dense dispatch to moequant's grouped path too
+    prepare_compiled_ops(build=False)  # a torch.compile of this model calls the C++ kernels straight from its graph
     model.eval()
 
 

@@ -91,12 +91,19 @@ def _paley(m: int) -> torch.Tensor | None:
         h = torch.kron(s, one) + torch.kron((s == 0).to(torch.float64), zero)  # [m, m]
     else:
         return None
-    assert torch.equal(h @ h.T, m * torch.eye(m, dtype=torch.float64)), f"Paley construction failed for {m}"
+    if not torch.compiler.is_compiling():  # a self-check of the construction (not traceable: data-dependent)
+        assert torch.equal(h @ h.T, m * torch.eye(m, dtype=torch.float64)), f"Paley construction failed for {m}"
     return h
 
 
+@torch.compiler.assume_constant_result  # pure in n: a traced graph takes the value, not the computation
 def hadamard_factors(n: int) -> tuple[int, int]:
     """``(p, m)`` with ``p · m = n``, ``p`` a power of two and ``m`` the block order (module rule)."""
+    return _hadamard_factors(n)
+
+
+@functools.lru_cache(maxsize=256)  # the kernel asks at every call (it builds Paley candidates); a plain function
+def _hadamard_factors(n: int) -> tuple[int, int]:  # in front of it, because dynamo traces through lru_cache
     if n < 1:
         raise ValueError(f"transform size must be positive, got {n}")
     odd = n
@@ -132,20 +139,43 @@ def _block(m: int) -> torch.Tensor:
     return (q * torch.sign(torch.diagonal(r))[None, :]).contiguous()  # unique Q: positive diagonal of R
 
 
-@functools.lru_cache(maxsize=256)
+@torch.compiler.assume_constant_result
 def _factor_sizes(n: int) -> tuple[int, ...]:
     """Orders ``[f_1, …, f_r, (m)]`` with ``H_n = H_{f_1} ⊗ … ⊗ H_{f_r} ⊗ B_m``, outermost first."""
+    return _factor_sizes_cached(n)
+
+
+@functools.lru_cache(maxsize=256)
+def _factor_sizes_cached(n: int) -> tuple[int, ...]:
     p, m = hadamard_factors(n)
     k = p.bit_length() - 1
     sizes = [1 << min(_FACTOR_BITS, k - i) for i in range(0, k, _FACTOR_BITS)]
     return tuple(sizes + ([m] if m > 1 else []))
 
 
-@functools.lru_cache(maxsize=64)
+# (order, dtype, device) -> the factor: a plain dict, so that a torch.compile trace reads a built factor as a
+# constant (``warm``) instead of tracing its construction.
+_FACTORS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
 def _factor(f: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The ``[f, f]`` Kronecker factor of order ``f`` in ``dtype`` on ``device`` (cached: pure in its args)."""
-    mat = _sylvester(f) if f & (f - 1) == 0 else _block(f)
-    return mat.to(dtype=dtype, device=device)
+    key = (f, dtype, device)
+    mat = _FACTORS.get(key)
+    if mat is None:
+        mat = (_sylvester(f) if f & (f - 1) == 0 else _block(f)).to(dtype=dtype, device=device)
+        if len(_FACTORS) < 256:
+            _FACTORS[key] = mat
+    return mat
+
+
+def warm(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+    """Build the factors of ``H_n`` now (eagerly), so that a later ``torch.compile`` trace of a transform of size
+    ``n`` finds them built. ``QuantLinear`` / ``QuantExperts`` call it for their rotated tensors' sizes."""
+    if torch.compiler.is_compiling():
+        return
+    for f in _factor_sizes(n):
+        _factor(f, dtype, torch.device(device))
 
 
 def hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:

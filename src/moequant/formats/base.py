@@ -155,6 +155,11 @@ class QuantizedTensor(ABC):
     def bits_per_weight(self) -> float:
         return 8.0 * self.nbytes() / self.numel
 
+    def prepare_runtime(self) -> None:
+        """Build, eagerly, what the run-time path needs that a ``torch.compile`` trace should find ready
+        (``nn.packed.register_packed`` calls it when a module takes the tensor). Nothing for most formats."""
+        return None
+
     def select(self, index: int) -> "QuantizedTensor":
         """The slice ``[index]`` along the first leading (expert) dim."""
         if len(self.shape) < 3:

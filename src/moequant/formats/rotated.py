@@ -141,6 +141,13 @@ class RotatedTensor(QuantizedTensor):
             cache["rht_views"] = (self.inner, self.incoherence())
         return cache["rht_views"]
 
+    def prepare_runtime(self) -> None:
+        """The Hadamard factors of both sides, built now (a compiled graph reads them as constants)."""
+        from moequant.codecs.hadamard import warm
+
+        warm(self.shape[-1])
+        warm(self.shape[-2])
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x [..., K] -> x Wᵀ + b [..., N]`` for a 2-D tensor, rotating the activations instead of
         decoding ``W``; the rotated product ``W̃ x̃`` is the inner tensor's ``linear`` (its fast path)."""

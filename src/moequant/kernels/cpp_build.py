@@ -46,6 +46,10 @@ def openmp_flags() -> list[str]:
     return ["-fopenmp"] if "ATen parallel backend: OpenMP" in info else []
 
 
+def _cflags() -> list[str]:
+    return ["-O3", "-std=c++17", *simd_flags(), *openmp_flags()]
+
+
 def _build_tag(name: str, sources: list[Path], cflags: list[str]) -> str:
     """``name-<hash>`` of the sources, the headers of ``csrc`` they may include, torch's version and the flags."""
     h = hashlib.sha256()
@@ -85,7 +89,7 @@ def load_extension(name: str, sources: list[str | Path] | tuple[str, ...]) -> Mo
 @functools.lru_cache(maxsize=None)
 def _load(name: str, sources: tuple[str, ...]) -> ModuleType | None:
     paths = [Path(s) if Path(s).is_absolute() else CSRC / s for s in sources]
-    cflags = ["-O3", "-std=c++17", *simd_flags(), *openmp_flags()]
+    cflags = _cflags()
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         log.warning("moequant: no C++ compiler (%s) found; %s kernels use the slower pure-torch path "
@@ -107,6 +111,14 @@ def _load(name: str, sources: tuple[str, ...]) -> ModuleType | None:
         log.warning("moequant: could not build the %s C++ kernels (%s); using the slower pure-torch path "
                     "(build log under %s)", name, first[:200], build)
         return None
+
+
+def is_built(name: str, sources: list[str | Path] | tuple[str, ...]) -> bool:
+    """A build of these sources (with this torch and these flags) is in the cache already: loading it compiles
+    nothing."""
+    paths = [Path(s) if Path(s).is_absolute() else CSRC / s for s in sources]
+    tag = _build_tag(name, paths, _cflags())
+    return any((ext_dir() / tag).glob("*.so"))
 
 
 def available(name: str, sources: list[str | Path]) -> bool:

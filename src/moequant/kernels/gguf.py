@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from moequant.formats.base import QuantizedTensor
-from moequant.kernels import cpp_build
+from moequant.kernels import cpp_build, cpp_ops
 from moequant.kernels.select import use_fast
 from moequant.kernels.uniform import GEMV_MAX_ROWS, fast_activations, needs_grad
 
@@ -113,7 +113,12 @@ def linear(qt: QuantizedTensor, x: torch.Tensor, bias: torch.Tensor | None = Non
     if len(qt.shape) == 2 and not needs_grad(x, bias):
         blocks, type_id, k = qt.data["blocks"], qt.stored.type_id, qt.shape[-1]
         if torch.compiler.is_compiling():
-            return gguf_linear(x, blocks, type_id, k, bias)
+            cpp = cpp_ops.op("gguf_linear") if x.is_cpu and blocks.is_cpu and type_id in KERNEL_TYPES else None
+            if cpp is None:
+                return gguf_linear(x, blocks, type_id, k, bias)
+            b = None if bias is None else bias.to(torch.float32).contiguous()
+            y = cpp(x.to(torch.float32), blocks.contiguous(), type_id, k, b, GEMV_MAX_ROWS)  # C++ from the graph
+            return y.to(x.dtype)
         if fast_activations(x, bias) and x.shape[-1] == k:
             y = _fast(x, blocks, type_id, k, bias)
             if y is not None:

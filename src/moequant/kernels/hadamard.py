@@ -33,12 +33,11 @@ SmolLM2-135M RHT int4, greedy decode at batch 1: 15.7 -> 21.9 tok/s (plain int4:
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
 from moequant.codecs.hadamard import _factor, hadamard_factors, hadamard_transform, set_fast_path
-from moequant.kernels import cpp_build
+from moequant.kernels import cpp_build, cpp_ops
 from moequant.kernels.select import use_fast
 
 EXT_NAME = "rht"
@@ -52,11 +51,14 @@ def extension():
     return cpp_build.load_extension(EXT_NAME, EXT_SOURCES)
 
 
-@functools.lru_cache(maxsize=64)
+_CPU = torch.device("cpu")
+
+
 def block_for(n: int) -> torch.Tensor:
-    """``B_m`` float32 ``[m, m]`` of ``H_n`` on the CPU, or an empty tensor when ``m = 1``."""
+    """``B_m`` float32 ``[m, m]`` of ``H_n`` on the CPU, or an empty tensor when ``m = 1`` (``codecs.hadamard``'s
+    cached factor: contiguous as built)."""
     _, m = hadamard_factors(n)
-    return _factor(m, torch.float32, torch.device("cpu")).contiguous() if m > 1 else _NONE
+    return _factor(m, torch.float32, _CPU) if m > 1 else _NONE
 
 
 def reference(x: torch.Tensor, signs_before: torch.Tensor, signs_after: torch.Tensor, block: torch.Tensor,
@@ -114,12 +116,15 @@ def fast(x: torch.Tensor, signs_before: torch.Tensor | None, signs_after: torch.
     microsecond: at decode sizes the kernel itself takes 1-3 µs."""
     if x.dtype != torch.float32 or not x.is_cpu or x.dim() == 0 or not use_fast():
         return None
-    if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
-        return None  # no backward here; under torch.compile the torch path is traced
+    if x.requires_grad and torch.is_grad_enabled():
+        return None  # no backward here
     n = x.shape[-1]
     sb, sa = _signs(signs_before, n), _signs(signs_after, n)
     if sb is None or sa is None or n == 0:
         return None
+    if torch.compiler.is_compiling():  # the C++ op from the graph, where prepared; else the torch path is traced
+        cpp = cpp_ops.op("rht_apply")
+        return None if cpp is None else cpp(x, sb, sa, block_for(n), transpose)
     ext = _extension()
     return None if ext is None else ext.rht_apply(x, sb, sa, block_for(n), transpose)  # [..., n]
 

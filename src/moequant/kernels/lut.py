@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from moequant.codecs.lut import dq_dequantize, lut_dequantize, lut_values
 from moequant.formats.base import QuantizedTensor
 from moequant.formats.bitpack import unpack
+from moequant.kernels import cpp_ops
 from moequant.kernels.select import use_fast
 from moequant.kernels.uniform import GEMV_MAX_ROWS, cached_args, extension, fast_activations, needs_grad
 
@@ -117,7 +118,13 @@ def linear(qt: QuantizedTensor, x: torch.Tensor, bias: torch.Tensor | None = Non
     if torch.compiler.is_compiling():  # the op is traced; fast or reference is decided when it runs
         if len(qt.shape) != 2 or needs_grad(x, bias):
             return QuantizedTensor.linear(qt, x, bias)
-        return lut_linear(*op_args(qt, bias, x, cached=False))
+        args = op_args(qt, bias, x, cached=False)
+        cpp = cpp_ops.op("lut_linear") if x.is_cpu and qt.data["codes"].is_cpu else None
+        if cpp is not None and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x_, codes, lut, *opt, b, k, block, dq_block = args
+            opt = [None if t is None else t.contiguous() for t in opt]
+            return cpp(x_, codes.contiguous(), lut, *opt, b, k, block, dq_block, GEMV_MAX_ROWS)  # C++ from the graph
+        return lut_linear(*args)
     # ``uniform.fast_applies``' checks: the call's, then the tensor's (cached with its kernel arguments)
     args = cached_args(qt, kernel_args) if fast_activations(x, bias) else None
     if args is not None and x.shape[-1] == args[6]:

@@ -8,7 +8,9 @@ reference everywhere (tests compare the two; benchmarks measure both side by sid
 Environment switches (``MOEQUANT_KERNELS`` here, ``MOEQUANT_NO_EXT`` and ``MOEQUANT_INT4`` in the kernel
 modules) are read through ``EnvSwitch``: every call sees the current value (tests set them at run time), at
 the cost of one dict probe instead of ``os.environ.get``'s ~1 µs (an exception when the variable is unset).
-A packed linear checks three of them per call at decode, 210 linears per SmolLM2 token.
+A packed linear checks three of them per call at decode, 210 linears per SmolLM2 token. Under ``torch.compile``
+both are read once, when the graph is traced (``assume_constant_result``): a compiled graph keeps the kernels
+of its trace time.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import contextlib
 import contextvars
 import os
 from typing import Callable, Generic, Iterator, TypeVar
+
+import torch
 
 _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("moequant_kernels", default=None)
 MODES = ("auto", "reference")
@@ -47,6 +51,7 @@ class EnvSwitch(Generic[T]):
         self._raw: object = _UNREAD
         self._value: T | None = None
 
+    @torch.compiler.assume_constant_result  # under torch.compile: read once, at trace time (no cost in eager)
     def get(self) -> T:
         raw = _ENV_DATA.get(self._key) if _ENV_PROBE else os.environ.get(self.name)
         if raw is self._raw:  # a new value is a new object (os.environ encodes each one it stores)
@@ -72,6 +77,7 @@ def kernel_mode() -> str:
     return _ENV_MODE.get() if forced is None else forced
 
 
+@torch.compiler.assume_constant_result  # a compiled graph is traced for the mode of its trace time
 def use_fast() -> bool:
     forced = _FORCED.get()
     return (_ENV_MODE.get() if forced is None else forced) != "reference"

@@ -82,7 +82,7 @@ import torch.nn.functional as F
 from moequant.codecs.uniform import num_groups, resolve_group_size, uniform_dequantize
 from moequant.formats.base import QuantizedTensor
 from moequant.formats.bitpack import unpack
-from moequant.kernels import cpp_build
+from moequant.kernels import cpp_build, cpp_ops
 from moequant.kernels.select import EnvSwitch, use_fast
 from moequant.kernels.triton_load import triton_module
 
@@ -251,6 +251,11 @@ def linear(qt: QuantizedTensor, x: torch.Tensor, bias: torch.Tensor | None = Non
         if len(qt.shape) != 2 or needs_grad(x, bias):
             return QuantizedTensor.linear(qt, x, bias)
         codes, scale, zero, bits, gs, k, grid = op_args(qt)
+        cpp = cpp_ops.op("uniform_linear") if x.is_cpu and codes.is_cpu and x.dtype in _FAST_DTYPES else None
+        if cpp is not None and not (bits == 4 and (_INT4.get() or INT4_DEFAULT) != "native"):
+            zc = 0.0 if zero is not None else zero_point(bits, grid)
+            return cpp(x, codes.contiguous(), scale.contiguous(), None if zero is None else zero.contiguous(), bias,
+                       bits, gs, k, zc, GEMV_MAX_ROWS)  # the C++ kernel straight from the graph
         return uniform_linear(x, codes, scale, zero, bias, bits, gs, k, grid)
     if x.is_cuda and len(qt.shape) == 2 and not needs_grad(x, bias):  # the op's CUDA kernel (Triton)
         return uniform_linear(x, *op_args_with_bias(qt, bias))

@@ -18,6 +18,7 @@ def register_packed(module: nn.Module, name: str, qt: QuantizedTensor) -> None:
     packed: dict[str, tuple[type[QuantizedTensor], tuple[int, ...], dict[str, Any]]] = module.__dict__.setdefault(
         "_packed_specs", {})
     packed[name] = (type(qt), qt.shape, dict(qt.attrs))
+    qt.prepare_runtime()
 
 
 def packed_tensor(module: nn.Module, name: str) -> QuantizedTensor:
@@ -75,6 +76,8 @@ def cached_packed_tensor(module: nn.Module, name: str) -> QuantizedTensor:
     """``packed_tensor(module, name)``, built once and kept on the module (outside ``state_dict``) while
     its buffers stay the same, unmodified tensors (``buffers_unchanged``) — so a runtime cache a fast kernel
     keeps on the ``QuantizedTensor`` (a repacked weight) lives as long as the weights, not one call."""
+    if torch.compiler.is_compiling():  # traced: a view over the current buffers (dynamo guards them; the token's
+        return packed_tensor(module, name)  # data-pointer comparison is not traceable)
     hit = module.__dict__.get(_CACHE, _NO_CACHE).get(name)
     if hit is not None and buffers_unchanged(module, hit[0]):
         return hit[1]

@@ -46,6 +46,8 @@ def embedding_rows(qt: QuantizedTensor, ids: torch.Tensor, dtype: torch.dtype = 
     """``qt [V, H]`` looked up at ``ids [...]`` -> ``[..., H]`` in ``dtype``: each distinct id's row decoded
     once, bit for bit what ``qt.dequantize(dtype)[ids]`` holds (the decode is elementwise within a row)."""
     flat = ids.reshape(-1)  # [T]
+    if torch.compiler.is_compiling():  # unique's size depends on the data: decode every id's row (same bits)
+        return select_rows(qt, flat).dequantize(dtype).reshape(*ids.shape, qt.shape[-1])
     uniq, inverse = torch.unique(flat, return_inverse=True)  # [U], [T]
     rows = select_rows(qt, uniq).dequantize(dtype)  # [U, H]
     return rows[inverse].reshape(*ids.shape, qt.shape[-1])  # [..., H]

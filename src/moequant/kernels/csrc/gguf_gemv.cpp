@@ -482,6 +482,13 @@ bool supports(int64_t type_id) {
 
 }  // namespace
 
+// gguf_linear as a dispatcher op too (moequant_ext::gguf_linear), for torch.compile graphs (kernels/cpp_ops.py).
+TORCH_LIBRARY_FRAGMENT(moequant_ext, m) {
+  m.def("gguf_linear(Tensor x, Tensor blocks, int type_id, int in_features, Tensor? bias, int gemv_max_rows) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moequant_ext, CPU, m) { m.impl("gguf_linear", &gguf_linear); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_dequant", &gguf_dequant, "GGUF blocks [N, bytes] -> float32 [N, K], ggml's decode bit for bit");
   m.def("gguf_linear", &gguf_linear, "x [..., K] float32 times the GGUF block matrix -> [..., N]");

@@ -229,6 +229,14 @@ at::Tensor rht_apply(const at::Tensor& x, const at::Tensor& signs_before, const 
 
 }  // namespace
 
+// rht_apply as a dispatcher op too (moequant_ext::rht_apply), so a torch.compile graph calls it without Python
+// (kernels/cpp_ops.py registers its shape function; eager code calls the pybind function).
+TORCH_LIBRARY_FRAGMENT(moequant_ext, m) {
+  m.def("rht_apply(Tensor x, Tensor signs_before, Tensor signs_after, Tensor block, bool transpose) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moequant_ext, CPU, m) { m.impl("rht_apply", &rht_apply); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rht_apply", &rht_apply, "((x * s_before) H_n^T) * s_after, x [..., n] float32");
   m.def("has_avx2", &moequant::built_with_avx2, "built with the AVX2 path");

@@ -1338,6 +1338,20 @@ at::Tensor lut_dequant(const at::Tensor& codes, const at::Tensor& lut, const c10
 
 }  // namespace
 
+// The linear kernels as dispatcher ops too (moequant_ext::*), so a torch.compile graph calls them without a trip
+// through Python (kernels/cpp_ops.py registers their shape functions; eager code calls the pybind functions).
+TORCH_LIBRARY_FRAGMENT(moequant_ext, m) {
+  m.def("uniform_linear(Tensor x, Tensor codes, Tensor scale, Tensor? zero, Tensor? bias, int bits, int group_size, "
+        "int in_features, float zconst, int gemv_max_rows) -> Tensor");
+  m.def("lut_linear(Tensor x, Tensor codes, Tensor lut, Tensor? absmax, Tensor? dq_codes, Tensor? dq_scale, "
+        "Tensor? dq_offset, Tensor? bias, int in_features, int block_size, int dq_block, int gemv_max_rows) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moequant_ext, CPU, m) {
+  m.impl("uniform_linear", &uniform_linear);
+  m.impl("lut_linear", &lut_linear);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("uniform_linear", &uniform_linear, "y = x W^T (+ b) from packed uniform int-k codes");
   m.def("uniform_linear_q8", &uniform_linear_q8,
