@@ -132,6 +132,9 @@ def _add_solver_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--damp", type=float, default=0.01, help="Hessian damping λ (H + λ·mean(diag H)·I), default 0.01")
     g.add_argument("--act-order", action="store_true", help="LDLQ columns by decreasing Hessian diagonal")
     g.add_argument("--seed", type=int, default=0, help="seed of the RHT sign vectors (default 0)")
+    g.add_argument("--rht-transform", default="hartley", choices=["hartley", "paley"],
+                   help="the Hadamard-type transform of --incoherence rht: hartley (default; the odd-order block "
+                   "outside, ~3x cheaper at run time) or paley (the transform of runs before format rht v2)")
     add_calib_arguments(g, data_help="default ptb when the solver is ldlq; its train split is used", samples=128)
     g.add_argument("--hessian", default="per-expert", choices=["per-expert", "layer-mean", "layer-token-weighted"],
                    help="Hessian of each expert: its own routed tokens (default), or a layer aggregate")
@@ -161,7 +164,8 @@ def _solver_and_calib(args: argparse.Namespace, recipe):
         name = "ldlq" if any(auto_solver(c) == "ldlq" for c in configs) else "rtn"
     inc = auto_incoherence(name, configs) if args.incoherence == AUTO else args.incoherence
     try:
-        solver = SolverConfig(solver=name, damp=args.damp, act_order=args.act_order, incoherence=inc, seed=args.seed)
+        solver = SolverConfig(solver=name, damp=args.damp, act_order=args.act_order, incoherence=inc, seed=args.seed,
+                              rht_transform=args.rht_transform)
         calib = None
         if args.calib or solver.needs_hessian:
             calib = CalibData(data=args.calib or "ptb", split="train", samples=args.calib_samples,

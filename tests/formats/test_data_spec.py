@@ -3,10 +3,11 @@ experts included), and ``check_meta`` accepts every ``meta()`` and rejects bad m
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
+
+from moequant.codecs.hadamard import Incoherence
 
 from moequant.codecs.config import LutConfig, TrellisConfig, UniformConfig
 from moequant.formats.base import check_data
@@ -57,10 +58,37 @@ def test_uniform_spec_partial_last_group():
     assert spec == {"codes": ((7, 40), torch.uint8), "scale": ((7, 1), torch.float32), "zero": ((7, 1), torch.uint8)}
 
 
+def test_rotated_transform_rule_by_version():
+    """Version 1 (no ``transform``) is the Paley rule; from version 2 the rule must be written; an unknown
+    one is refused; a v1 tensor re-saved says ``paley``; the decode follows the recorded rule."""
+    cfg = CONFIGS["int3-asym-g32-partial"]
+    w = _weight(cfg, 0)  # [32, 80]
+    for rule in ("paley", "hartley"):
+        inc = Incoherence.make(tuple(w.shape), seed=1, rule=rule)
+        rt = RotatedTensor.wrap(encode(inc.weight(w), cfg), inc)
+        meta = rt.meta()
+        assert meta["format_version"] == 2 and meta["transform"] == rule
+        shape, attrs = RotatedTensor.check_meta(meta)
+        back = RotatedTensor(shape, dict(rt.data), attrs)
+        assert back.transform == rule and torch.equal(back.dequantize(), rt.dequantize())
+        assert back.incoherence().rule == rule
+    v1 = {k: v for k, v in meta.items() if k != "transform"} | {"format_version": 1}
+    shape, attrs = RotatedTensor.check_meta(v1)
+    old = RotatedTensor(shape, dict(rt.data), attrs)
+    assert old.transform == "paley" and old.meta()["transform"] == "paley" and old.meta()["format_version"] == 2
+    assert (old.dequantize() - rt.dequantize()).abs().max() > 1e-3  # the rule matters for 80 = 16·5
+    with pytest.raises(ValueError, match="missing attributes \\['transform'\\]"):
+        RotatedTensor.check_meta({k: v for k, v in meta.items() if k != "transform"})
+    with pytest.raises(ValueError, match="'walsh'"):
+        RotatedTensor.check_meta(meta | {"transform": "walsh"})
+    with pytest.raises(ValueError, match="version 1 has no 'transform'"):
+        RotatedTensor.check_meta(meta | {"format_version": 1})
+
+
 def test_rotated_spec_includes_the_inner_format():
     inner = encode(_weight(CONFIGS["int3-asym-g32-partial"], 0), CONFIGS["int3-asym-g32-partial"])
-    signs = SimpleNamespace(sign_in=torch.where(torch.arange(80) % 3 == 0, -1.0, 1.0),
-                            sign_out=torch.where(torch.arange(32) % 2 == 0, -1.0, 1.0))
+    signs = Incoherence(sign_in=torch.where(torch.arange(80) % 3 == 0, -1.0, 1.0),
+                        sign_out=torch.where(torch.arange(32) % 2 == 0, -1.0, 1.0), rule="hartley")
     rt = RotatedTensor.wrap(inner, signs)
     shape, attrs = RotatedTensor.check_meta(rt.meta())
     spec = RotatedTensor.data_spec(shape, attrs)

@@ -1,4 +1,5 @@
-"""moequant::rht_apply: the C++ random-Hadamard kernel (kernels/hadamard.py, csrc/hadamard.cpp) against the
+"""moequant::rht_apply / rht_apply_outer: the C++ random-Hadamard kernels of the two rules (``paley``, the block
+inside; ``hartley``, the block outside) (kernels/hadamard.py, csrc/hadamard.cpp) against the
 torch path of solvers.incoherence (signs times ``hadamard_transform``), and its use by ``Incoherence``.
 
 Tolerance: both compute in fp32 in different orders (a butterfly vs Kronecker-factor matmuls); measured
@@ -16,14 +17,17 @@ from conftest import require_extension
 from moequant.kernels import cpp_build
 from moequant.kernels import hadamard as kh
 from moequant.kernels.select import reference_kernels
+from moequant.codecs.hadamard import RULES
 from moequant.solvers.incoherence import Incoherence, hadamard_transform, random_signs
 
 TOL = 1e-5  # max |kernel - reference| / max row norm of x
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SIZES = [1, 2, 12, 64, 576, 768, 896, 1536, 4864, 7]  # powers of two, Paley blocks, a random block (7)
+SIZES = [1, 2, 12, 64, 576, 768, 896, 1536, 4864, 7, 40]  # powers of two, Paley blocks, a random block (7)
 ROWS = [1, 3, 8, 300]
+OP = {"paley": "rht_apply", "hartley": "rht_apply_outer"}  # the rule's kernel
+REF = {"paley": kh.reference, "hartley": kh.reference_outer}  # its torch definition
 
 
 @pytest.fixture(scope="module")
@@ -40,46 +44,64 @@ def _err(got, want, x):
     return float((got - want).abs().max() / x.norm(dim=-1).max())
 
 
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("rows", ROWS)
-def test_kernel_matches_hadamard_transform(ext, n, rows):
+def test_kernel_matches_hadamard_transform(ext, n, rows, rule):
     x, sb, sa = _x(rows, n), random_signs(n, 1), random_signs(n, 2)
+    kernel, block = getattr(ext, OP[rule]), kh.block_for(n, rule)
     for transpose in (False, True):
-        want = hadamard_transform(x * sb, transpose=transpose) * sa  # [R, n]
-        got = ext.rht_apply(x, sb, sa, kh.block_for(n), transpose)
+        want = hadamard_transform(x * sb, transpose, rule) * sa  # [R, n]
+        got = kernel(x, sb, sa, block, transpose)
         assert got.shape == x.shape and got.dtype == torch.float32
         assert _err(got, want, x) <= TOL
-        bare = ext.rht_apply(x, kh._NONE, kh._NONE, kh.block_for(n), transpose)  # no signs
-        assert _err(bare, hadamard_transform(x, transpose=transpose), x) <= TOL
-        ref = kh.reference(x, sb, sa, kh.block_for(n), transpose)  # the op's torch definition
+        bare = kernel(x, kh._NONE, kh._NONE, block, transpose)  # no signs
+        assert _err(bare, hadamard_transform(x, transpose, rule), x) <= TOL
+        for pre, post in ((sb, kh._NONE), (kh._NONE, sa)):  # one side only
+            one = hadamard_transform(x * (sb if pre.numel() else 1), transpose, rule) * (sa if post.numel() else 1)
+            assert _err(kernel(x, pre, post, block, transpose), one, x) <= TOL
+        ref = REF[rule](x, sb, sa, block, transpose)  # the op's torch definition
         assert _err(ref, want, x) <= TOL
 
 
+def test_the_rules_differ_where_n_has_an_odd_part(ext):
+    """Not vacuous: the two kernels give different transforms for 576 = 16·36 = 64·9 (and the same for 512)."""
+    for n, same in ((576, False), (512, True)):
+        x = _x(4, n)
+        a = ext.rht_apply(x, kh._NONE, kh._NONE, kh.block_for(n, "paley"), False)
+        b = ext.rht_apply_outer(x, kh._NONE, kh._NONE, kh.block_for(n, "hartley"), False)
+        assert (_err(a, b, x) <= TOL) == same
+
+
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("n", [12, 576, 7])
-def test_kernel_takes_any_layout_and_leading_dims(ext, n):
+def test_kernel_takes_any_layout_and_leading_dims(ext, n, rule):
     x = _x(n, 6, seed=3).T  # [6, n], not contiguous
     sb = random_signs(n, 4)
-    want = hadamard_transform(x * sb)
-    assert _err(ext.rht_apply(x, sb, kh._NONE, kh.block_for(n), False), want, x) <= TOL
-    got = ext.rht_apply(x.reshape(2, 3, n), sb, kh._NONE, kh.block_for(n), False)  # [2, 3, n]
+    kernel, block = getattr(ext, OP[rule]), kh.block_for(n, rule)
+    want = hadamard_transform(x * sb, rule=rule)
+    assert _err(kernel(x, sb, kh._NONE, block, False), want, x) <= TOL
+    got = kernel(x.reshape(2, 3, n), sb, kh._NONE, block, False)  # [2, 3, n]
     assert got.shape == (2, 3, n) and _err(got.reshape(6, n), want, x) <= TOL
-    assert ext.rht_apply(x[:0], sb, kh._NONE, kh.block_for(n), False).shape == (0, n)  # no rows
+    assert kernel(x[:0], sb, kh._NONE, block, False).shape == (0, n)  # no rows
 
 
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("n", SIZES)
-def test_op_dispatches_to_kernel_and_reference(ext, n):
+def test_op_dispatches_to_kernel_and_reference(ext, n, rule):
     x, sb = _x(3, n, seed=1), random_signs(n, 3)
-    want = hadamard_transform(x * sb)
-    got = torch.ops.moequant.rht_apply(x, sb, kh._NONE, kh.block_for(n), False)
-    assert _err(got, want, x) <= TOL
+    want = hadamard_transform(x * sb, rule=rule)
+    op, block = getattr(torch.ops.moequant, OP[rule]), kh.block_for(n, rule)
+    assert _err(op(x, sb, kh._NONE, block, False), want, x) <= TOL
     with reference_kernels():
-        assert _err(torch.ops.moequant.rht_apply(x, sb, kh._NONE, kh.block_for(n), False), want, x) <= TOL
+        assert _err(op(x, sb, kh._NONE, block, False), want, x) <= TOL
 
 
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("lead", [(1,), (5,), (2, 3)])
-def test_incoherence_fast_path_round_trip(ext, n, lead):
-    inc = Incoherence.make((n, n), seed=7)
+def test_incoherence_fast_path_round_trip(ext, n, lead, rule):
+    inc = Incoherence.make((n, n), seed=7, rule=rule)
     x = torch.randn(*lead, n, generator=torch.Generator().manual_seed(2))  # [..., n]
     xr = inc.transform_input(x)
     with reference_kernels():
@@ -88,7 +110,7 @@ def test_incoherence_fast_path_round_trip(ext, n, lead):
     assert xr.shape == x.shape and _err(xr, want, x.reshape(-1, n)) <= TOL
     assert _err(inc.restore_output(xr), back_ref, x.reshape(-1, n)) <= TOL
     # H_n^T inverts H_n and the signs square to one: with S_V = S_U, restore_output(transform_input(x)) == x
-    same = Incoherence(inc.sign_in, inc.sign_in)
+    same = Incoherence(inc.sign_in, inc.sign_in, rule)
     assert _err(same.restore_output(same.transform_input(x)), x, x.reshape(-1, n)) <= TOL
 
 
@@ -96,12 +118,15 @@ def test_fast_path_taken_and_skipped(ext, monkeypatch):
     n = 576
     inc, x = Incoherence.make((n, n), seed=1), _x(1, n)
     calls = []
-    real = ext.rht_apply
 
     class Spy:
-        def rht_apply(self, *a):
-            calls.append(a[-1])
-            return real(*a)
+        def __getattr__(self, name):
+            def call(*a):
+                calls.append(a[-1])
+                return getattr(ext, name)(*a)
+
+            assert name == "rht_apply_outer"  # the default rule's kernel
+            return call
 
     monkeypatch.setattr(kh, "_extension", lambda: Spy())
     inc.restore_output(inc.transform_input(x))
@@ -130,7 +155,7 @@ def test_reference_path_without_extension(monkeypatch):
         inc, x = Incoherence.make((n, n), seed=2), _x(2, n)
         assert kh.fast(x, inc.sign_in, None, False) is None
         got = inc.transform_input(x)
-        torch.testing.assert_close(got, hadamard_transform(x * inc.sign_in), rtol=0, atol=0)
+        torch.testing.assert_close(got, hadamard_transform(x * inc.sign_in, rule=inc.rule), rtol=0, atol=0)
     finally:
         monkeypatch.delenv(cpp_build.DISABLE_ENV)
         cpp_build._load.cache_clear()

@@ -1,5 +1,5 @@
-"""Random Hadamard transform: orthonormal for any size, the fast path equals the dense Kronecker
-matrix, the weight transform round-trips (shared and per-expert signs), keeps the Hessian-weighted
+"""Random Hadamard transform, under both rules (``paley``: ``H_p ⊗ B_m``; ``hartley``: ``C_o ⊗ H_p``):
+orthonormal for any size, the fast path equals the dense Kronecker matrix, the weight transform round-trips (shared and per-expert signs), keeps the Hessian-weighted
 error, flattens outliers, and its signs are seeded and stored exactly."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moequant.codecs.hadamard import RULES, _hartley
 from moequant.solvers.incoherence import (Incoherence, hadamard_factors, hadamard_matrix, hadamard_transform,
                                           random_signs)
 
@@ -17,21 +18,53 @@ def _randn(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("n", [64, 96, 768, 1024, 576, 896, 1536, 3072, 7, 1])
-def test_orthonormal_any_size(n):
-    h = hadamard_matrix(n)  # [n, n] float64, built by torch.kron, independent of the fast path
+def test_orthonormal_any_size(n, rule):
+    h = hadamard_matrix(n, rule=rule)  # [n, n] float64, built by torch.kron, independent of the fast path
     eye = torch.eye(n, dtype=h.dtype)
     if n <= 1024:
         assert (h.T @ h - eye).abs().max() <= 1e-10
     # H_nᵀ H_n with the fast path on one side: I only if dense and fast are the same orthonormal H_n
-    assert (hadamard_transform(h.T.contiguous(), transpose=True) - eye).abs().max() <= 1e-10
+    assert (hadamard_transform(h.T.contiguous(), transpose=True, rule=rule) - eye).abs().max() <= 1e-10
 
 
 @pytest.mark.parametrize("n,factors", [(64, (64, 1)), (96, (8, 12)), (576, (16, 36)), (768, (64, 12)),
                                        (896, (32, 28)), (1536, (128, 12)), (3072, (256, 12)),
                                        (4864, (64, 76)), (14336, (512, 28)), (6, (2, 3)), (7, (1, 7))])
 def test_factorisation_rule(n, factors):
-    assert hadamard_factors(n) == factors
+    assert hadamard_factors(n) == factors == hadamard_factors(n, "paley")
+
+
+@pytest.mark.parametrize("n,factors", [(64, (64, 1)), (96, (32, 3)), (576, (64, 9)), (896, (128, 7)),
+                                       (1536, (512, 3)), (4864, (256, 19)), (8960, (256, 35)), (7, (1, 7))])
+def test_hartley_factorisation_is_the_odd_part(n, factors):
+    assert hadamard_factors(n, "hartley") == factors
+
+
+@pytest.mark.parametrize("o", [1, 3, 5, 9, 19, 35])
+def test_hartley_block(o):
+    c = _hartley(o)
+    eye = torch.eye(o, dtype=torch.float64)
+    torch.testing.assert_close(c, c.T, rtol=0, atol=0)  # symmetric
+    torch.testing.assert_close(c @ c, eye, rtol=0, atol=1e-12)  # C² = I: orthogonal and symmetric
+    assert float(c.abs().max()) <= 2 ** 0.5 / o ** 0.5 + 1e-12
+
+
+@pytest.mark.parametrize("n", [576, 1536, 896, 4864])
+def test_hartley_entries_bounded(n):
+    """Every entry of ``C_o ⊗ H_p`` is at most ``√2/√n`` (incoherence ``μ ≤ √2``); a random orthogonal block
+    of the same order reaches ~3/√n (``codecs.hadamard._block``)."""
+    h = hadamard_matrix(n, rule="hartley")
+    assert float(h.abs().max()) * n ** 0.5 <= 2 ** 0.5 + 1e-9
+    assert float(h.abs().max()) * n ** 0.5 > 1.3  # not a true Hadamard: the bound is what is checked
+
+
+def test_unknown_rule_is_named():
+    with pytest.raises(ValueError, match="'walsh'"):
+        hadamard_factors(64, "walsh")
+    with pytest.raises(ValueError, match="'walsh'"):
+        Incoherence(torch.ones(4), torch.ones(4), "walsh")
 
 
 def test_sylvester_closed_form():
@@ -46,15 +79,16 @@ def test_true_hadamard_entries(n):
     assert torch.allclose(hadamard_matrix(n).abs(), torch.full((n, n), n ** -0.5, dtype=torch.float64), atol=1e-12)
 
 
-@pytest.mark.parametrize("n", [8, 12, 24, 96, 576, 768, 20, 7, 6, 2048])
-def test_fast_equals_dense(n):
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("n", [8, 12, 24, 96, 576, 768, 20, 7, 6, 2048, 1536])
+def test_fast_equals_dense(n, rule):
     x = _randn(2, 3, n, seed=n, dtype=torch.float64)
-    h = hadamard_matrix(n)
-    torch.testing.assert_close(hadamard_transform(x), x @ h.T, rtol=0, atol=1e-12)
-    torch.testing.assert_close(hadamard_transform(x, transpose=True), x @ h, rtol=0, atol=1e-12)
-    torch.testing.assert_close(hadamard_transform(hadamard_transform(x), transpose=True), x, rtol=0, atol=1e-12)
+    h = hadamard_matrix(n, rule=rule)
+    torch.testing.assert_close(hadamard_transform(x, rule=rule), x @ h.T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(hadamard_transform(x, True, rule), x @ h, rtol=0, atol=1e-12)
+    torch.testing.assert_close(hadamard_transform(hadamard_transform(x, rule=rule), True, rule), x, rtol=0, atol=1e-12)
     x32 = x.float()
-    torch.testing.assert_close(hadamard_transform(x32), (x @ h.T).float(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(hadamard_transform(x32, rule=rule), (x @ h.T).float(), rtol=0, atol=1e-5)
 
 
 def test_large_paley_ii_block_keeps_norms():
@@ -71,17 +105,19 @@ def _check_runtime(inc, w, x, expert=None):
     assert (y - want).norm() <= 1e-4 * want.norm()
 
 
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("shape,per_expert", [((48, 96), False), ((3, 64, 40), False), ((3, 64, 40), True),
                                               ((2, 12, 7), True)])
-def test_weight_round_trip_and_runtime(shape, per_expert):
+def test_weight_round_trip_and_runtime(shape, per_expert, rule):
     w, x = _randn(*shape), _randn(7, shape[-1], seed=1)
-    inc = Incoherence.make(shape, seed=5, per_expert=per_expert)
+    inc = Incoherence.make(shape, seed=5, per_expert=per_expert, rule=rule)
+    assert inc.rule == rule and inc.select(0).rule == rule
     assert inc.sign_in.dim() == 1 + per_expert
     w_rot = inc.weight(w)
     torch.testing.assert_close(inc.weight_inverse(w_rot), w, rtol=0, atol=1e-5)
     assert (w_rot - w).abs().max() > 0.1  # it did rotate
     if w.dim() == 2:  # against the dense formula H_N S_V W S_U H_Kᵀ
-        h_n, h_k = hadamard_matrix(shape[0]), hadamard_matrix(shape[1])
+        h_n, h_k = hadamard_matrix(shape[0], rule=rule), hadamard_matrix(shape[1], rule=rule)
         want = h_n @ torch.diag(inc.sign_out.double()) @ w.double() @ torch.diag(inc.sign_in.double()) @ h_k.T
         torch.testing.assert_close(w_rot.double(), want, rtol=0, atol=1e-5)
         return _check_runtime(inc, w, x)
@@ -95,15 +131,16 @@ def test_weight_round_trip_and_runtime(shape, per_expert):
     torch.testing.assert_close(y, xe @ w.transpose(-1, -2), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("per_expert,shared_h", [(False, True), (True, True), (True, False)])
-def test_hessian_error_invariance(per_expert, shared_h):
+def test_hessian_error_invariance(per_expert, shared_h, rule):
     e, n, k = 2, 40, 96
     x = _randn(e, 300, k, seed=3, dtype=torch.float64)
     h = x.transpose(-1, -2) @ x / 300  # [E, K, K] SPD
     h = h[0] if shared_h else h
     d = _randn(e, n, k, seed=4, dtype=torch.float64)
-    inc = Incoherence.make((e, n, k), seed=3, per_expert=per_expert)
-    inc = Incoherence(inc.sign_in.double(), inc.sign_out.double())
+    inc = Incoherence.make((e, n, k), seed=3, per_expert=per_expert, rule=rule)
+    inc = Incoherence(inc.sign_in.double(), inc.sign_out.double(), rule)
     dt, ht = inc.weight(d), inc.hessian(h)
     assert ht.dtype == torch.float64 and ht.shape == ((e, k, k) if per_expert or not shared_h else (k, k))
     for i in range(e):

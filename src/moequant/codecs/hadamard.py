@@ -21,6 +21,18 @@ spreads any spike uniformly, so it is preferred to a smaller odd block. When no 
 seeded by ``o``): a pure function of the size (nothing to store) that maps every fixed direction to
 a random one. A DCT block would not do: it maps a constant vector to a single spike.
 
+**Two rules, recorded per tensor** (``RULES``). The rule above is ``"paley"`` (format ``rht`` v1, every
+entry ``±1/√n``). Its dense block costs ``m`` multiply-adds per element at run time (36 for 576 = 16·36,
+76 for 4864), which made a rotated model's prefill ~25% slower than the same inner format unrotated.
+``"hartley"`` (format ``rht`` v2, the default for new tensors) puts the block *outside*:
+``H_n = C_o ⊗ H_p`` with ``o`` the odd part of ``n`` and ``p = n / o`` (element ``i = b · p + a``), and
+``C_o`` the normalized Hartley matrix ``C[j, k] = (cos 2πjk/o + sin 2πjk/o) / √o`` (symmetric,
+orthogonal; ``o = 1``: none). It costs ``o`` multiply-adds per element on contiguous runs of ``p`` floats
+(9 for 576 = 9·64, 3 for 1536 = 3·512) plus the butterfly. Its entries are at most ``√2/√n`` in magnitude
+(incoherence ``μ ≤ √2`` instead of 1; the random orthogonal fallback above can reach ``μ ≈ 3``), and
+the signs ``S`` in front randomize every fixed direction before ``C_o`` sees it. The quality of both
+rules was measured side by side (BENCHMARKS.md, issue #10).
+
 **Fast application.** ``v ↦ H_n v`` never forms ``H_n``: ``v`` is viewed as a tensor
 ``[f_1, …, f_r, m]`` and one small matrix is applied along each axis, using
 ``H_p = H_{f_1} ⊗ … ⊗ H_{f_r}`` (Sylvester blocks of order ``f_i ≤ 2^_FACTOR_BITS``). That costs
@@ -43,7 +55,7 @@ import torch
 
 # ``(x, signs_before | None, signs_after | None, transpose) -> y | None``: the accelerated
 # ``rht_apply`` (``kernels.hadamard.fast``) once installed; None where it does not apply.
-FastPath = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], bool], Optional[torch.Tensor]]
+FastPath = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], bool, str], Optional[torch.Tensor]]
 _fast: FastPath | None = None
 
 
@@ -55,8 +67,8 @@ def set_fast_path(fn: FastPath | None) -> None:
 
 
 def _apply_fast(x: torch.Tensor, before: torch.Tensor | None, after: torch.Tensor | None,
-                transpose: bool) -> torch.Tensor | None:
-    return None if _fast is None else _fast(x, before, after, transpose)
+                transpose: bool, rule: str) -> torch.Tensor | None:
+    return None if _fast is None else _fast(x, before, after, transpose, rule)
 
 # Largest Sylvester factor applied as one dense matmul: 2^5 measured at least as fast as 2^6 and the
 # butterfly FWHT on CPU (x [4096, 3072] fp32, one thread); every cap gives the same matrix.
@@ -96,10 +108,31 @@ def _paley(m: int) -> torch.Tensor | None:
     return h
 
 
+RULES = ("paley", "hartley")  # the module docstring; a rotated tensor records its rule (format rht v2)
+DEFAULT_RULE = "hartley"  # what new tensors use
+
+
+def check_rule(rule: str) -> str:
+    if rule not in RULES:
+        raise ValueError(f"Hadamard rule {rule!r}: expected one of {', '.join(RULES)}")
+    return rule
+
+
 @torch.compiler.assume_constant_result  # pure in n: a traced graph takes the value, not the computation
-def hadamard_factors(n: int) -> tuple[int, int]:
-    """``(p, m)`` with ``p · m = n``, ``p`` a power of two and ``m`` the block order (module rule)."""
+def hadamard_factors(n: int, rule: str = "paley") -> tuple[int, int]:
+    """``(p, m)`` with ``p · m = n``, ``p`` a power of two and ``m`` the block order under ``rule`` (module
+    docstring: ``H_n = H_p ⊗ B_m`` for ``"paley"``, ``C_m ⊗ H_p`` with ``m`` the odd part for ``"hartley"``)."""
+    if check_rule(rule) == "hartley":
+        return _odd_split(n)
     return _hadamard_factors(n)
+
+
+@functools.lru_cache(maxsize=256)
+def _odd_split(n: int) -> tuple[int, int]:
+    if n < 1:
+        raise ValueError(f"transform size must be positive, got {n}")
+    p = n & -n
+    return p, n // p
 
 
 @functools.lru_cache(maxsize=256)  # the kernel asks at every call (it builds Paley candidates); a plain function
@@ -127,6 +160,14 @@ def _sylvester(p: int) -> torch.Tensor:
     return h / math.sqrt(p)
 
 
+def _hartley(o: int) -> torch.Tensor:
+    """The normalized Hartley matrix ``C_o [o, o]`` (float64): ``(cos + sin)(2π jk / o) / √o``, symmetric and
+    orthogonal (``C_o² = I``)."""
+    jk = torch.outer(torch.arange(o, dtype=torch.float64), torch.arange(o, dtype=torch.float64))
+    t = 2 * math.pi * torch.remainder(jk, o) / o  # reduced mod o first: exact angles for large j·k
+    return (torch.cos(t) + torch.sin(t)) / math.sqrt(o)
+
+
 def _block(m: int) -> torch.Tensor:
     """The orthonormal block ``B_m [m, m]`` (float64): scaled Paley matrix or seeded random orthogonal."""
     h = _paley(m)
@@ -140,55 +181,62 @@ def _block(m: int) -> torch.Tensor:
 
 
 @torch.compiler.assume_constant_result
-def _factor_sizes(n: int) -> tuple[int, ...]:
-    """Orders ``[f_1, …, f_r, (m)]`` with ``H_n = H_{f_1} ⊗ … ⊗ H_{f_r} ⊗ B_m``, outermost first."""
-    return _factor_sizes_cached(n)
+def _factor_sizes(n: int, rule: str = "paley") -> tuple[tuple[int, str], ...]:
+    """``((order, kind), …)`` of the Kronecker factors of ``H_n``, outermost first: ``"paley"`` gives
+    ``H_{f_1} ⊗ … ⊗ H_{f_r} ⊗ B_m``, ``"hartley"`` ``C_o ⊗ H_{f_1} ⊗ … ⊗ H_{f_r}``; kind ``"sylvester"``,
+    ``"block"`` (``_block``) or ``"hartley"``."""
+    return _factor_sizes_cached(n, rule)
 
 
 @functools.lru_cache(maxsize=256)
-def _factor_sizes_cached(n: int) -> tuple[int, ...]:
-    p, m = hadamard_factors(n)
+def _factor_sizes_cached(n: int, rule: str) -> tuple[tuple[int, str], ...]:
+    p, m = hadamard_factors(n, rule)
     k = p.bit_length() - 1
-    sizes = [1 << min(_FACTOR_BITS, k - i) for i in range(0, k, _FACTOR_BITS)]
-    return tuple(sizes + ([m] if m > 1 else []))
+    sizes = [(1 << min(_FACTOR_BITS, k - i), "sylvester") for i in range(0, k, _FACTOR_BITS)]
+    if m == 1:
+        return tuple(sizes)
+    return tuple([(m, "hartley")] + sizes) if rule == "hartley" else tuple(sizes + [(m, "block")])
 
 
-# (order, dtype, device) -> the factor: a plain dict, so that a torch.compile trace reads a built factor as a
-# constant (``warm``) instead of tracing its construction.
-_FACTORS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+# (order, kind, dtype, device) -> the factor: a plain dict, so that a torch.compile trace reads a built factor as
+# a constant (``warm``) instead of tracing its construction.
+_FACTORS: dict[tuple[int, str, torch.dtype, torch.device], torch.Tensor] = {}
+_BUILD = {"sylvester": _sylvester, "block": _block, "hartley": _hartley}
 
 
-def _factor(f: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The ``[f, f]`` Kronecker factor of order ``f`` in ``dtype`` on ``device`` (cached: pure in its args)."""
-    key = (f, dtype, device)
+def _factor(f: int, dtype: torch.dtype, device: torch.device, kind: str | None = None) -> torch.Tensor:
+    """The ``[f, f]`` Kronecker factor of order ``f`` and ``kind`` (default: Sylvester for a power of two,
+    else ``_block``) in ``dtype`` on ``device`` (cached: pure in its args)."""
+    kind = kind or ("sylvester" if f & (f - 1) == 0 else "block")
+    key = (f, kind, dtype, device)
     mat = _FACTORS.get(key)
     if mat is None:
-        mat = (_sylvester(f) if f & (f - 1) == 0 else _block(f)).to(dtype=dtype, device=device)
+        mat = _BUILD[kind](f).to(dtype=dtype, device=device)
         if len(_FACTORS) < 256:
             _FACTORS[key] = mat
     return mat
 
 
-def warm(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+def warm(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", rule: str = "paley") -> None:
     """Build the factors of ``H_n`` now (eagerly), so that a later ``torch.compile`` trace of a transform of size
     ``n`` finds them built. ``QuantLinear`` / ``QuantExperts`` call it for their rotated tensors' sizes."""
     if torch.compiler.is_compiling():
         return
-    for f in _factor_sizes(n):
-        _factor(f, dtype, torch.device(device))
+    for f, kind in _factor_sizes(n, rule):
+        _factor(f, dtype, torch.device(device), kind)
 
 
-def hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+def hadamard_transform(x: torch.Tensor, transpose: bool = False, rule: str = "paley") -> torch.Tensor:
     """``x @ H_nᵀ`` (each vector ``v`` along the last dim mapped to ``H_n v``), or ``x @ H_n`` with
-    ``transpose`` (``v ↦ H_nᵀ v``); ``n = x.shape[-1]``, any leading dims, any float dtype."""
+    ``transpose`` (``v ↦ H_nᵀ v``); ``n = x.shape[-1]``, any leading dims, any float dtype; ``H_n`` of ``rule``."""
     n = x.shape[-1]
-    sizes = _factor_sizes(n)
+    sizes = _factor_sizes(n, rule)
     if not sizes:
         return x.clone()
     y = x.reshape(-1, n)  # [R, n]
     rows, inner = y.shape[0], n  # y is viewed as [rows, f, inner] for the current factor
-    for f in sizes:
-        mat = _factor(f, x.dtype, x.device)  # [f, f]
+    for f, kind in sizes:
+        mat = _factor(f, x.dtype, x.device, kind)  # [f, f]
         mat = mat.T if transpose else mat
         inner //= f
         y = y.reshape(rows, f) @ mat.T if inner == 1 else torch.matmul(mat, y.reshape(rows, f, inner))
@@ -196,9 +244,12 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor
     return y.reshape(x.shape)
 
 
-def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The dense ``H_n = H_p ⊗ B_m [n, n]`` that ``hadamard_transform`` applies (tests, small ``n``)."""
-    p, m = hadamard_factors(n)
+def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64, rule: str = "paley") -> torch.Tensor:
+    """The dense ``H_n [n, n]`` that ``hadamard_transform`` applies under ``rule`` (tests, small ``n``):
+    ``H_p ⊗ B_m`` (``"paley"``) or ``C_o ⊗ H_p`` (``"hartley"``)."""
+    p, m = hadamard_factors(n, rule)
+    if rule == "hartley":
+        return torch.kron(_hartley(m), _sylvester(p)).to(dtype)
     return torch.kron(_sylvester(p), _block(m)).to(dtype)
 
 
@@ -225,9 +276,9 @@ def _times_signs(t: torch.Tensor, s: torch.Tensor, dim: int, what: str) -> torch
     return t * s.to(dtype=t.dtype, device=t.device)
 
 
-def _left(a: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+def _left(a: torch.Tensor, transpose: bool = False, rule: str = "paley") -> torch.Tensor:
     """``H_N A`` (or ``H_Nᵀ A``) for ``a [..., N, K]``: the transform applied to the columns."""
-    return hadamard_transform(a.transpose(-1, -2), transpose).transpose(-1, -2)
+    return hadamard_transform(a.transpose(-1, -2), transpose, rule).transpose(-1, -2)
 
 
 @dataclass(eq=False)
@@ -241,8 +292,10 @@ class Incoherence:
 
     sign_in: torch.Tensor
     sign_out: torch.Tensor
+    rule: str = "paley"  # the H_n of both sides (module docstring); what format rht v1 stored implicitly
 
     def __post_init__(self) -> None:
+        check_rule(self.rule)
         if self.sign_in.dim() not in (1, 2) or self.sign_out.dim() not in (1, 2):
             raise ValueError(f"signs must be [n] or [E, n], got {tuple(self.sign_in.shape)} and "
                              f"{tuple(self.sign_out.shape)}")
@@ -251,18 +304,19 @@ class Incoherence:
                              f"{tuple(self.sign_out.shape)}")
 
     @classmethod
-    def make(cls, shape: tuple[int, ...], seed: int, per_expert: bool = False) -> "Incoherence":
+    def make(cls, shape: tuple[int, ...], seed: int, per_expert: bool = False,
+             rule: str = DEFAULT_RULE) -> "Incoherence":
         """Signs for a ``[N, K]`` or ``[E, N, K]`` weight from ``seed``: shared by the experts, or with
-        ``per_expert`` one pair per expert (``[E, K]``, ``[E, N]``)."""
+        ``per_expert`` one pair per expert (``[E, K]``, ``[E, N]``); the transforms of ``rule``."""
         if len(shape) not in (2, 3):
             raise ValueError(f"incoherence supports [N, K] or [E, N, K] weights, got {tuple(shape)}")
         *lead, n, k = shape
         count = lead[0] if lead and per_expert else None
-        return cls(random_signs(k, seed, count=count), random_signs(n, seed + 1, count=count))
+        return cls(random_signs(k, seed, count=count), random_signs(n, seed + 1, count=count), rule)
 
     def select(self, e: int) -> "Incoherence":
         """The transform of expert ``e`` (shared signs: the same transform)."""
-        return Incoherence(_pick(self.sign_in, e), _pick(self.sign_out, e))
+        return Incoherence(_pick(self.sign_in, e), _pick(self.sign_out, e), self.rule)
 
     def _at(self, expert: int | None) -> "Incoherence":
         return self if expert is None else self.select(expert)
@@ -271,12 +325,12 @@ class Incoherence:
         """``W̃ = H_N S_V W S_U H_Kᵀ`` for ``w [..., N, K]``."""
         inc = self._at(expert)
         a = _times_signs(_times_signs(w, inc.sign_in, -1, "weight"), inc.sign_out, -2, "weight")  # S_V W S_U
-        return _left(hadamard_transform(a))  # H_N (...) H_Kᵀ
+        return _left(hadamard_transform(a, rule=self.rule), rule=self.rule)  # H_N (...) H_Kᵀ
 
     def weight_inverse(self, w_rot: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         """``W = S_V H_Nᵀ W̃ H_K S_U`` for ``w_rot [..., N, K]``."""
         inc = self._at(expert)
-        a = hadamard_transform(_left(w_rot, transpose=True), transpose=True)  # H_Nᵀ W̃ H_K
+        a = hadamard_transform(_left(w_rot, True, self.rule), True, self.rule)  # H_Nᵀ W̃ H_K
         return _times_signs(_times_signs(a, inc.sign_in, -1, "rotated weight"), inc.sign_out, -2, "rotated weight")
 
     def hessian(self, h: torch.Tensor, expert: int | None = None) -> torch.Tensor:
@@ -289,20 +343,20 @@ class Incoherence:
         if s.dim() == 2 and h.dim() == 2:
             h = h.expand(s.shape[0], *h.shape)  # [E, K, K]
         a = _times_signs(_times_signs(h, s, -1, "hessian"), s, -2, "hessian")  # S_U H S_U
-        return _left(hadamard_transform(a))  # H_K (...) H_Kᵀ
+        return _left(hadamard_transform(a, rule=self.rule), rule=self.rule)  # H_K (...) H_Kᵀ
 
     def transform_input(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         """``H_K S_U x`` for every ``x`` along the last dim of ``x [..., K]``. Float32 CPU activations with
         shared signs take one call of the C++ kernel (``kernels.hadamard``) where it is available."""
         s = self._at(expert).sign_in
-        out = _apply_fast(x, s, None, False)
-        return hadamard_transform(_times_signs(x, s, -1, "input")) if out is None else out
+        out = _apply_fast(x, s, None, False, self.rule)
+        return hadamard_transform(_times_signs(x, s, -1, "input"), rule=self.rule) if out is None else out
 
     def restore_output(self, y: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         """``S_V H_Nᵀ y`` for every ``y`` along the last dim of ``y [..., N]`` (the C++ kernel as above)."""
         s = self._at(expert).sign_out
-        out = _apply_fast(y, None, s, True)
-        return _times_signs(hadamard_transform(y, transpose=True), s, -1, "output") if out is None else out
+        out = _apply_fast(y, None, s, True, self.rule)
+        return _times_signs(hadamard_transform(y, True, self.rule), s, -1, "output") if out is None else out
 
     def to_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """``{prefix}sign_in`` / ``{prefix}sign_out`` as int8 ±1 tensors of the signs' shapes."""
@@ -315,8 +369,8 @@ class Incoherence:
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str = "",
-                        dtype: torch.dtype = torch.float32) -> "Incoherence":
-        return cls(sd[prefix + "sign_in"].to(dtype), sd[prefix + "sign_out"].to(dtype))
+                        dtype: torch.dtype = torch.float32, rule: str = "paley") -> "Incoherence":
+        return cls(sd[prefix + "sign_in"].to(dtype), sd[prefix + "sign_out"].to(dtype), rule)
 
     def nbytes(self) -> int:
         """Bytes of ``to_state_dict`` (one int8 per sign)."""

@@ -258,4 +258,4 @@ class Rotated:
         inner = self.inner.packed()
         data = {"sign_in": self.qt.data["sign_in"], "sign_out": self.qt.data["sign_out"],
                 **{INNER + d: t for d, t in inner.data.items()}}
-        return RotatedTensor(self.shape, data, {"inner": inner.meta()})
+        return RotatedTensor(self.shape, data, {"inner": inner.meta(), "transform": self.inc.rule})

@@ -1,4 +1,4 @@
-"""``RotatedTensor`` (format ``rht`` v1): a packed tensor of the *incoherent* weight
+"""``RotatedTensor`` (format ``rht`` v2): a packed tensor of the *incoherent* weight
 ``W̃ = H_N S_V W S_U H_Kᵀ`` plus the random sign vectors that undo the rotation.
 
 ``H_n`` is the orthonormal Hadamard-type transform of ``codecs.hadamard`` (fast Walsh–Hadamard,
@@ -9,7 +9,9 @@ Stored tensors, for a logical weight ``[..., N, K]`` (every expert has its own s
 - ``sign_out``: uint8 ``[..., packed_len(N, 1)]``, likewise for ``S_V``;
 - ``inner_<data>``: the inner format's tensors (any registered format), which encode ``W̃``.
 
-Attributes: ``inner`` = the inner tensor's ``meta()``. Decoding: ``W = S_V H_Nᵀ W̃ H_K S_U``. At run
+Attributes: ``inner`` = the inner tensor's ``meta()``; ``transform`` = the rule of ``H_n`` (``codecs.hadamard``:
+``"hartley"``, ``C_o ⊗ H_p``, what new tensors use; ``"paley"``, ``H_p ⊗ B_m``). Version 1 had no
+``transform`` attribute: its tensors are ``"paley"`` and load and decode as before. Decoding: ``W = S_V H_Nᵀ W̃ H_K S_U``. At run
 time ``y = W x`` is computed without decoding ``W``: ``y = S_V H_Nᵀ (W̃ (H_K S_U x))``
 (``linear``). The signs count towards ``bits_per_weight`` like every other stored bit.
 """
@@ -21,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from moequant.codecs.config import MethodConfig
-from moequant.codecs.hadamard import Incoherence
+from moequant.codecs.hadamard import RULES, Incoherence
 from moequant.formats.base import QuantizedTensor
 from moequant.formats.bitpack import pack, packed_len, unpack
 from moequant.formats.methods import METHOD_FORMATS
@@ -39,10 +41,10 @@ def _unpack_signs(b: torch.Tensor, n: int) -> torch.Tensor:
 
 class RotatedTensor(QuantizedTensor):
     format_id: ClassVar[str] = "rht"
-    format_version: ClassVar[int] = 1
+    format_version: ClassVar[int] = 2  # v2: the ``transform`` attribute (v1: always "paley")
     config_type: ClassVar[type[MethodConfig]] = MethodConfig
     data_names: ClassVar[tuple[str, ...]] = ("sign_in", "sign_out")
-    attr_names: ClassVar[tuple[str, ...]] = ("inner",)
+    attr_names: ClassVar[tuple[str, ...]] = ("inner", "transform")
 
     @classmethod
     def names_for(cls, attrs: dict[str, Any]) -> tuple[str, ...]:
@@ -57,7 +59,12 @@ class RotatedTensor(QuantizedTensor):
         s_out = torch.broadcast_to(incoherence.sign_out, (*lead, n))  # [..., N]
         data = {"sign_in": _pack_signs(s_in), "sign_out": _pack_signs(s_out),
                 **{INNER + d: t for d, t in inner.data.items()}}
-        return cls(inner.shape, data, {"inner": inner.meta()})
+        return cls(inner.shape, data, {"inner": inner.meta(), "transform": incoherence.rule})
+
+    @property
+    def transform(self) -> str:
+        """The rule of ``H_n`` (``check_meta`` gives a version-1 tensor ``"paley"``)."""
+        return self.attrs["transform"]
 
     @classmethod
     def encode(cls, w: torch.Tensor, config: MethodConfig, hessian: torch.Tensor | None = None) -> "QuantizedTensor":
@@ -73,10 +80,26 @@ class RotatedTensor(QuantizedTensor):
         raise TypeError("the bits of a rotated tensor are the inner format's plus (N + K) sign bits per matrix")
 
     @classmethod
+    def check_meta(cls, meta: Any) -> tuple[tuple[int, ...], dict[str, Any]]:
+        """The base checks, and the transform rule by version: version 1 has none (``"paley"``), from version 2
+        it must be recorded (a v2 tensor without it would decode under the wrong ``H_n``)."""
+        shape, attrs = super().check_meta(meta)
+        has = "transform" in attrs
+        if meta.get("format_version", 1) >= 2 and not has:
+            raise ValueError(f"{cls.format_id} version {meta['format_version']}: missing attributes ['transform']")
+        if meta.get("format_version", 1) == 1:
+            if has:
+                raise ValueError(f"{cls.format_id} version 1 has no 'transform' attribute (found {attrs['transform']!r})")
+            attrs["transform"] = "paley"  # what version 1 meant; the tensor's meta() is then the current version's
+        return shape, attrs
+
+    @classmethod
     def check_attrs(cls, attrs: dict[str, Any]) -> None:
         """``inner`` is a valid ``meta()`` of a non-rotated format."""
         if "inner" not in attrs:
             raise ValueError("missing attributes ['inner']")
+        if attrs.get("transform", "paley") not in RULES:
+            raise ValueError(f"transform {attrs['transform']!r} is not one of {', '.join(RULES)}")
         inner = attrs["inner"]
         if not isinstance(inner, dict) or not isinstance(inner.get("format"), str):
             raise ValueError(f"inner metadata {inner!r} has no format")
@@ -113,14 +136,14 @@ class RotatedTensor(QuantizedTensor):
     def incoherence(self) -> Incoherence:
         *_, n, k = self.shape
         return Incoherence(sign_in=_unpack_signs(self.data["sign_in"], k),
-                           sign_out=_unpack_signs(self.data["sign_out"], n))
+                           sign_out=_unpack_signs(self.data["sign_out"], n), rule=self.transform)
 
     def select(self, index: int) -> "QuantizedTensor":
         if len(self.shape) < 3:
             raise ValueError(f"{self.format_id}: select() needs a leading expert dim, shape is {self.shape}")
         inner = self.inner.select(index)
         data = {n: t[index] for n, t in self.data.items()}
-        return RotatedTensor(self.shape[1:], data, {"inner": inner.meta()})
+        return RotatedTensor(self.shape[1:], data, {**self.attrs, "inner": inner.meta()})
 
     def to(self, device: torch.device | str) -> "QuantizedTensor":
         return RotatedTensor(self.shape, {n: t.to(device) for n, t in self.data.items()}, dict(self.attrs))
@@ -145,8 +168,8 @@ class RotatedTensor(QuantizedTensor):
         """The Hadamard factors of both sides, built now (a compiled graph reads them as constants)."""
         from moequant.codecs.hadamard import warm
 
-        warm(self.shape[-1])
-        warm(self.shape[-2])
+        warm(self.shape[-1], rule=self.transform)
+        warm(self.shape[-2], rule=self.transform)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x [..., K] -> x Wᵀ + b [..., N]`` for a 2-D tensor, rotating the activations instead of

@@ -30,6 +30,7 @@ _FAKES: dict[str, tuple[str, Callable[..., torch.Tensor]]] = {
     "uniform_linear": ("uniform", lambda x, codes, *rest: _linear_like(x, codes)),
     "lut_linear": ("uniform", lambda x, codes, *rest: _linear_like(x, codes)),
     "rht_apply": ("hadamard", lambda x, *rest: torch.empty_like(x)),
+    "rht_apply_outer": ("hadamard", lambda x, *rest: torch.empty_like(x)),
     "gguf_linear": ("gguf", lambda x, blocks, *rest: _linear_like(x, blocks)),
 }
 

@@ -11,6 +11,13 @@ Schema::
   ``((x · s_before) H_n) · s_after`` (``v ↦ H_nᵀ v``). ``Incoherence.transform_input`` (``H_K S_U x``) is
   ``rht_apply(x, S_U, -, B, False)`` and ``restore_output`` (``S_V H_Nᵀ y``) ``rht_apply(y, -, S_V, B, True)``.
 
+``moequant::rht_apply_outer`` (same schema) is the transform of the ``"hartley"`` rule, ``H_n = C_o ⊗ H_p``:
+the block outside, so each row is viewed as ``[o, p]`` (element ``i = b · p + a``), ``H_p`` runs along the
+contiguous runs of ``p`` floats and ``C_o`` mixes the ``o`` runs (``o`` multiply-adds per element on whole
+vectors, 4 output runs at a time so that each vector loaded serves 4 of them) instead of the ``m`` of a dense
+``B_m`` applied to sub-rows of ``m`` floats (576: 9 instead of 36). The two kernels at prefill shapes are
+timed side by side by ``benchmarks/rht_transform_speed.py`` (BENCHMARKS.md, issue #10).
+
 Implementations:
 - ``reference``: torch ops (the block as a batched matmul, then ``hadamard_transform`` of the power of two);
 - CPU: ``csrc/hadamard.cpp`` (extension ``rht``): per row, a sign-multiplying copy, an in-place butterfly FWHT
@@ -54,11 +61,11 @@ def extension():
 _CPU = torch.device("cpu")
 
 
-def block_for(n: int) -> torch.Tensor:
-    """``B_m`` float32 ``[m, m]`` of ``H_n`` on the CPU, or an empty tensor when ``m = 1`` (``codecs.hadamard``'s
-    cached factor: contiguous as built)."""
-    _, m = hadamard_factors(n)
-    return _factor(m, torch.float32, _CPU) if m > 1 else _NONE
+def block_for(n: int, rule: str = "paley") -> torch.Tensor:
+    """The block of ``H_n`` under ``rule`` (``B_m`` of ``H_p ⊗ B_m``, or ``C_o`` of ``C_o ⊗ H_p``) float32 ``[m, m]``
+    on the CPU, or an empty tensor when ``m = 1`` (``codecs.hadamard``'s cached factor: contiguous as built)."""
+    _, m = hadamard_factors(n, rule)
+    return _factor(m, torch.float32, _CPU, "hartley" if rule == "hartley" else None) if m > 1 else _NONE
 
 
 def reference(x: torch.Tensor, signs_before: torch.Tensor, signs_after: torch.Tensor, block: torch.Tensor,
@@ -75,24 +82,53 @@ def reference(x: torch.Tensor, signs_before: torch.Tensor, signs_after: torch.Te
     return y * signs_after if signs_after.numel() else y
 
 
+def reference_outer(x: torch.Tensor, signs_before: torch.Tensor, signs_after: torch.Tensor, block: torch.Tensor,
+                    transpose: bool) -> torch.Tensor:
+    """``rht_apply_outer`` with torch ops: ``H_n = C ⊗ H_p`` (block outside), ``x [..., n] -> [..., n]``."""
+    n = x.shape[-1]
+    o = block.shape[0] if block.numel() else 1
+    y = x * signs_before if signs_before.numel() else x
+    v = hadamard_transform(y.reshape(-1, o, n // o))  # [R, o, p]: element i = b * p + a; H_p along a
+    if o > 1:
+        v = (block.T if transpose else block) @ v  # the rows mixed: C (C^T) along b
+    y = v.reshape(x.shape)
+    return y * signs_after if signs_after.numel() else y
+
+
 @torch.library.custom_op("moequant::rht_apply", mutates_args=())
 def rht_apply(x: torch.Tensor, signs_before: torch.Tensor, signs_after: torch.Tensor, block: torch.Tensor,
               transpose: bool) -> torch.Tensor:
     return reference(x, signs_before, signs_after, block, transpose)
 
 
-@rht_apply.register_kernel("cpu")
-def _rht_apply_cpu(x, signs_before, signs_after, block, transpose):
-    ext = extension() if use_fast() and x.dtype == torch.float32 else None
-    if ext is None:
-        return reference(x, signs_before, signs_after, block, transpose)
-    f32 = [t.to(torch.float32).contiguous() for t in (signs_before, signs_after, block)]
-    return ext.rht_apply(x, *f32, transpose)
+def _cpu_kernel(name: str, ref):
+    """The CPU implementation of op ``name``: the extension's function, or ``ref`` without it."""
+    def run(x, signs_before, signs_after, block, transpose):
+        ext = extension() if use_fast() and x.dtype == torch.float32 else None
+        if ext is None:
+            return ref(x, signs_before, signs_after, block, transpose)
+        f32 = [t.to(torch.float32).contiguous() for t in (signs_before, signs_after, block)]
+        return getattr(ext, name)(x, *f32, transpose)
+
+    return run
+
+
+rht_apply.register_kernel("cpu")(_cpu_kernel("rht_apply", reference))
 
 
 @rht_apply.register_fake
 def _(x, signs_before, signs_after, block, transpose):
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("moequant::rht_apply_outer", mutates_args=())
+def rht_apply_outer(x: torch.Tensor, signs_before: torch.Tensor, signs_after: torch.Tensor, block: torch.Tensor,
+                    transpose: bool) -> torch.Tensor:
+    return reference_outer(x, signs_before, signs_after, block, transpose)
+
+
+rht_apply_outer.register_kernel("cpu")(_cpu_kernel("rht_apply_outer", reference_outer))
+rht_apply_outer.register_fake(lambda x, *rest: torch.empty_like(x))
 
 
 def _signs(s: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -110,7 +146,7 @@ def _extension():
 
 
 def fast(x: torch.Tensor, signs_before: torch.Tensor | None, signs_after: torch.Tensor | None,
-         transpose: bool) -> torch.Tensor | None:
+         transpose: bool, rule: str = "paley") -> torch.Tensor | None:
     """``x [..., n] -> [..., n]`` by the C++ kernel (``rht_apply`` semantics, ``H_n`` from ``n``), or ``None``
     where the fast path does not apply (see the module docstring). Every check here costs a fraction of a
     microsecond: at decode sizes the kernel itself takes 1-3 µs."""
@@ -122,11 +158,12 @@ def fast(x: torch.Tensor, signs_before: torch.Tensor | None, signs_after: torch.
     sb, sa = _signs(signs_before, n), _signs(signs_after, n)
     if sb is None or sa is None or n == 0:
         return None
+    name = "rht_apply_outer" if rule == "hartley" else "rht_apply"  # the block outside (C_o ⊗ H_p) or inside
     if torch.compiler.is_compiling():  # the C++ op from the graph, where prepared; else the torch path is traced
-        cpp = cpp_ops.op("rht_apply")
-        return None if cpp is None else cpp(x, sb, sa, block_for(n), transpose)
+        cpp = cpp_ops.op(name)
+        return None if cpp is None else cpp(x, sb, sa, block_for(n, rule), transpose)
     ext = _extension()
-    return None if ext is None else ext.rht_apply(x, sb, sa, block_for(n), transpose)  # [..., n]
+    return None if ext is None else getattr(ext, name)(x, sb, sa, block_for(n, rule), transpose)  # [..., n]
 
 
 set_fast_path(fast)  # Incoherence.transform_input / restore_output try the kernel first (codecs.hadamard)

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 SOLVERS = ("rtn", "ldlq")
 INCOHERENCE = ("none", "rht")
+RHT_TRANSFORMS = ("hartley", "paley")  # codecs.hadamard.RULES: the H_n of --incoherence rht
 
 
 @dataclass(frozen=True)
@@ -16,7 +17,9 @@ class SolverConfig:
     calibration Hessians). damp: ``λ`` in ``H + λ·mean(diag H)·I``. lazy: columns per lazy-update batch.
     act_order: process columns by decreasing ``diag(H)`` (scalar codecs only). incoherence: ``rht``
     applies a random Hadamard transform with random signs on both sides before quantizing; seed: the
-    base seed of the sign vectors (each tensor derives its own from it and its name)."""
+    base seed of the sign vectors (each tensor derives its own from it and its name). rht_transform: the
+    ``H_n`` of the transform (``codecs.hadamard``): ``hartley`` (default since version 2: the odd block outside,
+    cheap at run time) or ``paley`` (version 1's, every entry ±1/√n)."""
 
     solver: str = "rtn"
     damp: float = 0.01
@@ -24,14 +27,17 @@ class SolverConfig:
     act_order: bool = False
     incoherence: str = "none"
     seed: int = 0
+    rht_transform: str = "hartley"
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2  # v2: rht_transform (v1 runs used "paley")
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
             raise ValueError(f"--solver {self.solver!r} is not one of {SOLVERS}")
         if self.incoherence not in INCOHERENCE:
             raise ValueError(f"--incoherence {self.incoherence!r} is not one of {INCOHERENCE}")
+        if self.rht_transform not in RHT_TRANSFORMS:
+            raise ValueError(f"--rht-transform {self.rht_transform!r} is not one of {RHT_TRANSFORMS}")
         if not self.damp >= 0:
             raise ValueError(f"--damp must be >= 0, got {self.damp}")
         if self.lazy < 1:
@@ -45,7 +51,8 @@ class SolverConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": "SolverConfig", "version": self.VERSION, "solver": self.solver, "damp": self.damp,
-                "lazy": self.lazy, "act_order": self.act_order, "incoherence": self.incoherence, "seed": self.seed}
+                "lazy": self.lazy, "act_order": self.act_order, "incoherence": self.incoherence, "seed": self.seed,
+                "rht_transform": self.rht_transform}
 
     @property
     def short_name(self) -> str:

@@ -71,7 +71,8 @@ def _solve(w: torch.Tensor, config: MethodConfig, solver: SolverConfig, hessian:
     if solver.incoherence == "rht":
         from moequant.solvers.incoherence import Incoherence  # the kernel-accelerated transform installed
 
-        inc = Incoherence.make(tuple(w.shape), seed=tensor_seed(solver.seed, where), per_expert=True)
+        inc = Incoherence.make(tuple(w.shape), seed=tensor_seed(solver.seed, where), per_expert=True,
+                               rule=solver.rht_transform)
         w = inc.weight(w)
         h = None if h is None else inc.hessian(h)
         h_ev = h if h_eval is None else inc.hessian(h_ev)

@@ -14,6 +14,7 @@
 //      columns at a time accumulated in registers (the matrix padded to whole vectors); m = 1: the
 //      1/sqrt(p) scale alone;
 //   4. times signs_after.
+// rht_apply_outer is the same with the block outside (H_n = C_o (x) H_p): see its comment below.
 // Rows run in parallel (at::parallel_for) only when there are enough of them (kGrainFloats per task).
 #include <torch/extension.h>
 
@@ -180,25 +181,45 @@ const float* signs_ptr(const at::Tensor& s, int64_t n, const char* what) {
   return s.data_ptr<float>();
 }
 
-// x [..., n] float32 -> ((x * signs_before) H^T) * signs_after [..., n] (see the file comment); any leading
-// dims (R = their product), so that callers need no reshape.
-at::Tensor rht_apply(const at::Tensor& x, const at::Tensor& signs_before, const at::Tensor& signs_after,
-                     const at::Tensor& block, bool transpose) {
+// The checked arguments of both kernels: x [..., n] float32 (R = the product of the leading dims, so that
+// callers need no reshape), the signs or null, and the block order m (1: no block), n = p * m, p a power of two.
+struct Args {
+  at::Tensor xc;  // x, contiguous
+  int64_t n = 0, rows = 0, m = 1, p = 1;
+  const float* pre = nullptr;
+  const float* post = nullptr;
+};
+
+Args check_args(const at::Tensor& x, const at::Tensor& signs_before, const at::Tensor& signs_after,
+                const at::Tensor& block) {
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) >= 1, "x must be [..., n] with n >= 1, got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be a float32 CPU tensor");
-  const at::Tensor xc = x.contiguous();
-  const int64_t n = xc.size(-1), rows = xc.numel() / n;
-  const float* pre = signs_ptr(signs_before, n, "signs_before");
-  const float* post = signs_ptr(signs_after, n, "signs_after");
-  int64_t m = 1;
+  Args a;
+  a.xc = x.contiguous();
+  a.n = a.xc.size(-1);
+  a.rows = a.xc.numel() / a.n;
+  a.pre = signs_ptr(signs_before, a.n, "signs_before");
+  a.post = signs_ptr(signs_after, a.n, "signs_after");
   if (block.numel() > 0) {
     TORCH_CHECK(block.dim() == 2 && block.size(0) == block.size(1), "block must be [m, m], got ", block.sizes());
     TORCH_CHECK(block.scalar_type() == at::kFloat && block.is_contiguous() && block.device().is_cpu(),
                 "block must be a contiguous float32 CPU tensor");
-    m = block.size(0);
+    a.m = block.size(0);
   }
-  TORCH_CHECK(n % m == 0 && power_of_two_part(n / m) == n / m, "n = ", n, " is not a power of two times m = ", m);
-  const int64_t p = n / m;
+  TORCH_CHECK(a.n % a.m == 0 && power_of_two_part(a.n / a.m) == a.n / a.m, "n = ", a.n,
+              " is not a power of two times the block order ", a.m);
+  a.p = a.n / a.m;
+  return a;
+}
+
+// x [..., n] float32 -> ((x * signs_before) H^T) * signs_after [..., n] (see the file comment).
+at::Tensor rht_apply(const at::Tensor& x, const at::Tensor& signs_before, const at::Tensor& signs_after,
+                     const at::Tensor& block, bool transpose) {
+  const Args args = check_args(x, signs_before, signs_after, block);
+  const at::Tensor& xc = args.xc;
+  const int64_t n = args.n, rows = args.rows, m = args.m, p = args.p;
+  const float* pre = args.pre;
+  const float* post = args.post;
   const float scale = 1.0f / std::sqrt(static_cast<float>(p));
   const Block b = m > 1 ? make_block(block.contiguous(), transpose, scale) : Block{};
 
@@ -226,6 +247,91 @@ at::Tensor rht_apply(const at::Tensor& x, const at::Tensor& signs_before, const 
   return out;
 }
 
+// ---- the block outside: H_n = C_o (x) H_p (codecs.hadamard's "hartley" rule) ---------------------------------
+// A row viewed as V [o, p] (element i = b * p + a): H_n v = C_o (V H_p) row-mixed, i.e. out[j, :] = sum_c
+// M[j, c] * (H_p V[c, :]) with M = C_o (transpose: C_o^T) / sqrt(p). H_p runs in place on each contiguous run
+// of p floats (fwht with m = 1); the mix reads those runs as whole vectors: J output runs at once, 16 floats of
+// each in registers, so that every vector loaded from a run serves J multiply-adds.
+
+// out[j0 + t, a] for t in [0, J), all a: the mix of the runs of v (rows of [o, p]) with M [o, o], times post.
+template <int J>
+void mix_runs(const float* v, float* out, const float* mix, int64_t o, int64_t p, int64_t j0, const float* post) {
+  int64_t a = 0;
+#ifdef __AVX2__
+  for (; a + 16 <= p; a += 16) {
+    __m256 acc[J][2];
+    for (int t = 0; t < J; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < o; ++c) {
+      const __m256 x0 = _mm256_loadu_ps(v + c * p + a), x1 = _mm256_loadu_ps(v + c * p + a + 8);
+      for (int t = 0; t < J; ++t) {
+        const __m256 w = _mm256_broadcast_ss(mix + (j0 + t) * o + c);
+        acc[t][0] = _mm256_fmadd_ps(w, x0, acc[t][0]);
+        acc[t][1] = _mm256_fmadd_ps(w, x1, acc[t][1]);
+      }
+    }
+    for (int t = 0; t < J; ++t) {
+      float* dst = out + (j0 + t) * p + a;
+      if (post != nullptr) {
+        const float* s = post + (j0 + t) * p + a;
+        acc[t][0] = _mm256_mul_ps(acc[t][0], _mm256_loadu_ps(s));
+        acc[t][1] = _mm256_mul_ps(acc[t][1], _mm256_loadu_ps(s + 8));
+      }
+      _mm256_storeu_ps(dst, acc[t][0]);
+      _mm256_storeu_ps(dst + 8, acc[t][1]);
+    }
+  }
+#endif
+  for (; a < p; ++a) {
+    for (int t = 0; t < J; ++t) {
+      float acc = 0.0f;
+      for (int64_t c = 0; c < o; ++c) acc += mix[(j0 + t) * o + c] * v[c * p + a];
+      const int64_t i = (j0 + t) * p + a;
+      out[i] = post != nullptr ? acc * post[i] : acc;
+    }
+  }
+}
+
+// x [..., n] float32 -> ((x * signs_before) H^T) * signs_after with H = C (x) H_p (block [o, o] outside).
+at::Tensor rht_apply_outer(const at::Tensor& x, const at::Tensor& signs_before, const at::Tensor& signs_after,
+                           const at::Tensor& block, bool transpose) {
+  const Args args = check_args(x, signs_before, signs_after, block);
+  const at::Tensor& xc = args.xc;
+  const int64_t n = args.n, rows = args.rows, o = args.m, p = args.p;
+  const float* pre = args.pre;
+  const float* post = args.post;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(p));
+  std::vector<float> mix(o * o, scale);  // M[j, c] = C[j, c] (transpose: C[c, j]) / sqrt(p)
+  if (o > 1) {
+    const float* src = block.data_ptr<float>();
+    for (int64_t j = 0; j < o; ++j)
+      for (int64_t c = 0; c < o; ++c) mix[j * o + c] = scale * (transpose ? src[c * o + j] : src[j * o + c]);
+  }
+
+  at::Tensor out = at::empty(xc.sizes(), xc.options());
+  const float* src = xc.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, kGrainFloats / n);
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<float> runs(o > 1 ? n : 0);
+    for (int64_t r = r0; r < r1; ++r) {
+      float* row = dst + r * n;
+      float* v = o > 1 ? runs.data() : row;  // the butterflied runs (o > 1: mixed from scratch into the row)
+      copy_signed(v, src + r * n, pre, n);
+      for (int64_t b = 0; b < o; ++b) fwht(v + b * p, p, 1);
+      if (o == 1) {
+        if (post != nullptr)
+          for (int64_t i = 0; i < n; ++i) row[i] *= scale * post[i];
+        else if (p > 1)
+          for (int64_t i = 0; i < n; ++i) row[i] *= scale;
+        continue;
+      }
+      int64_t j = 0;
+      for (; j + 4 <= o; j += 4) mix_runs<4>(v, row, mix.data(), o, p, j, post);
+      for (; j < o; ++j) mix_runs<1>(v, row, mix.data(), o, p, j, post);
+    }
+  });
+  return out;
+}
 
 }  // namespace
 
@@ -233,11 +339,16 @@ at::Tensor rht_apply(const at::Tensor& x, const at::Tensor& signs_before, const 
 // (kernels/cpp_ops.py registers its shape function; eager code calls the pybind function).
 TORCH_LIBRARY_FRAGMENT(moequant_ext, m) {
   m.def("rht_apply(Tensor x, Tensor signs_before, Tensor signs_after, Tensor block, bool transpose) -> Tensor");
+  m.def("rht_apply_outer(Tensor x, Tensor signs_before, Tensor signs_after, Tensor block, bool transpose) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(moequant_ext, CPU, m) { m.impl("rht_apply", &rht_apply); }
+TORCH_LIBRARY_IMPL(moequant_ext, CPU, m) {
+  m.impl("rht_apply", &rht_apply);
+  m.impl("rht_apply_outer", &rht_apply_outer);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rht_apply", &rht_apply, "((x * s_before) H_n^T) * s_after, x [..., n] float32");
+  m.def("rht_apply", &rht_apply, "((x * s_before) H_n^T) * s_after, x [..., n] float32, H_n = H_p (x) B_m");
+  m.def("rht_apply_outer", &rht_apply_outer, "((x * s_before) H_n^T) * s_after, x [..., n] float32, H_n = C_o (x) H_p");
   m.def("has_avx2", &moequant::built_with_avx2, "built with the AVX2 path");
 }
