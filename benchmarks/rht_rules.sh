@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issue #10: the two Hadamard rules of --incoherence rht side by side on SmolLM2-135M (whole PTB test split):
-# "paley" (H_p ⊗ B_m, format rht v1's transform) vs "hartley" (C_o ⊗ H_p, the default since rht v2), with the
-# same seed, calibration and inner format; then paired bootstrap CIs of PPL(hartley) / PPL(paley).
+# Issue #10: the Hadamard rules of --incoherence rht side by side on SmolLM2-135M (whole PTB test split):
+# "paley" (H_p ⊗ B_m, format rht v1's transform), "paley-outer" (B_m ⊗ H_p, the default since rht v2) and
+# "hartley" (C_o ⊗ H_p over the odd part only), with the same seed, calibration and inner format; then paired
+# bootstrap CIs of PPL(hartley) / PPL(paley) and PPL(paley-outer) / PPL(paley) for every recipe.
 #   bash benchmarks/rht_rules.sh [WORK] [JSON]
 set -euo pipefail
 WORK=${1:-runs/rht-rules}
@@ -14,13 +15,14 @@ declare -A RECIPES=(
 )
 pairs=()
 for name in int4-rtn int3-ldlq int2-ldlq; do
-  for rule in hartley paley; do
+  for rule in hartley paley paley-outer; do
     out=$WORK/$M-$name-$rule
     if [ ! -f "$out/ppl.json" ]; then
       [ -f "$out/report.json" ] || moequant -q quantize $M ${RECIPES[$name]} --rht-transform $rule --out "$out" --overwrite
       moequant -q eval ppl "$out" --data ptb --json "$out/ppl.json"
     fi
-    pairs+=("$out")
   done
+  base=$WORK/$M-$name-paley
+  pairs+=("$WORK/$M-$name-hartley" "$base" "$WORK/$M-$name-paley-outer" "$base")
 done
 python benchmarks/pairs.py --json "$JSON" "${pairs[@]}"

@@ -10,7 +10,8 @@ replace (and llama.cpp on the same model), CPU, per thread count, every ratio me
    search: ``quantize``'s int defaults with ``--solver rtn``), ``nf4`` (block 64), ``trellis2`` (2-bit hyb,
    V=2, tile 16, L = ``--trellis-l``, default 12 instead of the CLI's 16: an L=16 Viterbi encodes ~12x slower
    and the decoder does the same work per weight at either L), ``rht-int4`` / ``rht-int2`` (the same with
-   ``--incoherence rht``; ``rht-int4-paley`` with the transform of format rht v1, ``--rht-transform paley``). Embeddings, head, norms and routers stay fp32 (the defaults).
+   ``--incoherence rht``; ``rht-int4-paley`` / ``rht-int4-hartley`` with ``--rht-transform paley`` (format rht v1's transform) /
+   ``hartley``). Embeddings, head, norms and routers stay fp32 (the defaults).
 2. **llama.cpp** (optional, ``--llamacpp F16 Q8_0 Q4_0``): when the tools built by
    ``benchmarks/peers/build_llamacpp.sh`` exist under ``--llamacpp-dir``, ``convert_hf_to_gguf.py --outtype
    f16`` on the model's HF directory, then ``llama-quantize`` to each type (its default tensor types unless
@@ -64,6 +65,7 @@ FORMATS: dict[str, list[str] | None] = {
     "trellis2": ["--method", "trellis", "--bits", "2", *RTN],  # + --trellis-l
     "rht-int4": [*INT, "--bits", "4", *RTN, "--incoherence", "rht"],
     "rht-int4-paley": [*INT, "--bits", "4", *RTN, "--incoherence", "rht", "--rht-transform", "paley"],
+    "rht-int4-hartley": [*INT, "--bits", "4", *RTN, "--incoherence", "rht", "--rht-transform", "hartley"],
     "rht-int2": [*INT, "--bits", "2", *RTN, "--incoherence", "rht"],
 }
 SETTING_KEYS = ("tokens", "prompt", "prefill", "batch", "repeats", "trellis_l", "llamacpp_f16_embeddings")

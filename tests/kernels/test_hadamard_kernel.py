@@ -26,8 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZES = [1, 2, 12, 64, 576, 768, 896, 1536, 4864, 7, 40]  # powers of two, Paley blocks, a random block (7)
 ROWS = [1, 3, 8, 300]
-OP = {"paley": "rht_apply", "hartley": "rht_apply_outer"}  # the rule's kernel
-REF = {"paley": kh.reference, "hartley": kh.reference_outer}  # its torch definition
+OP = {"paley": "rht_apply", "paley-outer": "rht_apply_outer", "hartley": "rht_apply_outer"}  # the rule's kernel
+REF = {"paley": kh.reference, "paley-outer": kh.reference_outer, "hartley": kh.reference_outer}  # its definition
 
 
 @pytest.fixture(scope="module")

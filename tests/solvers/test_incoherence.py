@@ -74,9 +74,22 @@ def test_sylvester_closed_form():
     torch.testing.assert_close(hadamard_matrix(32), (1 - 2 * (parity % 2)).double() / 32 ** 0.5, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("rule", ["paley", "paley-outer"])
 @pytest.mark.parametrize("n", [64, 96, 768, 576, 896])
-def test_true_hadamard_entries(n):
-    assert torch.allclose(hadamard_matrix(n).abs(), torch.full((n, n), n ** -0.5, dtype=torch.float64), atol=1e-12)
+def test_true_hadamard_entries(n, rule):
+    h = hadamard_matrix(n, rule=rule)
+    assert torch.allclose(h.abs(), torch.full((n, n), n ** -0.5, dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [96, 576, 1536])
+def test_paley_outer_is_paley_permuted(n):
+    """``B_m ⊗ H_p = P (H_p ⊗ B_m) Pᵀ`` with ``P`` the perfect shuffle (index ``b·p + a`` <- ``a·m + b``)."""
+    p, m = hadamard_factors(n)
+    assert hadamard_factors(n, "paley-outer") == (p, m)
+    perm = torch.arange(n).reshape(p, m).T.reshape(-1)  # position b·p + a holds a·m + b
+    inner, outer = hadamard_matrix(n), hadamard_matrix(n, rule="paley-outer")
+    torch.testing.assert_close(outer, inner[perm][:, perm], rtol=0, atol=0)
+    assert not torch.equal(outer, inner)
 
 
 @pytest.mark.parametrize("rule", RULES)

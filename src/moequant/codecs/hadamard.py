@@ -21,17 +21,16 @@ spreads any spike uniformly, so it is preferred to a smaller odd block. When no 
 seeded by ``o``): a pure function of the size (nothing to store) that maps every fixed direction to
 a random one. A DCT block would not do: it maps a constant vector to a single spike.
 
-**Two rules, recorded per tensor** (``RULES``). The rule above is ``"paley"`` (format ``rht`` v1, every
-entry ``±1/√n``). Its dense block costs ``m`` multiply-adds per element at run time (36 for 576 = 16·36,
-76 for 4864), which made a rotated model's prefill ~25% slower than the same inner format unrotated.
-``"hartley"`` (format ``rht`` v2, the default for new tensors) puts the block *outside*:
-``H_n = C_o ⊗ H_p`` with ``o`` the odd part of ``n`` and ``p = n / o`` (element ``i = b · p + a``), and
-``C_o`` the normalized Hartley matrix ``C[j, k] = (cos 2πjk/o + sin 2πjk/o) / √o`` (symmetric,
-orthogonal; ``o = 1``: none). It costs ``o`` multiply-adds per element on contiguous runs of ``p`` floats
-(9 for 576 = 9·64, 3 for 1536 = 3·512) plus the butterfly. Its entries are at most ``√2/√n`` in magnitude
-(incoherence ``μ ≤ √2`` instead of 1; the random orthogonal fallback above can reach ``μ ≈ 3``), and
-the signs ``S`` in front randomize every fixed direction before ``C_o`` sees it. The quality of both
-rules was measured side by side (BENCHMARKS.md, issue #10).
+**Three rules, recorded per tensor** (``RULES``). The rule above is ``"paley"`` (format ``rht`` v1): the
+block inside, applied at run time to sub-rows of ``m`` floats. ``"paley-outer"`` (the default since format
+``rht`` v2) is the same two factors in the other order, ``H_n = B_m ⊗ H_p`` (element ``i = b · p + a``):
+the butterfly runs on contiguous runs of ``p`` floats and the block mixes whole runs (vectors), which
+the kernel does 1.2–2.5× faster; every entry is still ``±1/√n`` (it is ``H_n`` with rows and columns
+permuted). ``"hartley"`` keeps only the odd part ``o`` of ``n`` outside, ``H_n = C_o ⊗ H_p`` with ``C_o``
+the normalized Hartley matrix ``C[j, k] = (cos 2πjk/o + sin 2πjk/o) / √o`` (symmetric, orthogonal):
+``o`` multiply-adds per element instead of ``m`` (9 instead of 36 for 576), but its entries reach ``√2/√n``
+(incoherence ``μ = √2``): an outlier's energy is spread unevenly (0 to 2/n of it per entry), and on
+SmolLM2 it cost 2–4% perplexity against Paley (BENCHMARKS.md, "Two Hadamard rules"). It is opt-in.
 
 **Fast application.** ``v ↦ H_n v`` never forms ``H_n``: ``v`` is viewed as a tensor
 ``[f_1, …, f_r, m]`` and one small matrix is applied along each axis, using
@@ -108,8 +107,9 @@ def _paley(m: int) -> torch.Tensor | None:
     return h
 
 
-RULES = ("paley", "hartley")  # the module docstring; a rotated tensor records its rule (format rht v2)
-DEFAULT_RULE = "hartley"  # what new tensors use
+RULES = ("paley", "paley-outer", "hartley")  # the module docstring; a rotated tensor records its rule (rht v2)
+DEFAULT_RULE = "paley-outer"  # what new tensors use
+OUTER_RULES = ("paley-outer", "hartley")  # the block outside: H_n = B ⊗ H_p
 
 
 def check_rule(rule: str) -> str:
@@ -121,7 +121,8 @@ def check_rule(rule: str) -> str:
 @torch.compiler.assume_constant_result  # pure in n: a traced graph takes the value, not the computation
 def hadamard_factors(n: int, rule: str = "paley") -> tuple[int, int]:
     """``(p, m)`` with ``p · m = n``, ``p`` a power of two and ``m`` the block order under ``rule`` (module
-    docstring: ``H_n = H_p ⊗ B_m`` for ``"paley"``, ``C_m ⊗ H_p`` with ``m`` the odd part for ``"hartley"``)."""
+    docstring: ``H_p ⊗ B_m`` for ``"paley"``, ``B_m ⊗ H_p`` for ``"paley-outer"``, ``C_m ⊗ H_p`` with ``m`` the
+    odd part for ``"hartley"``)."""
     if check_rule(rule) == "hartley":
         return _odd_split(n)
     return _hadamard_factors(n)
@@ -183,8 +184,8 @@ def _block(m: int) -> torch.Tensor:
 @torch.compiler.assume_constant_result
 def _factor_sizes(n: int, rule: str = "paley") -> tuple[tuple[int, str], ...]:
     """``((order, kind), …)`` of the Kronecker factors of ``H_n``, outermost first: ``"paley"`` gives
-    ``H_{f_1} ⊗ … ⊗ H_{f_r} ⊗ B_m``, ``"hartley"`` ``C_o ⊗ H_{f_1} ⊗ … ⊗ H_{f_r}``; kind ``"sylvester"``,
-    ``"block"`` (``_block``) or ``"hartley"``."""
+    ``H_{f_1} ⊗ … ⊗ H_{f_r} ⊗ B_m``, ``"paley-outer"`` ``B_m ⊗ H_{f_1} ⊗ … ⊗ H_{f_r}``, ``"hartley"``
+    ``C_o ⊗ H_{f_1} ⊗ … ⊗ H_{f_r}``; kind ``"sylvester"``, ``"block"`` (``_block``) or ``"hartley"``."""
     return _factor_sizes_cached(n, rule)
 
 
@@ -195,7 +196,9 @@ def _factor_sizes_cached(n: int, rule: str) -> tuple[tuple[int, str], ...]:
     sizes = [(1 << min(_FACTOR_BITS, k - i), "sylvester") for i in range(0, k, _FACTOR_BITS)]
     if m == 1:
         return tuple(sizes)
-    return tuple([(m, "hartley")] + sizes) if rule == "hartley" else tuple(sizes + [(m, "block")])
+    if rule in OUTER_RULES:
+        return tuple([(m, "hartley" if rule == "hartley" else "block")] + sizes)
+    return tuple(sizes + [(m, "block")])
 
 
 # (order, kind, dtype, device) -> the factor: a plain dict, so that a torch.compile trace reads a built factor as
@@ -246,10 +249,10 @@ def hadamard_transform(x: torch.Tensor, transpose: bool = False, rule: str = "pa
 
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64, rule: str = "paley") -> torch.Tensor:
     """The dense ``H_n [n, n]`` that ``hadamard_transform`` applies under ``rule`` (tests, small ``n``):
-    ``H_p ⊗ B_m`` (``"paley"``) or ``C_o ⊗ H_p`` (``"hartley"``)."""
+    ``H_p ⊗ B_m`` (``"paley"``), ``B_m ⊗ H_p`` (``"paley-outer"``) or ``C_o ⊗ H_p`` (``"hartley"``)."""
     p, m = hadamard_factors(n, rule)
-    if rule == "hartley":
-        return torch.kron(_hartley(m), _sylvester(p)).to(dtype)
+    if rule in OUTER_RULES:
+        return torch.kron(_hartley(m) if rule == "hartley" else _block(m), _sylvester(p)).to(dtype)
     return torch.kron(_sylvester(p), _block(m)).to(dtype)
 
 

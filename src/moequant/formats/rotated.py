@@ -10,7 +10,8 @@ Stored tensors, for a logical weight ``[..., N, K]`` (every expert has its own s
 - ``inner_<data>``: the inner format's tensors (any registered format), which encode ``W̃``.
 
 Attributes: ``inner`` = the inner tensor's ``meta()``; ``transform`` = the rule of ``H_n`` (``codecs.hadamard``:
-``"hartley"``, ``C_o ⊗ H_p``, what new tensors use; ``"paley"``, ``H_p ⊗ B_m``). Version 1 had no
+``"paley-outer"``, ``B_m ⊗ H_p``, what new tensors use; ``"paley"``, ``H_p ⊗ B_m``; ``"hartley"``,
+``C_o ⊗ H_p``). Version 1 had no
 ``transform`` attribute: its tensors are ``"paley"`` and load and decode as before. Decoding: ``W = S_V H_Nᵀ W̃ H_K S_U``. At run
 time ``y = W x`` is computed without decoding ``W``: ``y = S_V H_Nᵀ (W̃ (H_K S_U x))``
 (``linear``). The signs count towards ``bits_per_weight`` like every other stored bit.

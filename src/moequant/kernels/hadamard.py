@@ -11,11 +11,11 @@ Schema::
   ``((x · s_before) H_n) · s_after`` (``v ↦ H_nᵀ v``). ``Incoherence.transform_input`` (``H_K S_U x``) is
   ``rht_apply(x, S_U, -, B, False)`` and ``restore_output`` (``S_V H_Nᵀ y``) ``rht_apply(y, -, S_V, B, True)``.
 
-``moequant::rht_apply_outer`` (same schema) is the transform of the ``"hartley"`` rule, ``H_n = C_o ⊗ H_p``:
-the block outside, so each row is viewed as ``[o, p]`` (element ``i = b · p + a``), ``H_p`` runs along the
-contiguous runs of ``p`` floats and ``C_o`` mixes the ``o`` runs (``o`` multiply-adds per element on whole
-vectors, 4 output runs at a time so that each vector loaded serves 4 of them) instead of the ``m`` of a dense
-``B_m`` applied to sub-rows of ``m`` floats (576: 9 instead of 36). The two kernels at prefill shapes are
+``moequant::rht_apply_outer`` (same schema) is the transform of the rules with the block outside
+(``"paley-outer"``, ``B_m ⊗ H_p``, and ``"hartley"``, ``C_o ⊗ H_p``): each row is viewed as ``[o, p]`` (element
+``i = b · p + a``), ``H_p`` runs along the contiguous runs of ``p`` floats and the block mixes the ``o`` runs
+(``o`` multiply-adds per element on whole vectors, 4 output runs at a time so that each vector loaded serves 4
+of them) instead of the block applied to sub-rows of ``m`` floats. The two kernels at prefill shapes are
 timed side by side by ``benchmarks/rht_transform_speed.py`` (BENCHMARKS.md, issue #10).
 
 Implementations:
@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import torch
 
-from moequant.codecs.hadamard import _factor, hadamard_factors, hadamard_transform, set_fast_path
+from moequant.codecs.hadamard import OUTER_RULES, _factor, hadamard_factors, hadamard_transform, set_fast_path
 from moequant.kernels import cpp_build, cpp_ops
 from moequant.kernels.select import use_fast
 
@@ -65,7 +65,7 @@ def block_for(n: int, rule: str = "paley") -> torch.Tensor:
     """The block of ``H_n`` under ``rule`` (``B_m`` of ``H_p ⊗ B_m``, or ``C_o`` of ``C_o ⊗ H_p``) float32 ``[m, m]``
     on the CPU, or an empty tensor when ``m = 1`` (``codecs.hadamard``'s cached factor: contiguous as built)."""
     _, m = hadamard_factors(n, rule)
-    return _factor(m, torch.float32, _CPU, "hartley" if rule == "hartley" else None) if m > 1 else _NONE
+    return _factor(m, torch.float32, _CPU, "hartley" if rule == "hartley" else "block") if m > 1 else _NONE
 
 
 def reference(x: torch.Tensor, signs_before: torch.Tensor, signs_after: torch.Tensor, block: torch.Tensor,
@@ -158,7 +158,7 @@ def fast(x: torch.Tensor, signs_before: torch.Tensor | None, signs_after: torch.
     sb, sa = _signs(signs_before, n), _signs(signs_after, n)
     if sb is None or sa is None or n == 0:
         return None
-    name = "rht_apply_outer" if rule == "hartley" else "rht_apply"  # the block outside (C_o ⊗ H_p) or inside
+    name = "rht_apply_outer" if rule in OUTER_RULES else "rht_apply"  # the block outside (B ⊗ H_p) or inside
     if torch.compiler.is_compiling():  # the C++ op from the graph, where prepared; else the torch path is traced
         cpp = cpp_ops.op(name)
         return None if cpp is None else cpp(x, sb, sa, block_for(n, rule), transpose)

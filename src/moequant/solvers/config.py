@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 SOLVERS = ("rtn", "ldlq")
 INCOHERENCE = ("none", "rht")
-RHT_TRANSFORMS = ("hartley", "paley")  # codecs.hadamard.RULES: the H_n of --incoherence rht
+RHT_TRANSFORMS = ("paley-outer", "paley", "hartley")  # codecs.hadamard.RULES: the H_n of --incoherence rht
 
 
 @dataclass(frozen=True)
@@ -18,8 +18,9 @@ class SolverConfig:
     act_order: process columns by decreasing ``diag(H)`` (scalar codecs only). incoherence: ``rht``
     applies a random Hadamard transform with random signs on both sides before quantizing; seed: the
     base seed of the sign vectors (each tensor derives its own from it and its name). rht_transform: the
-    ``H_n`` of the transform (``codecs.hadamard``): ``hartley`` (default since version 2: the odd block outside,
-    cheap at run time) or ``paley`` (version 1's, every entry ±1/√n)."""
+    ``H_n`` of the transform (``codecs.hadamard``): ``paley-outer`` (default since version 2: the Paley block
+    outside the power-of-two part, faster at run time), ``paley`` (version 1's: the same factors, block inside)
+    or ``hartley`` (only the odd part outside, fastest, measured 2-4% worse perplexity)."""
 
     solver: str = "rtn"
     damp: float = 0.01
@@ -27,7 +28,7 @@ class SolverConfig:
     act_order: bool = False
     incoherence: str = "none"
     seed: int = 0
-    rht_transform: str = "hartley"
+    rht_transform: str = "paley-outer"
 
     VERSION: ClassVar[int] = 2  # v2: rht_transform (v1 runs used "paley")
 
