@@ -181,6 +181,20 @@ def test_ldlq_rht_end_to_end_and_offload(capsys, tmp_path, tok_model_dir):
     from test_offload import assert_same_checkpoint
 
     assert_same_checkpoint(tmp_path / "q", tmp_path / "q_off")
+    # the Hadamard rule: recorded in the report and in every rotated tensor; --rht-transform picks another
+    assert rep["solver"]["rht_transform"] == "paley-outer"
+    metas = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["tensors"]
+    assert {m["format_version"] for m in metas.values()} == {2}
+    assert {m["transform"] for m in metas.values()} == {"paley-outer"}
+    rc, _, err = _run(capsys, "-q", "quantize", str(d), *common, "--rht-transform", "paley", "--out", str(tmp_path / "qp"))
+    assert rc == 0, err
+    metas_p = json.loads((tmp_path / "qp" / "config.json").read_text())["quantization_config"]["tensors"]
+    assert {m["transform"] for m in metas_p.values()} == {"paley"}
+    rc, _, err = _run(capsys, "-q", "eval", "ppl", str(tmp_path / "qp"), "--data", str(text), "--seqlen", "32",
+                      "--json", str(tmp_path / "pp.json"))
+    assert rc == 0, err
+    ppl, ppl_p = (json.loads((tmp_path / f).read_text())["ppl"] for f in ("p.json", "pp.json"))
+    assert ppl == ppl_p  # the toy's widths are powers of two: every rule is H_p alone, the same bits
 
 
 def test_solver_option_errors(capsys, tmp_path, tiny_dir):
