@@ -186,6 +186,9 @@ def test_ldlq_rht_end_to_end_and_offload(capsys, tmp_path, tok_model_dir):
     metas = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["tensors"]
     assert {m["format_version"] for m in metas.values()} == {2}
     assert {m["transform"] for m in metas.values()} == {"paley-outer"}
+    rc, stdout, err = _run(capsys, "-q", "inspect", str(tmp_path / "q"))
+    assert rc == 0, err
+    assert "rht[paley-outer](uniform-asym-packed)" in stdout
     rc, _, err = _run(capsys, "-q", "quantize", str(d), *common, "--rht-transform", "paley", "--out", str(tmp_path / "qp"))
     assert rc == 0, err
     metas_p = json.loads((tmp_path / "qp" / "config.json").read_text())["quantization_config"]["tensors"]

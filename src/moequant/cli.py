@@ -266,11 +266,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from moequant.runs import run_inspect
 
     r = run_inspect(Path(args.path), verify=not args.no_verify)
-    lines = [f"{'tensor':60s} {'format':22s} {'shape':>18s} {'bits/w':>7s}"]
+    fmts = [t["format"] for t in r["quantized_tensors"]] + ["kept, exact " + t["format"] for t in r.get("exact_tensors", [])]
+    w = max([22, *map(len, fmts)])  # the format column (rotated tensors name their rule and inner format)
+    lines = [f"{'tensor':60s} {'format':{w}s} {'shape':>18s} {'bits/w':>7s}"]
     for t in r["quantized_tensors"]:
-        lines.append(f"{t['name']:60s} {t['format']:22s} {str(tuple(t['shape'])):>18s} {t['bits_per_weight']:7.3f}")
+        lines.append(f"{t['name']:60s} {t['format']:{w}s} {str(tuple(t['shape'])):>18s} {t['bits_per_weight']:7.3f}")
     for t in r.get("exact_tensors", []):
-        lines.append(f"{t['name']:60s} {'kept, exact ' + t['format']:22s} {str(tuple(t['shape'])):>18s} "
+        lines.append(f"{t['name']:60s} {'kept, exact ' + t['format']:{w}s} {str(tuple(t['shape'])):>18s} "
                      f"{t['bits_per_weight']:7.3f}")
     lines.append(f"kept in full precision: {len(r['kept_tensors'])} tensors, {r['kept_bytes'] / 2**20:.1f} MiB")
     for t in r["kept_tensors"]:

@@ -290,7 +290,8 @@ def run_inspect(path: Path, argv: list[str] | None = None, verify: bool = True) 
     model = api.load(path, verify=verify)
     tensors = []
     for name, qt in api.packed_modules(model).items():
-        fmt = qt.format_id + (f"({qt.inner.format_id})" if hasattr(qt, "inner") else "")  # rht(uniform-packed)
+        # a rotated tensor names its rule and inner format: rht[paley-outer](uniform-packed)
+        fmt = qt.format_id + (f"[{qt.transform}]({qt.inner.format_id})" if hasattr(qt, "inner") else "")
         tensors.append({"name": name, "format": fmt, "shape": list(qt.shape),
                         "bits_per_weight": qt.bits_per_weight(), "bytes": qt.nbytes(),
                         **{k: v for k, v in qt.attrs.items()}})
