@@ -1,10 +1,11 @@
-"""Issue #10: the two run-time Hadamard kernels side by side — ``rht_apply`` (rule ``paley``, ``H_p ⊗ B_m``,
-the block inside) and ``rht_apply_outer`` (rule ``hartley``, ``C_o ⊗ H_p``, the block outside) — on the
-activation shapes of a prefill (``--rows`` rows, default 512) for the widths of the zoo models, one thread.
+"""Issue #10: the run-time Hadamard transforms of the three rules side by side — ``rht_apply`` (rule ``paley``,
+``H_p ⊗ B_m``, the block inside) and ``rht_apply_outer`` (rule ``paley-outer``, ``B_m ⊗ H_p``, and rule
+``hartley``, ``C_o ⊗ H_p``: the block outside) — on the activation shapes of a prefill (``--rows`` rows,
+default 512) for the widths of the zoo models, one thread.
 
     python benchmarks/rht_transform_speed.py --json benchmarks/results/rht_transform_speed.json
 
-Each cell is the best of ``--repeats`` timings of ``--calls`` calls, the two kernels alternating per width.
+Each cell is the best of ``--repeats`` timings of ``--calls`` calls, the rules one after another per width.
 """
 
 from __future__ import annotations
@@ -50,14 +51,15 @@ def main() -> int:
         x = torch.randn(args.rows, n, generator=torch.Generator().manual_seed(n))
         s = torch.ones(n)
         row = {"n": n}
-        for rule, name in (("paley", "rht_apply"), ("hartley", "rht_apply_outer")):
+        for rule, name in (("paley", "rht_apply"), ("paley-outer", "rht_apply_outer"), ("hartley", "rht_apply_outer")):
             call = (getattr(ext, name), x, s, kh._NONE, kh.block_for(n, rule), False)
             ms = 1e3 * _best(lambda c=call: c[0](*c[1:]), args.calls, args.repeats)
             row[rule] = {"factors": list(hadamard_factors(n, rule)), "ms": ms}
-        row["speedup"] = row["paley"]["ms"] / row["hartley"]["ms"]
+        row["speedup"] = {r: row["paley"]["ms"] / row[r]["ms"] for r in ("paley-outer", "hartley")}  # vs paley
         rows.append(row)
-        print(f"n={n:5d}  paley {row['paley']['factors']} {row['paley']['ms']:.3f} ms   "
-              f"hartley {row['hartley']['factors']} {row['hartley']['ms']:.3f} ms   x{row['speedup']:.2f}")
+        print(f"n={n:5d}  " + "   ".join(f"{r} {row[r]['factors']} {row[r]['ms']:.3f} ms" for r in
+                                         ("paley", "paley-outer", "hartley"))
+              + "   speed-up " + ", ".join(f"{r} x{v:.2f}" for r, v in row["speedup"].items()))
     out = {"rows": rows, "settings": vars(args), "torch": torch.__version__, "machine": platform.processor() or
            platform.machine(), "threads": 1}
     with open(args.json, "w") as f:

@@ -135,7 +135,7 @@ def _add_solver_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rht-transform", default="paley-outer", choices=["paley-outer", "paley", "hartley"],
                    help="the Hadamard-type transform of --incoherence rht: paley-outer (default: H_n = B_m (x) H_p, "
                    "the Paley block outside), paley (H_p (x) B_m, runs before format rht v2; slower at run time) or "
-                   "hartley (C_o (x) H_p over the odd part only: fastest, 2-4%% worse perplexity on SmolLM2)")
+                   "hartley (C_o (x) H_p over the odd part only: fastest, entries up to sqrt(2/n) instead of 1/sqrt(n))")
     add_calib_arguments(g, data_help="default ptb when the solver is ldlq; its train split is used", samples=128)
     g.add_argument("--hessian", default="per-expert", choices=["per-expert", "layer-mean", "layer-token-weighted"],
                    help="Hessian of each expert: its own routed tokens (default), or a layer aggregate")

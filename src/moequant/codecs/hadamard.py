@@ -25,12 +25,14 @@ a random one. A DCT block would not do: it maps a constant vector to a single sp
 block inside, applied at run time to sub-rows of ``m`` floats. ``"paley-outer"`` (the default since format
 ``rht`` v2) is the same two factors in the other order, ``H_n = B_m ⊗ H_p`` (element ``i = b · p + a``):
 the butterfly runs on contiguous runs of ``p`` floats and the block mixes whole runs (vectors), which
-the kernel does 1.2–2.5× faster; every entry is still ``±1/√n`` (it is ``H_n`` with rows and columns
-permuted). ``"hartley"`` keeps only the odd part ``o`` of ``n`` outside, ``H_n = C_o ⊗ H_p`` with ``C_o``
+the kernel does 1.8–2.2× faster at prefill shapes; every entry is still ``±1/√n`` (it is ``H_n`` with rows
+and columns permuted). ``"hartley"`` keeps only the odd part ``o`` of ``n`` outside, ``H_n = C_o ⊗ H_p`` with ``C_o``
 the normalized Hartley matrix ``C[j, k] = (cos 2πjk/o + sin 2πjk/o) / √o`` (symmetric, orthogonal):
 ``o`` multiply-adds per element instead of ``m`` (9 instead of 36 for 576), but its entries reach ``√2/√n``
-(incoherence ``μ = √2``): an outlier's energy is spread unevenly (0 to 2/n of it per entry), and on
-SmolLM2 it cost 2–4% perplexity against Paley (BENCHMARKS.md, "Two Hadamard rules"). It is opt-in.
+(incoherence ``μ = √2``): an outlier's energy is spread unevenly (0 to 2/n of it per entry). On SmolLM2
+its single-seed perplexities were within the spread of the two Paley orders (which are equal in
+distribution; BENCHMARKS.md, "Three Hadamard rules"), so no loss is established, but its guarantee is
+weaker and in a whole model it was barely faster than ``paley-outer``: it is opt-in.
 
 **Fast application.** ``v ↦ H_n v`` never forms ``H_n``: ``v`` is viewed as a tensor
 ``[f_1, …, f_r, m]`` and one small matrix is applied along each axis, using

@@ -20,7 +20,7 @@ class SolverConfig:
     base seed of the sign vectors (each tensor derives its own from it and its name). rht_transform: the
     ``H_n`` of the transform (``codecs.hadamard``): ``paley-outer`` (default since version 2: the Paley block
     outside the power-of-two part, faster at run time), ``paley`` (version 1's: the same factors, block inside)
-    or ``hartley`` (only the odd part outside, fastest, measured 2-4% worse perplexity)."""
+    or ``hartley`` (only the odd part outside: fastest, entries up to √2/√n)."""
 
     solver: str = "rtn"
     damp: float = 0.01
