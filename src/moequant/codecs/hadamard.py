@@ -114,6 +114,11 @@ DEFAULT_RULE = "paley-outer"  # what new tensors use
 OUTER_RULES = ("paley-outer", "hartley")  # the block outside: H_n = B ⊗ H_p
 
 
+def block_kind(rule: str) -> str:
+    """The ``_BUILD`` kind of ``rule``'s non-power-of-two factor: the Hartley matrix or ``_block``."""
+    return "hartley" if rule == "hartley" else "block"
+
+
 def check_rule(rule: str) -> str:
     if rule not in RULES:
         raise ValueError(f"Hadamard rule {rule!r}: expected one of {', '.join(RULES)}")
@@ -199,7 +204,7 @@ def _factor_sizes_cached(n: int, rule: str) -> tuple[tuple[int, str], ...]:
     if m == 1:
         return tuple(sizes)
     if rule in OUTER_RULES:
-        return tuple([(m, "hartley" if rule == "hartley" else "block")] + sizes)
+        return tuple([(m, block_kind(rule))] + sizes)
     return tuple(sizes + [(m, "block")])
 
 
@@ -253,9 +258,8 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64, rule: str = "pal
     """The dense ``H_n [n, n]`` that ``hadamard_transform`` applies under ``rule`` (tests, small ``n``):
     ``H_p ⊗ B_m`` (``"paley"``), ``B_m ⊗ H_p`` (``"paley-outer"``) or ``C_o ⊗ H_p`` (``"hartley"``)."""
     p, m = hadamard_factors(n, rule)
-    if rule in OUTER_RULES:
-        return torch.kron(_hartley(m) if rule == "hartley" else _block(m), _sylvester(p)).to(dtype)
-    return torch.kron(_sylvester(p), _block(m)).to(dtype)
+    block = _BUILD[block_kind(rule)](m)
+    return torch.kron(*((block, _sylvester(p)) if rule in OUTER_RULES else (_sylvester(p), block))).to(dtype)
 
 
 def random_signs(n: int, seed: int, dtype: torch.dtype = torch.float32, count: int | None = None) -> torch.Tensor:

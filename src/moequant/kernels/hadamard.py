@@ -43,7 +43,8 @@ from __future__ import annotations
 
 import torch
 
-from moequant.codecs.hadamard import OUTER_RULES, _factor, hadamard_factors, hadamard_transform, set_fast_path
+from moequant.codecs.hadamard import (OUTER_RULES, _factor, block_kind, hadamard_factors, hadamard_transform,
+                                      set_fast_path)
 from moequant.kernels import cpp_build, cpp_ops
 from moequant.kernels.select import use_fast
 
@@ -65,7 +66,7 @@ def block_for(n: int, rule: str = "paley") -> torch.Tensor:
     """The block of ``H_n`` under ``rule`` (``B_m`` of ``H_p ⊗ B_m``, or ``C_o`` of ``C_o ⊗ H_p``) float32 ``[m, m]``
     on the CPU, or an empty tensor when ``m = 1`` (``codecs.hadamard``'s cached factor: contiguous as built)."""
     _, m = hadamard_factors(n, rule)
-    return _factor(m, torch.float32, _CPU, "hartley" if rule == "hartley" else "block") if m > 1 else _NONE
+    return _factor(m, torch.float32, _CPU, block_kind(rule)) if m > 1 else _NONE
 
 
 def reference(x: torch.Tensor, signs_before: torch.Tensor, signs_after: torch.Tensor, block: torch.Tensor,

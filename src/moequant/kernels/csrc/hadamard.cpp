@@ -247,9 +247,10 @@ at::Tensor rht_apply(const at::Tensor& x, const at::Tensor& signs_before, const 
   return out;
 }
 
-// ---- the block outside: H_n = C_o (x) H_p (codecs.hadamard's "hartley" rule) ---------------------------------
+// ---- the block outside: H_n = C_o (x) H_p (codecs.hadamard's rules "paley-outer" and "hartley") -------------
 // A row viewed as V [o, p] (element i = b * p + a): H_n v = C_o (V H_p) row-mixed, i.e. out[j, :] = sum_c
-// M[j, c] * (H_p V[c, :]) with M = C_o (transpose: C_o^T) / sqrt(p). H_p runs in place on each contiguous run
+// M[j, c] * (H_p V[c, :]) with M = C_o (transpose: C_o^T) / sqrt(p). Without a block (o = 1) both layouts are
+// H_p alone: rht_apply does it. H_p runs in place on each contiguous run
 // of p floats (fwht with m = 1); the mix reads those runs as whole vectors: J output runs at once, 16 floats of
 // each in registers, so that every vector loaded from a run serves J multiply-adds.
 
@@ -294,37 +295,29 @@ void mix_runs(const float* v, float* out, const float* mix, int64_t o, int64_t p
 // x [..., n] float32 -> ((x * signs_before) H^T) * signs_after with H = C (x) H_p (block [o, o] outside).
 at::Tensor rht_apply_outer(const at::Tensor& x, const at::Tensor& signs_before, const at::Tensor& signs_after,
                            const at::Tensor& block, bool transpose) {
+  if (block.numel() == 0) return rht_apply(x, signs_before, signs_after, block, transpose);
   const Args args = check_args(x, signs_before, signs_after, block);
   const at::Tensor& xc = args.xc;
   const int64_t n = args.n, rows = args.rows, o = args.m, p = args.p;
   const float* pre = args.pre;
   const float* post = args.post;
   const float scale = 1.0f / std::sqrt(static_cast<float>(p));
-  std::vector<float> mix(o * o, scale);  // M[j, c] = C[j, c] (transpose: C[c, j]) / sqrt(p)
-  if (o > 1) {
-    const float* src = block.data_ptr<float>();
-    for (int64_t j = 0; j < o; ++j)
-      for (int64_t c = 0; c < o; ++c) mix[j * o + c] = scale * (transpose ? src[c * o + j] : src[j * o + c]);
-  }
+  std::vector<float> mix(o * o);  // M[j, c] = C[j, c] (transpose: C[c, j]) / sqrt(p)
+  const float* blk = block.data_ptr<float>();
+  for (int64_t j = 0; j < o; ++j)
+    for (int64_t c = 0; c < o; ++c) mix[j * o + c] = scale * (transpose ? blk[c * o + j] : blk[j * o + c]);
 
   at::Tensor out = at::empty(xc.sizes(), xc.options());
   const float* src = xc.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, kGrainFloats / n);
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<float> runs(o > 1 ? n : 0);
+    std::vector<float> runs(n);  // the butterflied runs, mixed from here into the output row
     for (int64_t r = r0; r < r1; ++r) {
       float* row = dst + r * n;
-      float* v = o > 1 ? runs.data() : row;  // the butterflied runs (o > 1: mixed from scratch into the row)
+      float* v = runs.data();
       copy_signed(v, src + r * n, pre, n);
       for (int64_t b = 0; b < o; ++b) fwht(v + b * p, p, 1);
-      if (o == 1) {
-        if (post != nullptr)
-          for (int64_t i = 0; i < n; ++i) row[i] *= scale * post[i];
-        else if (p > 1)
-          for (int64_t i = 0; i < n; ++i) row[i] *= scale;
-        continue;
-      }
       int64_t j = 0;
       for (; j + 4 <= o; j += 4) mix_runs<4>(v, row, mix.data(), o, p, j, post);
       for (; j < o; ++j) mix_runs<1>(v, row, mix.data(), o, p, j, post);
