@@ -343,7 +343,8 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 _CARVE_FLAGS = ("source", "arch", "experts", "top_k", "shared_fraction", "calib", "calib_samples", "calib_seqlen",
                 "calib_seed", "router_steps", "fit_rounds", "no_refit_down", "recover_steps", "recover_params",
-                "recover_seqlen", "recover_batch", "recover_lr", "carve_seed")
+                "recover_seqlen", "recover_batch", "recover_lr", "recover_experts_lr", "recover_samples",
+                "recover_schedule", "carve_seed")
 
 
 def _add_carve_args(p: argparse.ArgumentParser) -> None:
@@ -365,7 +366,12 @@ def _add_carve_args(p: argparse.ArgumentParser) -> None:
                    "[routers,norms]")
     g.add_argument("--recover-seqlen", type=int, help="distillation window [256]")
     g.add_argument("--recover-batch", type=int, help="distillation windows per step [4]")
-    g.add_argument("--recover-lr", type=float, help="distillation learning rate [1e-3]")
+    g.add_argument("--recover-lr", type=float, help="distillation learning rate of routers and norms [1e-3]")
+    g.add_argument("--recover-experts-lr", type=float, help="distillation learning rate of the experts [2e-5]")
+    g.add_argument("--recover-samples", type=int, help="distinct distillation windows drawn from the training "
+                   "text (0: the first --recover-seqlen tokens of each calibration window) [0]")
+    g.add_argument("--recover-schedule", choices=["constant", "cosine"], help="learning rate after the warm-up "
+                   "[constant]")
     g.add_argument("--carve-seed", type=int, help="seed of clustering, router fit and distillation [0]")
     g.add_argument("--eval-data", default="ptb", help="scored after the build: corpus alias (test split) or text file "
                    "[ptb]")
@@ -406,7 +412,9 @@ def _carve_spec(args: argparse.Namespace):
         params = tuple(s.strip() for s in args.recover_params.split(",")) if args.recover_params else r.params
         recover = RecoverSettings(steps=pick("recover_steps", r.steps), batch=pick("recover_batch", r.batch),
                                   seqlen=pick("recover_seqlen", r.seqlen), lr=pick("recover_lr", r.lr), params=params,
-                                  seed=seed)
+                                  experts_lr=pick("recover_experts_lr", r.experts_lr),
+                                  samples=pick("recover_samples", r.samples),
+                                  schedule=pick("recover_schedule", r.schedule), seed=seed)
     except ValueError as e:
         raise MoequantError(str(e)) from None
     for name, v in (("--router-steps", fit.router_steps), ("--fit-rounds", fit.rounds),

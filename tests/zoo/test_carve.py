@@ -154,16 +154,17 @@ def test_cli_builds_a_moe_from_a_local_dense_model(tmp_path):
     args = ["-q", "zoo", "build", "moe", "--from", str(tmp_path / "dense"), "--arch", "mixtral", "--experts", "4",
             "--top-k", "2", "--shared-fraction", "0.25", "--calib", str(tmp_path / "text.txt"),
             "--calib-samples", "8", "--calib-seqlen", "64", "--router-steps", "5", "--recover-steps", "2",
-            "--recover-seqlen", "32", "--eval-data", str(tmp_path / "text.txt"), "--eval-tokens", "1024",
+            "--recover-seqlen", "32", "--recover-samples", "6", "--recover-schedule", "cosine", "--eval-data", str(tmp_path / "text.txt"), "--eval-tokens", "1024",
             "--out", str(out)]
     assert main(args) == 0
     prov = json.loads((out / "training.json").read_text())
     assert prov["spec"]["arch"] == "mixtral" and prov["spec"]["top_k"] == 2
     assert len(prov["layers"]) == 2 and prov["recover"]["steps"] == 2
+    assert prov["spec"]["recover"]["samples"] == 6 and prov["spec"]["recover"]["schedule"] == "cosine"
     assert prov["eval"]["before_recover"]["ppl_moe"] > 0  # scored before and after the distillation
     assert prov["eval"]["tokens"] > 0 and prov["eval"]["ppl_moe"] > 0
     assert len(prov["eval"]["routing"]) == 2 and len(prov["eval"]["routing"][0]["share"]) == 4
-    assert sum(prov["eval"]["routing"][0]["share"]) == pytest.approx(1.0)
+    assert sum(prov["eval"]["routing"][0]["share"]) == pytest.approx(1.0, abs=4e-5)  # 4 shares rounded to 1e-5
     m = AutoModelForCausalLM.from_pretrained(out)
     assert m.config.model_type == "mixtral" and m.config.num_local_experts == 4
     assert main(args) == 2  # exists, no --overwrite
@@ -193,6 +194,43 @@ def test_carved_aliases_are_zoo_aliases_and_flags_are_checked(capsys):
     assert main(["zoo", "build", "moe", "--from", "smollm2-135m"]) == 2  # no --out
     assert main(["zoo", "build", "moe", "--from", "m", "--out", "x", "--recover-params", "heads"]) == 2
     assert "heads" in capsys.readouterr().err
+    assert main(["zoo", "build", "moe", "--from", "m", "--out", "x", "--recover-samples", "-1"]) == 2
+    assert "--recover-samples" in capsys.readouterr().err
+
+
+def test_recovery_learning_rate_warms_up_then_decays_by_a_half_cosine():
+    from moequant.zoo.carve.recover import lr_factor
+
+    # 100 steps: warm-up over 5 steps (0.2, 0.4, ... 1.0), cosine from step 5 (1.0) to step 99 (0.0)
+    assert [lr_factor(i, 100, "cosine") for i in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert lr_factor(5, 100, "cosine") == pytest.approx(1.0)
+    assert lr_factor(52, 100, "cosine") == pytest.approx(0.5)  # t = 47/94: the cosine's midpoint
+    assert lr_factor(99, 100, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert [lr_factor(i, 100, "constant") for i in (0, 5, 52, 99)] == pytest.approx([0.2, 1.0, 1.0, 1.0])
+
+
+def test_recovery_windows_are_fresh_training_windows_unless_zero():
+    from moequant.calib.data import calibration_tokens
+    from moequant.zoo.carve.build import recovery_tokens
+    from moequant.zoo.carve.recover import RecoverSettings
+
+    text = toy_lines(toy_words(4000))
+    tok, _ = toy_tok_model("llama", text)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "t.txt").write_text(text)
+        from moequant.calib.data import CalibData
+
+        calib = CalibData(data=str(Path(d) / "t.txt"), samples=4, seqlen=64)
+        ct = calibration_tokens(tok, calib)
+        same = recovery_tokens(tok, CarveSpec(calib=calib, recover=RecoverSettings(steps=1, seqlen=32)), ct)
+        assert same is ct
+        fresh = recovery_tokens(tok, CarveSpec(calib=calib, recover=RecoverSettings(steps=1, seqlen=32, samples=9)),
+                                ct)
+        assert fresh.shape == (9, 32)
+        assert not any(torch.equal(fresh[i, 1:], ct[j, 1:32]) for i in range(9) for j in range(4))
 
 
 def test_top1_warns_that_the_router_fit_has_no_gradient(caplog):

@@ -324,7 +324,7 @@ def build_moe(source: str, out: Path, spec: CarveSpec, *, overwrite: bool = Fals
         if spec.recover.steps:
             if evaluate:  # the carved model before the distillation, on the same windows
                 before = evaluate_pair(dense, moe, tok, eval_tokens, progress, data=eval_data)
-            r = distill(moe, dense, tokens, spec.recover, progress)
+            r = distill(moe, dense, recovery_tokens(tok, spec, tokens), spec.recover, progress)
             rec = asdict(r)
         inter = dense.model.layers[0].mlp.gate_proj.weight.shape[0]
         prov: dict[str, Any] = {
@@ -351,6 +351,20 @@ def build_moe(source: str, out: Path, spec: CarveSpec, *, overwrite: bool = Fals
         atomic_write_json(tmp / "training.json", prov)
         write_manifest(tmp, {"carved_from": source, "arch": spec.arch})
     return prov
+
+
+def recovery_tokens(tok: Any, spec: CarveSpec, calib_tokens: torch.Tensor) -> torch.Tensor:
+    """The distillation windows: ``spec.recover.samples`` fresh windows of ``spec.recover.seqlen`` tokens of
+    the calibration corpus's training split, drawn with seed ``calib.seed + 1`` (not the carving's windows),
+    or the calibration windows themselves when ``samples`` is 0."""
+    from moequant.calib.data import calibration_tokens
+
+    r = spec.recover
+    if not r.samples:
+        return calib_tokens
+    c = spec.calib
+    return calibration_tokens(tok, CalibData(data=c.data, split=c.split, samples=r.samples, seqlen=r.seqlen,
+                                             seed=c.seed + 1))  # [samples, seqlen]
 
 
 def _score(model: nn.Module, ids: torch.Tensor, max_tokens: int | None, bos: int | None, progress: bool,
