@@ -81,7 +81,7 @@ def demo_configs(bits: tuple[int, ...], group_size: int = 128, solver: str = "au
 def run_sweep(job: SweepJob, argv: list[str] | None = None) -> dict[str, Any]:
     from moequant import api
     from moequant.alloc.recipe import Recipe
-    from moequant.eval.bootstrap import paired_delta_ci
+    from moequant.eval.bootstrap import paired_ppl
     from moequant.formats.checkpoint import checkpoint_bytes
     from moequant.fsutil import AtomicDir, atomic_write_json, check_output, input_paths
     from moequant.layerwise import check_recipe
@@ -128,8 +128,8 @@ def run_sweep(job: SweepJob, argv: list[str] | None = None) -> dict[str, Any]:
             atomic_write_json(work / "ppl.json", res)
             del qmodel
             scored[e.name] = res
-            delta = paired_delta_ci(base["nll_per_window"], base["tokens_per_window"],
-                                    res["nll_per_window"], res["tokens_per_window"])
+            delta = paired_ppl(res["nll_per_window"], res["tokens_per_window"],
+                               base["nll_per_window"], base["tokens_per_window"])
             proxies = [t.proxy for t in report.quantized if t.proxy is not None]
             rows.append({"method": e.name, "config": e.config.to_dict(), "solver": e.solver.to_dict(),
                          "calibration": report.calibration, "bits_per_weight": report.bits_per_weight(),
@@ -140,8 +140,8 @@ def run_sweep(job: SweepJob, argv: list[str] | None = None) -> dict[str, Any]:
                          "starved_experts": [s.__dict__ for s in report.starved], "checkpoint": str(ckpt)})
         pairs = []
         for a, b in job.pairs:
-            d = paired_delta_ci(scored[b]["nll_per_window"], scored[b]["tokens_per_window"],
-                                scored[a]["nll_per_window"], scored[a]["tokens_per_window"])
+            d = paired_ppl(scored[a]["nll_per_window"], scored[a]["tokens_per_window"],
+                           scored[b]["nll_per_window"], scored[b]["tokens_per_window"])
             pairs.append({"a": a, "b": b, "ppl_a": scored[a]["ppl"], "ppl_b": scored[b]["ppl"],
                           "ratio_a_over_b_ci95": list(d.ratio_ci), "verdict": d.verdict})
         table = format_table(job, rows, pairs)

@@ -11,6 +11,17 @@ draws from its own ``numpy.random.Generator``; no global RNG state is read or ch
   indices and applies it to both runs, so the between-window variance cancels in the difference.
 - ``bootstrap_mean_ci`` / ``paired_mean_delta_ci``: the same for per-item scores such as 0/1 accuracy.
 
+**Sign convention** (every paired number moequant computes or writes): A − B and A / B, where A is the
+*candidate* (the quantized or fine-tuned run, the run compared) and B the *reference* (the unquantized
+model, the baseline, the second run of a pair); the verdict says how A does against B. ``paired_ppl(A,
+B)`` and ``paired_mean(A, B)`` take the candidate first and are what callers use. The older
+``paired_delta_ci`` / ``paired_mean_delta_ci`` take the reference first: their ``delta`` = b - a is the
+same candidate − reference, only the letters differ. ``PplDelta`` and ``MeanDelta`` keep those letters
+(``ppl_a`` / ``mean_a`` = the reference, ``ppl_b`` / ``mean_b`` = the candidate) because their
+``to_dict()`` is stored under these keys (``benchmarks/results/gguf_parity*.json``:
+``llamacpp_over_moequant.ppl_a`` is moequant's PPL); read them by role as ``ppl_candidate`` /
+``ppl_reference`` (``mean_candidate`` / ``mean_reference``).
+
 Intervals are *expanded* percentile intervals (Hesterberg 2015, "What teachers should know about the
 bootstrap", sec. 6.2): the ``a`` and ``1 - a`` quantiles of the ``n_boot`` replicate statistics with
 ``a = Phi(-sqrt(n / (n - 1)) * t_{n-1, (1 + level) / 2})`` for ``n`` resampled units, instead of the
@@ -114,7 +125,8 @@ def _percentile(stats: np.ndarray, level: float, n: int) -> tuple[float, float]:
 
 
 def verdict_from_ci(lo: float, hi: float, lower_is_better: bool = True) -> str:
-    """Verdict for B relative to A from a CI of (B - A): the whole interval on one side of 0 decides.
+    """Verdict of the candidate against the reference from a CI of (candidate - reference): the whole
+    interval on one side of 0 decides.
 
     With ``lower_is_better`` (perplexity, loss) an interval entirely below 0 is "better"; for
     accuracies pass ``lower_is_better=False``. An interval touching or containing 0 gives
@@ -159,7 +171,9 @@ class PplDelta:
     """Paired comparison of run B against run A over the same windows (lower PPL is better).
 
     ``delta`` = PPL_B - PPL_A, ``ratio`` = PPL_B / PPL_A; the CIs are percentile bootstrap intervals
-    from the same resampled window indices applied to both runs."""
+    from the same resampled window indices applied to both runs. In the module's convention B is the
+    candidate and A the reference (stored letters, see the module docstring): ``delta`` is candidate -
+    reference, ``ratio`` candidate / reference."""
 
     ppl_a: float
     ppl_b: float
@@ -173,8 +187,16 @@ class PplDelta:
     seed: int
 
     @property
+    def ppl_candidate(self) -> float:
+        return self.ppl_b
+
+    @property
+    def ppl_reference(self) -> float:
+        return self.ppl_a
+
+    @property
     def verdict(self) -> str:
-        """"better" / "worse" / "no difference within CI" for B relative to A."""
+        """"better" / "worse" / "no difference within CI" for B (the candidate) relative to A."""
         return verdict_from_ci(*self.delta_ci, lower_is_better=True)
 
     def to_dict(self) -> dict[str, Any]:
@@ -214,6 +236,15 @@ def paired_delta_ci(nll_a: ArrayLike, counts_a: ArrayLike, nll_b: ArrayLike, cou
                     n_boot=n_boot, level=level, seed=seed)
 
 
+def paired_ppl(nll_candidate: ArrayLike, counts_candidate: ArrayLike, nll_reference: ArrayLike,
+               counts_reference: ArrayLike, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> PplDelta:
+    """The convention's paired PPL comparison, candidate (A) first: ``delta`` = PPL_A - PPL_B, ``ratio`` =
+    PPL_A / PPL_B with their CIs, ``verdict`` for A against B (``paired_delta_ci`` with the reference as its
+    run A; the same replicates, the same numbers)."""
+    return paired_delta_ci(nll_reference, counts_reference, nll_candidate, counts_candidate, n_boot=n_boot,
+                           seed=seed, level=level)
+
+
 # ---------------------------------------------------------------- means (accuracies)
 
 
@@ -227,7 +258,8 @@ def bootstrap_mean_ci(values: ArrayLike, n_boot: int = 2000, seed: int = 0,
 
 @dataclass(frozen=True)
 class MeanDelta:
-    """Paired comparison of per-item means, B against A: ``delta`` = mean_B - mean_A."""
+    """Paired comparison of per-item means, B against A: ``delta`` = mean_B - mean_A (B the candidate, A
+    the reference: candidate - reference, see the module docstring)."""
 
     mean_a: float
     mean_b: float
@@ -240,8 +272,16 @@ class MeanDelta:
     higher_is_better: bool = True
 
     @property
+    def mean_candidate(self) -> float:
+        return self.mean_b
+
+    @property
+    def mean_reference(self) -> float:
+        return self.mean_a
+
+    @property
     def verdict(self) -> str:
-        """"better" / "worse" / "no difference within CI" for B relative to A."""
+        """"better" / "worse" / "no difference within CI" for B (the candidate) relative to A."""
         return verdict_from_ci(*self.delta_ci, lower_is_better=not self.higher_is_better)
 
     def to_dict(self) -> dict[str, Any]:
@@ -265,3 +305,11 @@ def paired_mean_delta_ci(values_a: ArrayLike, values_b: ArrayLike, n_boot: int =
     return MeanDelta(mean_a=float(a.mean()), mean_b=float(b.mean()), delta=float(diff.mean()),
                      delta_ci=_percentile(stats, level, a.size), n_items=int(a.size), n_boot=n_boot, level=level,
                      seed=seed, higher_is_better=higher_is_better)
+
+
+def paired_mean(candidate: ArrayLike, reference: ArrayLike, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+                higher_is_better: bool = True) -> MeanDelta:
+    """The convention's paired comparison of per-item means, candidate (A) first: ``delta`` = mean_A -
+    mean_B with its CI, ``verdict`` for A against B (``paired_mean_delta_ci`` with the reference first)."""
+    return paired_mean_delta_ci(reference, candidate, n_boot=n_boot, seed=seed, level=level,
+                                higher_is_better=higher_is_better)

@@ -3,7 +3,8 @@ and accuracy with 95% CIs, paired deltas against a baseline, the gate verdict, a
 
 **The gate.** Every run is compared with the baseline over the *same* windows (perplexity) or the
 *same* examples (tasks) by a paired percentile bootstrap (``moequant.eval.bootstrap``): each replicate
-resamples window (example) indices once and applies them to both runs. With ``[lo, hi]`` the CI (level
+resamples window (example) indices once and applies them to both runs. The run is the candidate A, the
+baseline the reference B of the package's convention (A − B, A / B). With ``[lo, hi]`` the CI (level
 ``level``, default 95%):
 
 - perplexity, from the CI of the ratio ``PPL_run / PPL_base``: **"worse"** when ``lo > 1``, **"better"**
@@ -36,8 +37,8 @@ from moequant.eval.bootstrap import (
     WORSE,
     bootstrap_ci,
     bootstrap_mean_ci,
-    paired_delta_ci,
-    paired_mean_delta_ci,
+    paired_mean,
+    paired_ppl,
     verdict_from_ci,
 )
 
@@ -147,8 +148,8 @@ def ppl_row(obj: dict[str, Any], base: dict[str, Any] | None, stats: StatsConfig
                            "n_windows": len(nll), "tokens": int(np.sum(counts))}
     if base is None:
         return {**row, "ratio": 1.0, "ratio_ci": None, "delta": 0.0, "delta_ci": None, "verdict": GATE_BASELINE}
-    d = paired_delta_ci(base["nll_per_window"], base["tokens_per_window"], nll, counts, n_boot=stats.n_boot,
-                        seed=stats.seed, level=stats.level)
+    d = paired_ppl(nll, counts, base["nll_per_window"], base["tokens_per_window"], n_boot=stats.n_boot,
+                   seed=stats.seed, level=stats.level)
     return {**row, "ratio": d.ratio, "ratio_ci": list(d.ratio_ci), "delta": d.delta, "delta_ci": list(d.delta_ci),
             "verdict": ppl_gate(d.ratio_ci, gate_cfg.ppl_margin)}
 
@@ -187,7 +188,7 @@ def acc_row(scores: list[float], base_scores: list[float] | None, stats: StatsCo
     row: dict[str, Any] = {"acc": float(np.mean(scores)), "ci": list(ci), "n": len(scores)}
     if base_scores is None:
         return {**row, "delta": 0.0, "delta_ci": None, "verdict": GATE_BASELINE}
-    d = paired_mean_delta_ci(base_scores, scores, n_boot=stats.n_boot, seed=stats.seed, level=stats.level)
+    d = paired_mean(scores, base_scores, n_boot=stats.n_boot, seed=stats.seed, level=stats.level)
     return {**row, "delta": d.delta, "delta_ci": list(d.delta_ci), "verdict": acc_gate(d.delta_ci, gate_cfg.acc_margin)}
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from moequant.errors import MoequantError
-from moequant.eval.bootstrap import bootstrap_mean_ci, paired_mean_delta_ci, verdict_from_ci
+from moequant.eval.bootstrap import bootstrap_mean_ci, paired_mean, verdict_from_ci
 
 METRICS = ("acc", "acc_norm")
 
@@ -49,7 +49,8 @@ def summarize_task(examples: list[dict[str, Any]], n_boot: int = 2000, seed: int
 @dataclass(frozen=True)
 class TaskDelta:
     """Paired comparison of two runs on one task: ``delta = metric(A) - metric(B)`` over the same
-    examples, with a paired percentile-bootstrap CI."""
+    examples, with a paired percentile-bootstrap CI (A the candidate, B the reference:
+    ``moequant.eval.bootstrap``'s convention)."""
 
     task: str
     metric: str
@@ -101,6 +102,6 @@ def task_acc_delta(run_a: dict[str, Any], run_b: dict[str, Any], task: str, metr
         raise MoequantError(f"task {task!r}: runs A and B disagree on answers: not the same task data")
     va = np.array([a[i][metric] for i in ids], dtype=np.float64)  # [n]
     vb = np.array([b[i][metric] for i in ids], dtype=np.float64)  # [n]
-    md = paired_mean_delta_ci(vb, va, n_boot=n_boot, seed=seed, level=level)  # its delta = va - vb
+    md = paired_mean(va, vb, n_boot=n_boot, seed=seed, level=level)  # delta = va - vb
     return TaskDelta(task=task, metric=metric, value_a=float(va.mean()), value_b=float(vb.mean()), delta=md.delta,
                      delta_ci=md.delta_ci, n=len(ids), n_boot=n_boot, level=level, seed=seed)
