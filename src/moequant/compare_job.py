@@ -25,6 +25,7 @@ from moequant.eval.compare import (
     ppl_row,
     protocol_text,
 )
+from moequant.eval.result_schema import CompareJson
 from moequant.eval.runs_io import (
     Run,
     check_unique_names,
@@ -250,7 +251,8 @@ def run_compare(job: CompareJob, argv: list[str] | None = None) -> dict[str, Any
     with AtomicDir(job.out, overwrite=True, what="--out", is_ours=_is_comparison, kind=_NOT_COMPARISON) as tmp:
         result["plots"] = _plots(result, runs, tmp) if job.plots else []
         result["report_md"] = markdown_report(result)
-        write_json_atomic(tmp / COMPARE_JSON, result)
+        record = CompareJson.from_dict(result, str(job.out / COMPARE_JSON))  # the result, checked against its schema
+        write_json_atomic(tmp / COMPARE_JSON, record.to_dict())
         write_bytes_atomic(tmp / "report.md", result["report_md"].encode())
     result["out"] = str(job.out)
     return result

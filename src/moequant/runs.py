@@ -132,22 +132,23 @@ def _quantize(job: QuantizeJob, resolved: Any, progress: Any, argv: list[str] | 
 
 def quantize_result(job: QuantizeJob, source_kind: str, report: Any, model: torch.nn.Module,
                     measures: dict[str, Any], argv: list[str] | None) -> dict[str, Any]:
-    """What ``report.json`` holds: the job, the report, the checkpoint's sizes, ``measures`` (memory and
-    seconds) and the run info."""
+    """What ``report.json`` holds (``QuantizeReportJson``): the job, the report, the checkpoint's sizes,
+    ``measures`` (memory and seconds) and the run info."""
+    from moequant.eval.result_schema import QuantizeReportJson
     from moequant.formats.checkpoint import checkpoint_bytes
 
     report.record_kept(model)  # every full-precision tensor, targets or not
-    return {
-        "model": job.model, "source": source_kind, "out": str(job.out), "offload": job.offload,
-        "config": job.recipe.to_dict(),
-        "bits_per_weight": report.bits_per_weight(),
-        "checkpoint_bytes": checkpoint_bytes(job.out),
+    return QuantizeReportJson(
+        model=job.model, source=source_kind, out=str(job.out), offload=job.offload,
+        config=job.recipe.to_dict(),
+        bits_per_weight=report.bits_per_weight(),
+        checkpoint_bytes=checkpoint_bytes(job.out),
         **model_sizes(model),
         **{k: v for k, v in report.to_dict().items() if k not in ("recipe", "bits_per_weight")},
-        "table": report.table(),
+        table=report.table(),
         **measures,
         **run_info(argv),
-    }
+    ).to_dict()
 
 
 def _finish_saved_run(job: QuantizeJob, argv: list[str] | None) -> dict[str, Any] | None:
@@ -226,6 +227,7 @@ def run_ppl(job: PplJob, argv: list[str] | None = None, model=None, tokenizer=No
     caller removes them with ``finish_ppl_progress`` once the result is written."""
     from moequant.eval.perplexity import PplConfig, evaluate_perplexity
     from moequant.eval.ppl_progress import PplProgress, fingerprint
+    from moequant.eval.result_schema import ABSENT, PplJson
     from moequant.zoo.corpora import tokenize_corpus
     from moequant.models.loader import load_model
     from moequant.zoo.corpora import load_text
@@ -263,13 +265,12 @@ def run_ppl(job: PplJob, argv: list[str] | None = None, model=None, tokenizer=No
                                   on_batch=None if keeper is None else keeper.save)
     except ValueError as e:  # progress that does not fit these windows (checked against the fingerprint first)
         raise MoequantError(f"eval ppl: {e}") from None
-    out = {"model": job.model, "data": job.data, "split": job.split, **res.to_dict(),
-           "seconds": round(time.time() - t0, 2), **run_info(argv)}
-    if done:
-        out["resumed_windows"] = len(done)  # scored by the interrupted run; ``seconds`` covers the rest
-        if res.experts_total:
-            log.warning("routed-expert counts cover only the %d windows scored by this run",
-                        res.n_windows - len(done))
+    out = PplJson(model=job.model, data=job.data, split=job.split, **res.to_dict(),
+                  seconds=round(time.time() - t0, 2), **run_info(argv),
+                  # scored by the interrupted run; ``seconds`` covers the rest
+                  resumed_windows=len(done) if done else ABSENT).to_dict()
+    if done and res.experts_total:
+        log.warning("routed-expert counts cover only the %d windows scored by this run", res.n_windows - len(done))
     if not math.isfinite(out["ppl"]):
         log.warning("perplexity is not finite")
     return out

@@ -82,6 +82,7 @@ def run_sweep(job: SweepJob, argv: list[str] | None = None) -> dict[str, Any]:
     from moequant import api
     from moequant.alloc.recipe import Recipe
     from moequant.eval.bootstrap import paired_ppl
+    from moequant.eval.result_schema import QuantizeReportJson
     from moequant.formats.checkpoint import checkpoint_bytes
     from moequant.fsutil import AtomicDir, atomic_write_json, check_output, input_paths
     from moequant.layerwise import check_recipe
@@ -120,7 +121,8 @@ def run_sweep(job: SweepJob, argv: list[str] | None = None) -> dict[str, Any]:
             api.quantize(model, Recipe.uniform(e.config), calib, solver=e.solver, progress=job.progress)
             report = model.moequant_report
             api.save(model, work, tokenizer=tok)
-            atomic_write_json(work / "report.json", {**report.to_dict(), **run_info(argv)})
+            rep_json = QuantizeReportJson(**report.to_dict(), **run_info(argv))
+            atomic_write_json(work / "report.json", rep_json.to_dict())
             del model
             qmodel = api.load(work)
             sizes = model_sizes(qmodel)
