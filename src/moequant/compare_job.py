@@ -202,7 +202,7 @@ def _plots(result: dict[str, Any], runs: list[Run], tmp: Path) -> list[str]:
         if r.report is None:
             continue
         name = f"proxy_{file_slug(r.name)}.png"
-        if plot_proxy_heatmap(r.report, f"{r.name}: per-expert proxy loss", tmp / name):
+        if plot_proxy_heatmap(r.report.to_dict(), f"{r.name}: per-expert proxy loss", tmp / name):
             files.append(name)
     return files
 

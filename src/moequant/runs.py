@@ -159,6 +159,7 @@ def _finish_saved_run(job: QuantizeJob, argv: list[str] | None) -> dict[str, Any
     import json
 
     from moequant import api, resume
+    from moequant.eval.result_schema import QuantizeReportJson
     from moequant.fsutil import atomic_write_json
     from moequant.models.loader import resolve_model_spec
 
@@ -170,7 +171,8 @@ def _finish_saved_run(job: QuantizeJob, argv: list[str] | None) -> dict[str, Any
     if found is None:
         return None
     if (job.out / "report.json").is_file():
-        result = json.loads((job.out / "report.json").read_text())
+        path = job.out / "report.json"
+        result = QuantizeReportJson.from_dict(json.loads(path.read_text()), str(path)).to_dict()
     else:
         log.info("--resume: %s was written before the run stopped; writing its report.json", job.out)
         result = quantize_result(job, found["source"], found["report"], api.load(job.out),

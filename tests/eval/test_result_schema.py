@@ -153,3 +153,20 @@ def test_nested_and_mistyped_keys(written):
     with pytest.raises(MoequantError, match="r.json: not a quantization report: expected a JSON object"):
         QuantizeReportJson.from_dict([], "r.json")
 
+
+def test_readers_parse_through_the_schemas(written, tmp_path):
+    from moequant.eval.runs_io import find_ppl, load_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    report = json.loads(written["report"].read_text())
+    (run / "report.json").write_text(json.dumps({**report, "bits_per_weight": "4.25"}))
+    with pytest.raises(MoequantError, match=r"report.json: not a quantization report: 'bits_per_weight' should be"):
+        load_run(run)
+    (run / "report.json").write_text(json.dumps(report))
+    ppl = json.loads(written["ppl_quantized"].read_text())
+    (run / "ppl-text.json").write_text(json.dumps({k: v for k, v in ppl.items() if k != "tokens_per_window"}))
+    r = load_run(run)
+    assert r.report == QuantizeReportJson.from_dict(report, "x") and r.bits_per_weight == report["bits_per_weight"]
+    with pytest.raises(MoequantError, match=r"ppl-text.json: not a perplexity JSON \(missing key 'tokens_per_window'"):
+        find_ppl(r, ppl["data"])

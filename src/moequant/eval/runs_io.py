@@ -5,11 +5,12 @@ A *run* is one of:
 - a **run directory**: a packed checkpoint written by ``moequant quantize`` / ``moequant demo``
   (``config.json`` + safetensors + ``report.json``), or any directory holding evaluation JSONs (a
   peer tool's result, the unquantized baseline);
-- a **bare JSON file**: a ``ppl.json`` (``PplResult`` shape) or a tasks JSON.
+- a **bare JSON file**: a ``ppl.json`` (``result_schema.PplJson``) or a tasks JSON.
 
 Layout of a run directory (the sweep's ``RUN/report.json`` + ``RUN/ppl.json``, extended by corpus):
 
-- ``report.json`` (``moequant quantize``, sweeps): ``bits_per_weight``, per-tensor records (proxy losses);
+- ``report.json`` (``moequant quantize``, sweeps; ``result_schema.QuantizeReportJson``): ``bits_per_weight``,
+  per-tensor records (proxy losses);
 - ``ppl-<data>.json`` (``moequant eval ppl RUN --data <data> --json RUN/ppl-<data>.json``, or
   ``moequant compare`` itself): perplexity on ``<data>``;
 - ``ppl.json`` (sweeps such as ``moequant demo``, peer scripts): perplexity, used for ``<data>`` when
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from moequant.errors import MoequantError
+from moequant.eval.result_schema import PplJson, QuantizeReportJson
 from moequant.fsutil import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,6 @@ RUN_META = "run.json"
 LEGACY_PPL = "ppl.json"
 TASKS = "tasks.json"
 EVAL_JSON_PREFIXES = ("ppl", "tasks", "compare")  # eval outputs, never counted as checkpoint bytes
-PPL_FIELDS = ("nll_per_window", "tokens_per_window")
 
 
 def file_slug(name: str) -> str:
@@ -100,7 +101,7 @@ class Run:
     checkpoint_bytes: int | None = None
     is_checkpoint: bool = False  # a directory ``moequant.api.load`` / the loader can evaluate
     model_spec: str | None = None  # what to load to score this run: the checkpoint dir, or run.json's "model"
-    report: dict[str, Any] | None = None
+    report: QuantizeReportJson | None = None
     file_json: dict[str, Any] | None = None  # the bare file's content when the run is a file
     sources: dict[str, str] = field(default_factory=dict)  # field -> file it came from
 
@@ -112,7 +113,12 @@ class Run:
                 "sources": dict(self.sources)}
 
 
-def _method_from_report(report: dict[str, Any]) -> str | None:
+def read_report(path: Path) -> QuantizeReportJson:
+    """A run's ``report.json``, checked against its schema."""
+    return QuantizeReportJson.from_dict(read_json(path), str(path))
+
+
+def _method_from_report(report: QuantizeReportJson) -> str | None:
     """'int4-g64-clip rtn' from the per-tensor records (every distinct method, then the solver)."""
     tensors = report.get("quantized_tensors") or []
     methods = sorted({t["method"] for t in tensors if t.get("method")})
@@ -149,7 +155,7 @@ def load_run(spec: str | Path) -> Run:
     is_dir = path.is_dir()
     folder = path if is_dir else path.parent
     meta = read_json(folder / RUN_META) if (folder / RUN_META).is_file() else {}
-    report = read_json(folder / REPORT) if is_dir and (folder / REPORT).is_file() else None
+    report = read_report(folder / REPORT) if is_dir and (folder / REPORT).is_file() else None
     file_json = None if is_dir else read_json(path)
     if file_json is not None:
         evals = [file_json]
@@ -167,9 +173,9 @@ def load_run(spec: str | Path) -> Run:
     if report is None:  # eval JSONs written elsewhere: their "model" is the checkpoint directory
         model = from_evals("model")[0]
         if isinstance(model, str) and (Path(model) / REPORT).is_file():
-            report, report_src = read_json(Path(model) / REPORT), str(Path(model) / REPORT)
-    rep = report or {}
-    bpw, bpw_src = _first((meta.get("bits_per_weight"), RUN_META), (rep.get("bits_per_weight"), report_src),
+            report, report_src = read_report(Path(model) / REPORT), str(Path(model) / REPORT)
+    rep = report or QuantizeReportJson(bits_per_weight=None)
+    bpw, bpw_src = _first((meta.get("bits_per_weight"), RUN_META), (rep.bits_per_weight, report_src),
                           from_evals("bits_per_weight"))
     bpw_model, _ = _first((meta.get("bits_per_weight_model"), RUN_META), (rep.get("bits_per_weight_model"), REPORT),
                           from_evals("bits_per_weight_model"))
@@ -185,8 +191,7 @@ def load_run(spec: str | Path) -> Run:
         peer_label = f"{peer} {peer_cfg}" if isinstance(peer_cfg, str) else str(peer)
     elif isinstance(peer_cfg, str):
         peer_label = peer_cfg
-    method, _ = _first((meta.get("method"), RUN_META), (_method_from_report(rep) if report else None, REPORT),
-                       (peer_label, "eval json"))
+    method, _ = _first((meta.get("method"), RUN_META), (_method_from_report(rep), REPORT), (peer_label, "eval json"))
     if method is None:
         model = from_evals("model")[0]
         method = f"unquantized ({model})" if model and not is_checkpoint else "-"
@@ -225,13 +230,10 @@ def _data_matches(obj: dict[str, Any], data: str, split: str) -> bool:
     return obj.get("data", data) == data and obj.get("split", split) == split
 
 
-def check_ppl_json(obj: dict[str, Any], where: str) -> None:
-    missing = [k for k in PPL_FIELDS + ("ppl",) if k not in obj]
-    if missing:
-        raise MoequantError(f"{where}: not a perplexity JSON (missing {', '.join(missing)}; write it with "
-                            "`moequant eval ppl ... --json`)")
-    if len(obj["nll_per_window"]) != len(obj["tokens_per_window"]):
-        raise MoequantError(f"{where}: nll_per_window and tokens_per_window differ in length")
+def check_ppl_json(obj: dict[str, Any], where: str) -> PplJson:
+    """``obj`` read from ``where`` as a perplexity JSON (``PplJson``): ``MoequantError`` names a missing or
+    bad key."""
+    return PplJson.from_dict(obj, where)
 
 
 def find_ppl(run: Run, data: str, split: str = "test") -> tuple[Path, dict[str, Any]] | None:
