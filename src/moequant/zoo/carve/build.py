@@ -384,7 +384,7 @@ def evaluate_pair(dense: nn.Module, moe: nn.Module, tok: Any, max_tokens: int | 
                   data: str = "ptb", base: tuple[Any, float] | None = None) -> dict[str, Any]:
     """Perplexity of both models on the same windows of ``data`` (test split), the paired ratio CI, and
     the carved model's routing statistics. ``base``: the dense model's (result, seconds) already scored."""
-    from moequant.eval.bootstrap import paired_delta_ci
+    from moequant.eval.bootstrap import paired_ppl
     from moequant.zoo.corpora import tokenize_corpus
     from moequant.zoo.corpora import load_text
 
@@ -394,7 +394,7 @@ def evaluate_pair(dense: nn.Module, moe: nn.Module, tok: Any, max_tokens: int | 
         base = (b, b_s)
     b, b_s = base
     res, r_s, routing = _score(moe, ids, max_tokens, tok.bos_token_id, progress, routing=True)
-    d = paired_delta_ci(b.nll_per_window, b.tokens_per_window, res.nll_per_window, res.tokens_per_window)
+    d = paired_ppl(res.nll_per_window, res.tokens_per_window, b.nll_per_window, b.tokens_per_window)
     return {"data": data, "split": "test", "tokens": res.tokens, "n_windows": res.n_windows,
             "ppl_dense": b.ppl, "ppl_moe": res.ppl, "ratio": res.ppl / b.ppl, "ratio_ci95": list(d.ratio_ci),
             "seconds_dense": b_s, "seconds_moe": r_s, "routing": routing,
