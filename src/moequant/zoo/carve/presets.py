@@ -5,7 +5,8 @@
   routers, norms and experts on 1,024 fresh PTB-train windows, cosine decay (about 32 minutes on 2 cores).
 - ``smollm2-moe-starved``: 16 routed experts, top-1, no shared expert (Mixtral layout), no recovery: some
   experts receive fewer than 128 of the calibration tokens — the starved-expert case on real weights.
-- ``qwen2.5-coder-0.5b-moe``: Qwen2.5-Coder-0.5B -> Qwen2-MoE, same split as ``smollm2-moe``.
+- ``qwen2.5-coder-0.5b-moe``: Qwen2.5-Coder-0.5B -> Qwen2-MoE, same split as ``smollm2-moe``; 100 steps (2 x 256
+  tokens) of routers and norms on 512 fresh windows, cosine decay (not built yet on these machines).
 """
 
 from __future__ import annotations
@@ -40,6 +41,6 @@ CARVE_PRESETS: dict[str, CarvePreset] = {p.alias: p for p in (
     CarvePreset("qwen2.5-coder-0.5b-moe", "qwen2.5-coder-0.5b",
                 CarveSpec(arch="qwen2_moe", experts=8, top_k=2, shared_fraction=0.25,
                           calib=CalibData(samples=32, seqlen=512),
-                          recover=RecoverSettings(steps=100, batch=2, seqlen=256)),
+                          recover=RecoverSettings(steps=100, batch=2, seqlen=256, samples=512, schedule="cosine")),
                 "Qwen2.5-Coder-0.5B carved into Qwen2-MoE: shared expert + 8 routed experts, top-2"),
 )}
