@@ -172,7 +172,9 @@ def main() -> int:
     out_json = Path(args.json)
     rows = previous_rows(out_json, settings, "moe_ablation")
     base, fp = fp_reference(args.model, work / "fp-ppl.json", args.max_tokens)
-    parts = {part: [r.slug for r in rs] for part, rs in plan(args.bits, args.parts).items()}
+    # the tables show every part this run measures and every part an earlier run (other --parts) left rows of
+    parts = {part: [r.slug for r in rs] for part, rs in plan(args.bits, list(HEAD)).items()
+             if part in args.parts or any(r.slug in rows for r in rs)}
     payload = {"model": args.model, "settings": settings, "parts": parts, "rows": rows, "fp": fp}
     for part_rows in plan(args.bits, args.parts).values():
         for row in part_rows:
