@@ -78,3 +78,20 @@ def test_eight_bit_packing_copies_its_input() -> None:
     packed = pack(codes, 8)
     codes[0, 0] = 9  # the packed tensor is not a view of the codes it was given
     assert packed.tolist() == [[0, 255, 7]]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_unpack_and_trellis_states_follow_the_input_device(bits):
+    """The shift tables are made on the codes' device: on a GPU a CPU table raised "Expected all tensors to be
+    on the same device" in the reference decode (seen on an H200). The meta device shows it without a GPU."""
+    from moequant.codecs.config import TrellisConfig
+    from moequant.codecs.trellis import words_per_tile
+    from moequant.formats.trellis_bits import unpack_tile_states, unpack_tile_states_bitwise
+
+    packed = torch.empty(3, packed_len(10, bits), dtype=torch.uint8, device="meta")
+    out = unpack(packed, bits, 10)
+    assert out.device.type == "meta" and out.shape == (3, 10)
+    cfg = TrellisConfig(bits=2, L=12, V=1, tile=16, code="1mad")
+    words = torch.empty(5, words_per_tile(cfg), dtype=torch.uint16, device="meta")
+    assert unpack_tile_states(words, cfg).device.type == "meta"
+    assert unpack_tile_states_bitwise(words, cfg).device.type == "meta"

@@ -44,9 +44,9 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if pad:
         c = torch.nn.functional.pad(c, (0, pad))
     c = c.reshape(*lead, chunks, per)  # [..., chunks, per]
-    shifts = torch.arange(per, dtype=torch.int64) * bits
+    shifts = torch.arange(per, dtype=torch.int64, device=c.device) * bits
     word = (c << shifts).sum(-1)  # [..., chunks] (at most 56 bits: 8 codes x 7 bits; 8-bit chunks hold 1 code)
-    byte_shifts = torch.arange(nbytes, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(nbytes, dtype=torch.int64, device=c.device) * 8
     out = (word.unsqueeze(-1) >> byte_shifts) & 0xFF  # [..., chunks, nbytes]
     return out.reshape(*lead, chunks * nbytes).to(torch.uint8)
 
@@ -61,12 +61,12 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if bits == 8:
         return packed[..., :n].clone()
     if per * bits == 8:  # 1, 2, 4 bits: one byte per chunk, plain shifts in uint8
-        shifts = torch.arange(per, dtype=torch.uint8) * bits
+        shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * bits
         out = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [..., nbytes, per]
         return out.reshape(*lead, chunks * per)[..., :n]
     b = packed.to(torch.int64).reshape(*lead, chunks, nbytes)
-    byte_shifts = torch.arange(nbytes, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(nbytes, dtype=torch.int64, device=packed.device) * 8
     word = (b << byte_shifts).sum(-1)  # [..., chunks]
-    shifts = torch.arange(per, dtype=torch.int64) * bits
+    shifts = torch.arange(per, dtype=torch.int64, device=packed.device) * bits
     out = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [..., chunks, per]
     return out.reshape(*lead, chunks * per)[..., :n].to(torch.uint8)

@@ -20,13 +20,13 @@ from moequant.codecs.trellis import code_values, decode_states, steps_per_tile, 
 # --- tile bitstreams --------------------------------------------------------------------------------------
 def _to_bits(v: torch.Tensor, nbits: int) -> torch.Tensor:
     """int ``[..., n]`` -> uint8 bits ``[..., n·nbits]``, each value MSB first."""
-    shifts = torch.arange(nbits - 1, -1, -1, dtype=torch.int64)
+    shifts = torch.arange(nbits - 1, -1, -1, dtype=torch.int64, device=v.device)
     return ((v.to(torch.int64).unsqueeze(-1) >> shifts) & 1).to(torch.uint8).flatten(-2)
 
 
 def _from_bits(bits: torch.Tensor, nbits: int) -> torch.Tensor:
     """uint8 bits ``[..., n·nbits]`` (MSB first) -> int64 ``[..., n]``."""
-    shifts = torch.arange(nbits - 1, -1, -1, dtype=torch.int64)
+    shifts = torch.arange(nbits - 1, -1, -1, dtype=torch.int64, device=bits.device)
     return (bits.unflatten(-1, (-1, nbits)).to(torch.int64) << shifts).sum(-1)
 
 
@@ -56,15 +56,15 @@ def unpack_tile_states(words: torch.Tensor, config: TrellisConfig) -> torch.Tens
         return unpack_tile_states_bitwise(words, config)
     w = words.to(torch.int32).to(torch.int64) & 0xFFFF  # [B, W]
     # two more words: the stream's start again (cyclic) or zeros (free start: the padding)
-    ext = w[:, torch.arange(2) % n_words] if config.tail_biting else w.new_zeros(w.shape[0], 2)
+    ext = w[:, torch.arange(2, device=w.device) % n_words] if config.tail_biting else w.new_zeros(w.shape[0], 2)
     w = torch.cat([w, ext], -1)  # [B, W + 2]
     mask = (1 << L) - 1
     if 16 % kv == 0:  # 16/kv states start in each word: shifts of one joined value per word, no gather
         joined = (w[:, :-2] << 32) | (w[:, 1:-1] << 16) | w[:, 2:]  # [B, W]: 48 bits from each word
-        off = torch.arange(0, 16, kv, dtype=torch.int64)  # [16/kv]
+        off = torch.arange(0, 16, kv, dtype=torch.int64, device=w.device)  # [16/kv]
         states = (joined.unsqueeze(-1) >> (48 - L - off)) & mask  # [B, W, 16/kv]
         return states.flatten(1)[:, :steps]
-    pos = torch.arange(steps, dtype=torch.int64) * kv  # [S]: first bit of each state
+    pos = torch.arange(steps, dtype=torch.int64, device=w.device) * kv  # [S]: first bit of each state
     idx, off = pos // 16, pos % 16
     joined = (w[:, idx] << 32) | (w[:, idx + 1] << 16) | w[:, idx + 2]  # [B, S]: 48 bits from word idx
     return (joined >> (48 - L - off)) & mask
@@ -80,7 +80,7 @@ def unpack_tile_states_bitwise(words: torch.Tensor, config: TrellisConfig) -> to
     span = -(-(L - kv) // kv)  # chunks after the last one that the last state reaches into
     bits = torch.nn.functional.pad(bits, (0, (steps + span) * kv - bits.shape[-1]))
     chunks = _from_bits(bits, kv)  # [B, S + span]
-    acc = torch.zeros(bits.shape[0], steps, dtype=torch.int64)  # [B, S]
+    acc = torch.zeros(bits.shape[0], steps, dtype=torch.int64, device=bits.device)  # [B, S]
     for u in range(span + 1):
         acc = (acc << kv) | chunks[:, u:u + steps]
     return acc >> ((span + 1) * kv - L)
