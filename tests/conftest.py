@@ -188,3 +188,24 @@ def packed_uniform(n: int, k: int, bits: int, gs: int, symmetric: bool, scale_dt
 def kernel_x(m: int, k: int, seed: int = 1) -> torch.Tensor:
     """Seeded activations ``[M, K]`` with a non-zero mean (kernel tests)."""
     return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)) + 0.5
+
+
+class OnTestDevice:
+    """A Triton kernel module whose functions the tests call with CPU tensors. Under the interpreter (no GPU) the
+    calls pass through; on a GPU every tensor argument goes to CUDA and a tensor result comes back to the CPU,
+    so the same test compares the compiled kernel with the CPU reference."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._module, name)
+        if not callable(attr) or not torch.cuda.is_available():
+            return attr
+
+        def on_cuda(*args, **kwargs):
+            move = (lambda v: v.cuda() if isinstance(v, torch.Tensor) else v)  # noqa: E731
+            out = attr(*map(move, args), **{k: move(v) for k, v in kwargs.items()})
+            return out.cpu() if isinstance(out, torch.Tensor) else out
+
+        return on_cuda

@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from conftest import kernel_x
+from conftest import OnTestDevice, kernel_x
 from moequant.codecs.config import TrellisConfig
 from moequant.codecs.trellis import words_per_tile
 from moequant.formats.trellis import TrellisTensor
@@ -38,7 +38,7 @@ def tri():
     interpreter (``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` before anything imports Triton)."""
     if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
         pytest.skip("no GPU and TRITON_INTERPRET is not 1")
-    return triton_module("triton_trellis")
+    return OnTestDevice(triton_module("triton_trellis"))
 
 
 def _cfg(code: str, bits: int, tb: bool, L: int = 12, tile: int = 16) -> TrellisConfig:
@@ -184,7 +184,8 @@ AOT_SCRIPT = AOT_PREAMBLE + r"""    tensors = {"words_ptr": "*i16", "scale_ptr":
         kernel, sizes = tt._dequant_kernel, dict(BN=64, BK=64)
         sig = dict(tensors, out_ptr="*fp32", N="i32", K="i32", KT="i32")
     else:
-        kernel, sizes = tt._linear_kernel, dict(HAS_BIAS=True, IEEE=xdt == "fp32", BM=16, BN=64, BK=64)
+        kernel, sizes = tt._linear_kernel, dict(HAS_BIAS=True, IEEE=xdt == "fp32", BM=16, BN=64, BK=64,
+                                                GEMV=False)
         sig = dict(x_ptr="*" + xdt, **tensors, bias_ptr="*" + xdt, y_ptr="*" + xdt, M="i32", N="i32", K="i32",
                    KT="i32", sxm="i32", sym="i32")
     consts = dict(geo, **sizes)

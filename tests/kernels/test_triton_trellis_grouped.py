@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import kernel_x
+from conftest import OnTestDevice, kernel_x
 from test_triton_trellis import AOT_PREAMBLE
 from moequant.codecs.config import TrellisConfig
 from moequant.codecs.trellis import words_per_tile
@@ -40,7 +40,7 @@ def tri():
     """``kernels.triton_trellis`` through the lazy loader the ops use: compiled on CUDA, else interpreted."""
     if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
         pytest.skip("no GPU and TRITON_INTERPRET is not 1")
-    return triton_module("triton_trellis")
+    return OnTestDevice(triton_module("triton_trellis"))
 
 
 def _cfg(code: str, bits: int, tb: bool, L: int, tile: int = 16) -> TrellisConfig:
@@ -112,6 +112,28 @@ def test_grouped_matches_per_expert_reference_and_linear(tri, code, bits, tb, L,
     assert got.shape == (sum(COUNTS), n) and got.dtype == x.dtype and not want.isnan().any()
     assert _rel_err(got, want) < TOL, cfg
     assert _rel_err(got, _per_expert(COUNTS, x, n, one)) < TOL, cfg
+
+
+TILES = [dict(gemv=True, block_n=16, block_k=64), dict(gemv=True, block_n=32, block_k=128),
+         dict(gemv=False, block_n=32, block_k=128)]
+
+
+@pytest.mark.parametrize("tile", TILES, ids=lambda t: "-".join(f"{k}{v}" for k, v in t.items()))
+def test_tile_overrides_match_reference(tri, tile):
+    """The tiles the GPU benchmark sweeps (``launch_for``'s keywords) give the same products, grouped and single,
+    the GEMV body (no ``tl.dot``) on experts with several rows too."""
+    cfg = _cfg("hyb", 2, True, 16)
+    counts = (1, 0, 3)
+    words, scale, lut = _parts(_stack(cfg, len(counts), 48, 80, seed=11))
+    x = _sorted_rows(counts, 80, seed=4)
+
+    def ref(e: int, xe: torch.Tensor) -> torch.Tensor:
+        return F.linear(xe, kt.reference(words[e], scale[e], lut[e], cfg))
+
+    want = _per_expert(counts, x, 48, ref)
+    assert _rel_err(tri.grouped(x, counts, words, scale, lut, *_args(cfg), **tile), want) < TOL, tile
+    one = tri.linear(x[1:], words[2], scale[2], lut[2], None, *_args(cfg), **tile)
+    assert _rel_err(one, want[1:]) < TOL, tile
 
 
 def test_grouped_uses_each_experts_own_words(tri):
@@ -186,7 +208,7 @@ def test_grouped_linear_leaves_the_cpu_path_alone(tri, monkeypatch):
 # test_triton_trellis.py), in a child process without TRITON_INTERPRET.
 AOT_SCRIPT = AOT_PREAMBLE + r"""    sig = dict(x_ptr="*" + xdt, tiles_ptr="*i32", words_ptr="*i16", scale_ptr="*fp16", lut_ptr="*fp32",
                y_ptr="*" + xdt, N="i32", K="i32", KT="i32", sxm="i32", sym="i32", lut_stride="i32")
-    consts = dict(geo, IEEE=xdt == "fp32", BM=16, BN=64, BK=64)
+    consts = dict(geo, IEEE=xdt == "fp32", BM=16, BN=64, BK=64, GEMV=False)
     sig.update({name: "constexpr" for name in consts})
     ptx = triton.compile(ASTSource(tt._grouped_kernel, sig, consts), target=GPUTarget("cuda", 90, 32)).asm["ptx"]
     out[f"{code}-{xdt}"] = {"div.rn": "div.rn.f32" in ptx, "div.full": "div.full" in ptx, "mma": "mma" in ptx}

@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from conftest import kernel_x, packed_uniform
+from conftest import OnTestDevice, kernel_x, packed_uniform
 from moequant.codecs.config import UniformConfig
 from moequant.formats.registry import tensor_class_for
 from moequant.kernels import uniform as ku
@@ -32,7 +32,7 @@ def tri():
     ``TRITON_INTERPRET=1`` before anything imports Triton)."""
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no GPU and TRITON_INTERPRET is not 1")
-    return importlib.import_module("moequant.kernels.triton_uniform")
+    return OnTestDevice(importlib.import_module("moequant.kernels.triton_uniform"))
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -119,6 +119,41 @@ def test_grouped_matches_per_expert_reference(tri, bits, symmetric):
     assert _rel_err(got, want) < TOL
     with pytest.raises(ValueError, match="do not split"):
         tri.grouped(x[:-1], routing.counts, codes, scale, zero, b, gs, kk, zc)
+
+
+TILES = [dict(gemv=True, block_n=16, block_k=64), dict(gemv=True, block_n=32, block_k=256),
+         dict(gemv=False, block_n=32, block_k=128)]
+
+
+@pytest.mark.parametrize("tile", TILES, ids=lambda t: "-".join(f"{k}{v}" for k, v in t.items()))
+def test_tile_overrides_match_reference(tri, tile):
+    """Every tile the GPU benchmark sweeps (``launch_for``'s keywords) computes the same product: the GEMV body
+    (no ``tl.dot``) on several rows too, K not a multiple of the block, groups across blocks."""
+    qt = packed_uniform(40, 300, 4, 32, False, seed=5)
+    codes, scale, zero, b, g, kk, zc, grid = _kernel_args(qt)
+    for m in (1, 3):
+        x = kernel_x(m, 300, seed=m)
+        want = ku.reference(x, codes, scale, zero, None, b, g, kk, grid)
+        assert _rel_err(tri.linear(x, codes, scale, zero, None, b, g, kk, zc, **tile), want) < TOL, (tile, m)
+    w = torch.randn(3, 40, 300, generator=torch.Generator().manual_seed(2))  # [E, N, K]
+    cfg = UniformConfig(bits=3, group_size=64, symmetric=True, clip_search=False)
+    st = tensor_class_for(cfg).encode(w, cfg)
+    counts = (2, 0, 1)
+    x = kernel_x(3, 300)
+    want = []
+    for e, rows in ((0, x[:2]), (2, x[2:])):
+        ce, se, ze, be, ge, ke, gride = ku.op_args(st.select(e))
+        want.append(ku.reference(rows, ce, se, ze, None, be, ge, ke, gride))  # [rows, N]
+    c, s_, z, b, gs, kk, zc, _ = _kernel_args(st)
+    assert _rel_err(tri.grouped(x, counts, c, s_, z, b, gs, kk, zc, **tile), torch.cat(want)) < TOL, tile
+
+
+def test_launch_rule():
+    tu = importlib.import_module("moequant.kernels.triton_uniform")
+    assert tu.launch_for(1) == tu.Launch(1, tu.GEMV_BN, tu.GEMV_BK, True)
+    assert tu.launch_for(2) == tu.Launch(16, 64, 64, False)
+    assert tu.launch_for(40) == tu.Launch(64, 64, 64, False)
+    assert tu.launch_for(1, block_n=16, gemv=False) == tu.Launch(16, 16, 64, False)
 
 
 def test_tile_table(tri):

@@ -36,7 +36,7 @@ import torch
 
 from moequant.codecs.config import TrellisConfig
 from moequant.codecs.trellis import check_geometry, tile_bits, words_per_tile
-from moequant.kernels.triton_uniform import block_m as _block_m
+from moequant.kernels.triton_uniform import launch_for as _launch_for
 from moequant.kernels.triton_uniform import tile_table as _tile_table
 
 CODES = {"hyb": 0, "1mad": 1, "3inst": 2}
@@ -128,16 +128,19 @@ def _dequant_kernel(words_ptr, scale_ptr, lut_ptr, out_ptr, N, K, KT, L: tl.cons
 @triton.jit
 def _accumulate(acc, x_ptr, sxm, rm, row_end, words_ptr, scale_ptr, lut_ptr, rn, N, K, KT, L: tl.constexpr,
                 KV: tl.constexpr, V: tl.constexpr, TILE: tl.constexpr, Q: tl.constexpr, CODE: tl.constexpr,
-                W: tl.constexpr, TB: tl.constexpr, STREAM: tl.constexpr, IEEE: tl.constexpr, BK: tl.constexpr):
+                W: tl.constexpr, TB: tl.constexpr, STREAM: tl.constexpr, IEEE: tl.constexpr, BK: tl.constexpr,
+                GEMV: tl.constexpr):
     """``acc [BM, BN] += x[rm] Ŵ[rn]ᵀ`` over all of ``K``, one decoded ``[BN, BK]`` block at a time (rows of ``x``
-    from ``row_end`` on read as zeros)."""
+    from ``row_end`` on read as zeros). ``GEMV`` (``BM == 1``): float32 products summed without ``tl.dot``."""
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         xm = (rm < row_end)[:, None] & (rk < K)[None, :]
         x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * sxm + rk[None, :], mask=xm, other=0.0)  # [BM, BK]
         w = _decode_block(words_ptr, scale_ptr, lut_ptr, rn, rk, N, K, KT, L, KV, V, TILE, Q, CODE, W, TB,
                           STREAM).to(x.dtype)  # [BN, BK]
-        if IEEE:
+        if GEMV:
+            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]  # x [1, BK] -> [1, BN]
+        elif IEEE:
             acc += tl.dot(x, tl.trans(w), input_precision="ieee")
         else:
             acc += tl.dot(x, tl.trans(w))
@@ -149,12 +152,12 @@ def _linear_kernel(x_ptr, words_ptr, scale_ptr, lut_ptr, bias_ptr, y_ptr, M, N, 
                    L: tl.constexpr, KV: tl.constexpr, V: tl.constexpr, TILE: tl.constexpr, Q: tl.constexpr,
                    CODE: tl.constexpr, W: tl.constexpr, TB: tl.constexpr, STREAM: tl.constexpr,
                    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                   BK: tl.constexpr):
+                   BK: tl.constexpr, GEMV: tl.constexpr):
     rn = tl.program_id(0) * BN + tl.arange(0, BN)  # [BN]
     rm = tl.program_id(1) * BM + tl.arange(0, BM)  # [BM]
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc = _accumulate(acc, x_ptr, sxm, rm, M, words_ptr, scale_ptr, lut_ptr, rn, N, K, KT, L, KV, V, TILE, Q, CODE,
-                      W, TB, STREAM, IEEE, BK)
+                      W, TB, STREAM, IEEE, BK, GEMV)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     ym = (rm < M)[:, None] & (rn < N)[None, :]
@@ -165,7 +168,8 @@ def _linear_kernel(x_ptr, words_ptr, scale_ptr, lut_ptr, bias_ptr, y_ptr, M, N, 
 def _grouped_kernel(x_ptr, tiles_ptr, words_ptr, scale_ptr, lut_ptr, y_ptr, N, K, KT, sxm, sym, lut_stride,
                     L: tl.constexpr, KV: tl.constexpr, V: tl.constexpr, TILE: tl.constexpr, Q: tl.constexpr,
                     CODE: tl.constexpr, W: tl.constexpr, TB: tl.constexpr, STREAM: tl.constexpr,
-                    IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                    IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    GEMV: tl.constexpr):
     """Program ``(j, t)``: columns ``[j·BN, (j+1)·BN)`` of the rows of tile ``t`` of the host's tile table
     (expert ``e``, first row, end row), from expert ``e``'s words, scales and LUT."""
     t = tl.program_id(1)
@@ -177,7 +181,8 @@ def _grouped_kernel(x_ptr, tiles_ptr, words_ptr, scale_ptr, lut_ptr, y_ptr, N, K
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     # expert e's matrix: N/TILE x KT tiles of W words, N scales, one LUT
     acc = _accumulate(acc, x_ptr, sxm, rm, row_end, words_ptr + e * (N // TILE) * KT * W, scale_ptr + e * N,
-                      lut_ptr + e * lut_stride, rn, N, K, KT, L, KV, V, TILE, Q, CODE, W, TB, STREAM, IEEE, BK)
+                      lut_ptr + e * lut_stride, rn, N, K, KT, L, KV, V, TILE, Q, CODE, W, TB, STREAM, IEEE, BK,
+                      GEMV)
     ym = (rm < row_end)[:, None] & (rn < N)[None, :]
     tl.store(y_ptr + rm.to(tl.int64)[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=ym)
 
@@ -228,8 +233,10 @@ def dequant(words: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor | None, 
 
 def linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor | None,
            bias: torch.Tensor | None, bits: int, L: int, V: int, tile: int, code: str, Q: int,
-           tail_biting: bool) -> torch.Tensor:
-    """``x [..., K] -> x Ŵᵀ + b [..., N]`` in ``x.dtype``, decoding the weights block by block in registers."""
+           tail_biting: bool, *, block_n: int | None = None, block_k: int | None = None,
+           gemv: bool | None = None) -> torch.Tensor:
+    """``x [..., K] -> x Ŵᵀ + b [..., N]`` in ``x.dtype``, decoding the weights block by block in registers; the
+    keywords override the tile (``triton_uniform.launch_for``)."""
     cfg = TrellisConfig(bits=bits, L=L, V=V, tile=tile, code=code, Q=Q, tail_biting=tail_biting)
     geo = _geometry(words, scale, lut, cfg)
     kt = words.shape[1]
@@ -243,17 +250,18 @@ def linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, lut: torch
     if m == 0 or n == 0:
         return y.reshape(*lead, n)
     w16, sc, lut32 = _tensors(words, scale, lut)
-    bm, bn, bk = _block_m(m), 64, 64
-    grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
+    t = _launch_for(m, block_n, block_k, gemv)
+    grid = (triton.cdiv(n, t.bn), triton.cdiv(m, t.bm))
     _linear_kernel[grid](x2, w16, sc, lut32, x2 if bias is None else bias.contiguous(), y, m, n, k, kt,
                          x2.stride(0), y.stride(0), **geo, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-                         BM=bm, BN=bn, BK=bk)
+                         BM=t.bm, BN=t.bn, BK=t.bk, GEMV=t.gemv)
     return y.reshape(*lead, n)
 
 
 def grouped(x: torch.Tensor, counts: list[int] | tuple[int, ...], words: torch.Tensor, scale: torch.Tensor,
             lut: torch.Tensor | None, bits: int, L: int, V: int, tile: int, code: str, Q: int,
-            tail_biting: bool) -> torch.Tensor:
+            tail_biting: bool, *, block_n: int | None = None, block_k: int | None = None,
+            gemv: bool | None = None) -> torch.Tensor:
     """x ``[S, K]`` sorted by expert (``counts[e]`` rows for expert ``e``) times each expert of the stack ``words
     [E, N/tile, K/tile, W]``, ``scale [E, N]``, ``lut [E, 2^Q, 2]`` (hyb) -> ``[S, N]`` in ``x.dtype``, in one
     launch; experts with no rows get no program."""
@@ -275,11 +283,11 @@ def grouped(x: torch.Tensor, counts: list[int] | tuple[int, ...], words: torch.T
     if s == 0 or n == 0:
         return y
     w16, sc, lut32 = _tensors(words, scale, lut)  # [E, N/t, K/t, W], [E·N], [E, 2^Q, 2]
-    bm, bn, bk = _block_m(max(counts)), 64, 64
-    tiles = _tile_table(counts, bm, x.device)  # [T, 3]
+    t = _launch_for(max(counts), block_n, block_k, gemv)
+    tiles = _tile_table(counts, t.bm, x.device)  # [T, 3]
     x2 = x.contiguous()
-    grid = (triton.cdiv(n, bn), tiles.shape[0])
+    grid = (triton.cdiv(n, t.bn), tiles.shape[0])
     _grouped_kernel[grid](x2, tiles, w16, sc, lut32, y, n, k, kt, x2.stride(0), y.stride(0),
                           0 if lut is None else lut32[0].numel(), **geo, IEEE=x.dtype == torch.float32,
-                          BM=bm, BN=bn, BK=bk)
+                          BM=t.bm, BN=t.bn, BK=t.bk, GEMV=t.gemv)
     return y
