@@ -316,14 +316,15 @@ def bench_spec(spec: str, settings: BenchSettings, verify: bool = True, label: s
 def base_model_of(run: str | Path) -> str:
     """The model a moequant run was quantized from: ``report.json``'s ``model`` (the spec ``quantize`` was
     given: a zoo alias, a path as typed then — tried as is, then beside the run — or a hub id)."""
-    from moequant.fsutil import read_json_object
+    from moequant.eval.runs_io import read_report
 
     run = Path(run)
-    d = read_json_object(run / "report.json")
-    if not d or not isinstance(d.get("model"), str) or not d["model"]:
+    path = run / "report.json"
+    rep = read_report(path) if path.is_file() else None  # schema-checked: a wrong type names the key
+    if rep is None or not isinstance(rep.model, str) or not rep.model:
         raise MoequantError(f"--base: {run} has no report.json naming the model it was quantized from "
                             "(bench that model on its own)")
-    spec = d["model"]
+    spec = rep.model
     p = Path(spec).expanduser()
     if not p.is_absolute() and not p.exists() and (run.parent / p).exists():
         return str(run.parent / p)

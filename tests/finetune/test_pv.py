@@ -183,6 +183,11 @@ def test_refusals(capsys, additive_run, tmp_path):
     rep = json.loads((bad / "report.json").read_text())
     (bad / "report.json").write_text(json.dumps({**rep, "model": str(tmp_path / "gone")}))
     assert "gone" in err(str(bad), *pv, "--steps", "1", "--out", str(tmp_path / "o"))
+    (bad / "report.json").write_text(json.dumps({**rep, "bits_per_weight": "two"}))  # read through its schema
+    e = err(str(bad), *pv, "--steps", "1", "--out", str(tmp_path / "o"))
+    assert "report.json" in e and "bits_per_weight" in e, e
+    (bad / "report.json").unlink()
+    assert "no report.json naming the model" in err(str(bad), *pv, "--steps", "1", "--out", str(tmp_path / "o"))
     (tmp_path / ".o.moequant-finetune").mkdir()
     assert "--resume" in err(str(additive_run), *pv, "--steps", "1", "--out", str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
