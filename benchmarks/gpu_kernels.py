@@ -11,7 +11,9 @@ it, ``torch._grouped_mm``), uniform int4/int3/int2 group 128 (``triton_uniform``
 Time: ``triton.testing.do_bench`` (median; it clears the L2 before each call, so weights come from HBM).
 Bandwidth: the bytes of the stored weights the call reads (codes, scales, zeros, LUT; routed experts only) over
 the time, and as a fraction of the device-to-device copy bandwidth measured in the same run (bytes read +
-written). ``--sweep`` also times each kernel at batch 1 over the tiles of ``launch_for``'s keywords.
+written). ``--sweep`` also times each kernel at batch 1 over the tiles of ``launch_for``'s keywords. Each packed
+linear is also timed the other way: decode the whole matrix (torch ops; the trellis ``dequant`` kernel), then
+cuBLAS — the candidate for prefill.
 
     python benchmarks/gpu_kernels.py --sweep --json benchmarks/results/gpu_kernels_h200.json
 """
@@ -163,6 +165,12 @@ def linear_rows(shapes, ms, dev, sweep: bool, peak: float) -> list[dict]:
                            rel_err_fp32_vs_reference=err32)
                 if sweep and m == 1 and name in SWEPT:
                     row["sweep_ms"] = {key: bench_ms(v) for key, v in variants.items()}
+                # the other way to run it: decode the whole matrix with torch ops, then cuBLAS (the reference path)
+                if kind == "uniform":
+                    row["decode_then_cublas_ms"] = bench_ms(lambda: uniform_ref(qt, x))
+                else:
+                    row["decode_then_cublas_ms"] = bench_ms(
+                        lambda: F.linear(x, TT.dequant(*args[:3], *args[3:]).to(x.dtype)))
                 rows.append(row)
                 print(json.dumps({k_: v for k_, v in row.items() if k_ != "sweep_ms"}), flush=True)
     return rows
@@ -243,14 +251,16 @@ def table(path: Path) -> str:
     d = json.loads(path.read_text())
     us = lambda ms: f"{ms * 1e3:.1f}"  # noqa: E731
     out = [f"copy bandwidth {d['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s (read + written); {d['env']}", "",
-           "| [N, K] | rows | method | µs | GB/s | of copy bw | vs bf16 | max rel err fp32 | fastest tile (µs) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| [N, K] | rows | method | µs | GB/s | of copy bw | vs bf16 | max rel err fp32 | fastest tile (µs) | "
+           "decode, then cuBLAS (µs) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["linears"]:
         best = min(r.get("sweep_ms", {}).items(), key=lambda kv: kv[1], default=None)
         out.append(f"| {r['shape']} | {r['m']} | {r['method']} | {us(r['ms'])} | {r['gbps']:.0f} | "
                    f"{100 * r['frac_peak']:.1f}% | {r.get('speedup_vs_bf16', 1.0):.3f}× | "
                    f"{'-' if 'rel_err_fp32_vs_reference' not in r else format(r['rel_err_fp32_vs_reference'], '.1e')} | "
-                   f"{'' if best is None else f'{best[0]} ({us(best[1])})'} |")
+                   f"{'' if best is None else f'{best[0]} ({us(best[1])})'} | "
+                   f"{us(r['decode_then_cublas_ms']) if 'decode_then_cublas_ms' in r else ''} |")
     out += ["", "| experts × [N, K], top-k | batch (rows, experts routed) | method | µs | GB/s | of copy bw | "
             "vs best bf16 | fastest tile (µs) |", "|---|---|---|---|---|---|---|---|"]
     for r in d["experts"]:
