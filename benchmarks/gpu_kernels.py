@@ -11,7 +11,7 @@ it, ``torch._grouped_mm``), uniform int4/int3/int2 group 128 (``triton_uniform``
 Time: ``triton.testing.do_bench`` (median; it clears the L2 before each call, so weights come from HBM).
 Bandwidth: the bytes of the stored weights the call reads (codes, scales, zeros, LUT; routed experts only) over
 the time, and as a fraction of the device-to-device copy bandwidth measured in the same run (bytes read +
-written). ``--sweep`` also times each kernel at batch 1 over the tiles of ``launch_for``'s keywords. Each packed
+written). ``--sweep`` also times each kernel at batch 1 over the tiles of ``launch_for``'s keywords (split-K too). Each packed
 linear is also timed the other way: decode the whole matrix (torch ops; the trellis ``dequant`` kernel), then
 cuBLAS — the candidate for prefill.
 
@@ -52,7 +52,8 @@ TRELLIS = TrellisConfig(bits=2, L=16, V=2, tile=16, code="hyb", Q=9, tail_biting
 # bf16 activations; float16 under the interpreter (numpy has no bfloat16: its bf16 dots are wrong)
 ACT = torch.float16 if SMOKE else torch.bfloat16
 SWEEP = ([dict(gemv=True, block_n=bn, block_k=bk) for bn in (16, 32, 64) for bk in (64, 128, 256)]
-         + [dict(gemv=False, block_n=bn, block_k=64) for bn in (32, 64)])
+         + [dict(gemv=False, block_n=bn, block_k=64) for bn in (32, 64)]
+         + [dict(gemv=True, block_n=bn, block_k=128, split_k=sk) for bn in (16, 32) for sk in (2, 4, 8)])
 SWEPT = ("int4-g128", "trellis-2b-hyb")  # the methods whose batch-1 time is swept
 
 
@@ -67,7 +68,8 @@ def bench_ms(fn) -> float:
 
 
 def tile_key(tile: dict) -> str:
-    return ("gemv" if tile["gemv"] else "dot") + f"-bn{tile['block_n']}-bk{tile['block_k']}"
+    split = f"-split{tile['split_k']}" if tile.get("split_k", 1) > 1 else ""
+    return ("gemv" if tile["gemv"] else "dot") + f"-bn{tile['block_n']}-bk{tile['block_k']}" + split
 
 
 def nbytes(*tensors) -> int:
@@ -293,7 +295,7 @@ def main() -> None:
     torch.manual_seed(0)
     if SMOKE:
         global SWEEP
-        SWEEP = SWEEP[:2]
+        SWEEP = SWEEP[:1] + SWEEP[-1:]  # one plain tile, one split-K
         shapes, ms, ex = [(64, 256)], [1, 3], (4, 32, 256, 2, (1, 2))
     else:
         shapes, ms, ex = [(4096, 4096), (14336, 4096)], [1, 8, 512], (64, 1024, 2048, 8, (1, 8))

@@ -187,7 +187,7 @@ AOT_SCRIPT = AOT_PREAMBLE + r"""    tensors = {"words_ptr": "*i16", "scale_ptr":
         kernel, sizes = tt._linear_kernel, dict(HAS_BIAS=True, IEEE=xdt == "fp32", BM=16, BN=64, BK=64,
                                                 GEMV=False)
         sig = dict(x_ptr="*" + xdt, **tensors, bias_ptr="*" + xdt, y_ptr="*" + xdt, M="i32", N="i32", K="i32",
-                   KT="i32", sxm="i32", sym="i32")
+                   KT="i32", sxm="i32", sym="i32", sys="i32", k_chunk="i32")
     consts = dict(geo, **sizes)
     sig.update({name: "constexpr" for name in consts})
     ptx = triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32)).asm["ptx"]

@@ -115,7 +115,8 @@ def test_grouped_matches_per_expert_reference_and_linear(tri, code, bits, tb, L,
 
 
 TILES = [dict(gemv=True, block_n=16, block_k=64), dict(gemv=True, block_n=32, block_k=128),
-         dict(gemv=False, block_n=32, block_k=128)]
+         dict(gemv=False, block_n=32, block_k=128), dict(gemv=True, block_n=16, block_k=32, split_k=2),
+         dict(gemv=False, block_n=16, block_k=32, split_k=4)]  # K=80 in 32s: the fourth chunk is empty
 
 
 @pytest.mark.parametrize("tile", TILES, ids=lambda t: "-".join(f"{k}{v}" for k, v in t.items()))
@@ -207,7 +208,8 @@ def test_grouped_linear_leaves_the_cpu_path_alone(tri, monkeypatch):
 # Compiled for an H100-class GPU (sm_90) by Triton's compiler and the ptxas it ships, no GPU needed (as in
 # test_triton_trellis.py), in a child process without TRITON_INTERPRET.
 AOT_SCRIPT = AOT_PREAMBLE + r"""    sig = dict(x_ptr="*" + xdt, tiles_ptr="*i32", words_ptr="*i16", scale_ptr="*fp16", lut_ptr="*fp32",
-               y_ptr="*" + xdt, N="i32", K="i32", KT="i32", sxm="i32", sym="i32", lut_stride="i32")
+               y_ptr="*" + xdt, N="i32", K="i32", KT="i32", sxm="i32", sym="i32", sys="i32",
+               k_chunk="i32", lut_stride="i32")
     consts = dict(geo, IEEE=xdt == "fp32", BM=16, BN=64, BK=64, GEMV=False)
     sig.update({name: "constexpr" for name in consts})
     ptx = triton.compile(ASTSource(tt._grouped_kernel, sig, consts), target=GPUTarget("cuda", 90, 32)).asm["ptx"]

@@ -122,19 +122,22 @@ def test_grouped_matches_per_expert_reference(tri, bits, symmetric):
 
 
 TILES = [dict(gemv=True, block_n=16, block_k=64), dict(gemv=True, block_n=32, block_k=256),
-         dict(gemv=False, block_n=32, block_k=128)]
+         dict(gemv=False, block_n=32, block_k=128), dict(gemv=True, block_n=16, block_k=64, split_k=3),
+         dict(gemv=False, block_n=32, block_k=64, split_k=8)]  # split 8 of K=300 in 64s: three empty chunks
 
 
 @pytest.mark.parametrize("tile", TILES, ids=lambda t: "-".join(f"{k}{v}" for k, v in t.items()))
 def test_tile_overrides_match_reference(tri, tile):
     """Every tile the GPU benchmark sweeps (``launch_for``'s keywords) computes the same product: the GEMV body
-    (no ``tl.dot``) on several rows too, K not a multiple of the block, groups across blocks."""
+    (no ``tl.dot``) on several rows too, K not a multiple of the block, groups across blocks, split-K (bias added
+    once, after the partial sums)."""
     qt = packed_uniform(40, 300, 4, 32, False, seed=5)
     codes, scale, zero, b, g, kk, zc, grid = _kernel_args(qt)
+    bias = torch.randn(40)
     for m in (1, 3):
         x = kernel_x(m, 300, seed=m)
-        want = ku.reference(x, codes, scale, zero, None, b, g, kk, grid)
-        assert _rel_err(tri.linear(x, codes, scale, zero, None, b, g, kk, zc, **tile), want) < TOL, (tile, m)
+        want = ku.reference(x, codes, scale, zero, bias, b, g, kk, grid)
+        assert _rel_err(tri.linear(x, codes, scale, zero, bias, b, g, kk, zc, **tile), want) < TOL, (tile, m)
     w = torch.randn(3, 40, 300, generator=torch.Generator().manual_seed(2))  # [E, N, K]
     cfg = UniformConfig(bits=3, group_size=64, symmetric=True, clip_search=False)
     st = tensor_class_for(cfg).encode(w, cfg)
@@ -154,6 +157,10 @@ def test_launch_rule():
     assert tu.launch_for(2) == tu.Launch(16, 64, 64, False)
     assert tu.launch_for(40) == tu.Launch(64, 64, 64, False)
     assert tu.launch_for(1, block_n=16, gemv=False) == tu.Launch(16, 16, 64, False)
+    t = tu.launch_for(1, split_k=8)
+    assert t.split == 8 and t.k_chunk(300) == 128 and t.k_chunk(4096) == 512  # multiples of bk=128
+    with pytest.raises(ValueError, match="split_k"):
+        tu.launch_for(1, split_k=-1)
 
 
 def test_tile_table(tri):

@@ -36,6 +36,7 @@ import torch
 
 from moequant.codecs.config import TrellisConfig
 from moequant.codecs.trellis import check_geometry, tile_bits, words_per_tile
+from moequant.kernels.triton_uniform import finish_output, output_buffer
 from moequant.kernels.triton_uniform import launch_for as _launch_for
 from moequant.kernels.triton_uniform import tile_table as _tile_table
 
@@ -126,13 +127,14 @@ def _dequant_kernel(words_ptr, scale_ptr, lut_ptr, out_ptr, N, K, KT, L: tl.cons
 
 
 @triton.jit
-def _accumulate(acc, x_ptr, sxm, rm, row_end, words_ptr, scale_ptr, lut_ptr, rn, N, K, KT, L: tl.constexpr,
+def _accumulate(acc, x_ptr, sxm, rm, row_end, words_ptr, scale_ptr, lut_ptr, rn, N, K, k_lo, k_hi, KT, L: tl.constexpr,
                 KV: tl.constexpr, V: tl.constexpr, TILE: tl.constexpr, Q: tl.constexpr, CODE: tl.constexpr,
                 W: tl.constexpr, TB: tl.constexpr, STREAM: tl.constexpr, IEEE: tl.constexpr, BK: tl.constexpr,
                 GEMV: tl.constexpr):
-    """``acc [BM, BN] += x[rm] Ŵ[rn]ᵀ`` over all of ``K``, one decoded ``[BN, BK]`` block at a time (rows of ``x``
-    from ``row_end`` on read as zeros). ``GEMV`` (``BM == 1``): float32 products summed without ``tl.dot``."""
-    for k0 in range(0, K, BK):
+    """``acc [BM, BN] += x[rm] Ŵ[rn]ᵀ`` over columns ``[k_lo, k_hi)`` of ``K`` (``k_lo`` a multiple of ``BK``), one
+    decoded ``[BN, BK]`` block at a time (rows of ``x`` from ``row_end`` on read as zeros). ``GEMV`` (``BM == 1``):
+    float32 products summed without ``tl.dot``."""
+    for k0 in range(k_lo, k_hi, BK):
         rk = k0 + tl.arange(0, BK)
         xm = (rm < row_end)[:, None] & (rk < K)[None, :]
         x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * sxm + rk[None, :], mask=xm, other=0.0)  # [BM, BK]
@@ -148,24 +150,27 @@ def _accumulate(acc, x_ptr, sxm, rm, row_end, words_ptr, scale_ptr, lut_ptr, rn,
 
 
 @triton.jit
-def _linear_kernel(x_ptr, words_ptr, scale_ptr, lut_ptr, bias_ptr, y_ptr, M, N, K, KT, sxm, sym,
+def _linear_kernel(x_ptr, words_ptr, scale_ptr, lut_ptr, bias_ptr, y_ptr, M, N, K, KT, sxm, sym, sys, k_chunk,
                    L: tl.constexpr, KV: tl.constexpr, V: tl.constexpr, TILE: tl.constexpr, Q: tl.constexpr,
                    CODE: tl.constexpr, W: tl.constexpr, TB: tl.constexpr, STREAM: tl.constexpr,
                    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                    BK: tl.constexpr, GEMV: tl.constexpr):
     rn = tl.program_id(0) * BN + tl.arange(0, BN)  # [BN]
     rm = tl.program_id(1) * BM + tl.arange(0, BM)  # [BM]
+    k_lo = tl.program_id(2) * k_chunk  # split-K: y is float32 [S, M, N], sys apart (triton_uniform.output_buffer)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    acc = _accumulate(acc, x_ptr, sxm, rm, M, words_ptr, scale_ptr, lut_ptr, rn, N, K, KT, L, KV, V, TILE, Q, CODE,
-                      W, TB, STREAM, IEEE, BK, GEMV)
+    acc = _accumulate(acc, x_ptr, sxm, rm, M, words_ptr, scale_ptr, lut_ptr, rn, N, K, k_lo,
+                      tl.minimum(k_lo + k_chunk, K), KT, L, KV, V, TILE, Q, CODE, W, TB, STREAM, IEEE, BK, GEMV)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     ym = (rm < M)[:, None] & (rn < N)[None, :]
+    y_ptr += tl.program_id(2).to(tl.int64) * sys
     tl.store(y_ptr + rm.to(tl.int64)[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=ym)
 
 
 @triton.jit
-def _grouped_kernel(x_ptr, tiles_ptr, words_ptr, scale_ptr, lut_ptr, y_ptr, N, K, KT, sxm, sym, lut_stride,
+def _grouped_kernel(x_ptr, tiles_ptr, words_ptr, scale_ptr, lut_ptr, y_ptr, N, K, KT, sxm, sym, sys, k_chunk,
+                    lut_stride,
                     L: tl.constexpr, KV: tl.constexpr, V: tl.constexpr, TILE: tl.constexpr, Q: tl.constexpr,
                     CODE: tl.constexpr, W: tl.constexpr, TB: tl.constexpr, STREAM: tl.constexpr,
                     IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -178,12 +183,14 @@ def _grouped_kernel(x_ptr, tiles_ptr, words_ptr, scale_ptr, lut_ptr, y_ptr, N, K
     row_end = tl.load(tiles_ptr + 3 * t + 2)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)  # [BN]
     rm = row0 + tl.arange(0, BM)  # [BM]
+    k_lo = tl.program_id(2) * k_chunk
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     # expert e's matrix: N/TILE x KT tiles of W words, N scales, one LUT
     acc = _accumulate(acc, x_ptr, sxm, rm, row_end, words_ptr + e * (N // TILE) * KT * W, scale_ptr + e * N,
-                      lut_ptr + e * lut_stride, rn, N, K, KT, L, KV, V, TILE, Q, CODE, W, TB, STREAM, IEEE, BK,
-                      GEMV)
+                      lut_ptr + e * lut_stride, rn, N, K, k_lo, tl.minimum(k_lo + k_chunk, K), KT, L, KV, V, TILE, Q,
+                      CODE, W, TB, STREAM, IEEE, BK, GEMV)
     ym = (rm < row_end)[:, None] & (rn < N)[None, :]
+    y_ptr += tl.program_id(2).to(tl.int64) * sys
     tl.store(y_ptr + rm.to(tl.int64)[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=ym)
 
 
@@ -234,7 +241,7 @@ def dequant(words: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor | None, 
 def linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor | None,
            bias: torch.Tensor | None, bits: int, L: int, V: int, tile: int, code: str, Q: int,
            tail_biting: bool, *, block_n: int | None = None, block_k: int | None = None,
-           gemv: bool | None = None) -> torch.Tensor:
+           gemv: bool | None = None, split_k: int | None = None) -> torch.Tensor:
     """``x [..., K] -> x Ŵᵀ + b [..., N]`` in ``x.dtype``, decoding the weights block by block in registers; the
     keywords override the tile (``triton_uniform.launch_for``)."""
     cfg = TrellisConfig(bits=bits, L=L, V=V, tile=tile, code=code, Q=Q, tail_biting=tail_biting)
@@ -246,22 +253,23 @@ def linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, lut: torch
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
     m = x2.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)  # [M, N]
     if m == 0 or n == 0:
-        return y.reshape(*lead, n)
+        return torch.empty((*lead, n), dtype=x.dtype, device=x.device)
     w16, sc, lut32 = _tensors(words, scale, lut)
-    t = _launch_for(m, block_n, block_k, gemv)
-    grid = (triton.cdiv(n, t.bn), triton.cdiv(m, t.bm))
-    _linear_kernel[grid](x2, w16, sc, lut32, x2 if bias is None else bias.contiguous(), y, m, n, k, kt,
-                         x2.stride(0), y.stride(0), **geo, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-                         BM=t.bm, BN=t.bn, BK=t.bk, GEMV=t.gemv)
-    return y.reshape(*lead, n)
+    t = _launch_for(m, block_n, block_k, gemv, split_k)
+    y, sys_ = output_buffer(t, m, n, x)  # [M, N] or [split, M, N]
+    grid = (triton.cdiv(n, t.bn), triton.cdiv(m, t.bm), t.split)
+    in_kernel_bias = bias is not None and t.split == 1
+    _linear_kernel[grid](x2, w16, sc, lut32, bias.contiguous() if in_kernel_bias else x2, y, m, n, k, kt,
+                         x2.stride(0), n, sys_, t.k_chunk(k), **geo, HAS_BIAS=in_kernel_bias,
+                         IEEE=x.dtype == torch.float32, BM=t.bm, BN=t.bn, BK=t.bk, GEMV=t.gemv)
+    return finish_output(y, t, bias, x.dtype).reshape(*lead, n)
 
 
 def grouped(x: torch.Tensor, counts: list[int] | tuple[int, ...], words: torch.Tensor, scale: torch.Tensor,
             lut: torch.Tensor | None, bits: int, L: int, V: int, tile: int, code: str, Q: int,
             tail_biting: bool, *, block_n: int | None = None, block_k: int | None = None,
-            gemv: bool | None = None) -> torch.Tensor:
+            gemv: bool | None = None, split_k: int | None = None) -> torch.Tensor:
     """x ``[S, K]`` sorted by expert (``counts[e]`` rows for expert ``e``) times each expert of the stack ``words
     [E, N/tile, K/tile, W]``, ``scale [E, N]``, ``lut [E, 2^Q, 2]`` (hyb) -> ``[S, N]`` in ``x.dtype``, in one
     launch; experts with no rows get no program."""
@@ -279,15 +287,15 @@ def grouped(x: torch.Tensor, counts: list[int] | tuple[int, ...], words: torch.T
         raise ValueError(f"trellis grouped: x {tuple(x.shape)} is not [S, {k}]")
     if len(counts) != e_all or sum(counts) != s:
         raise ValueError(f"counts {list(counts)} do not split {s} rows over {e_all} experts")
-    y = torch.empty((s, n), dtype=x.dtype, device=x.device)  # [S, N]
     if s == 0 or n == 0:
-        return y
+        return torch.empty((s, n), dtype=x.dtype, device=x.device)
     w16, sc, lut32 = _tensors(words, scale, lut)  # [E, N/t, K/t, W], [E·N], [E, 2^Q, 2]
-    t = _launch_for(max(counts), block_n, block_k, gemv)
+    t = _launch_for(max(counts), block_n, block_k, gemv, split_k)
     tiles = _tile_table(counts, t.bm, x.device)  # [T, 3]
     x2 = x.contiguous()
-    grid = (triton.cdiv(n, t.bn), tiles.shape[0])
-    _grouped_kernel[grid](x2, tiles, w16, sc, lut32, y, n, k, kt, x2.stride(0), y.stride(0),
+    y, sys_ = output_buffer(t, s, n, x)  # [S, N] or [split, S, N]
+    grid = (triton.cdiv(n, t.bn), tiles.shape[0], t.split)
+    _grouped_kernel[grid](x2, tiles, w16, sc, lut32, y, n, k, kt, x2.stride(0), n, sys_, t.k_chunk(k),
                           0 if lut is None else lut32[0].numel(), **geo, IEEE=x.dtype == torch.float32,
                           BM=t.bm, BN=t.bn, BK=t.bk, GEMV=t.gemv)
-    return y
+    return finish_output(y, t, None, x.dtype)

@@ -68,12 +68,13 @@ def _decode_tile(codes_ptr, scale_ptr, zero_ptr, rn, rk, N, K, row_bytes, G, zro
 
 
 @triton.jit
-def _accumulate(acc, x_ptr, sxm, rm, row_end, codes_ptr, scale_ptr, zero_ptr, rn, N, K, row_bytes, G, zrow_bytes,
-                zc, BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr, BK: tl.constexpr,
+def _accumulate(acc, x_ptr, sxm, rm, row_end, codes_ptr, scale_ptr, zero_ptr, rn, N, K, k_lo, k_hi, row_bytes, G,
+                zrow_bytes, zc, BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr, BK: tl.constexpr,
                 IEEE: tl.constexpr, GEMV: tl.constexpr):
-    """``acc [BM, BN] += x[rm] Ŵ[rn]ᵀ`` over all of ``K``. ``GEMV`` (``BM == 1``): products summed along ``K`` in
-    float32 without ``tl.dot`` (whose 16-row minimum would read 15 rows of padding per decode step)."""
-    for k0 in range(0, K, BK):
+    """``acc [BM, BN] += x[rm] Ŵ[rn]ᵀ`` over columns ``[k_lo, k_hi)`` of ``K`` (``k_lo`` a multiple of ``BK``).
+    ``GEMV`` (``BM == 1``): products summed along ``K`` in float32 without ``tl.dot`` (whose 16-row minimum would
+    read 15 rows of padding per decode step)."""
+    for k0 in range(k_lo, k_hi, BK):
         rk = k0 + tl.arange(0, BK)
         xm = (rm < row_end)[:, None] & (rk < K)[None, :]
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :], mask=xm, other=0.0)  # [BM, BK]
@@ -90,23 +91,27 @@ def _accumulate(acc, x_ptr, sxm, rm, row_end, codes_ptr, scale_ptr, zero_ptr, rn
 
 @triton.jit
 def _linear_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, M, N, K, row_bytes, G, zrow_bytes,
-                   sxm, sym, zc, BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr,
+                   sxm, sym, sys, k_chunk, zc, BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr,
                    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                    BK: tl.constexpr, GEMV: tl.constexpr):
+    """Program ``(j, i, s)``: output columns of block ``j``, rows of block ``i``, reduction chunk ``s`` (split-K:
+    ``y`` is then a float32 ``[S, M, N]`` of partial sums, ``sys`` apart, and the host sums them)."""
     rn = tl.program_id(0) * BN + tl.arange(0, BN)  # [BN]
     rm = tl.program_id(1) * BM + tl.arange(0, BM)  # [BM]
+    k_lo = tl.program_id(2) * k_chunk
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    acc = _accumulate(acc, x_ptr, sxm, rm, M, codes_ptr, scale_ptr, zero_ptr, rn, N, K, row_bytes, G, zrow_bytes,
-                      zc, BITS, GS, HAS_ZERO, BK, IEEE, GEMV)
+    acc = _accumulate(acc, x_ptr, sxm, rm, M, codes_ptr, scale_ptr, zero_ptr, rn, N, K, k_lo,
+                      tl.minimum(k_lo + k_chunk, K), row_bytes, G, zrow_bytes, zc, BITS, GS, HAS_ZERO, BK, IEEE, GEMV)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     ym = (rm < M)[:, None] & (rn < N)[None, :]
+    y_ptr += tl.program_id(2).to(tl.int64) * sys
     tl.store(y_ptr + rm[:, None].to(tl.int64) * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=ym)
 
 
 @triton.jit
 def _grouped_kernel(x_ptr, tiles_ptr, codes_ptr, scale_ptr, zero_ptr, y_ptr, N, K, row_bytes, G, zrow_bytes,
-                    sxm, sym, zc, BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr,
+                    sxm, sym, sys, k_chunk, zc, BITS: tl.constexpr, GS: tl.constexpr, HAS_ZERO: tl.constexpr,
                     IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     GEMV: tl.constexpr):
     t = tl.program_id(1)
@@ -115,11 +120,13 @@ def _grouped_kernel(x_ptr, tiles_ptr, codes_ptr, scale_ptr, zero_ptr, y_ptr, N, 
     row_end = tl.load(tiles_ptr + 3 * t + 2)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rm = row0 + tl.arange(0, BM)
+    k_lo = tl.program_id(2) * k_chunk
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc = _accumulate(acc, x_ptr, sxm, rm, row_end, codes_ptr + e * N * row_bytes, scale_ptr + e * N * G,
-                      zero_ptr + e * N * zrow_bytes, rn, N, K, row_bytes, G, zrow_bytes, zc, BITS, GS, HAS_ZERO,
-                      BK, IEEE, GEMV)
+                      zero_ptr + e * N * zrow_bytes, rn, N, K, k_lo, tl.minimum(k_lo + k_chunk, K), row_bytes, G,
+                      zrow_bytes, zc, BITS, GS, HAS_ZERO, BK, IEEE, GEMV)
     ym = (rm < row_end)[:, None] & (rn < N)[None, :]
+    y_ptr += tl.program_id(2).to(tl.int64) * sys
     tl.store(y_ptr + rm[:, None].to(tl.int64) * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=ym)
 
 
@@ -137,22 +144,49 @@ GEMV_BN, GEMV_BK = 16, 128
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """One launch's tile: ``bm`` rows of activations, ``bn`` output columns, ``bk`` reduction columns per step,
-    ``gemv`` (``bm == 1``, no ``tl.dot``)."""
+    ``gemv`` (``bm == 1``, no ``tl.dot``), ``split`` programs along ``K`` per output tile (split-K: float32
+    partial sums added on the host; 1 = none)."""
 
     bm: int
     bn: int
     bk: int
     gemv: bool
+    split: int = 1
+
+    def k_chunk(self, k: int) -> int:
+        """Columns of ``K`` per split program: a multiple of ``bk`` (the last chunk may be shorter or empty)."""
+        return triton.cdiv(triton.cdiv(k, self.split), self.bk) * self.bk
 
 
 def launch_for(rows: int, block_n: int | None = None, block_k: int | None = None,
-               gemv: bool | None = None) -> Launch:
+               gemv: bool | None = None, split_k: int | None = None) -> Launch:
     """The tile for ``rows`` activation rows per matrix (the most any expert has, for grouped launches);
-    ``block_n`` / ``block_k`` / ``gemv`` override the rule (benchmarks sweep them)."""
+    ``block_n`` / ``block_k`` / ``gemv`` / ``split_k`` override the rule (benchmarks sweep them)."""
     gemv = rows <= 1 if gemv is None else gemv
+    split = split_k or 1
+    if split < 1:
+        raise ValueError(f"split_k must be >= 1, got {split}")
     if gemv:
-        return Launch(1, block_n or GEMV_BN, block_k or GEMV_BK, True)
-    return Launch(block_m(rows), block_n or 64, block_k or 64, False)
+        return Launch(1, block_n or GEMV_BN, block_k or GEMV_BK, True, split)
+    return Launch(block_m(rows), block_n or 64, block_k or 64, False, split)
+
+
+def output_buffer(t: Launch, rows: int, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The kernel's output buffer and its split stride: ``[rows, N]`` in ``x.dtype``, or float32 partial sums
+    ``[split, rows, N]`` under split-K."""
+    if t.split == 1:
+        return torch.empty((rows, n), dtype=x.dtype, device=x.device), 0
+    return torch.empty((t.split, rows, n), dtype=torch.float32, device=x.device), rows * n
+
+
+def finish_output(y: torch.Tensor, t: Launch, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Split-K: sum the partial sums (float32), add the bias, cast; else ``y`` as the kernel wrote it."""
+    if t.split == 1:
+        return y
+    out = y.sum(0)  # [rows, N] float32
+    if bias is not None:
+        out += bias.float()
+    return out.to(dtype)
 
 
 def _geometry(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> tuple[int, int, int]:
@@ -162,7 +196,8 @@ def _geometry(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
 
 def linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
            bias: torch.Tensor | None, bits: int, group_size: int, in_features: int, zc: float, *,
-           block_n: int | None = None, block_k: int | None = None, gemv: bool | None = None) -> torch.Tensor:
+           block_n: int | None = None, block_k: int | None = None, gemv: bool | None = None,
+           split_k: int | None = None) -> torch.Tensor:
     """``x [..., K] -> [..., N]`` in ``x.dtype`` for one uniform matrix (codes ``[N, ·]``, scale ``[N, G]``);
     the keywords override the tile (``launch_for``)."""
     k = in_features
@@ -170,17 +205,18 @@ def linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torc
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
     m, n = x2.shape[0], codes.shape[0]
     row_bytes, groups, zrow = _geometry(codes, scale, zero)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)  # [M, N]
     if m == 0 or n == 0:
-        return y.reshape(*lead, n)
-    t = launch_for(m, block_n, block_k, gemv)
-    grid = (triton.cdiv(n, t.bn), triton.cdiv(m, t.bm))
+        return torch.empty((*lead, n), dtype=x.dtype, device=x.device)
+    t = launch_for(m, block_n, block_k, gemv, split_k)
+    y, sys_ = output_buffer(t, m, n, x)  # [M, N] or [S, M, N]
+    grid = (triton.cdiv(n, t.bn), triton.cdiv(m, t.bm), t.split)
+    in_kernel_bias = bias is not None and t.split == 1
     _linear_kernel[grid](x2, codes.contiguous(), scale.contiguous(), codes if zero is None else zero.contiguous(),
-                         x2 if bias is None else bias.contiguous(), y, m, n, k, row_bytes, groups, zrow,
-                         x2.stride(0), y.stride(0), float(zc), BITS=bits, GS=group_size, HAS_ZERO=zero is not None,
-                         HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BM=t.bm, BN=t.bn, BK=t.bk,
-                         GEMV=t.gemv)
-    return y.reshape(*lead, n)
+                         bias.contiguous() if in_kernel_bias else x2, y, m, n, k, row_bytes, groups, zrow,
+                         x2.stride(0), n, sys_, t.k_chunk(k), float(zc), BITS=bits, GS=group_size,
+                         HAS_ZERO=zero is not None, HAS_BIAS=in_kernel_bias, IEEE=x.dtype == torch.float32, BM=t.bm,
+                         BN=t.bn, BK=t.bk, GEMV=t.gemv)
+    return finish_output(y, t, bias, x.dtype).reshape(*lead, n)
 
 
 def tile_table(counts: list[int] | tuple[int, ...], block_m: int, device: torch.device) -> torch.Tensor:
@@ -197,7 +233,8 @@ def tile_table(counts: list[int] | tuple[int, ...], block_m: int, device: torch.
 
 def grouped(x: torch.Tensor, counts: list[int] | tuple[int, ...], codes: torch.Tensor, scale: torch.Tensor,
             zero: torch.Tensor | None, bits: int, group_size: int, in_features: int, zc: float, *,
-            block_n: int | None = None, block_k: int | None = None, gemv: bool | None = None) -> torch.Tensor:
+            block_n: int | None = None, block_k: int | None = None, gemv: bool | None = None,
+            split_k: int | None = None) -> torch.Tensor:
     """x ``[S, K]`` sorted by expert (``counts[e]`` rows for expert ``e``), codes ``[E, N, ·]`` -> ``[S, N]``;
     the keywords override the tile (``launch_for``)."""
     s, k = x.shape
@@ -205,15 +242,16 @@ def grouped(x: torch.Tensor, counts: list[int] | tuple[int, ...], codes: torch.T
     if len(counts) != e_all or sum(counts) != s:
         raise ValueError(f"counts {list(counts)} do not split {s} rows over {e_all} experts")
     row_bytes, groups, zrow = _geometry(codes, scale, zero)
-    y = torch.empty((s, n), dtype=x.dtype, device=x.device)  # [S, N]
     if s == 0 or n == 0:
-        return y
-    t = launch_for(max(counts), block_n, block_k, gemv)
+        return torch.empty((s, n), dtype=x.dtype, device=x.device)
+    t = launch_for(max(counts), block_n, block_k, gemv, split_k)
     tiles = tile_table(counts, t.bm, x.device)  # [T, 3]
     x2 = x.contiguous()
-    grid = (triton.cdiv(n, t.bn), tiles.shape[0])
+    y, sys_ = output_buffer(t, s, n, x)  # [S, N] or [split, S, N]
+    grid = (triton.cdiv(n, t.bn), tiles.shape[0], t.split)
     _grouped_kernel[grid](x2, tiles, codes.contiguous(), scale.contiguous(),
                           codes if zero is None else zero.contiguous(), y, n, k, row_bytes, groups, zrow,
-                          x2.stride(0), y.stride(0), float(zc), BITS=bits, GS=group_size, HAS_ZERO=zero is not None,
-                          IEEE=x.dtype == torch.float32, BM=t.bm, BN=t.bn, BK=t.bk, GEMV=t.gemv)
-    return y
+                          x2.stride(0), n, sys_, t.k_chunk(k), float(zc), BITS=bits, GS=group_size,
+                          HAS_ZERO=zero is not None, IEEE=x.dtype == torch.float32, BM=t.bm, BN=t.bn, BK=t.bk,
+                          GEMV=t.gemv)
+    return finish_output(y, t, None, x.dtype)
