@@ -73,7 +73,9 @@ def relate(rows: dict[str, dict[str, Any]], base: dict[str, Any]) -> None:
                 r[f"ratio_vs_{key}"], r[f"ratio_vs_{key}_ci95"] = d.ratio, list(d.ratio_ci)
 
 
-def measure_ptq(layers: str, args: argparse.Namespace, base: dict[str, Any], work: Path) -> dict[str, Any]:
+def ptq_checkpoint(layers: str, args: argparse.Namespace, work: Path) -> tuple[TrellisConfig, list[str], float]:
+    """Quantize ``layers`` into ``work/ptq-<layers>`` unless that checkpoint exists (quantize is deterministic:
+    a checkpoint rebuilt for a later method equals the one its kept PTQ row scored)."""
     cfg = TrellisConfig(bits=args.bits, **({} if args.trellis_l is None else {"L": args.trellis_l}))
     slug = f"ptq-{layer_slug(layers)}"
     path = work / f"{slug}-recipe.json"
@@ -81,6 +83,12 @@ def measure_ptq(layers: str, args: argparse.Namespace, base: dict[str, Any], wor
     flags = ["--recipe", str(path)] + [f"--{k.replace('_', '-')}={getattr(args, k)}"
                                        for k in ("calib_samples", "calib_seqlen") if getattr(args, k) is not None]
     qcmd, qsecs = quantize(args.model, flags, work / slug)
+    return cfg, qcmd, qsecs
+
+
+def measure_ptq(layers: str, args: argparse.Namespace, base: dict[str, Any], work: Path) -> dict[str, Any]:
+    slug = f"ptq-{layer_slug(layers)}"
+    cfg, qcmd, qsecs = ptq_checkpoint(layers, args, work)
     res, ecmd, esecs = eval_ppl(str(work / slug), work / f"{slug}-ppl.json", args.max_tokens)
     rep = json.loads((work / slug / "report.json").read_text())
     d = paired(base, res)
@@ -93,6 +101,7 @@ def measure_ptq(layers: str, args: argparse.Namespace, base: dict[str, Any], wor
 def measure_finetune(layers: str, method: str, args: argparse.Namespace, base: dict[str, Any], work: Path
                      ) -> dict[str, Any]:
     ptq = work / f"ptq-{layer_slug(layers)}"
+    ptq_checkpoint(layers, args, work)  # its row may be kept from an earlier run whose work directory is gone
     slug = f"{method}-{layer_slug(layers)}"
     flags = ["--method", method, "--layers", layers, "--steps", str(args.steps), "--lr", str(args.lr),
              "--batch", str(args.batch)] + (["--tau", args.tau, "--soft-bits", str(args.soft_bits)] if method == "bcjr"
