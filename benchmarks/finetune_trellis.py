@@ -74,8 +74,7 @@ def relate(rows: dict[str, dict[str, Any]], base: dict[str, Any]) -> None:
 
 
 def ptq_checkpoint(layers: str, args: argparse.Namespace, work: Path) -> tuple[TrellisConfig, list[str], float]:
-    """Quantize ``layers`` into ``work/ptq-<layers>`` unless that checkpoint exists (quantize is deterministic:
-    a checkpoint rebuilt for a later method equals the one its kept PTQ row scored)."""
+    """Quantize ``layers`` into ``work/ptq-<layers>`` unless that checkpoint exists."""
     cfg = TrellisConfig(bits=args.bits, **({} if args.trellis_l is None else {"L": args.trellis_l}))
     slug = f"ptq-{layer_slug(layers)}"
     path = work / f"{slug}-recipe.json"
@@ -98,10 +97,27 @@ def measure_ptq(layers: str, args: argparse.Namespace, base: dict[str, Any], wor
             "ppl": res["ppl"], "ratio": d.ratio, "ratio_ci95": list(d.ratio_ci), "nll_per_window": res["nll_per_window"]}
 
 
-def measure_finetune(layers: str, method: str, args: argparse.Namespace, base: dict[str, Any], work: Path
-                     ) -> dict[str, Any]:
+def ensure_ptq(layers: str, args: argparse.Namespace, work: Path, kept: dict[str, Any] | None) -> None:
+    """The PTQ checkpoint a finetune row starts from, built if missing (its row may be kept from an earlier run
+    whose work directory is gone). It must score the PTQ row's NLLs (its eval JSON is reused when there): a tree
+    whose quantize rounds differently would start the new rows from another model than the kept ones (then: exit,
+    rerun every row)."""
+    slug = f"ptq-{layer_slug(layers)}"
+    ptq_checkpoint(layers, args, work)
+    if kept is None:
+        return
+    res, _, _ = eval_ppl(str(work / slug), work / f"{slug}-ppl.json", args.max_tokens)
+    diff = max(abs(a - b) / abs(b) for a, b in zip(res["nll_per_window"], kept["nll_per_window"]))
+    if len(res["nll_per_window"]) != len(kept["nll_per_window"]) or diff > 1e-7:
+        sys.exit(f"finetune_trellis: the {slug} checkpoint rebuilt by this tree scores PPL {res['ppl']:.3f}, the kept "
+                 f"{slug} row {kept['ppl']:.3f}: new finetune rows would start from another model than the kept ones; "
+                 "rerun every row with a new --json (or only the new methods with their own --json)")
+
+
+def measure_finetune(layers: str, method: str, args: argparse.Namespace, base: dict[str, Any], work: Path,
+                     kept_ptq: dict[str, Any] | None = None) -> dict[str, Any]:
     ptq = work / f"ptq-{layer_slug(layers)}"
-    ptq_checkpoint(layers, args, work)  # its row may be kept from an earlier run whose work directory is gone
+    ensure_ptq(layers, args, work, kept_ptq)
     slug = f"{method}-{layer_slug(layers)}"
     flags = ["--method", method, "--layers", layers, "--steps", str(args.steps), "--lr", str(args.lr),
              "--batch", str(args.batch)] + (["--tau", args.tau, "--soft-bits", str(args.soft_bits)] if method == "bcjr"
@@ -184,7 +200,7 @@ def main() -> int:
         slug = f"{method}-{layer_slug(layers)}"
         if slug not in rows:
             rows[slug] = measure_ptq(layers, args, base, work) if method == "ptq" else \
-                measure_finetune(layers, method, args, base, work)
+                measure_finetune(layers, method, args, base, work, rows.get(f"ptq-{layer_slug(layers)}"))
         relate(rows, base)
         write_json(out_json, {**payload, "table": tables(payload)}, SCRIPT)
         log.info("%s: PPL %.3f vs fp %.3f (%s)", slug, rows[slug]["ppl"], base["ppl"], _ci(rows[slug], "ratio"))
