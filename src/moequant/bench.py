@@ -316,12 +316,11 @@ def bench_spec(spec: str, settings: BenchSettings, verify: bool = True, label: s
 def base_model_of(run: str | Path) -> str:
     """The model a moequant run was quantized from: ``report.json``'s ``model`` (the spec ``quantize`` was
     given: a zoo alias, a path as typed then — tried as is, then beside the run — or a hub id)."""
-    from moequant.eval.runs_io import read_report
+    from moequant.eval.runs_io import report_naming_model
 
     run = Path(run)
-    path = run / "report.json"
-    rep = read_report(path) if path.is_file() else None  # schema-checked: a wrong type names the key
-    if rep is None or not isinstance(rep.model, str) or not rep.model:
+    rep = report_naming_model(run)
+    if rep is None:
         raise MoequantError(f"--base: {run} has no report.json naming the model it was quantized from "
                             "(bench that model on its own)")
     spec = rep.model

@@ -118,6 +118,14 @@ def read_report(path: Path) -> QuantizeReportJson:
     return QuantizeReportJson.from_dict(read_json(path), str(path))
 
 
+def report_naming_model(run: Path) -> QuantizeReportJson | None:
+    """``run/report.json`` (schema-checked: a mistyped key is one error naming it) when it names the model the run
+    was quantized from (a non-empty ``model``), else ``None``: the callers say what they needed it for."""
+    path = Path(run) / "report.json"
+    rep = read_report(path) if path.is_file() else None
+    return rep if rep is not None and isinstance(rep.model, str) and rep.model else None
+
+
 def _method_from_report(report: QuantizeReportJson) -> str | None:
     """'int4-g64-clip rtn' from the per-tensor records (every distinct method, then the solver)."""
     tensors = report.get("quantized_tensors") or []

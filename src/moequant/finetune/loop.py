@@ -31,7 +31,7 @@ import torch
 
 from moequant.calib.data import CalibData
 from moequant.errors import MoequantError
-from moequant.eval.runs_io import read_report
+from moequant.eval.runs_io import report_naming_model
 from moequant.finetune.pv import AdamState, adam_step, kl_loss, rate_for, st_target
 from moequant.finetune.schedule import cosine_tau
 from moequant.finetune.trellis_trainable import TrellisTrainOptions
@@ -132,9 +132,8 @@ def _run_report(run: Path) -> dict[str, Any]:
     qcfg = (read_json_object(run / "config.json") or {}).get("quantization_config") or {}
     if not qcfg.get("tensors"):
         raise MoequantError(f"{run}: no quantized tensors to fine-tune (not a moequant quantize output)")
-    path = run / "report.json"
-    rep = read_report(path) if path.is_file() else None  # schema-checked: a wrong type names the key
-    if rep is None or not isinstance(rep.model, str) or not rep.model:
+    rep = report_naming_model(run)
+    if rep is None:
         raise MoequantError(f"{run}: no report.json naming the model it was quantized from (the teacher)")
     return rep.to_dict()
 
