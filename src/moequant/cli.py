@@ -229,6 +229,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
              f"  checkpoint: {r['checkpoint_bytes'] / 2**20:.1f} MiB, resident: {r['resident_bytes'] / 2**20:.1f} MiB "
              f"(ideal {r['ideal_bytes'] / 2**20:.1f} MiB)",
              f"  report: {Path(r['out']) / 'report.json'}"]
+    ls = r.get("layer_seconds") or {}
+    if ls.get("restored"):
+        n = len(r.get("layers") or [])
+        total = "unknown (stored by an older moequant)" if ls["total"] is None else f"{ls['total']:.0f} s"
+        lines.insert(-1, f"  resumed: {ls['restored']} of {n} layers came from the interrupted run(s); this run's "
+                         f"layers {ls['this_run']:.0f} s, all layers over every run: {total}")
     for t in r.get("exact_tensors", []):
         also = f" (also {', '.join(t['shared_with'])})" if t.get("shared_with") else ""
         grid = (f"source GGUF's {t['method'][5:].upper()} blocks" if t["method"].startswith("gguf-")

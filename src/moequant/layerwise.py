@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from moequant.models.adapters import ModelAdapter, Target, adapter_for, decoder_
 from moequant.nn.quant_experts import QuantExperts
 from moequant.nn.packed import packed_names, packed_tensor
 from moequant.nn.quant_linear import QuantLinear
-from moequant.report import QuantReport, StarvedRecord, TensorRecord
+from moequant.report import LayerRecord, QuantReport, StarvedRecord, TensorRecord
 from moequant.resume import RunProgress, records_mark, records_since
 from moequant.solvers.config import SolverConfig
 from moequant.solvers.solve import solve_tensor
@@ -112,7 +113,9 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: Calibration | None, 
             if run is not None:
                 run.restore_inputs(runner)
             mark = records_mark(report)
+            t0 = time.perf_counter()
             quantize_layer(model, adapter, layer, by_layer[layer], recipe, calib, solver, runner, report)
+            report.layers.append(LayerRecord(layer, round(time.perf_counter() - t0, 2)))
             if run is not None:
                 metas: dict[str, Any] = {}
                 state = layer_state(layers[layer], f"{adapter.layers}.{layer}", metas)

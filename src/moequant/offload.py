@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from moequant.fsutil import make_temp_dir
 from moequant.layerwise import Calibration, check_recipe, layer_state, quantize_layer
 from moequant.models.adapters import Target, adapter_for, decoder_layers, iter_targets
 from moequant.models.streaming import StreamingWriter, _disk_names, embed_rows, materialize, release
-from moequant.report import QuantReport
+from moequant.report import LayerRecord, QuantReport
 from moequant.resume import RunProgress, records_mark, records_since
 from moequant.runinfo import current_rss_bytes, peak_rss_bytes, return_free_memory
 from moequant.solvers.config import SolverConfig
@@ -113,11 +114,13 @@ def quantize_offloaded(path: Path, out: Path, recipe: Recipe, calib: Calibration
             if run is not None:
                 run.restore_inputs(runner)
             mark = records_mark(report)
+            t0 = time.perf_counter()
             materialize(layers[i], prefix, reader, adapter)
             if i in by_layer:
                 quantize_layer(model, adapter, i, by_layer[i], recipe, calib, solver, runner, report)
             elif runner is not None:
                 runner.run(i, keep_outputs=True)
+            report.layers.append(LayerRecord(i, round(time.perf_counter() - t0, 2)))
             layer_metas = {}
             state = layer_state(layers[i], prefix, layer_metas)
             writer.add(state)

@@ -56,6 +56,18 @@ class StarvedRecord:
 
 
 @dataclass
+class LayerRecord:
+    """One decoder layer's wall time in the layer loop (calibration passes, solves, the pass that feeds the
+    next layer; not the checkpoint writes). restored: taken over from an earlier, interrupted run by
+    ``quantize --resume``; seconds is that run's time, or None when the layer was stored by a moequant
+    that did not record it."""
+
+    layer: int
+    seconds: float | None
+    restored: bool = False
+
+
+@dataclass
 class QuantReport:
     """The report attached to a quantized model as ``model.moequant_report``."""
 
@@ -66,6 +78,7 @@ class QuantReport:
     starved: list[StarvedRecord] = field(default_factory=list)
     shared_inputs: list[list[str]] = field(default_factory=list)
     kept_tensors: list[KeptTensor] = field(default_factory=list)  # filled by record_kept(model)
+    layers: list[LayerRecord] = field(default_factory=list)  # in the order the layer loop met them
 
     def record_kept(self, model: nn.Module) -> None:
         """List every full-precision tensor the quantized ``model`` stores (its state dict minus the
@@ -106,7 +119,18 @@ class QuantReport:
                 "kept_tensors": [asdict(t) for t in self.kept_tensors],
                 "kept_totals": self.kept_totals(),
                 "starved_experts": [asdict(s) for s in self.starved],
-                "shared_inputs": self.shared_inputs}
+                "shared_inputs": self.shared_inputs,
+                "layers": [asdict(r) for r in self.layers],
+                "layer_seconds": self.layer_seconds()}
+
+    def layer_seconds(self) -> dict[str, Any]:
+        """The layer loop's time over every run that made this checkpoint: ``total`` (None when a restored
+        layer's time is unknown), ``this_run`` (the layers this run quantized) and ``restored`` (how many
+        layers an earlier run quantized)."""
+        known = [r.seconds for r in self.layers if r.seconds is not None]
+        return {"total": round(sum(known), 2) if len(known) == len(self.layers) else None,
+                "this_run": round(sum(r.seconds or 0.0 for r in self.layers if not r.restored), 2),
+                "restored": sum(r.restored for r in self.layers)}
 
     def table(self) -> str:
         """A readable per-tensor table (markdown)."""

@@ -39,7 +39,7 @@ from torch import nn
 
 from moequant.errors import MoequantError
 from moequant.fsutil import atomic_write_json, clean_stale, fsync_dir, host_tag, make_temp_dir, pid_alive, temp_name
-from moequant.report import QuantReport, StarvedRecord, TensorRecord
+from moequant.report import LayerRecord, QuantReport, StarvedRecord, TensorRecord
 
 if TYPE_CHECKING:
     from moequant.calib.runner import LayerwiseRunner
@@ -309,7 +309,12 @@ class RunProgress:
         return {k: loaded[k] for k in info["keys"]}, info["metas"]
 
     def restore_records(self, layer: int, report: QuantReport) -> None:
-        add_records(report, self.layer_info(layer)["records"])
+        """The report records of finished ``layer``, its time marked as an earlier run's (unknown when a
+        moequant that did not record layer times stored it)."""
+        records = self.layer_info(layer)["records"]
+        add_records(report, records)
+        stored = records.get("layers") or [{"layer": layer, "seconds": None}]
+        report.layers.extend(LayerRecord(r["layer"], r["seconds"], restored=True) for r in stored)
 
     def restore_inputs(self, runner: "LayerwiseRunner | None") -> None:
         """Once, before the first layer a resumed run quantizes: the runner's inputs become the
@@ -407,16 +412,16 @@ def _finished_layers(work: Path) -> list[int]:
 
 # --------------------------------------------------------------------------------------------- records
 
-def records_mark(report: QuantReport) -> tuple[int, int, int]:
-    return len(report.tensors), len(report.starved), len(report.shared_inputs)
+def records_mark(report: QuantReport) -> tuple[int, int, int, int]:
+    return len(report.tensors), len(report.starved), len(report.shared_inputs), len(report.layers)
 
 
 def records_since(report: QuantReport, mark: tuple[int, int, int]) -> dict[str, Any]:
     """The report records one layer added (JSON-able)."""
-    t, s, g = mark
+    t, s, g, n = mark
     return {"header": {"recipe": report.recipe, "solver": report.solver, "calibration": report.calibration},
             "tensors": [asdict(r) for r in report.tensors[t:]], "starved": [asdict(r) for r in report.starved[s:]],
-            "shared_inputs": report.shared_inputs[g:]}
+            "shared_inputs": report.shared_inputs[g:], "layers": [asdict(r) for r in report.layers[n:]]}
 
 
 def add_records(report: QuantReport, records: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ RTN = ["--method", "int", "--bits", "4", "--group-size", "32", "--solver", "rtn"
 # report.json fields that measure this process (time, memory, machine, command line, --out), not the result
 MEASURED = {"seconds", "peak_rss_bytes", "rss_before_load_bytes", "peak_rss_before_quantize_bytes",
             "rss_start_quantize_bytes", "peak_rss_quantize_bytes", "command", "versions", "machine", "git", "table",
-            "completed_by_resume", "out"}
+            "completed_by_resume", "out", "layers", "layer_seconds"}
 
 
 class Killed(BaseException):
@@ -158,6 +158,73 @@ def test_resume_after_stop_is_byte_identical(offload, solver, toy, references, t
     assert seen == [2]  # layers 0 and 1 came from the work directory
     assert_identical_outputs(out, ref)
     assert_no_leftovers(tmp_path, {"q"})
+
+
+def _stopped_after_layer_1(model: Path, out: Path, flags: list[str], monkeypatch) -> None:
+    with monkeypatch.context() as m:
+        commits_spy(m, kill_after=1)
+        with pytest.raises(Killed):
+            quantize(model, out, *flags)
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["memory", "offload"])
+def test_resumed_report_counts_every_runs_layer_time(offload, toy, tmp_path, monkeypatch, capsys):
+    """report.json's per-layer seconds come from the run that quantized each layer: the two layers of the
+    stopped run are marked restored with that run's stored times, the total covers all three, and the CLI
+    says how much was resumed. An uninterrupted run has no restored layer and prints no such line."""
+    model, text = toy
+    flags = ldlq(text) + (["--offload"] if offload else [])
+    out = tmp_path / "q"
+    _stopped_after_layer_1(model, out, flags, monkeypatch)
+    stored = [json.loads((work_dir_for(out) / f"layer-0000{i}" / "layer.json").read_text())["records"]["layers"]
+              for i in (0, 1)]
+    assert [[r["layer"] for r in s] for s in stored] == [[0], [1]]
+    assert all(r["seconds"] > 0 and r["restored"] is False for s in stored for r in s)
+    capsys.readouterr()
+    rc, err = quantize(model, out, *flags, "--resume")
+    assert rc == 0, err
+    report = json.loads((out / "report.json").read_text())
+    layers = report["layers"]
+    assert [(r["layer"], r["restored"]) for r in layers] == [(0, True), (1, True), (2, False)]
+    assert [r["seconds"] for r in layers[:2]] == [s[0]["seconds"] for s in stored]  # the stopped run's times
+    assert layers[2]["seconds"] > 0
+    ls = report["layer_seconds"]
+    assert ls["restored"] == 2
+    assert ls["this_run"] == pytest.approx(layers[2]["seconds"], abs=0.011)
+    assert ls["total"] == pytest.approx(sum(r["seconds"] for r in layers), abs=0.011)
+    printed = capsys.readouterr().out
+    assert (f"resumed: 2 of 3 layers came from the interrupted run(s); this run's layers {ls['this_run']:.0f} s, "
+            f"all layers over every run: {ls['total']:.0f} s") in printed
+
+    fresh = tmp_path / "fresh"
+    rc, err = quantize(model, fresh, *flags)
+    assert rc == 0, err
+    report = json.loads((fresh / "report.json").read_text())
+    assert [(r["layer"], r["restored"]) for r in report["layers"]] == [(0, False), (1, False), (2, False)]
+    assert report["layer_seconds"]["restored"] == 0
+    assert report["layer_seconds"]["total"] == report["layer_seconds"]["this_run"] > 0
+    assert "resumed:" not in capsys.readouterr().out
+
+
+def test_layers_stored_without_times_make_the_total_unknown(toy, tmp_path, monkeypatch, capsys):
+    """Progress written by a moequant that did not record layer times (no ``layers`` in layer.json): those
+    layers' seconds are null and the total is unknown, said as such; the run still completes."""
+    model, _ = toy
+    out = tmp_path / "q"
+    _stopped_after_layer_1(model, out, RTN, monkeypatch)
+    for i in (0, 1):
+        path = work_dir_for(out) / f"layer-0000{i}" / "layer.json"
+        info = json.loads(path.read_text())
+        del info["records"]["layers"]
+        path.write_text(json.dumps(info))
+    capsys.readouterr()
+    rc, err = quantize(model, out, *RTN, "--resume")
+    assert rc == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert [(r["layer"], r["seconds"], r["restored"]) for r in report["layers"][:2]] == [(0, None, True),
+                                                                                        (1, None, True)]
+    assert report["layer_seconds"]["total"] is None and report["layer_seconds"]["restored"] == 2
+    assert "all layers over every run: unknown (stored by an older moequant)" in capsys.readouterr().out
 
 
 DRIVER = """

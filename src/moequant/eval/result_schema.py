@@ -229,6 +229,8 @@ class QuantizeReportJson(JsonRecord):
     kept_totals: dict[str, int] | Absent = ABSENT
     starved_experts: list[dict[str, Any]] | Absent = ABSENT
     shared_inputs: list[list[str]] | Absent = ABSENT
+    layers: list[dict[str, Any]] | Absent = ABSENT  # LayerRecord dicts: each decoder layer's seconds
+    layer_seconds: dict[str, Any] | Absent = ABSENT  # QuantReport.layer_seconds(): over every run (--resume)
     table: str | Absent = ABSENT
     peak_rss_bytes: int | Absent = ABSENT
     rss_before_load_bytes: int | Absent = ABSENT
