@@ -63,6 +63,8 @@ def main() -> int:
                          "seconds_quantize": qsecs, "seconds_eval": esecs, "seconds_eval_fp": base_secs,
                          # the layer loop over every run that made the checkpoint (--resume across sessions)
                          "quantize_layer_seconds": rep.get("layer_seconds"),
+                         "seconds_eval_all_runs": res.get("seconds_all_runs"),  # only when resumed
+                         "seconds_eval_fp_all_runs": base.get("seconds_all_runs"),
                          "nll_per_window": res["nll_per_window"], "fp_nll_per_window": base["nll_per_window"]})
             write_json(out_json, {"rows": rows}, "benchmarks/defaults_table.py")
             log.info("%s --bits %d: %.3f b/w, PPL %.2f vs %.2f (x%.3f)", model, bits, rows[-1]["bits_per_weight"],

@@ -270,7 +270,8 @@ def run_ppl(job: PplJob, argv: list[str] | None = None, model=None, tokenizer=No
     out = PplJson(model=job.model, data=job.data, split=job.split, **res.to_dict(),
                   seconds=round(time.time() - t0, 2), **run_info(argv),
                   # scored by the interrupted run; ``seconds`` covers the rest
-                  resumed_windows=len(done) if done else ABSENT).to_dict()
+                  resumed_windows=len(done) if done else ABSENT,
+                  seconds_all_runs=keeper.seconds_all_runs() if done and keeper is not None else ABSENT).to_dict()
     if done and res.experts_total:
         log.warning("routed-expert counts cover only the %d windows scored by this run", res.n_windows - len(done))
     if not math.isfinite(out["ppl"]):

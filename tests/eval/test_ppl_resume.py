@@ -70,6 +70,7 @@ def test_cli_resume_after_a_kill(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(pp.PplProgress, "save", real_save)
     kept = json.loads(progress_path(out).read_text())
     assert len(kept["nll"]) == 4
+    assert isinstance(kept["seconds"], float) and kept["seconds"] >= 0  # the killed run's scoring time
 
     rc, err = _ppl(capsys, *common, "--json", str(out))  # no --resume: the progress is not thrown away
     assert rc == 2 and "pass --resume" in err and str(progress_path(out)) in err and len(err.strip().splitlines()) == 1
@@ -84,3 +85,19 @@ def test_cli_resume_after_a_kill(capsys, tmp_path, monkeypatch):
     assert res["resumed_windows"] == 4 and res["nll_per_window"] == full["nll_per_window"]
     assert res["ppl"] == full["ppl"] and res["ci95"] == full["ci95"]
     assert not progress_path(out).exists()
+    # the time of both runs: the killed run's (from the progress file) plus this one's
+    assert res["seconds_all_runs"] == pytest.approx(kept["seconds"] + res["seconds"], abs=0.5)
+    assert res["seconds_all_runs"] >= kept["seconds"] and "seconds_all_runs" not in full
+
+    # progress written before the file kept times: the total is unknown (null), the numbers the same
+    out2 = tmp_path / "r2.json"
+    monkeypatch.setattr(pp.PplProgress, "save", save_then_die)
+    rc, err = _ppl(capsys, *common, "--json", str(out2))
+    monkeypatch.setattr(pp.PplProgress, "save", real_save)
+    old = json.loads(progress_path(out2).read_text())
+    del old["seconds"]
+    progress_path(out2).write_text(json.dumps(old))
+    rc, err = _ppl(capsys, *common, "--json", str(out2), "--resume")
+    assert rc == 0, err
+    res2 = json.loads(out2.read_text())
+    assert res2["seconds_all_runs"] is None and res2["nll_per_window"] == full["nll_per_window"]

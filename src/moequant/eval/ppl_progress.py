@@ -2,8 +2,8 @@
 killed run from its last finished batch and ends with the same numbers (a whole-split score of a 1.5B model takes
 hours on a CPU).
 
-File ``.<OUT-name>.ppl-progress.json`` beside ``OUT``: ``{"fingerprint": {...}, "nll": {window index: summed NLL}}``,
-rewritten atomically after every batch. The fingerprint holds everything that changes a window's NLL: the model
+File ``.<OUT-name>.ppl-progress.json`` beside ``OUT``: ``{"fingerprint": {...}, "nll": {window index: summed NLL},
+"seconds": scoring time of every run so far}``, rewritten atomically after every batch. The fingerprint holds everything that changes a window's NLL: the model
 (its files' names, sizes and mtimes), the SHA-256 of the tokenized text, the window settings, the batch size (a
 batch's GEMMs sum in another order than a single window's), the kernel choice and the versions. A resumed run
 scores the missing batches only; the per-window NLLs, hence the PPL and its bootstrap CI, are those of an
@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,9 @@ class PplProgress:
     def __init__(self, out_json: Path, fp: dict[str, Any]) -> None:
         self.path = progress_path(out_json)
         self.fp = fp
+        # scoring seconds of the runs before this one (None: a file written before times were kept)
+        self.earlier_seconds: float | None = 0.0
+        self._t0 = time.time()
 
     def refuse_stale(self) -> None:
         """Without ``--resume`` an existing progress file is an error (hours of scoring are not thrown away
@@ -86,11 +90,21 @@ class PplProgress:
         if diff:
             raise MoequantError(f"--resume: {self.path} was made by a different job ({', '.join(diff)} differ); "
                                 f"delete it to score from the start")
+        secs = old.get("seconds")
+        self.earlier_seconds = float(secs) if isinstance(secs, (int, float)) and not isinstance(secs, bool) else None
         log.info("--resume: %s: %d windows already scored", self.path, len(done))
+        self._t0 = time.time()
         return done
 
+    def seconds_all_runs(self) -> float | None:
+        """Scoring time of the earlier runs plus this one's so far (None when an earlier one's is unknown)."""
+        if self.earlier_seconds is None:
+            return None
+        return round(self.earlier_seconds + time.time() - self._t0, 2)
+
     def save(self, done: dict[int, float]) -> None:
-        atomic_write_json(self.path, {"fingerprint": self.fp, "nll": {str(k): v for k, v in sorted(done.items())}})
+        atomic_write_json(self.path, {"fingerprint": self.fp, "nll": {str(k): v for k, v in sorted(done.items())},
+                                      "seconds": self.seconds_all_runs()})
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -187,6 +187,8 @@ class PplJson(JsonRecord):
     machine: dict[str, Any] | Absent = ABSENT
     git: str | None | Absent = ABSENT
     resumed_windows: int | Absent = ABSENT  # windows an interrupted run had scored (``eval ppl --resume``)
+    # with resumed_windows: the scoring time of every run (null when an earlier run's progress did not record it)
+    seconds_all_runs: float | None | Absent = ABSENT
 
     def _check(self, where: str) -> None:
         if len(self.nll_per_window) != len(self.tokens_per_window):
