@@ -101,3 +101,37 @@ def test_fast_path_steps_aside(ext):
     with reference_kernels():
         assert KV.fast_chunk(feats, table, 6, 2, None, None) is None
     assert KV.fast_chunk(feats.double(), table.double(), 6, 2, None, None) is None
+
+
+@pytest.mark.parametrize("L,kv,V", [(12, 4, 2), (16, 4, 2), (10, 2, 2), (12, 4, 1), (11, 3, 3), (8, 3, 2)])
+@pytest.mark.parametrize("tail", [False, True])
+def test_half_values_path_gives_the_torch_loops_states(ext, L, kv, V, tail, monkeypatch):
+    """fp16-exact values (a HYB LUT's codes): the kernel takes the fp16 path (values read as halves, squares
+    formed in registers) and its walks equal the torch loop's: V = 2 is the unrolled vector path, V = 1 and 3
+    the general one, kv = 2 the unfused (m < 8) step; L = 16 is the CLI's default trellis."""
+    gen = torch.Generator().manual_seed(L * 10 + V)
+    values = torch.randn(1 << L, V, generator=gen).half().float()  # [2^L, V], fp16-exact
+    steps = 20 if L < 16 else 8
+    x = torch.randn(5, steps, V, generator=gen)
+    w = torch.rand(5, steps, V, generator=gen)
+    taken = []
+    real = KV.half_values
+    monkeypatch.setattr(KV, "half_values", lambda t: taken.append(real(t) is not None) or real(t))
+    if tail:
+        ref, got = _both(lambda: T.viterbi_tail_biting(x, values, L, kv, w, max_bytes=1))
+    else:
+        ref, got = _both(lambda: T.viterbi(x, values, L, kv, weights=w))
+    assert taken and all(taken)
+    _assert_same_states(ref, got)
+
+
+def test_half_values_only_for_an_exact_squares_and_values_table():
+    v = torch.randn(2, 64).half().float()  # [V, n]
+    table = torch.cat([v.square(), v])
+    got = KV.half_values(table)
+    assert got is not None and got.dtype == torch.float16 and torch.equal(got.float(), v)
+    assert KV.half_values(torch.cat([v.square(), v + 1e-4])) is None  # values not fp16-exact
+    off = v.square().clone()
+    off[1, 5] = torch.nextafter(off[1, 5], torch.tensor(1e9))
+    assert KV.half_values(torch.cat([off, v])) is None  # not the squares of the values
+    assert KV.half_values(torch.randn(3, 64)) is None  # odd feature count

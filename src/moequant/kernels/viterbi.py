@@ -47,9 +47,26 @@ def fast_chunk(feats: torch.Tensor, table: torch.Tensor, L: int, kv: int, start_
     ext = None if cpp_build._disabled() else cpp_build._load(EXT_NAME, _SOURCES)
     if ext is None:
         return None
-    return ext.viterbi_chunk(feats.contiguous(), table.contiguous(), L, kv,
-                             _NONE if start_high is None else start_high.to(torch.int64),
-                             _NONE if end_low is None else end_low.to(torch.int64), _EXCLUDED)
+    ends = (_NONE if start_high is None else start_high.to(torch.int64),
+            _NONE if end_low is None else end_low.to(torch.int64), _EXCLUDED)
+    values = half_values(table)
+    if values is not None:
+        return ext.viterbi_chunk_half(feats.contiguous(), values, L, kv, *ends)
+    return ext.viterbi_chunk(feats.contiguous(), table.contiguous(), L, kv, *ends)
+
+
+def half_values(table: torch.Tensor) -> torch.Tensor | None:
+    """``values [V, 2^L]`` float16 when ``table [2V, 2^L]`` is ``[values²; values]`` (as ``codecs.trellis.viterbi``
+    builds it) with float16-exact values, e.g. a HYB code's LUT; else None. The kernel then reads 2V bytes per
+    state instead of 4·2V and forms the squares itself, with the same float32 rounding (same costs, same walks)."""
+    f = table.shape[0]
+    if f % 2:
+        return None
+    vals = table[f // 2:]  # [V, 2^L]
+    half = vals.to(torch.float16)
+    if not torch.equal(half.to(torch.float32), vals) or not torch.equal(vals.square(), table[:f // 2]):
+        return None
+    return half.contiguous()
 
 
 set_viterbi_fast_path(fast_chunk)  # codecs.trellis.viterbi tries the kernel first
