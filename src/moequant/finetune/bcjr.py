@@ -18,7 +18,7 @@ cyclic walks with overlap ``o``. With ``o`` taken from the codec's result its ``
 Without ``overlap`` the start is free (the codec's ``tail_biting=False``: every ``s_0``, every end).
 
 **A soft pass with fewer states: a sub-trellis around a reference walk.** On a CPU, ``2^16`` states per step
-over a whole matrix is far too slow (``codecs.trellis`` Viterbi alone: ~90 s per 576x1536 matrix at L=16).
+over a whole matrix is far too slow (``codecs.trellis`` Viterbi alone: ~12 s per 576x1536 matrix at L=16 on one core).
 Re-hashing the code to a smaller ``L`` would make a *different* code: its soft codeword at the PTQ weight is a
 second quantization of it, a jump of the size of the quantization error itself at the start of training and
 another at the hardening. Instead the soft pass runs over the walks of the *stored* code that agree with a
@@ -49,7 +49,7 @@ chunk instead of keeping them (as activation checkpointing does). Peak extra mem
 **Cost measured** (one thread of the 2-core dev machine, another job on the other core; HYB, L=16, K=2, V=2,
 tail-biting, a 576x1536 matrix = 3456 tiles, ``max_bytes`` 128 MiB): ``F = 4`` (``f = 1``): forward 0.6 s,
 backward 0.75 s, ``hard_path`` 0.25 s; ``F = 8`` (``f = 2``): forward ~6 s, backward ~10 s. The codec's Viterbi at
-L=16 on the same matrix: ~90 s.
+L=16 on the same matrix: ~90 s then; ~12 s on an idle core with the kernel's second version (2026-12-04).
 """
 
 from __future__ import annotations

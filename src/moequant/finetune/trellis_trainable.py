@@ -26,8 +26,8 @@ and the HYB LUT are stored in float16; training computes with those values (``pa
 - ``TrellisSTE`` (``--method ste``): the same latent ``W``; the forward uses the hard Viterbi codes of ``W``
   (stored config), the backward the identity into ``W`` (and the exact gradient into scale and LUT). The
   Viterbi is re-run every ``ste_every``-th ``weight()`` call and the last codes used in between: at L=16 it
-  costs ~90 s per 576x1536 matrix here (L=12: 6.4 s, L=10: 1.8 s, L=8: 1.0 s; one thread of the 2-core dev
-  machine). ``packed()`` is the Viterbi codes of the final ``W``.
+  costs ~12 s per 576x1536 matrix here (L=12: 0.7 s; one idle thread of the 2-core dev machine, the Viterbi
+  kernel's second version; the first measured ~90 s / 6.4 s on a busy machine). ``packed()`` is the Viterbi codes of the final ``W``.
 - ``TrellisKD`` (``--method kd``): the codes fixed; the scale and the LUT train. Untouched, ``packed()`` is the
   input bit for bit.
 
