@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 
-from moequant.calib.capture import LayerCapture
 from moequant.calib.data import CalibData, calibration_tokens
+from moequant.calib.float_pass import float_layer_stats
 from moequant.calib.hessian import damp
-from moequant.calib.runner import LayerwiseRunner
 from moequant.codecs.additive import reconstruct
 from moequant.codecs.additive_search import initialise, search
 from moequant.codecs.config import AdditiveConfig
@@ -42,22 +41,17 @@ def hessians(model_name: str, layers: list[int], samples: int) -> tuple[dict[str
     model, tok, _ = load_model(model_name)
     model.eval()
     adapter = adapter_for(model)
-    by_layer: dict[int, list] = {}
-    for t in iter_targets(model, adapter):
-        by_layer.setdefault(t.layer, []).append(t)
+    where = {t.name: t for t in iter_targets(model, adapter)}
     tokens = calibration_tokens(tok, CalibData(data="ptb", samples=samples, seqlen=512, seed=0))  # [S, 512]
-    runner = LayerwiseRunner(model, adapter, tokens, 8, None)
     hs, ws = {}, {}
-    for i in range(max(layers) + 1):
-        if i in layers:
-            with LayerCapture(runner.layers[i], f"{adapter.layers}.{i}", by_layer[i], adapter) as cap:
-                runner.run(i, keep_outputs=False)
-            for name, stat in cap.result().items():
-                hs[name] = stat.mean()
-                t = next(t for t in by_layer[i] if t.name == name)
-                ws[name] = getattr(model.get_submodule(t.module), t.param).detach().float().clone()
-            log.info("layer %d: captured %d Hessians", i, len(cap.result()))
-        runner.run(i, keep_outputs=True)
+    for i, stats in float_layer_stats(model, tokens, 8, upto=max(layers)):
+        if i not in layers:
+            continue
+        for name, stat in stats.items():
+            hs[name] = stat.mean()
+            t = where[name]
+            ws[name] = getattr(model.get_submodule(t.module), t.param).detach().float().clone()
+        log.info("layer %d: captured %d Hessians", i, len(stats))
     return hs, ws
 
 

@@ -31,19 +31,11 @@ def hessian_diagonals(model: nn.Module, tokens: torch.Tensor, batch_size: int = 
     """``{target name: (Σ x_k² [n_mat, K] float64, tokens [n_mat] int64)}`` for every quantizable weight of
     the float ``model`` (``models.adapters.iter_targets``), over the calibration windows ``tokens``
     ``[S, L]``; the layers run one at a time on the outputs of the previous (unquantized) ones."""
-    from moequant.calib.capture import LayerCapture
-    from moequant.calib.runner import LayerwiseRunner
-    from moequant.models.adapters import adapter_for, decoder_layers, iter_targets
+    from moequant.calib.float_pass import float_layer_stats
 
-    adapter = adapter_for(model)
-    targets = list(iter_targets(model, adapter))
-    runner = LayerwiseRunner(model, adapter, tokens, batch_size=batch_size)
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for i, layer in enumerate(decoder_layers(model, adapter)):
-        mine = [t for t in targets if t.layer == i]
-        with LayerCapture(layer, f"{adapter.layers}.{i}", mine, adapter) as cap:
-            runner.run(i, keep_outputs=True)
-        for name, stat in cap.result().items():
+    for _, stats in float_layer_stats(model, tokens, batch_size):
+        for name, stat in stats.items():
             if isinstance(stat, ExpertHessianStat):
                 sums = torch.diagonal(stat.xtx, dim1=-2, dim2=-1)  # [E, K]
                 out[name] = (sums.clone(), stat.counts.clone())
