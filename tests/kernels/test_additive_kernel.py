@@ -91,6 +91,19 @@ def test_every_path_matches_the_reference(ext, geo):
         assert torch.equal(qt.linear(x), _fast(qt, x))  # the entry point runs the kernel
 
 
+def test_decode_gemm_over_several_tiles(ext):
+    # K = 4096: common.h's gemm_tile_rows gives 256 rows, so N = 600 is three tiles (256, 256, 88) of the GEMM
+    # path, each written into its own columns of y. A 4096-term fp32 sum strays further than RTOL's K <= 128 bound
+    # (~K·2^-24 worst case): 1e-4 here, still far below a misplaced tile's O(1).
+    qt = _tensor((600, 4096), 2, 8, 8, seed=7)
+    w = qt.dequantize()
+    x = _x(GEMV_MAX_ROWS + 1, 4096, seed=8)
+    bias = torch.randn(600, generator=torch.Generator().manual_seed(9))
+    y = _fast(qt, x, bias, ka.GEMM)
+    assert torch.equal(qt.linear(x, bias), y)  # beyond GEMV_MAX_ROWS rows the entry point takes this path
+    _assert_close(y, x, w, bias, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_automatic_choice_and_both_branches(ext, dtype):
     # 2x4 codebooks (32 codewords) on 64 rows: the table pays at every T <= 8; on 40 rows at T = 1 only; beyond

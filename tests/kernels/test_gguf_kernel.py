@@ -67,6 +67,19 @@ def test_product_matches_the_reference(ext, qtype, rows):
     assert _rel_err(y - bias, x, w) <= TOL
 
 
+@pytest.mark.parametrize("qtype", ["q4_k", "q8_0"])
+def test_decode_gemm_over_several_tiles(ext, qtype):
+    # K = 4096: common.h's gemm_tile_rows gives 256 rows, so N = 600 is three tiles (256, 256, 88) of the decode +
+    # BLAS path, each written into its own columns of y
+    qt = _tensor(qtype, n=600, k=4096)
+    w = _reference_weight(qt)
+    x = torch.randn(GEMV_MAX_ROWS + 1, 4096, generator=torch.Generator().manual_seed(5)) + 0.5
+    bias = torch.randn(600, generator=torch.Generator().manual_seed(6))
+    y = qt.linear(x, bias)
+    assert y.shape == (GEMV_MAX_ROWS + 1, 600)
+    assert _rel_err(y - bias, x, w) <= TOL
+
+
 def test_leading_dims_dtypes_and_the_op(ext):
     qt = _tensor("q6_k")
     w = _reference_weight(qt)

@@ -69,6 +69,17 @@ def test_fast_matches_reference(ext, bits, symmetric, k, gs, scale_dtype):
         assert torch.equal(qt.linear(x), y)  # the format dispatches to the same kernel
 
 
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_decode_gemm_over_several_tiles(ext, symmetric):
+    # K = 4096: common.h's gemm_tile_rows gives 256 rows, so N = 600 is three tiles (256, 256, 88), each written
+    # into its own columns of y; a tile placed at the wrong columns or a partial last tile mishandled is off by O(1)
+    qt = _tensor(600, 4096, 4, 128, symmetric)
+    x = _x(ku.GEMV_MAX_ROWS + 1, 4096)
+    bias = torch.randn(600, generator=torch.Generator().manual_seed(3))
+    ref = _reference(qt, x, bias)
+    assert _rel(ku.linear(qt, x, bias), ref) <= TOL
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_midrise_v1(ext, bits):
     # a v1 symmetric tensor (no grid in its metadata: midrise)

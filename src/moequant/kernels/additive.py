@@ -20,8 +20,8 @@ from the packed bytes in the kernel, OpenMP over output rows):
   rows share it; the kernel takes it (``ext.table_pays``) for ``2·M·2^B <= N`` at every ``T <= 8``, for
   ``M·2^B <= 2N`` at ``T = 1``, never for more than 4,096 codewords per codebook (1x16: one row's table is
   ``K·2^16`` multiply-adds, ~40x a dense 1536x576 GEMV);
-- more rows: tiles of 1 MiB of rows decoded to fp32 (bit-identical to the reference decode) and multiplied by
-  BLAS, never the whole matrix at once.
+- more rows: tiles of rows (``common.h``'s ``gemm_tile_rows``: ~4 MiB, at least 256 rows) decoded to fp32
+  (bit-identical to the reference decode) and multiplied by BLAS, never the whole matrix at once.
 
 The GEMVs add in another order than ``F.linear`` on the decoded matrix (per-group dot products, the row scale
 applied to the sum): float32 reordering, within ``1e-5 · (|x| · |Ŵ|ᵀ)`` of the exact product elementwise, as the

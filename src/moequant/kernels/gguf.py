@@ -16,7 +16,7 @@ Implementations:
   ``dequantize`` is bit-identical to the reference). Up to ``uniform.GEMV_MAX_ROWS`` rows of ``x``: a GEMV that
   decodes each row of W once into a K-float buffer and dots it with every row of ``x`` (the reference's
   products in another summation order: within ~1e-6 of ``|x| |W|ᵀ`` measured, the tests allow 1e-5); more rows:
-  cache-sized tiles of W decoded and multiplied by BLAS. Arithmetic is fp32 (``x`` is converted). F16 rows
+  tiles of rows of W (``common.h``'s ``gemm_tile_rows``: ~4 MiB, at least 256 rows) decoded and multiplied by BLAS. Arithmetic is fp32 (``x`` is converted). F16 rows
   (the fallback of a width no block divides) and builds without the extension take the reference.
 
 Why: a model converted from a GGUF file keeps its output head and embedding table in the source file's block

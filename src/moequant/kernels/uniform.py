@@ -15,8 +15,9 @@ Implementations:
   ``F.linear`` in ``x.dtype``: the definition, and the oracle of the tests;
 - CPU: the C++ kernels of ``csrc/qgemv.cpp`` read the stored layout directly. Up to ``GEMV_MAX_ROWS`` rows
   of ``x``: a GEMV that decodes each weight once per pass of up to 4 rows and never writes an ``N x K``
-  matrix; more rows: the matrix is decoded to fp32 in cache-sized tiles of rows (bit-identical to the
-  reference decode), each multiplied by BLAS into its columns of ``y``. Arithmetic is fp32 (``x`` is
+  matrix; more rows: the matrix is decoded to fp32 in tiles of rows (``csrc/common.h``'s ``gemm_tile_rows``:
+  ~4 MiB, at least 256 rows; bit-identical to the reference decode), each multiplied by BLAS into its columns
+  of ``y``. Arithmetic is fp32 (``x`` is
   converted), so the GEMV differs from the reference by summation order only:
   ``y = Σ_g s_g (Σ_k x_k q_k − z_g Σ_k x_k)``; the zero-point term cancels against the code term, which
   costs a few ulps of the output's scale when ``x`` has a large mean (measured: < 1e-6 of max |y| for

@@ -46,7 +46,6 @@ namespace {
 constexpr int64_t kGrainWork = 1 << 15;      // multiply-adds (or loads) per parallel task, at least
 constexpr int64_t kMaxBlock = 8;             // rows of x per GEMV pass (the table's innermost dim, padded)
 constexpr int64_t kTableFloats = 1 << 15;    // one table chunk: 128 KiB of fp32 (L2-resident; measured)
-constexpr int64_t kTileFloats = 1 << 18;     // one decoded tile of rows for the GEMM: 1 MiB of fp32 (measured)
 
 // ---------------------------------------------------------------------------------------------------
 // geometry and code reading
@@ -426,12 +425,12 @@ void decode_rows(const Geometry& geo, const uint8_t* codes, const CB* books, con
   });
 }
 
-// Many rows of x: tiles of ~kTileFloats decoded weights (at least 16 rows, a multiple of 16), each multiplied by
-// BLAS into its columns of y [T, N].
+// Many rows of x: tiles of rows of W (common.h's gemm_tile_rows), each decoded to fp32 and multiplied by BLAS
+// into its columns of y [T, N].
 template <class CB>
 void dequant_gemm(const Geometry& geo, const uint8_t* codes, const CB* books, const float* sc, const at::Tensor& x,
                   at::Tensor& y) {
-  const int64_t rows = std::min(geo.N, std::max<int64_t>(16, kTileFloats / geo.K) / 16 * 16);
+  const int64_t rows = moequant::gemm_tile_rows(geo.N, geo.K);
   at::Tensor w = at::empty({rows, geo.K}, x.options());  // [rows, K], reused per tile
   for (int64_t n0 = 0; n0 < geo.N; n0 += rows) {
     const int64_t r = std::min(rows, geo.N - n0);

@@ -404,12 +404,6 @@ at::Tensor gguf_dequant(const at::Tensor& blocks, int64_t type_id, int64_t K) {
   return w;
 }
 
-// Rows of W decoded per GEMM tile: ~4 MiB of fp32, at least 64 rows, a multiple of 16 (as qgemv.cpp).
-int64_t tile_rows(const Geometry& g) {
-  const int64_t t = std::max<int64_t>(64, (int64_t{1} << 20) / g.K) / 16 * 16;
-  return std::min(t, g.N);
-}
-
 at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t type_id, int64_t K,
                        const c10::optional<at::Tensor>& bias, int64_t gemv_max_rows) {
   const Geometry g = check(blocks, type_id, K);
@@ -426,7 +420,7 @@ at::Tensor gguf_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t ty
   at::Tensor y;
   if (M > gemv_max_rows) {  // decode tiles of W, BLAS into their columns of y
     y = at::empty({M, g.N}, x2.options());
-    const int64_t T = tile_rows(g);
+    const int64_t T = moequant::gemm_tile_rows(g.N, K);
     at::Tensor w = at::empty({std::max<int64_t>(T, 1), K}, x2.options());  // [T, K], reused per tile
     for (int64_t n0 = 0; n0 < g.N; n0 += T) {
       const int64_t rows = std::min(T, g.N - n0);

@@ -785,13 +785,6 @@ at::Tensor dequant(const Geometry& g, const uint8_t* codes, const Params& params
   return w;
 }
 
-// Rows of W decoded per GEMM: ~4 MiB of fp32 (cache-sized, and small enough for the allocator to reuse
-// instead of mapping fresh pages every call), at least 64 rows, a multiple of 16.
-int64_t tile_rows(const Geometry& g) {
-  const int64_t t = std::max<int64_t>(64, (int64_t{1} << 20) / std::max<int64_t>(g.K, 1)) / 16 * 16;
-  return std::min(t, g.N);
-}
-
 // Large M: decode a tile of rows of W at a time, multiply it against the identically permuted x
 // (y[:, tile] = x_p W_tile^T, BLAS writing into the column slice of y), add the bias at the end.
 template <bool LUT, class Params>
@@ -808,7 +801,7 @@ at::Tensor dequant_gemm(const Geometry& g, const uint8_t* codes, const Params& p
     });
   }
   at::Tensor y = at::empty({x.size(0), g.N}, x.options());  // [M, N]
-  const int64_t T = tile_rows(g);
+  const int64_t T = moequant::gemm_tile_rows(g.N, g.K);
   at::Tensor w = at::empty({T, g.K}, x.options());  // [T, K] decoded rows, reused per tile
   for (int64_t n0 = 0; n0 < g.N; n0 += T) {
     const int64_t rows = std::min(T, g.N - n0);
