@@ -49,6 +49,31 @@ def test_hyb_table_follows_the_hash(lut):
     assert 0.9 < tr.code_rms(vals) < 1.2
 
 
+def test_hyb_lut_gradient_is_the_same_every_run(lut):
+    # 65,536 states read 512 LUT rows: with lut[idx] the backward's accumulate-index_put_ added them from two
+    # threads in any order, and the gradient changed in its last bits between identical runs (seen here 3 of 3
+    # times), so a resumed BCJR/KD run could not end byte-identical; index_select's backward sums in order
+    cfg = TrellisConfig(L=16, Q=9)
+    upstream = torch.randn(1 << 16, 2, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(4):
+            leaf = lut.clone().requires_grad_(True)
+            (tr.code_values(cfg, leaf) * upstream).sum().backward()
+            grads.append(leaf.grad)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+    # and it is the gradient: each LUT row gets the (signed, for column 0) sum of its states' upstream rows
+    h = (torch.arange(1 << 16) * (torch.arange(1 << 16) + 1)) & 0xFFFFFFFF
+    idx, sign = (h >> 6) & 511, 1.0 - 2.0 * ((h >> 15) & 1).float()
+    want = torch.zeros(512, 2, dtype=torch.float64).index_add_(0, idx, (upstream * torch.stack(
+        [sign, torch.ones_like(sign)], -1)).double())
+    assert torch.allclose(grads[0].double(), want, rtol=0, atol=1e-4)
+
+
 def test_computed_codes_match_their_definitions():
     mad = tr.code_values(TrellisConfig(L=12, V=1, code="1mad"))  # [4096, 1]
     x = (7 * 34038481 + 76625530) % 2**32

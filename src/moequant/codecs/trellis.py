@@ -123,7 +123,9 @@ def _hyb_values(states: torch.Tensor, lut: torch.Tensor, q: int) -> torch.Tensor
     h = (states * (states + 1)) & 0xFFFFFFFF  # [n]
     idx = (h >> (15 - q)) & ((1 << q) - 1)  # [n]
     sign = 1.0 - 2.0 * ((h >> 15) & 1).to(torch.float32)  # [n]
-    vals = lut.to(torch.float32)[idx].clone()  # [n, 2]
+    # index_select, not lut[idx]: its backward is index_add_, which sums in a fixed order; advanced indexing's
+    # (index_put_ with accumulate) adds from several threads in any order, so a LUT's gradient changed run to run
+    vals = lut.to(torch.float32).index_select(0, idx)  # [n, 2]
     vals[:, 0] *= sign
     return vals
 
