@@ -5,8 +5,10 @@ codewords as a PTQ weight does (``x = values[ref] + 0.3·N(0, 1)`` in code units
 stored code); the sub-trellis has ``2^F`` states (``--soft-bits``, the CLI's ``F``), at the temperatures given
 (the default schedule anneals 0.3 -> 0.05). Per setting: seconds of the forward and of the backward (an upstream
 gradient of N(0, 1)), and SHA-256 digests of y, ∂x and ∂LUT, so two trees can be shown to compute the same floats.
+``--kernels reference`` runs the torch loops instead of the C++ recursions (``kernels.bcjr``); ``--kernels auto
+reference`` times both, one after the other, per setting.
 
-    python benchmarks/bcjr_soft_pass.py --json benchmarks/results/bcjr_soft_pass.json
+    python benchmarks/bcjr_soft_pass.py --kernels auto reference --json benchmarks/results/bcjr_soft_pass.json
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def measure(soft_bits: int, tau: float, tiles: int, seed: int) -> dict[str, Any]:
+def measure(soft_bits: int, tau: float, tiles: int, seed: int, mode: str) -> dict[str, Any]:
     from moequant.codecs.config import TrellisConfig
     from moequant.codecs.trellis import code_values, hyb_lut_init
     from moequant.finetune.bcjr import soft_codeword, soft_geometry, soft_overlap
+    from moequant.kernels.select import kernels
 
     cfg = TrellisConfig(bits=2, L=16, V=2, tile=16, code="hyb", tail_biting=True)
     g = torch.Generator().manual_seed(seed)
@@ -42,12 +45,14 @@ def measure(soft_bits: int, tau: float, tiles: int, seed: int) -> dict[str, Any]
     geom = soft_geometry(cfg.L, cfg.bits * cfg.V, soft_bits)
     overlap = soft_overlap(ref, geom)
     upstream = torch.randn(tiles, steps, cfg.V, generator=g)
-    t0 = time.perf_counter()
-    y = soft_codeword(x, table, tau, geom, ref, overlap)
-    t1 = time.perf_counter()
-    (y * upstream).sum().backward()
-    t2 = time.perf_counter()
-    return {"soft_bits": soft_bits, "F": geom.F, "tau": tau, "tiles": tiles, "forward_s": round(t1 - t0, 3),
+    with kernels(mode):
+        t0 = time.perf_counter()
+        y = soft_codeword(x, table, tau, geom, ref, overlap)
+        t1 = time.perf_counter()
+        (y * upstream).sum().backward()
+        t2 = time.perf_counter()
+    return {"kernels": mode, "soft_bits": soft_bits, "F": geom.F, "tau": tau, "tiles": tiles,
+            "forward_s": round(t1 - t0, 3),
             "backward_s": round(t2 - t1, 3), "y_sha": _digest(y), "grad_x_sha": _digest(x.grad),
             "grad_lut_sha": _digest(lut.grad)}
 
@@ -58,18 +63,25 @@ def main() -> int:
     ap.add_argument("--tau", type=float, nargs="+", default=[0.3, 0.05])
     ap.add_argument("--tiles", type=int, default=3456, help="576 x 1536 / 256")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kernels", nargs="+", default=["auto"], choices=["auto", "reference"])
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    from moequant.kernels import bcjr as bcjr_kernels
+
+    bcjr_kernels.extension()  # built (or loaded) before the first timing
     rows = []
     for bits in args.soft_bits:
         for tau in args.tau:
-            r = measure(bits, tau, args.tiles, seed=0)
-            rows.append(r)
-            print(f"F={r['F']} tau={tau}: forward {r['forward_s']:.2f} s, backward {r['backward_s']:.2f} s, "
-                  f"y {r['y_sha']} dx {r['grad_x_sha']} dlut {r['grad_lut_sha']}", flush=True)
+            for mode in args.kernels:
+                r = measure(bits, tau, args.tiles, seed=0, mode=mode)
+                rows.append(r)
+                print(f"{mode:9s} F={r['F']} tau={tau}: forward {r['forward_s']:.2f} s, "
+                      f"backward {r['backward_s']:.2f} s, "
+                      f"y {r['y_sha']} dx {r['grad_x_sha']} dlut {r['grad_lut_sha']}", flush=True)
     write_json(Path(args.json), {"settings": {"soft_bits": args.soft_bits, "tau": args.tau, "tiles": args.tiles,
-                                              "threads": args.threads}, "rows": rows}, "benchmarks/bcjr_soft_pass.py")
+                                              "threads": args.threads, "kernels": args.kernels}, "rows": rows},
+               "benchmarks/bcjr_soft_pass.py")
     return 0
 
 

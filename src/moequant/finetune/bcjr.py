@@ -1,4 +1,5 @@
-"""The soft trellis of BCJR-QAT: forward–backward (BCJR) over the bitshift trellis of ``codecs.trellis``, pure torch.
+"""The soft trellis of BCJR-QAT: forward–backward (BCJR) over the bitshift trellis of ``codecs.trellis``, in torch;
+its two step-by-step recursions run in C++ where ``kernels.bcjr`` applies (float32 on CPU), else as torch loops.
 
 Notation as in ``codecs.trellis``: ``L`` state bits, ``kv = K·V`` new bits per step (the step's *innovation*,
 the low ``kv`` bits of ``s_t``), ``S`` steps per tile, ``V`` values per step, a value table ``[2^L, V]``.
@@ -50,6 +51,8 @@ chunk instead of keeping them (as activation checkpointing does). Peak extra mem
 tail-biting, a 576x1536 matrix = 3456 tiles, ``max_bytes`` 128 MiB): ``F = 4`` (``f = 1``): forward 0.6 s,
 backward 0.75 s, ``hard_path`` 0.25 s; ``F = 8`` (``f = 2``): forward ~6 s, backward ~10 s. The codec's Viterbi at
 L=16 on the same matrix: ~90 s then; ~12 s on an idle core with the kernel's second version (2026-12-04).
+With the recursions in C++ (``kernels.bcjr``), 2 idle threads, same matrix: ``F = 4`` 0.16 + 0.22 s, ``F = 8``
+1.2 + 2.2 s (``benchmarks/bcjr_soft_pass.py``; the torch loops there: 0.23 + 0.38 s and 2.2 + 3.7 s).
 """
 
 from __future__ import annotations
@@ -59,6 +62,13 @@ from dataclasses import dataclass
 import torch
 
 _NEG = -1e30  # log-weight of an excluded state: finite, so softmax over excluded states is uniform, never NaN
+
+
+def _kernels():
+    """``moequant.kernels.bcjr`` (imported on first use: the math here stays importable without the kernels)."""
+    from moequant.kernels import bcjr as kernels
+
+    return kernels
 MAX_BYTES = 128 << 20  # default bound on one chunk's working memory
 
 
@@ -201,6 +211,9 @@ def _forward_backward(scores: torch.Tensor, f: int, overlap: torch.Tensor | None
     """Log-space ``α``, ``β`` ``[S, b, n]`` of branch scores ``[S, b, n]`` (``2^f`` new states per step) and the
     forward's ``logsumexp`` over predecessors ``[S, b, n/2^f]`` (by ``σ >> f``; step 0 unused); ``overlap [b]``:
     ``σ_0 >> f`` and ``σ_{S−1} mod 2^(F−f)`` must equal it."""
+    fast = _kernels().alpha_beta(scores, f, overlap)
+    if fast is not None:
+        return fast
     steps, b, n = scores.shape
     m = 1 << f
     r = n >> f
@@ -252,12 +265,29 @@ def _chunk_grads(x: torch.Tensor, cols: torch.Tensor, idx: torch.Tensor, f: int,
     flat, vals, xs, scores, alpha, beta, lse, post = _chunk_posterior(x, cols, idx, f, tau, overlap)
     steps, b, n = scores.shape
     v = x.shape[-1]
-    m = 1 << f
-    r = n >> f
     gs = grad.transpose(0, 1).contiguous()  # [S, b, V]
     c = vals[1] * gs[..., :1]  # [S, b, n]: ⟨g_t, v_t(σ)⟩
     for i in range(1, v):
         c.addcmul_(vals[i + 1], gs[..., i:i + 1])
+    fwd, bwd = _expectations(c, scores, alpha, beta, lse, f)
+    expect = (post * c).sum((0, 2))  # [b]: E[G]
+    g_score = post * fwd.add_(bwd).sub_(expect.view(1, b, 1))  # [S, b, n]: ∂L/∂ℓ
+    g_x = torch.stack([(g_score * vals[i + 1]).sum(-1) for i in range(v)], -1).transpose(0, 1) * (2.0 / tau)
+    terms = [torch.addcmul(post * gs[..., i:i + 1], g_score, xs[..., i:i + 1], value=2.0 / tau).view(-1)
+             for i in range(v)]
+    return g_x, flat, [*terms, g_score.view(-1)]
+
+
+def _expectations(c: torch.Tensor, scores: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, lse: torch.Tensor,
+                  f: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``E[Σ_{u<=t} c_u | σ_t]`` and ``E[Σ_{u>t} c_u | σ_t]``, each ``[S, b, n]``, from ``c = ⟨g_t, v_t(σ)⟩`` and the
+    forward–backward's ``α``, ``β``, lse (``kernels.bcjr`` where it applies, else this loop)."""
+    fast = _kernels().expectations(c, scores, alpha, beta, lse, f)
+    if fast is not None:
+        return fast
+    steps, b, n = c.shape
+    m = 1 << f
+    r = n >> f
     # predecessor weights exp(α_{t−1} − lse_t) [S−1, b, m, r]; successor weights exp(ℓ + β − β) [S−1, b, r, m]
     w_prev = (alpha[:-1].view(steps - 1, b, m, r) - lse[1:].unsqueeze(2)).clamp_min_(_EXP_FLOOR).exp_()
     w_next = (torch.add(scores[1:], beta[1:]).view(steps - 1, b, r, m)
@@ -272,12 +302,7 @@ def _chunk_grads(x: torch.Tensor, cols: torch.Tensor, idx: torch.Tensor, f: int,
     for t in range(steps - 2, -1, -1):
         mean = (w_next[t] * torch.add(bwd[t + 1], c[t + 1]).view(b, r, m)).sum(-1)  # [b, r]
         bwd[t].view(b, m, r).copy_(mean.unsqueeze(1).expand(b, m, r))
-    expect = (post * c).sum((0, 2))  # [b]: E[G]
-    g_score = post * fwd.add_(bwd).sub_(expect.view(1, b, 1))  # [S, b, n]: ∂L/∂ℓ
-    g_x = torch.stack([(g_score * vals[i + 1]).sum(-1) for i in range(v)], -1).transpose(0, 1) * (2.0 / tau)
-    terms = [torch.addcmul(post * gs[..., i:i + 1], g_score, xs[..., i:i + 1], value=2.0 / tau).view(-1)
-             for i in range(v)]
-    return g_x, flat, [*terms, g_score.view(-1)]
+    return fwd, bwd
 
 
 def _chunks(b: int, x: torch.Tensor, geom: SoftGeometry, max_bytes: int):
@@ -286,9 +311,11 @@ def _chunks(b: int, x: torch.Tensor, geom: SoftGeometry, max_bytes: int):
 
 
 def _idx(ref: torch.Tensor | None, group: torch.Tensor | None, geom: SoftGeometry, sl: slice) -> torch.Tensor:
-    """Rows of the flattened tables ``[G·2^L, V]`` of the tiles ``sl``: ``[b|1, S|1, n]``."""
+    """Rows of the flattened tables ``[G·2^L, V]`` of the tiles ``sl``: int32 ``[b|1, S|1, n]`` (half the bytes of
+    int64 in the gathers and the gradient's index_add_, which read it ``S·b·n`` times per chunk)."""
     idx = sub_states(None if ref is None else ref[sl], geom)
-    return idx if group is None else idx + (group[sl] << geom.L).view(-1, 1, 1)
+    idx = idx if group is None else idx + (group[sl] << geom.L).view(-1, 1, 1)
+    return idx.to(torch.int32)
 
 
 class _SoftTrellis(torch.autograd.Function):

@@ -1,0 +1,60 @@
+"""BCJR-QAT's soft-trellis recursions in C++ (``csrc/bcjr.cpp``, extension ``bcjr``).
+
+``finetune.bcjr`` runs two step-by-step recursions per chunk of tiles: the log-space forward–backward (``α``, ``β``
+and the forward's ``logsumexp``) and, in the backward pass, the expectations ``E[Σ_{u≤t} c_u | σ_t]`` and
+``E[Σ_{u>t} c_u | σ_t]``. In torch each is a Python loop of a few small ops per step (128 steps per tile at 2 bits);
+the kernel walks each tile's steps in one call, tiles in parallel, with the transition weights made on the fly.
+``alpha_beta`` and ``expectations`` return ``None`` where the kernel does not apply (``MOEQUANT_KERNELS=reference``,
+no extension, not float32 / CPU, tracing); then the torch loops run. The arithmetic is the torch path's (the
+same floored exponents, sums in the same order) with another ``exp`` (a vectorised polynomial within ~2 ulp),
+so results agree to float rounding (``tests/kernels/test_bcjr_kernel.py``), not bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moequant.kernels import cpp_build
+from moequant.kernels.select import use_fast
+
+EXT_NAME = "bcjr"
+EXT_SOURCES = ["bcjr.cpp"]
+_SOURCES = tuple(EXT_SOURCES)
+_NONE = torch.empty(0, dtype=torch.int64)
+
+
+def extension():
+    """The compiled ``bcjr`` kernels, or ``None`` (then the torch loops run)."""
+    return cpp_build.load_extension(EXT_NAME, EXT_SOURCES)
+
+
+def _ext(*tensors: torch.Tensor):
+    if not use_fast() or torch.compiler.is_compiling():
+        return None
+    if any(t.dtype != torch.float32 or not t.is_cpu for t in tensors):
+        return None
+    return None if cpp_build._disabled() else cpp_build._load(EXT_NAME, _SOURCES)
+
+
+def alpha_beta(scores: torch.Tensor, f: int, overlap: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``finetune.bcjr._forward_backward`` of ``scores [S, b, n]`` by the kernel: (``α``, ``β`` ``[S, b, n]``, the
+    forward's lse ``[S, b, n / 2^f]``), or ``None``."""
+    ext = _ext(scores)
+    if ext is None:
+        return None
+    ov = _NONE if overlap is None else overlap.to(torch.int64).contiguous()
+    alpha, beta, lse = ext.bcjr_alpha_beta(scores.contiguous(), f, ov)
+    return alpha, beta, lse
+
+
+def expectations(c: torch.Tensor, scores: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, lse: torch.Tensor,
+                 f: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The forward and backward expectation recursions of ``finetune.bcjr._chunk_grads`` (each ``[S, b, n]``) by
+    the kernel, or ``None``."""
+    ext = _ext(c, scores, alpha, beta, lse)
+    if ext is None:
+        return None
+    fwd, bwd = ext.bcjr_expectations(c.contiguous(), scores.contiguous(), alpha.contiguous(), beta.contiguous(),
+                                     lse.contiguous(), f)
+    return fwd, bwd
