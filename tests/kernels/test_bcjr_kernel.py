@@ -113,3 +113,65 @@ def test_soft_codeword_and_gradients_as_accurate_as_the_torch_path(ext, soft_bit
         loop_err, kernel_err = float((a - t).abs().max()), float((k - t).abs().max())
         assert kernel_err <= 1.5 * loop_err + 1e-6 * float(t.abs().max()), (name, kernel_err, loop_err)
         assert float((k - a).abs().max()) <= 1e-3 * float(t.abs().max()), name
+
+
+def _pass(mode: str, x0: torch.Tensor, table0: torch.Tensor, tau: float, geom, ref, overlap, group, upstream):
+    """(y, ∂x, ∂table) of ``soft_codeword`` under ``mode`` (float32)."""
+    x = x0.clone().requires_grad_(True)
+    table = table0.clone().requires_grad_(True)
+    with kernels(mode):
+        y = B.soft_codeword(x, table, tau, geom, ref, overlap, group)
+        (y * upstream).sum().backward()
+    return y.detach(), x.grad, table.grad
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("case", ["experts", "full-trellis", "free-start"])
+def test_the_fused_pass_matches_the_chunked_torch_path(ext, case):
+    # one C++ call for the whole pass (kernels.bcjr.soft) against the chunked torch path: several tables with a
+    # group per tile, the full trellis without a reference walk, a sub-trellis without the tail-biting overlap
+    gen = torch.Generator().manual_seed(11)
+    L, kv, tiles, steps = 8, 4, 30, 32
+    tables = 3 if case == "experts" else 1
+    table = torch.randn(tables, 1 << L, 2, generator=gen)  # [G, 2^L, V]
+    ref = torch.randint(0, 1 << L, (tiles, steps), generator=gen)  # [B, S]
+    group = torch.randint(0, tables, (tiles,), generator=gen) if case == "experts" else None
+    geom = B.full_geometry(L, kv) if case == "full-trellis" else B.soft_geometry(L, kv, 4)
+    overlap = None if case == "free-start" else B.soft_overlap(ref, geom)
+    flat = table.reshape(-1, 2)
+    x = flat[ref + (0 if group is None else group[:, None] << L)] + 0.3 * torch.randn(tiles, steps, 2, generator=gen)
+    upstream = torch.randn(tiles, steps, 2, generator=gen)
+    refs = None if case == "full-trellis" else ref
+    if tables == 1:
+        table = table[0]
+    dep, mask = geom.deposit()
+    assert KB.soft(x, B._columns(flat), refs, dep, ~mask, group, L, geom.f, 0.2, overlap) is not None  # it applies
+    truth = _pass("reference", x.double(), table.double(), 0.2, geom, refs, overlap, group, upstream.double())
+    loop = _pass("reference", x, table, 0.2, geom, refs, overlap, group, upstream)
+    got = _pass("auto", x, table, 0.2, geom, refs, overlap, group, upstream)
+    for g, a, t, name in zip(got, loop, truth, ("y", "dx", "dtable")):
+        # as close to float64 as the float32 torch path (∂x carries fp32 cancellation: ~1e-4 of its scale in both)
+        kernel_err, loop_err = float((g - t).abs().max()), float((a - t).abs().max())
+        assert kernel_err <= 1.5 * loop_err + 1e-6 * float(t.abs().max()), (name, kernel_err, loop_err)
+        assert _rel(g.double(), t) <= 1e-3, name
+
+
+def test_the_fused_backward_is_the_same_every_run(ext):
+    # the table terms are summed per task, then the tasks in order: the same bits for the same thread count
+    gen = torch.Generator().manual_seed(12)
+    table = torch.randn(1 << 8, 2, generator=gen)
+    ref = torch.randint(0, 1 << 8, (64, 32), generator=gen)
+    geom = B.soft_geometry(8, 4, 4)
+    overlap = B.soft_overlap(ref, geom)
+    x = table[ref] + 0.3 * torch.randn(64, 32, 2, generator=gen)
+    upstream = torch.randn(64, 32, 2, generator=gen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = [_pass("auto", x, table, 0.2, geom, ref, overlap, None, upstream) for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))

@@ -1,5 +1,6 @@
 """The soft trellis of BCJR-QAT: forward–backward (BCJR) over the bitshift trellis of ``codecs.trellis``, in torch;
-its two step-by-step recursions run in C++ where ``kernels.bcjr`` applies (float32 on CPU), else as torch loops.
+the whole pass runs in C++ where ``kernels.bcjr.soft`` applies (float32 on CPU, at most 4,096 states), this code
+being its definition (and its recursions, ``alpha_beta`` / ``expectations``, in C++ where those apply).
 
 Notation as in ``codecs.trellis``: ``L`` state bits, ``kv = K·V`` new bits per step (the step's *innovation*,
 the low ``kv`` bits of ``s_t``), ``S`` steps per tile, ``V`` values per step, a value table ``[2^L, V]``.
@@ -51,8 +52,8 @@ chunk instead of keeping them (as activation checkpointing does). Peak extra mem
 tail-biting, a 576x1536 matrix = 3456 tiles, ``max_bytes`` 128 MiB): ``F = 4`` (``f = 1``): forward 0.6 s,
 backward 0.75 s, ``hard_path`` 0.25 s; ``F = 8`` (``f = 2``): forward ~6 s, backward ~10 s. The codec's Viterbi at
 L=16 on the same matrix: ~90 s then; ~12 s on an idle core with the kernel's second version (2026-12-04).
-With the recursions in C++ (``kernels.bcjr``), 2 idle threads, same matrix: ``F = 4`` 0.16 + 0.22 s, ``F = 8``
-1.2 + 2.2 s (``benchmarks/bcjr_soft_pass.py``; the torch loops there: 0.23 + 0.38 s and 2.2 + 3.7 s).
+The pass in C++ (``kernels.bcjr.soft``), 2 idle threads, same matrix: ``F = 4`` 0.07 + 0.12 s, ``F = 8``
+0.6 + 1.2 s (``benchmarks/bcjr_soft_pass.py``; the torch path there: 0.23 + 0.35 s and 2.0 + 3.7 s).
 """
 
 from __future__ import annotations
@@ -320,17 +321,21 @@ def _idx(ref: torch.Tensor | None, group: torch.Tensor | None, geom: SoftGeometr
 
 class _SoftTrellis(torch.autograd.Function):
     """y ``[B, S, V]`` from x ``[B, S, V]`` and the value tables ``[G·2^L, V]`` (tile ``i`` reads table ``group[i]``);
-    backward in closed form, chunked."""
+    backward in closed form: in one C++ call where ``kernels.bcjr.soft`` applies, else chunked."""
 
     @staticmethod
     def forward(ctx, x, table, ref, overlap, group, geom, tau, max_bytes):
         out = torch.empty_like(x)  # [B, S, V]
         with torch.no_grad():
             cols = _columns(table)
-            for sl in _chunks(x.shape[0], x, geom, max_bytes):
-                ov = None if overlap is None else overlap[sl]
-                _, vals, *_, post = _chunk_posterior(x[sl], cols, _idx(ref, group, geom, sl), geom.f, tau, ov)
-                out[sl] = _soft(vals, post)
+            fused = _fused(x, cols, ref, overlap, group, geom, tau)
+            if fused is not None:
+                out = fused[0]
+            else:
+                for sl in _chunks(x.shape[0], x, geom, max_bytes):
+                    ov = None if overlap is None else overlap[sl]
+                    _, vals, *_, post = _chunk_posterior(x[sl], cols, _idx(ref, group, geom, sl), geom.f, tau, ov)
+                    out[sl] = _soft(vals, post)
         ctx.save_for_backward(x, table, ref, overlap, group)
         ctx.geom, ctx.tau, ctx.max_bytes = geom, tau, max_bytes
         return out
@@ -344,16 +349,31 @@ class _SoftTrellis(torch.autograd.Function):
         acc = torch.zeros(v + 1, table.shape[0], dtype=x.dtype)  # [V+1, G·2^L]
         with torch.no_grad():
             cols = _columns(table)
-            for sl in _chunks(x.shape[0], x, geom, ctx.max_bytes):
-                g_x[sl], flat, terms = _chunk_grads(x[sl], cols, _idx(ref, group, geom, sl), geom.f, tau,
-                                                    None if overlap is None else overlap[sl], grad[sl].to(x.dtype))
-                if ctx.needs_input_grad[1]:
-                    for i, term in enumerate(terms):
-                        acc[i].index_add_(0, flat, term)
+            fused = _fused(x, cols, ref, overlap, group, geom, tau, grad.to(x.dtype))
+            if fused is not None:
+                g_x, acc = fused
+            else:
+                for sl in _chunks(x.shape[0], x, geom, ctx.max_bytes):
+                    g_x[sl], flat, terms = _chunk_grads(x[sl], cols, _idx(ref, group, geom, sl), geom.f, tau,
+                                                        None if overlap is None else overlap[sl],
+                                                        grad[sl].to(x.dtype))
+                    if ctx.needs_input_grad[1]:
+                        for i, term in enumerate(terms):
+                            acc[i].index_add_(0, flat, term)
             g_table = None
             if ctx.needs_input_grad[1]:
                 g_table = acc[:v].T - table * acc[v].unsqueeze(-1) * (2.0 / tau)  # [G·2^L, V]
         return g_x if ctx.needs_input_grad[0] else None, g_table, None, None, None, None, None, None
+
+
+def _fused(x: torch.Tensor, cols: torch.Tensor, ref: torch.Tensor | None, overlap: torch.Tensor | None,
+           group: torch.Tensor | None, geom: SoftGeometry, tau: float, grad: torch.Tensor | None = None):
+    """The whole pass by ``kernels.bcjr.soft`` (each tile's recursions in cache, no ``[S, b, 2^F]`` tensors): ``[y]``
+    or ``[∂x, table terms [1+V, G·2^L]]``; None where it does not apply (then the chunks below run)."""
+    if ref is None and not geom.full:
+        return None  # sub_states raises the error
+    dep, mask = geom.deposit()
+    return _kernels().soft(x, cols, ref, dep, ~mask, group, geom.L, geom.f, tau, overlap, grad)
 
 
 def _check(x: torch.Tensor, table: torch.Tensor, ref: torch.Tensor | None, group: torch.Tensor | None,

@@ -1,4 +1,5 @@
-"""BCJR-QAT's soft-trellis recursions in C++ (``csrc/bcjr.cpp``, extension ``bcjr``).
+"""BCJR-QAT's soft trellis in C++ (``csrc/bcjr.cpp``, extension ``bcjr``): the whole pass (``soft``), and its two
+recursions on their own (``alpha_beta``, ``expectations``; the chunked torch path's loops).
 
 ``finetune.bcjr`` runs two step-by-step recursions per chunk of tiles: the log-space forward–backward (``α``, ``β``
 and the forward's ``logsumexp``) and, in the backward pass, the expectations ``E[Σ_{u≤t} c_u | σ_t]`` and
@@ -21,6 +22,7 @@ EXT_NAME = "bcjr"
 EXT_SOURCES = ["bcjr.cpp"]
 _SOURCES = tuple(EXT_SOURCES)
 _NONE = torch.empty(0, dtype=torch.int64)
+_FNONE = torch.empty(0, dtype=torch.float32)
 
 
 def extension():
@@ -58,3 +60,25 @@ def expectations(c: torch.Tensor, scores: torch.Tensor, alpha: torch.Tensor, bet
     fwd, bwd = ext.bcjr_expectations(c.contiguous(), scores.contiguous(), alpha.contiguous(), beta.contiguous(),
                                      lse.contiguous(), f)
     return fwd, bwd
+
+
+MAX_STATES = 4096  # sub-trellis states per step the fused pass takes (its per-thread scratch is ~36·S·n bytes)
+
+
+def soft(x: torch.Tensor, cols: torch.Tensor, ref: torch.Tensor | None, dep: torch.Tensor, keep: int,
+         group: torch.Tensor | None, L: int, f: int, tau: float, overlap: torch.Tensor | None,
+         grad: torch.Tensor | None = None) -> list[torch.Tensor] | None:
+    """``finetune.bcjr``'s whole soft pass of the tiles ``x [B, S, V]`` in one call, each tile in cache: ``[y]``, or
+    with ``grad`` ``[∂x, table terms [1+V, T]]`` (see ``csrc/bcjr.cpp``); ``None`` where it does not apply (then
+    the chunked torch path runs): not float32 / CPU, more than ``MAX_STATES`` states, or ``MOEQUANT_KERNELS``."""
+    if dep.shape[0] > MAX_STATES or x.shape[-1] > 8:
+        return None
+    ext = _ext(x, cols, *(() if grad is None else (grad,)))
+    if ext is None:
+        return None
+
+    def opt(t: torch.Tensor | None) -> torch.Tensor:
+        return _NONE if t is None else t.to(torch.int64).contiguous()
+
+    return ext.bcjr_soft(x.contiguous(), cols.contiguous(), opt(ref), dep.to(torch.int64).contiguous(), int(keep),
+                         opt(group), L, f, float(tau), opt(overlap), _FNONE if grad is None else grad.contiguous())

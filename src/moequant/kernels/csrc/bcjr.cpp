@@ -1,5 +1,6 @@
-// moequant CPU kernels for BCJR-QAT's soft trellis (finetune/bcjr.py): the two step-by-step recursions of a chunk
-// of tiles, which the torch path runs as a Python loop of small ops per step.
+// moequant CPU kernels for BCJR-QAT's soft trellis (finetune/bcjr.py): bcjr_soft, the whole pass one tile at a time
+// (see its comment below), and the two step-by-step recursions of a chunk of tiles, which the torch path runs as a
+// Python loop of small ops per step:
 //
 //   bcjr_alpha_beta(scores [S, b, n] f32, f, overlap [b] int64 | empty) -> (alpha, beta [S, b, n], lse [S, b, r])
 //     = finetune.bcjr._forward_backward: with m = 2^f, r = n / m, the predecessors of state q*m + c are j*r + q
@@ -62,6 +63,15 @@ inline __m256 exp8(__m256 x) {
 
 inline float exp1(float x) { return std::exp(std::max(x, kExpFloor)); }
 
+// out[s] = exp(x[s] - y[s]) (floored), s < n; out may be y.
+void exp_diff(const float* x, const float* y, float* out, int64_t n) {
+  int64_t s = 0;
+#ifdef __AVX2__
+  for (; s + 8 <= n; s += 8) _mm256_storeu_ps(out + s, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + s), _mm256_loadu_ps(y + s))));
+#endif
+  for (; s < n; ++s) out[s] = exp1(x[s] - y[s]);
+}
+
 // out[q] = logsumexp_j rows[j * r + q], j < m (rows: m rows of r floats, contiguous); the maximum first, then the
 // floored exps summed in j order.
 void lse_rows(const float* rows, int64_t m, int64_t r, float* out, float* scratch) {
@@ -87,16 +97,107 @@ void lse_rows(const float* rows, int64_t m, int64_t r, float* out, float* scratc
   for (int64_t q = 0; q < r; ++q) out[q] = std::log(sum[q]) + mx[q];
 }
 
-// out[q] = logsumexp_c (a + b)[q * m + c], c < m: the m-wide groups of one row (a, b: n = r * m floats).
-void lse_groups(const float* a, const float* b, int64_t m, int64_t r, float* out) {
+// out[q] = logsumexp_c (a + b)[q * m + c], c < m: the m-wide groups of one row (a, b: n = r * m floats); z, e:
+// scratch of n floats each.
+void lse_groups(const float* a, const float* b, int64_t m, int64_t r, float* out, float* z, float* e) {
+  const int64_t n = r * m;
+  for (int64_t s = 0; s < n; ++s) z[s] = a[s] + b[s];
   for (int64_t q = 0; q < r; ++q) {
-    const float* x = a + q * m;
-    const float* y = b + q * m;
-    float mx = x[0] + y[0];
-    for (int64_t c = 1; c < m; ++c) mx = std::max(mx, x[c] + y[c]);
-    float s = 0.0f;
-    for (int64_t c = 0; c < m; ++c) s += exp1((x[c] + y[c]) - mx);
-    out[q] = std::log(s) + mx;
+    float mx = z[q * m];
+    for (int64_t c = 1; c < m; ++c) mx = std::max(mx, z[q * m + c]);
+    for (int64_t c = 0; c < m; ++c) e[q * m + c] = mx;  // the group's maximum, per element
+    out[q] = mx;
+  }
+  exp_diff(z, e, e, n);
+  for (int64_t q = 0; q < r; ++q) {
+    float s = e[q * m];
+    for (int64_t c = 1; c < m; ++c) s += e[q * m + c];
+    out[q] = std::log(s) + out[q];
+  }
+}
+
+// --- one tile's recursions (rows of n floats, `stride` floats apart from one step to the next) -----------------
+
+// alpha, beta (stride `sa`) and the forward's lse (stride `sl`, r floats per step; step 0 untouched) of one tile's
+// scores (stride `ss`); `ov` < 0: no overlap constraint.
+void tile_alpha_beta(const float* sc, int64_t ss, int64_t S, int64_t n, int64_t f, int64_t ov, float* al, float* be,
+                     int64_t sa, float* ls, int64_t sl, float* scratch /* 3r + 2n */) {
+  const int64_t m = int64_t{1} << f, r = n >> f;
+  const float neg = -1e30f;  // finetune.bcjr._NEG
+  std::copy(sc, sc + n, al);
+  if (ov >= 0)
+    for (int64_t s = 0; s < n; ++s)
+      if ((s >> f) != ov) al[s] = neg;
+  for (int64_t t = 1; t < S; ++t) {
+    float* lt = ls + t * sl;
+    lse_rows(al + (t - 1) * sa, m, r, lt, scratch);
+    const float* st = sc + t * ss;
+    float* at = al + t * sa;
+    for (int64_t q = 0; q < r; ++q)
+      for (int64_t c = 0; c < m; ++c) at[q * m + c] = st[q * m + c] + lt[q];
+  }
+  float* bl = be + (S - 1) * sa;
+  for (int64_t s = 0; s < n; ++s) bl[s] = ov >= 0 && (s & (r - 1)) != ov ? neg : 0.0f;
+  float* nxt = scratch + 2 * r;
+  for (int64_t t = S - 2; t >= 0; --t) {
+    lse_groups(sc + (t + 1) * ss, be + (t + 1) * sa, m, r, nxt, scratch + 3 * r, scratch + 3 * r + n);
+    float* bt = be + t * sa;
+    for (int64_t k = 0; k < m; ++k) std::copy(nxt, nxt + r, bt + k * r);
+  }
+}
+
+// fwd, bwd (stride `sa`) of one tile from c, alpha, beta (stride `sa`), scores (stride `ss`) and lse (stride `sl`).
+void tile_expectations(const float* cc, const float* sc, int64_t ss, const float* al, const float* be, int64_t sa,
+                       const float* ls, int64_t sl, int64_t S, int64_t n, int64_t f, float* fw, float* bw,
+                       float* w /* n */, float* mean /* r */) {
+  const int64_t m = int64_t{1} << f, r = n >> f;
+  std::copy(cc, cc + n, fw);
+  for (int64_t t = 1; t < S; ++t) {
+    const float* ap = al + (t - 1) * sa;
+    const float* lt = ls + t * sl;
+    const float* fp = fw + (t - 1) * sa;
+    int64_t i0 = 0;
+#ifdef __AVX2__
+    for (int64_t k = 0; k < m; ++k)
+      for (int64_t q0 = 0; q0 + 8 <= r; q0 += 8)
+        _mm256_storeu_ps(w + k * r + q0, exp8(_mm256_sub_ps(_mm256_loadu_ps(ap + k * r + q0), _mm256_loadu_ps(lt + q0))));
+    i0 = r / 8 * 8;
+#endif
+    for (int64_t k = 0; k < m; ++k)
+      for (int64_t q = i0; q < r; ++q) w[k * r + q] = exp1(ap[k * r + q] - lt[q]);
+    for (int64_t q = 0; q < r; ++q) mean[q] = w[q] * fp[q];
+    for (int64_t k = 1; k < m; ++k)
+      for (int64_t q = 0; q < r; ++q) mean[q] += w[k * r + q] * fp[k * r + q];
+    const float* ct = cc + t * sa;
+    float* ft = fw + t * sa;
+    for (int64_t q = 0; q < r; ++q)
+      for (int64_t x = 0; x < m; ++x) ft[q * m + x] = ct[q * m + x] + mean[q];
+  }
+  float* bl = bw + (S - 1) * sa;
+  std::fill(bl, bl + n, 0.0f);
+  for (int64_t t = S - 2; t >= 0; --t) {
+    const float* sn = sc + (t + 1) * ss;
+    const float* bn = be + (t + 1) * sa;
+    const float* bt = be + t * sa;  // beta_t[q] = beta_t[0 * r + q]
+    const float* cn = cc + (t + 1) * sa;
+    const float* wn = bw + (t + 1) * sa;
+    int64_t i1 = 0;
+#ifdef __AVX2__
+    for (; i1 + 8 <= n; i1 += 8) {
+      alignas(32) float base[8];
+      for (int u = 0; u < 8; ++u) base[u] = bt[(i1 + u) / m];
+      _mm256_storeu_ps(w + i1, exp8(_mm256_sub_ps(_mm256_add_ps(_mm256_loadu_ps(sn + i1), _mm256_loadu_ps(bn + i1)),
+                                                   _mm256_load_ps(base))));
+    }
+#endif
+    for (; i1 < n; ++i1) w[i1] = exp1((sn[i1] + bn[i1]) - bt[i1 / m]);
+    for (int64_t q = 0; q < r; ++q) {
+      float s = w[q * m] * (wn[q * m] + cn[q * m]);
+      for (int64_t x = 1; x < m; ++x) s += w[q * m + x] * (wn[q * m + x] + cn[q * m + x]);
+      mean[q] = s;
+    }
+    float* out = bw + t * sa;
+    for (int64_t k = 0; k < m; ++k) std::copy(mean, mean + r, out + k * r);
   }
 }
 
@@ -113,14 +214,18 @@ Dims check(const at::Tensor& t, int64_t f, const char* what) {
   return {t.size(0), t.size(1), n, int64_t{1} << f, n >> f};
 }
 
+const int64_t* optional_long(const at::Tensor& t, int64_t size, const char* what) {
+  if (t.numel() == 0) return nullptr;
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == size && t.scalar_type() == at::kLong && t.is_contiguous(),
+              what, " must be int64 [", size, "] or empty");
+  return t.data_ptr<int64_t>();
+}
+
 }  // namespace
 
 std::vector<at::Tensor> bcjr_alpha_beta(const at::Tensor& scores, int64_t f, const at::Tensor& overlap) {
   const Dims d = check(scores, f, "scores");
-  const bool masked = overlap.numel() > 0;
-  if (masked)
-    TORCH_CHECK(overlap.dim() == 1 && overlap.size(0) == d.b && overlap.scalar_type() == at::kLong,
-                "overlap must be int64 [b] or empty");
+  const int64_t* ov = optional_long(overlap, d.b, "overlap");
   at::Tensor alpha = at::empty_like(scores);
   at::Tensor beta = at::empty_like(scores);
   at::Tensor lse = at::zeros({d.S, d.b, d.r}, scores.options());
@@ -128,33 +233,12 @@ std::vector<at::Tensor> bcjr_alpha_beta(const at::Tensor& scores, int64_t f, con
   float* al = alpha.data_ptr<float>();
   float* be = beta.data_ptr<float>();
   float* ls = lse.data_ptr<float>();
-  const int64_t* ov = masked ? overlap.data_ptr<int64_t>() : nullptr;
-  const float neg = -1e30f;  // finetune.bcjr._NEG
   const int64_t row = d.b * d.n;  // one step of [b, n]
   at::parallel_for(0, d.b, kGrainTiles, [&](int64_t j0, int64_t j1) {
-    std::vector<float> scratch(2 * d.r), nxt(d.r);
-    for (int64_t j = j0; j < j1; ++j) {
-      float* a0 = al + j * d.n;
-      std::copy(sc + j * d.n, sc + (j + 1) * d.n, a0);
-      if (masked)
-        for (int64_t s = 0; s < d.n; ++s)
-          if ((s >> f) != ov[j]) a0[s] = neg;
-      for (int64_t t = 1; t < d.S; ++t) {
-        float* lt = ls + (t * d.b + j) * d.r;
-        lse_rows(al + (t - 1) * row + j * d.n, d.m, d.r, lt, scratch.data());
-        const float* st = sc + t * row + j * d.n;
-        float* at = al + t * row + j * d.n;
-        for (int64_t q = 0; q < d.r; ++q)
-          for (int64_t c = 0; c < d.m; ++c) at[q * d.m + c] = st[q * d.m + c] + lt[q];
-      }
-      float* bl = be + (d.S - 1) * row + j * d.n;
-      for (int64_t s = 0; s < d.n; ++s) bl[s] = masked && (s & (d.r - 1)) != ov[j] ? neg : 0.0f;
-      for (int64_t t = d.S - 2; t >= 0; --t) {
-        lse_groups(sc + (t + 1) * row + j * d.n, be + (t + 1) * row + j * d.n, d.m, d.r, nxt.data());
-        float* bt = be + t * row + j * d.n;
-        for (int64_t k = 0; k < d.m; ++k) std::copy(nxt.begin(), nxt.end(), bt + k * d.r);
-      }
-    }
+    std::vector<float> scratch(3 * d.r + 2 * d.n);
+    for (int64_t j = j0; j < j1; ++j)
+      tile_alpha_beta(sc + j * d.n, row, d.S, d.n, f, ov ? ov[j] : -1, al + j * d.n, be + j * d.n, row,
+                      ls + j * d.r, d.b * d.r, scratch.data());
   });
   return {alpha, beta, lse};
 }
@@ -169,73 +253,156 @@ std::vector<at::Tensor> bcjr_expectations(const at::Tensor& c, const at::Tensor&
               lse.scalar_type() == at::kFloat && lse.is_contiguous(), "lse must be float32 [S, b, r]");
   at::Tensor fwd = at::empty_like(c);
   at::Tensor bwd = at::empty_like(c);
-  const float* cc = c.data_ptr<float>();
-  const float* sc = scores.data_ptr<float>();
-  const float* al = alpha.data_ptr<float>();
-  const float* be = beta.data_ptr<float>();
-  const float* ls = lse.data_ptr<float>();
-  float* fw = fwd.data_ptr<float>();
-  float* bw = bwd.data_ptr<float>();
   const int64_t row = d.b * d.n;
   at::parallel_for(0, d.b, kGrainTiles, [&](int64_t j0, int64_t j1) {
-    std::vector<float> mean(d.r), w(d.n);
-    for (int64_t j = j0; j < j1; ++j) {
-      std::copy(cc + j * d.n, cc + (j + 1) * d.n, fw + j * d.n);
-      for (int64_t t = 1; t < d.S; ++t) {
-        const float* ap = al + (t - 1) * row + j * d.n;
-        const float* lt = ls + (t * d.b + j) * d.r;
-        const float* fp = fw + (t - 1) * row + j * d.n;
-        int64_t i0 = 0;
-#ifdef __AVX2__
-        for (int64_t k = 0; k < d.m; ++k)
-          for (int64_t q0 = 0; q0 + 8 <= d.r; q0 += 8)
-            _mm256_storeu_ps(w.data() + k * d.r + q0,
-                             exp8(_mm256_sub_ps(_mm256_loadu_ps(ap + k * d.r + q0), _mm256_loadu_ps(lt + q0))));
-        i0 = d.r / 8 * 8;
-#endif
-        for (int64_t k = 0; k < d.m; ++k)
-          for (int64_t q = i0; q < d.r; ++q) w[k * d.r + q] = exp1(ap[k * d.r + q] - lt[q]);
-        for (int64_t q = 0; q < d.r; ++q) mean[q] = w[q] * fp[q];
-        for (int64_t k = 1; k < d.m; ++k)
-          for (int64_t q = 0; q < d.r; ++q) mean[q] += w[k * d.r + q] * fp[k * d.r + q];
-        const float* ct = cc + t * row + j * d.n;
-        float* ft = fw + t * row + j * d.n;
-        for (int64_t q = 0; q < d.r; ++q)
-          for (int64_t x = 0; x < d.m; ++x) ft[q * d.m + x] = ct[q * d.m + x] + mean[q];
+    std::vector<float> w(d.n), mean(d.r);
+    for (int64_t j = j0; j < j1; ++j)
+      tile_expectations(c.data_ptr<float>() + j * d.n, scores.data_ptr<float>() + j * d.n, row,
+                        alpha.data_ptr<float>() + j * d.n, beta.data_ptr<float>() + j * d.n, row,
+                        lse.data_ptr<float>() + j * d.r, d.b * d.r, d.S, d.n, f, fwd.data_ptr<float>() + j * d.n,
+                        bwd.data_ptr<float>() + j * d.n, w.data(), mean.data());
+  });
+  return {fwd, bwd};
+}
+
+// The whole soft pass of B tiles, one tile at a time in cache (finetune.bcjr._SoftTrellis): no [S, b, n] tensor.
+//   x [B, S, V] f32, cols [1+V, T] f32 (||v||^2 then each component of every stored state), ref [B, S] int64 |
+//   empty (the full trellis: sigma is the state), dep [n] int64 and keep (the reference bits kept: ~M) give the
+//   stored state of sub-state sigma at step t, ((ref_t & keep) | dep[sigma]) + group << L (group [B] | empty);
+//   overlap [B] | empty; grad [B, S, V] | empty.
+// Without grad -> {y [B, S, V]}: scores (2<v, x_t> - ||v||^2) / tau, alpha, beta, posterior softmax(alpha + beta),
+// y_t = sum P v. With grad -> {dx [B, S, V], acc [1+V, T]}: finetune.bcjr._chunk_grads per tile, the table terms
+// (P g_k + (2/tau) dL/dl x_k, and dL/dl) summed per stored state into one buffer per task, the tasks' buffers then
+// added in task order (the same result for the same number of threads).
+std::vector<at::Tensor> bcjr_soft(const at::Tensor& x, const at::Tensor& cols, const at::Tensor& ref,
+                                  const at::Tensor& dep, int64_t keep, const at::Tensor& group, int64_t L, int64_t f,
+                                  double tau, const at::Tensor& overlap, const at::Tensor& grad) {
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "x must be a contiguous float32 CPU tensor [B, S, V]");
+  const int64_t B = x.size(0), S = x.size(1), V = x.size(2);
+  TORCH_CHECK(cols.dim() == 2 && cols.size(0) == V + 1 && cols.scalar_type() == at::kFloat && cols.is_contiguous(),
+              "cols must be float32 [1+V, T]");
+  TORCH_CHECK(dep.dim() == 1 && dep.scalar_type() == at::kLong && dep.is_contiguous(), "dep must be int64 [n]");
+  const int64_t n = dep.size(0), T = cols.size(1);
+  TORCH_CHECK(V >= 1 && V <= 8, "V = ", V, " values per step: the kernel takes 1 to 8");
+  TORCH_CHECK(f >= 1 && n >= (int64_t{1} << f) && n % (int64_t{1} << f) == 0, "f = ", f, " does not fit n = ", n);
+  const bool has_ref = ref.numel() > 0;
+  if (has_ref)
+    TORCH_CHECK(ref.dim() == 2 && ref.size(0) == B && ref.size(1) == S && ref.scalar_type() == at::kLong &&
+                ref.is_contiguous(), "ref must be int64 [B, S] or empty");
+  const int64_t* gr = optional_long(group, B, "group");
+  const int64_t* ov = optional_long(overlap, B, "overlap");
+  const bool backward = grad.numel() > 0;
+  if (backward)
+    TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == at::kFloat && grad.is_contiguous(),
+                "grad must be float32 like x");
+  const float* xp = x.data_ptr<float>();
+  const float* cp = cols.data_ptr<float>();
+  const int64_t* rp = has_ref ? ref.data_ptr<int64_t>() : nullptr;
+  const int64_t* dp = dep.data_ptr<int64_t>();
+  const float* gp = backward ? grad.data_ptr<float>() : nullptr;
+  const int64_t r = n >> f;
+  const float neg_tau = static_cast<float>(-tau), two_tau = static_cast<float>(2.0 / tau);
+  at::Tensor out = at::zeros_like(x);  // y, or dx
+  float* op = out.data_ptr<float>();
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(B, at::get_num_threads()));
+  std::vector<at::Tensor> parts(backward ? tasks : 0);
+  at::parallel_for(0, tasks, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<int32_t> idx(S * n);
+    std::vector<float> sc(S * n), al(S * n), be(S * n), ls(S * r), post(S * n), scratch(3 * r + 2 * n);
+    std::vector<float> cc, fw, bw, mean;
+    if (backward) {
+      cc.resize(S * n);
+      fw.resize(S * n);
+      bw.resize(S * n);
+      mean.resize(r);
+    }
+    for (int64_t p = p0; p < p1; ++p) {
+      float* acc = nullptr;
+      if (backward) {
+        parts[p] = at::zeros({V + 1, T}, cols.options());
+        acc = parts[p].data_ptr<float>();
       }
-      float* bl = bw + (d.S - 1) * row + j * d.n;
-      std::fill(bl, bl + d.n, 0.0f);
-      for (int64_t t = d.S - 2; t >= 0; --t) {
-        const float* sn = sc + (t + 1) * row + j * d.n;
-        const float* bn = be + (t + 1) * row + j * d.n;
-        const float* bt = be + t * row + j * d.n;  // beta_t[q] = beta_t[0 * r + q]
-        const float* cn = cc + (t + 1) * row + j * d.n;
-        const float* wn = bw + (t + 1) * row + j * d.n;
-        int64_t i1 = 0;
-#ifdef __AVX2__
-        for (; i1 + 8 <= d.n; i1 += 8) {
-          alignas(32) float base[8];
-          for (int u = 0; u < 8; ++u) base[u] = bt[(i1 + u) / d.m];
-          _mm256_storeu_ps(w.data() + i1, exp8(_mm256_sub_ps(
-              _mm256_add_ps(_mm256_loadu_ps(sn + i1), _mm256_loadu_ps(bn + i1)), _mm256_load_ps(base))));
+      for (int64_t i = B * p / tasks; i < B * (p + 1) / tasks; ++i) {
+        const float* xi = xp + i * S * V;
+        const int64_t offset = gr ? (gr[i] << L) : 0;
+        for (int64_t t = 0; t < S; ++t) {  // stored states and branch scores
+          const int64_t base = has_ref ? (rp[i * S + t] & keep) : 0;
+          for (int64_t s = 0; s < n; ++s) {
+            const int64_t st = (base | dp[s]) + offset;
+            idx[t * n + s] = static_cast<int32_t>(st);
+            float score = cp[st] / neg_tau;
+            for (int64_t k = 0; k < V; ++k) score += two_tau * cp[(k + 1) * T + st] * xi[t * V + k];
+            sc[t * n + s] = score;
+          }
         }
-#endif
-        for (; i1 < d.n; ++i1) w[i1] = exp1((sn[i1] + bn[i1]) - bt[i1 / d.m]);
-        for (int64_t q = 0; q < d.r; ++q) {
-          float s = w[q * d.m] * (wn[q * d.m] + cn[q * d.m]);
-          for (int64_t x = 1; x < d.m; ++x) s += w[q * d.m + x] * (wn[q * d.m + x] + cn[q * d.m + x]);
-          mean[q] = s;
+        tile_alpha_beta(sc.data(), n, S, n, f, ov ? ov[i] : -1, al.data(), be.data(), n, ls.data(), r,
+                        scratch.data());
+        for (int64_t t = 0; t < S; ++t) {  // posterior: softmax over the states of step t
+          float* pt = post.data() + t * n;
+          float* mrow = scratch.data();  // n floats: the maximum, per element
+          float mx = -std::numeric_limits<float>::infinity();
+          for (int64_t s = 0; s < n; ++s) {
+            pt[s] = al[t * n + s] + be[t * n + s];
+            mx = std::max(mx, pt[s]);
+          }
+          std::fill(mrow, mrow + n, mx);
+          exp_diff(pt, mrow, pt, n);
+          float sum = 0.0f;
+          for (int64_t s = 0; s < n; ++s) sum += pt[s];
+          const float inv = 1.0f / sum;
+          for (int64_t s = 0; s < n; ++s) pt[s] *= inv;
         }
-        float* out = bw + t * row + j * d.n;
-        for (int64_t k = 0; k < d.m; ++k) std::copy(mean.begin(), mean.end(), out + k * d.r);
+        float* oi = op + i * S * V;
+        if (!backward) {
+          for (int64_t t = 0; t < S; ++t)
+            for (int64_t k = 0; k < V; ++k) {
+              const float* vk = cp + (k + 1) * T;
+              float y = 0.0f;
+              for (int64_t s = 0; s < n; ++s) y += post[t * n + s] * vk[idx[t * n + s]];
+              oi[t * V + k] = y;
+            }
+          continue;
+        }
+        const float* gi = gp + i * S * V;
+        for (int64_t t = 0; t < S; ++t)  // c = <g_t, v_t(sigma)>
+          for (int64_t s = 0; s < n; ++s) {
+            const int64_t st = idx[t * n + s];
+            float c = cp[T + st] * gi[t * V];
+            for (int64_t k = 1; k < V; ++k) c += cp[(k + 1) * T + st] * gi[t * V + k];
+            cc[t * n + s] = c;
+          }
+        tile_expectations(cc.data(), sc.data(), n, al.data(), be.data(), n, ls.data(), r, S, n, f, fw.data(),
+                          bw.data(), scratch.data(), mean.data());
+        double ex = 0.0;  // E[G], summed in double (the torch path: a float32 reduction)
+        for (int64_t j = 0; j < S * n; ++j) ex += static_cast<double>(post[j] * cc[j]);
+        const float expect = static_cast<float>(ex);
+        for (int64_t t = 0; t < S; ++t) {
+          float gx[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+          for (int64_t s = 0; s < n; ++s) {
+            const int64_t j = t * n + s, st = idx[j];
+            const float pr = post[j];
+            const float gs = pr * ((fw[j] + bw[j]) - expect);  // dL/dl
+            for (int64_t k = 0; k < V; ++k) {
+              gx[k] += gs * cp[(k + 1) * T + st];
+              acc[k * T + st] += pr * gi[t * V + k] + two_tau * gs * xi[t * V + k];
+            }
+            acc[V * T + st] += gs;
+          }
+          for (int64_t k = 0; k < V; ++k) oi[t * V + k] = gx[k] * two_tau;
+        }
       }
     }
   });
-  return {fwd, bwd};
+  if (!backward) return {out};
+  at::Tensor acc = parts[0];
+  for (int64_t p = 1; p < tasks; ++p) acc.add_(parts[p]);
+  return {out, acc};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bcjr_alpha_beta", &bcjr_alpha_beta, "log-space alpha, beta and the forward's lse of a chunk of tiles");
   m.def("bcjr_expectations", &bcjr_expectations, "E[G up to t | state] and E[G after t | state] of a chunk");
+  m.def("bcjr_soft", &bcjr_soft, "the soft pass of B tiles (y), or its backward (dx and the table terms)");
   m.def("has_avx2", &moequant::built_with_avx2, "built with the AVX2 path");
 }
