@@ -12,6 +12,7 @@ from conftest import toy_tok_model, toy_words
 pytest.importorskip("lm_eval")
 
 from moequant.cli import main  # noqa: E402
+from moequant.eval.result_schema import TasksJson  # noqa: E402
 from moequant.eval.tasks_metrics import task_acc_delta  # noqa: E402
 
 
@@ -76,6 +77,26 @@ def test_end_to_end_reproducible(capsys, one_thread, tiny_dir_and_task, tmp_path
     # pairing: a run against itself differs by exactly 0
     dlt = task_acc_delta(a, b, "toy")
     assert dlt.delta == 0.0 and dlt.delta_ci == (0.0, 0.0) and dlt.n == 10
+    # the typed schema names every key the command writes and gives the same JSON back
+    rec = TasksJson.from_dict(a, "a.json")
+    assert rec.extra == {} and rec.results["toy"].extra == {} and rec.to_dict() == a
+    assert rec.task_results()["toy"].acc == r["acc"] and rec.tasks == ["toy"]
+
+
+def test_tasks_json_schema_errors_name_file_and_key(tmp_path):
+    from moequant.errors import MoequantError
+    from moequant.eval.runs_io import task_results
+
+    good = {"tasks": ["toy"], "results": {"toy": {"n": 2, "acc": 0.5, "examples": [{"idx": 0, "acc": 1}]}}}
+    assert task_results(good, "t.json")["toy"]["acc"] == 0.5
+    peer = {"tasks": {"toy": {"acc": 0.5, "per_example": [{"correct": 1}, {"correct": 0}]}}}  # a peer's shape
+    assert task_results(peer, "p.json")["toy"]["per_example"][1] == {"correct": 0}
+    with pytest.raises(MoequantError, match=r"t.json: not a tasks JSON: 'results\.toy\.acc' should be float"):
+        task_results({**good, "results": {"toy": {"acc": "0.5"}}}, "t.json")
+    with pytest.raises(MoequantError, match=r"t.json: not a tasks JSON \(missing key 'results'"):
+        task_results({"tasks": ["toy"]}, "t.json")
+    with pytest.raises(MoequantError, match="t.json: not a tasks JSON: expected a JSON object, got list"):
+        task_results([], "t.json")
 
 
 def test_hub_task_offline_is_one_line(capsys, monkeypatch, tiny_dir_and_task):

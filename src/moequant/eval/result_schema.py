@@ -4,7 +4,9 @@
   the sweep's ``ppl.json``; the peer scripts write the same shape with their own extra keys);
 - ``QuantizeReportJson``: a run directory's ``report.json`` (``moequant quantize``, the sweep; the
   fine-tuned run's ``report.json`` reads through it too);
-- ``CompareJson``: ``moequant compare``'s ``compare.json``, with its rows (``PplRow``, ``AccRow``).
+- ``CompareJson``: ``moequant compare``'s ``compare.json``, with its rows (``PplRow``, ``AccRow``);
+- ``TasksJson``: ``moequant eval tasks --json`` (and a peer's minimal ``{"tasks": {NAME: ...}}``), with one
+  ``TaskResult`` per task.
 
 A field is a key, in the order the writer writes it. A field without a default is *required*: every
 producer of that JSON writes it and readers rely on it. A field defaulting to ``ABSENT`` may be missing
@@ -332,3 +334,63 @@ class CompareJson(JsonRecord):
     git: str | None
     plots: list[str]
     report_md: str
+
+
+# ---------------------------------------------------------------- moequant eval tasks --json
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskResult(JsonRecord):
+    """One task: ``eval.tasks_metrics.summarize_task``'s accuracies with their bootstrap CIs and chance level, where
+    the data came from, lm-eval's own metrics, and the per-example log (``examples``: ``idx``, ``answer``,
+    ``loglik``, ``acc``, ``acc_norm``, ...). A peer's file may hold only ``acc`` / ``acc_norm`` and ``per_example``
+    (``correct`` / ``correct_norm``); a task that is not multiple choice has lm-eval's numeric metrics per example."""
+
+    n: int | Absent = ABSENT
+    acc: float | Absent = ABSENT
+    acc_ci95: list[float] | Absent = ABSENT
+    acc_norm: float | Absent = ABSENT
+    acc_norm_ci95: list[float] | Absent = ABSENT
+    chance: float | Absent = ABSENT
+    lm_eval_task: str | Absent = ABSENT
+    output_type: str | None | Absent = ABSENT  # tasks that are not multiple choice
+    lm_eval: dict[str, Any] | Absent = ABSENT
+    data: dict[str, Any] | Absent = ABSENT
+    examples: list[dict[str, Any]] | Absent = ABSENT
+    per_example: list[dict[str, Any]] | Absent = ABSENT
+
+
+@dataclass(frozen=True, kw_only=True)
+class TasksJson(JsonRecord):
+    """A zero-shot tasks JSON: the job (model, tasks, limit, seed, prompt, ...), ``results`` by task name, the time
+    and the run info. A peer's minimal file has ``tasks`` as the results object instead of the list of names."""
+
+    WHAT: ClassVar[str] = "a tasks JSON"
+    HINT: ClassVar[str] = "write it with `moequant eval tasks ... --json`"
+
+    model: str | Absent = ABSENT
+    source: str | Absent = ABSENT  # where the model came from (``models.loader.ResolvedModel.kind``)
+    tasks: list[str] | dict[str, TaskResult] | Absent = ABSENT
+    bos_added: bool | Absent = ABSENT
+    limit: int | None | Absent = ABSENT
+    seed: int | Absent = ABSENT
+    batch_size: int | Absent = ABSENT
+    max_length: int | None | Absent = ABSENT
+    n_boot: int | Absent = ABSENT
+    num_fewshot: int | Absent = ABSENT
+    prompt: dict[str, str] | Absent = ABSENT
+    lm_eval_version: str | None | Absent = ABSENT
+    results: dict[str, TaskResult] | Absent = ABSENT
+    seconds: float | Absent = ABSENT
+    command: str | Absent = ABSENT
+    versions: dict[str, str] | Absent = ABSENT
+    machine: dict[str, Any] | Absent = ABSENT
+    git: str | None | Absent = ABSENT
+
+    def _check(self, where: str) -> None:
+        if self.results is ABSENT and not isinstance(self.tasks, dict):
+            raise MoequantError(f"{where}: not {self.WHAT} (missing key 'results'; {self.HINT})")
+
+    def task_results(self) -> dict[str, TaskResult]:
+        """Task name -> result: ``results``, or a peer's ``tasks`` object."""
+        return self.results if self.results is not ABSENT else self.tasks  # type: ignore[return-value]

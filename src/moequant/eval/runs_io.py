@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from moequant.errors import MoequantError
-from moequant.eval.result_schema import PplJson, QuantizeReportJson
+from moequant.eval.result_schema import PplJson, QuantizeReportJson, TasksJson
 from moequant.fsutil import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -272,18 +272,17 @@ def find_ppl(run: Run, data: str, split: str = "test") -> tuple[Path, dict[str, 
 # ---------------------------------------------------------------- zero-shot task JSONs
 
 
-def task_results(obj: dict[str, Any]) -> dict[str, Any]:
-    """Task name -> result from an ``eval tasks`` JSON: ``{"results": {NAME: ...}}`` (what ``moequant eval
-    tasks --json`` writes) or ``{"tasks": {NAME: ...}}``."""
-    for key in ("results", "tasks"):
-        if isinstance(obj.get(key), dict):
-            return obj[key]
-    return {}
+def task_results(obj: Any, where: str) -> dict[str, Any]:
+    """Task name -> result (a dict) from an ``eval tasks`` JSON read from ``where``, through
+    ``result_schema.TasksJson``: ``{"results": {NAME: ...}}`` (what ``moequant eval tasks --json`` writes) or a
+    peer's ``{"tasks": {NAME: ...}}``; a malformed file is a ``MoequantError`` naming the file and the key."""
+    return {name: res.to_dict() for name, res in TasksJson.from_dict(obj, where).task_results().items()}
 
 
 def find_tasks(run: Run) -> dict[str, tuple[Path, dict[str, Any]]]:
     """Every task result of a run: name -> (file, ``{"acc", "acc_norm", "examples" | "per_example", ...}``),
-    read from ``RUN/tasks.json`` and ``RUN/tasks-*.json`` (or the bare file). A task in two files is an error."""
+    read from ``RUN/tasks.json`` and ``RUN/tasks-*.json`` (or the bare file, when it holds task results: a bare
+    perplexity JSON has none). A task in two files is an error; a tasks file without results is one too."""
     if run.is_dir:
         files = [p for p in [run.path / TASKS, *sorted(run.path.glob("tasks-*.json"))] if p.is_file()]
     else:
@@ -291,7 +290,9 @@ def find_tasks(run: Run) -> dict[str, tuple[Path, dict[str, Any]]]:
     out: dict[str, tuple[Path, dict[str, Any]]] = {}
     for p in files:
         obj = run.file_json if not run.is_dir and run.file_json is not None else read_json(p)
-        for name, res in task_results(obj).items():
+        if not run.is_dir and not ("results" in obj or isinstance(obj.get("tasks"), dict)):
+            continue
+        for name, res in task_results(obj, str(p)).items():
             if name in out:
                 raise MoequantError(f"task {name!r} appears in both {out[name][0]} and {p}")
             out[name] = (p, res)
