@@ -10,6 +10,8 @@ from moequant.codecs import additive, additive_search
 from moequant.codecs.additive import (assign, decode_groups, group_blocks, output_error, reconstruct, row_scales)
 from moequant.codecs.additive_search import beam_search, initialise, quantize, search
 from moequant.codecs.config import AdditiveConfig, config_from_dict
+from moequant.formats import additive as _additive_format  # noqa: F401  (installs the C++ beam search)
+from moequant.kernels.select import kernels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,7 +49,8 @@ def _row_errors(w, h, cb, scale, codes) -> torch.Tensor:
     return output_error(w[None], reconstruct(codes[None], cb, scale[None]), h[None])[0]  # [N]
 
 
-def test_beam_of_one_is_greedy_coordinate_descent():
+@pytest.mark.parametrize("mode", ["reference", "auto"])  # the torch loop, then the C++ kernel where it builds
+def test_beam_of_one_is_greedy_coordinate_descent(mode):
     # With beam 1 each step must take exactly the codeword that minimises the row's full-H error (brute force,
     # recomputed from scratch): this checks AQLM's expansion and the carried (w - ŵ)H term.
     w, h, cb, scale, codes = _problem()
@@ -61,7 +64,8 @@ def test_beam_of_one_is_greedy_coordinate_descent():
                     trial[r, j, m] = c
                     errs.append(float(_row_errors(w, h, cb, scale, trial)[r]))
                 ref[r, j, m] = min(range(len(errs)), key=errs.__getitem__)
-    got = beam_search(w, h, cb, codes, scale, beam=1)
+    with kernels(mode):
+        got = beam_search(w, h, cb, codes, scale, beam=1)
     assert torch.equal(got, ref)
     assert _row_errors(w, h, cb, scale, ref).sum() < 0.5 * _row_errors(w, h, cb, scale, codes).sum()  # it moved
 

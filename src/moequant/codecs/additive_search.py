@@ -27,6 +27,7 @@ the first beam search 9 s, each further round (50 Adam steps, beam search) 13-20
 from __future__ import annotations
 
 import logging
+from typing import Callable, Optional
 
 import torch
 
@@ -36,6 +37,19 @@ from moequant.codecs.additive import (_BUDGET, adam_codebooks, codebook_grad, de
 from moequant.codecs.config import AdditiveConfig
 
 log = logging.getLogger(__name__)
+
+# ``(eh [N, K], loss [N], h [K, K], codebooks [M, C, g], hj [G, g, g], q [M, G, C], codes [N, G, M], scale [N],
+# beam) -> codes | None``: the accelerated ``_beam_rows`` over every row (``kernels.additive_beam.fast_beam``: the
+# same search) once installed; it returns None where it does not apply, and the torch loop runs.
+BeamFastPath = Callable[..., Optional[torch.Tensor]]
+_fast_beam: BeamFastPath | None = None
+
+
+def set_beam_fast_path(fn: BeamFastPath | None) -> None:
+    """Install (or, with None, remove) the accelerated beam search ``beam_search`` tries first
+    (``kernels.additive_beam`` installs its C++ kernel on import; ``formats.additive`` imports it)."""
+    global _fast_beam
+    _fast_beam = fn
 
 
 def beam_search(w: torch.Tensor, h: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor,
@@ -50,11 +64,17 @@ def beam_search(w: torch.Tensor, h: torch.Tensor, codebooks: torch.Tensor, codes
     cb = codebooks.to(torch.float32)
     hj = group_blocks(h[None], g)[0]  # [G, g, g]
     q = torch.stack([(torch.matmul(cb[m], hj) * cb[m]).sum(-1) for m in range(m_count)])  # [M, G, C]: cᵀH_JJc
-    rows = max(1, min(n, _BUDGET // (beam * c), _BUDGET // (beam * k)))
-    out = torch.empty(n, G, m_count, dtype=torch.int64)
-    for r0 in range(0, n, rows):
-        out[r0:r0 + rows] = _beam_rows(w[r0:r0 + rows], h, cb, hj, q, codes[r0:r0 + rows].to(torch.int64),
-                                       scale[r0:r0 + rows].to(torch.float32), beam)
+    out = None
+    if _fast_beam is not None:
+        err = w - reconstruct(codes[None], cb, scale[None])[0]  # [N, K]
+        eh = err @ h  # [N, K]
+        out = _fast_beam(eh, (err * eh).sum(-1), h, cb, hj, q.contiguous(), codes, scale.to(torch.float32), beam)
+    if out is None:
+        rows = max(1, min(n, _BUDGET // (beam * c), _BUDGET // (beam * k)))
+        out = torch.empty(n, G, m_count, dtype=torch.int64)
+        for r0 in range(0, n, rows):
+            out[r0:r0 + rows] = _beam_rows(w[r0:r0 + rows], h, cb, hj, q, codes[r0:r0 + rows].to(torch.int64),
+                                           scale[r0:r0 + rows].to(torch.float32), beam)
     start = reconstruct(codes[None], codebooks, scale[None])  # [1, N, K]
     found = reconstruct(out[None], codebooks, scale[None])
     keep = output_error(w[None], start, h[None])[0] < output_error(w[None], found, h[None])[0]  # [N]

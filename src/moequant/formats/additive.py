@@ -35,6 +35,7 @@ from moequant.codecs.additive_search import quantize
 from moequant.codecs.config import AdditiveConfig, MethodConfig
 from moequant.formats.base import QuantizedTensor
 from moequant.formats.bitpack import pack, packed_len, unpack
+from moequant.kernels import additive_beam as _additive_beam  # noqa: F401  (installs the C++ beam search)
 
 _ATTRS = ("M", "B", "g", "share")
 
