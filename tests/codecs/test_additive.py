@@ -115,6 +115,22 @@ def test_chunked_tables_equal_one_table(monkeypatch):
     assert torch.equal(whole_assign[0], brute)
 
 
+def test_codebook_gradient_is_the_ordered_sum_bit_for_bit():
+    # each codeword's gradient is the sum over the groups using it, in group order (what a sequential index_add_
+    # gives): the sorted segment sums reproduce it exactly, with codewords no group uses at zero
+    gen = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 40, (3, 7, 50, 2), generator=gen)  # [E, G, N, M]: codewords 40..63 unused
+    grad = torch.randn(3, 7, 50, 8, generator=gen)  # [E, G, N, g]
+    got = additive.CodebookGrad(codes, 64)(grad)  # [M, C, g]
+    flat_c, flat_g = codes.reshape(-1, 2), grad.reshape(-1, 8)
+    want = torch.zeros(2, 64, 8)
+    for p in range(flat_c.shape[0]):
+        for m in range(2):
+            want[m, flat_c[p, m]] += flat_g[p]
+    assert torch.equal(got, want)
+    assert torch.equal(got[:, 40:], torch.zeros(2, 24, 8))
+
+
 def test_group_blocks_and_decode_order():
     h = torch.arange(64.0).reshape(8, 8)
     blocks = group_blocks(h[None], 4)

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import torch
 
-from moequant.codecs.additive import (_BUDGET, adam_codebooks, codebook_grad, decode_groups, fp16_exact,
+from moequant.codecs.additive import (_BUDGET, CodebookGrad, adam_codebooks, decode_groups, fp16_exact,
                                       group_blocks, kmeans_init, normalised, num_groups, oa_em, output_error,
                                       reconstruct, row_scales)
 from moequant.codecs.config import AdditiveConfig
@@ -144,20 +144,25 @@ def search(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebooks: tor
     def total(cds: torch.Tensor, cb: torch.Tensor, sc: torch.Tensor) -> float:
         return float(output_error(w, reconstruct(cds, cb, sc), h).sum())
 
-    def loss_grad(cb: torch.Tensor, sc: torch.Tensor):
-        y = decode_groups(codes, cb).reshape(e, n, k)  # [E, N, K]
-        d = sc[..., None] * y - w  # [E, N, K]
-        dh = torch.bmm(d, h)  # [E, N, K]
-        grad_w = 2.0 * dh  # ∂/∂Ŵ of tr((Ŵ − W) H (Ŵ − W)ᵀ)
-        grad_y = (grad_w * sc[..., None]).reshape(e, n, k // g, g)  # [E, N, G, g]
-        return (d * dh).sum(), codebook_grad(codes, grad_y, c), (grad_w * y).sum(-1)
+    def loss_grad_for(fixed: torch.Tensor):  # the codes of one Adam run
+        grad_of = CodebookGrad(fixed, c)
+
+        def loss_grad(cb: torch.Tensor, sc: torch.Tensor):
+            y = decode_groups(fixed, cb).reshape(e, n, k)  # [E, N, K]
+            d = sc[..., None] * y - w  # [E, N, K]
+            dh = torch.bmm(d, h)  # [E, N, K]
+            grad_w = 2.0 * dh  # ∂/∂Ŵ of tr((Ŵ − W) H (Ŵ − W)ᵀ)
+            grad_y = (grad_w * sc[..., None]).reshape(e, n, k // g, g)  # [E, N, G, g]
+            return (d * dh).sum(), grad_of(grad_y), (grad_w * y).sum(-1)
+
+        return loss_grad
 
     codes = beam_all(codes, codebooks, scale)
     err = total(codes, codebooks, scale)
     best = (err, codes, codebooks, scale)
     log.debug("additive search: beam 0 error %.6g", err)
     for r in range(cfg.search_rounds):
-        cb, sc, _ = adam_codebooks(codes, codebooks, loss_grad, cfg.adam_steps, cfg.lr, scale)
+        cb, sc, _ = adam_codebooks(codes, codebooks, loss_grad_for(codes), cfg.adam_steps, cfg.lr, scale)
         codebooks, scale = fp16_exact(cb), fp16_exact(sc)
         codes = beam_all(codes, codebooks, scale)
         new = total(codes, codebooks, scale)
