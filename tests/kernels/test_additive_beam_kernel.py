@@ -72,3 +72,12 @@ def test_a_smollm2_sized_matrix_errs_as_the_loop_does(ext):
     ratio = float(e_got.sum() / e_want.sum())
     same = float((got == want).double().mean())
     assert abs(ratio - 1) < 2e-3 and same > 0.95
+
+
+def test_codes_out_of_range_are_refused(ext):
+    w, h, cb, scale, codes = _problem(4, 16, 2, 16, 4, seed=9)
+    codes[1, 2, 0] = 16  # one past the codebook
+    err = w - reconstruct(codes.clamp_max(15)[None], cb, scale[None])[0]
+    with pytest.raises(RuntimeError, match=r"codes must be in \[0, 16\)"):
+        KA.fast_beam(err @ h, (err * (err @ h)).sum(-1), h, cb, torch.zeros(4, 4, 4), torch.zeros(2, 4, 16), codes,
+                     scale, 2)

@@ -175,3 +175,14 @@ def test_the_fused_backward_is_the_same_every_run(ext):
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
+
+
+def test_a_state_outside_the_table_is_refused(ext):
+    table = torch.randn(1 << 8, 2)
+    ref = torch.randint(0, 1 << 8, (4, 16), generator=torch.Generator().manual_seed(13))
+    geom = B.soft_geometry(8, 4, 4)
+    dep, mask = geom.deposit()
+    x = torch.randn(4, 16, 2)
+    group = torch.tensor([0, 0, 1, 0])  # a second table that is not there
+    with pytest.raises(RuntimeError, match="is outside the 256 table rows"):
+        KB.soft(x, B._columns(table), ref, dep, ~mask, group, 8, geom.f, 0.2, None)

@@ -107,6 +107,8 @@ at::Tensor additive_beam(const at::Tensor& eh0, const at::Tensor& loss0, const a
               scale.scalar_type() == at::kFloat && loss0.is_contiguous() && scale.is_contiguous(),
               "loss and scale must be float32 [n]");
   TORCH_CHECK(beam >= 1 && C * beam < (int64_t{1} << 31), "beam = ", beam);
+  if (codes.numel() > 0)
+    TORCH_CHECK(codes.min().item<int64_t>() >= 0 && codes.max().item<int64_t>() < C, "codes must be in [0, ", C, ")");
   at::Tensor out = at::empty_like(codes);
   const float* E0 = eh0.data_ptr<float>();
   const float* L0 = loss0.data_ptr<float>();

@@ -330,6 +330,7 @@ std::vector<at::Tensor> bcjr_soft(const at::Tensor& x, const at::Tensor& cols, c
           const int64_t base = has_ref ? (rp[i * S + t] & keep) : 0;
           for (int64_t s = 0; s < n; ++s) {
             const int64_t st = (base | dp[s]) + offset;
+            TORCH_CHECK(st >= 0 && st < T, "tile ", i, " step ", t, ": state ", st, " is outside the ", T, " table rows");
             idx[t * n + s] = static_cast<int32_t>(st);
             float score = cp[st] / neg_tau;
             for (int64_t k = 0; k < V; ++k) score += two_tau * cp[(k + 1) * T + st] * xi[t * V + k];
