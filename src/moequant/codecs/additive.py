@@ -31,6 +31,8 @@ Memory: every ``[points, 2^B]`` distance table is built in chunks of at most ``_
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 
 from moequant.errors import UnrepresentableError
@@ -114,6 +116,19 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> torch
 # ---------------------------------------------------------------- nearest codeword under a block metric
 
 
+# ``(target [B, P, g], blocks [B, g, g], codebook [C, g]) -> codes [B, P] | None``: the accelerated ``assign``
+# (``kernels.additive_encode.fast_assign``: the same argmin) once installed; None where it does not apply.
+AssignFastPath = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
+_fast_assign: AssignFastPath | None = None
+
+
+def set_assign_fast_path(fn: AssignFastPath | None) -> None:
+    """Install (or, with None, remove) the accelerated ``assign`` (``kernels.additive_encode`` installs its C++
+    kernel on import; ``formats.additive`` imports it)."""
+    global _fast_assign
+    _fast_assign = fn
+
+
 def assign(target: torch.Tensor, blocks: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """``argmin_c (t − c)ᵀ H (t − c)`` for every group vector.
 
@@ -125,6 +140,9 @@ def assign(target: torch.Tensor, blocks: torch.Tensor, codebook: torch.Tensor) -
     cb = codebook.to(torch.float32)
     tb = target.reshape(e * G, p, g)  # [EG, P, g]
     hb = blocks.reshape(e * G, g, g).to(torch.float32)  # [EG, g, g]
+    fast = None if _fast_assign is None else _fast_assign(tb, hb, cb)
+    if fast is not None:
+        return fast.reshape(e, G, p)
     out = torch.empty(e * G, p, dtype=torch.int64)
     rows = max(1, min(p, _BUDGET // c))
     per = max(1, min(e * G, _BUDGET // (rows * c), _BUDGET // (c * g)))

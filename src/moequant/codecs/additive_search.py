@@ -39,7 +39,7 @@ from moequant.codecs.config import AdditiveConfig
 log = logging.getLogger(__name__)
 
 # ``(eh [N, K], loss [N], h [K, K], codebooks [M, C, g], hj [G, g, g], q [M, G, C], codes [N, G, M], scale [N],
-# beam) -> codes | None``: the accelerated ``_beam_rows`` over every row (``kernels.additive_beam.fast_beam``: the
+# beam) -> codes | None``: the accelerated ``_beam_rows`` over every row (``kernels.additive_encode.fast_beam``: the
 # same search) once installed; it returns None where it does not apply, and the torch loop runs.
 BeamFastPath = Callable[..., Optional[torch.Tensor]]
 _fast_beam: BeamFastPath | None = None
@@ -47,7 +47,7 @@ _fast_beam: BeamFastPath | None = None
 
 def set_beam_fast_path(fn: BeamFastPath | None) -> None:
     """Install (or, with None, remove) the accelerated beam search ``beam_search`` tries first
-    (``kernels.additive_beam`` installs its C++ kernel on import; ``formats.additive`` imports it)."""
+    (``kernels.additive_encode`` installs its C++ kernel on import; ``formats.additive`` imports it)."""
     global _fast_beam
     _fast_beam = fn
 

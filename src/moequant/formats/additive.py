@@ -35,7 +35,7 @@ from moequant.codecs.additive_search import quantize
 from moequant.codecs.config import AdditiveConfig, MethodConfig
 from moequant.formats.base import QuantizedTensor
 from moequant.formats.bitpack import pack, packed_len, unpack
-from moequant.kernels import additive_beam as _additive_beam  # noqa: F401  (installs the C++ beam search)
+from moequant.kernels import additive_encode as _additive_encode  # noqa: F401  (installs the C++ assign and beam search)
 
 _ATTRS = ("M", "B", "g", "share")
 

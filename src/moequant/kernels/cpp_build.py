@@ -128,7 +128,7 @@ def available(name: str, sources: list[str | Path]) -> bool:
 def build_all() -> dict[str, bool]:
     """Build (or find built) every C++ kernel extension; ``{name: available}``. The setup script runs it
     so the first model load does not pay the compile."""
-    from moequant.kernels import additive, additive_beam, bcjr, gguf, hadamard, trellis, uniform, viterbi
+    from moequant.kernels import additive, additive_encode, bcjr, gguf, hadamard, trellis, uniform, viterbi
 
     return {uniform.EXT_NAME: load_extension(uniform.EXT_NAME, uniform.EXT_SOURCES) is not None,
             trellis.EXTENSION: load_extension(trellis.EXTENSION, trellis.SOURCES) is not None,
@@ -137,7 +137,7 @@ def build_all() -> dict[str, bool]:
             viterbi.EXT_NAME: load_extension(viterbi.EXT_NAME, viterbi.EXT_SOURCES) is not None,
             gguf.EXT_NAME: load_extension(gguf.EXT_NAME, gguf.EXT_SOURCES) is not None,
             bcjr.EXT_NAME: load_extension(bcjr.EXT_NAME, bcjr.EXT_SOURCES) is not None,
-            additive_beam.EXT_NAME: load_extension(additive_beam.EXT_NAME, additive_beam.EXT_SOURCES) is not None}
+            additive_encode.EXT_NAME: load_extension(additive_encode.EXT_NAME, additive_encode.EXT_SOURCES) is not None}
 
 
 if __name__ == "__main__":

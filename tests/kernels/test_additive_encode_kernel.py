@@ -1,7 +1,9 @@
-"""The C++ beam search of the additive encoder (``kernels.additive_beam``) against the torch loop of
-``codecs.additive_search``: the same codes on random problems (beam 1 to 8, 1 to 3 codebooks, groups of 2 to 8,
-rows of scale 0) and errors equal to the loop's on a SmolLM2-sized matrix, where a near-tie may go the other way.
-(``tests/codecs/test_additive.py`` checks both paths against the greedy brute-force optimum at beam 1.)"""
+"""The additive encoder's C++ kernels (``kernels.additive_encode``) against the torch code. ``assign``: the exact
+nearest codeword under each point's block metric (brute force), for codebooks of 3 to 65,536 codewords and groups
+of 1 to 12. The beam search against the torch loop of ``codecs.additive_search``: the same codes on random problems
+(beam 1 to 8, 1 to 3 codebooks, groups of 2 to 8, rows of scale 0) and errors equal to the loop's on a
+SmolLM2-sized matrix, where a near-tie may go the other way. (``tests/codecs/test_additive.py`` checks both beam
+paths against the greedy brute-force optimum at beam 1.)"""
 
 from __future__ import annotations
 
@@ -9,15 +11,15 @@ import pytest
 import torch
 from conftest import require_extension
 
-from moequant.codecs.additive import output_error, reconstruct
+from moequant.codecs.additive import assign, output_error, reconstruct
 from moequant.codecs.additive_search import beam_search
-from moequant.kernels import additive_beam as KA
+from moequant.kernels import additive_encode as KA
 from moequant.kernels.select import kernels
 
 
 @pytest.fixture(scope="module")
 def ext():
-    return require_extension(KA.extension, "additive-beam")
+    return require_extension(KA.extension, "additive-encode")
 
 
 def _problem(n: int, k: int, m: int, c: int, g: int, seed: int):
@@ -81,3 +83,25 @@ def test_codes_out_of_range_are_refused(ext):
     with pytest.raises(RuntimeError, match=r"codes must be in \[0, 16\)"):
         KA.fast_beam(err @ h, (err * (err @ h)).sum(-1), h, cb, torch.zeros(4, 4, 4), torch.zeros(2, 4, 16), codes,
                      scale, 2)
+
+
+@pytest.mark.parametrize("c,g", [(256, 8), (3, 1), (37, 12), (1 << 16, 8), (16, 5)])
+def test_assign_is_the_nearest_codeword_under_each_metric(ext, c, g):
+    gen = torch.Generator().manual_seed(c + g)
+    points = 40 if c > 1000 else 300
+    target = torch.randn(2, 3, points, g, generator=gen)  # [E, G, P, g]
+    a = torch.randn(2, 3, g, g, generator=gen)
+    blocks = a @ a.transpose(-1, -2) + 0.1 * torch.eye(g)  # [E, G, g, g] symmetric positive definite
+    codebook = torch.randn(c, g, generator=gen)
+    got = assign(target, blocks, codebook)  # the kernel (installed by the import above)
+    assert KA.fast_assign(target.reshape(6, points, g), blocks.reshape(6, g, g), codebook) is not None
+    with kernels("reference"):
+        want = assign(target, blocks, codebook)
+    t, h, cb = target.double(), blocks.double(), codebook.double()
+    ht = t @ h  # [E, G, P, g] (H symmetric)
+    dist = ((ht * t).sum(-1)[..., None] - 2 * ht @ cb.T  # [E, G, P, C]: (t − c)ᵀH(t − c) in float64
+            + torch.einsum("ca,egab,cb->egc", cb, h, cb)[:, :, None, :])
+    best = dist.gather(-1, got[..., None])[..., 0]
+    assert got.dtype == torch.int64 and got.shape == (2, 3, points)
+    assert torch.allclose(best, dist.min(-1).values, rtol=1e-5, atol=1e-6)  # a nearest codeword (float ties aside)
+    assert float((got == want).double().mean()) > 0.99

@@ -1,4 +1,14 @@
-// moequant CPU kernel for the additive encoder's beam search (codecs/additive_search.py, _beam_rows):
+// moequant CPU kernels for the additive encoder (codecs/additive.py, codecs/additive_search.py):
+//
+//   additive_assign(target [B, P, g] f32, blocks [B, g, g] f32, codebook [C, g] f32) -> codes [B, P] int64
+//
+// = codecs.additive.assign: for every point t of group position b, argmin_c c^T H_b c - 2 (H_b t).c (the nearest
+// codeword under the block metric H_b, t^T H_b t dropped), ties to the smallest c as torch's argmin; scored 8
+// codewords at a time against the transposed codebook with a running minimum, never a [P, C] table (1x16's 65,536
+// codewords included). Scores are summed in another order than the torch path's GEMM, so a near-tie can go the
+// other way.
+//
+// and the beam search (codecs/additive_search.py, _beam_rows):
 //
 //   additive_beam(eh [n, K] f32, loss [n] f32, h [K, K] f32, cb [M, C, g] f32, hj [G, g, g] f32, q [M, G, C] f32,
 //                 codes [n, G, M] int64, scale [n] f32, beam) -> codes [n, G, M] int64
@@ -21,6 +31,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -84,7 +95,99 @@ int64_t smallest(const float* vals, int64_t count, int64_t keep, float* best, in
   return size;
 }
 
+// argmin_c (qv[c] - 2 t.c), c < C, ties to the smallest c (cbt: the codebook transposed, [g, C])
+int64_t nearest(const float* t, int64_t g, const float* qv, const float* cbt, int64_t C) {
+  float best = std::numeric_limits<float>::infinity();
+  int64_t where = 0;
+  int64_t c = 0;
+#ifdef __AVX2__
+  if (C >= 8) {
+    __m256 bv = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+    __m256i bi = _mm256_setzero_si256();
+    __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i step = _mm256_set1_epi32(8);
+    for (; c + 8 <= C; c += 8) {
+      __m256 acc = _mm256_loadu_ps(qv + c);
+      for (int64_t k = 0; k < g; ++k) acc = _mm256_fmadd_ps(_mm256_set1_ps(-2.0f * t[k]), _mm256_loadu_ps(cbt + k * C + c), acc);
+      const __m256 lt = _mm256_cmp_ps(acc, bv, _CMP_LT_OQ);  // strict: a lane keeps its first minimum
+      bv = _mm256_blendv_ps(bv, acc, lt);
+      bi = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi), _mm256_castsi256_ps(idx), lt));
+      idx = _mm256_add_epi32(idx, step);
+    }
+    alignas(32) float vals[8];
+    alignas(32) int32_t ids[8];
+    _mm256_store_ps(vals, bv);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(ids), bi);
+    for (int u = 0; u < 8; ++u)
+      if (vals[u] < best || (vals[u] == best && ids[u] < where)) {
+        best = vals[u];
+        where = ids[u];
+      }
+  }
+#endif
+  for (; c < C; ++c) {
+    float acc = qv[c];
+    for (int64_t k = 0; k < g; ++k) acc += (-2.0f * t[k]) * cbt[k * C + c];
+    if (acc < best) {
+      best = acc;
+      where = c;
+    }
+  }
+  return where;
+}
+
 }  // namespace
+
+at::Tensor additive_assign(const at::Tensor& target, const at::Tensor& blocks, const at::Tensor& codebook) {
+  TORCH_CHECK(codebook.dim() == 2 && codebook.scalar_type() == at::kFloat && codebook.is_contiguous(),
+              "codebook must be float32 [C, g]");
+  const int64_t C = codebook.size(0), g = codebook.size(1);
+  TORCH_CHECK(C >= 1 && C < (int64_t{1} << 31) && g >= 1 && g <= 64, "codebook [", C, ", ", g, "] out of range");
+  TORCH_CHECK(target.dim() == 3 && target.size(2) == g && target.scalar_type() == at::kFloat && target.is_contiguous(),
+              "target must be float32 [B, P, g]");
+  const int64_t B = target.size(0), P = target.size(1);
+  TORCH_CHECK(blocks.sizes() == at::IntArrayRef({B, g, g}) && blocks.scalar_type() == at::kFloat &&
+              blocks.is_contiguous(), "blocks must be float32 [B, g, g]");
+  const float* T = target.data_ptr<float>();
+  const float* H = blocks.data_ptr<float>();
+  const float* CB = codebook.data_ptr<float>();
+  at::Tensor out = at::empty({B, P}, target.options().dtype(at::kLong));
+  int64_t* O = out.data_ptr<int64_t>();
+  std::vector<float> cbt(g * C);  // [g, C]
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t k = 0; k < g; ++k) cbt[k * C + c] = CB[c * g + k];
+  at::Tensor qall = at::empty({B, C}, target.options());  // c^T H_b c
+  float* Q = qall.data_ptr<float>();
+  at::parallel_for(0, B * C, 1 << 12, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* h = H + (i / C) * g * g;
+      const float* cw = CB + (i % C) * g;
+      float acc = 0.0f;
+      for (int64_t k = 0; k < g; ++k) {
+        float hk = 0.0f;
+        for (int64_t l = 0; l < g; ++l) hk += h[k * g + l] * cw[l];
+        acc += cw[k] * hk;
+      }
+      Q[i] = acc;
+    }
+  });
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(C * g, 1));
+  at::parallel_for(0, B * P, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> t(g);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / P;
+      const float* x = T + i * g;
+      const float* h = H + b * g * g;
+      for (int64_t k = 0; k < g; ++k) {  // H_b x (H symmetric)
+        float acc = 0.0f;
+        for (int64_t l = 0; l < g; ++l) acc += h[k * g + l] * x[l];
+        t[k] = acc;
+      }
+      O[i] = nearest(t.data(), g, Q + b * C, cbt.data(), C);
+    }
+  });
+  return out;
+}
 
 at::Tensor additive_beam(const at::Tensor& eh0, const at::Tensor& loss0, const at::Tensor& h, const at::Tensor& cb,
                          const at::Tensor& hj, const at::Tensor& q, const at::Tensor& codes, const at::Tensor& scale,
@@ -188,6 +291,7 @@ at::Tensor additive_beam(const at::Tensor& eh0, const at::Tensor& loss0, const a
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("additive_assign", &additive_assign, "nearest codeword under each point's block metric (additive.assign)");
   m.def("additive_beam", &additive_beam, "beam search of additive codes, one row per task (additive_search)");
   m.def("has_avx2", &moequant::built_with_avx2, "built with the AVX2 path");
 }
