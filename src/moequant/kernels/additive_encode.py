@@ -20,7 +20,6 @@ import torch
 from moequant.codecs.additive import set_assign_fast_path
 from moequant.codecs.additive_search import set_beam_fast_path
 from moequant.kernels import cpp_build
-from moequant.kernels.select import use_fast
 
 EXT_NAME = "additive-encode"
 EXT_SOURCES = ["additive_encode.cpp"]
@@ -33,11 +32,7 @@ def extension():
 
 
 def _ext(*tensors: torch.Tensor):
-    if not use_fast() or torch.compiler.is_compiling():
-        return None
-    if any(t.dtype != torch.float32 or not t.is_cpu for t in tensors):
-        return None
-    return None if cpp_build._disabled() else cpp_build._load(EXT_NAME, _SOURCES)
+    return cpp_build.float32_cpu_extension(EXT_NAME, _SOURCES, *tensors)
 
 
 def fast_assign(target: torch.Tensor, blocks: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor | None:

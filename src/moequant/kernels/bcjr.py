@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 
 from moequant.kernels import cpp_build
-from moequant.kernels.select import use_fast
 
 EXT_NAME = "bcjr"
 EXT_SOURCES = ["bcjr.cpp"]
@@ -31,11 +30,7 @@ def extension():
 
 
 def _ext(*tensors: torch.Tensor):
-    if not use_fast() or torch.compiler.is_compiling():
-        return None
-    if any(t.dtype != torch.float32 or not t.is_cpu for t in tensors):
-        return None
-    return None if cpp_build._disabled() else cpp_build._load(EXT_NAME, _SOURCES)
+    return cpp_build.float32_cpu_extension(EXT_NAME, _SOURCES, *tensors)
 
 
 def alpha_beta(scores: torch.Tensor, f: int, overlap: torch.Tensor | None

@@ -22,7 +22,7 @@ from types import ModuleType
 
 import torch
 
-from moequant.kernels.select import EnvSwitch
+from moequant.kernels.select import EnvSwitch, use_fast
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,17 @@ def load_extension(name: str, sources: list[str | Path] | tuple[str, ...]) -> Mo
     if type(sources) is not tuple:
         sources = tuple(str(s) for s in sources)
     return _load(name, sources)
+
+
+def float32_cpu_extension(name: str, sources: tuple[str, ...], *tensors: torch.Tensor) -> ModuleType | None:
+    """The extension for a quantize-time kernel whose inputs are ``tensors``, or ``None`` when the torch code must
+    run: the reference kernels are selected, ``torch.compile`` is tracing, an input is not a float32 CPU tensor, or
+    ``MOEQUANT_NO_EXT`` is set (or the extension cannot be built)."""
+    if not use_fast() or torch.compiler.is_compiling():
+        return None
+    if any(t.dtype != torch.float32 or not t.is_cpu for t in tensors):
+        return None
+    return None if _disabled() else _load(name, sources)
 
 
 @functools.lru_cache(maxsize=None)
