@@ -12,7 +12,7 @@ import torch
 from conftest import require_extension
 
 from moequant.codecs.additive import assign, output_error, reconstruct
-from moequant.codecs.additive_search import beam_search
+from moequant.codecs.additive_search import beam_search, set_beam_fast_path
 from moequant.kernels import additive_encode as KA
 from moequant.kernels.select import kernels
 
@@ -36,8 +36,18 @@ def _problem(n: int, k: int, m: int, c: int, g: int, seed: int):
 def _both(w, h, cb, codes, scale, beam):
     with kernels("reference"):
         want = beam_search(w, h, cb, codes, scale, beam)
-    assert KA.fast_beam is not None
-    got = beam_search(w, h, cb, codes, scale, beam)
+    ran = []  # the kernel must take the search, not fall back to the loop
+
+    def spy(*args):
+        ran.append(KA.fast_beam(*args))
+        return ran[-1]
+
+    set_beam_fast_path(spy)
+    try:
+        got = beam_search(w, h, cb, codes, scale, beam)
+    finally:
+        set_beam_fast_path(KA.fast_beam)
+    assert len(ran) == 1 and ran[0] is not None
     return got, want
 
 
@@ -83,6 +93,10 @@ def test_codes_out_of_range_are_refused(ext):
     with pytest.raises(RuntimeError, match=r"codes must be in \[0, 16\)"):
         KA.fast_beam(err @ h, (err * (err @ h)).sum(-1), h, cb, torch.zeros(4, 4, 4), torch.zeros(2, 4, 16), codes,
                      scale, 2)
+
+    with pytest.raises(RuntimeError, match=r"1 <= g <= 64"):  # an empty group once divided by zero (SIGFPE)
+        KA.fast_beam(err @ h, (err * (err @ h)).sum(-1), h, torch.zeros(2, 16, 0), torch.zeros(4, 4, 4),
+                     torch.zeros(2, 4, 16), codes, scale, 2)
 
 
 @pytest.mark.parametrize("c,g", [(256, 8), (3, 1), (37, 12), (1 << 16, 8), (16, 5)])

@@ -88,7 +88,7 @@ def test_reference_mode_and_other_dtypes_take_the_torch_loop(ext):
 
 
 @pytest.mark.parametrize("soft_bits,tau", [(4, 0.3), (8, 0.05)])
-def test_soft_codeword_and_gradients_as_accurate_as_the_torch_path(ext, soft_bits, tau):
+def test_soft_codeword_and_gradients_as_accurate_as_the_torch_path(ext, soft_bits, tau, monkeypatch):
     # L = 10 HYB tiles near their codewords; float64 through the torch path is the truth
     cfg = TrellisConfig(bits=2, L=10, V=2, tile=16, code="hyb", tail_biting=True)
     gen = torch.Generator().manual_seed(7)
@@ -107,8 +107,13 @@ def test_soft_codeword_and_gradients_as_accurate_as_the_torch_path(ext, soft_bit
             (y * upstream.to(dtype)).sum().backward()
         return [t.double() for t in (y.detach(), x.grad, lut.grad)]
 
-    truth = run("reference", torch.float64)
-    loop, kernel = run("reference", torch.float32), run("auto", torch.float32)
+    fused = []  # the auto run must take the fused kernel (forward and backward), not fall back to the torch path
+    real_soft = KB.soft
+    monkeypatch.setattr(KB, "soft", lambda *a, **k: fused.append(real_soft(*a, **k)) or fused[-1])
+    truth, loop = run("reference", torch.float64), run("reference", torch.float32)
+    fused.clear()
+    kernel = run("auto", torch.float32)
+    assert len(fused) >= 2 and all(r is not None for r in fused)
     for t, a, k, name in zip(truth, loop, kernel, ("y", "dx", "dlut")):
         loop_err, kernel_err = float((a - t).abs().max()), float((k - t).abs().max())
         assert kernel_err <= 1.5 * loop_err + 1e-6 * float(t.abs().max()), (name, kernel_err, loop_err)
@@ -129,21 +134,22 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("case", ["experts", "full-trellis", "free-start"])
-def test_the_fused_pass_matches_the_chunked_torch_path(ext, case):
+@pytest.mark.parametrize("case,V", [("experts", 2), ("full-trellis", 2), ("free-start", 2), ("experts", 1),
+                                    ("experts", 4)])
+def test_the_fused_pass_matches_the_chunked_torch_path(ext, case, V):
     # one C++ call for the whole pass (kernels.bcjr.soft) against the chunked torch path: several tables with a
     # group per tile, the full trellis without a reference walk, a sub-trellis without the tail-biting overlap
     gen = torch.Generator().manual_seed(11)
     L, kv, tiles, steps = 8, 4, 30, 32
     tables = 3 if case == "experts" else 1
-    table = torch.randn(tables, 1 << L, 2, generator=gen)  # [G, 2^L, V]
+    table = torch.randn(tables, 1 << L, V, generator=gen)  # [G, 2^L, V]
     ref = torch.randint(0, 1 << L, (tiles, steps), generator=gen)  # [B, S]
     group = torch.randint(0, tables, (tiles,), generator=gen) if case == "experts" else None
     geom = B.full_geometry(L, kv) if case == "full-trellis" else B.soft_geometry(L, kv, 4)
     overlap = None if case == "free-start" else B.soft_overlap(ref, geom)
-    flat = table.reshape(-1, 2)
-    x = flat[ref + (0 if group is None else group[:, None] << L)] + 0.3 * torch.randn(tiles, steps, 2, generator=gen)
-    upstream = torch.randn(tiles, steps, 2, generator=gen)
+    flat = table.reshape(-1, V)
+    x = flat[ref + (0 if group is None else group[:, None] << L)] + 0.3 * torch.randn(tiles, steps, V, generator=gen)
+    upstream = torch.randn(tiles, steps, V, generator=gen)
     refs = None if case == "full-trellis" else ref
     if tables == 1:
         table = table[0]
@@ -186,3 +192,17 @@ def test_a_state_outside_the_table_is_refused(ext):
     group = torch.tensor([0, 0, 1, 0])  # a second table that is not there
     with pytest.raises(RuntimeError, match="is outside the 256 table rows"):
         KB.soft(x, B._columns(table), ref, dep, ~mask, group, 8, geom.f, 0.2, None)
+
+
+def test_zero_steps_are_refused_not_a_crash(ext):
+    # S = 0 once read before the start of the beta buffer (a segfault); now an error from the kernel and from the API
+    with pytest.raises(RuntimeError, match=r"no steps \(S = 0\)"):
+        KB.alpha_beta(torch.zeros(0, 3, 16), 1, None)
+    with pytest.raises(RuntimeError, match=r"no steps \(S = 0\)"):
+        KB.expectations(*(torch.zeros(0, 3, 16) for _ in range(4)), torch.zeros(0, 3, 8), 1)
+    cfg = TrellisConfig(bits=2, L=8, V=2, tile=16, code="hyb")
+    table = code_values(cfg, hyb_lut_init(cfg.Q))  # [2^L, 2]
+    geom = B.soft_geometry(cfg.L, cfg.bits * cfg.V, 4)
+    for mode in ("auto", "reference"):
+        with kernels(mode), pytest.raises(ValueError, match=r"has no trellis steps"):
+            B.soft_codeword(torch.zeros(3, 0, 2), table, 0.2, geom, torch.zeros(3, 0, dtype=torch.int64))

@@ -65,12 +65,14 @@ import torch
 _NEG = -1e30  # log-weight of an excluded state: finite, so softmax over excluded states is uniform, never NaN
 
 
+MAX_BYTES = 128 << 20  # default bound on one chunk's working memory
+
+
 def _kernels():
     """``moequant.kernels.bcjr`` (imported on first use: the math here stays importable without the kernels)."""
     from moequant.kernels import bcjr as kernels
 
     return kernels
-MAX_BYTES = 128 << 20  # default bound on one chunk's working memory
 
 
 # --- geometry of the soft pass ------------------------------------------------------------------
@@ -378,6 +380,8 @@ def _fused(x: torch.Tensor, cols: torch.Tensor, ref: torch.Tensor | None, overla
 
 def _check(x: torch.Tensor, table: torch.Tensor, ref: torch.Tensor | None, group: torch.Tensor | None,
            geom: SoftGeometry, tau: float) -> None:
+    if x.dim() == 3 and x.shape[1] == 0:
+        raise ValueError(f"x {tuple(x.shape)} has no trellis steps")
     if x.dim() != 3 or table.dim() not in (2, 3) or table.shape[-2:] != (1 << geom.L, x.shape[-1]):
         raise ValueError(f"x {tuple(x.shape)} and table {tuple(table.shape)} do not match L={geom.L}")
     if ref is not None and ref.shape != x.shape[:2]:

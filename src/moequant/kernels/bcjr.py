@@ -8,7 +8,8 @@ the kernel walks each tile's steps in one call, tiles in parallel, with the tran
 ``alpha_beta`` and ``expectations`` return ``None`` where the kernel does not apply (``MOEQUANT_KERNELS=reference``,
 no extension, not float32 / CPU, tracing); then the torch loops run. The arithmetic is the torch path's (the
 same floored exponents, sums in the same order) with another ``exp`` (a vectorised polynomial within ~2 ulp),
-so results agree to float rounding (``tests/kernels/test_bcjr_kernel.py``), not bit for bit.
+so results agree to float rounding (``tests/kernels/test_bcjr_kernel.py``), not bit for bit. The fused ``soft`` also
+floors the posterior's exponents at −87, so a state the torch softmax gives exactly 0 gets ~1e-38 of the mass.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def soft(x: torch.Tensor, cols: torch.Tensor, ref: torch.Tensor | None, dep: tor
          grad: torch.Tensor | None = None) -> list[torch.Tensor] | None:
     """``finetune.bcjr``'s whole soft pass of the tiles ``x [B, S, V]`` in one call, each tile in cache: ``[y]``, or
     with ``grad`` ``[∂x, table terms [1+V, T]]`` (see ``csrc/bcjr.cpp``); ``None`` where it does not apply (then
-    the chunked torch path runs): not float32 / CPU, more than ``MAX_STATES`` states, or ``MOEQUANT_KERNELS``."""
+    the chunked torch path runs): not float32 / CPU, more than ``MAX_STATES`` states, more than 8 values per
+    step (V), or ``MOEQUANT_KERNELS``."""
     if dep.shape[0] > MAX_STATES or x.shape[-1] > 8:
         return None
     ext = _ext(x, cols, *(() if grad is None else (grad,)))

@@ -21,7 +21,6 @@ import torch
 
 from moequant.codecs.trellis import _EXCLUDED, set_viterbi_fast_path
 from moequant.kernels import cpp_build
-from moequant.kernels.select import use_fast
 
 EXT_NAME = "viterbi"
 EXT_SOURCES = ["viterbi.cpp"]
@@ -38,13 +37,9 @@ def fast_chunk(feats: torch.Tensor, table: torch.Tensor, L: int, kv: int, start_
                end_low: torch.Tensor | None) -> torch.Tensor | None:
     """States int64 ``[b, S]`` of ``codecs.trellis._viterbi_chunk``'s search by the C++ kernel, or ``None``.
     ``feats [b, S, F]`` and ``table [F, 2^L]`` float32 CPU."""
-    if not use_fast() or torch.compiler.is_compiling():
-        return None
-    if feats.dtype != torch.float32 or table.dtype != torch.float32 or not feats.is_cpu or not table.is_cpu:
-        return None
     if torch.is_grad_enabled() and (feats.requires_grad or table.requires_grad):
         return None
-    ext = None if cpp_build._disabled() else cpp_build._load(EXT_NAME, _SOURCES)
+    ext = cpp_build.float32_cpu_extension(EXT_NAME, _SOURCES, feats, table)
     if ext is None:
         return None
     ends = (_NONE if start_high is None else start_high.to(torch.int64),

@@ -3,7 +3,8 @@
 //   additive_assign(target [B, P, g] f32, blocks [B, g, g] f32, codebook [C, g] f32) -> codes [B, P] int64
 //
 // = codecs.additive.assign: for every point t of group position b, argmin_c c^T H_b c - 2 (H_b t).c (the nearest
-// codeword under the block metric H_b, t^T H_b t dropped), ties to the smallest c as torch's argmin; scored 8
+// codeword under the block metric H_b, t^T H_b t dropped), ties to the smallest c as torch's argmin (a NaN score
+// never wins, where torch's argmin would pick it: the encoder's inputs are checked finite upstream); scored 8
 // codewords at a time against the transposed codebook with a running minimum, never a [P, C] table (1x16's 65,536
 // codewords included). Scores are summed in another order than the torch path's GEMM, so a near-tie can go the
 // other way.
@@ -21,7 +22,7 @@
 // survive, ties to the smaller hypothesis-major index, and each survivor's eh is its parent's minus
 // s (c - c_o) H[J, jg:] (the columns of the groups not yet passed). The result is the best hypothesis after the last
 // step. Same search and the same formulas as the torch loop; the scores are summed in another order than its GEMM,
-// so a near-tie can go the other way (tests/kernels/test_additive_beam_kernel.py).
+// so a near-tie can go the other way (tests/kernels/test_additive_encode_kernel.py).
 #include <torch/extension.h>
 
 #include "common.h"
@@ -29,6 +30,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -81,7 +83,7 @@ void score_codewords(const float* lf, int64_t g, float a, float b, const float* 
 int64_t smallest(const float* vals, int64_t count, int64_t keep, float* best, int32_t* where) {
   int64_t size = 0;
   for (int64_t i = 0; i < count; ++i) {
-    const float v = vals[i];
+    const float v = std::isnan(vals[i]) ? std::numeric_limits<float>::infinity() : vals[i];  // NaN ranks last
     if (size == keep && !(v < best[size - 1])) continue;  // an equal value later in order loses the tie
     int64_t pos = size < keep ? size++ : keep - 1;
     while (pos > 0 && v < best[pos - 1]) {
@@ -196,7 +198,8 @@ at::Tensor additive_beam(const at::Tensor& eh0, const at::Tensor& loss0, const a
   const int64_t M = cb.size(0), C = cb.size(1), g = cb.size(2);
   TORCH_CHECK(eh0.dim() == 2 && eh0.scalar_type() == at::kFloat && eh0.is_contiguous(), "eh must be float32 [n, K]");
   const int64_t n = eh0.size(0), K = eh0.size(1);
-  TORCH_CHECK(K % g == 0 && g <= 64, "K = ", K, " is not a multiple of g = ", g, " (g <= 64)");
+  TORCH_CHECK(g >= 1 && g <= 64 && C >= 1 && K % g == 0, "K = ", K, " is not a multiple of g = ", g,
+              " (1 <= g <= 64, C = ", C, " >= 1)");
   const int64_t G = K / g;
   TORCH_CHECK(h.sizes() == at::IntArrayRef({K, K}) && h.scalar_type() == at::kFloat && h.is_contiguous(),
               "h must be float32 [K, K]");

@@ -209,6 +209,7 @@ Dims check(const at::Tensor& t, int64_t f, const char* what) {
   TORCH_CHECK(t.dim() == 3 && t.scalar_type() == at::kFloat && t.device().is_cpu() && t.is_contiguous(),
               what, " must be a contiguous float32 CPU tensor [S, b, n], got ", t.sizes());
   const int64_t n = t.size(2);
+  TORCH_CHECK(t.size(0) >= 1, what, " has no steps (S = 0)");
   TORCH_CHECK(f >= 1 && f < 31 && n >= (int64_t{1} << f) && n % (int64_t{1} << f) == 0,
               "f = ", f, " does not fit n = ", n, " states");
   return {t.size(0), t.size(1), n, int64_t{1} << f, n >> f};
@@ -285,7 +286,11 @@ std::vector<at::Tensor> bcjr_soft(const at::Tensor& x, const at::Tensor& cols, c
   TORCH_CHECK(dep.dim() == 1 && dep.scalar_type() == at::kLong && dep.is_contiguous(), "dep must be int64 [n]");
   const int64_t n = dep.size(0), T = cols.size(1);
   TORCH_CHECK(V >= 1 && V <= 8, "V = ", V, " values per step: the kernel takes 1 to 8");
-  TORCH_CHECK(f >= 1 && n >= (int64_t{1} << f) && n % (int64_t{1} << f) == 0, "f = ", f, " does not fit n = ", n);
+  TORCH_CHECK(S >= 1, "x has no steps (S = 0)");
+  TORCH_CHECK(f >= 1 && f < 31 && n >= (int64_t{1} << f) && n % (int64_t{1} << f) == 0, "f = ", f,
+              " does not fit n = ", n);
+  TORCH_CHECK(T < (int64_t{1} << 31), "a table of ", T, " stored states: the kernel indexes them with int32");
+  TORCH_CHECK(group.numel() == 0 || (L >= 0 && L < 31), "L = ", L, " out of range");
   const bool has_ref = ref.numel() > 0;
   if (has_ref)
     TORCH_CHECK(ref.dim() == 2 && ref.size(0) == B && ref.size(1) == S && ref.scalar_type() == at::kLong &&
