@@ -387,6 +387,11 @@ class TasksJson(JsonRecord):
     machine: dict[str, Any] | Absent = ABSENT
     git: str | None | Absent = ABSENT
 
+    @staticmethod
+    def holds_results(obj: dict[str, Any]) -> bool:
+        """Whether a parsed JSON object carries task results (``results``, or a peer's ``tasks`` object)."""
+        return "results" in obj or isinstance(obj.get("tasks"), dict)
+
     def _check(self, where: str) -> None:
         if self.results is ABSENT and not isinstance(self.tasks, dict):
             raise MoequantError(f"{where}: not {self.WHAT} (missing key 'results'; {self.HINT})")

@@ -282,7 +282,8 @@ def task_results(obj: Any, where: str) -> dict[str, Any]:
 def find_tasks(run: Run) -> dict[str, tuple[Path, dict[str, Any]]]:
     """Every task result of a run: name -> (file, ``{"acc", "acc_norm", "examples" | "per_example", ...}``),
     read from ``RUN/tasks.json`` and ``RUN/tasks-*.json`` (or the bare file, when it holds task results: a bare
-    perplexity JSON has none). A task in two files is an error; a tasks file without results is one too."""
+    perplexity JSON has none, and is skipped). A task in two files is an error; so is a run directory's tasks file
+    without results."""
     if run.is_dir:
         files = [p for p in [run.path / TASKS, *sorted(run.path.glob("tasks-*.json"))] if p.is_file()]
     else:
@@ -290,7 +291,7 @@ def find_tasks(run: Run) -> dict[str, tuple[Path, dict[str, Any]]]:
     out: dict[str, tuple[Path, dict[str, Any]]] = {}
     for p in files:
         obj = run.file_json if not run.is_dir and run.file_json is not None else read_json(p)
-        if not run.is_dir and not ("results" in obj or isinstance(obj.get("tasks"), dict)):
+        if not run.is_dir and not TasksJson.holds_results(obj):
             continue
         for name, res in task_results(obj, str(p)).items():
             if name in out:
