@@ -91,12 +91,12 @@ def test_codes_out_of_range_are_refused(ext):
     codes[1, 2, 0] = 16  # one past the codebook
     err = w - reconstruct(codes.clamp_max(15)[None], cb, scale[None])[0]
     with pytest.raises(RuntimeError, match=r"codes must be in \[0, 16\)"):
-        KA.fast_beam(err @ h, (err * (err @ h)).sum(-1), h, cb, torch.zeros(4, 4, 4), torch.zeros(2, 4, 16), codes,
-                     scale, 2)
+        KA.beam_kernel(ext, err @ h, (err * (err @ h)).sum(-1), h, cb, torch.zeros(4, 4, 4), torch.zeros(2, 4, 16),
+                       codes, scale, 2)
 
     with pytest.raises(RuntimeError, match=r"1 <= g <= 64"):  # an empty group once divided by zero (SIGFPE)
-        KA.fast_beam(err @ h, (err * (err @ h)).sum(-1), h, torch.zeros(2, 16, 0), torch.zeros(4, 4, 4),
-                     torch.zeros(2, 4, 16), codes, scale, 2)
+        KA.beam_kernel(ext, err @ h, (err * (err @ h)).sum(-1), h, torch.zeros(2, 16, 0), torch.zeros(4, 4, 4),
+                       torch.zeros(2, 4, 16), codes, scale, 2)
 
 
 @pytest.mark.parametrize("c,g", [(256, 8), (3, 1), (37, 12), (1 << 16, 8), (16, 5)])

@@ -38,8 +38,8 @@ from moequant.codecs.config import AdditiveConfig
 
 log = logging.getLogger(__name__)
 
-# ``(eh [N, K], loss [N], h [K, K], codebooks [M, C, g], hj [G, g, g], q [M, G, C], codes [N, G, M], scale [N],
-# beam) -> codes | None``: the accelerated ``_beam_rows`` over every row (``kernels.additive_encode.fast_beam``: the
+# ``(w [N, K], h [K, K], codebooks [M, C, g], hj [G, g, g], q [M, G, C], codes [N, G, M], scale [N], beam)
+# -> codes | None``: the accelerated ``_beam_rows`` over every row (``kernels.additive_encode.fast_beam``: the
 # same search) once installed; it returns None where it does not apply, and the torch loop runs.
 BeamFastPath = Callable[..., Optional[torch.Tensor]]
 _fast_beam: BeamFastPath | None = None
@@ -66,9 +66,7 @@ def beam_search(w: torch.Tensor, h: torch.Tensor, codebooks: torch.Tensor, codes
     q = torch.stack([(torch.matmul(cb[m], hj) * cb[m]).sum(-1) for m in range(m_count)])  # [M, G, C]: cᵀH_JJc
     out = None
     if _fast_beam is not None:
-        err = w - reconstruct(codes[None], cb, scale[None])[0]  # [N, K]
-        eh = err @ h  # [N, K]
-        out = _fast_beam(eh, (err * eh).sum(-1), h, cb, hj, q.contiguous(), codes, scale.to(torch.float32), beam)
+        out = _fast_beam(w, h, cb, hj, q.contiguous(), codes, scale.to(torch.float32), beam)
     if out is None:
         rows = max(1, min(n, _BUDGET // (beam * c), _BUDGET // (beam * k)))
         out = torch.empty(n, G, m_count, dtype=torch.int64)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from moequant.codecs.additive import set_assign_fast_path
+from moequant.codecs.additive import reconstruct, set_assign_fast_path
 from moequant.codecs.additive_search import set_beam_fast_path
 from moequant.kernels import cpp_build
 
@@ -44,16 +44,23 @@ def fast_assign(target: torch.Tensor, blocks: torch.Tensor, codebook: torch.Tens
     return ext.additive_assign(target.contiguous(), blocks.contiguous(), codebook.contiguous())
 
 
-def fast_beam(eh: torch.Tensor, loss: torch.Tensor, h: torch.Tensor, cb: torch.Tensor, hj: torch.Tensor,
-              q: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, beam: int) -> torch.Tensor | None:
-    """Codes int64 ``[N, G, M]`` of ``codecs.additive_search._beam_rows`` over every row by the kernel, or None.
-    eh ``[N, K]`` = (w − ŵ)H and loss ``[N]`` of the start codes ``[N, G, M]``; h ``[K, K]``, cb ``[M, C, g]``,
-    hj ``[G, g, g]``, q ``[M, G, C]``, scale ``[N]``, all float32."""
-    tensors = (eh, loss, h, cb, hj, q, scale)
-    ext = _ext(*tensors)
+def fast_beam(w: torch.Tensor, h: torch.Tensor, cb: torch.Tensor, hj: torch.Tensor, q: torch.Tensor,
+              codes: torch.Tensor, scale: torch.Tensor, beam: int) -> torch.Tensor | None:
+    """Codes int64 ``[N, G, M]`` of ``codecs.additive_search._beam_rows`` over every row by the kernel, or None
+    (before any work). w ``[N, K]``, h ``[K, K]``, cb ``[M, C, g]``, hj ``[G, g, g]``, q ``[M, G, C]``, scale ``[N]``
+    float32; codes ``[N, G, M]`` the start."""
+    ext = _ext(w, h, cb, hj, q, scale)
     if ext is None:
         return None
-    return ext.additive_beam(*(t.contiguous() for t in tensors[:6]), codes.to(torch.int64).contiguous(),
+    err = w - reconstruct(codes[None], cb, scale[None])[0]  # [N, K]
+    eh = err @ h  # [N, K]: the start's (w − ŵ)H, carried along each hypothesis
+    return beam_kernel(ext, eh, (err * eh).sum(-1), h, cb, hj, q, codes, scale, beam)
+
+
+def beam_kernel(ext, eh: torch.Tensor, loss: torch.Tensor, h: torch.Tensor, cb: torch.Tensor, hj: torch.Tensor,
+                q: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, beam: int) -> torch.Tensor:
+    """The C++ call itself: eh ``[N, K]`` = (w − ŵ)H and loss ``[N]`` of the start codes; the rest as ``fast_beam``."""
+    return ext.additive_beam(*(t.contiguous() for t in (eh, loss, h, cb, hj, q)), codes.to(torch.int64).contiguous(),
                              scale.contiguous(), beam)
 
 
