@@ -5,7 +5,8 @@ uses, for one source model, by running the real ``moequant zoo build moe`` once 
         --eval-tokens 16384 --json benchmarks/results/carve_curve_smollm2-135m.json
 
 A setting is ``EXPERTS:TOP_K:SHARED_FRACTION`` (Qwen2-MoE, no recovery distillation unless
-``--recover-steps``). Each build's ``training.json`` is kept under ``--work``; reruns reuse finished builds.
+``--recover-steps``). Each build's ``training.json`` is kept under ``--work``; reruns reuse finished builds, and every build after the
+first reuses the first one's dense per-window losses (``--dense-eval-from``: the dense model is scored once).
 The JSON keeps, per setting, the command, active fraction, dense / MoE perplexity with the paired CI,
 per-layer MLP errors and build time.
 """
@@ -38,6 +39,7 @@ def main() -> int:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rows = []
+    dense_from = None  # the first finished build: later builds reuse its dense per-window losses (same windows)
     for setting in args.settings:
         e, k, f = setting.split(":")
         out = Path(args.work) / f"{Path(args.source).name}-{args.arch}-e{e}k{k}s{f}-r{args.recover_steps}"
@@ -46,6 +48,8 @@ def main() -> int:
                "--recover-steps", str(args.recover_steps), "--out", str(out)]
         if args.eval_tokens:
             cmd += ["--eval-tokens", str(args.eval_tokens)]
+        if dense_from is not None:
+            cmd += ["--dense-eval-from", str(dense_from)]
         if not (out / "training.json").is_file():
             log.info("$ %s", " ".join(cmd))
             t0 = time.time()
@@ -53,6 +57,7 @@ def main() -> int:
             log.info("%.0f s", time.time() - t0)
         prov = json.loads((out / "training.json").read_text())
         ev = prov["eval"]
+        dense_from = dense_from or out
         rows.append({"setting": setting, "command": " ".join(cmd), "active_fraction": prov["active_fraction"],
                      "ppl_dense": ev["ppl_dense"], "ppl_moe": ev["ppl_moe"], "ratio": ev["ratio"],
                      "ratio_ci95": ev["ratio_ci95"], "tokens": ev["tokens"],

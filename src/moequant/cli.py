@@ -383,6 +383,9 @@ def _add_carve_args(p: argparse.ArgumentParser) -> None:
                    "[ptb]")
     g.add_argument("--eval-tokens", type=int, default=None, help="score only the first N tokens [all]")
     g.add_argument("--no-eval", action="store_true", help="skip the dense-vs-MoE perplexity after the build")
+    g.add_argument("--dense-eval-from", metavar="BUILD", help="reuse the dense model's per-window losses of an "
+                   "earlier build of the same --from on the same --eval-data and --eval-tokens (its directory or "
+                   "training.json) instead of scoring the dense model again")
 
 
 def _refuse_carve_flags(args: argparse.Namespace) -> None:
@@ -461,7 +464,8 @@ def _zoo_build_carved(args: argparse.Namespace) -> int:
 
     def run() -> dict:
         return build_moe(source, out, spec, overwrite=args.overwrite, eval_tokens=args.eval_tokens,
-                         evaluate=not args.no_eval, eval_data=args.eval_data, alias=alias, progress=not args.quiet)
+                         evaluate=not args.no_eval, eval_data=args.eval_data, alias=alias, progress=not args.quiet,
+                         dense_eval_from=Path(args.dense_eval_from) if args.dense_eval_from else None)
 
     if alias is not None and not args.out:
         with cache_lock(f"model-{alias}"):  # resolve_alias waits for a build into the cache

@@ -176,6 +176,44 @@ def test_cli_builds_a_moe_from_a_local_dense_model(tmp_path):
     assert (other / "notes.txt").read_text() == "keep me"
 
 
+def test_dense_eval_from_reuses_the_dense_losses_exactly_and_refuses_other_windows(tmp_path, capsys):
+    """`--dense-eval-from BUILD` gives the very figures a build that scores the dense model itself gives; another
+    --eval-tokens, another source or a directory that is not a build is a one-line error."""
+    from moequant.cli import main
+
+    text = toy_lines(toy_words(6000))
+    (tmp_path / "text.txt").write_text(text)
+    tok, model = toy_tok_model("llama", text)
+    model.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+
+    def args(out: str, top_k: int, tokens: int = 1024) -> list[str]:
+        return ["-q", "zoo", "build", "moe", "--from", str(tmp_path / "dense"), "--arch", "qwen2_moe", "--experts",
+                "4", "--top-k", str(top_k), "--calib", str(tmp_path / "text.txt"), "--calib-samples", "8",
+                "--calib-seqlen", "64", "--router-steps", "5", "--eval-data", str(tmp_path / "text.txt"),
+                "--eval-tokens", str(tokens), "--out", str(tmp_path / out)]
+
+    assert main(args("first", 2)) == 0
+    assert main(args("scored", 1)) == 0
+    assert main(args("reused", 1) + ["--dense-eval-from", str(tmp_path / "first")]) == 0
+    scored = json.loads((tmp_path / "scored" / "training.json").read_text())["eval"]
+    reused = json.loads((tmp_path / "reused" / "training.json").read_text())["eval"]
+    assert reused["dense_eval_from"] == str(tmp_path / "first" / "training.json") and reused["seconds_dense"] is None
+    for key in ("ppl_dense", "ppl_moe", "ratio", "ratio_ci95", "nll_per_window_dense", "tokens", "n_windows"):
+        assert reused[key] == scored[key], key
+    capsys.readouterr()
+    assert main(args("other", 1, tokens=512) + ["--dense-eval-from", str(tmp_path / "first")]) == 2
+    assert "another --eval-tokens" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()  # nothing half-written
+    assert main(args("x", 1) + ["--dense-eval-from", str(tmp_path / "dense")]) == 2
+    assert "no readable training.json" in capsys.readouterr().err
+    prov = json.loads((tmp_path / "first" / "training.json").read_text())
+    prov["source"] = "smollm2-135m"
+    (tmp_path / "elsewhere.json").write_text(json.dumps(prov))
+    assert main(args("x", 1) + ["--dense-eval-from", str(tmp_path / "elsewhere.json")]) == 2
+    assert "carved from 'smollm2-135m'" in capsys.readouterr().err
+
+
 def test_carved_aliases_are_zoo_aliases_and_flags_are_checked(capsys):
     from moequant.cli import main
     from moequant.zoo.carve.presets import CARVE_PRESETS

@@ -293,11 +293,14 @@ def is_carve_build(path: Path) -> bool:
 
 
 def build_moe(source: str, out: Path, spec: CarveSpec, *, overwrite: bool = False, eval_tokens: int | None = None,
-              evaluate: bool = True, eval_data: str = "ptb", alias: str | None = None, progress: bool = True
-              ) -> dict[str, Any]:
+              evaluate: bool = True, eval_data: str = "ptb", alias: str | None = None, progress: bool = True,
+              dense_eval_from: Path | None = None) -> dict[str, Any]:
     """Carve ``source`` (zoo alias, HF directory, ``.gguf`` or hub id) into ``out`` and return the
     provenance written there as ``training.json``. ``eval_data`` (a corpus alias's test split, or a text
-    file) is scored by the dense and the carved model; ``eval_tokens``: only its first N tokens."""
+    file) is scored by the dense and the carved model; ``eval_tokens``: only its first N tokens.
+    ``dense_eval_from``: an earlier build of the same source on the same text (its directory or ``training.json``)
+    whose dense per-window losses are reused instead of scoring the dense model again (checked: source, text,
+    parameter count, windows and tokens)."""
     from moequant.calib.data import calibration_tokens
     from moequant.fsutil import AtomicDir, atomic_write_json, is_empty_dir
     from moequant.models.loader import load_model
@@ -307,6 +310,11 @@ def build_moe(source: str, out: Path, spec: CarveSpec, *, overwrite: bool = Fals
 
     t_start = time.perf_counter()
     out = Path(out)
+    reused = None if dense_eval_from is None or not evaluate else read_dense_eval(Path(dense_eval_from), source,
+                                                                                  eval_data)
+    if reused is not None and reused.max_tokens not in ("unknown", eval_tokens):  # before hours of carving
+        raise MoequantError(f"--dense-eval-from {reused.where}: scored with --eval-tokens {reused.max_tokens}, "
+                            f"this build with {eval_tokens}: another --eval-tokens, not the same windows")
     is_ours = lambda p: is_empty_dir(p) or is_carve_build(p)  # noqa: E731
     kind = "a previous carved build (its training.json) or an empty directory"
     with AtomicDir(out, overwrite=overwrite, what="--out", is_ours=is_ours, kind=kind) as tmp:
@@ -323,7 +331,7 @@ def build_moe(source: str, out: Path, spec: CarveSpec, *, overwrite: bool = Fals
         before = None
         if spec.recover.steps:
             if evaluate:  # the carved model before the distillation, on the same windows
-                before = evaluate_pair(dense, moe, tok, eval_tokens, progress, data=eval_data)
+                before = evaluate_pair(dense, moe, tok, eval_tokens, progress, data=eval_data, reused=reused)
             r = distill(moe, dense, recovery_tokens(tok, spec, tokens), spec.recover, progress)
             rec = asdict(r)
         inter = dense.model.layers[0].mlp.gate_proj.weight.shape[0]
@@ -337,9 +345,11 @@ def build_moe(source: str, out: Path, spec: CarveSpec, *, overwrite: bool = Fals
             "layers": layers, "recover": rec, "seconds": {"carve": round(carve_s, 1)},
             **run_info([*sys.argv]),
         }
+        if reused is not None:
+            reused.check_dense(prov["parameters"]["dense"])
         if evaluate:
             ev = evaluate_pair(dense, moe, tok, eval_tokens, progress, data=eval_data,
-                               base=before.pop("_base") if before else None)
+                               base=before.pop("_base") if before else None, reused=reused)
             ev.pop("_base")
             if before:
                 ev["before_recover"] = {k: before[k] for k in ("ppl_moe", "ratio", "ratio_ci95", "seconds_moe",
@@ -380,23 +390,84 @@ def _score(model: nn.Module, ids: torch.Tensor, max_tokens: int | None, bos: int
         round(time.perf_counter() - t0, 1), None
 
 
+@dataclass(frozen=True)
+class DenseEval:
+    """The dense model's per-window losses from an earlier build's ``training.json`` (``--dense-eval-from``)."""
+
+    where: str
+    source: str
+    data: str
+    parameters: int
+    tokens: int
+    nll_per_window: list[float]
+    max_tokens: int | None | str = "unknown"  # its --eval-tokens (builds before this field: "unknown")
+
+    def check_dense(self, parameters: int) -> None:
+        if parameters != self.parameters:
+            raise MoequantError(f"--dense-eval-from {self.where}: its dense model has {self.parameters} parameters, "
+                                f"this one {parameters}: not the same source model")
+
+    def result(self, moe_res: Any) -> Any:
+        """The dense result on ``moe_res``'s windows (same windows checked: count and tokens)."""
+        import dataclasses
+
+        from moequant.eval.bootstrap import bootstrap_ci
+
+        if len(self.nll_per_window) != moe_res.n_windows or self.tokens != moe_res.tokens:
+            raise MoequantError(f"--dense-eval-from {self.where}: {len(self.nll_per_window)} windows of "
+                                f"{self.tokens} tokens, but this evaluation has {moe_res.n_windows} of {moe_res.tokens}"
+                                " (another --eval-tokens?)")
+        mean = sum(self.nll_per_window) / self.tokens
+        return dataclasses.replace(moe_res, ppl=math.exp(mean), nll_mean=mean,
+                                   ci95=bootstrap_ci(self.nll_per_window, moe_res.tokens_per_window),
+                                   nll_per_window=list(self.nll_per_window), experts_computed=None,
+                                   experts_total=None, experts_per_layer=None)
+
+
+def read_dense_eval(path: Path, source: str, data: str) -> DenseEval:
+    """The dense evaluation of the carved build at ``path`` (a directory with ``training.json``, or the file), refused
+    with a one-line error unless it scored ``source`` on ``data``."""
+    from moequant.fsutil import read_json_object
+
+    f = path / "training.json" if path.is_dir() else path
+    where = str(f)
+    prov = read_json_object(f)
+    if prov is None:
+        raise MoequantError(f"--dense-eval-from {path}: no readable training.json of a carved build there")
+    ev = prov.get("eval")
+    nll = ev.get("nll_per_window_dense") if isinstance(ev, dict) else None
+    if not isinstance(nll, list) or not nll or not all(isinstance(v, (int, float)) for v in nll):
+        raise MoequantError(f"--dense-eval-from {where}: no dense evaluation in it (key eval.nll_per_window_dense)")
+    if prov.get("source") != source:
+        raise MoequantError(f"--dense-eval-from {where}: carved from {prov.get('source')!r}, not {source!r}")
+    if ev.get("data") != data:
+        raise MoequantError(f"--dense-eval-from {where}: scored {ev.get('data')!r}, not {data!r}")
+    return DenseEval(where=where, source=source, data=data, parameters=int(prov["parameters"]["dense"]),
+                     tokens=int(ev["tokens"]), nll_per_window=[float(v) for v in nll],
+                     max_tokens=ev.get("max_tokens", "unknown"))
+
+
 def evaluate_pair(dense: nn.Module, moe: nn.Module, tok: Any, max_tokens: int | None, progress: bool,
-                  data: str = "ptb", base: tuple[Any, float] | None = None) -> dict[str, Any]:
+                  data: str = "ptb", base: tuple[Any, float] | None = None, reused: DenseEval | None = None
+                  ) -> dict[str, Any]:
     """Perplexity of both models on the same windows of ``data`` (test split), the paired ratio CI, and
-    the carved model's routing statistics. ``base``: the dense model's (result, seconds) already scored."""
+    the carved model's routing statistics. ``base``: the dense model's (result, seconds) already scored;
+    ``reused``: its losses from an earlier build (then ``seconds_dense`` is None and ``dense_eval_from`` names it)."""
     from moequant.eval.bootstrap import paired_ppl
     from moequant.zoo.corpora import tokenize_corpus
     from moequant.zoo.corpora import load_text
 
     ids = tokenize_corpus(tok, load_text(data, "test"))
-    if base is None:
+    if base is None and reused is None:
         b, b_s, _ = _score(dense, ids, max_tokens, tok.bos_token_id, progress)
         base = (b, b_s)
-    b, b_s = base
     res, r_s, routing = _score(moe, ids, max_tokens, tok.bos_token_id, progress, routing=True)
+    if base is None:
+        base = (reused.result(res), None)
+    b, b_s = base
     d = paired_ppl(res.nll_per_window, res.tokens_per_window, b.nll_per_window, b.tokens_per_window)
-    return {"data": data, "split": "test", "tokens": res.tokens, "n_windows": res.n_windows,
+    return {"data": data, "split": "test", "max_tokens": max_tokens, "tokens": res.tokens, "n_windows": res.n_windows,
             "ppl_dense": b.ppl, "ppl_moe": res.ppl, "ratio": res.ppl / b.ppl, "ratio_ci95": list(d.ratio_ci),
             "seconds_dense": b_s, "seconds_moe": r_s, "routing": routing,
             "nll_per_window_dense": b.nll_per_window, "nll_per_window_moe": res.nll_per_window,
-            "_base": base}
+            **({} if reused is None else {"dense_eval_from": reused.where}), "_base": base}
