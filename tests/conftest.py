@@ -209,3 +209,23 @@ class OnTestDevice:
             return out.cpu() if isinstance(out, torch.Tensor) else out
 
         return on_cuda
+
+
+def additive_problem(n: int, k: int, m: int, c: int, g: int, seed: int, samples: int):
+    """A random additive-codes problem: (w ``[n, k]``, h ``[k, k]`` from ``samples`` correlated inputs + 0.1 I,
+    codebooks ``[m, c, g]``, row scales ``[n]`` in [0.5, 1.5), start codes ``[n, k/g, m]``)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen)
+    x = torch.randn(samples, k, generator=gen) @ torch.randn(k, k, generator=gen)  # correlated inputs
+    h = x.T @ x / samples + 0.1 * torch.eye(k)
+    cb = torch.randn(m, c, g, generator=gen)
+    scale = torch.rand(n, generator=gen) + 0.5
+    codes = torch.randint(c, (n, k // g, m), generator=gen)
+    return w, h, cb, scale, codes
+
+
+def additive_row_errors(w, h, cb, scale, codes) -> torch.Tensor:
+    """Each row's output error ``[n]`` of the codes (``codecs.additive.output_error``)."""
+    from moequant.codecs.additive import output_error, reconstruct
+
+    return output_error(w[None], reconstruct(codes[None], cb, scale[None]), h[None])[0]

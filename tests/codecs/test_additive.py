@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import additive_problem, additive_row_errors
 
 from moequant.codecs import additive, additive_search
 from moequant.codecs.additive import (assign, decode_groups, group_blocks, output_error, reconstruct, row_scales)
@@ -35,18 +36,10 @@ def _relative(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
 
 
 def _problem(n: int = 6, k: int = 16, m: int = 2, c: int = 16, g: int = 4, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=gen)
-    x = torch.randn(64, k, generator=gen) @ torch.randn(k, k, generator=gen)  # correlated inputs
-    h = x.T @ x / 64 + 0.1 * torch.eye(k)
-    cb = torch.randn(m, c, g, generator=gen)
-    scale = torch.rand(n, generator=gen) + 0.5
-    codes = torch.randint(c, (n, k // g, m), generator=gen)
-    return w, h, cb, scale, codes
+    return additive_problem(n, k, m, c, g, seed, samples=64)
 
 
-def _row_errors(w, h, cb, scale, codes) -> torch.Tensor:
-    return output_error(w[None], reconstruct(codes[None], cb, scale[None]), h[None])[0]  # [N]
+_row_errors = additive_row_errors
 
 
 @pytest.mark.parametrize("mode", ["reference", "auto"])  # the torch loop, then the C++ kernel where it builds

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import require_extension
+from conftest import additive_problem, additive_row_errors, require_extension
 
-from moequant.codecs.additive import assign, output_error, reconstruct
+from moequant.codecs.additive import assign, reconstruct
 from moequant.codecs.additive_search import beam_search, set_beam_fast_path
 from moequant.kernels import additive_encode as KA
 from moequant.kernels.select import kernels
@@ -23,14 +23,7 @@ def ext():
 
 
 def _problem(n: int, k: int, m: int, c: int, g: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=gen)
-    x = torch.randn(4 * k, k, generator=gen) @ torch.randn(k, k, generator=gen)  # correlated inputs
-    h = x.T @ x / (4 * k) + 0.1 * torch.eye(k)
-    cb = torch.randn(m, c, g, generator=gen)
-    scale = torch.rand(n, generator=gen) + 0.5
-    codes = torch.randint(c, (n, k // g, m), generator=gen)
-    return w, h, cb, scale, codes
+    return additive_problem(n, k, m, c, g, seed, samples=4 * k)
 
 
 def _both(w, h, cb, codes, scale, beam):
@@ -51,8 +44,7 @@ def _both(w, h, cb, codes, scale, beam):
     return got, want
 
 
-def _errors(w, h, cb, scale, codes):
-    return output_error(w[None], reconstruct(codes[None], cb, scale[None]), h[None])[0]  # [N]
+_errors = additive_row_errors
 
 
 @pytest.mark.parametrize("m,c,g,beam", [(2, 16, 4, 8), (1, 32, 8, 3), (3, 8, 2, 1), (2, 16, 4, 20)])
