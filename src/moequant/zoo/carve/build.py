@@ -311,14 +311,13 @@ def build_moe(source: str, out: Path, spec: CarveSpec, *, overwrite: bool = Fals
     t_start = time.perf_counter()
     out = Path(out)
     reused = None if dense_eval_from is None or not evaluate else read_dense_eval(Path(dense_eval_from), source,
-                                                                                  eval_data)
-    if reused is not None and reused.max_tokens not in ("unknown", eval_tokens):  # before hours of carving
-        raise MoequantError(f"--dense-eval-from {reused.where}: scored with --eval-tokens {reused.max_tokens}, "
-                            f"this build with {eval_tokens}: another --eval-tokens, not the same windows")
+                                                                                  eval_data, eval_tokens)
     is_ours = lambda p: is_empty_dir(p) or is_carve_build(p)  # noqa: E731
     kind = "a previous carved build (its training.json) or an empty directory"
     with AtomicDir(out, overwrite=overwrite, what="--out", is_ours=is_ours, kind=kind) as tmp:
         dense, tok, _ = load_model(source)
+        if reused is not None:  # before hours of carving
+            reused.check_dense(sum(p.numel() for p in dense.parameters()))
         if tok is None:
             raise MoequantError(f"{source}: no tokenizer; carving needs one for the calibration text")
         for p in dense.parameters():
@@ -345,8 +344,6 @@ def build_moe(source: str, out: Path, spec: CarveSpec, *, overwrite: bool = Fals
             "layers": layers, "recover": rec, "seconds": {"carve": round(carve_s, 1)},
             **run_info([*sys.argv]),
         }
-        if reused is not None:
-            reused.check_dense(prov["parameters"]["dense"])
         if evaluate:
             ev = evaluate_pair(dense, moe, tok, eval_tokens, progress, data=eval_data,
                                base=before.pop("_base") if before else None, reused=reused)
@@ -395,12 +392,9 @@ class DenseEval:
     """The dense model's per-window losses from an earlier build's ``training.json`` (``--dense-eval-from``)."""
 
     where: str
-    source: str
-    data: str
     parameters: int
     tokens: int
     nll_per_window: list[float]
-    max_tokens: int | None | str = "unknown"  # its --eval-tokens (builds before this field: "unknown")
 
     def check_dense(self, parameters: int) -> None:
         if parameters != self.parameters:
@@ -424,9 +418,10 @@ class DenseEval:
                                    experts_total=None, experts_per_layer=None)
 
 
-def read_dense_eval(path: Path, source: str, data: str) -> DenseEval:
+def read_dense_eval(path: Path, source: str, data: str, max_tokens: int | None) -> DenseEval:
     """The dense evaluation of the carved build at ``path`` (a directory with ``training.json``, or the file), refused
-    with a one-line error unless it scored ``source`` on ``data``."""
+    with a one-line error unless it scored ``source`` on ``data`` with the same ``--eval-tokens`` (where recorded:
+    builds before that field say nothing, and the windows are checked after scoring)."""
     from moequant.fsutil import read_json_object
 
     f = path / "training.json" if path.is_dir() else path
@@ -442,9 +437,15 @@ def read_dense_eval(path: Path, source: str, data: str) -> DenseEval:
         raise MoequantError(f"--dense-eval-from {where}: carved from {prov.get('source')!r}, not {source!r}")
     if ev.get("data") != data:
         raise MoequantError(f"--dense-eval-from {where}: scored {ev.get('data')!r}, not {data!r}")
-    return DenseEval(where=where, source=source, data=data, parameters=int(prov["parameters"]["dense"]),
-                     tokens=int(ev["tokens"]), nll_per_window=[float(v) for v in nll],
-                     max_tokens=ev.get("max_tokens", "unknown"))
+    if "max_tokens" in ev and ev["max_tokens"] != max_tokens:
+        raise MoequantError(f"--dense-eval-from {where}: scored with --eval-tokens {ev['max_tokens']}, this build "
+                            f"with {max_tokens}: another --eval-tokens, not the same windows")
+    try:
+        return DenseEval(where=where, parameters=int(prov["parameters"]["dense"]), tokens=int(ev["tokens"]),
+                         nll_per_window=[float(v) for v in nll])
+    except (KeyError, TypeError, ValueError):
+        raise MoequantError(f"--dense-eval-from {where}: not a carved build's training.json (parameters.dense, "
+                            "eval.tokens)") from None
 
 
 def evaluate_pair(dense: nn.Module, moe: nn.Module, tok: Any, max_tokens: int | None, progress: bool,
