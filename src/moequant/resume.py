@@ -107,8 +107,19 @@ def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             changed = sorted(n for n in set(fa) | set(fb) if fa.get(n) != fb.get(n))
             out.append(f"model files changed: {', '.join(changed[:3])}" + (" ..." if len(changed) > 3 else ""))
             continue
-        out.append(f"{key}: was {_short(a)}, now {_short(b)}")
+        where, a, b = _first_difference(key, a, b) if key != "source" else (key, a, b)  # a moved model: whole
+        out.append(f"{where}: was {_short(a)}, now {_short(b)}")
     return out
+
+
+def _first_difference(path: str, a: Any, b: Any) -> tuple[str, Any, Any]:
+    """(dotted path, old value, new value) of the first differing entry, descending while both are dicts."""
+    while isinstance(a, dict) and isinstance(b, dict):
+        keys = [k for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k)]
+        if not keys:
+            break
+        path, a, b = f"{path}.{keys[0]}", a.get(keys[0]), b.get(keys[0])
+    return path, a, b
 
 
 def _short(v: Any, n: int = 80) -> str:
@@ -162,20 +173,63 @@ def read_job(work: Path) -> dict[str, Any]:
     return job
 
 
-def check_work_dir(out: Path, resume: bool) -> None:
-    """Before any work: refuse a work directory another live run writes, and (without ``--resume``)
-    one that an interrupted run left."""
-    work = work_dir_for(out)
+def check_work_dir(out: Path, resume: bool, work: Path | None = None, what: str = "run") -> None:
+    """Before any work: refuse a work directory (``work``, default ``work_dir_for(out)``) another live run
+    writes, and (without ``--resume``) one that an interrupted ``what`` left."""
+    work = work_dir_for(out) if work is None else Path(work)
     if not work.exists():
         return
     job = read_job(work)
     owner = job.get("owner") or {}
     if _owner_alive(owner):
-        raise MoequantError(f"another run (pid {owner.get('pid')}) is writing {work}: wait for it, stop it, or "
+        raise MoequantError(f"another {what} (pid {owner.get('pid')}) is writing {work}: wait for it, stop it, or "
                             "choose another --out")
     if not resume:
-        raise MoequantError(f"{work} holds the progress of an interrupted run to {out}: pass --resume to "
+        raise MoequantError(f"{work} holds the progress of an interrupted {what} to {out}: pass --resume to "
                             "continue it, or remove that directory to start over")
+
+
+def claim_work_dir(work: Path, out: Path, fp: dict[str, Any], resume: bool, what: str = "run") -> dict[str, Any] | None:
+    """Take over ``work``, the progress directory of a ``what`` writing ``out`` (``check_work_dir`` rules): the
+    stored job of an interrupted run with the same fingerprint ``fp`` (now owned by this process; stale temp names
+    in it removed), or None after making a new, empty ``work`` holding ``fp``. Fingerprint keys ending in
+    ``_tokens`` are digests recorded later and not compared."""
+    check_work_dir(out, resume, work, what)
+    if work.exists():
+        job = read_job(work)
+        diff = fingerprint_diff({k: v for k, v in job["fingerprint"].items() if not k.endswith("_tokens")}, fp)
+        if diff:
+            raise MoequantError(f"--resume: {work} was made by a different job ({'; '.join(diff)}); rerun "
+                                "with the same model and options, or remove that directory to start over")
+        job["owner"] = _owner()
+        atomic_write_json(work / JOB_FILE, job)
+        clean_stale(work)
+        return job
+    if resume:
+        log.info("--resume: no progress in %s, starting from the first layer", work)
+    job = {"fingerprint": dict(fp), "owner": _owner()}
+    tmp = make_temp_dir(work.parent, work.name)
+    atomic_write_json(tmp / JOB_FILE, job)
+    try:
+        os.rename(tmp, work)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MoequantError(f"another {what} is writing {work}: wait for it or choose another --out") from None
+    fsync_dir(work.parent)
+    return None
+
+
+def record_tokens_digest(work: Path, job: dict[str, Any], key: str, tokens: torch.Tensor) -> None:
+    """Record the digest of ``tokens`` as the fingerprint's ``key`` (ending in ``_tokens``), or check it against
+    the recorded one (the tokenizer or the text changed since the interrupted run: refused)."""
+    digest = tokens_digest(tokens)
+    fp = job["fingerprint"]
+    if fp.get(key) not in (None, digest):
+        raise MoequantError(f"--resume: {work} was made with other token windows ({key}: the tokenizer or the "
+                            "text changed); remove that directory to start over")
+    if fp.get(key) is None:
+        fp[key] = digest
+        atomic_write_json(work / JOB_FILE, job)
 
 
 # -------------------------------------------------------------------------------------------- progress
@@ -195,44 +249,18 @@ class RunProgress:
     @classmethod
     def claim(cls, out: Path, fp: dict[str, Any], resume: bool) -> "RunProgress":
         """Take over the work directory of ``out`` (``check_work_dir`` rules), or make a new one."""
-        check_work_dir(out, resume)
         work = work_dir_for(out)
-        if work.exists():
-            job = read_job(work)
-            diff = fingerprint_diff({k: v for k, v in job["fingerprint"].items() if k != "calib_tokens"}, fp)
-            if diff:
-                raise MoequantError(f"--resume: {work} was made by a different job ({'; '.join(diff)}); rerun "
-                                    "with the same model and options, or remove that directory to start over")
-            job["owner"] = _owner()
-            atomic_write_json(work / JOB_FILE, job)
-            clean_stale(work)
-            done = _finished_layers(work)
-            log.info("--resume: %s: layers %s finished, continuing from layer %d", work,
-                     f"0-{max(done)}" if done else "none", len(done))
-            return cls(work, job, done)
-        if resume:
-            log.info("--resume: no progress in %s, starting from the first layer", work)
-        job = {"fingerprint": dict(fp), "owner": _owner()}
-        tmp = make_temp_dir(work.parent, work.name)
-        atomic_write_json(tmp / JOB_FILE, job)
-        try:
-            os.rename(tmp, work)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise MoequantError(f"another run is writing {work}: wait for it or choose another --out") from None
-        fsync_dir(work.parent)
-        return cls(work, job, [])
+        job = claim_work_dir(work, out, fp, resume)
+        if job is None:
+            return cls(work, read_job(work), [])
+        done = finished_layers(work)
+        log.info("--resume: %s: layers %s finished, continuing from layer %d", work,
+                 f"0-{max(done)}" if done else "none", len(done))
+        return cls(work, job, done)
 
     def check_tokens(self, tokens: torch.Tensor) -> None:
         """Record the calibration windows' digest, or check it against the recorded one."""
-        digest = tokens_digest(tokens)
-        fp = self.job["fingerprint"]
-        if fp.get("calib_tokens") not in (None, digest):
-            raise MoequantError(f"--resume: {self.work} was made with other calibration token windows (the "
-                                "tokenizer or the calibration text changed); remove that directory to start over")
-        if fp.get("calib_tokens") is None:
-            fp["calib_tokens"] = digest
-            atomic_write_json(self.work / JOB_FILE, self.job)
+        record_tokens_digest(self.work, self.job, "calib_tokens", tokens)
 
     def is_done(self, layer: int) -> bool:
         return layer in self.done
@@ -396,7 +424,7 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _finished_layers(work: Path) -> list[int]:
+def finished_layers(work: Path) -> list[int]:
     """Layers ``0..k`` with a committed directory; later ones after a gap are removed (they cannot be
     reused: each layer is calibrated on the layers before it)."""
     found = sorted(int(p.name[6:]) for p in work.glob("layer-[0-9][0-9][0-9][0-9][0-9]") if p.is_dir())

@@ -314,8 +314,8 @@ def test_mismatched_options_and_foreign_work_dirs(toy, tmp_path, monkeypatch):
     assert rc == 2 and err.count("\n") == 1
     assert f"{work} holds the progress of an interrupted run" in err and "pass --resume" in err
     # other options: exit 2, one line saying what differs; the progress stays
-    for flags, differs in ((RTN[:3] + ["3"] + RTN[4:], "recipe: was"), (RTN + ["--offload"], "offload: was false, now true"),
-                           (ldlq(text), "solver: was")):
+    for flags, differs in ((RTN[:3] + ["3"] + RTN[4:], "(recipe.rules: was"),
+                           (RTN + ["--offload"], "(offload: was false, now true"), (ldlq(text), "solver.incoherence: was \"none\", now \"rht\"")):
         rc, err = quantize(model, out, *flags, "--resume")
         assert rc == 2 and err.count("\n") == 1, err
         assert err.startswith(f"moequant: error: --resume: {work} was made by a different job (") and differs in err
@@ -370,7 +370,10 @@ def test_fingerprint_diff_names_what_changed():
     old = {"recipe": {"bits": 2}, "offload": False, "source": {"path": "/m", "files": {"a": [1, 2], "b": [3, 4]}}}
     assert fingerprint_diff(old, old) == []
     new = {"recipe": {"bits": 3}, "offload": False, "source": {"path": "/m", "files": {"a": [1, 5], "b": [3, 4]}}}
-    assert fingerprint_diff(old, new) == ['recipe: was {"bits":2}, now {"bits":3}', "model files changed: a"]
+    assert fingerprint_diff(old, new) == ["recipe.bits: was 2, now 3", "model files changed: a"]
+    nested = {"spec": {"calib": {"samples": 8, "seqlen": 64}, "arch": "mixtral"}}
+    assert fingerprint_diff(nested, {"spec": {"calib": {"samples": 16, "seqlen": 64}, "arch": "mixtral"}}) == \
+        ["spec.calib.samples: was 8, now 16"]
     moved = {**old, "source": {"path": "/n", "files": {}}}
     assert fingerprint_diff(old, moved) == ['source: was {"files":{"a":[1,2],"b":[3,4]},"path":"/m"}, now '
                                             '{"files":{},"path":"/n"}']
