@@ -334,6 +334,9 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         if args.alias == "moe" or args.alias in CARVED_MODELS:
             return _zoo_build_carved(args)
         _refuse_carve_flags(args)
+        if args.resume:
+            raise MoequantError(f"--resume: only carved builds keep their progress (`zoo build moe`, "
+                                f"{', '.join(CARVED_MODELS)}); {args.alias} trains in minutes and starts over")
         if args.alias not in VARIANTS:
             raise MoequantError(f"cannot build {args.alias!r} (buildable: {', '.join([*VARIANTS, *CARVED_MODELS])}, "
                                 f"or `moe --from MODEL`)")
@@ -465,7 +468,8 @@ def _zoo_build_carved(args: argparse.Namespace) -> int:
     def run() -> dict:
         return build_moe(source, out, spec, overwrite=args.overwrite, eval_tokens=args.eval_tokens,
                          evaluate=not args.no_eval, eval_data=args.eval_data, alias=alias, progress=not args.quiet,
-                         dense_eval_from=Path(args.dense_eval_from) if args.dense_eval_from else None)
+                         dense_eval_from=Path(args.dense_eval_from) if args.dense_eval_from else None,
+                         resume=args.resume)
 
     if alias is not None and not args.out:
         with cache_lock(f"model-{alias}"):  # resolve_alias waits for a build into the cache
@@ -559,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     zb.add_argument("alias", help="a buildable alias, or `moe` with --from and --out")
     zb.add_argument("--out", help="directory (default: the cache; required for `moe`)")
     zb.add_argument("--overwrite", action="store_true")
+    zb.add_argument("--resume", action="store_true",
+                    help="carved builds: continue an interrupted build of the same job from its progress beside --out "
+                         "(carved layers, scored windows, the distillation's state); same result as an uninterrupted build")
     _add_carve_args(zb)
     z.set_defaults(func=cmd_zoo)
 

@@ -234,6 +234,8 @@ def test_carved_aliases_are_zoo_aliases_and_flags_are_checked(capsys):
     assert "heads" in capsys.readouterr().err
     assert main(["zoo", "build", "moe", "--from", "m", "--out", "x", "--recover-samples", "-1"]) == 2
     assert "--recover-samples" in capsys.readouterr().err
+    assert main(["zoo", "build", "tiny-olmoe", "--resume"]) == 2  # a fixture trained in minutes keeps no progress
+    assert capsys.readouterr().err.startswith("moequant: error: --resume: only carved builds keep their progress")
 
 
 def test_recovery_learning_rate_warms_up_then_decays_by_a_half_cosine():
@@ -277,3 +279,63 @@ def test_top1_warns_that_the_router_fit_has_no_gradient(caplog):
     with caplog.at_level("WARNING"):
         moe, _, _ = carve_model(dense, _tokens(), spec, progress=False)
     assert "no gradient" in caplog.text
+
+
+def test_an_interrupted_build_resumes_to_the_same_model_and_figures(tmp_path, monkeypatch, capsys):
+    """A build killed after a carved layer, then in the middle of a score, then in the middle of the distillation,
+    continued each time with --resume, ends with the weights, losses, routing counts and figures of a build that
+    ran straight through; without --resume the kept progress is a one-line error, and it is gone at the end."""
+    from safetensors.torch import load_file
+
+    from moequant.cli import main
+    from moequant.zoo.carve import progress as P
+
+    text = toy_lines(toy_words(6000))
+    (tmp_path / "text.txt").write_text(text)
+    tok, model = toy_tok_model("llama", text)
+    model.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+
+    def args(out: str) -> list[str]:
+        return ["-q", "zoo", "build", "moe", "--from", str(tmp_path / "dense"), "--arch", "qwen2_moe", "--experts",
+                "4", "--top-k", "2", "--calib", str(tmp_path / "text.txt"), "--calib-samples", "8", "--calib-seqlen",
+                "64", "--router-steps", "5", "--recover-steps", "4", "--recover-seqlen", "32", "--recover-samples",
+                "6", "--recover-schedule", "cosine", "--recover-params", "routers,norms,experts", "--eval-data",
+                str(tmp_path / "text.txt"), "--eval-tokens", "3000", "--out", str(tmp_path / out)]
+
+    assert main(args("straight")) == 0
+    monkeypatch.setattr(P, "SAVE_SECONDS", 0.0)  # the distillation state after every step
+    work = P.build_work_dir(tmp_path / "resumed")
+    stops = iter([("commit_layer", 1), ("save", 3), ("save_recover", 2)])  # method, calls that pass before the kill
+    real = {"commit_layer": P.BuildProgress.commit_layer, "save": P.ScoreProgress.save,
+            "save_recover": P.BuildProgress.save_recover}
+    for method, passing in stops:
+        calls = []
+
+        def killer(self, *a, _m=method, _n=passing, _calls=calls, **k):
+            real[_m](self, *a, **k)
+            _calls.append(1)
+            if len(_calls) == _n:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(P.BuildProgress if method != "save" else P.ScoreProgress, method, killer)
+        assert main(args("resumed") + (["--resume"] if work.exists() else [])) == 130  # interrupted
+        monkeypatch.setattr(P.BuildProgress if method != "save" else P.ScoreProgress, method, real[method])
+        assert work.is_dir() and not (tmp_path / "resumed").exists()
+        capsys.readouterr()
+        if method == "commit_layer":
+            assert main(args("resumed")) == 2  # the kept progress is not silently thrown away
+            assert "pass --resume to continue it" in capsys.readouterr().err
+    kept = sorted(p.name for p in work.iterdir())
+    assert "layer-00001" in kept and "score-dense.json" in kept and "score-before.json" in kept and "recover.pt" in kept
+    assert main(args("resumed") + ["--resume"]) == 0
+    assert not work.exists()
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    pa, pb = (json.loads((tmp_path / d / "training.json").read_text()) for d in ("straight", "resumed"))
+    for key in ("ppl_dense", "ppl_moe", "ratio", "ratio_ci95", "nll_per_window_dense", "nll_per_window_moe", "routing"):
+        assert pa["eval"][key] == pb["eval"][key], key
+    assert pa["eval"]["before_recover"]["nll_per_window_moe"] == pb["eval"]["before_recover"]["nll_per_window_moe"]
+    assert pa["eval"]["before_recover"]["routing"] == pb["eval"]["before_recover"]["routing"]
+    assert pa["recover"]["history"] == pb["recover"]["history"] and len(pa["recover"]["history"]) == 4
+    assert [r["errors"] for r in pa["layers"]] == [r["errors"] for r in pb["layers"]]

@@ -12,13 +12,14 @@ dense and carved model with routing statistics, and writes the directory atomica
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -31,6 +32,9 @@ from moequant.zoo.carve.neurons import (activation_markers, balanced_kmeans, con
 from moequant.zoo.carve.recover import RecoverSettings
 from moequant.zoo.carve.targets import (SOURCE_TYPES, TARGETS, CarvedMLP, check_pair, copy_shared_weights,
                                         moe_config, source_attention, write_block)
+
+if TYPE_CHECKING:
+    from moequant.zoo.carve.progress import BuildProgress, ScoreProgress
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +168,11 @@ def _expert_hessian_spread(block: nn.Module, x: torch.Tensor, experts: int) -> d
     return {"tokens": [int(c) for c in n], "hessian_spread": spread}
 
 
-def carve_model(dense: nn.Module, tokens: torch.Tensor, spec: CarveSpec, progress: bool = True
-                ) -> tuple[nn.Module, list[dict[str, Any]], bool]:
+def carve_model(dense: nn.Module, tokens: torch.Tensor, spec: CarveSpec, progress: bool = True,
+                keeper: "BuildProgress | None" = None) -> tuple[nn.Module, list[dict[str, Any]], bool]:
     """(carved MoE model in eval mode, per-layer records, attention exact?) for ``dense`` calibrated on
-    ``tokens [S, L]``."""
+    ``tokens [S, L]``. ``keeper``: the build's progress; layers an interrupted build carved are loaded from it,
+    each newly carved layer is stored there."""
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
@@ -202,7 +207,13 @@ def carve_model(dense: nn.Module, tokens: torch.Tensor, spec: CarveSpec, progres
     per_token = n_shared + spec.top_k * per  # neurons a token is given in the MoE
     runner = LayerwiseRunner(moe, adapter_for(moe), tokens, batch_size=spec.batch_size)
     records = []
-    for i in tqdm(range(len(moe.model.layers)), desc="carve", unit="layer", disable=not progress):
+    n_layers = len(moe.model.layers)
+    for i in tqdm(range(n_layers), desc="carve", unit="layer", disable=not progress):
+        if keeper is not None and keeper.is_done(i):
+            records.append(keeper.restore_layer(i, moe.model.layers[i]))
+            continue
+        if keeper is not None:
+            keeper.restore_inputs(runner)
         t0 = time.perf_counter()
         layer, dense_layer = moe.model.layers[i], dense.model.layers[i]
         block = layer.mlp
@@ -229,6 +240,8 @@ def carve_model(dense: nn.Module, tokens: torch.Tensor, spec: CarveSpec, progres
         runner.run(i, keep_outputs=True)
         rec["seconds"] = round(time.perf_counter() - t0, 2)
         records.append(rec)
+        if keeper is not None:
+            keeper.commit_layer(i, n_layers, layer, rec, runner)
         last = list(rec["errors"].items())[-1]
         log.info("layer %d: relative MLP error %s = %.4f (%.1f s)", i, last[0], last[1], rec["seconds"])
     moe.config.output_router_logits = False
@@ -274,6 +287,19 @@ class RoutingCounter:
         for h in self._handles:
             h.remove()
 
+    def state(self) -> dict[str, Any]:
+        """The counters (JSON-able; ``load`` continues from them exactly)."""
+        return {"counts": [c.tolist() for c in self.counts], "entropy": list(self.entropy), "tokens": list(self.tokens)}
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Continue from ``state()`` of an interrupted evaluation of the same model (inside ``with``)."""
+        if len(state["counts"]) != len(self.counts) or any(len(a) != c.numel() for a, c in zip(state["counts"],
+                                                                                               self.counts)):
+            raise MoequantError("stored routing counters do not fit this model's layers and experts")
+        self.counts = [torch.tensor(a, dtype=torch.long) for a in state["counts"]]
+        self.entropy = [float(v) for v in state["entropy"]]
+        self.tokens = [int(v) for v in state["tokens"]]
+
     def summary(self) -> list[dict[str, Any]]:
         out = []
         for c, ent, n in zip(self.counts, self.entropy, self.tokens):
@@ -294,19 +320,17 @@ def is_carve_build(path: Path) -> bool:
 
 def build_moe(source: str, out: Path, spec: CarveSpec, *, overwrite: bool = False, eval_tokens: int | None = None,
               evaluate: bool = True, eval_data: str = "ptb", alias: str | None = None, progress: bool = True,
-              dense_eval_from: Path | None = None) -> dict[str, Any]:
+              dense_eval_from: Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Carve ``source`` (zoo alias, HF directory, ``.gguf`` or hub id) into ``out`` and return the
     provenance written there as ``training.json``. ``eval_data`` (a corpus alias's test split, or a text
     file) is scored by the dense and the carved model; ``eval_tokens``: only its first N tokens.
     ``dense_eval_from``: an earlier build of the same source on the same text (its directory or ``training.json``)
     whose dense per-window losses are reused instead of scoring the dense model again (checked: source, text,
-    parameter count, windows and tokens)."""
-    from moequant.calib.data import calibration_tokens
-    from moequant.fsutil import AtomicDir, atomic_write_json, is_empty_dir
-    from moequant.models.loader import load_model
-    from moequant.runinfo import run_info
-    from moequant.zoo.carve.recover import distill
-    from moequant.zoo.manifest import write_manifest
+    parameter count, windows and tokens). The progress is kept beside ``out`` (``progress``: carved layers,
+    scored windows, the distillation's state); ``resume`` continues an interrupted build of the same job."""
+    from moequant.fsutil import AtomicDir, is_empty_dir
+    from moequant.models.loader import resolve_model_spec
+    from moequant.zoo.carve.progress import BuildProgress, build_fingerprint
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -314,49 +338,83 @@ def build_moe(source: str, out: Path, spec: CarveSpec, *, overwrite: bool = Fals
                                                                                   eval_data, eval_tokens)
     is_ours = lambda p: is_empty_dir(p) or is_carve_build(p)  # noqa: E731
     kind = "a previous carved build (its training.json) or an empty directory"
+    fp = build_fingerprint(resolve_model_spec(source), spec.to_dict(), {
+        "evaluate": evaluate, "data": _data_identity(eval_data) if evaluate else None, "max_tokens": eval_tokens,
+        "dense_eval_from": reused.where if reused is not None else None})
     with AtomicDir(out, overwrite=overwrite, what="--out", is_ours=is_ours, kind=kind) as tmp:
-        dense, tok, _ = load_model(source)
-        if reused is not None:  # before hours of carving
-            reused.check_dense(sum(p.numel() for p in dense.parameters()))
-        if tok is None:
-            raise MoequantError(f"{source}: no tokenizer; carving needs one for the calibration text")
-        for p in dense.parameters():
-            p.requires_grad_(False)
-        tokens = calibration_tokens(tok, spec.calib)  # [S, L]
-        t0 = time.perf_counter()
-        moe, layers, exact = carve_model(dense, tokens, spec, progress)
-        carve_s = time.perf_counter() - t0
-        rec: dict[str, Any] = {}
-        before = None
-        if spec.recover.steps:
-            if evaluate:  # the carved model before the distillation, on the same windows
-                before = evaluate_pair(dense, moe, tok, eval_tokens, progress, data=eval_data, reused=reused)
-            r = distill(moe, dense, recovery_tokens(tok, spec, tokens), spec.recover, progress)
-            rec = asdict(r)
-        inter = dense.model.layers[0].mlp.gate_proj.weight.shape[0]
-        prov: dict[str, Any] = {
-            "call": f"moequant.zoo.carve.build_moe({source!r}, {str(out)!r})",
-            "alias": alias, "source": source, "source_model_type": dense.config.model_type,
-            "spec": spec.to_dict(), "attention_exact": exact,
-            "active_fraction": active_fraction(inter, spec),
-            "parameters": {"dense": sum(p.numel() for p in dense.parameters()),
-                           "moe": sum(p.numel() for p in moe.parameters())},
-            "layers": layers, "recover": rec, "seconds": {"carve": round(carve_s, 1)},
-            **run_info([*sys.argv]),
-        }
-        if evaluate:
-            ev = evaluate_pair(dense, moe, tok, eval_tokens, progress, data=eval_data,
-                               base=before.pop("_base") if before else None, reused=reused)
-            ev.pop("_base")
-            if before:
-                ev["before_recover"] = {k: before[k] for k in ("ppl_moe", "ratio", "ratio_ci95", "seconds_moe",
-                                                              "routing", "nll_per_window_moe")}
-            prov["eval"] = ev
-        prov["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
-        moe.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        atomic_write_json(tmp / "training.json", prov)
-        write_manifest(tmp, {"carved_from": source, "arch": spec.arch})
+        keeper = BuildProgress.claim(out, fp, resume)
+        try:
+            prov = _build(source, out, tmp, spec, keeper, reused, eval_tokens=eval_tokens, evaluate=evaluate,
+                          eval_data=eval_data, alias=alias, progress=progress, t_start=t_start)
+        except BaseException:
+            keeper.release()
+            raise
+    keeper.remove()
+    return prov
+
+
+def _data_identity(data: str) -> Any:
+    """``data`` as the fingerprint holds it: a corpus alias by name, a text file by path, size and mtime."""
+    f = Path(data)
+    return {"path": str(f.resolve()), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} if f.is_file() \
+        else data
+
+
+def _build(source: str, out: Path, tmp: Path, spec: CarveSpec, keeper: "BuildProgress", reused: DenseEval | None, *,
+           eval_tokens: int | None, evaluate: bool, eval_data: str, alias: str | None, progress: bool,
+           t_start: float) -> dict[str, Any]:
+    """``build_moe``'s work, written into ``tmp``."""
+    from moequant.calib.data import calibration_tokens
+    from moequant.fsutil import atomic_write_json
+    from moequant.models.loader import load_model
+    from moequant.runinfo import run_info
+    from moequant.zoo.carve.recover import distill
+    from moequant.zoo.manifest import write_manifest
+
+    dense, tok, _ = load_model(source)
+    if reused is not None:  # before hours of carving
+        reused.check_dense(sum(p.numel() for p in dense.parameters()))
+    if tok is None:
+        raise MoequantError(f"{source}: no tokenizer; carving needs one for the calibration text")
+    for p in dense.parameters():
+        p.requires_grad_(False)
+    tokens = calibration_tokens(tok, spec.calib)  # [S, L]
+    keeper.check_tokens("calib_tokens", tokens)
+    t0 = time.perf_counter()
+    moe, layers, exact = carve_model(dense, tokens, spec, progress, keeper)
+    carve_s = time.perf_counter() - t0
+    rec: dict[str, Any] = {}
+    before = None
+    if spec.recover.steps:
+        if evaluate:  # the carved model before the distillation, on the same windows
+            before = evaluate_pair(dense, moe, tok, eval_tokens, progress, data=eval_data, reused=reused,
+                                   keeper=keeper, name="before")
+        r = distill(moe, dense, recovery_tokens(tok, spec, tokens), spec.recover, progress, keeper)
+        rec = asdict(r)
+    inter = dense.model.layers[0].mlp.gate_proj.weight.shape[0]
+    prov: dict[str, Any] = {
+        "call": f"moequant.zoo.carve.build_moe({source!r}, {str(out)!r})",
+        "alias": alias, "source": source, "source_model_type": dense.config.model_type,
+        "spec": spec.to_dict(), "attention_exact": exact,
+        "active_fraction": active_fraction(inter, spec),
+        "parameters": {"dense": sum(p.numel() for p in dense.parameters()),
+                       "moe": sum(p.numel() for p in moe.parameters())},
+        "layers": layers, "recover": rec, "seconds": {"carve": round(carve_s, 1)},
+        **run_info([*sys.argv]),
+    }
+    if evaluate:
+        ev = evaluate_pair(dense, moe, tok, eval_tokens, progress, data=eval_data,
+                           base=before.pop("_base") if before else None, reused=reused, keeper=keeper)
+        ev.pop("_base")
+        if before:
+            ev["before_recover"] = {k: before[k] for k in ("ppl_moe", "ratio", "ratio_ci95", "seconds_moe",
+                                                          "routing", "nll_per_window_moe")}
+        prov["eval"] = ev
+    prov["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
+    moe.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    atomic_write_json(tmp / "training.json", prov)
+    write_manifest(tmp, {"carved_from": source, "arch": spec.arch})
     return prov
 
 
@@ -375,16 +433,24 @@ def recovery_tokens(tok: Any, spec: CarveSpec, calib_tokens: torch.Tensor) -> to
 
 
 def _score(model: nn.Module, ids: torch.Tensor, max_tokens: int | None, bos: int | None, progress: bool,
-           routing: bool = False) -> tuple[Any, float, list[dict[str, Any]] | None]:
+           routing: bool = False, keep: "ScoreProgress | None" = None
+           ) -> tuple[Any, float, list[dict[str, Any]] | None]:
+    """(perplexity result, seconds, routing summary or None). ``keep``: the windows (and routing counters) an
+    interrupted build scored are not scored again; every batch is stored there."""
     from moequant.eval.perplexity import PplConfig, evaluate_perplexity
 
-    t0 = time.perf_counter()
-    if routing:
-        with RoutingCounter(model) as rc:
-            res = evaluate_perplexity(model, ids, PplConfig(max_tokens=max_tokens), bos, progress)
-        return res, round(time.perf_counter() - t0, 1), rc.summary()
-    return evaluate_perplexity(model, ids, PplConfig(max_tokens=max_tokens), bos, progress), \
-        round(time.perf_counter() - t0, 1), None
+    t0, before = time.perf_counter(), keep.seconds if keep is not None else 0.0
+    with RoutingCounter(model) if routing else contextlib.nullcontext() as rc:
+        if keep is not None and keep.routing is not None and rc is not None:
+            rc.load(keep.routing)
+
+        def on_batch(scored: dict[int, float]) -> None:
+            keep.save(scored, rc.state() if rc is not None else None, before + time.perf_counter() - t0)
+
+        res = evaluate_perplexity(model, ids, PplConfig(max_tokens=max_tokens), bos, progress,
+                                  done=keep.nll if keep is not None else None,
+                                  on_batch=on_batch if keep is not None else None)
+    return res, round(before + time.perf_counter() - t0, 1), rc.summary() if rc is not None else None
 
 
 @dataclass(frozen=True)
@@ -449,20 +515,24 @@ def read_dense_eval(path: Path, source: str, data: str, max_tokens: int | None) 
 
 
 def evaluate_pair(dense: nn.Module, moe: nn.Module, tok: Any, max_tokens: int | None, progress: bool,
-                  data: str = "ptb", base: tuple[Any, float] | None = None, reused: DenseEval | None = None
-                  ) -> dict[str, Any]:
+                  data: str = "ptb", base: tuple[Any, float] | None = None, reused: DenseEval | None = None,
+                  keeper: "BuildProgress | None" = None, name: str = "moe") -> dict[str, Any]:
     """Perplexity of both models on the same windows of ``data`` (test split), the paired ratio CI, and
     the carved model's routing statistics. ``base``: the dense model's (result, seconds) already scored;
-    ``reused``: its losses from an earlier build (then ``seconds_dense`` is None and ``dense_eval_from`` names it)."""
+    ``reused``: its losses from an earlier build (then ``seconds_dense`` is None and ``dense_eval_from`` names it).
+    ``keeper``: the build's progress, where the scores are kept batch by batch (the carved model's as ``name``)."""
     from moequant.eval.bootstrap import paired_ppl
-    from moequant.zoo.corpora import tokenize_corpus
-    from moequant.zoo.corpora import load_text
+    from moequant.zoo.corpora import load_text, tokenize_corpus
 
     ids = tokenize_corpus(tok, load_text(data, "test"))
+    if keeper is not None:
+        keeper.check_tokens("eval_tokens", ids)
     if base is None and reused is None:
-        b, b_s, _ = _score(dense, ids, max_tokens, tok.bos_token_id, progress)
+        b, b_s, _ = _score(dense, ids, max_tokens, tok.bos_token_id, progress,
+                           keep=keeper.score("dense") if keeper is not None else None)
         base = (b, b_s)
-    res, r_s, routing = _score(moe, ids, max_tokens, tok.bos_token_id, progress, routing=True)
+    res, r_s, routing = _score(moe, ids, max_tokens, tok.bos_token_id, progress, routing=True,
+                               keep=keeper.score(name) if keeper is not None else None)
     if base is None:
         base = (reused.result(res), None)
     b, b_s = base

@@ -21,12 +21,16 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moequant.errors import MoequantError
+
+if TYPE_CHECKING:
+    from moequant.zoo.carve.progress import BuildProgress
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +96,11 @@ class RecoverResult:
 
 
 def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor, settings: RecoverSettings,
-            progress: bool = True) -> RecoverResult:
-    """Train ``student``'s chosen groups for ``settings.steps`` on windows cut from ``tokens [S, L]``."""
+            progress: bool = True, keeper: "BuildProgress | None" = None) -> RecoverResult:
+    """Train ``student``'s chosen groups for ``settings.steps`` on windows cut from ``tokens [S, L]``. ``keeper``:
+    the build's progress; an interrupted distillation continues from its stored state (trained tensors, AdamW's
+    state, the batch generator, the losses: the same weights as an uninterrupted run), and the state is stored
+    every ``keeper.save_seconds`` and after the last step."""
     from tqdm.auto import tqdm
 
     if tokens.shape[1] < settings.seqlen:
@@ -118,9 +125,16 @@ def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor, settin
     teacher.eval()
     student.train()
     hist: list[float] = []
-    t0 = time.perf_counter()
+    trained = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    start, before = 0, 0.0
+    stored = keeper.load_recover() if keeper is not None else None
+    if stored is not None:
+        start, before, hist = _restore(stored, trained, opt, g, settings.steps)
+        log.info("--resume: the distillation continues from step %d of %d", start, settings.steps)
+    t0 = last_save = time.perf_counter()
     try:
-        for step in tqdm(range(settings.steps), desc="recover", unit="step", disable=not progress):
+        for step in tqdm(range(start, settings.steps), desc="recover", unit="step", disable=not progress,
+                         initial=start, total=settings.steps):
             idx = torch.randint(0, windows.shape[0], (settings.batch,), generator=g)
             ids = windows[idx]  # [b, l]
             with torch.no_grad():
@@ -135,12 +149,36 @@ def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor, settin
             opt.step()
             hist.append(float(loss.detach()))
             del t_logp, s_logp, loss
+            now = time.perf_counter()
+            if keeper is not None and (now - last_save >= keeper.save_seconds or step + 1 == settings.steps):
+                keeper.save_recover({"step": step + 1, "seconds": before + now - t0, "history": list(hist),
+                                     "generator": g.get_state(), "optimizer": opt.state_dict(),
+                                     "trained": {n: p.detach().clone() for n, p in trained.items()}})
+                last_save = now
     finally:
         student.eval()
         for p in student.parameters():
             p.requires_grad_(False)
             p.grad = None
     tail = hist[-max(1, len(hist) // 10):] if hist else [float("nan")]
-    return RecoverResult(steps=settings.steps, seconds=round(time.perf_counter() - t0, 1),
+    return RecoverResult(steps=settings.steps, seconds=round(before + time.perf_counter() - t0, 1),
                          kl_first=hist[0] if hist else float("nan"), kl_last=sum(tail) / len(tail),
                          trained_parameters=n_train, history=[round(h, 5) for h in hist])
+
+
+def _restore(stored: dict[str, Any], trained: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
+             g: torch.Generator, steps: int) -> tuple[int, float, list[float]]:
+    """Put a stored distillation state back (``distill``'s ``keeper``): (next step, seconds so far, losses)."""
+    try:
+        if sorted(stored["trained"]) != sorted(trained) or stored["step"] > steps or \
+                any(stored["trained"][n].shape != p.shape for n, p in trained.items()):
+            raise ValueError("other trained tensors or steps")
+        with torch.no_grad():
+            for n, p in trained.items():
+                p.copy_(stored["trained"][n])
+        opt.load_state_dict(stored["optimizer"])
+        g.set_state(stored["generator"])
+        return int(stored["step"]), float(stored["seconds"]), [float(v) for v in stored["history"]]
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise MoequantError(f"the stored distillation state does not fit this build ({e}); remove the build's "
+                            "progress directory to start over") from None
