@@ -339,3 +339,4 @@ def test_an_interrupted_build_resumes_to_the_same_model_and_figures(tmp_path, mo
     assert pa["eval"]["before_recover"]["routing"] == pb["eval"]["before_recover"]["routing"]
     assert pa["recover"]["history"] == pb["recover"]["history"] and len(pa["recover"]["history"]) == 4
     assert [r["errors"] for r in pa["layers"]] == [r["errors"] for r in pb["layers"]]
+    assert pb["resumed"] is True and pa["resumed"] is False

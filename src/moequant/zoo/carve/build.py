@@ -326,8 +326,11 @@ def build_moe(source: str, out: Path, spec: CarveSpec, *, overwrite: bool = Fals
     file) is scored by the dense and the carved model; ``eval_tokens``: only its first N tokens.
     ``dense_eval_from``: an earlier build of the same source on the same text (its directory or ``training.json``)
     whose dense per-window losses are reused instead of scoring the dense model again (checked: source, text,
-    parameter count, windows and tokens). The progress is kept beside ``out`` (``progress``: carved layers,
-    scored windows, the distillation's state); ``resume`` continues an interrupted build of the same job."""
+    parameter count, windows and tokens). The work done so far is kept beside ``out`` (``zoo.carve.progress``:
+    carved layers, scored windows, the distillation's state); ``resume`` continues an interrupted build of the same
+    job (``training.json`` then says ``resumed``; a layer's seconds are those of the run that carved it, a score's
+    and the distillation's the sum over the runs,
+    ``seconds.carve`` and ``seconds.total`` this process's only)."""
     from moequant.fsutil import AtomicDir, is_empty_dir
     from moequant.models.loader import resolve_model_spec
     from moequant.zoo.carve.progress import BuildProgress, build_fingerprint
@@ -399,7 +402,7 @@ def _build(source: str, out: Path, tmp: Path, spec: CarveSpec, keeper: "BuildPro
         "active_fraction": active_fraction(inter, spec),
         "parameters": {"dense": sum(p.numel() for p in dense.parameters()),
                        "moe": sum(p.numel() for p in moe.parameters())},
-        "layers": layers, "recover": rec, "seconds": {"carve": round(carve_s, 1)},
+        "layers": layers, "recover": rec, "seconds": {"carve": round(carve_s, 1)}, "resumed": keeper.resumed,
         **run_info([*sys.argv]),
     }
     if evaluate:

@@ -97,9 +97,10 @@ class BuildProgress:
     for the layers an interrupted build finished), ``score`` per evaluation, ``save_recover`` / ``load_recover``
     for the distillation; ``remove`` once the output is in place, ``release`` after a failure."""
 
-    def __init__(self, work: Path, job: dict[str, Any], done: list[int]) -> None:
+    def __init__(self, work: Path, job: dict[str, Any], done: list[int], resumed: bool = False) -> None:
         self.work = Path(work)
         self.job = job
+        self.resumed = resumed  # an interrupted build's directory was taken over
         self.done = set(done)
         self._act_layer = max(done) if done else None  # the layer whose act/ feeds the next one
         self._act_pending = self._act_layer is not None
@@ -114,7 +115,7 @@ class BuildProgress:
         done = finished_layers(work)
         log.info("--resume: %s: %d carved layers, %d scores and %s distillation state kept", work, len(done),
                  len(list(work.glob("score-*.json"))), "a" if (work / RECOVER_FILE).is_file() else "no")
-        return cls(work, job, done)
+        return cls(work, job, done, resumed=True)
 
     def check_tokens(self, key: str, tokens: torch.Tensor) -> None:
         """Record the digest of the token windows ``key`` (``calib_tokens``, ``eval_tokens``), or check it."""
