@@ -234,9 +234,11 @@ def record_tokens_digest(work: Path, job: dict[str, Any], key: str, tokens: torc
 
 # -------------------------------------------------------------------------------------------- progress
 
-class RunProgress:
-    """The work directory of one run: claimed with ``claim``, one ``commit`` per finished layer,
-    ``restore_*`` for the layers a resumed run skips, ``remove`` on success."""
+class LayerProgress:
+    """A work directory that keeps a layer-by-layer job: ``layer-00000/``, ... (``tensors.safetensors``,
+    ``layer.json``, ``act/``: the hidden states entering the next layer, kept for the latest layer only), each
+    made under a temp name and renamed into place. ``RunProgress`` (quantize) and the carving build's progress
+    add what their job stores besides."""
 
     def __init__(self, work: Path, job: dict[str, Any], done: list[int]) -> None:
         self.work = Path(work)
@@ -244,6 +246,67 @@ class RunProgress:
         self.done = set(done)  # finished layers 0..k
         self._act_layer = max(done) if done else None  # the layer whose act/ feeds the next one
         self._act_pending = self._act_layer is not None
+
+    def is_done(self, layer: int) -> bool:
+        return layer in self.done
+
+    def _layer_dir(self, layer: int) -> Path:
+        return self.work / f"layer-{layer:05d}"
+
+    def layer_info(self, layer: int) -> dict[str, Any]:
+        path = self._layer_dir(layer) / LAYER_FILE
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise MoequantError(f"{path}: unreadable ({type(e).__name__}); remove {self.work} to start over") from None
+
+    def store_layer(self, layer: int, n_layers: int, tensors: dict[str, torch.Tensor], info: dict[str, Any],
+                    runner: "LayerwiseRunner | None") -> None:
+        """Store finished ``layer``: ``tensors``, ``info`` (plus the layer, the layer count and the activation
+        spec) and, if another layer follows, the runner's inputs of the next layer, in one rename; then drop the
+        previous layer's activations."""
+        from safetensors.torch import save_file
+
+        tmp = make_temp_dir(self.work, f"layer-{layer:05d}")
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS_FILE))
+            _fsync(tmp / TENSORS_FILE)
+            act = runner.save_inputs(tmp / ACT_DIR) if runner is not None and layer < n_layers - 1 else None
+            atomic_write_json(tmp / LAYER_FILE, {"layer": layer, "layers": n_layers, **info, "act": act},
+                              sort_keys=False)
+            os.rename(tmp, self._layer_dir(layer))
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM) or failed: no half-written layer stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_dir(self.work)
+        self.done.add(layer)
+        if self._act_layer is not None and self._act_layer != layer:
+            shutil.rmtree(self._layer_dir(self._act_layer) / ACT_DIR, ignore_errors=True)
+        self._act_layer = layer if act is not None else None
+        self._act_pending = False
+
+    def restore_inputs(self, runner: "LayerwiseRunner | None") -> None:
+        """Once, before the first layer a resumed job works on: the runner's inputs become the activations
+        stored with the last finished layer."""
+        if not self._act_pending or runner is None:
+            return
+        info = self.layer_info(self._act_layer)
+        if not info.get("act"):
+            raise MoequantError(f"{self._layer_dir(self._act_layer)}: no calibration activations stored; remove "
+                                f"{self.work} to start over")
+        runner.load_inputs(self._layer_dir(self._act_layer) / ACT_DIR, info["act"])
+        self._act_pending = False
+
+    def remove(self) -> None:
+        remove_work_dir(self.work)
+
+
+class RunProgress(LayerProgress):
+    """The work directory of one run: claimed with ``claim``, one ``commit`` per finished layer,
+    ``restore_*`` for the layers a resumed run skips, ``remove`` on success."""
+
+    def __init__(self, work: Path, job: dict[str, Any], done: list[int]) -> None:
+        super().__init__(work, job, done)
         self.committed = 0
 
     @classmethod
@@ -262,44 +325,19 @@ class RunProgress:
         """Record the calibration windows' digest, or check it against the recorded one."""
         record_tokens_digest(self.work, self.job, "calib_tokens", tokens)
 
-    def is_done(self, layer: int) -> bool:
-        return layer in self.done
-
     # --- writing ---------------------------------------------------------------------------------
 
     def commit(self, layer: int, n_layers: int, tensors: dict[str, torch.Tensor], metas: dict[str, Any],
                records: dict[str, Any], runner: "LayerwiseRunner | None") -> None:
-        """Store finished ``layer`` (its checkpoint tensors, metas, report records and, if another layer
-        follows, the runner's activations) in one rename; then drop the previous layer's activations."""
-        from safetensors.torch import save_file
-
-        tmp = make_temp_dir(self.work, f"layer-{layer:05d}")
-        try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS_FILE))
-            _fsync(tmp / TENSORS_FILE)
-            act = runner.save_inputs(tmp / ACT_DIR) if runner is not None and layer < n_layers - 1 else None
-            info = {"layer": layer, "layers": n_layers, "keys": list(tensors), "metas": metas, "records": records,
-                    "act": act}
-            atomic_write_json(tmp / LAYER_FILE, info, sort_keys=False)
-            os.rename(tmp, self._layer_dir(layer))
-        except BaseException:  # interrupted (Ctrl-C, SIGTERM) or failed: no half-written layer stays
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        fsync_dir(self.work)
-        self.done.add(layer)
+        """Store finished ``layer``: its checkpoint tensors, metas, report records and the activations."""
+        self.store_layer(layer, n_layers, tensors, {"keys": list(tensors), "metas": metas, "records": records},
+                         runner)
         self.committed += 1
-        if self._act_layer is not None and self._act_layer != layer:
-            shutil.rmtree(self._layer_dir(self._act_layer) / ACT_DIR, ignore_errors=True)
-        self._act_layer = layer if act is not None else None
-        self._act_pending = False
 
     def store_embed_head_records(self, report: QuantReport) -> None:
         """The report records of the embeddings and the head (``kind`` embedding / head)."""
         records = [asdict(r) for r in report.tensors if r.kind in ("embedding", "head")]
         atomic_write_json(self.work / EMBED_HEAD_FILE, {"tensors": records}, sort_keys=False)
-
-    def remove(self) -> None:
-        remove_work_dir(self.work)
 
     def release(self) -> None:
         """After a failure: keep the progress if a layer was stored, else remove the directory."""
@@ -310,16 +348,6 @@ class RunProgress:
             self.remove()
 
     # --- reading ---------------------------------------------------------------------------------
-
-    def _layer_dir(self, layer: int) -> Path:
-        return self.work / f"layer-{layer:05d}"
-
-    def layer_info(self, layer: int) -> dict[str, Any]:
-        path = self._layer_dir(layer) / LAYER_FILE
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise MoequantError(f"{path}: unreadable ({type(e).__name__}); remove {self.work} to start over") from None
 
     def layer_tensors(self, layer: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors in their stored order, metas) of finished ``layer``."""
@@ -343,18 +371,6 @@ class RunProgress:
         add_records(report, records)
         stored = records.get("layers") or [{"layer": layer, "seconds": None}]
         report.layers.extend(LayerRecord(r["layer"], r["seconds"], restored=True) for r in stored)
-
-    def restore_inputs(self, runner: "LayerwiseRunner | None") -> None:
-        """Once, before the first layer a resumed run quantizes: the runner's inputs become the
-        activations stored with the last finished layer."""
-        if not self._act_pending or runner is None:
-            return
-        info = self.layer_info(self._act_layer)
-        if not info.get("act"):
-            raise MoequantError(f"{self._layer_dir(self._act_layer)}: no calibration activations stored; remove "
-                                f"{self.work} to start over")
-        runner.load_inputs(self._layer_dir(self._act_layer) / ACT_DIR, info["act"])
-        self._act_pending = False
 
 
 def remove_work_dir(work: Path) -> None:

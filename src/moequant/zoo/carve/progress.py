@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,9 +32,9 @@ import torch
 from torch import nn
 
 from moequant.errors import MoequantError
-from moequant.fsutil import atomic_write_json, fsync_dir, make_temp_dir, temp_name
-from moequant.resume import (ACT_DIR, LAYER_FILE, TENSORS_FILE, claim_work_dir, finished_layers, read_job,
-                             record_tokens_digest, remove_work_dir, source_files)
+from moequant.fsutil import atomic_write_json, fsync_dir, temp_name
+from moequant.resume import (TENSORS_FILE, LayerProgress, claim_work_dir, finished_layers, read_job,
+                             record_tokens_digest, source_files)
 
 if TYPE_CHECKING:
     from moequant.calib.runner import LayerwiseRunner
@@ -92,18 +91,14 @@ class ScoreProgress:
                                       "seconds": seconds}, sort_keys=False)
 
 
-class BuildProgress:
+class BuildProgress(LayerProgress):
     """The work directory of one build: ``claim``, then per carved layer ``commit_layer`` (or ``restore_layer``
     for the layers an interrupted build finished), ``score`` per evaluation, ``save_recover`` / ``load_recover``
     for the distillation; ``remove`` once the output is in place, ``release`` after a failure."""
 
     def __init__(self, work: Path, job: dict[str, Any], done: list[int], resumed: bool = False) -> None:
-        self.work = Path(work)
-        self.job = job
+        super().__init__(work, job, done)
         self.resumed = resumed  # an interrupted build's directory was taken over
-        self.done = set(done)
-        self._act_layer = max(done) if done else None  # the layer whose act/ feeds the next one
-        self._act_pending = self._act_layer is not None
         self.save_seconds = SAVE_SECONDS
 
     @classmethod
@@ -123,42 +118,10 @@ class BuildProgress:
 
     # --- carving ---------------------------------------------------------------------------------
 
-    def _layer_dir(self, layer: int) -> Path:
-        return self.work / f"layer-{layer:05d}"
-
-    def is_done(self, layer: int) -> bool:
-        return layer in self.done
-
     def commit_layer(self, layer: int, n_layers: int, module: nn.Module, record: dict[str, Any],
                      runner: "LayerwiseRunner") -> None:
-        """Store carved ``layer`` (its state, its record and, if a layer follows, the runner's inputs of the next
-        layer) in one rename; then drop the previous layer's activations."""
-        from safetensors.torch import save_file
-
-        tmp = make_temp_dir(self.work, f"layer-{layer:05d}")
-        try:
-            state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-            save_file(state, str(tmp / TENSORS_FILE))
-            act = runner.save_inputs(tmp / ACT_DIR) if layer < n_layers - 1 else None
-            atomic_write_json(tmp / LAYER_FILE, {"layer": layer, "layers": n_layers, "record": record, "act": act},
-                              sort_keys=False)
-            os.rename(tmp, self._layer_dir(layer))
-        except BaseException:  # interrupted or failed: no half-written layer stays
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        fsync_dir(self.work)
-        self.done.add(layer)
-        if self._act_layer is not None and self._act_layer != layer:
-            shutil.rmtree(self._layer_dir(self._act_layer) / ACT_DIR, ignore_errors=True)
-        self._act_layer = layer if act is not None else None
-        self._act_pending = False
-
-    def _layer_info(self, layer: int) -> dict[str, Any]:
-        path = self._layer_dir(layer) / LAYER_FILE
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise MoequantError(f"{path}: unreadable ({type(e).__name__}); remove {self.work} to start over") from None
+        """Store carved ``layer``: its whole state, its record and the runner's inputs of the next layer."""
+        self.store_layer(layer, n_layers, module.state_dict(), {"record": record}, runner)
 
     def restore_layer(self, layer: int, module: nn.Module) -> dict[str, Any]:
         """Load carved ``layer``'s stored state into ``module``; returns its record."""
@@ -167,24 +130,11 @@ class BuildProgress:
 
         path = self._layer_dir(layer) / TENSORS_FILE
         try:
-            state = load_file(str(path))
-            module.load_state_dict(state, strict=True)
+            module.load_state_dict(load_file(str(path)), strict=True)
         except (OSError, SafetensorError, RuntimeError) as e:
             raise MoequantError(f"{path}: does not fit layer {layer} ({str(e).splitlines()[0]}); remove {self.work} "
                                 "to start over") from None
-        return self._layer_info(layer)["record"]
-
-    def restore_inputs(self, runner: "LayerwiseRunner") -> None:
-        """Once, before the first layer a resumed build carves: the runner's inputs become the activations stored
-        with the last carved layer."""
-        if not self._act_pending:
-            return
-        info = self._layer_info(self._act_layer)
-        if not info.get("act"):
-            raise MoequantError(f"{self._layer_dir(self._act_layer)}: no activations stored; remove {self.work} "
-                                "to start over")
-        runner.load_inputs(self._layer_dir(self._act_layer) / ACT_DIR, info["act"])
-        self._act_pending = False
+        return self.layer_info(layer)["record"]
 
     # --- scores and the distillation -------------------------------------------------------------
 
@@ -213,9 +163,6 @@ class BuildProgress:
             raise MoequantError(f"{path}: unreadable ({type(e).__name__}); remove {self.work} to start over") from None
 
     # --- end -------------------------------------------------------------------------------------
-
-    def remove(self) -> None:
-        remove_work_dir(self.work)
 
     def release(self) -> None:
         """After a failure: keep what was stored (a layer, a score, the distillation state), else remove it."""
