@@ -5,8 +5,9 @@ uses, for one source model, by running the real ``moequant zoo build moe`` once 
         --eval-tokens 16384 --json benchmarks/results/carve_curve_smollm2-135m.json
 
 A setting is ``EXPERTS:TOP_K:SHARED_FRACTION`` (Qwen2-MoE, no recovery distillation unless
-``--recover-steps``). Each build's ``training.json`` is kept under ``--work``; reruns reuse finished builds, and every build after the
-first reuses the first one's dense per-window losses (``--dense-eval-from``: the dense model is scored once).
+``--recover-steps``). Each build's ``training.json`` is kept under ``--work``; reruns reuse finished builds and
+continue an interrupted one (``zoo build --resume``: from its last carved layer or scored batch), and every build
+after the first reuses the first one's dense per-window losses (``--dense-eval-from``: the dense model is scored once).
 The JSON keeps, per setting, the command, active fraction, dense / MoE perplexity with the paired CI,
 per-layer MLP errors and build time.
 """
@@ -53,7 +54,7 @@ def main() -> int:
         if not (out / "training.json").is_file():
             log.info("$ %s", " ".join(cmd))
             t0 = time.time()
-            subprocess.run(cmd, check=True)
+            subprocess.run(cmd + ["--resume"], check=True)  # --resume: an interrupted build's progress, if any
             log.info("%.0f s", time.time() - t0)
         prov = json.loads((out / "training.json").read_text())
         ev = prov["eval"]
