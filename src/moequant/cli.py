@@ -462,8 +462,11 @@ def _zoo_build_carved(args: argparse.Namespace) -> int:
         preset = CARVE_PRESETS[args.alias]
         source, spec, alias = preset.source, preset.spec, preset.alias
         out = Path(args.out) if args.out else cache_root() / "models" / alias
-    check_output(out, args.overwrite, "--out", is_ours=lambda p: is_empty_dir(p) or is_carve_build(p),
-                 kind="a previous carved build (its training.json) or an empty directory")
+    from moequant.zoo.carve.progress import build_work_dir
+
+    if not (args.resume and build_work_dir(out).is_dir()):  # else: perhaps stopped after the output was in place
+        check_output(out, args.overwrite, "--out", is_ours=lambda p: is_empty_dir(p) or is_carve_build(p),
+                     kind="a previous carved build (its training.json) or an empty directory")
 
     def run() -> dict:
         return build_moe(source, out, spec, overwrite=args.overwrite, eval_tokens=args.eval_tokens,

@@ -340,3 +340,13 @@ def test_an_interrupted_build_resumes_to_the_same_model_and_figures(tmp_path, mo
     assert pa["recover"]["history"] == pb["recover"]["history"] and len(pa["recover"]["history"]) == 4
     assert [r["errors"] for r in pa["layers"]] == [r["errors"] for r in pb["layers"]]
     assert pb["resumed"] is True and pa["resumed"] is False
+    # stopped after the output was in place, before its progress was removed: --resume only removes the progress
+    model_bytes = (tmp_path / "resumed" / "model.safetensors").read_bytes()
+    with monkeypatch.context() as m:
+        m.setattr(P.BuildProgress, "remove", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert main(args("again")) == 130
+    assert (tmp_path / "again" / "training.json").is_file() and P.build_work_dir(tmp_path / "again").is_dir()
+    assert main(args("again")) == 2  # exists
+    assert main(args("again") + ["--resume"]) == 0
+    assert not P.build_work_dir(tmp_path / "again").exists()
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == model_bytes

@@ -344,6 +344,8 @@ def build_moe(source: str, out: Path, spec: CarveSpec, *, overwrite: bool = Fals
     fp = build_fingerprint(resolve_model_spec(source), spec.to_dict(), {
         "evaluate": evaluate, "data": _data_identity(eval_data) if evaluate else None, "max_tokens": eval_tokens,
         "dense_eval_from": reused.where if reused is not None else None})
+    if resume and (done := BuildProgress.kept_after_finish(out, fp)) is not None:
+        return done
     with AtomicDir(out, overwrite=overwrite, what="--out", is_ours=is_ours, kind=kind) as tmp:
         keeper = BuildProgress.claim(out, fp, resume)
         try:

@@ -112,6 +112,26 @@ class BuildProgress(LayerProgress):
                  len(list(work.glob("score-*.json"))), "a" if (work / RECOVER_FILE).is_file() else "no")
         return cls(work, job, done, resumed=True)
 
+    @staticmethod
+    def kept_after_finish(out: Path, fp: dict[str, Any]) -> dict[str, Any] | None:
+        """A build stopped after its output was in place but before its work directory was removed: that
+        directory goes and the output's ``training.json`` is returned; None when this is not that case (no work
+        directory, no finished output, another job's progress). A live owner is refused as by ``claim``."""
+        from moequant.fsutil import read_json_object
+        from moequant.resume import check_work_dir, fingerprint_diff, remove_work_dir
+
+        work = build_work_dir(out)
+        prov = read_json_object(Path(out) / "training.json")
+        if not work.is_dir() or prov is None:
+            return None
+        check_work_dir(out, True, work, "build")
+        kept = {k: v for k, v in read_job(work)["fingerprint"].items() if not k.endswith("_tokens")}
+        if fingerprint_diff(kept, fp):
+            return None
+        log.info("--resume: %s was written before the build stopped; removing its progress %s", out, work)
+        remove_work_dir(work)
+        return prov
+
     def check_tokens(self, key: str, tokens: torch.Tensor) -> None:
         """Record the digest of the token windows ``key`` (``calib_tokens``, ``eval_tokens``), or check it."""
         record_tokens_digest(self.work, self.job, key, tokens)
