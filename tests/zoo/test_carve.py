@@ -350,3 +350,13 @@ def test_an_interrupted_build_resumes_to_the_same_model_and_figures(tmp_path, mo
     assert main(args("again") + ["--resume"]) == 0
     assert not P.build_work_dir(tmp_path / "again").exists()
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == model_bytes
+    # an --overwrite of a finished build of the same job, interrupted: --resume continues it (not the old build)
+    with monkeypatch.context() as m:
+        def commit_then_stop(self, *a, **k):
+            real["commit_layer"](self, *a, **k)
+            raise KeyboardInterrupt
+
+        m.setattr(P.BuildProgress, "commit_layer", commit_then_stop)
+        assert main(args("again") + ["--overwrite"]) == 130
+    assert main(args("again") + ["--overwrite", "--resume"]) == 0
+    assert json.loads((tmp_path / "again" / "training.json").read_text())["resumed"] is True

@@ -125,6 +125,9 @@ class BuildProgress(LayerProgress):
         if not work.is_dir() or prov is None:
             return None
         check_work_dir(out, True, work, "build")
+        # written by this job, after all its progress (not an older build that an interrupted --overwrite replaces)
+        if (Path(out) / "training.json").stat().st_mtime_ns < max(p.stat().st_mtime_ns for p in [work, *work.iterdir()]):
+            return None
         kept = {k: v for k, v in read_job(work)["fingerprint"].items() if not k.endswith("_tokens")}
         if fingerprint_diff(kept, fp):
             return None
