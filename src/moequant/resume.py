@@ -40,6 +40,7 @@ from torch import nn
 from moequant.errors import MoequantError
 from moequant.fsutil import atomic_write_json, clean_stale, fsync_dir, host_tag, make_temp_dir, pid_alive, temp_name
 from moequant.report import LayerRecord, QuantReport, StarvedRecord, TensorRecord
+from moequant.runinfo import add_job_run
 
 if TYPE_CHECKING:
     from moequant.calib.runner import LayerwiseRunner
@@ -202,12 +203,13 @@ def claim_work_dir(work: Path, out: Path, fp: dict[str, Any], resume: bool, what
             raise MoequantError(f"--resume: {work} was made by a different job ({'; '.join(diff)}); rerun "
                                 "with the same model and options, or remove that directory to start over")
         job["owner"] = _owner()
+        job["runs"] = add_job_run(job.get("runs"), True, work)
         atomic_write_json(work / JOB_FILE, job)
         clean_stale(work)
         return job
     if resume:
         log.info("--resume: no progress in %s, starting from the first layer", work)
-    job = {"fingerprint": dict(fp), "owner": _owner()}
+    job = {"fingerprint": dict(fp), "owner": _owner(), "runs": add_job_run(None, False, work)}
     tmp = make_temp_dir(work.parent, work.name)
     atomic_write_json(tmp / JOB_FILE, job)
     try:

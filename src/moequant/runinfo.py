@@ -1,13 +1,23 @@
-"""What every JSON result records: the command, package versions and the machine."""
+"""What every JSON result records: the command, package versions, the machine, and the code that ran it
+(``code_sha256``: a digest of moequant's own source files, known where git is not — a copy of the tree, a wheel).
+A resumable job (quantize, a carving build, ``eval ppl``, finetune) also keeps one entry per process that worked
+on it (``add_job_run``), so a result finished by a resume after the code changed says so (``job_runs``)."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import logging
 import os
 import platform
 import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
+CODE_SUFFIXES = (".py", ".cpp", ".c", ".h")  # what ``code_sha256`` reads: the source that runs
 
 def versions() -> dict[str, str]:
     import importlib.metadata as md
@@ -50,8 +60,65 @@ def git_commit() -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
+def code_sha256(root: Path | None = None) -> str:
+    """SHA-256 over the moequant package's source files (``CODE_SUFFIXES``, ``__pycache__`` skipped) under ``root``
+    (default: the package in use): each file's path relative to ``root``, its size and its bytes, in the order of
+    the paths as strings.
+    Two copies of the same tree give the same digest wherever they lie; any edit, addition, removal or rename of a
+    source file changes it."""
+    return _tree_sha256(Path(root)) if root is not None else _package_sha256()
+
+
+@functools.lru_cache(maxsize=1)
+def _package_sha256() -> str:  # once per process: the code it imported
+    return _tree_sha256(Path(__file__).resolve().parent)
+
+
+def _tree_sha256(root: Path) -> str:
+    files = {p.relative_to(root).as_posix(): p for p in root.rglob("*")
+             if p.suffix in CODE_SUFFIXES and p.is_file() and "__pycache__" not in p.relative_to(root).parts}
+    return code_digest((name, files[name].read_bytes()) for name in sorted(files))
+
+
+def code_digest(files: Any) -> str:
+    """``code_sha256``'s formula over ``(relative posix path, bytes)`` pairs given in sorted path order (also
+    computed from a git commit's blobs by ``benchmarks/code_commit.py``)."""
+    h = hashlib.sha256()
+    for name, data in files:
+        h.update(f"{name}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
 def run_info(argv: list[str] | None = None) -> dict[str, Any]:
-    return {"command": command_line(argv), "versions": versions(), "machine": machine(), "git": git_commit()}
+    return {"command": command_line(argv), "versions": versions(), "machine": machine(), "git": git_commit(),
+            "code_sha256": code_sha256()}
+
+
+def add_job_run(runs: Any, resumed: bool, where: str | Path) -> list[dict[str, Any]]:
+    """The processes that worked on a resumable job (kept with its progress), this one appended: when it started,
+    ``code_sha256`` and ``git``. A resumed job whose record predates this list starts with an unknown entry. Warns
+    when the previous process ran other code: what it kept was made by that code, and the result will list both."""
+    import datetime
+
+    runs = [dict(r) for r in runs if isinstance(r, dict)] if isinstance(runs, list) else []
+    if resumed and not runs:
+        runs = [{"started": None, "code_sha256": None, "git": None}]
+    me = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "code_sha256": code_sha256(), "git": git_commit()}
+    if runs and runs[-1].get("code_sha256") != me["code_sha256"]:
+        before = runs[-1].get("code_sha256")
+        log.warning("--resume: %s was left by other moequant code (code_sha256 %s, now %s): what it kept was made by "
+                    "that code; the result lists every run's code (job_runs)", where,
+                    before[:12] if isinstance(before, str) else "unknown", me["code_sha256"][:12])
+    return [*runs, me]
+
+
+def job_runs(job: dict[str, Any]) -> dict[str, Any]:
+    """``{"job_runs": [...]}`` for a result that more than one process worked on (``job["runs"]``, as
+    ``add_job_run`` keeps them), else ``{}``."""
+    runs = job.get("runs")
+    return {"job_runs": runs} if isinstance(runs, list) and len(runs) > 1 else {}
 
 
 def peak_rss_bytes() -> int:

@@ -17,7 +17,7 @@ from moequant.calib.data import CalibData
 from moequant.errors import MoequantError
 from moequant.exact_gguf import source_gguf
 from moequant.layerwise import HessianConfig
-from moequant.runinfo import RssSampler, current_rss_bytes, peak_rss_bytes, run_info
+from moequant.runinfo import RssSampler, add_job_run, current_rss_bytes, job_runs, peak_rss_bytes, run_info
 from moequant.solvers.config import SolverConfig
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def _quantize(job: QuantizeJob, resolved: Any, progress: Any, argv: list[str] | 
         # offload only: RSS when the layer loop starts and the highest RSS sampled during it
         "rss_start_quantize_bytes": rss_start if job.offload else None,
         "peak_rss_quantize_bytes": sampler.peak_bytes if job.offload else None,
-        "seconds": {"load": round(t_load, 2), "quantize": round(t_quant, 2)}}, argv)
+        "seconds": {"load": round(t_load, 2), "quantize": round(t_quant, 2)}, **job_runs(progress.job)}, argv)
     atomic_write_json(job.out / "report.json", result)
     return result
 
@@ -175,8 +175,9 @@ def _finish_saved_run(job: QuantizeJob, argv: list[str] | None) -> dict[str, Any
         result = QuantizeReportJson.from_dict(json.loads(path.read_text()), str(path)).to_dict()
     else:
         log.info("--resume: %s was written before the run stopped; writing its report.json", job.out)
+        runs = add_job_run(resume.read_job(work).get("runs"), True, work)
         result = quantize_result(job, found["source"], found["report"], api.load(job.out),
-                                 {"completed_by_resume": True}, argv)
+                                 {"completed_by_resume": True, **job_runs({"runs": runs})}, argv)
         atomic_write_json(job.out / "report.json", result)
     resume.remove_work_dir(work)
     return result
@@ -271,7 +272,8 @@ def run_ppl(job: PplJob, argv: list[str] | None = None, model=None, tokenizer=No
                   seconds=round(time.time() - t0, 2), **run_info(argv),
                   # scored by the interrupted run; ``seconds`` covers the rest
                   resumed_windows=len(done) if done else ABSENT,
-                  seconds_all_runs=keeper.seconds_all_runs() if done and keeper is not None else ABSENT).to_dict()
+                  seconds_all_runs=keeper.seconds_all_runs() if done and keeper is not None else ABSENT,
+                  **(job_runs({"runs": keeper.runs}) if keeper is not None else {})).to_dict()
     if done and res.experts_total:
         log.warning("routed-expert counts cover only the %d windows scored by this run", res.n_windows - len(done))
     if not math.isfinite(out["ppl"]):

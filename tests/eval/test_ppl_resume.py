@@ -46,7 +46,7 @@ def _ppl(capsys, *argv):
     return rc, capsys.readouterr().err
 
 
-def test_cli_resume_after_a_kill(capsys, tmp_path, monkeypatch):
+def test_cli_resume_after_a_kill(capsys, caplog, tmp_path, monkeypatch):
     d, text = save_toy_olmoe(tmp_path, "m", 3000)
     common = [str(d), "--data", str(text), "--seqlen", "32", "--batch-size", "2"]
     rc, err = _ppl(capsys, *common, "--json", str(tmp_path / "full.json"))
@@ -79,9 +79,19 @@ def test_cli_resume_after_a_kill(capsys, tmp_path, monkeypatch):
     rc, err = _ppl(capsys, *common, "--resume")
     assert rc == 2 and "--resume needs --json" in err
 
-    rc, err = _ppl(capsys, *common, "--json", str(out), "--resume")
+    import moequant.runinfo as ri
+
+    first = ri.code_sha256()
+    assert [r["code_sha256"] for r in kept["runs"]] == [first] and full["code_sha256"] == first
+    monkeypatch.setattr(ri, "code_sha256", lambda root=None: "b" * 64)  # the code changed between the two runs
+    with caplog.at_level("WARNING", logger="moequant.runinfo"):
+        rc, err = _ppl(capsys, *common, "--json", str(out), "--resume")
+    monkeypatch.undo()
     assert rc == 0, err
     res = json.loads(out.read_text())
+    assert [r["code_sha256"] for r in res["job_runs"]] == [first, "b" * 64] and res["code_sha256"] == "b" * 64
+    assert "job_runs" not in full
+    assert f"left by other moequant code (code_sha256 {first[:12]}, now bbbbbbbbbbbb)" in caplog.text
     assert res["resumed_windows"] == 4 and res["nll_per_window"] == full["nll_per_window"]
     assert res["ppl"] == full["ppl"] and res["ci95"] == full["ci95"]
     assert not progress_path(out).exists()
@@ -95,9 +105,11 @@ def test_cli_resume_after_a_kill(capsys, tmp_path, monkeypatch):
     rc, err = _ppl(capsys, *common, "--json", str(out2))
     monkeypatch.setattr(pp.PplProgress, "save", real_save)
     old = json.loads(progress_path(out2).read_text())
-    del old["seconds"]
+    del old["seconds"], old["runs"]
     progress_path(out2).write_text(json.dumps(old))
     rc, err = _ppl(capsys, *common, "--json", str(out2), "--resume")
     assert rc == 0, err
     res2 = json.loads(out2.read_text())
     assert res2["seconds_all_runs"] is None and res2["nll_per_window"] == full["nll_per_window"]
+    # ... and did not name its code: an unknown first run, then this one
+    assert [r["code_sha256"] for r in res2["job_runs"]] == [None, first]

@@ -254,6 +254,9 @@ def _interrupt_and_resume(run, settings, tmp_path, stop_at, before_resume=None):
     files = [p.name for p in sorted((tmp_path / "a").iterdir()) if p.suffix == ".safetensors" or p.name == "config.json"]
     assert len(files) >= 2
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    # the result names both processes that trained it and their code; the straight run names none
+    assert [r["code_sha256"] for r in b["job_runs"]] == [b["code_sha256"]] * 2 and "job_runs" not in a
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["job_runs"] == b["job_runs"]
     return a, logged
 
 

@@ -19,6 +19,7 @@ import torch
 from conftest import toy_lines, toy_words
 from moequant import resume
 from moequant.cli import main
+from moequant.runinfo import code_sha256
 from moequant.resume import RunProgress, fingerprint_diff, tokens_digest, work_dir_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,7 +29,7 @@ RTN = ["--method", "int", "--bits", "4", "--group-size", "32", "--solver", "rtn"
 # report.json fields that measure this process (time, memory, machine, command line, --out), not the result
 MEASURED = {"seconds", "peak_rss_bytes", "rss_before_load_bytes", "peak_rss_before_quantize_bytes",
             "rss_start_quantize_bytes", "peak_rss_quantize_bytes", "command", "versions", "machine", "git", "table",
-            "completed_by_resume", "out", "layers", "layer_seconds"}
+            "completed_by_resume", "out", "layers", "layer_seconds", "job_runs"}  # job_runs: the processes
 
 
 class Killed(BaseException):
@@ -158,6 +159,10 @@ def test_resume_after_stop_is_byte_identical(offload, solver, toy, references, t
     assert seen == [2]  # layers 0 and 1 came from the work directory
     assert_identical_outputs(out, ref)
     assert_no_leftovers(tmp_path, {"q"})
+    # the report names both processes and the code each ran; a straight run names none
+    runs = json.loads((out / "report.json").read_text())["job_runs"]
+    assert [r["code_sha256"] for r in runs] == [code_sha256()] * 2 and "job_runs" not in json.loads(
+        (ref / "report.json").read_text())
 
 
 def _stopped_after_layer_1(model: Path, out: Path, flags: list[str], monkeypatch) -> None:

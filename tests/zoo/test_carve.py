@@ -345,6 +345,8 @@ def test_an_interrupted_build_resumes_to_the_same_model_and_figures(tmp_path, mo
     assert pa["recover"]["history"] == pb["recover"]["history"] and len(pa["recover"]["history"]) == 4
     assert [r["errors"] for r in pa["layers"]] == [r["errors"] for r in pb["layers"]]
     assert pb["resumed"] is True and pa["resumed"] is False
+    # the four processes that built it (a refused start without --resume is none of them), each with its code
+    assert [r["code_sha256"] for r in pb["job_runs"]] == [pb["code_sha256"]] * 4 and "job_runs" not in pa
     # stopped after the output was in place, before its progress was removed: --resume only removes the progress
     model_bytes = (tmp_path / "resumed" / "model.safetensors").read_bytes()
     with monkeypatch.context() as m:

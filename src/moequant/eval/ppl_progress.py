@@ -3,7 +3,7 @@ killed run from its last finished batch and ends with the same numbers (a whole-
 hours on a CPU).
 
 File ``.<OUT-name>.ppl-progress.json`` beside ``OUT``: ``{"fingerprint": {...}, "nll": {window index: summed NLL},
-"seconds": scoring time of every run so far}``, rewritten atomically after every batch. The fingerprint holds everything that changes a window's NLL: the model
+"seconds": scoring time of every run so far, "runs": the processes that scored, with their code}``, rewritten atomically after every batch. The fingerprint holds everything that changes a window's NLL: the model
 (its files' names, sizes and mtimes), the SHA-256 of the tokenized text, the window settings, the batch size (a
 batch's GEMMs sum in another order than a single window's), the kernel choice and the versions. A resumed run
 scores the missing batches only; the per-window NLLs, hence the PPL and its bootstrap CI, are those of an
@@ -60,6 +60,7 @@ class PplProgress:
         self.fp = fp
         # scoring seconds of the runs before this one (None: a file written before times were kept)
         self.earlier_seconds: float | None = 0.0
+        self.runs: list[dict[str, Any]] = []  # every process that scored for this result (runinfo.add_job_run)
         self._t0 = time.time()
 
     def refuse_stale(self) -> None:
@@ -73,9 +74,12 @@ class PplProgress:
         """The NLLs of the windows a previous run finished (``{}`` when there is none). Without ``resume`` an
         existing progress file is an error (hours of scoring are not thrown away silently); with it, a file made
         by a different job is one too, naming what differs."""
+        from moequant.runinfo import add_job_run
+
         if not self.path.is_file():
             if resume:
                 log.info("--resume: no progress in %s, scoring every window", self.path)
+            self.runs = add_job_run(None, False, self.path)
             return {}
         try:
             old = json.loads(self.path.read_text())
@@ -93,6 +97,7 @@ class PplProgress:
         secs = old.get("seconds")
         self.earlier_seconds = float(secs) if isinstance(secs, (int, float)) and not isinstance(secs, bool) else None
         log.info("--resume: %s: %d windows already scored", self.path, len(done))
+        self.runs = add_job_run(old.get("runs"), True, self.path)
         self._t0 = time.time()
         return done
 
@@ -104,7 +109,7 @@ class PplProgress:
 
     def save(self, done: dict[int, float]) -> None:
         atomic_write_json(self.path, {"fingerprint": self.fp, "nll": {str(k): v for k, v in sorted(done.items())},
-                                      "seconds": self.seconds_all_runs()})
+                                      "seconds": self.seconds_all_runs(), "runs": self.runs})
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

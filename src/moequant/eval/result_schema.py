@@ -188,9 +188,11 @@ class PplJson(JsonRecord):
     versions: dict[str, str] | Absent = ABSENT
     machine: dict[str, Any] | Absent = ABSENT
     git: str | None | Absent = ABSENT
+    code_sha256: str | Absent = ABSENT  # runinfo.code_sha256: the moequant source that ran (results since 2026-12-05)
     resumed_windows: int | Absent = ABSENT  # windows an interrupted run had scored (``eval ppl --resume``)
     # with resumed_windows: the scoring time of every run (null when an earlier run's progress did not record it)
     seconds_all_runs: float | None | Absent = ABSENT
+    job_runs: list[dict[str, Any]] | Absent = ABSENT  # a resumed run: every process that worked on it, with its code
 
     def _check(self, where: str) -> None:
         if len(self.nll_per_window) != len(self.tokens_per_window):
@@ -243,10 +245,12 @@ class QuantizeReportJson(JsonRecord):
     peak_rss_quantize_bytes: int | None | Absent = ABSENT  # --offload only
     seconds: dict[str, float] | Absent = ABSENT
     completed_by_resume: bool | Absent = ABSENT  # written by --resume after the checkpoint was in place
+    job_runs: list[dict[str, Any]] | Absent = ABSENT  # a resumed run: every process that worked on it, with its code
     command: str | Absent = ABSENT
     versions: dict[str, str] | Absent = ABSENT
     machine: dict[str, Any] | Absent = ABSENT
     git: str | None | Absent = ABSENT
+    code_sha256: str | Absent = ABSENT  # runinfo.code_sha256: the moequant source that ran (results since 2026-12-05)
 
 
 # ---------------------------------------------------------------- compare.json
@@ -332,6 +336,7 @@ class CompareJson(JsonRecord):
     versions: dict[str, str]
     machine: dict[str, Any]
     git: str | None
+    code_sha256: str | Absent = ABSENT
     plots: list[str]
     report_md: str
 
@@ -386,6 +391,7 @@ class TasksJson(JsonRecord):
     versions: dict[str, str] | Absent = ABSENT
     machine: dict[str, Any] | Absent = ABSENT
     git: str | None | Absent = ABSENT
+    code_sha256: str | Absent = ABSENT
 
     @staticmethod
     def holds_results(obj: dict[str, Any]) -> bool:

@@ -362,7 +362,7 @@ def run_finetune(job: FinetuneJob, argv: list[str] | None = None,
     from moequant.calib.data import calibration_tokens
     from moequant.fsutil import AtomicDir, atomic_write_json, check_output
     from moequant.resume import remove_work_dir
-    from moequant.runinfo import run_info
+    from moequant.runinfo import add_job_run, job_runs, run_info
 
     settings, run, out = job.settings, Path(job.run), Path(job.out)
     work = work_dir_for(out)
@@ -389,6 +389,7 @@ def run_finetune(job: FinetuneJob, argv: list[str] | None = None,
     if not history:
         history = {"loss_before": mean_kl(student, teacher, evalw, settings.batch), "loss": [], "changed": [],
                    "seconds": 0.0}
+    history["runs"] = add_job_run(history.get("runs"), start > 0, work)
     logf = work / "log.jsonl"
     lines = logf.read_text().splitlines()[:start] if logf.exists() else []
     logf.write_text("".join(line + "\n" for line in lines))
@@ -436,7 +437,7 @@ def run_finetune(job: FinetuneJob, argv: list[str] | None = None,
     result = {
         "model": rep["model"], "source": rep.get("source"), "config": rep.get("config"),
         "bits_per_weight": rep.get("bits_per_weight"), "calibration": rep.get("calibration"),
-        "finetuned_from": str(run), "out": str(out), "finetune": ft, **run_info(argv),
+        "finetuned_from": str(run), "out": str(out), "finetune": ft, **job_runs(history), **run_info(argv),
     }
     log.info("%s: KL %.5f -> %.5f over %d steps (%.1f s)", settings.method, history["loss_before"], loss_after,
              settings.steps, seconds)

@@ -372,7 +372,7 @@ def _build(source: str, out: Path, tmp: Path, spec: CarveSpec, keeper: "BuildPro
     from moequant.calib.data import calibration_tokens
     from moequant.fsutil import atomic_write_json
     from moequant.models.loader import load_model
-    from moequant.runinfo import run_info
+    from moequant.runinfo import job_runs, run_info
     from moequant.zoo.carve.recover import distill
     from moequant.zoo.manifest import write_manifest
 
@@ -405,6 +405,7 @@ def _build(source: str, out: Path, tmp: Path, spec: CarveSpec, keeper: "BuildPro
         "parameters": {"dense": sum(p.numel() for p in dense.parameters()),
                        "moe": sum(p.numel() for p in moe.parameters())},
         "layers": layers, "recover": rec, "seconds": {"carve": round(carve_s, 1)}, "resumed": keeper.resumed,
+        **job_runs(keeper.job),
         **run_info([*sys.argv]),
     }
     if evaluate:
