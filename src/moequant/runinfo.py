@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 CODE_SUFFIXES = (".py", ".cpp", ".c", ".h")  # what ``code_sha256`` reads: the source that runs
 
+
 def versions() -> dict[str, str]:
     import importlib.metadata as md
 
