@@ -347,6 +347,12 @@ def test_an_interrupted_build_resumes_to_the_same_model_and_figures(tmp_path, mo
     assert pb["resumed"] is True and pa["resumed"] is False
     # the four processes that built it (a refused start without --resume is none of them), each with its code
     assert [r["code_sha256"] for r in pb["job_runs"]] == [pb["code_sha256"]] * 4 and "job_runs" not in pa
+    # the work of all four: every layer's carving (none by the last process), the three scores, the distillation
+    w, ev = pb["seconds"]["all_runs"], pb["eval"]
+    assert w["carve"] == round(sum(r["seconds"] for r in pb["layers"]), 1) > pb["seconds"]["carve"]
+    assert w["scores"] == round(ev["seconds_dense"] + ev["seconds_moe"] + ev["before_recover"]["seconds_moe"], 1)
+    assert w["distill"] == round(pb["recover"]["seconds"], 1) and w["sum"] == round(w["carve"] + w["scores"]
+                                                                                   + w["distill"], 1)
     # stopped after the output was in place, before its progress was removed: --resume only removes the progress
     model_bytes = (tmp_path / "resumed" / "model.safetensors").read_bytes()
     with monkeypatch.context() as m:

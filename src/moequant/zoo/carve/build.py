@@ -329,8 +329,8 @@ def build_moe(source: str, out: Path, spec: CarveSpec, *, overwrite: bool = Fals
     parameter count, windows and tokens). The work done so far is kept beside ``out`` (``zoo.carve.progress``:
     carved layers, scored windows, the distillation's state); ``resume`` continues an interrupted build of the same
     job (``training.json`` then says ``resumed``; a layer's seconds are those of the run that carved it, a score's
-    and the distillation's the sum over the runs,
-    ``seconds.carve`` and ``seconds.total`` this process's only)."""
+    and the distillation's the sum over the runs, ``seconds.carve`` and ``seconds.total`` this process's only,
+    ``seconds.all_runs`` the work of every run: ``work_seconds``)."""
     from moequant.fsutil import AtomicDir, is_empty_dir
     from moequant.models.loader import resolve_model_spec
     from moequant.zoo.carve.progress import BuildProgress, build_fingerprint
@@ -417,11 +417,25 @@ def _build(source: str, out: Path, tmp: Path, spec: CarveSpec, keeper: "BuildPro
                                                           "routing", "nll_per_window_moe")}
         prov["eval"] = ev
     prov["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
+    prov["seconds"]["all_runs"] = work_seconds(prov)
     moe.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     atomic_write_json(tmp / "training.json", prov)
     write_manifest(tmp, {"carved_from": source, "arch": spec.arch})
     return prov
+
+
+def work_seconds(prov: dict[str, Any]) -> dict[str, float]:
+    """The build's work over every process that took part (a build resumed across sessions): the carving (each
+    layer's seconds, from the run that carved it), the scores (dense unless reused, before and after the
+    distillation; each summed over its runs) and the distillation, and their ``sum`` (loading and saving not
+    counted: ``seconds.total`` has this process's wall time)."""
+    ev = prov.get("eval") or {}
+    scores = [ev.get("seconds_dense"), ev.get("seconds_moe"), (ev.get("before_recover") or {}).get("seconds_moe")]
+    work = {"carve": round(sum(r["seconds"] for r in prov["layers"]), 1),
+            "scores": round(sum(s for s in scores if s is not None), 1),
+            "distill": round(float((prov.get("recover") or {}).get("seconds", 0.0)), 1)}
+    return {**work, "sum": round(sum(work.values()), 1)}
 
 
 def recovery_tokens(tok: Any, spec: CarveSpec, calib_tokens: torch.Tensor) -> torch.Tensor:
