@@ -84,8 +84,10 @@ def _pick_baseline(runs: list[Run], spec: str | None) -> Run:
 def _evaluate_ppl(run: Run, data: str, split: str, reference: dict[str, Any] | None, job: CompareJob,
                   argv: list[str] | None) -> tuple[Path, dict[str, Any]]:
     """Score ``run`` (its checkpoint directory, or run.json's "model") on the windows of ``reference`` (or
-    the defaults) and save ``RUN/ppl-<data>.json``."""
-    from moequant.runs import PplJob, run_ppl
+    the defaults) and save ``RUN/ppl-<data>.json``. The scored windows are kept beside that file as ``eval ppl
+    --json`` keeps them, and a comparison run again after a kill continues them (``eval.ppl_progress``: refused,
+    naming what differs, when they were scored for another job)."""
+    from moequant.runs import PplJob, finish_ppl_progress, run_ppl
 
     d = job.eval_defaults
     if reference is not None:
@@ -99,9 +101,10 @@ def _evaluate_ppl(run: Run, data: str, split: str, reference: dict[str, Any] | N
                      batch_size=d.batch_size, max_tokens=max_tokens, progress=job.progress)
     log.info("%s has no %s perplexity JSON: scoring it (%d-token windows, max_tokens=%s)", run.name, data, seqlen,
              max_tokens)
-    result = run_ppl(ppl_job, argv)
     path = run.path / ppl_filename(data)
+    result = run_ppl(ppl_job, argv, out_json=path, resume=True)
     write_json_atomic(path, result)
+    finish_ppl_progress(path)
     return path, result
 
 

@@ -53,3 +53,41 @@ def test_compare_scores_missing_runs_and_plots_expert_proxies(tiny_runs, tmp_pat
     assert main(["-q", "compare", str(base), str(q2), "--ppl", str(text), "--out", str(out), "--no-plots",
                  "--no-evaluate"]) == 0
     assert json.loads((out / "compare.json").read_text())["evaluated"] == []
+
+
+def test_a_killed_comparison_continues_its_scoring(tiny_runs, tmp_path, one_thread, capsys, monkeypatch):
+    """The windows a comparison scored before a kill are kept beside the run's JSON and a second comparison
+    continues them: the same per-window losses as a run that was never stopped, nothing left behind."""
+    import moequant.eval.ppl_progress as pp
+    from moequant.cli import main
+
+    model, text = tiny_runs
+    base = tmp_path / "fp"
+    base.mkdir()
+    (base / "run.json").write_text(json.dumps({"name": "fp", "model": str(model)}))
+    q4 = tmp_path / "q4"
+    assert main(["-q", "quantize", str(model), "--bits", "4", "--group-size", "32", "--solver", "rtn", "--out",
+                 str(q4)]) == 0
+    assert main(["-q", "eval", "ppl", str(q4), "--data", str(text), "--seqlen", "32", "--max-tokens", "600",
+                 "--batch-size", "4", "--json", str(q4 / "ppl-text.json")]) == 0  # the compare's batches
+    straight = json.loads((q4 / "ppl-text.json").read_text())
+    (q4 / "ppl-text.json").rename(tmp_path / "straight.json")
+    (base / "ppl-text.json").write_text(json.dumps(straight | {"model": str(model)}))  # q4 is the one scored
+    real = pp.PplProgress.save
+
+    def save_then_die(self, done):
+        real(self, done)
+        raise KeyboardInterrupt
+
+    cmd = ["-q", "compare", str(base), str(q4), "--ppl", str(text), "--out", str(tmp_path / "cmp"), "--no-plots",
+           "--n-boot", "100"]
+    monkeypatch.setattr(pp.PplProgress, "save", save_then_die)
+    assert main(cmd) == 130
+    monkeypatch.undo()
+    kept = json.loads(pp.progress_path(q4 / "ppl-text.json").read_text())
+    assert len(kept["nll"]) == 4 and not (q4 / "ppl-text.json").exists()  # one batch of the compare's 4 windows
+    assert main(cmd) == 0
+    capsys.readouterr()
+    got = json.loads((q4 / "ppl-text.json").read_text())
+    assert got["resumed_windows"] == 4 and got["nll_per_window"] == straight["nll_per_window"]
+    assert len(got["job_runs"]) == 2 and not pp.progress_path(q4 / "ppl-text.json").exists()
