@@ -2,8 +2,8 @@
 killed run from its last finished batch and ends with the same numbers (a whole-split score of a 1.5B model takes
 hours on a CPU).
 
-File ``.<OUT-name>.ppl-progress.json`` beside ``OUT``: ``{"fingerprint": {...}, "nll": {window index: summed NLL},
-"seconds": scoring time of every run so far, "runs": the processes that scored, with their code}``, rewritten atomically after every batch. The fingerprint holds everything that changes a window's NLL: the model
+File ``.<OUT-name>.ppl-progress.json`` beside ``OUT`` (``eval.progress_file``): ``"nll": {window index: summed
+NLL}``, rewritten atomically after every batch. The fingerprint holds everything that changes a window's NLL: the model
 (its files' names, sizes and mtimes), the SHA-256 of the tokenized text, the window settings, the batch size (a
 batch's GEMMs sum in another order than a single window's), the kernel choice and the versions. A resumed run
 scores the missing batches only; the per-window NLLs, hence the PPL and its bootstrap CI, are those of an
@@ -13,23 +13,21 @@ uninterrupted run. The file is removed once ``OUT`` is written. Nothing here run
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moequant.errors import MoequantError
-from moequant.fsutil import atomic_write_json
+from moequant.eval.progress_file import ProgressFile
 
 log = logging.getLogger(__name__)
 
 
 def progress_path(out_json: Path) -> Path:
     """Where the progress of a run writing ``out_json`` is kept."""
-    return out_json.with_name(f".{out_json.name}.ppl-progress.json")
+    return PplProgress.path_for(out_json)
 
 
 def tokens_sha256(ids: torch.Tensor) -> str:
@@ -51,65 +49,22 @@ def fingerprint(model_spec: str, resolved: Any, ids: torch.Tensor, settings: dic
                          "transformers": md.version("transformers")}}
 
 
-class PplProgress:
-    """The finished windows of one run: ``load`` (with ``resume``) before scoring, ``save`` after each batch,
-    ``remove`` once the result is written."""
+class PplProgress(ProgressFile):
+    """The finished windows of one run (``{window index: summed NLL}``): ``load`` (with ``resume``) before scoring,
+    ``save`` after each batch, ``remove`` once the result is written."""
 
-    def __init__(self, out_json: Path, fp: dict[str, Any]) -> None:
-        self.path = progress_path(out_json)
-        self.fp = fp
-        # scoring seconds of the runs before this one (None: a file written before times were kept)
-        self.earlier_seconds: float | None = 0.0
-        self.runs: list[dict[str, Any]] = []  # every process that scored for this result (runinfo.add_job_run)
-        self._t0 = time.time()
-
-    def refuse_stale(self) -> None:
-        """Without ``--resume`` an existing progress file is an error (hours of scoring are not thrown away
-        silently)."""
-        if self.path.is_file():
-            raise MoequantError(f"{self.path} holds the scored windows of an interrupted run: pass --resume to "
-                                f"continue it, or delete the file to score from the start")
+    KIND = "ppl"
+    ITEMS = "nll"
+    UNITS = "windows"
+    DONE = "scored"
 
     def load(self, resume: bool) -> dict[int, float]:
-        """The NLLs of the windows a previous run finished (``{}`` when there is none). Without ``resume`` an
-        existing progress file is an error (hours of scoring are not thrown away silently); with it, a file made
-        by a different job is one too, naming what differs."""
-        from moequant.runinfo import add_job_run
-
-        if not self.path.is_file():
-            if resume:
-                log.info("--resume: no progress in %s, scoring every window", self.path)
-            self.runs = add_job_run(None, False, self.path)
-            return {}
+        items = self.load_items(resume)
         try:
-            old = json.loads(self.path.read_text())
-            done = {int(k): float(v) for k, v in old["nll"].items()}
-            old_fp = old["fingerprint"]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise MoequantError(f"{self.path}: unreadable progress file ({e}); delete it to score from the start") \
-                from None
-        if not resume:
-            self.refuse_stale()
-        diff = sorted(k for k in set(old_fp) | set(self.fp) if old_fp.get(k) != self.fp.get(k))
-        if diff:
-            raise MoequantError(f"--resume: {self.path} was made by a different job ({', '.join(diff)} differ); "
-                                f"delete it to score from the start")
-        secs = old.get("seconds")
-        self.earlier_seconds = float(secs) if isinstance(secs, (int, float)) and not isinstance(secs, bool) else None
-        log.info("--resume: %s: %d windows already scored", self.path, len(done))
-        self.runs = add_job_run(old.get("runs"), True, self.path)
-        self._t0 = time.time()
-        return done
-
-    def seconds_all_runs(self) -> float | None:
-        """Scoring time of the earlier runs plus this one's so far (None when an earlier one's is unknown)."""
-        if self.earlier_seconds is None:
-            return None
-        return round(self.earlier_seconds + time.time() - self._t0, 2)
+            return {int(k): float(v) for k, v in items.items()}
+        except (TypeError, ValueError) as e:
+            raise MoequantError(f"{self.path}: unreadable progress file ({e}); delete it to start from the "
+                                "beginning") from None
 
     def save(self, done: dict[int, float]) -> None:
-        atomic_write_json(self.path, {"fingerprint": self.fp, "nll": {str(k): v for k, v in sorted(done.items())},
-                                      "seconds": self.seconds_all_runs(), "runs": self.runs})
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        self.save_items({str(k): v for k, v in sorted(done.items())})
