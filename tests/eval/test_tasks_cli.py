@@ -83,6 +83,59 @@ def test_end_to_end_reproducible(capsys, one_thread, tiny_dir_and_task, tmp_path
     assert rec.task_results()["toy"].acc == r["acc"] and rec.tasks == ["toy"]
 
 
+def test_resume_after_a_kill_gives_the_same_numbers(capsys, one_thread, tiny_dir_and_task, tmp_path, monkeypatch):
+    """A run killed after three batches keeps their answers beside --json; --resume scores the rest in the same
+    batches and ends with every log-likelihood of an uninterrupted run; without --resume, or with other
+    settings, the kept answers are a one-line error."""
+    import moequant.eval.tasks_progress as tp
+
+    d = tiny_dir_and_task
+    args = ["-q", "eval", "tasks", str(d / "model"), "--tasks", str(d / "toy.jsonl"), "--limit", "10",
+            "--batch-size", "4"]
+    real, straight = tp.TasksProgress.save, []
+    monkeypatch.setattr(tp.TasksProgress, "save", lambda self, answers: (straight.append(len(answers)),
+                                                                         real(self, answers)))
+    rc, _, err = _run(capsys, *args, "--json", str(tmp_path / "a.json"))
+    monkeypatch.undo()
+    assert rc == 0, err
+    # 30 requests (10 examples x 3 choices) in 6 batches of 4 rows: a row answers every choice of one token
+    assert straight == [4, 8, 12, 20, 27, 30]
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert "resumed_requests" not in a and "job_runs" not in a
+    assert not tp.TasksProgress.path_for(tmp_path / "a.json").exists()  # removed once the result is written
+    calls = []
+
+    def save_then_die(self, answers):
+        real(self, answers)
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "b.json"
+    monkeypatch.setattr(tp.TasksProgress, "save", save_then_die)
+    rc, _, err = _run(capsys, *args, "--json", str(out))
+    monkeypatch.undo()
+    assert rc == 130 and not out.exists()
+    kept = json.loads(tp.TasksProgress.path_for(out).read_text())
+    assert len(kept["answers"]) == 12  # the first 3 batches
+    rc, _, err = _run(capsys, *args, "--json", str(out))
+    assert rc == 2 and "pass --resume" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = _run(capsys, *args[:-1], "8", "--json", str(out), "--resume")
+    assert rc == 2 and "different job (settings differ)" in err
+    scored = []
+    real_batch = tp.TasksProgress.save
+    monkeypatch.setattr(tp.TasksProgress, "save", lambda self, answers: (scored.append(1), real_batch(self, answers)))
+    rc, _, err = _run(capsys, *args, "--json", str(out), "--resume")
+    monkeypatch.undo()
+    assert rc == 0, err
+    b = json.loads(out.read_text())
+    assert b["results"] == a["results"]  # every per-example log-likelihood, to the bit
+    assert b["resumed_requests"] == 12 and len(scored) == 3 and len(b["job_runs"]) == 2  # 3 of 6 batches reused
+    assert b["seconds_all_runs"] >= kept["seconds"] and not tp.TasksProgress.path_for(out).exists()
+    rec = TasksJson.from_dict(b, "b.json")
+    assert rec.extra == {} and rec.to_dict() == b
+
+
 def test_tasks_json_schema_errors_name_file_and_key(tmp_path):
     from moequant.errors import MoequantError
     from moequant.eval.runs_io import task_results

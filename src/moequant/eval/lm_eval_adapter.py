@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from moequant.errors import MoequantError
+from moequant.eval.tasks_progress import request_key
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ def _chunked_hflm_class() -> type:
 
         chunk_rows: int | None = None
         _scorer: ChunkedScorer | None = None
+        kept: dict[str, tuple[float, bool]] | None = None  # answers of an interrupted run (``eval.tasks_progress``)
+        on_batch: Callable[[dict[str, tuple[float, bool]]], None] | None = None  # called with ``kept`` per batch
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
             def stock(reqs: list[Request]) -> list[tuple[float, bool]]:
@@ -145,7 +148,9 @@ def chunked_loglikelihood_tokens(lm: Any, scorer: Any, requests: list[Request], 
     ``mixed_precision_dtype`` autocast, the log-softmax is taken in ``lm.softmax_dtype`` (None: the logits'
     dtype) and summed over the continuation; ``is_greedy``: every continuation token is its position's
     argmax. Each answer goes to ``lm.cache_hook``. When ``scorer`` cannot reproduce the model's logits the
-    requests not yet answered go to ``stock`` (lm-eval's own path).
+    requests not yet answered go to ``stock`` (lm-eval's own path). ``lm.kept`` (a dict, or None): answers by batch
+    index and ``tasks_progress.request_key``; a batch whose requests are all there is taken from it, every scored batch is
+    added to it and ``lm.on_batch(kept)`` called (``eval tasks --resume``).
 
     One difference, on purpose: requests of one ``context + continuation[:-1]`` whose continuations have
     different lengths (not the choices of one question, which share the context) share a row in both,
@@ -170,10 +175,20 @@ def chunked_loglikelihood_tokens(lm: Any, scorer: Any, requests: list[Request], 
     groups = _request_groups(requests, lm.logits_cache)
     batches = [groups[k:k + lm.batch_size] for k in range(0, len(groups), lm.batch_size)]
     out: list[tuple[float, bool] | None] = [None] * len(requests)
+    kept, on_batch = getattr(lm, "kept", None), getattr(lm, "on_batch", None)  # eval.tasks_progress
+    keys = [request_key(r[1], r[2]) for r in requests] if kept is not None else []
     truncated = 0
     pbar = tqdm(total=len(requests), disable=disable_tqdm or lm.rank != 0, desc="Running loglikelihood requests")
     try:
         for nb, batch in enumerate(batches):
+            # answered before a kill (keyed with the batch: a request asked twice may sit in two batches)
+            if kept is not None and all(f"{nb}:{keys[i]}" in kept for g in batch for i in g):
+                for i in (i for g in batch for i in g):
+                    out[i] = kept[f"{nb}:{keys[i]}"]
+                    if requests[i][0] is not None:
+                        lm.cache_hook.add_partial("loglikelihood", requests[i][0], out[i])
+                    pbar.update(1)
+                continue
             rows = []
             for g in batch:
                 _, ctx, cont = requests[g[0]]
@@ -219,6 +234,10 @@ def chunked_loglikelihood_tokens(lm: Any, scorer: Any, requests: list[Request], 
                 if requests[i][0] is not None:  # loglikelihood_rolling adds its own per-document entry
                     lm.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
                 pbar.update(1)
+            if kept is not None:
+                kept.update({f"{nb}:{keys[i]}": out[i] for i, _, _ in spans})
+                if on_batch is not None:
+                    on_batch(kept)
     finally:
         pbar.close()
     if truncated:

@@ -392,6 +392,9 @@ class TasksJson(JsonRecord):
     machine: dict[str, Any] | Absent = ABSENT
     git: str | None | Absent = ABSENT
     code_sha256: str | Absent = ABSENT
+    resumed_requests: int | Absent = ABSENT  # answered by an interrupted run (``eval tasks --resume``)
+    seconds_all_runs: float | None | Absent = ABSENT  # with resumed_requests: the time of every run
+    job_runs: list[dict[str, Any]] | Absent = ABSENT  # a resumed run: every process that worked on it, with its code
 
     @staticmethod
     def holds_results(obj: dict[str, Any]) -> bool:

@@ -123,8 +123,9 @@ def _other_task_result(samples: list[dict[str, Any]], lm_metrics: dict[str, Any]
 
 
 def evaluate_loaded(model: Any, tokenizer: Any, job: TasksJob, *, model_info: dict[str, Any] | None = None,
-                    argv: list[str] | None = None) -> dict[str, Any]:
-    """Run ``job.tasks`` on an already loaded model; returns the JSON-able result."""
+                    argv: list[str] | None = None, keeper: Any = None) -> dict[str, Any]:
+    """Run ``job.tasks`` on an already loaded model; returns the JSON-able result. ``keeper``: a loaded
+    ``tasks_progress.TasksProgress`` (its answers are reused and it is saved after every scored batch)."""
     from moequant.eval.lm_eval_adapter import load_tasks, lm_eval_version, make_lm, run_tasks
 
     local = [t for t in job.tasks if is_local_task(t)]
@@ -138,6 +139,9 @@ def evaluate_loaded(model: Any, tokenizer: Any, job: TasksJob, *, model_info: di
         names = list(tasks)  # a group's subtasks appear under their own names
         labels.update({n: n for n in names if n not in labels})
         lm = make_lm(model, tokenizer, batch_size=job.batch_size, max_length=job.max_length)
+        kept = dict(keeper.answers) if keeper is not None else None
+        if keeper is not None:
+            lm.kept, lm.on_batch = kept, keeper.save
         raw = run_tasks(lm, tasks, job.limit, job.seed)
     results: dict[str, Any] = {}
     for name in names:
@@ -162,14 +166,34 @@ def evaluate_loaded(model: Any, tokenizer: Any, job: TasksJob, *, model_info: di
             "n_boot": job.n_boot, "num_fewshot": 0, "prompt": {"context": PROMPT, "continuation": " {choice}",
             "acc_norm": "log-likelihood / characters of the choice"},
             "lm_eval_version": lm_eval_version(), "results": results, "seconds": round(time.time() - t0, 2),
-            **run_info(argv)}
+            **_resumed(keeper), **run_info(argv)}
 
 
-def run_tasks_job(job: TasksJob, argv: list[str] | None = None) -> dict[str, Any]:
-    """Check the task names, load the model, evaluate. Hub tasks fail in one line when offline."""
+def _resumed(keeper: Any) -> dict[str, Any]:
+    """What a resumed run adds to the result: the requests answered before (``resumed_requests``), the working
+    time of every run and the processes (``job_runs``)."""
+    from moequant.runinfo import job_runs
+
+    if keeper is None or not keeper.answers:
+        return {}
+    return {"resumed_requests": len(keeper.answers), "seconds_all_runs": keeper.seconds_all_runs(),
+            **job_runs({"runs": keeper.runs})}
+
+
+def run_tasks_job(job: TasksJob, argv: list[str] | None = None, out_json: Path | None = None,
+                  resume: bool = False) -> dict[str, Any]:
+    """Check the task names, load the model, evaluate. Hub tasks fail in one line when offline. With ``out_json``
+    (where the caller writes the result) the answered requests are kept beside it after every batch
+    (``eval.tasks_progress``) and ``resume`` continues an interrupted run from them; the caller removes them with
+    ``finish_tasks_progress`` once the result is written."""
     from moequant.eval.lm_eval_adapter import _import_lm_eval, check_hub_tasks
+    from moequant.eval.tasks_progress import TasksProgress, fingerprint
     from moequant.zoo.bigbench import BIGBENCH_TASKS
 
+    if resume and out_json is None:
+        raise MoequantError("eval tasks --resume needs --json (the progress is kept beside that file)")
+    if out_json is not None and not resume:
+        TasksProgress(Path(out_json), {}).refuse_stale()  # before the model is loaded: fail fast
     _import_lm_eval()
     hub = [t for t in job.tasks if not is_local_task(t)]
     check_hub_tasks(hub, ", ".join(BIGBENCH_TASKS) + ", or a .jsonl file")
@@ -183,4 +207,27 @@ def run_tasks_job(job: TasksJob, argv: list[str] | None = None) -> dict[str, Any
         model, tokenizer, resolved = load_model(job.model, verify=job.verify)
     if tokenizer is None:
         raise MoequantError(f"model {job.model!r} has no tokenizer: eval tasks needs one")
-    return evaluate_loaded(model, tokenizer, job, model_info={"source": resolved.kind}, argv=argv)
+    keeper = None
+    if out_json is not None:
+        keeper = TasksProgress(Path(out_json), fingerprint(job.model, resolved, {
+            "tasks": list(job.tasks), "limit": job.limit, "batch_size": job.batch_size, "max_length": job.max_length,
+            "seed": job.seed, "task_files": _task_files(job.tasks)}))
+        keeper.answers = keeper.load(resume)
+    return evaluate_loaded(model, tokenizer, job, model_info={"source": resolved.kind}, argv=argv, keeper=keeper)
+
+
+def _task_files(tasks: tuple[str, ...]) -> dict[str, list[int]]:
+    """Size and mtime of each ``.jsonl`` task file (another file forms other batches)."""
+    out = {}
+    for t in tasks:
+        if t.endswith(".jsonl"):
+            st = Path(t).stat()
+            out[str(Path(t).resolve())] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def finish_tasks_progress(out_json: Path) -> None:
+    """Remove the progress of a run whose result ``out_json`` is written."""
+    from moequant.eval.tasks_progress import TasksProgress
+
+    TasksProgress.path_for(Path(out_json)).unlink(missing_ok=True)
