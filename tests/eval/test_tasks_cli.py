@@ -122,6 +122,8 @@ def test_resume_after_a_kill_gives_the_same_numbers(capsys, one_thread, tiny_dir
     assert rc == 2 and "pass --resume" in err and len(err.strip().splitlines()) == 1
     rc, _, err = _run(capsys, *args[:-1], "8", "--json", str(out), "--resume")
     assert rc == 2 and "different job (settings differ)" in err
+    rc, _, err = _run(capsys, *args, "--resume")
+    assert rc == 2 and err.strip() == "moequant: error: eval tasks --resume needs --json (the progress is kept beside that file)"
     scored = []
     real_batch = tp.TasksProgress.save
     monkeypatch.setattr(tp.TasksProgress, "save", lambda self, answers: (scored.append(1), real_batch(self, answers)))
