@@ -13,7 +13,6 @@ uninterrupted run. The file is removed once ``OUT`` is written. Nothing here run
 from __future__ import annotations
 
 import hashlib
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,6 @@ import torch
 
 from moequant.errors import MoequantError
 from moequant.eval.progress_file import ProgressFile
-
-log = logging.getLogger(__name__)
 
 
 def progress_path(out_json: Path) -> Path:
