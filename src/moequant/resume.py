@@ -442,17 +442,20 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def committed_layers(work: Path) -> tuple[list[int], list[int]]:
+    """Read only: (layers ``0..k`` with a committed directory, the ones after a gap)."""
+    found = sorted(int(p.name[6:]) for p in work.glob("layer-[0-9][0-9][0-9][0-9][0-9]") if p.is_dir())
+    done = [i for n, i in enumerate(found) if i == n]
+    return done, found[len(done):]
+
+
 def finished_layers(work: Path) -> list[int]:
     """Layers ``0..k`` with a committed directory; later ones after a gap are removed (they cannot be
     reused: each layer is calibrated on the layers before it)."""
-    found = sorted(int(p.name[6:]) for p in work.glob("layer-[0-9][0-9][0-9][0-9][0-9]") if p.is_dir())
-    done = []
-    for i in found:
-        if i != len(done):
-            log.warning("%s: layer %d follows a missing layer; dropped", work, i)
-            shutil.rmtree(work / f"layer-{i:05d}", ignore_errors=True)
-            continue
-        done.append(i)
+    done, stray = committed_layers(work)
+    for i in stray:
+        log.warning("%s: layer %d follows a missing layer; dropped", work, i)
+        shutil.rmtree(work / f"layer-{i:05d}", ignore_errors=True)
     return done
 
 

@@ -33,8 +33,8 @@ from torch import nn
 
 from moequant.errors import MoequantError
 from moequant.fsutil import atomic_write_json, fsync_dir, read_json_object, temp_name
-from moequant.resume import (LAYER_FILE, TENSORS_FILE, LayerProgress, claim_work_dir, finished_layers, owner_alive,
-                             read_job, record_tokens_digest, source_files)
+from moequant.resume import (LAYER_FILE, TENSORS_FILE, LayerProgress, claim_work_dir, committed_layers,
+                             finished_layers, owner_alive, read_job, record_tokens_digest, source_files)
 
 if TYPE_CHECKING:
     from moequant.calib.runner import LayerwiseRunner
@@ -77,8 +77,7 @@ def describe_progress(work: Path) -> str | None:
         owner = read_job(work).get("owner") or {}
     except MoequantError:
         return f"unreadable progress in {work}: remove it to start over"
-    found = {int(p.name[6:]) for p in work.glob("layer-[0-9][0-9][0-9][0-9][0-9]") if p.is_dir()}
-    k = next(i for i in range(len(found) + 1) if i not in found)  # layers 0..k-1 are usable
+    k = len(committed_layers(work)[0])  # layers 0..k-1 are usable
     total = (read_json_object(work / f"layer-{k - 1:05d}" / LAYER_FILE) or {}).get("layers") if k else None
     parts = [f"{k} of {total} layers carved" if isinstance(total, int) else f"{k} layers carved"]
     for path in sorted(work.glob("score-*.json")):
