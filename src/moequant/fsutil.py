@@ -141,10 +141,11 @@ def fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, what: str = "") -> Iterator[None]:
+def file_lock(path: Path, what: str = "") -> Iterator[bool]:
     """Hold an exclusive ``flock`` on ``path`` (created if needed; never deleted, so no race on it).
     Waits, with one log line, while another process holds it. Where the lock file cannot be created
-    (a read-only cache), goes on without it."""
+    (a read-only cache), goes on without it. Yields whether the lock is held (the kernel releases it when
+    the holder dies, however it dies)."""
     import fcntl
 
     path = Path(path)
@@ -153,7 +154,7 @@ def file_lock(path: Path, what: str = "") -> Iterator[None]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
         log.debug("no lock %s (%s): going on without it", path, e)
-        yield
+        yield False
         return
     try:
         try:
@@ -161,7 +162,7 @@ def file_lock(path: Path, what: str = "") -> Iterator[None]:
         except BlockingIOError:
             log.info("waiting for another moequant process to finish %s (lock %s)", what or path.stem, path)
             fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        yield True
     finally:
         os.close(fd)  # releases the lock
 

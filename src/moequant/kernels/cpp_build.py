@@ -114,7 +114,9 @@ def _load(name: str, sources: tuple[str, ...]) -> ModuleType | None:
         from moequant.fsutil import file_lock
 
         build.mkdir(parents=True, exist_ok=True)
-        with file_lock(ext_dir() / f"{tag}.lock", what=f"the build of the {name} C++ kernels"):
+        with file_lock(ext_dir() / f"{tag}.lock", what=f"the build of the {name} C++ kernels") as held:
+            if held:
+                clear_stale_baton(build, name)
             return cpp_extension.load(name=name.replace("-", "_") + "_" + tag[-8:], sources=[str(p) for p in paths],
                                       extra_cflags=cflags, extra_ldflags=openmp_flags(), build_directory=str(build), verbose=False)
     except Exception as e:  # a compiler error, a missing ninja, a read-only cache ...
@@ -122,6 +124,22 @@ def _load(name: str, sources: tuple[str, ...]) -> ModuleType | None:
         log.warning("moequant: could not build the %s C++ kernels (%s); using the slower pure-torch path "
                     "(build log under %s)", name, first[:200], build)
         return None
+
+
+def clear_stale_baton(build: Path, name: str) -> bool:
+    """Remove torch's ``lock`` file from the build directory ``build``; call only while holding the build's
+    ``file_lock``. ``cpp_extension.load`` creates that file while it builds or loads and, where it finds one,
+    waits for it to go, with no time limit; a process killed inside ``load`` (a Ctrl-C during the first compile,
+    a session's end) leaves it behind, and every later moequant process then hung there without a word. Every
+    moequant process enters that directory under the ``flock``, which dies with its holder, so a ``lock`` found
+    while holding it is stale. True when one was removed."""
+    baton = build / "lock"
+    if not baton.exists():
+        return False
+    log.warning("moequant: removing %s, left by a process that was stopped while it built or loaded the %s C++ "
+                "kernels", baton, name)
+    baton.unlink(missing_ok=True)
+    return True
 
 
 def is_built(name: str, sources: list[str | Path] | tuple[str, ...]) -> bool:
