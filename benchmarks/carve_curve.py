@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from moequant.runinfo import run_info
+from moequant.zoo.carve.fit import final_error
 
 log = logging.getLogger("carve_curve")
 
@@ -62,7 +63,7 @@ def main() -> int:
         rows.append({"setting": setting, "command": " ".join(cmd), "active_fraction": prov["active_fraction"],
                      "ppl_dense": ev["ppl_dense"], "ppl_moe": ev["ppl_moe"], "ratio": ev["ratio"],
                      "ratio_ci95": ev["ratio_ci95"], "tokens": ev["tokens"],
-                     "mlp_error_final": [list(r["errors"].values())[-1] for r in prov["layers"]],
+                     "mlp_error_final": [final_error(r["errors"])[1] for r in prov["layers"]],
                      "seconds": prov["seconds"]})
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"rows": rows, **run_info(["benchmarks/carve_curve.py", *sys.argv[1:]])},

@@ -414,3 +414,28 @@ def test_zoo_list_says_what_the_cache_holds_and_what_a_build_kept(tmp_path, monk
             in out)
     assert sorted(p.name for p in work.iterdir()) == before
     assert not (models / "qwen2.5-coder-1.5b").exists()
+
+
+def test_final_error_follows_the_fit_order_not_the_key_order():
+    from moequant.zoo.carve.fit import final_error, fit_stages
+
+    # as a result JSON holds them: sorted keys, so "zero_router" (the first stage) comes last
+    errors = {"down_refit_0": 0.10, "down_refit_1": 0.07, "router_fit_0": 0.22, "router_fit_1": 0.09,
+              "router_init": 0.28, "zero_router": 0.33}
+    assert fit_stages(errors) == ["zero_router", "router_init", "router_fit_0", "down_refit_0", "router_fit_1",
+                                  "down_refit_1"]
+    assert final_error(errors) == ("down_refit_1", 0.07)
+    assert final_error({"zero_router": 0.4, "router_fit_0": 0.2, "router_init": 0.3}) == ("router_fit_0", 0.2)
+    assert final_error({"router_fit_10": 0.1, "router_fit_9": 0.2, "zero_router": 0.5}) == ("router_fit_10", 0.1)
+    with pytest.raises(ValueError, match="not a fit stage: 'other'"):
+        fit_stages({"other": 1.0})
+
+
+def test_fit_block_records_its_stages_in_the_fit_order():
+    dense = tiny_model("llama")
+    spec = CarveSpec(arch="qwen2_moe", experts=4, top_k=2, shared_fraction=0.25,
+                     fit=FitSettings(router_steps=5, rounds=2, seed=0))
+    _, records, _ = carve_model(dense, _tokens(4, 32), spec, progress=False)
+    from moequant.zoo.carve.fit import fit_stages
+
+    assert all(list(r["errors"]) == fit_stages(r["errors"]) for r in records)  # insertion order = fit order

@@ -26,7 +26,7 @@ from torch import nn
 
 from moequant.calib.data import CalibData
 from moequant.errors import MoequantError
-from moequant.zoo.carve.fit import FitSettings, fit_block
+from moequant.zoo.carve.fit import FitSettings, final_error, fit_block
 from moequant.zoo.carve.neurons import (activation_markers, balanced_kmeans, contributions, experts_from_labels,
                                         neuron_activations, split_shared)
 from moequant.zoo.carve.recover import RecoverSettings
@@ -242,8 +242,8 @@ def carve_model(dense: nn.Module, tokens: torch.Tensor, spec: CarveSpec, progres
         records.append(rec)
         if keeper is not None:
             keeper.commit_layer(i, n_layers, layer, rec, runner)
-        last = list(rec["errors"].items())[-1]
-        log.info("layer %d: relative MLP error %s = %.4f (%.1f s)", i, last[0], last[1], rec["seconds"])
+        stage, err = final_error(rec["errors"])
+        log.info("layer %d: relative MLP error %s = %.4f (%.1f s)", i, stage, err, rec["seconds"])
     moe.config.output_router_logits = False
     return moe, records, exact
 

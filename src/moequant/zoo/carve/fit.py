@@ -172,6 +172,27 @@ class FitSettings:
     seed: int = 0
 
 
+def fit_stages(errors: dict[str, float]) -> list[str]:
+    """``fit_block``'s error keys in the order its stages ran: ``zero_router``, ``router_init``, then per round
+    ``router_fit_r`` before ``down_refit_r``. Result JSONs are written with sorted keys, so the dict's own order
+    is not the fit's (its last key there is ``zero_router``)."""
+    def order(name: str) -> tuple[int, int, int]:
+        if name in ("zero_router", "router_init"):
+            return (0 if name == "zero_router" else 1, 0, 0)
+        stage, _, r = name.rpartition("_")
+        if stage not in ("router_fit", "down_refit") or not r.isdigit():
+            raise ValueError(f"not a fit stage: {name!r}")
+        return (2, int(r), 0 if stage == "router_fit" else 1)
+
+    return sorted(errors, key=order)
+
+
+def final_error(errors: dict[str, float]) -> tuple[str, float]:
+    """(the last stage that ran, its relative MLP error) of ``fit_block``'s errors, in any key order."""
+    last = fit_stages(errors)[-1]
+    return last, errors[last]
+
+
 def fit_block(block: nn.Module, carved: CarvedMLP, target: TargetArch, act, x: torch.Tensor, y: torch.Tensor,
               settings: FitSettings) -> dict[str, float]:
     """Router init, then ``rounds`` of (router refinement, down refit). -> relative errors per stage."""
