@@ -12,11 +12,14 @@ Flags: ``-O3``, plus AVX2/FMA/F16C when torch reports an AVX2 (or better) CPU; n
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import os
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -117,13 +120,37 @@ def _load(name: str, sources: tuple[str, ...]) -> ModuleType | None:
         with file_lock(ext_dir() / f"{tag}.lock", what=f"the build of the {name} C++ kernels") as held:
             if held:
                 clear_stale_baton(build, name)
-            return cpp_extension.load(name=name.replace("-", "_") + "_" + tag[-8:], sources=[str(p) for p in paths],
-                                      extra_cflags=cflags, extra_ldflags=openmp_flags(), build_directory=str(build), verbose=False)
+            with interpreter_tools_first():
+                return cpp_extension.load(name=name.replace("-", "_") + "_" + tag[-8:],
+                                          sources=[str(p) for p in paths], extra_cflags=cflags,
+                                          extra_ldflags=openmp_flags(), build_directory=str(build), verbose=False)
     except Exception as e:  # a compiler error, a missing ninja, a read-only cache ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         log.warning("moequant: could not build the %s C++ kernels (%s); using the slower pure-torch path "
                     "(build log under %s)", name, first[:200], build)
         return None
+
+
+@contextlib.contextmanager
+def interpreter_tools_first() -> Iterator[None]:
+    """While inside, ``PATH`` starts with the running interpreter's own folder when a ``ninja`` lies there.
+    torch runs ``ninja`` from ``PATH``; the setup installs it into the environment's folder, which is on ``PATH``
+    only when the environment is activated. ``.venv/bin/python`` or ``.venv/bin/moequant`` run as they are found
+    another ``ninja`` (whose log differs: every switch between the two rebuilt all the kernels, minutes each time)
+    or none (no kernels at all)."""
+    bindir = str(Path(sys.executable).parent)
+    old = os.environ.get("PATH")
+    if not (Path(bindir) / "ninja").is_file() or (old or "").split(os.pathsep)[0] == bindir:
+        yield
+        return
+    os.environ["PATH"] = bindir + os.pathsep + old if old else bindir
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = old
 
 
 def clear_stale_baton(build: Path, name: str) -> bool:
@@ -154,22 +181,28 @@ def available(name: str, sources: list[str | Path]) -> bool:
     return load_extension(name, sources) is not None
 
 
+def all_extensions() -> list[tuple[str, tuple[str, ...]]]:
+    """(name, sources) of every C++ kernel extension, in the order the setup builds them."""
+    from moequant.kernels import additive, additive_encode, bcjr, gguf, hadamard, trellis, uniform, viterbi
+
+    return [(uniform.EXT_NAME, tuple(uniform.EXT_SOURCES)), (trellis.EXTENSION, tuple(trellis.SOURCES)),
+            (hadamard.EXT_NAME, tuple(hadamard.EXT_SOURCES)), (additive.EXT_NAME, tuple(additive.EXT_SOURCES)),
+            (viterbi.EXT_NAME, tuple(viterbi.EXT_SOURCES)), (gguf.EXT_NAME, tuple(gguf.EXT_SOURCES)),
+            (bcjr.EXT_NAME, tuple(bcjr.EXT_SOURCES)), (additive_encode.EXT_NAME, tuple(additive_encode.EXT_SOURCES))]
+
+
 def build_all() -> dict[str, bool]:
     """Build (or find built) every C++ kernel extension; ``{name: available}``. The setup script runs it
     so the first model load does not pay the compile."""
-    from moequant.kernels import additive, additive_encode, bcjr, gguf, hadamard, trellis, uniform, viterbi
-
-    return {uniform.EXT_NAME: load_extension(uniform.EXT_NAME, uniform.EXT_SOURCES) is not None,
-            trellis.EXTENSION: load_extension(trellis.EXTENSION, trellis.SOURCES) is not None,
-            hadamard.EXT_NAME: load_extension(hadamard.EXT_NAME, hadamard.EXT_SOURCES) is not None,
-            additive.EXT_NAME: load_extension(additive.EXT_NAME, additive.EXT_SOURCES) is not None,
-            viterbi.EXT_NAME: load_extension(viterbi.EXT_NAME, viterbi.EXT_SOURCES) is not None,
-            gguf.EXT_NAME: load_extension(gguf.EXT_NAME, gguf.EXT_SOURCES) is not None,
-            bcjr.EXT_NAME: load_extension(bcjr.EXT_NAME, bcjr.EXT_SOURCES) is not None,
-            additive_encode.EXT_NAME: load_extension(additive_encode.EXT_NAME, additive_encode.EXT_SOURCES) is not None}
+    return {name: load_extension(name, sources) is not None for name, sources in all_extensions()}
 
 
 if __name__ == "__main__":
+    import time
+
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    for ext, ok in build_all().items():
-        print(f"{ext}: {'built' if ok else 'not available (the pure-torch path will be used)'}")
+    for ext, sources in all_extensions():  # one line per extension as it is done: a stall shows where it is
+        t0 = time.perf_counter()
+        ok = load_extension(ext, sources) is not None
+        state = "built" if ok else "not available (the pure-torch path will be used)"
+        print(f"{ext}: {state} ({time.perf_counter() - t0:.0f} s)", flush=True)
