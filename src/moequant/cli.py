@@ -443,7 +443,7 @@ def _carve_spec(args: argparse.Namespace):
 
 def _zoo_build_carved(args: argparse.Namespace) -> int:
     from moequant.fsutil import check_output, is_empty_dir
-    from moequant.zoo.carve.build import build_moe, is_carve_build
+    from moequant.zoo.carve.build import COLLAPSE_SHARE, build_moe, collapsed_layers, is_carve_build
     from moequant.zoo.fetch import cache_lock, cache_root
 
     if args.eval_tokens is not None and args.eval_tokens < 1:
@@ -486,7 +486,22 @@ def _zoo_build_carved(args: argparse.Namespace) -> int:
         line += f"; PPL {ev['ppl_moe']:.2f} vs dense {ev['ppl_dense']:.2f} (x{ev['ratio']:.3f} [{lo:.3f}, {hi:.3f}], " \
                 f"{ev['tokens']} {args.eval_data} tokens)"
     print(line)
+    if ev and (dead := collapsed_layers(ev["routing"], prov["spec"]["top_k"])):
+        print(f"warning: routing collapsed in {len(dead)} of {len(ev['routing'])} layers ({_ranges(dead)}): their "
+              f"top-{prov['spec']['top_k']} experts take >= {COLLAPSE_SHARE:.0%} of the routed {args.eval_data} tokens, "
+              f"so the other experts are nearly unused there (eval.routing in {out / 'training.json'})", file=sys.stderr)
     return 0
+
+
+def _ranges(xs: list[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1-3, 7"``."""
+    runs: list[list[int]] = []
+    for x in xs:
+        if runs and x == runs[-1][-1] + 1:
+            runs[-1].append(x)
+        else:
+            runs.append([x])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

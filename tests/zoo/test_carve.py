@@ -439,3 +439,35 @@ def test_fit_block_records_its_stages_in_the_fit_order():
     from moequant.zoo.carve.fit import fit_stages
 
     assert all(list(r["errors"]) == fit_stages(r["errors"]) for r in records)  # insertion order = fit order
+
+
+def test_collapsed_layers_are_those_whose_top_k_experts_take_the_tokens():
+    from moequant.zoo.carve.build import collapsed_layers
+
+    routing = [{"share": [0.49, 0.01, 0.49, 0.01]}, {"share": [0.4, 0.3, 0.2, 0.1]},
+               {"share": [0.0, 0.5, 0.0, 0.5]}, {"share": [0.475, 0.475, 0.04, 0.01]}, {"share": [0.47, 0.47, 0.06, 0.0]}]
+    assert collapsed_layers(routing, top_k=2) == [0, 2, 3]  # 0.95 exactly counts; 0.94 does not
+    assert collapsed_layers(routing, top_k=1) == []
+    assert collapsed_layers(routing, top_k=3) == [0, 2, 3, 4]  # 0.4 + 0.3 + 0.2 = 0.9
+    assert collapsed_layers(routing, top_k=4) == []  # top-k = E routes every token to every expert: nothing to say
+
+
+def test_cli_warns_when_the_build_routes_collapse(tmp_path, monkeypatch, capsys):
+    from moequant import cli
+    from moequant.zoo.carve import build
+
+    routing = [{"share": [0.5, 0.5, 0.0, 0.0]}] * 3 + [{"share": [0.25] * 4}] + [{"share": [0.0, 0.49, 0.49, 0.02]}]
+
+    def fake_build(source, out, spec, **kw):
+        return {"spec": {"arch": "mixtral", "experts": 4, "top_k": 2}, "active_fraction": 0.5,
+                "seconds": {"total": 1.0}, "eval": {"ratio_ci95": [1.0, 1.2], "ratio": 1.1, "ppl_moe": 11.0,
+                                                    "ppl_dense": 10.0, "tokens": 100, "routing": routing}}
+
+    monkeypatch.setattr(build, "build_moe", fake_build)
+    (tmp_path / "dense").mkdir()
+    out = tmp_path / "moe"
+    assert cli.main(["-q", "zoo", "build", "moe", "--from", str(tmp_path / "dense"), "--arch", "mixtral",
+                     "--experts", "4", "--top-k", "2", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: routing collapsed in 4 of 5 layers (0-2, 4): their top-2 experts take >= 95% of the routed ptb "
+            f"tokens, so the other experts are nearly unused there (eval.routing in {out / 'training.json'})") in err

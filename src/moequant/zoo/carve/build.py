@@ -311,6 +311,17 @@ class RoutingCounter:
         return out
 
 
+COLLAPSE_SHARE = 0.95  # the top-k experts of a layer taking this much of its routed tokens: routing has collapsed
+
+
+def collapsed_layers(routing: list[dict[str, Any]], top_k: int, share: float = COLLAPSE_SHARE) -> list[int]:
+    """Layers (indices into ``routing``, ``RoutingCounter.summary()``'s list) whose ``top_k`` most chosen experts
+    take at least ``share`` of the routed tokens: there the carved MLP acts as one fixed, smaller MLP and the
+    other experts are all but dead (their calibration Hessians empty or nearly so)."""
+    return [i for i, r in enumerate(routing)
+            if top_k < len(r["share"]) and sum(sorted(r["share"], reverse=True)[:top_k]) >= share]
+
+
 def is_carve_build(path: Path) -> bool:
     from moequant.fsutil import read_json_object
 
