@@ -1,6 +1,6 @@
 """The figures BENCHMARKS.md quotes for a carved MoE build, read from its ``training.json`` (issue #11): PPL of dense,
-carved-before-distillation and final with the paired ratios, routing on the test split, the per-expert Hessian spread,
-calibration starvation, and the build's work seconds over every process that took part.
+carved-before-distillation and final with the paired ratios, routing on the test split (and the layers where it
+collapsed onto the same top-k experts), the per-expert Hessian spread, calibration starvation, and the build's work seconds over every process that took part.
 
     python benchmarks/carve_summary.py ~/.cache/moequant/models/qwen2.5-coder-0.5b-moe/training.json
     python benchmarks/carve_summary.py benchmarks/results/carve_smollm2-moe_v2.json --json out.json
@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from moequant.zoo.carve.build import collapsed_layers
 from moequant.zoo.carve.fit import final_error
 
 STARVED_BELOW = 128  # routed calibration slots under which an expert counts as starved (the report's threshold)
@@ -41,6 +42,7 @@ def summarize(prov: dict[str, Any]) -> dict[str, Any]:
     """The summary of one build's provenance (``training.json``'s dict)."""
     layers = prov["layers"]
     spread = [float(v) for r in layers for v in r.get("hessian_spread", [])]
+    finite = [v for v in spread if math.isfinite(v)]  # an expert without calibration tokens has no Hessian: NaN
     starved = [{"layer": r["layer"], "expert": e, "tokens": n}
                for r in layers for e, n in enumerate(r.get("tokens", [])) if n < STARVED_BELOW]
     errors = [final_error(r["errors"])[1] for r in layers if r.get("errors")]
@@ -50,9 +52,9 @@ def summarize(prov: dict[str, Any]) -> dict[str, Any]:
         "shared_fraction": prov["spec"]["shared_fraction"], "active_fraction": prov["active_fraction"],
         "parameters": prov["parameters"], "layers": len(layers),
         "final_mlp_error": {"mean": statistics.fmean(errors), "min": min(errors), "max": max(errors)} if errors else None,
-        "hessian_spread": ({"experts": len(spread), "median": statistics.median(spread),
-                            "p10": _percentile(spread, 0.1), "p90": _percentile(spread, 0.9), "max": max(spread)}
-                           if spread else None),
+        "hessian_spread": ({"experts": len(spread), "without_tokens": len(spread) - len(finite),
+                            "median": statistics.median(finite), "p10": _percentile(finite, 0.1),
+                            "p90": _percentile(finite, 0.9), "max": max(finite)} if finite else None),
         "starved_experts": starved,
         "seconds": prov.get("seconds"), "job_runs": prov.get("job_runs"),
     }
@@ -69,6 +71,9 @@ def summarize(prov: dict[str, Any]) -> dict[str, Any]:
             "router_entropy_mean": statistics.fmean(r["router_entropy_mean"] for r in routing),
             "router_entropy_uniform": math.log(prov["spec"]["experts"]),
             "layers_with_an_expert_under_1pct": sum(1 for r in routing if min(r["share"]) < RARE_SHARE),
+            "collapsed_layers": collapsed_layers(routing, prov["spec"]["top_k"]),
+            "top_k_share_mean": statistics.fmean(sum(sorted(r["share"], reverse=True)[:prov["spec"]["top_k"]])
+                                                 for r in routing),
         }
     rec = prov.get("recover") or {}
     if rec.get("history"):
