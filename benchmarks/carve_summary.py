@@ -18,20 +18,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from moequant.zoo.carve.build import collapsed_layers
+import numpy as np
+
+from moequant.zoo.carve.build import collapsed_layers, top_k_share
 from moequant.zoo.carve.fit import final_error
 
 STARVED_BELOW = 128  # routed calibration slots under which an expert counts as starved (the report's threshold)
 RARE_SHARE = 0.01  # an expert with under 1% of a layer's routed test tokens
-
-
-def _percentile(xs: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    s = sorted(xs)
-    pos = (len(s) - 1) * q
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def _ppl_row(ev: dict[str, Any]) -> dict[str, Any]:
@@ -53,8 +46,8 @@ def summarize(prov: dict[str, Any]) -> dict[str, Any]:
         "parameters": prov["parameters"], "layers": len(layers),
         "final_mlp_error": {"mean": statistics.fmean(errors), "min": min(errors), "max": max(errors)} if errors else None,
         "hessian_spread": ({"experts": len(spread), "without_tokens": len(spread) - len(finite),
-                            "median": statistics.median(finite), "p10": _percentile(finite, 0.1),
-                            "p90": _percentile(finite, 0.9), "max": max(finite)} if finite else None),
+                            "median": statistics.median(finite), "p10": float(np.percentile(finite, 10)),
+                            "p90": float(np.percentile(finite, 90)), "max": max(finite)} if finite else None),
         "starved_experts": starved,
         "seconds": prov.get("seconds"), "job_runs": prov.get("job_runs"),
     }
@@ -72,8 +65,7 @@ def summarize(prov: dict[str, Any]) -> dict[str, Any]:
             "router_entropy_uniform": math.log(prov["spec"]["experts"]),
             "layers_with_an_expert_under_1pct": sum(1 for r in routing if min(r["share"]) < RARE_SHARE),
             "collapsed_layers": collapsed_layers(routing, prov["spec"]["top_k"]),
-            "top_k_share_mean": statistics.fmean(sum(sorted(r["share"], reverse=True)[:prov["spec"]["top_k"]])
-                                                 for r in routing),
+            "top_k_share_mean": statistics.fmean(top_k_share(r["share"], prov["spec"]["top_k"]) for r in routing),
         }
     rec = prov.get("recover") or {}
     if rec.get("history"):

@@ -314,12 +314,17 @@ class RoutingCounter:
 COLLAPSE_SHARE = 0.95  # the top-k experts of a layer taking this much of its routed tokens: routing has collapsed
 
 
+def top_k_share(share: list[float], top_k: int) -> float:
+    """The routed-token share of a layer's ``top_k`` most chosen experts."""
+    return sum(sorted(share, reverse=True)[:top_k])
+
+
 def collapsed_layers(routing: list[dict[str, Any]], top_k: int, share: float = COLLAPSE_SHARE) -> list[int]:
     """Layers (indices into ``routing``, ``RoutingCounter.summary()``'s list) whose ``top_k`` most chosen experts
     take at least ``share`` of the routed tokens: there the carved MLP acts as one fixed, smaller MLP and the
     other experts are all but dead (their calibration Hessians empty or nearly so)."""
     return [i for i, r in enumerate(routing)
-            if top_k < len(r["share"]) and sum(sorted(r["share"], reverse=True)[:top_k]) >= share]
+            if top_k < len(r["share"]) and top_k_share(r["share"], top_k) >= share]
 
 
 def is_carve_build(path: Path) -> bool:
