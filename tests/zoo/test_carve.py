@@ -249,6 +249,19 @@ def test_recovery_learning_rate_warms_up_then_decays_by_a_half_cosine():
     assert [lr_factor(i, 100, "constant") for i in (0, 5, 52, 99)] == pytest.approx([0.2, 1.0, 1.0, 1.0])
 
 
+def test_recovery_batches_deal_every_window_once_per_pass():
+    from moequant.zoo.carve.recover import RecoverSettings, epoch_batch
+
+    draws = torch.cat([epoch_batch(s, 3, 7, seed=5) for s in range(7)]).tolist()  # 21 draws = 3 passes over 7
+    for p in range(3):
+        assert sorted(draws[7 * p: 7 * p + 7]) == list(range(7))
+    assert draws[:7] != draws[7:14]  # each pass its own permutation
+    assert draws == torch.cat([epoch_batch(s, 3, 7, seed=5) for s in range(7)]).tolist()  # a pure function
+    assert epoch_batch(2, 3, 7, seed=6).tolist() != epoch_batch(2, 3, 7, seed=5).tolist()
+    with pytest.raises(ValueError, match="recovery order 'shuffle'"):
+        RecoverSettings(order="shuffle")
+
+
 def test_recovery_windows_are_fresh_training_windows_unless_zero():
     from moequant.calib.data import calibration_tokens
     from moequant.zoo.carve.build import recovery_tokens

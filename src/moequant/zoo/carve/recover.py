@@ -5,8 +5,10 @@ calibration windows (the dense model is the teacher; no labels). Only small para
 ``routers`` (every ``mlp.gate.weight`` and Qwen2-MoE's ``shared_expert_gate``), ``norms`` (every RMSNorm
 weight, including the q/k norms OLMoE and Qwen3-MoE add) and optionally ``experts`` (the fused expert
 tensors and the shared expert). AdamW after a short linear warm-up, then a constant learning rate or a
-cosine decay to zero (``schedule``); a generator seeded with ``seed`` for the batch order: the same
-inputs give the same weights.
+cosine decay to zero (``schedule``). The batches follow ``order``: ``epochs`` (the default) deals the windows
+out without replacement, one seeded permutation per pass, so 250 steps of 4 over 1,024 windows see 1,000
+distinct ones; ``replacement`` (the builds before 2026-12-05) draws each batch independently, which sees only
+about 63% of them and some twice. Both are seeded by ``seed``: the same inputs give the same weights.
 
 The windows come from ``samples`` fresh training-text windows of ``seqlen`` tokens (``samples > 0``; drawn
 by the caller with a seed of its own, so they differ from the carving's calibration windows) or, with
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 
 GROUPS = ("routers", "norms", "experts")
 SCHEDULES = ("constant", "cosine")
+ORDERS = ("epochs", "replacement")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class RecoverSettings:
     seed: int = 0
     samples: int = 0  # distinct distillation windows (0: the calibration windows' starts)
     schedule: str = "constant"
+    order: str = "epochs"  # ORDERS: how the batches are drawn from the windows
 
     def __post_init__(self) -> None:
         bad = [p for p in self.params if p not in GROUPS]
@@ -56,6 +60,8 @@ class RecoverSettings:
             raise ValueError(f"--recover-params: unknown group(s) {', '.join(bad)} (choose from {', '.join(GROUPS)})")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--recover-schedule {self.schedule!r}: choose from {', '.join(SCHEDULES)}")
+        if self.order not in ORDERS:
+            raise ValueError(f"recovery order {self.order!r}: choose from {', '.join(ORDERS)}")
         if self.samples < 0:
             raise ValueError(f"--recover-samples must be >= 0, got {self.samples}")
 
@@ -70,6 +76,21 @@ def lr_factor(step: int, steps: int, schedule: str) -> float:
         return 1.0
     t = (step - warm) / (steps - warm - 1)  # 0 at the end of the warm-up, 1 at the last step
     return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def epoch_batch(step: int, batch: int, count: int, seed: int) -> torch.Tensor:
+    """The window indices ``[batch]`` of ``step`` when ``count`` windows are dealt out without replacement: draw
+    ``j`` (``step · batch ≤ j < (step + 1) · batch``) is entry ``j mod count`` of pass ``j // count``'s permutation,
+    seeded by ``(seed, pass)``. A pure function of its arguments, so a resumed run needs no generator state."""
+    first = step * batch
+    perms: dict[int, torch.Tensor] = {}
+    out = torch.empty(batch, dtype=torch.long)
+    for i in range(batch):
+        e, j = divmod(first + i, count)
+        if e not in perms:
+            perms[e] = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
+        out[i] = perms[e][j]
+    return out
 
 
 def parameter_groups(model: nn.Module, groups: tuple[str, ...]) -> dict[str, list[nn.Parameter]]:
@@ -135,7 +156,10 @@ def distill(student: nn.Module, teacher: nn.Module, tokens: torch.Tensor, settin
     try:
         for step in tqdm(range(start, settings.steps), desc="recover", unit="step", disable=not progress,
                          initial=start, total=settings.steps):
-            idx = torch.randint(0, windows.shape[0], (settings.batch,), generator=g)
+            if settings.order == "epochs":
+                idx = epoch_batch(step, settings.batch, windows.shape[0], settings.seed)
+            else:
+                idx = torch.randint(0, windows.shape[0], (settings.batch,), generator=g)
             ids = windows[idx]  # [b, l]
             with torch.no_grad():
                 t_logp = F.log_softmax(teacher(ids, use_cache=False).logits.float(), -1)  # [b, l, V]
