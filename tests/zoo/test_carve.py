@@ -236,6 +236,21 @@ def test_carved_aliases_are_zoo_aliases_and_flags_are_checked(capsys):
     assert "--recover-samples" in capsys.readouterr().err
     assert main(["zoo", "build", "tiny-olmoe", "--resume"]) == 2  # a fixture trained in minutes keeps no progress
     assert capsys.readouterr().err.startswith("moequant: error: --resume: only carved builds keep their progress")
+    assert main(["zoo", "build", "moe", "--from", "m", "--out", "x", "--router-balance", "-0.5"]) == 2
+    assert capsys.readouterr().err == "moequant: error: --router-balance must be >= 0, got -0.5\n"
+    assert main(["zoo", "build", "tiny-olmoe", "--router-balance", "0.1"]) == 2
+    assert "--router-balance" in capsys.readouterr().err
+
+
+def test_router_flags_reach_the_fit_settings():
+    from moequant.cli import _carve_spec, build_parser
+
+    args = build_parser().parse_args(["zoo", "build", "moe", "--from", "m", "--out", "x", "--router-init",
+                                      "oracle-ls-centred", "--router-balance", "0.05"])
+    fit = _carve_spec(args).fit
+    assert (fit.router_init, fit.balance, fit.router_steps) == ("oracle-ls-centred", 0.05, 150)
+    fit = _carve_spec(build_parser().parse_args(["zoo", "build", "moe", "--from", "m", "--out", "x"])).fit
+    assert (fit.router_init, fit.balance) == ("oracle-ls", 0.0)
 
 
 def test_recovery_learning_rate_warms_up_then_decays_by_a_half_cosine():
@@ -452,6 +467,87 @@ def test_fit_block_records_its_stages_in_the_fit_order():
     from moequant.zoo.carve.fit import fit_stages
 
     assert all(list(r["errors"]) == fit_stages(r["errors"]) for r in records)  # insertion order = fit order
+
+
+def test_balance_loss_is_one_when_uniform_and_e_over_k_when_collapsed():
+    from moequant.zoo.carve.fit import balance_loss
+
+    collapsed = torch.zeros(64, 8)
+    collapsed[:, :2] = 100.0  # every token: probability 1/2 on experts 0 and 1
+    assert float(balance_loss(collapsed, 2)) == pytest.approx(4.0)
+    spread = torch.zeros(64, 8)
+    spread[torch.arange(64), torch.arange(64) % 8] = 100.0  # token t: expert t mod 8
+    assert float(balance_loss(spread, 1)) == pytest.approx(1.0)
+
+
+def _collapsed_block():
+    """A tiny Qwen2-MoE block whose router sends ~95% of the top-2 slots to experts 0 and 1, with ``y`` its own
+    output (so the error term alone has nothing to change)."""
+    from transformers import Qwen2MoeConfig
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+    from moequant.zoo.carve.fit import block_out
+
+    torch.manual_seed(0)
+    cfg = Qwen2MoeConfig(hidden_size=16, moe_intermediate_size=8, shared_expert_intermediate_size=8,
+                         num_experts=8, num_experts_per_tok=2)
+    block = Qwen2MoeSparseMoeBlock(cfg).float()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(4096, 16)
+    x[:, 0] += 2
+    with torch.no_grad():
+        block.gate.weight.normal_(std=0.1)
+        block.gate.weight[:2, 0] += 1.0
+        y = block_out(block, x)
+    return block, x, y
+
+
+def test_the_balance_term_spreads_a_collapsed_router():
+    from moequant.zoo.carve.build import top_k_share
+    from moequant.zoo.carve.fit import refine_router, routing_matrix
+
+    def share(block, x):
+        c = (routing_matrix(block, x, 8) > 0).float().sum(0)
+        return top_k_share((c / c.sum()).tolist(), 2)
+
+    for balance, expected in ((0.0, 0.9458), (0.3, 0.6346)):
+        block, x, y = _collapsed_block()
+        assert share(block, x) == pytest.approx(0.9458, abs=1e-4)
+        refine_router(block, x, y, steps=150, balance=balance)
+        assert share(block, x) == pytest.approx(expected, abs=2e-3)
+
+
+def test_centred_router_init_removes_each_experts_mean_score():
+    from moequant.zoo.carve.fit import init_router, oracle_scores
+
+    dense = tiny_model("llama")
+    spec = CarveSpec(arch="qwen2_moe", experts=4, top_k=2, shared_fraction=0.25,
+                     fit=FitSettings(router_steps=0, refit_down=False))
+    moe, _, _ = carve_model(dense, _tokens(), spec, progress=False)
+    block = moe.model.layers[0].mlp
+    x = torch.randn(512, dense.config.hidden_size)
+    from moequant.zoo.carve.neurons import experts_from_labels
+    from moequant.zoo.carve.targets import CarvedMLP
+
+    dm = dense.model.layers[0].mlp
+    inter = dm.gate_proj.weight.shape[0]
+    carved = CarvedMLP(dm.gate_proj.weight, dm.up_proj.weight, dm.down_proj.weight, torch.arange(inter // 4),
+                       experts_from_labels(torch.arange(inter // 4, inter), torch.arange(inter - inter // 4) % 4, 4))
+    with torch.no_grad():
+        z = oracle_scores(carved, dm.act_fn, x)
+        zc = z - z.mean(0)
+        init_router(block, carved, dm.act_fn, x, centred=True)
+        w_c = block.gate.weight.clone()
+        init_router(block, carved, dm.act_fn, x, centred=False)
+        w_raw = block.gate.weight.clone()
+    # each is the ridge solution of its own targets, rescaled: its logits correlate best with them
+    def corr(w, target):
+        lg = x @ w.T
+        lg, target = lg - lg.mean(1, keepdim=True), target - target.mean(1, keepdim=True)
+        return float((lg * target).sum() / (lg.norm() * target.norm()))
+    assert corr(w_c, zc) > corr(w_raw, zc)
+    assert corr(w_raw, z) > corr(w_c, z)
 
 
 def test_collapsed_layers_are_those_whose_top_k_experts_take_the_tokens():

@@ -4,10 +4,15 @@ outputs ``y [T, H]``; the loss is the relative error ``Σ‖block(x) − y‖² 
 1. ``init_router``: a least-squares linear router. For every token the *oracle* score of expert ``e``
    is the size of its partial sum, ``log ‖P_e(x)‖`` (centred over experts): the experts that carry most
    of the token's output. The router ``R [E, H]`` is the ridge regression of those scores on ``x``,
-   rescaled so its logits have unit spread over experts.
+   rescaled so its logits have unit spread over experts. ``oracle-ls-centred`` first removes each expert's
+   mean score over the tokens, so the router learns where a token's expert is *unusually* strong and an
+   expert whose output is large for every token (a few do in Qwen2.5-Coder-0.5B) does not take them all.
 2. ``refine_router``: Adam on the router (and Qwen2-MoE's shared-expert gate) through the block's own
    forward — the architecture's softmax, top-k and renormalisation, as transformers computes them —
    with the experts frozen. The gradient reaches the router through the selected experts' weights.
+   ``balance > 0`` adds the Switch Transformer's load-balancing loss ``balance · E · Σ_e f_e P_e`` (``f_e``:
+   expert ``e``'s share of the batch's top-k slots, ``P_e``: its mean router probability; 1 when uniform),
+   which pushes probability away from overloaded experts.
 3. ``refit_down``: with the routing fixed, the block's output is linear in its down projections:
    ``y ≈ Σ_j D[:, j] φ_j(x)`` with ``φ_j = w_e(x)·a_j(x)`` for a neuron of routed expert ``e`` (``0`` when
    ``e`` is not selected), ``σ(g·x)·a_j(x)`` for a Qwen2-MoE shared neuron and ``a_j(x)`` for a shared
@@ -28,6 +33,8 @@ from moequant.zoo.carve.neurons import neuron_activations
 from moequant.zoo.carve.targets import CarvedMLP, TargetArch
 
 log = logging.getLogger(__name__)
+
+ROUTER_INITS = ("oracle-ls", "oracle-ls-centred", "zero")
 
 
 def block_out(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -55,19 +62,29 @@ def routing_matrix(block: nn.Module, x: torch.Tensor, experts: int) -> torch.Ten
     return torch.zeros(x.shape[0], experts, dtype=x.dtype).scatter_(1, idx, w.to(x.dtype))
 
 
+def oracle_scores(carved: CarvedMLP, act, xb: torch.Tensor) -> torch.Tensor:
+    """``log ‖P_e(x)‖`` of every routed expert's partial sum for tokens ``xb [t, H]`` -> ``[t, E]``."""
+    a = neuron_activations(xb, carved.gate, carved.up, act)  # [t, I]
+    norms = torch.stack([(a[:, idx] @ carved.down[:, idx].T).norm(dim=1) for idx in carved.experts], 1)
+    return torch.log(norms + 1e-6)
+
+
 def init_router(block: nn.Module, carved: CarvedMLP, act, x: torch.Tensor, ridge: float = 1e-3,
-                chunk: int = 4096) -> None:
-    """Set ``block.gate.weight`` to the least-squares router of the oracle scores (see module doc)."""
+                chunk: int = 4096, centred: bool = False) -> None:
+    """Set ``block.gate.weight`` to the least-squares router of the oracle scores (see module doc); ``centred``:
+    each expert's mean score over the tokens removed first."""
     h = x.shape[1]
     xtx = torch.zeros(h, h, dtype=torch.float64)
     xtz = torch.zeros(h, len(carved.experts), dtype=torch.float64)
     with torch.no_grad():
+        offset = 0.0
+        if centred:  # [E]: each expert's mean oracle score
+            offset = sum(oracle_scores(carved, act, x[s:s + chunk]).double().sum(0)
+                         for s in range(0, x.shape[0], chunk)) / x.shape[0]
         for s in range(0, x.shape[0], chunk):
             xb = x[s:s + chunk]
-            a = neuron_activations(xb, carved.gate, carved.up, act)  # [t, I]
-            norms = torch.stack([(a[:, idx] @ carved.down[:, idx].T).norm(dim=1) for idx in carved.experts], 1)
-            z = torch.log(norms + 1e-6)
-            z = z - z.mean(1, keepdim=True)  # [t, E]
+            z = oracle_scores(carved, act, xb).double() - offset
+            z = (z - z.mean(1, keepdim=True)).float()  # [t, E]
             xtx += (xb.T @ xb).double()
             xtz += (xb.T @ z).double()
         lam = ridge * float(torch.diagonal(xtx).mean()) + 1e-12
@@ -84,10 +101,21 @@ def _trainable_router(block: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+def balance_loss(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The Switch Transformer load-balancing loss ``E · Σ_e f_e P_e`` of router logits ``[t, E]``: ``f_e`` is expert
+    ``e``'s share of the ``t · top_k`` selected slots (no gradient), ``P_e`` its mean softmax probability. It is 1
+    when both are uniform and ``E / top_k`` at most (every token's probability on the same ``top_k`` experts)."""
+    probs = torch.softmax(logits.float(), -1)  # [t, E]
+    idx = probs.topk(top_k, -1).indices
+    frac = torch.zeros(probs.shape[1]).scatter_add_(0, idx.flatten(), torch.ones(idx.numel())) / idx.numel()
+    return probs.shape[1] * (frac * probs.mean(0)).sum()
+
+
 def refine_router(block: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, lr: float = 3e-3,
-                  batch: int = 2048, seed: int = 0) -> None:
+                  batch: int = 2048, seed: int = 0, balance: float = 0.0) -> None:
     """``steps`` Adam steps on the router through the block's forward, minibatches of ``batch`` tokens
-    drawn with a generator seeded by ``seed``; every other parameter frozen."""
+    drawn with a generator seeded by ``seed``; every other parameter frozen. ``balance``: the weight of
+    ``balance_loss`` added to the relative error."""
     if steps <= 0:
         return
     params = _trainable_router(block)
@@ -104,6 +132,8 @@ def refine_router(block: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: 
         for _ in range(steps):
             i = torch.randint(0, x.shape[0], (min(batch, x.shape[0]),), generator=g)
             loss = ((block_out(block, x[i]) - y[i]) ** 2).sum(1).mean() / den
+            if balance:
+                loss = loss + balance * balance_loss(block.gate(x[i])[0], block.gate.top_k)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -165,8 +195,9 @@ class FitSettings:
     """How hard each layer is fitted: router Adam steps (0: keep the least-squares router), whether the
     down projections are refitted, and how many (router, down) rounds."""
 
-    router_init: str = "oracle-ls"  # or "zero": uniform weights (exact at top-k = E)
+    router_init: str = "oracle-ls"  # ROUTER_INITS; "zero": uniform weights (exact at top-k = E)
     router_steps: int = 150
+    balance: float = 0.0  # weight of the load-balancing loss in the router refinement
     refit_down: bool = True
     rounds: int = 1
     seed: int = 0
@@ -197,14 +228,14 @@ def fit_block(block: nn.Module, carved: CarvedMLP, target: TargetArch, act, x: t
               settings: FitSettings) -> dict[str, float]:
     """Router init, then ``rounds`` of (router refinement, down refit). -> relative errors per stage."""
     errors = {"zero_router": relative_error(block, x, y)}  # ties: the first k experts, weights 1/k
-    if settings.router_init == "oracle-ls":
-        init_router(block, carved, act, x)
+    if settings.router_init in ("oracle-ls", "oracle-ls-centred"):
+        init_router(block, carved, act, x, centred=settings.router_init == "oracle-ls-centred")
         errors["router_init"] = relative_error(block, x, y)
     elif settings.router_init != "zero":
-        raise ValueError(f"router_init must be 'oracle-ls' or 'zero', got {settings.router_init!r}")
+        raise ValueError(f"router_init must be one of {', '.join(ROUTER_INITS)}, got {settings.router_init!r}")
     for r in range(settings.rounds):
         if settings.router_steps:
-            refine_router(block, x, y, steps=settings.router_steps, seed=settings.seed + r)
+            refine_router(block, x, y, steps=settings.router_steps, seed=settings.seed + r, balance=settings.balance)
             errors[f"router_fit_{r}"] = relative_error(block, x, y)
         if settings.refit_down:
             with torch.no_grad():
