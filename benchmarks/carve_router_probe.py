@@ -9,10 +9,11 @@ the top-k experts' share of the routed slots (``carve.build.top_k_share``), the 
 Switch load-balancing loss.
 
     python benchmarks/carve_router_probe.py --model qwen2.5-coder-0.5b --layers 5 15 \\
-        --variants oracle-ls oracle-ls-centred oracle-ls:0.05 oracle-ls-centred:0.05 \\
-        --json benchmarks/results/carve_router_probe_q05.json
+        --variants oracle-ls oracle-ls:0.05 oracle-ls:0.2 oracle-ls:1.0 --json probe.json
 
-A variant is ``INIT[:BALANCE]`` (``--router-init`` and ``--router-balance`` of ``zoo build moe``).
+A variant is ``INIT[:BALANCE]``: the router init (``oracle-ls``, or ``zero`` for uniform weights) and the
+``--router-balance`` weight of ``zoo build moe``. (The first probe's JSONs also hold ``oracle-ls-centred``, an
+init since removed: it fitted each expert's deviation from its mean score and collapsed layer 5 completely.)
 """
 
 from __future__ import annotations
@@ -77,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--layers", type=int, nargs="+", default=[5, 15])
-    ap.add_argument("--variants", nargs="+", default=["oracle-ls", "oracle-ls-centred", "oracle-ls:0.05",
-                                                      "oracle-ls-centred:0.05"])
+    ap.add_argument("--variants", nargs="+", default=["oracle-ls", "oracle-ls:0.05", "oracle-ls:0.2", "oracle-ls:1.0"])
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)

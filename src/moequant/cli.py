@@ -350,7 +350,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 _CARVE_FLAGS = ("source", "arch", "experts", "top_k", "shared_fraction", "calib", "calib_samples", "calib_seqlen",
-                "calib_seed", "router_init", "router_balance", "router_steps", "fit_rounds", "no_refit_down",
+                "calib_seed", "router_balance", "router_steps", "fit_rounds", "no_refit_down",
                 "recover_steps", "recover_params",
                 "recover_seqlen", "recover_batch", "recover_lr", "recover_experts_lr", "recover_samples",
                 "recover_schedule", "carve_seed")
@@ -366,9 +366,6 @@ def _add_carve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shared-fraction", type=float, help="MLP neurons in the shared expert (Qwen2-MoE) or "
                    "replicated in every expert (the others) [0.25]")
     add_calib_arguments(g, data_help="default ptb, train split", samples=64, batch_size=False, defer_defaults=True)
-    g.add_argument("--router-init", choices=["oracle-ls", "oracle-ls-centred"], help="least-squares router on each "
-                   "expert's output size per token, or on its deviation from that expert's mean (against "
-                   "routing that collapses onto experts large for every token) [oracle-ls]")
     g.add_argument("--router-balance", type=float, help="weight of the load-balancing loss (Switch Transformer's, "
                    "1 when uniform) in each layer's router fit [0]")
     g.add_argument("--router-steps", type=int, help="Adam steps fitting each layer's router [150]")
@@ -423,8 +420,7 @@ def _carve_spec(args: argparse.Namespace):
         calib = CalibData(data=pick("calib", base.calib.data), samples=pick("calib_samples", base.calib.samples),
                           seqlen=pick("calib_seqlen", base.calib.seqlen), seed=pick("calib_seed", base.calib.seed))
         seed = pick("carve_seed", base.seed)
-        fit = FitSettings(router_init=pick("router_init", base.fit.router_init),
-                          balance=pick("router_balance", base.fit.balance),
+        fit = FitSettings(balance=pick("router_balance", base.fit.balance),
                           router_steps=pick("router_steps", base.fit.router_steps),
                           rounds=pick("fit_rounds", base.fit.rounds), refit_down=not args.no_refit_down, seed=seed)
         r = base.recover

@@ -245,10 +245,9 @@ def test_carved_aliases_are_zoo_aliases_and_flags_are_checked(capsys):
 def test_router_flags_reach_the_fit_settings():
     from moequant.cli import _carve_spec, build_parser
 
-    args = build_parser().parse_args(["zoo", "build", "moe", "--from", "m", "--out", "x", "--router-init",
-                                      "oracle-ls-centred", "--router-balance", "0.05"])
+    args = build_parser().parse_args(["zoo", "build", "moe", "--from", "m", "--out", "x", "--router-balance", "0.05"])
     fit = _carve_spec(args).fit
-    assert (fit.router_init, fit.balance, fit.router_steps) == ("oracle-ls-centred", 0.05, 150)
+    assert (fit.router_init, fit.balance, fit.router_steps) == ("oracle-ls", 0.05, 150)
     fit = _carve_spec(build_parser().parse_args(["zoo", "build", "moe", "--from", "m", "--out", "x"])).fit
     assert (fit.router_init, fit.balance) == ("oracle-ls", 0.0)
 
@@ -516,38 +515,6 @@ def test_the_balance_term_spreads_a_collapsed_router():
         assert share(block, x) == pytest.approx(0.9458, abs=1e-4)
         refine_router(block, x, y, steps=150, balance=balance)
         assert share(block, x) == pytest.approx(expected, abs=2e-3)
-
-
-def test_centred_router_init_removes_each_experts_mean_score():
-    from moequant.zoo.carve.fit import init_router, oracle_scores
-
-    dense = tiny_model("llama")
-    spec = CarveSpec(arch="qwen2_moe", experts=4, top_k=2, shared_fraction=0.25,
-                     fit=FitSettings(router_steps=0, refit_down=False))
-    moe, _, _ = carve_model(dense, _tokens(), spec, progress=False)
-    block = moe.model.layers[0].mlp
-    x = torch.randn(512, dense.config.hidden_size)
-    from moequant.zoo.carve.neurons import experts_from_labels
-    from moequant.zoo.carve.targets import CarvedMLP
-
-    dm = dense.model.layers[0].mlp
-    inter = dm.gate_proj.weight.shape[0]
-    carved = CarvedMLP(dm.gate_proj.weight, dm.up_proj.weight, dm.down_proj.weight, torch.arange(inter // 4),
-                       experts_from_labels(torch.arange(inter // 4, inter), torch.arange(inter - inter // 4) % 4, 4))
-    with torch.no_grad():
-        z = oracle_scores(carved, dm.act_fn, x)
-        zc = z - z.mean(0)
-        init_router(block, carved, dm.act_fn, x, centred=True)
-        w_c = block.gate.weight.clone()
-        init_router(block, carved, dm.act_fn, x, centred=False)
-        w_raw = block.gate.weight.clone()
-    # each is the ridge solution of its own targets, rescaled: its logits correlate best with them
-    def corr(w, target):
-        lg = x @ w.T
-        lg, target = lg - lg.mean(1, keepdim=True), target - target.mean(1, keepdim=True)
-        return float((lg * target).sum() / (lg.norm() * target.norm()))
-    assert corr(w_c, zc) > corr(w_raw, zc)
-    assert corr(w_raw, z) > corr(w_c, z)
 
 
 def test_collapsed_layers_are_those_whose_top_k_experts_take_the_tokens():

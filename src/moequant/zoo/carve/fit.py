@@ -4,9 +4,7 @@ outputs ``y [T, H]``; the loss is the relative error ``Σ‖block(x) − y‖² 
 1. ``init_router``: a least-squares linear router. For every token the *oracle* score of expert ``e``
    is the size of its partial sum, ``log ‖P_e(x)‖`` (centred over experts): the experts that carry most
    of the token's output. The router ``R [E, H]`` is the ridge regression of those scores on ``x``,
-   rescaled so its logits have unit spread over experts. ``oracle-ls-centred`` first removes each expert's
-   mean score over the tokens, so the router learns where a token's expert is *unusually* strong and an
-   expert whose output is large for every token (a few do in Qwen2.5-Coder-0.5B) does not take them all.
+   rescaled so its logits have unit spread over experts.
 2. ``refine_router``: Adam on the router (and Qwen2-MoE's shared-expert gate) through the block's own
    forward — the architecture's softmax, top-k and renormalisation, as transformers computes them —
    with the experts frozen. The gradient reaches the router through the selected experts' weights.
@@ -34,7 +32,7 @@ from moequant.zoo.carve.targets import CarvedMLP, TargetArch
 
 log = logging.getLogger(__name__)
 
-ROUTER_INITS = ("oracle-ls", "oracle-ls-centred", "zero")
+ROUTER_INITS = ("oracle-ls", "zero")
 
 
 def block_out(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -70,21 +68,16 @@ def oracle_scores(carved: CarvedMLP, act, xb: torch.Tensor) -> torch.Tensor:
 
 
 def init_router(block: nn.Module, carved: CarvedMLP, act, x: torch.Tensor, ridge: float = 1e-3,
-                chunk: int = 4096, centred: bool = False) -> None:
-    """Set ``block.gate.weight`` to the least-squares router of the oracle scores (see module doc); ``centred``:
-    each expert's mean score over the tokens removed first."""
+                chunk: int = 4096) -> None:
+    """Set ``block.gate.weight`` to the least-squares router of the oracle scores (see module doc)."""
     h = x.shape[1]
     xtx = torch.zeros(h, h, dtype=torch.float64)
     xtz = torch.zeros(h, len(carved.experts), dtype=torch.float64)
     with torch.no_grad():
-        offset = 0.0
-        if centred:  # [E]: each expert's mean oracle score
-            offset = sum(oracle_scores(carved, act, x[s:s + chunk]).double().sum(0)
-                         for s in range(0, x.shape[0], chunk)) / x.shape[0]
         for s in range(0, x.shape[0], chunk):
             xb = x[s:s + chunk]
-            z = oracle_scores(carved, act, xb).double() - offset
-            z = (z - z.mean(1, keepdim=True)).float()  # [t, E]
+            z = oracle_scores(carved, act, xb)
+            z = z - z.mean(1, keepdim=True)  # [t, E]
             xtx += (xb.T @ xb).double()
             xtz += (xb.T @ z).double()
         lam = ridge * float(torch.diagonal(xtx).mean()) + 1e-12
@@ -228,8 +221,8 @@ def fit_block(block: nn.Module, carved: CarvedMLP, target: TargetArch, act, x: t
               settings: FitSettings) -> dict[str, float]:
     """Router init, then ``rounds`` of (router refinement, down refit). -> relative errors per stage."""
     errors = {"zero_router": relative_error(block, x, y)}  # ties: the first k experts, weights 1/k
-    if settings.router_init in ("oracle-ls", "oracle-ls-centred"):
-        init_router(block, carved, act, x, centred=settings.router_init == "oracle-ls-centred")
+    if settings.router_init == "oracle-ls":
+        init_router(block, carved, act, x)
         errors["router_init"] = relative_error(block, x, y)
     elif settings.router_init != "zero":
         raise ValueError(f"router_init must be one of {', '.join(ROUTER_INITS)}, got {settings.router_init!r}")
