@@ -3,7 +3,7 @@
 
 For each chosen layer the dense model's MLP inputs ``x`` and outputs ``y`` are captured on the calibration
 windows (the dense layers before it, not carved ones: a probe, not a build); the neurons are split as the build
-splits them (``carve.build._carve_neurons``, same seed), and each variant fits a fresh block with
+splits them (``carve.build.carve_neurons``, same seed), and each variant fits a fresh block with
 ``carve.fit.fit_block`` on the first windows and is measured on the held-out last quarter: relative MLP error,
 the top-k experts' share of the routed slots (``carve.build.top_k_share``), the normalised balance entropy and the
 Switch load-balancing loss.
@@ -32,7 +32,7 @@ import torch
 from moequant.calib.data import CalibData, calibration_tokens
 from moequant.models.loader import load_model
 from moequant.runinfo import run_info
-from moequant.zoo.carve.build import CarveSpec, _carve_neurons, split_sizes, top_k_share
+from moequant.zoo.carve.build import CarveSpec, carve_neurons, split_sizes, top_k_share
 from moequant.zoo.carve.fit import FitSettings, balance_loss, fit_block, relative_error, routing_matrix
 from moequant.zoo.carve.targets import TARGETS, moe_config, source_attention, write_block
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         x, y = caps[i]
         xf, yf, xt, yt = x[:fit_tokens], y[:fit_tokens], x[fit_tokens:], y[fit_tokens:]
         dm = dense.model.layers[i].mlp
-        carved, _ = _carve_neurons(xf, dm.gate_proj.weight.detach(), dm.up_proj.weight.detach(),
+        carved, _ = carve_neurons(xf, dm.gate_proj.weight.detach(), dm.up_proj.weight.detach(),
                                    dm.down_proj.weight.detach(), dm.act_fn, n_shared, spec.experts,
                                    n_shared + spec.top_k * per, spec.marker_tokens, spec.seed + i)
         for v in args.variants:

@@ -124,7 +124,7 @@ def _qk_norm_from_rms(layer: nn.Module, runner: Any, index: int, mode: str) -> d
     return out
 
 
-def _carve_neurons(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act,
+def carve_neurons(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act,
                    n_shared: int, experts: int, per_token: int, marker_tokens: int, seed: int
                    ) -> tuple[CarvedMLP, torch.Tensor]:
     """Split one dense MLP's neurons (see ``neurons``). -> (carving, activation rate ``[I]``)."""
@@ -229,7 +229,7 @@ def carve_model(dense: nn.Module, tokens: torch.Tensor, spec: CarveSpec, progres
         x, y = torch.cat(cap.xs), torch.cat(cap.ys)  # [T, H] each
         del cap
         dm = dense_layer.mlp
-        carved, rate = _carve_neurons(x, dm.gate_proj.weight.detach(), dm.up_proj.weight.detach(),
+        carved, rate = carve_neurons(x, dm.gate_proj.weight.detach(), dm.up_proj.weight.detach(),
                                       dm.down_proj.weight.detach(), dm.act_fn, n_shared, spec.experts, per_token,
                                       spec.marker_tokens, spec.seed + i)
         write_block(block, carved, target, spec.top_k)
