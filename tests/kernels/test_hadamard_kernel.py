@@ -24,7 +24,8 @@ TOL = 1e-5  # max |kernel - reference| / max row norm of x
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SIZES = [1, 2, 12, 64, 576, 768, 896, 1536, 4864, 7, 40]  # powers of two, Paley blocks, a random block (7)
+SIZES = [1, 2, 12, 64, 576, 768, 896, 1536, 4864, 7, 40, 456, 912]  # powers of two, Paley blocks, a random
+# block (7), and blocks of 228 on runs of 2 and 4 (qwen2.5-coder-0.5b-moe's experts: the outer rule's short-run path)
 ROWS = [1, 3, 8, 300]
 OP = {"paley": "rht_apply", "paley-outer": "rht_apply_outer", "hartley": "rht_apply_outer"}  # the rule's kernel
 REF = {"paley": kh.reference, "paley-outer": kh.reference_outer, "hartley": kh.reference_outer}  # its definition
