@@ -40,6 +40,8 @@ def main() -> int:
     p.add_argument("--rows", type=int, default=512)
     p.add_argument("--calls", type=int, default=50)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS),
+                   help="activation widths (456 912: qwen2.5-coder-0.5b-moe's expert down input and gate_up output)")
     p.add_argument("--json", required=True)
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -47,7 +49,7 @@ def main() -> int:
     if ext is None:
         raise SystemExit("the rht extension is not built (python -m moequant.kernels.cpp_build)")
     rows = []
-    for n in WIDTHS:
+    for n in args.widths:
         x = torch.randn(args.rows, n, generator=torch.Generator().manual_seed(n))
         s = torch.ones(n)
         row = {"n": n}

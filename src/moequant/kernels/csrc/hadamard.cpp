@@ -313,21 +313,25 @@ at::Tensor rht_apply_outer(const at::Tensor& x, const at::Tensor& signs_before, 
   const int64_t grain = std::max<int64_t>(1, kGrainFloats / n);
   if (p < 16) {
     // Runs shorter than one 16-float step leave mix_runs on its scalar loop (o^2 scalar multiply-adds per run
-    // column: a width 228 * 4 ran 8x slower than an n x n GEMM). Here the butterflied V [o, p] of each of up
-    // to kRows rows is transposed into [p, o] sub-rows, all of them go through the inner rule's vectorised
-    // block product (4 sub-rows at a time), and each comes back to [o, p] times post.
+    // column: a width 228 * 4 ran 8x slower than an n x n GEMM). Here each of up to kRows rows is read
+    // transposed, V [o, p] -> [p, o] (times pre), and goes through the inner rule's steps: the butterfly over a
+    // on sub-rows of o floats, then all the rows' sub-rows through the vectorised block product (4 at a time);
+    // each comes back to [o, p] times post. The sums are mix_runs' (over c in order), the butterfly's the same.
     constexpr int64_t kRows = 8;
     const Block b = make_block(block.contiguous(), transpose, scale);
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-      std::vector<float> runs(n), cols(kRows * n), scratch;  // one row's [o, p]; kRows rows' [p, o]
+      std::vector<float> cols(kRows * n), scratch;  // kRows rows, each as [p, o]
       for (int64_t q0 = r0; q0 < r1; q0 += kRows) {
         const int64_t q1 = std::min(r1, q0 + kRows);
         for (int64_t r = q0; r < q1; ++r) {
           float* t = cols.data() + (r - q0) * n;
-          copy_signed(runs.data(), src + r * n, pre, n);
-          for (int64_t c = 0; c < o; ++c) fwht(runs.data() + c * p, p, 1);
+          const float* x = src + r * n;
           for (int64_t c = 0; c < o; ++c)
-            for (int64_t a = 0; a < p; ++a) t[a * o + c] = runs[c * p + a];
+            for (int64_t a = 0; a < p; ++a) {
+              const int64_t i = c * p + a;
+              t[a * o + c] = pre != nullptr ? x[i] * pre[i] : x[i];
+            }
+          fwht(t, p, o);  // H_p along a: the butterfly on whole sub-rows of o floats
         }
         apply_block(cols.data(), (q1 - q0) * p, b, scratch);  // cols[., a, j] = sum_c M[j, c] * V[c, a]
         for (int64_t r = q0; r < q1; ++r) {
