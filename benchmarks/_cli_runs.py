@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from moequant.eval.bootstrap import PplDelta, paired_delta_ci
+from moequant.finetune.loop import work_dir_for
 from moequant.runinfo import run_info
 
 log = logging.getLogger("benchmarks")
@@ -39,6 +40,17 @@ def quantize(model: str, flags: list[str], out: Path) -> tuple[list[str], float]
     if (out.parent / f".{out.name}.moequant-run").is_dir():
         return cmd, run(cmd + ["--resume"] + (["--overwrite"] if out.exists() else []))
     return cmd, run(cmd + (["--overwrite"] if out.exists() else []))
+
+
+def finetune(run_dir: Path, flags: list[str], out: Path) -> tuple[list[str], float]:
+    """``moequant finetune RUN FLAGS --out OUT`` unless ``OUT/report.json`` exists (then NaN seconds). An
+    interrupted finetune is continued with ``--resume`` where it left its work directory (its last saved
+    step); an output directory without a report is replaced. The seconds are this call's only."""
+    cmd = [*MOEQUANT, "finetune", str(run_dir), *flags, "--out", str(out)]
+    if (out / "report.json").is_file():
+        return cmd, float("nan")
+    extra = (["--resume"] if work_dir_for(out).exists() else []) + (["--overwrite"] if out.exists() else [])
+    return cmd, run(cmd + extra)
 
 
 def eval_ppl(model: str, out: Path, max_tokens: int | None, data: str = "ptb") -> tuple[dict[str, Any], list[str], float]:

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _cli_runs import MOEQUANT, eval_ppl, paired, quantize, run, write_json
+from _cli_runs import eval_ppl, finetune, paired, quantize, write_json
 
 log = logging.getLogger("additive_table")
 
@@ -47,11 +47,8 @@ def variants(model: str, codebooks: str, group: int) -> list[tuple[str, list[str
 
 
 def finetune_pv(src: Path, steps: int, out: Path) -> tuple[list[str], float]:
-    """``moequant finetune SRC --method pv --steps N --out OUT`` unless ``OUT/report.json`` exists (NaN s)."""
-    cmd = [*MOEQUANT, "finetune", str(src), "--method", "pv", "--steps", str(steps), "--out", str(out)]
-    if (out / "report.json").is_file():
-        return cmd, float("nan")
-    return cmd, run(cmd + (["--overwrite"] if out.exists() else []))
+    """``moequant finetune SRC --method pv --steps N --out OUT`` (continued where an interrupted one stopped)."""
+    return finetune(src, ["--method", "pv", "--steps", str(steps)], out)
 
 
 def row(model: str, name: str, run_dir: Path, cmd: list[str], secs: float, base: dict[str, Any],

@@ -27,11 +27,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _cli_runs import MOEQUANT, eval_ppl, fp_reference, paired, previous_rows, quantize, run, write_json
+from _cli_runs import eval_ppl, finetune, fp_reference, paired, previous_rows, quantize, write_json
 
 from moequant.alloc.recipe import DEFAULT_KEEP
 from moequant.codecs.config import TrellisConfig
-from moequant.finetune.loop import work_dir_for
 
 log = logging.getLogger("finetune_trellis")
 
@@ -49,15 +48,6 @@ def recipe(layers: str, config: TrellisConfig) -> dict[str, Any]:
     alt = "|".join(str(int(i)) for i in layers.split(","))
     return {"rules": [*({"match": p, "config": None} for p in DEFAULT_KEEP),
                       {"match": rf"re:model\.layers\.({alt})\..*", "config": config.to_dict()}]}
-
-
-def finetune(run_dir: Path, flags: list[str], out: Path) -> tuple[list[str], float]:
-    """``moequant finetune RUN FLAGS --out OUT`` unless ``OUT/report.json`` exists (then NaN seconds); continued
-    with ``--resume`` where an interrupted one left its work directory."""
-    cmd = [*MOEQUANT, "finetune", str(run_dir), *flags, "--out", str(out)]
-    if (out / "report.json").is_file():
-        return cmd, float("nan")
-    return cmd, run(cmd + (["--resume"] if work_dir_for(out).exists() else []))
 
 
 def relate(rows: dict[str, dict[str, Any]], base: dict[str, Any]) -> None:

@@ -1,0 +1,41 @@
+"""benchmarks/_cli_runs.py's ``finetune``: what a rerun of a benchmark passes to ``moequant finetune`` for each
+state an earlier, interrupted run may have left (a finished output, a work directory, a stray output)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _module():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("_cli_runs", BENCH / "_cli_runs.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_finetune_resumes_replaces_or_skips(tmp_path, monkeypatch):
+    m = _module()
+    calls = []
+    monkeypatch.setattr(m, "run", lambda cmd: calls.append(cmd[len(m.MOEQUANT):]) or 7.5)
+    out = tmp_path / "run-pv"
+    base = ["finetune", "RUN", "--method", "pv", "--steps", "3", "--out", str(out)]
+
+    assert m.finetune(Path("RUN"), ["--method", "pv", "--steps", "3"], out) == ([*m.MOEQUANT, *base], 7.5)
+    (tmp_path / ".run-pv.moequant-finetune").mkdir()  # an interrupted run's saved steps
+    m.finetune(Path("RUN"), ["--method", "pv", "--steps", "3"], out)
+    out.mkdir()  # and an output without a report
+    m.finetune(Path("RUN"), ["--method", "pv", "--steps", "3"], out)
+    assert calls == [base, base + ["--resume"], base + ["--resume", "--overwrite"]]
+
+    (out / "report.json").write_text("{}")  # finished: not run again
+    cmd, secs = m.finetune(Path("RUN"), ["--method", "pv", "--steps", "3"], out)
+    assert cmd == [*m.MOEQUANT, *base] and math.isnan(secs) and len(calls) == 3
