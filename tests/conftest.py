@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,6 +134,23 @@ def save_toy_olmoe(tmp_path, name: str, n_words: int):
     model.save_pretrained(d)
     tok.save_pretrained(d)
     return d, tmp_path / "text.txt"
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def bench_module(script: Path, name: str):
+    """A benchmark script imported as module ``name`` (registered in ``sys.modules``, which dataclasses need),
+    its own folder on ``sys.path`` while it loads (the scripts import their siblings, e.g. ``_cli_runs``)."""
+    sys.path.insert(0, str(script.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(name, script)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(script.parent))
 
 
 def require_extension(load, name: str):

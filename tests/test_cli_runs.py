@@ -3,23 +3,13 @@ state an earlier, interrupted run may have left (a finished output, a work direc
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
+from conftest import BENCHMARKS, bench_module
 
 def _module():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("_cli_runs", BENCH / "_cli_runs.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(BENCH))
+    return bench_module(BENCHMARKS / "_cli_runs.py", "_cli_runs")
 
 
 def test_finetune_resumes_replaces_or_skips(tmp_path, monkeypatch):

@@ -4,26 +4,15 @@ The GGUF test needs only gguf-py (a core dependency); the HQQ test skips cleanly
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-PEERS = Path(__file__).resolve().parents[1] / "benchmarks" / "peers"
-
+from conftest import BENCHMARKS, bench_module
 
 def _load(name: str):
-    sys.path.insert(0, str(PEERS))
-    try:
-        spec = importlib.util.spec_from_file_location(f"peers_{name}", PEERS / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(PEERS))
+    return bench_module(BENCHMARKS / "peers" / f"{name}.py", f"peers_{name}")
 
 
 def test_gguf_bits_counts_decoder_linears_only(tmp_path):

@@ -3,24 +3,13 @@ two fp32 runs that enclose it, never against a run from another round."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
+from conftest import BENCHMARKS, bench_module
 
 def _module():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("runtime_interleaved", BENCH / "runtime_interleaved.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(BENCH))
+    return bench_module(BENCHMARKS / "runtime_interleaved.py", "runtime_interleaved")
 
 
 def test_round_ratios_use_enclosing_fp32_runs():

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "export" / "vllm_parity.py"
-
+from conftest import BENCHMARKS, bench_module
 
 def _mod():
-    spec = importlib.util.spec_from_file_location("vllm_parity_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module(BENCHMARKS / "export" / "vllm_parity.py", "vllm_parity_bench")
 
 
 def test_compare_step_exact_numbers():
