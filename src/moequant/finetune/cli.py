@@ -38,6 +38,10 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
     f.add_argument("--steps", type=int, required=True, help="optimisation steps")
     f.add_argument("--layers", default=None, help="train only the packed tensors and norms of these decoder layers "
                    "(e.g. 0, 0,1 or 0-3; default: all, the final norm included)")
+    f.add_argument("--loss", dest="objective", choices=["kl", "layer"], default="kl",
+                   help="what each step minimises: kl, the token-mean KL to the unquantized model's next-token "
+                   "distribution (end to end; default), or layer, each trained decoder layer's squared error "
+                   "(relative to the output's) against its unquantized self on the unquantized model's input")
     f.add_argument("--lr", type=float, default=1e-3, help="Adam step size, relative to each parameter's RMS "
                    "(default 1e-3)")
     f.add_argument("--tau", default=None, help="bcjr: temperature START:END, annealed by a cosine over the steps "
@@ -83,7 +87,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             steps=args.steps, method=args.method, lr=args.lr, code_lr=args.code_lr, max_change=args.max_change,
             v_every=args.v_every, tau=None if args.tau is None else parse_tau(args.tau), soft_bits=args.soft_bits,
             ste_every=args.ste_every,
-            layers=None if args.layers is None else parse_layers(args.layers), batch=args.batch,
+            layers=None if args.layers is None else parse_layers(args.layers), objective=args.objective,
+            batch=args.batch,
             train_norms=not args.no_norms, seed=args.seed, save_every=args.save_every, eval_windows=args.eval_windows)
         calib = None
         if args.data is not None:
@@ -107,6 +112,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if "tau_schedule" in ft:
         extra = f", tau {ft['tau_schedule']['start']:g} -> {ft['tau_schedule']['end']:g} (cosine)"
     layers = "all layers" if ft["layers"] is None else "layers " + ",".join(map(str, ft["layers"]))
+    layers += ", layer-wise loss" if ft["objective"] == "layer" else ""
     print(f"{out}: {ft['method']} on {layers}, {ft['steps']} steps, {ft['tokens_seen']:,} tokens, KL "
           f"{ft['loss_before']:.5f} -> {ft['loss_after']:.5f}{extra}, {ft['seconds']:.1f} s")
     return 0

@@ -3,8 +3,9 @@
 Each step draws ``batch`` training windows (a generator seeded by ``(seed, step)``, so a resumed run draws
 what the uninterrupted one would), runs the teacher (the unquantized model the run was made from, its
 ``report.json``'s ``model``) and the student (the run, its packed weights decoded differentiably by the
-trainables of ``settings.method``, ``finetune.trainable``), takes the token-mean KL, then an Adam step on every
-continuous parameter (and the norms). Per method: ``pv`` adds, every ``v_every`` steps, a V-step on every
+trainables of ``settings.method``, ``finetune.trainable``), takes the token-mean KL (or, with ``objective``
+"layer", each trained decoder layer's error on the teacher's own input to it: ``finetune.layer_loss``), then
+an Adam step on every continuous parameter (and the norms). Per method: ``pv`` adds, every ``v_every`` steps, a V-step on every
 packed tensor (``finetune.pv``); ``bcjr`` sets each trellis tensor's temperature before the step from the
 cosine schedule (``finetune.schedule``); ``kd`` and ``ste`` take the gradient step only. ``layers`` limits the
 training to the packed tensors and norms of some decoder layers; everything else stays as it was. The KL on
@@ -32,6 +33,7 @@ import torch
 from moequant.calib.data import CalibData
 from moequant.errors import MoequantError
 from moequant.eval.runs_io import report_naming_model
+from moequant.finetune.layer_loss import layer_loss, teacher_targets, trained_layers
 from moequant.finetune.pv import AdamState, adam_step, kl_loss, rate_for, st_target
 from moequant.finetune.schedule import cosine_tau
 from moequant.finetune.trellis_trainable import TrellisTrainOptions
@@ -48,6 +50,12 @@ _METHOD_OPTIONS: dict[str, tuple[str, object]] = {
     "code_lr": ("pv", 1e-3), "max_change": ("pv", 0.01), "v_every": ("pv", 1), "tau": ("bcjr", (0.3, 0.05)),
     "soft_bits": ("bcjr", 8), "ste_every": ("ste", 8)}
 
+# What a step minimises (``--loss``): the name and what the report says of it.
+OBJECTIVES = {
+    "kl": "token-mean KL(teacher || student) of the next-token distributions",
+    "layer": "mean over the trained decoder layers i of ||f_i(x_i) - y_i||^2 / ||y_i||^2, x_i and y_i the "
+             "teacher's input and output of layer i (no gradient between layers)"}
+
 
 @dataclass(frozen=True)
 class FinetuneSettings:
@@ -61,6 +69,7 @@ class FinetuneSettings:
     soft_bits: int | None = None  # bcjr: state bits of the soft pass (8; >= L: the full trellis)
     ste_every: int | None = None  # ste: the latent's Viterbi codes recomputed every N-th step (8)
     layers: tuple[int, ...] | None = None  # decoder layers whose packed tensors and norms train; None: all
+    objective: str = "kl"  # --loss: "kl" (end to end) or "layer" (each layer to its unquantized self)
     batch: int = 4
     train_norms: bool = True
     seed: int = 0
@@ -70,6 +79,8 @@ class FinetuneSettings:
     def __post_init__(self) -> None:
         if self.method not in FINETUNE_METHODS:
             raise ValueError(f"--method {self.method!r} is not one of {', '.join(FINETUNE_METHODS)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"--loss {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
         for name, (owner, default) in _METHOD_OPTIONS.items():
             flag = f"--{name.replace('_', '-')}"
             if getattr(self, name) is None:
@@ -303,17 +314,30 @@ def mean_kl(student, teacher, windows: torch.Tensor, batch: int) -> float:
     return total / count
 
 
-def _step(student, teacher, ids: torch.Tensor, state: FinetuneState, weights: dict[str, torch.Tensor],
-          max_change: float | None) -> tuple[float, float | None]:
-    """One gradient step (and a V-step when ``max_change`` is given) on batch ``ids [b, L]`` -> (loss, fraction
-    of codes changed or None)."""
+def kl_objective(student, teacher, ids: torch.Tensor) -> torch.Tensor:
+    """``--loss kl``: token-mean KL(teacher ‖ student) on ``ids [b, L]``."""
     with torch.no_grad():
         t_logp = torch.log_softmax(teacher(ids, use_cache=False).logits.float(), -1)  # [b, L, V]
+    return kl_loss(student(ids, use_cache=False).logits, t_logp)
+
+
+def objective_for(settings: FinetuneSettings, model: torch.nn.Module) -> Callable:
+    """``(student, teacher, ids) -> loss`` of ``settings.objective`` (``--loss``)."""
+    if settings.objective == "kl":
+        return kl_objective
+    indices = trained_layers(model, settings.layers)
+    return lambda student, teacher, ids: layer_loss(student, ids, teacher_targets(teacher, ids, indices))
+
+
+def _step(student, teacher, ids: torch.Tensor, state: FinetuneState, weights: dict[str, torch.Tensor],
+          max_change: float | None, objective: Callable = kl_objective) -> tuple[float, float | None]:
+    """One gradient step on ``objective`` (and a V-step when ``max_change`` is given) on batch ``ids [b, L]`` ->
+    (loss, fraction of codes changed or None)."""
     for name, t in state.tensors.items():
         weights[name] = t.weight()
         if max_change is not None:
             weights[name].retain_grad()  # the V-step's straight-through direction
-    loss = kl_loss(student(ids, use_cache=False).logits, t_logp)
+    loss = objective(student, teacher, ids)
     state.zero_grad()
     loss.backward()
     with torch.no_grad():
@@ -394,6 +418,7 @@ def run_finetune(job: FinetuneJob, argv: list[str] | None = None,
     lines = logf.read_text().splitlines()[:start] if logf.exists() else []
     logf.write_text("".join(line + "\n" for line in lines))
     weights: dict[str, torch.Tensor] = {}
+    objective = objective_for(settings, student)
     with train_forward(student, state.tensors, weights), open(logf, "a") as logfh:
         bar = tqdm(range(start, settings.steps), desc=settings.method, unit="step", disable=not job.progress,
                    initial=start, total=settings.steps)
@@ -402,7 +427,8 @@ def run_finetune(job: FinetuneJob, argv: list[str] | None = None,
             tau = settings.tau_at(step)
             state.set_temperature(tau)
             v_now = settings.v_every is not None and (step + 1) % settings.v_every == 0
-            loss, changed = _step(student, teacher, ids, state, weights, settings.max_change if v_now else None)
+            loss, changed = _step(student, teacher, ids, state, weights, settings.max_change if v_now else None,
+                                  objective)
             history["loss"].append(loss)
             if changed is not None:
                 history["changed"].append(changed)
@@ -411,7 +437,7 @@ def run_finetune(job: FinetuneJob, argv: list[str] | None = None,
             line.update({"tau": tau} if tau is not None else {})
             logfh.write(json.dumps(line) + "\n")
             logfh.flush()
-            bar.set_postfix(kl=f"{loss:.4f}", **({"tau": f"{tau:.3f}"} if tau is not None else {}))
+            bar.set_postfix({settings.objective: f"{loss:.4f}", **({"tau": f"{tau:.3f}"} if tau is not None else {})})
             done = step + 1
             if done % settings.save_every == 0 and done < settings.steps:
                 _save_state(work, done, state, fp, {**history, "seconds": history["seconds"] + time.time() - t0})
@@ -427,6 +453,7 @@ def run_finetune(job: FinetuneJob, argv: list[str] | None = None,
           "trained_tensors": sorted(state.tensors), "calib": calib.to_dict(),
           "tokens_seen": settings.steps * settings.batch * int(tokens.shape[1]),
           "loss": "token-mean KL(teacher || student) on the first eval_windows training windows",
+          "train_loss_is": OBJECTIVES[settings.objective],
           "loss_before": history["loss_before"], "loss_after": loss_after, "train_loss": history["loss"],
           "trained_parameters": sum(p.numel() for p in state.params.values()), "seconds": round(seconds, 2)}
     if settings.method == "pv":
