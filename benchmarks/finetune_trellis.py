@@ -1,5 +1,6 @@
 """Issue #14's experiment: ``smollm2-135m`` with one decoder layer (then two) at 2-bit trellis and every other
-weight unquantized — PTQ vs BCJR-QAT vs straight-through trellis QAT (and, on request, KD with the codes fixed),
+weight unquantized — PTQ vs BCJR-QAT vs straight-through trellis QAT (and, on request, KD with the codes fixed;
+``M-layer`` runs method M with ``finetune --loss layer``, the layer-wise objective, instead of the KL),
 each scored on PTB test next to the unquantized model and next to PTQ (same windows, paired bootstrap CIs).
 
     python benchmarks/finetune_trellis.py --json benchmarks/results/finetune_trellis_smollm2-135m.json
@@ -35,7 +36,7 @@ from moequant.codecs.config import TrellisConfig
 log = logging.getLogger("finetune_trellis")
 
 SCRIPT = "benchmarks/finetune_trellis.py"
-METHODS = ("bcjr", "ste", "kd")
+METHODS = ("bcjr", "ste", "kd", "bcjr-layer", "ste-layer", "kd-layer")  # "-layer": finetune --loss layer
 
 
 def layer_slug(layers: str) -> str:
@@ -55,7 +56,7 @@ def relate(rows: dict[str, dict[str, Any]], base: dict[str, Any]) -> None:
     those rows exist."""
     tokens = base["tokens_per_window"]
     for r in rows.values():
-        for key in ("ptq", "ste") if r["method"] == "bcjr" else ("ptq",) if r["method"] != "ptq" else ():
+        for key in ("ptq", "ste") if r["method"].startswith("bcjr") else ("ptq",) if r["method"] != "ptq" else ():
             other = rows.get(f"{key}-{layer_slug(r['layers'])}")
             if other is not None:
                 d = paired({"nll_per_window": other["nll_per_window"], "tokens_per_window": tokens},
@@ -109,9 +110,11 @@ def measure_finetune(layers: str, method: str, args: argparse.Namespace, base: d
     ptq = work / f"ptq-{layer_slug(layers)}"
     ensure_ptq(layers, args, work, kept_ptq)
     slug = f"{method}-{layer_slug(layers)}"
-    flags = ["--method", method, "--layers", layers, "--steps", str(args.steps), "--lr", str(args.lr),
-             "--batch", str(args.batch)] + (["--tau", args.tau, "--soft-bits", str(args.soft_bits)] if method == "bcjr"
-                                            else []) + (["--ste-every", str(args.ste_every)] if method == "ste" else [])
+    base_method, _, loss = method.partition("-")
+    flags = ["--method", base_method, "--layers", layers, "--steps", str(args.steps), "--lr", str(args.lr),
+             "--batch", str(args.batch)] + (["--loss", loss] if loss else []) + \
+        (["--tau", args.tau, "--soft-bits", str(args.soft_bits)] if base_method == "bcjr" else []) + \
+        (["--ste-every", str(args.ste_every)] if base_method == "ste" else [])
     cmd, secs = finetune(ptq, flags, work / slug)
     res, ecmd, esecs = eval_ppl(str(work / slug), work / f"{slug}-ppl.json", args.max_tokens)
     rep = json.loads((work / slug / "report.json").read_text())
