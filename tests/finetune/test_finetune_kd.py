@@ -282,7 +282,7 @@ def _trellis_tensors(run):
     return out, model
 
 
-@pytest.mark.parametrize("method", ["bcjr", "ste", "kd"])
+@pytest.mark.parametrize("method", ["bcjr", "ste", "kd", "pv"])
 def test_trellis_methods_end_to_end(capsys, trellis_run, tmp_path, method):
     import math
 
@@ -292,6 +292,8 @@ def test_trellis_methods_end_to_end(capsys, trellis_run, tmp_path, method):
 
     out = tmp_path / method
     tau = ["--tau", "0.3:0.05"] if method == "bcjr" else []
+    # a tile of these tiny tensors is over 1% of the codes; a large straight-through step moves the target off the codes
+    tau += ["--max-change", "0.5", "--code-lr", "0.3"] if method == "pv" else []
     rc = main(["finetune", str(trellis_run), "--method", method, "--steps", "2", "--lr", "1e-2", *tau,
                "--eval-windows", "4", "--out", str(out)])
     cap = capsys.readouterr()
@@ -312,6 +314,9 @@ def test_trellis_methods_end_to_end(capsys, trellis_run, tmp_path, method):
         assert torch.equal(qt.data["sign_in"], old.data["sign_in"])
         if method == "kd":
             assert torch.equal(qt.data["inner_words"], old.data["inner_words"])  # codes fixed bit for bit
+    if method == "pv":  # QTIP-style re-encoding between the P-steps: whole tiles, at most --max-change of the codes
+        assert len(ft["changed_fraction"]) == 2 and all(0 < f <= 0.5 for f in ft["changed_fraction"]), ft
+        assert any(not torch.equal(qt.data["inner_words"], before[n].data["inner_words"]) for n, qt in after.items())
     # a normal checkpoint: loaded natively it gives the reported KL exactly, and eval ppl reads it
     teacher, tok, _ = load_model(rep["model"])
     tokens = calibration_tokens(tok, CalibData(**ft["calib"]))

@@ -56,8 +56,9 @@ class TrainableTensor(Protocol):
 
 # What each method trains (the CLI's help says it the same way).
 FINETUNE_METHODS: dict[str, str] = {
-    "pv": "PV-tuning of additive runs: P-steps on codebooks, scales and norms, V-steps re-choosing a capped "
-          "fraction of the codes",
+    "pv": "PV-tuning of additive and trellis runs: P-steps on the continuous parameters (codebooks and scales; "
+          "trellis scales and LUT) and norms, V-steps re-choosing a capped fraction of the codes (trellis: "
+          "QTIP-style Viterbi re-encoding, whole tiles)",
     "kd": "distillation with the codes fixed: the continuous parameters of every packed format (int scales, "
           "nf4/fp4 absmax, GGUF super-block scales, additive codebooks and scales, trellis scales and LUT) and norms",
     "bcjr": "BCJR-QAT of trellis runs: a latent weight through a soft trellis (forward-backward at temperature tau, "
@@ -80,6 +81,7 @@ def _trainables() -> Registry[Opener]:
         reg.register(f"kd {cls.format_id}", opener)
     for method in ("kd", "bcjr", "ste"):
         reg.register(f"{method} {TrellisTensor.format_id}", TRELLIS_TRAINABLES[method])
+    reg.register(f"pv {TrellisTensor.format_id}", TRELLIS_TRAINABLES["kd"])  # kd's P-step, reencode as V-step
     return reg
 
 
