@@ -5,11 +5,12 @@ what the uninterrupted one would), runs the teacher (the unquantized model the r
 ``report.json``'s ``model``) and the student (the run, its packed weights decoded differentiably by the
 trainables of ``settings.method``, ``finetune.trainable``), takes the token-mean KL (or, with ``objective``
 "layer", each trained decoder layer's error on the teacher's own input to it: ``finetune.layer_loss``), then
-an Adam step on every continuous parameter (and the norms). Per method: ``pv`` adds, every ``v_every`` steps, a V-step on every
-packed tensor (``finetune.pv``); ``bcjr`` sets each trellis tensor's temperature before the step from the
-cosine schedule (``finetune.schedule``); ``kd`` and ``ste`` take the gradient step only. ``layers`` limits the
-training to the packed tensors and norms of some decoder layers; everything else stays as it was. The KL on
-the first ``eval_windows`` windows is measured before and after, on the packed model.
+an Adam step on every continuous parameter (and the norms). Per method: ``pv`` adds, every ``v_every`` steps,
+a V-step on every packed tensor (``finetune.pv``; trellis tensors re-encode whole tiles); ``bcjr`` sets each
+trellis tensor's temperature before the step from the cosine schedule (``finetune.schedule``); ``kd`` and
+``ste`` take the gradient step only. ``layers`` limits the training to the packed tensors and norms of some
+decoder layers; everything else stays as it was. The KL on the first ``eval_windows`` windows is measured
+before and after, on the packed model.
 
 Work directory ``.<out-name>.moequant-finetune/`` beside ``--out``: ``log.jsonl`` (one line per step: step,
 loss, fraction of codes changed (pv), temperature (bcjr)), and every ``save_every`` steps
