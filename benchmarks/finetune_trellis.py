@@ -56,8 +56,10 @@ def relate(rows: dict[str, dict[str, Any]], base: dict[str, Any]) -> None:
     those rows exist."""
     tokens = base["tokens_per_window"]
     for r in rows.values():
+        suffix = r["method"].partition("-")[1:]  # bcjr-layer is compared with ste-layer, under "ste"
         for key in ("ptq", "ste") if r["method"].startswith("bcjr") else ("ptq",) if r["method"] != "ptq" else ():
-            other = rows.get(f"{key}-{layer_slug(r['layers'])}")
+            method = key + "".join(suffix) if key == "ste" else key
+            other = rows.get(f"{method}-{layer_slug(r['layers'])}")
             if other is not None:
                 d = paired({"nll_per_window": other["nll_per_window"], "tokens_per_window": tokens},
                            {"nll_per_window": r["nll_per_window"], "tokens_per_window": tokens})
