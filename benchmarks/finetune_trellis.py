@@ -5,7 +5,8 @@ each scored on PTB test next to the unquantized model and next to PTQ (same wind
 
     python benchmarks/finetune_trellis.py --json benchmarks/results/finetune_trellis_smollm2-135m.json
 
-For each ``--layers`` set (default ``0`` then ``0,1``): ``moequant quantize`` with a recipe that quantizes only
+For each ``--layers`` set (default ``0`` then ``0,1``; ``all`` is the whole model, finetuned without
+``--layers``): ``moequant quantize`` with a recipe that quantizes only
 those layers' linears (the CLI's solver defaults, LDLQ + RHT for the trellis; ``--trellis-l`` and the calibration
 flags passed on), then ``moequant finetune RUN --method M --layers SET --steps --lr [--tau]`` from that PTQ run
 for each ``--methods`` entry, then ``moequant eval ppl`` of every checkpoint. Each row keeps its commands,
@@ -39,16 +40,19 @@ SCRIPT = "benchmarks/finetune_trellis.py"
 METHODS = ("bcjr", "ste", "kd", "bcjr-layer", "ste-layer", "kd-layer")  # "-layer": finetune --loss layer
 
 
+WHOLE = "all"  # a --layers entry: every decoder layer (the whole-model rows)
+
+
 def layer_slug(layers: str) -> str:
     return "L" + layers.replace(",", "+")
 
 
 def recipe(layers: str, config: TrellisConfig) -> dict[str, Any]:
-    """Keep the protected weights, quantize every weight of decoder layers ``layers`` ("0" or "0,1"), keep the
-    rest (no rule matches them)."""
-    alt = "|".join(str(int(i)) for i in layers.split(","))
+    """Keep the protected weights (norms, embeddings, head, routers), quantize every weight of decoder layers
+    ``layers`` ("0", "0,1" or "all"), keep the rest (no rule matches them)."""
+    alt = r"\d+" if layers == WHOLE else "(" + "|".join(str(int(i)) for i in layers.split(",")) + ")"
     return {"rules": [*({"match": p, "config": None} for p in DEFAULT_KEEP),
-                      {"match": rf"re:model\.layers\.({alt})\..*", "config": config.to_dict()}]}
+                      {"match": rf"re:model\.layers\.{alt}\..*", "config": config.to_dict()}]}
 
 
 def relate(rows: dict[str, dict[str, Any]], base: dict[str, Any]) -> None:
@@ -113,8 +117,8 @@ def measure_finetune(layers: str, method: str, args: argparse.Namespace, base: d
     ensure_ptq(layers, args, work, kept_ptq)
     slug = f"{method}-{layer_slug(layers)}"
     base_method, _, loss = method.partition("-")
-    flags = ["--method", base_method, "--layers", layers, "--steps", str(args.steps), "--lr", str(args.lr),
-             "--batch", str(args.batch)] + (["--loss", loss] if loss else []) + \
+    flags = ["--method", base_method, *(["--layers", layers] if layers != WHOLE else []), "--steps", str(args.steps),
+             "--lr", str(args.lr), "--batch", str(args.batch)] + (["--loss", loss] if loss else []) + \
         (["--tau", args.tau, "--soft-bits", str(args.soft_bits)] if base_method == "bcjr" else []) + \
         (["--ste-every", str(args.ste_every)] if base_method == "ste" else [])
     cmd, secs = finetune(ptq, flags, work / slug)
@@ -163,8 +167,9 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m", help="zoo alias or checkpoint directory (a Llama-style model)")
-    p.add_argument("--layers", nargs="+", default=["0", "0,1"], help="decoder layer sets, each quantized alone")
+    p.add_argument("--model", default="smollm2-135m", help="zoo alias or checkpoint directory (decoder layers named model.layers.N: Llama, Qwen2, Qwen2-MoE, ...)")
+    p.add_argument("--layers", nargs="+", default=["0", "0,1"],
+                   help=f"decoder layer sets, each quantized alone ('{WHOLE}': every layer, the whole-model rows)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=["bcjr", "ste"], help="finetune methods")
     p.add_argument("--bits", type=int, default=2)
     p.add_argument("--trellis-l", type=int, default=None, help="trellis state bits (default: the CLI's)")

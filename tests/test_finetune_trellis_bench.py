@@ -39,3 +39,40 @@ def test_method_flags(monkeypatch, tmp_path, method, want):
     common = ["--layers", "0,1", "--steps", "5", "--lr", "0.001", "--batch", "4"]
     assert flags == want[:2] + common + want[2:]
     assert run == Path(tmp_path / "ptq-L0+1") and out == tmp_path / f"{method}-L0+1"
+
+
+@pytest.mark.parametrize("layers, flags", [("0,1", ["--layers", "0,1"]), ("all", [])])
+def test_whole_model_is_finetuned_without_layers(monkeypatch, tmp_path, layers, flags):
+    m = bench_module(BENCHMARKS / "finetune_trellis.py", "finetune_trellis_bench")
+    got = []
+
+    def finetune(run, f, out):
+        got.append(f)
+        raise _Ran
+
+    monkeypatch.setattr(m, "ensure_ptq", lambda *a: None)
+    monkeypatch.setattr(m, "finetune", finetune)
+    args = argparse.Namespace(steps=5, lr=1e-3, batch=4, tau="0.3:0.05", soft_bits=4, ste_every=8)
+    with pytest.raises(_Ran):
+        m.measure_finetune(layers, "kd", args, {}, tmp_path)
+    assert got[0] == ["--method", "kd", *flags, "--steps", "5", "--lr", "0.001", "--batch", "4"]
+
+
+@pytest.mark.parametrize("layers, quantized", [
+    ("0", {"model.layers.0.self_attn.q_proj.weight"}),
+    ("0,1", {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"}),
+    ("all", {"model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight",
+             "model.layers.10.mlp.down_proj.weight", "model.layers.29.mlp.experts.gate_up_proj"}),
+])
+def test_recipe_quantizes_exactly_the_layer_set(layers, quantized):
+    from moequant.alloc.recipe import Recipe
+    from moequant.codecs.config import TrellisConfig
+
+    m = bench_module(BENCHMARKS / "finetune_trellis.py", "finetune_trellis_bench")
+    r = Recipe.from_dict(m.recipe(layers, TrellisConfig(bits=2)))
+    names = {"model.layers.0.self_attn.q_proj.weight": "linear", "model.layers.1.mlp.down_proj.weight": "linear",
+             "model.layers.10.mlp.down_proj.weight": "linear", "model.layers.29.mlp.experts.gate_up_proj": "experts",
+             "model.layers.0.input_layernorm.weight": "other", "model.layers.3.mlp.gate.weight": "linear",
+             "model.layers.3.mlp.shared_expert_gate.weight": "linear", "model.embed_tokens.weight": "embedding",
+             "lm_head.weight": "head", "model.norm.weight": "other"}
+    assert {n for n, kind in names.items() if r.match(n, kind)[0] is not None} == quantized
