@@ -180,3 +180,13 @@ def test_blockldlq_drives_the_trellis_codec():
     assert res.proxy <= 0.8 * rtn, (res.proxy, rtn)
     qt = tensor_class_for(cfg).from_parts(tuple(w.shape), q.parts(), cfg)
     assert torch.equal(qt.dequantize(), res.w_hat)
+
+
+def test_proxy_loss_float32_products_match_float64():
+    """The float32 products stay within 1e-5 of the float64 formula at K = 1,024, and a perfect copy scores 0."""
+    w, h, _ = _problem(r=256, k=1024, seed=5)
+    w_hat = w + 0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(6))
+    w64, d = w.double(), (w - w_hat).double()
+    ref = float(((d @ h) * d).sum() / ((w64 @ h) * w64).sum())
+    assert abs(proxy_loss(w, w_hat, h) / ref - 1) <= 1e-5
+    assert proxy_loss(w, w.clone(), h) == 0.0
