@@ -16,7 +16,7 @@ is LDLQ, which QuIP proves equal to GPTQ's column update ``w_j ← w_j − (e / 
 Cholesky factor of ``H⁻¹``); for ``b = 16`` it is QuIP#'s BlockLDLQ. ``A`` comes from one Cholesky factor
 of the column-reversed matrix (``J H J = L Lᵀ`` gives ``H = Ũ Ũᵀ`` with ``Ũ = J L J`` upper, and
 ``I + A = Ũ · blockdiag(Ũ_BB)⁻¹``): one factorisation, where GPTQ's ``U`` takes a factorisation, an inverse
-and a second factorisation (~4x the float64 work; K = 8,960: 3.9 s instead of 15.5 s here). Feedback is
+and a second factorisation (~4x the float64 work; K = 8,960: 4.2 s instead of 15.7 s, BENCHMARKS.md). Feedback is
 applied lazily: the errors of a batch of ``lazy`` columns reach the columns after it at once (GPTQ's
 trick; exact, only the order of additions changes).
 
