@@ -376,7 +376,8 @@ def test_an_interrupted_build_resumes_to_the_same_model_and_figures(tmp_path, mo
     assert [r["code_sha256"] for r in pb["job_runs"]] == [pb["code_sha256"]] * 4 and "job_runs" not in pa
     # the work of all four: every layer's carving (none by the last process), the three scores, the distillation
     w, ev = pb["seconds"]["all_runs"], pb["eval"]
-    assert w["carve"] == round(sum(r["seconds"] for r in pb["layers"]), 1) > pb["seconds"]["carve"]
+    # (>=, not >: the tiny layers carve in milliseconds, and both figures can round to 0.0 on a fast machine)
+    assert w["carve"] == round(sum(r["seconds"] for r in pb["layers"]), 1) >= pb["seconds"]["carve"]
     assert w["scores"] == round(ev["seconds_dense"] + ev["seconds_moe"] + ev["before_recover"]["seconds_moe"], 1)
     assert w["distill"] == round(pb["recover"]["seconds"], 1) and w["sum"] == round(w["carve"] + w["scores"]
                                                                                    + w["distill"], 1)
