@@ -15,14 +15,8 @@ class _Ran(Exception):
     pass
 
 
-@pytest.mark.parametrize("method, want", [
-    ("kd", ["--method", "kd"]),
-    ("kd-layer", ["--method", "kd", "--loss", "layer"]),
-    ("bcjr", ["--method", "bcjr", "--tau", "0.3:0.05", "--soft-bits", "4"]),
-    ("bcjr-layer", ["--method", "bcjr", "--loss", "layer", "--tau", "0.3:0.05", "--soft-bits", "4"]),
-    ("ste-layer", ["--method", "ste", "--loss", "layer", "--ste-every", "8"]),
-])
-def test_method_flags(monkeypatch, tmp_path, method, want):
+def _finetune_call(monkeypatch, tmp_path, layers: str, method: str) -> tuple[Path, list[str], Path]:
+    """``(run, flags, out)`` of the first ``finetune`` the benchmark's ``measure_finetune`` would run."""
     m = bench_module(BENCHMARKS / "finetune_trellis.py", "finetune_trellis_bench")
     got = []
 
@@ -34,8 +28,19 @@ def test_method_flags(monkeypatch, tmp_path, method, want):
     monkeypatch.setattr(m, "finetune", finetune)
     args = argparse.Namespace(steps=5, lr=1e-3, batch=4, tau="0.3:0.05", soft_bits=4, ste_every=8)
     with pytest.raises(_Ran):
-        m.measure_finetune("0,1", method, args, {}, tmp_path)
-    run, flags, out = got[0]
+        m.measure_finetune(layers, method, args, {}, tmp_path)
+    return got[0]
+
+
+@pytest.mark.parametrize("method, want", [
+    ("kd", ["--method", "kd"]),
+    ("kd-layer", ["--method", "kd", "--loss", "layer"]),
+    ("bcjr", ["--method", "bcjr", "--tau", "0.3:0.05", "--soft-bits", "4"]),
+    ("bcjr-layer", ["--method", "bcjr", "--loss", "layer", "--tau", "0.3:0.05", "--soft-bits", "4"]),
+    ("ste-layer", ["--method", "ste", "--loss", "layer", "--ste-every", "8"]),
+])
+def test_method_flags(monkeypatch, tmp_path, method, want):
+    run, flags, out = _finetune_call(monkeypatch, tmp_path, "0,1", method)
     common = ["--layers", "0,1", "--steps", "5", "--lr", "0.001", "--batch", "4"]
     assert flags == want[:2] + common + want[2:]
     assert run == Path(tmp_path / "ptq-L0+1") and out == tmp_path / f"{method}-L0+1"
@@ -43,19 +48,8 @@ def test_method_flags(monkeypatch, tmp_path, method, want):
 
 @pytest.mark.parametrize("layers, flags", [("0,1", ["--layers", "0,1"]), ("all", [])])
 def test_whole_model_is_finetuned_without_layers(monkeypatch, tmp_path, layers, flags):
-    m = bench_module(BENCHMARKS / "finetune_trellis.py", "finetune_trellis_bench")
-    got = []
-
-    def finetune(run, f, out):
-        got.append(f)
-        raise _Ran
-
-    monkeypatch.setattr(m, "ensure_ptq", lambda *a: None)
-    monkeypatch.setattr(m, "finetune", finetune)
-    args = argparse.Namespace(steps=5, lr=1e-3, batch=4, tau="0.3:0.05", soft_bits=4, ste_every=8)
-    with pytest.raises(_Ran):
-        m.measure_finetune(layers, "kd", args, {}, tmp_path)
-    assert got[0] == ["--method", "kd", *flags, "--steps", "5", "--lr", "0.001", "--batch", "4"]
+    _, got, _ = _finetune_call(monkeypatch, tmp_path, layers, "kd")
+    assert got == ["--method", "kd", *flags, "--steps", "5", "--lr", "0.001", "--batch", "4"]
 
 
 @pytest.mark.parametrize("layers, quantized", [
