@@ -1,7 +1,8 @@
 """The layer-wise distillation loss (``moequant finetune --loss layer``, ``finetune/layer_loss.py``) on tiny
 3-layer models of every architecture: the teacher's captured hidden states are its own (``output_hidden_states``),
 each student layer is scored on the teacher's input to it (not on the student's own hidden state), the terms
-are averaged, no gradient crosses layers, and the model stops after the last layer of the set."""
+are averaged, no gradient crosses layers, the layers before the set do not compute, and the model stops after the
+last layer of the set."""
 
 from __future__ import annotations
 
@@ -72,10 +73,34 @@ def test_no_gradient_crosses_layers_and_the_model_stops_after_the_last():
     calls = []
     student.model.layers[2].register_forward_pre_hook(lambda m, a: calls.append(2))
     student.model.norm.register_forward_pre_hook(lambda m, a: calls.append("norm"))
+    student.model.layers[0].mlp.register_forward_pre_hook(lambda m, a: calls.append("0.mlp"))
     loss = layer_loss(student, ids, teacher_targets(teacher, ids, (1,)))
     loss.backward()
-    assert calls == []  # neither layer 2 nor the final norm ran
+    assert calls == []  # neither layer 2 nor the final norm ran, and layer 0 (before the set) did not compute
+    assert "forward" not in vars(student.model.layers[0])  # its own forward is back
+    with torch.no_grad():
+        student(ids, use_cache=False)
+    assert calls == ["0.mlp", 2, "norm"]
     grads = {n: p.grad for n, p in student.named_parameters()}
     assert all(g is None for n, g in grads.items() if ".layers.0." in n or "embed" in n)
     assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".layers.1." in n)
     assert trained_layers(student, None) == (0, 1, 2) and trained_layers(student, (1,)) == (1,)
+
+
+def test_an_instance_forward_of_a_skipped_layer_is_put_back():
+    teacher, student = _models("llama")
+    ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(4))
+    layer0 = student.model.layers[0]
+    ran = []
+
+    def wrapped(*args, **kwargs):  # what a hook library leaves on a module
+        ran.append(0)
+        return type(layer0).forward(layer0, *args, **kwargs)
+
+    layer0.forward = wrapped
+    with torch.no_grad():
+        layer_loss(student, ids, teacher_targets(teacher, ids, (1, 2)))
+    assert ran == [] and vars(layer0)["forward"] is wrapped
+    with torch.no_grad():
+        student(ids, use_cache=False)
+    assert ran == [0]

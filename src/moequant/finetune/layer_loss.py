@@ -6,7 +6,9 @@ fed the teacher's input to that layer and matched to the teacher's output of it.
 (token sums over the batch; the teacher runs once per step without a graph). Because every layer starts from
 the teacher's hidden state, no gradient crosses from one layer to another: each layer's packed tensors and
 norms learn to reproduce their own unquantized layer, as in QuIP#/QTIP's per-block fine-tuning, and the final
-norm and head take no part. The model runs only as far as the last layer in the set.
+norm and head take no part. The model runs only as far as the last layer in the set, and the student's layers
+outside the set before it do not compute at all (``_skipped``): their outputs would be replaced by the teacher's
+input to the next trained layer anyway.
 
 The layers' other arguments (mask, position embeddings, ...) are the ones the student's own forward passes;
 its hidden state is swapped for the teacher's by a pre-hook, which reads it positionally or as
@@ -15,6 +17,7 @@ its hidden state is swapped for the teacher's by a pre-hook, which reads it posi
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -82,6 +85,33 @@ def teacher_targets(teacher: nn.Module, ids: torch.Tensor, indices: tuple[int, .
     return {i: (x, y) for i, (x, y) in got.items()}
 
 
+def _returns_tensor(layer: nn.Module) -> bool:
+    """The layer's ``forward`` is declared to return the hidden state itself (transformers 5's decoder layers,
+    except those annotated otherwise): a pass-through may stand in for it."""
+    return inspect.signature(type(layer).forward).return_annotation is torch.Tensor
+
+
+@contextmanager
+def _skipped(model: nn.Module, indices: tuple[int, ...]) -> Iterator[None]:
+    """Decoder layers before ``indices[-1]`` and not in ``indices`` return their hidden-state input unchanged
+    instead of computing (their output is overwritten by the next trained layer's pre-hook). A layer whose
+    ``forward`` is not declared to return a tensor runs as usual (a stand-in could not match a tuple output)."""
+    layers = decoder_layers(model, adapter_for(model))
+    keep = set(indices)
+    swapped = [layers[i] for i in range(indices[-1]) if i not in keep and _returns_tensor(layers[i])]
+    own = [layer.__dict__.get("forward") for layer in swapped]  # an instance forward (e.g. a hook library's), or None
+    try:
+        for layer in swapped:
+            layer.forward = lambda *args, **kwargs: _hidden(args, kwargs)  # instance attribute: shadows the class's
+        yield
+    finally:
+        for layer, fwd in zip(swapped, own):
+            if fwd is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = fwd
+
+
 def layer_loss(student: nn.Module, ids: torch.Tensor, targets: dict[int, tuple[torch.Tensor, torch.Tensor]]
                ) -> torch.Tensor:
     """The mean over the layers of ``targets`` of ``‖f_i(x_i) − y_i‖² / ‖y_i‖²`` (float32 sums, a scalar with
@@ -106,7 +136,7 @@ def layer_loss(student: nn.Module, ids: torch.Tensor, targets: dict[int, tuple[t
                 raise _Stop
         return hook
 
-    with _hooks(student, indices, pre, post):
+    with _hooks(student, indices, pre, post), _skipped(student, indices):
         _run_until(student, ids)
     return torch.stack([terms[i] for i in indices]).mean()
 
