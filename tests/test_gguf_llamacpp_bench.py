@@ -1,0 +1,27 @@
+"""benchmarks/export/gguf_llamacpp.py: the calibration text written for llama-imatrix keeps every window in its
+own chunk — each window's text is followed by a one-token separator, and the last one by a separator that does
+not end in a newline (llama.cpp drops a prompt file's final newline, which cost llama-imatrix the last chunk)."""
+
+from __future__ import annotations
+
+from conftest import BENCHMARKS, bench_module, toy_lines, toy_words
+
+
+def _tok():
+    from moequant.zoo.tiny_olmoe import train_tokenizer
+
+    return train_tokenizer([toy_lines(toy_words(3000))], 320)
+
+
+def test_the_last_window_is_not_followed_by_a_newline():
+    m = bench_module(BENCHMARKS / "export" / "gguf_llamacpp.py", "gguf_llamacpp_bench")
+    tok = _tok()
+    ids = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    text, nxt = "w3 w17 w5 w44", "w8 w61 w2"
+    body, next_body = ids(text), ids(nxt)
+    inner = m.pick_separator(tok, body, text, next_body, nxt)
+    last = m.pick_separator(tok, body, text, None, None)
+    assert inner == "\n"  # the first choice between windows: one token on both sides
+    assert not last.endswith("\n") and last in m.SEPARATORS
+    after = ids(text + last)
+    assert len(after) == len(body) + 1 and after[:-1] == body  # still exactly one token after the window
