@@ -237,11 +237,12 @@ def write_calib_text(tok, calib: CalibData, path: Path) -> dict[str, Any]:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(parts))
         tmp.replace(path)
-    retok = tokenize_corpus(tok, path.read_text())  # [n]
+    written = path.read_text()
+    retok = tokenize_corpus(tok, written)  # [n]
     L = calib.seqlen
     in_place = sum(int(retok[i * L:i * L + L - 1].tolist() == b) for i, b in enumerate(bodies))
     # llama.cpp reads the file for -f without its final newline (one token fewer when the text ends in one)
-    dropped = int(path.read_text().endswith("\n"))
+    dropped = int(written.endswith("\n"))
     return {"file": os.path.relpath(path, pc.ROOT), **calib.to_dict(), "retokenized_tokens": int(retok.numel()),
             "expected_tokens": calib.samples * L, "windows_in_place": in_place,
             "chunks_llama_imatrix": (int(retok.numel()) - dropped) // L,
