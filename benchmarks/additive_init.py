@@ -76,17 +76,28 @@ def encode_both(w: torch.Tensor, h: torch.Tensor, cfg: AdditiveConfig) -> dict[s
     return out
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def real_layer_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of a benchmark on real layers' Hessians: model, layers, calibration windows, JSON path."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--layers", type=int, nargs="+", default=[0, 15, 29])
-    p.add_argument("--tensors", nargs="*", default=[], help="only linears whose name ends with one of these")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--json", required=True)
-    args = p.parse_args()
+    return p
+
+
+def captured(args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Logging on, the seed set, and ``hessians`` of ``args``' model and layers."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(0)
-    hs, ws = hessians(args.model, args.layers, args.calib_samples)
+    return hessians(args.model, args.layers, args.calib_samples)
+
+
+def main() -> int:
+    p = real_layer_parser(__doc__)
+    p.add_argument("--tensors", nargs="*", default=[], help="only linears whose name ends with one of these")
+    args = p.parse_args()
+    hs, ws = captured(args)
     cfg = AdditiveConfig()
     rows = []
     for name in hs:

@@ -267,7 +267,7 @@ def test_additive_end_to_end_dense_and_shared_experts(capsys, caplog, tmp_path, 
     tok, llama = toy_tok_model("llama", toy_lines(toy_words(4000)))
     llama.save_pretrained(tmp_path / "llama")
     tok.save_pretrained(tmp_path / "llama")
-    for src, extra in ((tmp_path / "llama", []), (olmoe, ["--share", "layer"])):
+    for src, extra in ((tmp_path / "llama", []), (olmoe, ["--share", "layer", "--codebook-bits", "8"])):
         out = tmp_path / f"a_{src.name}"
         rc, _, err = _run(capsys, "-q", "quantize", str(src), "--method", "additive", "--codebooks", "2x8", "--group",
                           "8", "--init", "oa-em", "--beam", "4", "--search-rounds", "1", *extra, "--calib", str(text),
@@ -285,10 +285,14 @@ def test_additive_end_to_end_dense_and_shared_experts(capsys, caplog, tmp_path, 
         assert set(loaded) == set(metas) and len(metas) == len(rep["quantized_tensors"])
         for name, meta in metas.items():
             assert meta["format"] == "additive-packed" and meta["share"] == ("layer" if extra else "expert")
+            assert meta["codebook_bits"] == (8 if extra else 16)
             *lead, n, k = meta["shape"]
             codes = files[f"{name}_codes"].to(torch.int64).reshape(-1, n, k // 8, 2)  # [E, N, G, M]
             books = files[f"{name}_codebooks"].float()
             assert books.shape == ((2, 256, 8) if not lead or extra else (*lead, 2, 256, 8))
+            if extra:  # int8 codebooks, one float16 step per codebook
+                assert files[f"{name}_codebooks"].dtype == torch.int8 and files[f"{name}_codebook_scale"].shape == (2,)
+                books = books * files[f"{name}_codebook_scale"].float()[:, None, None]
             books = books.reshape(-1, 2, 256, 8)
             scale = files[f"{name}_scale"].float().reshape(-1, n)
             by_hand = torch.stack([scale[e, :, None] * (books[e % books.shape[0], 0][codes[e, :, :, 0]]
@@ -297,7 +301,7 @@ def test_additive_end_to_end_dense_and_shared_experts(capsys, caplog, tmp_path, 
             assert torch.equal(loaded[name].dequantize(), by_hand), name
         with torch.no_grad():
             assert torch.isfinite(model(torch.tensor([[1, 5, 9, 14]])).logits).all()
-    assert any("recipe: additive2x8-g8-oa-em-shared, beam search under the Hessian" in r.message
+    assert any("recipe: additive2x8-g8-oa-em-shared-cb8, beam search under the Hessian" in r.message
                for r in caplog.records)
     rc, _, err = _run(capsys, "-q", "quantize", str(olmoe), "--method", "additive", "--share", "layer", "--incoherence",
                       "rht", "--calib", str(text), "--calib-samples", "4", "--calib-seqlen", "32", "--out",

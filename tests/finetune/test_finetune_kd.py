@@ -33,6 +33,8 @@ CASES = {
     "q5_1": GgufConfig(qtype="q5_1"),  # one fp16 d and offset m per 32
     "q8_0": GgufConfig(qtype="q8_0"),
     "additive": AdditiveConfig(M=2, B=4, g=8, beam=2, init="kmeans", search_rounds=0),
+    "additive-cb8-shared": AdditiveConfig(M=2, B=4, g=8, beam=2, init="kmeans", search_rounds=0, share="layer",
+                                          codebook_bits=8),  # int8 codebooks trained straight through their grid
 }
 
 

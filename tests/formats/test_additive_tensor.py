@@ -1,10 +1,10 @@
-"""``AdditiveTensor`` (additive-packed v1): exact packing at the code width, exact decode, every stored bit
+"""``AdditiveTensor`` (additive-packed v2): exact packing at the code width, exact decode, every stored bit
 counted (codebooks per expert or once when shared), the checkpoint contract and the method entry."""
 
 import pytest
 import torch
 
-from moequant.codecs.additive import reconstruct
+from moequant.codecs.additive import project_codebooks, reconstruct
 from moequant.codecs.additive_search import quantize
 from moequant.codecs.config import AdditiveConfig
 from moequant.formats.additive import AdditiveTensor, code_bytes, pack_codes, unpack_codes
@@ -199,3 +199,93 @@ def test_linear_matches_decode_then_matmul(m, b):
     assert y.shape == (4, 5, 20) and y.dtype == torch.float64
     with pytest.raises(ValueError, match="needs a 2-D tensor"):
         qt.linear(torch.randn(1, 32))
+
+
+def _int8_by_hand(books):
+    """Each codebook ``[C, g]`` of ``books [..., M, C, g]`` as int8 times a float16 step, done one codebook at a
+    time: step = fp16(max |C| / 127), value = round(C / step) in −127..127."""
+    flat = books.reshape(-1, *books.shape[-2:])
+    q, steps = torch.empty(flat.shape, dtype=torch.int8), torch.empty(flat.shape[0], dtype=torch.float16)
+    for i, c in enumerate(flat):
+        step = torch.tensor(float(c.abs().max()) / 127).half()
+        q[i] = torch.round(c / step.float()).clamp(-127, 127).to(torch.int8)
+        steps[i] = step
+    return q.reshape(books.shape), steps.reshape(books.shape[:-2])
+
+
+@pytest.mark.parametrize("shape,m,b,g,share", [((5, 24), 2, 8, 8, "expert"), ((3, 5, 24), 2, 8, 8, "expert"),
+                                               ((3, 5, 24), 2, 8, 8, "layer"), ((2, 3, 12), 3, 5, 4, "expert")])
+def test_int8_codebooks_store_one_step_per_codebook_and_round_trip_exactly(shape, m, b, g, share):
+    cfg = AdditiveConfig(M=m, B=b, g=g, share=share, codebook_bits=8)
+    parts = _parts(shape, m, b, g, share)  # float16 codebooks: not on the int8 grid
+    qt = AdditiveTensor.from_parts(shape, parts, cfg)
+    qt.check_data()
+    q, steps = _int8_by_hand(parts["codebooks"])
+    assert torch.equal(qt.data["codebooks"], q) and torch.equal(qt.data["codebook_scale"], steps)
+    values = q.float() * steps.float()[..., None, None]
+    assert float((values - parts["codebooks"]).abs().amax()) <= float(steps.float().max()) / 2  # rounded, not clipped
+    want = _decode_by_hand({**parts, "codebooks": values}, shape, share)
+    assert torch.equal(qt.dequantize(), want)
+    again = AdditiveTensor.from_parts(shape, {**parts, "codebooks": qt.codebook_values()}, cfg)
+    assert all(torch.equal(again.data[n], qt.data[n]) for n in qt.data)  # the grid is idempotent
+    back = from_state_dict(qt.to_state_dict("w"), "w", qt.meta())
+    assert set(back.data) == {"codes", "scale", "codebooks", "codebook_scale"}
+    assert all(torch.equal(back.data[n], qt.data[n]) for n in qt.data) and torch.equal(back.dequantize(), want)
+    lead = shape[:-2]
+    if lead:
+        for e in range(lead[0]):
+            view = qt.select(e)
+            assert torch.equal(view.dequantize(), want[e])
+            if share == "layer":
+                assert view.data["codebook_scale"] is qt.data["codebook_scale"]
+    # every stored bit: codes, a 16-bit scale per row, M x 2^B x g int8 values and M 16-bit steps per set
+    *lead, n, k = shape
+    mats = 1 if not lead else lead[0]
+    sets = 1 if share == "layer" or not lead else mats
+    code_bits = mats * n * 8 * code_bytes(k // g * m, b)
+    by_hand = (code_bits + 16 * mats * n + sets * m * ((1 << b) * g * 8 + 16)) / (mats * n * k)
+    assert qt.bits_per_weight() == by_hand == AdditiveTensor.expected_bits_per_weight(shape, cfg)
+
+
+def test_int8_codebooks_cut_smollm2_135m_to_2_088_counted_bits():
+    # SmolLM2-135M's seven linears per layer (q, o 576x576; k, v 192x576; gate, up 1536x576; down 576x1536), 2x8 g8
+    shapes = [(576, 576)] * 2 + [(192, 576)] * 2 + [(1536, 576)] * 2 + [(576, 1536)]
+    weights = sum(n * k for n, k in shapes)
+
+    def counted(bits):
+        cfg = AdditiveConfig(codebook_bits=bits)
+        return sum(AdditiveTensor.expected_bits_per_weight(s, cfg) * s[0] * s[1] for s in shapes) / weights
+
+    rows = sum(n for n, _ in shapes)
+    assert counted(16) == pytest.approx(2 + (16 * rows + 7 * 2 * 256 * 8 * 16) / weights) == pytest.approx(2.15307, abs=1e-5)
+    assert counted(8) == pytest.approx(2 + (16 * rows + 7 * (2 * 256 * 8 * 8 + 32)) / weights) == pytest.approx(2.08832, abs=1e-5)
+
+
+def test_encoder_fits_int8_codebooks_on_their_grid():
+    torch.manual_seed(0)
+    w = torch.randn(2, 24, 32)
+    h = torch.eye(32) + 0.5 * torch.ones(32, 32)
+    errs = {}
+    for bits in (16, 8):
+        cfg = AdditiveConfig(M=2, B=5, g=4, share="layer", codebook_bits=bits, **FAST)
+        codes, books, scale = quantize(w, h, cfg)
+        assert torch.equal(project_codebooks(books, bits), books)  # what the search kept is what is stored
+        qt = encode(w, cfg, h)
+        assert torch.equal(qt.dequantize(), reconstruct(codes, books, scale))
+        d = qt.dequantize() - w
+        errs[bits] = float(torch.einsum("enk,kl,enl->", d, h, d))
+    assert errs[8] != errs[16] and errs[8] / errs[16] < 1.02  # another fit, as good within 2% (measured ×1.003)
+
+
+def test_version_1_tensors_read_as_float16_codebooks():
+    qt = AdditiveTensor.from_parts((4, 16), _parts((4, 16), 2, 4, 8, "expert"), AdditiveConfig(M=2, B=4, g=8))
+    v1 = {k: v for k, v in qt.meta().items() if k != "codebook_bits"} | {"format_version": 1}
+    assert AdditiveTensor.check_meta(v1)[1]["codebook_bits"] == 16
+    back = from_state_dict(qt.to_state_dict("w"), "w", v1)
+    assert back.attrs["codebook_bits"] == 16 and torch.equal(back.dequantize(), qt.dequantize())
+    with pytest.raises(ValueError, match="missing attributes \\['codebook_bits'\\]"):
+        AdditiveTensor.check_meta({**v1, "format_version": 2})
+    with pytest.raises(ValueError, match="version 1 has no 'codebook_bits'"):
+        AdditiveTensor.check_meta({**v1, "codebook_bits": 8})
+    with pytest.raises(ValueError, match="--codebook-bits 4 is not 16"):
+        AdditiveTensor.check_meta({**qt.meta(), "codebook_bits": 4})

@@ -31,7 +31,7 @@ def ext():
     return require_extension(ka.extension, "moequant-additive")
 
 
-def _tensor(shape, m, b, g, share="expert", seed=0, book_dtype=torch.float16) -> AdditiveTensor:
+def _tensor(shape, m, b, g, share="expert", seed=0, book_dtype=torch.float16, codebook_bits=16) -> AdditiveTensor:
     """Random codes, fp16-exact codebooks and row scales in [0.5, 1.5) (no encoder run)."""
     gen = torch.Generator().manual_seed(seed)
     *lead, n, k = shape
@@ -40,7 +40,7 @@ def _tensor(shape, m, b, g, share="expert", seed=0, book_dtype=torch.float16) ->
     books = torch.randn(*book_lead, m, 1 << b, g, generator=gen) * 0.3  # [..., M, 2^B, g]
     scale = torch.rand(*lead, n, generator=gen) + 0.5  # [..., N]
     qt = AdditiveTensor.from_parts(tuple(shape), {"codes": codes, "codebooks": books, "scale": scale},
-                                   AdditiveConfig(M=m, B=b, g=g, share=share))
+                                   AdditiveConfig(M=m, B=b, g=g, share=share, codebook_bits=codebook_bits))
     if book_dtype != torch.float16:
         qt.data["codebooks"] = qt.data["codebooks"].to(book_dtype)
     return qt
@@ -159,6 +159,27 @@ def test_codebooks_in_other_dtypes(ext, book_dtype):
         x = _x(t, 64)
         for path in PATHS.values():
             _assert_close(_fast(qt, x, path=path), x, qt.dequantize())
+
+
+@pytest.mark.parametrize("share", ["expert", "layer"])
+def test_int8_codebooks(ext, share):
+    qt = _tensor((2, 24, 64), 2, 8, 8, share=share, seed=3, codebook_bits=8)
+    assert qt.data["codebooks"].dtype == torch.int8
+    for e in range(2):
+        view = qt.select(e)
+        w = view.dequantize()
+        a = ka.op_args(view, None, None)
+        assert torch.equal(ext.additive_dequant(*a[1:4], 2, 8, 8, 64), w)  # int8 x step, decoded as the reference
+        for t in (1, 4, 12):
+            x = _x(t, 64)
+            _assert_close(view.linear(x), x, w)
+            for path in PATHS.values():
+                _assert_close(_fast(view, x, path=path), x, w)
+    view = qt.select(0)
+    x = _x(2, 64)
+    before = view.linear(x)
+    view.data["codebook_scale"] = view.data["codebook_scale"] * 2  # new steps, the same int8 codebooks
+    assert torch.equal(view.linear(x), 2 * before)  # the cached run-time codebooks follow the steps
 
 
 def test_a_wrong_codeword_or_scale_is_caught(ext):

@@ -33,7 +33,7 @@ import torch
 
 from moequant.codecs.additive import (_BUDGET, CodebookGrad, adam_codebooks, decode_groups, fp16_exact,
                                       group_blocks, kmeans_init, normalised, num_groups, oa_em, output_error,
-                                      reconstruct, row_scales)
+                                      project_codebooks, reconstruct, row_scales)
 from moequant.codecs.config import AdditiveConfig
 
 log = logging.getLogger(__name__)
@@ -130,9 +130,10 @@ def _beam_rows(w: torch.Tensor, h: torch.Tensor, cb: torch.Tensor, hj: torch.Ten
 def search(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scale: torch.Tensor,
            cfg: AdditiveConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Beam search, then up to ``cfg.search_rounds`` rounds of (Adam on codebooks and scales under the full
-    Hessian, rounding both to float16, beam search) until a round improves the output error by less than
-    ``cfg.tol`` (relative). w ``[E, N, K]``, h ``[E, K, K]``, codes ``[E, N, G, M]``, codebooks ``[M, C, g]``
-    and scale ``[E, N]`` (float16-exact) -> the best (codes, codebooks, scale) seen."""
+    Hessian, the codebooks rounded to their storage grid (``cfg.codebook_bits``) and the scales to float16, beam
+    search) until a round improves the output error by less than ``cfg.tol`` (relative). w ``[E, N, K]``, h
+    ``[E, K, K]``, codes ``[E, N, G, M]``, codebooks ``[M, C, g]`` (on the grid) and scale ``[E, N]``
+    (float16-exact) -> the best (codes, codebooks, scale) seen."""
     e, n, k = w.shape
     c, g = codebooks.shape[1], codebooks.shape[2]
 
@@ -161,7 +162,7 @@ def search(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebooks: tor
     log.debug("additive search: beam 0 error %.6g", err)
     for r in range(cfg.search_rounds):
         cb, sc, _ = adam_codebooks(codes, codebooks, loss_grad_for(codes), cfg.adam_steps, cfg.lr, scale)
-        codebooks, scale = fp16_exact(cb), fp16_exact(sc)
+        codebooks, scale = project_codebooks(cb, cfg.codebook_bits), fp16_exact(sc)
         codes = beam_all(codes, codebooks, scale)
         new = total(codes, codebooks, scale)
         log.debug("additive search: round %d error %.6g", r + 1, new)
@@ -176,8 +177,8 @@ def search(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebooks: tor
 def initialise(w: torch.Tensor, h: torch.Tensor, cfg: AdditiveConfig
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row scales and ``cfg.init`` codebooks for ``E`` matrices sharing one codebook set: w ``[E, N, K]``,
-    h ``[E, K, K]`` -> (codes ``[E, N, G, M]`` int64, codebooks ``[M, C, g]``, scale ``[E, N]``), codebooks and
-    scales float16-exact (float32 tensors)."""
+    h ``[E, K, K]`` -> (codes ``[E, N, G, M]`` int64, codebooks ``[M, C, g]``, scale ``[E, N]``), codebooks on
+    their storage grid (``cfg.codebook_bits``) and scales float16-exact (float32 tensors)."""
     scale = row_scales(w)  # [E, N]
     y = normalised(w, scale, cfg.g).permute(0, 2, 1, 3).contiguous()  # [E, G, N, g]
     s2 = scale.pow(2)[:, None, :, None]  # [E, 1, N, 1]
@@ -186,7 +187,7 @@ def initialise(w: torch.Tensor, h: torch.Tensor, cfg: AdditiveConfig
                                    cfg.kmeans_iters, cfg.seed)  # [E, G, N, M], [M, C, g]
     if cfg.init == "oa-em":
         codes, codebooks = oa_em(y, blocks, s2, codes, codebooks, cfg.em_rounds, cfg.adam_steps, cfg.lr)
-    return codes.permute(0, 2, 1, 3).contiguous(), fp16_exact(codebooks), scale
+    return codes.permute(0, 2, 1, 3).contiguous(), project_codebooks(codebooks, cfg.codebook_bits), scale
 
 
 def full_hessian(h: torch.Tensor | None, lead: tuple[int, ...], k: int) -> torch.Tensor:
@@ -213,7 +214,7 @@ def quantize(w: torch.Tensor, h: torch.Tensor | None, cfg: AdditiveConfig
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The additive encoder: w ``[..., N, K]``, h (damped) ``[..., K, K]``, ``[K, K]``, a diagonal or None ->
     (codes ``[..., N, G, M]`` int64, codebooks ``[..., M, 2^B, g]`` (``share="layer"``: ``[M, 2^B, g]``; a 2-D
-    weight: ``[M, 2^B, g]``), scale ``[..., N]``), codebooks and scales float16-exact."""
+    weight: ``[M, 2^B, g]``), scale ``[..., N]``), codebooks on their storage grid, scales float16-exact."""
     *lead, n, k = w.shape
     num_groups(k, cfg.g)
     ws = w.detach().to(torch.float32).reshape(-1, n, k)  # [E, N, K]

@@ -174,7 +174,7 @@ class GgufConfig(MethodConfig):
 class AdditiveConfig(MethodConfig):
     """AQLM additive codebooks (``codecs.additive``): each group of ``g`` consecutive input weights of a row is
     the sum of ``M`` codewords, one from each of ``M`` codebooks of ``2^B`` vectors of length ``g``, times the
-    row's scale; ``M·B/g`` code bits per weight plus float16 codebooks and row scales.
+    row's scale; ``M·B/g`` code bits per weight plus the codebooks and float16 row scales.
 
     beam: beam width of the code search under the full calibration Hessian. init: ``kmeans`` (residual
     k-means, Hessian-diagonal weighted) or ``oa-em`` (k-means, then ``em_rounds`` output-aware EM rounds
@@ -183,7 +183,8 @@ class AdditiveConfig(MethodConfig):
     iterations per codebook. search_rounds: most (Adam on codebooks and scales, beam search) rounds after
     the first beam search; the search stops earlier when a round improves the output error by less than
     ``tol`` (relative). adam_steps / lr: Adam steps per M-step or search round, and its learning rate
-    (relative to the codebooks' RMS). seed: k-means starts.
+    (relative to the codebooks' RMS). seed: k-means starts. codebook_bits: how the codebooks are stored,
+    ``16`` (float16) or ``8`` (int8 with one float16 step per codebook; the encoder fits on that grid).
     """
 
     M: int = 2
@@ -199,6 +200,7 @@ class AdditiveConfig(MethodConfig):
     adam_steps: int = 50
     lr: float = 1e-2
     seed: int = 0
+    codebook_bits: int = 16
 
     INITS: ClassVar[tuple[str, ...]] = ("kmeans", "oa-em")
     SHARES: ClassVar[tuple[str, ...]] = ("expert", "layer")
@@ -216,6 +218,9 @@ class AdditiveConfig(MethodConfig):
             raise ValueError(f"--init {self.init!r} is not one of {', '.join(self.INITS)}")
         if self.share not in self.SHARES:
             raise ValueError(f"--share {self.share!r} is not one of {', '.join(self.SHARES)}")
+        if self.codebook_bits not in (16, 8):
+            raise ValueError(f"--codebook-bits {self.codebook_bits} is not 16 (float16) or 8 (int8 + a step per "
+                             f"codebook)")
         for name in ("em_rounds", "search_rounds"):
             if not 0 <= getattr(self, name) <= 100:
                 raise ValueError(f"{name} must be in 0..100, got {getattr(self, name)}")
@@ -235,7 +240,8 @@ class AdditiveConfig(MethodConfig):
 
     @property
     def short_name(self) -> str:
-        return f"additive{self.M}x{self.B}-g{self.g}-{self.init}{'-shared' if self.share == 'layer' else ''}"
+        return (f"additive{self.M}x{self.B}-g{self.g}-{self.init}{'-shared' if self.share == 'layer' else ''}"
+                f"{'-cb8' if self.codebook_bits == 8 else ''}")
 
 
 CONFIG_TYPES: dict[str, type[MethodConfig]] = {

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from moequant.codecs.additive import reconstruct
+from moequant.codecs.additive import project_codebooks, reconstruct
 from moequant.codecs.kquant import BlockParams, decode, effective
 from moequant.codecs.kquant_pack import pack_blocks, pack_f16, unpack_blocks, unpack_f16
 from moequant.codecs.lut import dq_dequantize, lut_dequantize, lut_values
@@ -173,7 +173,8 @@ class GgufScales(_Params):
 class AdditiveTrainable:
     """An ``AdditiveTensor`` opened up: codes int64 ``[E, N, G, M]``, codebooks float32 ``[S, M, C, g]`` (``S = 1``
     for one set — a plain linear or ``share="layer"`` — else ``E``), scales float32 ``[E, N]``. The forward
-    uses their float16 values, so training computes with what is stored. ``reencode`` is the V-step."""
+    uses their stored values (scales in float16, codebooks on their ``codebook_bits`` grid, straight through),
+    so training computes with what is stored. ``reencode`` is the V-step."""
 
     def __init__(self, qt: AdditiveTensor) -> None:
         self.shape = tuple(qt.shape)
@@ -181,7 +182,7 @@ class AdditiveTrainable:
         *lead, n, k = self.shape
         e = 1 if not lead else lead[0]
         self.codes = qt.codes().reshape(e, n, k // self.cfg.g, self.cfg.M)  # [E, N, G, M]
-        books = qt.data["codebooks"].to(torch.float32)
+        books = qt.codebook_values().to(torch.float32)
         self.books = books.reshape(-1, *books.shape[-3:]).clone().requires_grad_(True)  # [S, M, C, g]
         self.scale = qt.data["scale"].to(torch.float32).reshape(e, n).clone().requires_grad_(True)  # [E, N]
 
@@ -191,13 +192,19 @@ class AdditiveTrainable:
     def _books(self, books: torch.Tensor) -> torch.Tensor:
         return books[0] if books.shape[0] == 1 else books  # [M, C, g] or [E, M, C, g]
 
+    def _stored_books(self) -> torch.Tensor:
+        """The codebooks as stored, ``[S, M, C, g]`` float32, without a gradient."""
+        return project_codebooks(self.books.detach(), self.cfg.codebook_bits)
+
     def weight(self) -> torch.Tensor:
-        books = self._books(straight_through(self.books, torch.float16))
+        # straight through: exact as in ``straight_through`` (a value and its rounding are within a factor 2 of
+        # each other, or the rounding is 0)
+        books = self._books(self.books + (self._stored_books() - self.books.detach()))
         return reconstruct(self.codes, books, straight_through(self.scale, torch.float16)).reshape(self.shape)
 
     def reencode(self, target: torch.Tensor, max_fraction: float) -> float:
         e, n, _, _ = self.codes.shape
-        books = self._books(self.books.detach()).to(torch.float16).to(torch.float32)
+        books = self._books(self._stored_books())
         scale = self.scale.detach().to(torch.float16).to(torch.float32)
         self.codes, frac = v_step(target.reshape(e, n, -1), self.codes, books, scale, max_fraction)
         return frac

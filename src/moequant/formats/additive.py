@@ -8,14 +8,18 @@ Layout, for a logical weight ``[..., N, K]`` (leading dims are experts) with ``G
   packed at ``B − 8`` bits; ``R = packed_len(G·M, min(B, 8)) + packed_len(G·M, B − 8)`` (second term only when
   ``B > 8``), so a code costs exactly ``B`` bits up to the padding of a row to whole chunks;
 - ``scale``: float16 ``[..., N]``, one per row;
-- ``codebooks``: float16 ``[..., M, 2^B, g]`` with ``share = "expert"`` (one set per matrix), or
-  ``[M, 2^B, g]`` with ``share = "layer"``: one set for every expert of the tensor, stored once and not
-  indexed by expert (``select(e)`` hands each expert the same set).
+- ``codebooks``: ``[..., M, 2^B, g]`` with ``share = "expert"`` (one set per matrix), or ``[M, 2^B, g]`` with
+  ``share = "layer"``: one set for every expert of the tensor, stored once and not indexed by expert
+  (``select(e)`` hands each expert the same set); float16 with ``codebook_bits = 16``, int8 with
+  ``codebook_bits = 8``, then with
+- ``codebook_scale``: float16 ``[..., M]`` (shared: ``[M]``), each codebook's step: its values are
+  ``int8 · step`` (``codecs.additive.codebook_values``).
 
 Decoding: ``Ŵ[r, jg:(j+1)g] = scale[r] · Σ_m codebooks[m, code[r, j, m]]`` in float32, codewords added in the
 order ``m = 0 .. M−1`` (``codecs.additive.reconstruct``), which is the encoder's reconstruction bit for bit.
-Bits per weight count every stored bit: codes, scales and the codebooks (once when shared).
-Attributes: ``M``, ``B``, ``g``, ``share`` (the fields of ``AdditiveConfig``).
+Bits per weight count every stored bit: codes, scales and the codebooks (once when shared), their steps too.
+Attributes: ``M``, ``B``, ``g``, ``share``, ``codebook_bits`` (the fields of ``AdditiveConfig``). Version 2 added
+``codebook_bits``; a version-1 tensor has none and is read as ``codebook_bits = 16`` (its float16 codebooks).
 
 Run time (``linear``): the op ``moequant::additive_linear`` of ``kernels.additive`` — on the CPU a C++ GEMV from
 a lookup table of every input group against every codeword (or each row's codewords summed in registers) for a
@@ -30,14 +34,15 @@ from typing import Any, ClassVar
 
 import torch
 
-from moequant.codecs.additive import num_groups, reconstruct
+from moequant.codecs.additive import codebook_grid, codebook_values, num_groups, reconstruct
 from moequant.codecs.additive_search import quantize
 from moequant.codecs.config import AdditiveConfig, MethodConfig
 from moequant.formats.base import QuantizedTensor
 from moequant.formats.bitpack import pack, packed_len, unpack
 from moequant.kernels import additive_encode as _additive_encode  # noqa: F401  (installs the C++ assign and beam search)
 
-_ATTRS = ("M", "B", "g", "share")
+_ATTRS = ("M", "B", "g", "share", "codebook_bits")
+_BOOKS = ("codebooks", "codebook_scale")  # the tensors a shared set stores once
 
 def _check_config(config: MethodConfig) -> AdditiveConfig:
     if not isinstance(config, AdditiveConfig):
@@ -73,24 +78,53 @@ def _shared(shape: tuple[int, ...], attrs: dict[str, Any]) -> bool:
     return attrs.get("share") == "layer" and len(shape) > 2
 
 
+def _upgrade(meta: Any) -> Any:
+    """Version-1 metadata read as the current version: no ``codebook_bits`` meant float16 codebooks."""
+    if not isinstance(meta, dict) or int(meta.get("format_version", 1)) >= 2:
+        return meta
+    if "codebook_bits" in meta:
+        raise ValueError(f"additive-packed version 1 has no 'codebook_bits' attribute (found {meta['codebook_bits']!r})")
+    return {**meta, "codebook_bits": 16}
+
+
 class AdditiveTensor(QuantizedTensor):
-    """Packed additive codes + fp16 row scales + fp16 codebooks; see the module docstring."""
+    """Packed additive codes + fp16 row scales + fp16 (or int8 + a step each) codebooks; see the module docstring."""
 
     format_id: ClassVar[str] = "additive-packed"
-    format_version: ClassVar[int] = 1
+    format_version: ClassVar[int] = 2  # v2: ``codebook_bits`` (v1: always 16, float16 codebooks)
     config_type: ClassVar[type[MethodConfig]] = AdditiveConfig
-    data_names: ClassVar[tuple[str, ...]] = ("codes", "scale", "codebooks")
+    data_names: ClassVar[tuple[str, ...]] = ("codes", "scale", "codebooks", "codebook_scale")
     attr_names: ClassVar[tuple[str, ...]] = _ATTRS
 
     def __init__(self, shape: tuple[int, ...], data: dict[str, torch.Tensor], attrs: dict[str, Any]) -> None:
         if not _shared(tuple(shape), attrs) or "codebooks" not in data:
             super().__init__(shape, data, attrs)
             return
-        books = data["codebooks"]  # [M, 2^B, g], shared: the leading-dims rule does not apply to it
-        if books.dim() != 3:
-            raise ValueError(f"{self.format_id}: shared codebooks {tuple(books.shape)} are not [M, 2^B, g]")
-        super().__init__(shape, {**data, "codebooks": books.expand(*shape[:-2], *books.shape)}, attrs)
-        self.data["codebooks"] = books
+        # shared: [M, 2^B, g] and [M], not indexed by expert, so the leading-dims rule does not apply to them
+        books = {n: data[n] for n in _BOOKS if n in data}
+        if books["codebooks"].dim() != 3:
+            raise ValueError(f"{self.format_id}: shared codebooks {tuple(books['codebooks'].shape)} are not "
+                             f"[M, 2^B, g]")
+        super().__init__(shape, {**data, **{n: t.expand(*shape[:-2], *t.shape) for n, t in books.items()}}, attrs)
+        for n, t in books.items():
+            if n in self.data:
+                self.data[n] = t
+
+    @classmethod
+    def names_for(cls, attrs: dict[str, Any]) -> tuple[str, ...]:
+        return cls.data_names if attrs.get("codebook_bits", 16) == 8 else cls.data_names[:3]
+
+    @classmethod
+    def check_meta(cls, meta: Any) -> tuple[tuple[int, ...], dict[str, Any]]:
+        return super().check_meta(_upgrade(meta))
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor], prefix: str, meta: dict[str, Any]) -> "QuantizedTensor":
+        try:
+            meta = _upgrade(meta)
+        except ValueError as e:
+            raise ValueError(f"{prefix}: {e}") from None
+        return super().from_state_dict(tensors, prefix, meta)
 
     @property
     def config(self) -> AdditiveConfig:
@@ -107,8 +141,9 @@ class AdditiveTensor(QuantizedTensor):
     @classmethod
     def from_parts(cls, shape: tuple[int, ...], parts: dict[str, torch.Tensor], config: MethodConfig
                    ) -> "QuantizedTensor":
-        """Pack ``codes`` integer ``[..., N, G, M]``, ``scale`` ``[..., N]`` and ``codebooks`` ``[..., M, 2^B, g]``
-        (``[M, 2^B, g]`` when shared or 2-D); scales and codebooks float16-exact."""
+        """Pack ``codes`` integer ``[..., N, G, M]``, ``scale`` ``[..., N]`` (float16-exact) and ``codebooks``
+        ``[..., M, 2^B, g]`` (``[M, 2^B, g]`` when shared or 2-D), rounded to ``codebook_bits`` storage
+        (``codecs.additive.codebook_grid``: exact for codebooks the encoder left on that grid)."""
         cfg = _check_config(config)
         *lead, n, k = shape
         G = num_groups(k, cfg.g)
@@ -116,10 +151,20 @@ class AdditiveTensor(QuantizedTensor):
         if codes.numel() and int(codes.max()) >= 1 << cfg.B:
             raise ValueError(f"codes out of range for {cfg.B}-bit codebooks")
         attrs = {name: getattr(cfg, name) for name in _ATTRS}
+        books, step = codebook_grid(parts["codebooks"], cfg.codebook_bits)  # [..., M, 2^B, g], [..., M] or None
         data = {"codes": pack_codes(codes, cfg.B),  # [..., N, R]
                 "scale": parts["scale"].to(torch.float16).reshape(*lead, n),  # [..., N]
-                "codebooks": parts["codebooks"].to(torch.float16)}  # [..., M, 2^B, g] or [M, 2^B, g]
+                "codebooks": books}  # [..., M, 2^B, g] or [M, 2^B, g]: float16, or int8 with its steps
+        if step is not None:
+            data["codebook_scale"] = step  # [..., M] or [M]
         return cls(tuple(shape), data, attrs)
+
+    def codebook_values(self) -> torch.Tensor:
+        """The codebooks' values: float16 ``[..., M, 2^B, g]`` as stored (``[M, 2^B, g]`` when shared), or float32
+        ``int8 · step`` for ``codebook_bits = 8``."""
+        if self.attrs["codebook_bits"] == 16:
+            return self.data["codebooks"]
+        return codebook_values(self.data["codebooks"], self.data["codebook_scale"])
 
     def codes(self) -> torch.Tensor:
         """Every group's codes, int64 ``[..., N, G, M]``."""
@@ -132,7 +177,7 @@ class AdditiveTensor(QuantizedTensor):
         """``codecs.additive.reconstruct`` of the stored codes, codebooks and scales -> ``[*shape]``."""
         *lead, n, k = self.shape
         codes = self.codes().reshape(-1, n, k // self.attrs["g"], self.attrs["M"])  # [E, N, G, M]
-        books = self.data["codebooks"]
+        books = self.codebook_values()
         if books.dim() > 3:
             books = books.reshape(-1, *books.shape[-3:])  # [E, M, 2^B, g]
         w = reconstruct(codes, books, self.data["scale"].reshape(-1, n))  # [E, N, K]
@@ -143,7 +188,7 @@ class AdditiveTensor(QuantizedTensor):
         if len(self.shape) < 3:
             raise ValueError(f"{self.format_id}: select() needs a leading expert dim, shape is {self.shape}")
         shared = _shared(self.shape, self.attrs)
-        data = {n: t if n == "codebooks" and shared else t[index] for n, t in self.data.items()}
+        data = {n: t if n in _BOOKS and shared else t[index] for n, t in self.data.items()}
         return type(self)(self.shape[1:], data, dict(self.attrs))
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -162,17 +207,21 @@ class AdditiveTensor(QuantizedTensor):
         matrices = math.prod(lead)
         book_sets = 1 if _shared(tuple(shape), {"share": cfg.share}) else matrices
         bits = matrices * n * (8 * code_bytes(num_groups(k, cfg.g) * cfg.M, cfg.B) + 16)
-        bits += book_sets * cfg.M * (1 << cfg.B) * cfg.g * 16
+        bits += book_sets * cfg.M * ((1 << cfg.B) * cfg.g * cfg.codebook_bits + (16 if cfg.codebook_bits == 8 else 0))
         return bits / math.prod(shape)
 
     @classmethod
     def data_spec(cls, shape: tuple[int, ...], attrs: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """codes uint8 ``[..., N, R]``, scale float16 ``[..., N]``, codebooks float16 ``[..., M, 2^B, g]`` (shared:
-        ``[M, 2^B, g]``)."""
+        """codes uint8 ``[..., N, R]``, scale float16 ``[..., N]``, codebooks ``[..., M, 2^B, g]`` (shared:
+        ``[M, 2^B, g]``) float16, or int8 with codebook_scale float16 ``[..., M]`` (shared: ``[M]``)."""
         *lead, n, k = shape
         m, b, g = attrs["M"], attrs["B"], attrs["g"]
         G = num_groups(k, g)
         books = (m, 1 << b, g) if _shared(tuple(shape), attrs) else (*lead, m, 1 << b, g)
-        return {"codes": ((*lead, n, code_bytes(G * m, b)), torch.uint8),
-                "scale": ((*lead, n), torch.float16),
-                "codebooks": (books, torch.float16)}
+        spec = {"codes": ((*lead, n, code_bytes(G * m, b)), torch.uint8),
+                "scale": ((*lead, n), torch.float16)}
+        if attrs.get("codebook_bits", 16) == 8:
+            spec.update(codebooks=(books, torch.int8), codebook_scale=(books[:-2], torch.float16))
+        else:
+            spec["codebooks"] = (books, torch.float16)
+        return spec

@@ -220,7 +220,8 @@ def _additive_from_flags(get: FlagGetter) -> AdditiveConfig:
     except ValueError:
         raise ValueError(f"--codebooks {spec!r} is not MxB (M codebooks of 2^B codewords, e.g. 2x8 or 1x16)") from None
     cfg = AdditiveConfig(M=m, B=b, g=get("group", 8), beam=get("beam", 8), init=get("init", "oa-em"),
-                         share=get("share", "expert"), search_rounds=get("search_rounds", 3))
+                         share=get("share", "expert"), search_rounds=get("search_rounds", 3),
+                         codebook_bits=get("codebook_bits", 16))
     bits = get("bits", None)
     if bits is not None and bits != cfg.bits:
         raise ValueError(f"--method additive sets its width with --codebooks MxB and --group g ({m}x{b} in groups of "
@@ -241,6 +242,8 @@ ADDITIVE = Method(
              choices=AdditiveConfig.SHARES),
         Flag("search_rounds", "additive: most rounds of Adam on codebooks and scales + beam search (default 3)",
              type=int),
+        Flag("codebook_bits", "additive: codebook storage, 16 (float16, default) or 8 (int8 + a float16 step per "
+             "codebook: half their bits, which counts on small matrices)", type=int),
     ),
     from_flags=_additive_from_flags)
 

@@ -6,7 +6,7 @@ Schema (one 2-D matrix; expert stacks ``select(e)`` first, as ``QuantExperts`` d
                     int in_features) -> Tensor
 
 - ``x`` ``[..., K]``; ``codes`` uint8 ``[N, R]`` as ``formats.additive`` stores them; ``codebooks`` ``[M, 2^B, g]``
-  (fp16 as stored; fp32 / bf16 accepted); ``scale`` ``[N]``; returns ``[..., N]`` in ``x.dtype``.
+  (fp16 as stored; fp32 — int8 codebooks times their steps — and bf16 accepted); ``scale`` ``[N]``; returns ``[..., N]`` in ``x.dtype``.
 
 Implementations: ``reference`` (decode with ``codecs.additive.reconstruct``, then ``F.linear`` in ``x.dtype``: the
 definition and the tests' oracle) and the CPU kernels of ``csrc/additive_gemv.cpp`` (fp32 arithmetic, codes read
@@ -120,7 +120,7 @@ def _(x, codes, codebooks, scale, bias, M, B, g, in_features):
 def op_args(qt: QuantizedTensor, x: torch.Tensor, bias: torch.Tensor | None) -> tuple:
     """The op's arguments for ``x``, a 2-D ``AdditiveTensor`` and ``bias``."""
     d, a = qt.data, qt.attrs
-    return x, d["codes"], d["codebooks"], d["scale"], bias, a["M"], a["B"], a["g"], qt.shape[-1]
+    return x, d["codes"], qt.codebook_values(), d["scale"], bias, a["M"], a["B"], a["g"], qt.shape[-1]
 
 
 def _kernel_args(qt: QuantizedTensor) -> tuple | None:
@@ -128,16 +128,17 @@ def _kernel_args(qt: QuantizedTensor) -> tuple | None:
     runtime cache while its data tensors stay the same objects; None for a tensor the kernel cannot take
     (not 2-D, not on the CPU, trainable codebooks or scales)."""
     d = qt.data
-    codes, books, scale = d["codes"], d["codebooks"], d["scale"]
+    codes, books, scale, step = d["codes"], d["codebooks"], d["scale"], d.get("codebook_scale")
     hit = qt.__dict__.get("_runtime", {}).get(CACHE_KEY)
-    if hit is not None and hit[0] is codes and hit[1] is books and hit[2] is scale:
-        args = hit[3]
+    if hit is not None and hit[0] is codes and hit[1] is books and hit[2] is scale and hit[3] is step:
+        args = hit[4]
     else:
         if len(qt.shape) != 2 or not (codes.is_cpu and books.is_cpu and scale.is_cpu):
             return None
         a = qt.attrs
-        args = (codes.contiguous(), books.contiguous(), scale.contiguous(), a["M"], a["B"], a["g"], qt.shape[-1])
-        qt.__dict__.setdefault("_runtime", {})[CACHE_KEY] = (codes, books, scale, args)
+        values = qt.codebook_values()  # float16 as stored, or int8 codebooks times their steps in float32
+        args = (codes.contiguous(), values.contiguous(), scale.contiguous(), a["M"], a["B"], a["g"], qt.shape[-1])
+        qt.__dict__.setdefault("_runtime", {})[CACHE_KEY] = (codes, books, scale, step, args)
     if torch.is_grad_enabled() and (books.requires_grad or scale.requires_grad):
         return None
     return args
