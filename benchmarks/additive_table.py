@@ -9,8 +9,9 @@ earlier, interrupted run finished (a checkpoint with its ``report.json``, an eva
         --json benchmarks/results/additive_table.json
 
 Rows per model: ``int2`` (``--method int --bits 2``: asym g128, LDLQ + RHT), ``trellis2`` (``--method trellis
---bits 2``), ``additive-kmeans`` and ``additive-oaem`` (``--method additive --codebooks 2x8 --group 8 --init
-...``), each additive run again after ``moequant finetune RUN --method pv --steps N`` (``...+pv``), and on MoE
+--bits 2``), ``additive-kmeans`` and ``additive-oaem`` (``--method additive --codebooks 2x8 --group 8 --init ...
+--codebook-bits 8``: int8 codebooks by default here, as float16 ones put 2x8 g8 at 2.153 counted b/w on
+SmolLM2-135M's small matrices, past the issue's 2.1; ``--codebook-bits 16`` for AQLM's float16 ones), each additive run again after ``moequant finetune RUN --method pv --steps N`` (``...+pv``), and on MoE
 models ``additive-oaem-shared`` (``--share layer``, with its ``+pv``). ``--calib-samples`` goes to every
 quantize command (the same calibration for all rows). The JSON keeps every command, its wall time, the
 counted bits/weight (``bits_per_weight`` of the quantized tensors, every codebook bit included) and both
@@ -34,9 +35,10 @@ log = logging.getLogger("additive_table")
 MOE_MODELS = ("smollm2-moe", "smollm2-moe-starved", "tiny-olmoe", "tiny-olmoe-collapsed", "qwen2.5-coder-0.5b-moe")
 
 
-def variants(model: str, codebooks: str, group: int) -> list[tuple[str, list[str], bool]]:
+def variants(model: str, codebooks: str, group: int, codebook_bits: int = 8) -> list[tuple[str, list[str], bool]]:
     """``(row name, quantize flags, PV-tuned too)`` for ``model``."""
-    add = ["--method", "additive", "--codebooks", codebooks, "--group", str(group)]
+    add = ["--method", "additive", "--codebooks", codebooks, "--group", str(group), "--codebook-bits",
+           str(codebook_bits)]
     rows = [("int2", ["--method", "int", "--bits", "2"], False),
             ("trellis2", ["--method", "trellis", "--bits", "2"], False),
             ("additive-kmeans", [*add, "--init", "kmeans"], True),
@@ -72,6 +74,8 @@ def main() -> int:
     p.add_argument("--models", nargs="+", default=["smollm2-135m", "smollm2-moe"])
     p.add_argument("--codebooks", default="2x8")
     p.add_argument("--group", type=int, default=8)
+    p.add_argument("--codebook-bits", type=int, default=8, choices=(8, 16),
+                   help="codebook storage of the additive rows (default 8: int8 + a float16 step per codebook)")
     p.add_argument("--pv-steps", type=int, default=200, help="PV-tuning steps of each additive run (0: none)")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration windows of every quantize run")
     p.add_argument("--rows", nargs="*", default=None, help="only these rows (names as in the docstring)")
@@ -89,7 +93,7 @@ def main() -> int:
     tag = "" if args.max_tokens is None else f"-{args.max_tokens}"
     for model in args.models:
         base, _, _ = eval_ppl(model, work / f"{model}-fp-ppl{tag}.json", args.max_tokens)
-        for name, flags, pv in variants(model, args.codebooks, args.group):
+        for name, flags, pv in variants(model, args.codebooks, args.group, args.codebook_bits):
             if args.rows is not None and name not in args.rows:
                 continue
             run_dir = work / f"{model}-{name}"
