@@ -1,6 +1,7 @@
 """benchmarks/export/gguf_llamacpp.py: the calibration text written for llama-imatrix keeps every window in its
 own chunk — each window's text is followed by a one-token separator, and the last one by a separator that does
-not end in a newline (llama.cpp drops a prompt file's final newline, which cost llama-imatrix the last chunk)."""
+not end in a newline (llama.cpp drops a prompt file's final newline, which cost llama-imatrix the last chunk); and
+llama-quantize stores the token embedding and the output in the types our file has them in (same size)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,13 @@ def test_the_last_window_is_not_followed_by_a_newline():
     assert not last.endswith("\n") and last in m.SEPARATORS
     after = ids(text + last)
     assert len(after) == len(body) + 1 and after[:-1] == body  # still exactly one token after the window
+
+
+def test_llama_quantize_gets_our_embedding_and_output_types():
+    # our q2_k run of qwen2.5-coder-1.5b stores token_embd in Q4_K and output in Q6_K: llama.cpp's file must match
+    m = bench_module(BENCHMARKS / "export" / "gguf_llamacpp.py", "gguf_llamacpp_bench")
+    ours = {"token_embd.weight": ("Q4_K", 1), "output.weight": ("Q6_K", 2), "blk.0.attn_q.weight": ("Q2_K", 3)}
+    assert m.embedding_and_output_types(ours, "f16") == ("Q4_K", "Q6_K")
+    tied = {"token_embd.weight": ("Q8_0", 1)}  # no output.weight: llama.cpp ties it too, the flag only decides a copy
+    assert m.embedding_and_output_types(tied, "bf16") == ("Q8_0", "BF16")
+    assert m.embedding_and_output_types({}, "f16") == ("F16", "F16")

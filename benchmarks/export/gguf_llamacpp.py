@@ -19,8 +19,10 @@ instead of running them. Scoring in llama.cpp is ``llamacpp_peer.llama_logits_fn
 
 Same size in ``vs-llamacpp``: ``llama-quantize --pure`` (no Q*_K_M mixture: every quantizable tensor gets the
 asked type, rows that are not whole 256-blocks get llama.cpp's fallback, which our methods use too) with
-``--token-embedding-type`` and ``--output-tensor-type`` set to our export's ``--kept-type`` (f16). The job
-refuses to score when any tensor's type differs between the two files.
+``--token-embedding-type`` and ``--output-tensor-type`` set to the types our file stores ``token_embd.weight`` and
+``output.weight`` in (a k-quant run of ours quantizes both by default, e.g. Q4_K and Q6_K beside Q2_K, each tool
+then rounding them its own way), our export's ``--kept-type`` (f16) for one it lacks. The job refuses to score
+when any tensor's type differs between the two files.
 """
 
 from __future__ import annotations
@@ -127,6 +129,13 @@ def gguf_tensor_types(path: Path) -> dict[str, tuple[str, int]]:
 def type_summary(types: dict[str, tuple[str, int]]) -> dict[str, Any]:
     counts = collections.Counter(t for t, _ in types.values())
     return {"tensor_types": dict(counts), "tensor_bytes": sum(b for _, b in types.values())}
+
+
+def embedding_and_output_types(ours: dict[str, tuple[str, int]], kept: str) -> tuple[str, str]:
+    """``(--token-embedding-type, --output-tensor-type)`` for llama-quantize: the types of our file's
+    ``token_embd.weight`` and ``output.weight``, ``kept`` (upper-cased) for one our file lacks."""
+    emb, out = (ours.get(name, (kept.upper(), 0))[0] for name in ("token_embd.weight", "output.weight"))
+    return emb, out
 
 
 def type_mismatches(ours: dict[str, tuple[str, int]], theirs: dict[str, tuple[str, int]]) -> list[str]:
@@ -366,9 +375,9 @@ def vs_llamacpp(args: argparse.Namespace, steps: Steps) -> list[dict[str, Any]]:
         steps.moequant(["export", "gguf", run, "--kept-type", args.kept_type, "--out", ours], ours, f"export-{method}")
         theirs = d / f"llamacpp-{method}-imat-{args.imatrix_source}.gguf"
         tmp = theirs.with_name(theirs.stem + ".tmp.gguf")
-        kt = args.kept_type.upper()
-        steps.llama("llama-quantize", ["--pure", "--imatrix", imatrix, "--token-embedding-type", kt,
-                                       "--output-tensor-type", kt, f16, tmp, LLAMA_TYPES[method], str(args.threads)],
+        emb, out = embedding_and_output_types(gguf_tensor_types(ours) if ours.exists() else {}, args.kept_type)
+        steps.llama("llama-quantize", ["--pure", "--imatrix", imatrix, "--token-embedding-type", emb,
+                                       "--output-tensor-type", out, f16, tmp, LLAMA_TYPES[method], str(args.threads)],
                     theirs, f"quantize-llamacpp-{method}")
         if tmp.exists():
             tmp.replace(theirs)
