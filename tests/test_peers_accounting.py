@@ -5,6 +5,8 @@ The GGUF test needs only gguf-py (a core dependency); the HQQ test skips cleanly
 from __future__ import annotations
 
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -62,3 +64,33 @@ def test_hqq_bits_from_stored_tensors(bits, expected, one_thread):
     assert bpw == pytest.approx(expected)
     err = (m.q_proj.weight - w0).pow(2).mean() / w0.pow(2).mean()
     assert 0 < err < {4: 0.02, 3: 0.06, 2: 0.3}[bits]  # weights replaced by HQQ's decode, not left alone
+
+
+def test_an_interrupted_scoring_continues_where_it_stopped(tmp_path):
+    pc = _load("peer_common")
+    ids = torch.arange(5, 5 + 3000) % 97  # 3,000 tokens: 6 windows of 512 (the last one shorter)
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(97, 97, generator=gen)  # logits of the next token given this one: a fixed toy model
+    calls = []
+
+    def logits_of(tokens, stop_at=None):
+        if stop_at is not None and len(calls) == stop_at:
+            raise KeyboardInterrupt
+        calls.append(tokens)
+        return table[torch.tensor(tokens) % 97]  # [L, V]
+
+    whole = pc.score_logits_fn(logits_of, ids, 96, 0)
+    n = whole.n_windows
+    assert n == 6 and len(calls) == n
+    partial = tmp_path / "score.json.partial"
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        pc.score_logits_fn(lambda t: logits_of(t, stop_at=5), ids, 96, 0, partial=partial, model_key="m:1")
+    assert len(json.loads(partial.read_text())["nll"]) == pc.PARTIAL_EVERY == 4  # kept every 4
+    calls.clear()
+    again = pc.score_logits_fn(logits_of, ids, 96, 0, partial=partial, model_key="m:1")
+    assert len(calls) == n - 4  # only the windows not kept
+    assert again.nll_per_window == whole.nll_per_window and again.ppl == whole.ppl
+    calls.clear()
+    pc.score_logits_fn(logits_of, ids, 96, 0, partial=partial, model_key="m:2")  # another file: start over
+    assert len(calls) == n

@@ -151,17 +151,24 @@ def type_mismatches(ours: dict[str, tuple[str, int]], theirs: dict[str, tuple[st
 # ---------------------------------------------------------------- llama.cpp side
 
 
-def score_in_llamacpp(gguf: Path, ids: torch.Tensor, bos: int, max_tokens: int, out: Path) -> dict | None:
-    """Per-window NLLs of ``gguf`` in llama.cpp on our windows, cached in ``out``; None in a dry run."""
+def score_in_llamacpp(gguf: Path, ids: torch.Tensor, bos: int, max_tokens: int, out: Path, threads: int = 1
+                      ) -> dict | None:
+    """Per-window NLLs of ``gguf`` in llama.cpp (``threads`` threads) on our windows, cached in ``out`` and,
+    while it runs, every few windows in ``<out>.partial`` (an interrupted scoring continues where it stopped,
+    for the same file: its size and mtime are in the key); None in a dry run."""
     if out.exists():
         return json.loads(out.read_text())
     if not gguf.exists():
         return None
     t0 = time.time()
-    d = pc.score_logits_fn(lp.llama_logits_fn(gguf), ids, bos, max_tokens).to_dict()
-    d.update(gguf=os.path.relpath(gguf, pc.ROOT), seconds=round(time.time() - t0, 1),
+    st = gguf.stat()
+    partial = out.with_name(out.name + ".partial")
+    d = pc.score_logits_fn(lp.llama_logits_fn(gguf, threads), ids, bos, max_tokens, partial=partial,
+                           model_key=f"{gguf.name}:{st.st_size}:{st.st_mtime_ns}").to_dict()
+    d.update(gguf=os.path.relpath(gguf, pc.ROOT), seconds=round(time.time() - t0, 1), threads=threads,
              scoring="llama-cpp-python logits_all, fp32 log-softmax on peer_common's windows")
     pc.write_json_atomic(out, d)
+    partial.unlink(missing_ok=True)
     return d
 
 
@@ -287,7 +294,8 @@ def parity(args: argparse.Namespace, steps: Steps) -> list[dict[str, Any]]:
         tok = tokenizer_of(spec)
         ids = pc.ptb_test_ids(tok)
         theirs = None if steps.dry_run else score_in_llamacpp(
-            gguf, ids, tok.bos_token_id, args.max_tokens, d / f"{tag}-llamacpp-{tokens_tag(args.max_tokens)}.json")
+            gguf, ids, tok.bos_token_id, args.max_tokens, d / f"{tag}-llamacpp-{tokens_tag(args.max_tokens)}.json",
+            args.threads)
         if theirs is not None:
             row["llamacpp"] = theirs
             row["generation"] = llamacpp_generate(gguf, tok, args.gen_tokens)
@@ -359,7 +367,7 @@ def vs_llamacpp(args: argparse.Namespace, steps: Steps) -> list[dict[str, Any]]:
 
     def score(gguf: Path, name: str) -> dict | None:
         return None if steps.dry_run else score_in_llamacpp(gguf, ids, tok.bos_token_id, args.max_tokens,
-                                                            d / f"score-{name}-{tt}.json")
+                                                            d / f"score-{name}-{tt}.json", args.threads)
 
     rows = []
     if not args.no_f16_score:
@@ -446,8 +454,8 @@ def main() -> int:
         q.add_argument("--max-tokens", type=int, default=16384, help="PTB test tokens scored (0 = the whole split)")
         q.add_argument("--work", type=Path, default=WORK, help="artifacts, reused when present (default %(default)s)")
         q.add_argument("--json", type=Path, help="result JSON (default <work>/<job>-<tokens>.json)")
-        q.add_argument("--threads", type=int, default=1, help="threads of llama-imatrix / llama-quantize and OMP threads of the moequant steps (scoring in "
-                       "llama-cpp-python uses one, as llamacpp_peer does)")
+        q.add_argument("--threads", type=int, default=1, help="threads of llama-imatrix, llama-quantize and the "
+                       "scoring in llama-cpp-python, and OMP threads of the moequant steps")
         q.add_argument("--dry-run", action="store_true",
                        help="run the moequant steps only; print the llama.cpp commands instead of running them")
     args = p.parse_args()

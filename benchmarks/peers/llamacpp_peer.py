@@ -125,11 +125,11 @@ def gguf_bits(path: Path) -> dict:
             "non_block_tensors": other}
 
 
-def llama_logits_fn(gguf: Path):
+def llama_logits_fn(gguf: Path, threads: int = 1):
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(gguf), n_ctx=1024, n_batch=1024, n_ubatch=1024, logits_all=True, n_threads=1,
-                          n_threads_batch=1, verbose=False)
+    llm = llama_cpp.Llama(str(gguf), n_ctx=1024, n_batch=1024, n_ubatch=1024, logits_all=True, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
 
     def logits_of(tokens: list[int]) -> torch.Tensor:
         llm.reset()

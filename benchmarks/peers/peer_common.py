@@ -10,6 +10,7 @@ prepended as unscored context), each scored token's NLL from the fp32 log-softma
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -70,19 +71,38 @@ def score_torch(model: torch.nn.Module, ids: torch.Tensor, bos_id: int, max_toke
     return evaluate_perplexity(model, ids, ppl_config(max_tokens), bos_id, progress=False)
 
 
+# windows between two writes of a partial score (``score_logits_fn``)
+PARTIAL_EVERY = 4
+
+
 def score_logits_fn(logits_of: Callable[[list[int]], torch.Tensor], ids: torch.Tensor, bos_id: int,
-                    max_tokens: int | None) -> PplResult:
+                    max_tokens: int | None, partial: Path | None = None, model_key: str = "") -> PplResult:
     """Same windows and NLL as ``evaluate_perplexity``, for a model outside torch: ``logits_of(tokens)``
-    returns logits [L, V] for every position of one window (BOS included)."""
+    returns logits [L, V] for every position of one window (BOS included).
+
+    ``partial``: a file the windows scored so far are written to every ``PARTIAL_EVERY`` windows, and read back
+    at the start when it was written for the same windows and ``model_key`` (an interrupted scoring of a
+    1.5B model in llama.cpp is an hour); the caller deletes it once the result is kept."""
     cfg = ppl_config(max_tokens)
     windows = make_windows(ids, cfg.seqlen, cfg.effective_stride, bos_id, cfg.max_tokens)
+    key = {"model": model_key, "windows": len(windows), "seqlen": cfg.seqlen, "stride": cfg.effective_stride,
+           "bos": bos_id, "ids_sha256": hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()}
     nll, counts = [], []
+    if partial is not None and partial.is_file():
+        saved = json.loads(partial.read_text())
+        if saved.get("key") == key:
+            nll, counts = saved["nll"], saved["counts"]
+            log.info("%s: %d of %d windows scored before, continuing", partial, len(nll), len(windows))
     t0 = time.time()
     for i, (win, n_scored) in enumerate(windows):
+        if i < len(nll):
+            continue
         logits = logits_of(win.tolist())  # [L, V]
         nll.append(window_nll(logits, win, n_scored))
         counts.append(n_scored)
         log.info("window %d/%d nll/token %.4f (%.0f s)", i + 1, len(windows), nll[-1] / n_scored, time.time() - t0)
+        if partial is not None and (len(nll) % PARTIAL_EVERY == 0 or len(nll) == len(windows)):
+            write_json_atomic(partial, {"key": key, "nll": nll, "counts": counts})
     total_nll, total = sum(nll), sum(counts)
     mean = total_nll / total
     return PplResult(ppl=math.exp(mean), nll_mean=mean, ci95=bootstrap_ci(nll, counts), tokens=total,
