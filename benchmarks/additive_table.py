@@ -11,7 +11,8 @@ earlier, interrupted run finished (a checkpoint with its ``report.json``, an eva
 Rows per model: ``int2`` (``--method int --bits 2``: asym g128, LDLQ + RHT), ``trellis2`` (``--method trellis
 --bits 2``), ``additive-kmeans`` and ``additive-oaem`` (``--method additive --codebooks 2x8 --group 8 --init ...
 --codebook-bits 8``: int8 codebooks by default here, as float16 ones put 2x8 g8 at 2.153 counted b/w on
-SmolLM2-135M's small matrices, past the issue's 2.1; ``--codebook-bits 16`` for AQLM's float16 ones), each additive run again after ``moequant finetune RUN --method pv --steps N`` (``...+pv``), and on MoE
+SmolLM2-135M's small matrices, past the issue's 2.1; ``--codebook-bits 16`` for AQLM's float16 ones), each
+additive run again after ``moequant finetune RUN --method pv --steps N`` (``...+pv``), and on MoE
 models ``additive-oaem-shared`` (``--share layer``, with its ``+pv``). ``--calib-samples`` goes to every
 quantize command (the same calibration for all rows). The JSON keeps every command, its wall time, the
 counted bits/weight (``bits_per_weight`` of the quantized tensors, every codebook bit included) and both

@@ -33,6 +33,6 @@ def test_llama_quantize_gets_our_embedding_and_output_types():
     m = bench_module(BENCHMARKS / "export" / "gguf_llamacpp.py", "gguf_llamacpp_bench")
     ours = {"token_embd.weight": ("Q4_K", 1), "output.weight": ("Q6_K", 2), "blk.0.attn_q.weight": ("Q2_K", 3)}
     assert m.embedding_and_output_types(ours, "f16") == ("Q4_K", "Q6_K")
-    tied = {"token_embd.weight": ("Q8_0", 1)}  # no output.weight: llama.cpp ties it too, the flag only decides a copy
+    tied = {"token_embd.weight": ("Q8_0", 1)}  # a tied head (no output.weight): the kept type, nothing to apply to
     assert m.embedding_and_output_types(tied, "bf16") == ("Q8_0", "BF16")
     assert m.embedding_and_output_types({}, "f16") == ("F16", "F16")

@@ -445,7 +445,8 @@ def main() -> int:
     pv.add_argument("--calib-seqlen", type=int, default=512)
     pv.add_argument("--calib-seed", type=int, default=0)
     pv.add_argument("--kept-type", default="f16", choices=["f16", "f32", "bf16"],
-                    help="token embedding / output head type in both files (default f16)")
+                    help="type of the tensors our export keeps in float (default f16); llama-quantize gives the "
+                         "token embedding and the output our file's types")
     pv.add_argument("--imatrix-source", default="llama-imatrix", choices=["llama-imatrix", "moequant"],
                     help="llama.cpp's imatrix: llama-imatrix on our calibration windows as text (default), or ours "
                          "(moequant export gguf --imatrix-out, the same windows)")
