@@ -383,7 +383,8 @@ def vs_llamacpp(args: argparse.Namespace, steps: Steps) -> list[dict[str, Any]]:
         steps.moequant(["export", "gguf", run, "--kept-type", args.kept_type, "--out", ours], ours, f"export-{method}")
         theirs = d / f"llamacpp-{method}-imat-{args.imatrix_source}.gguf"
         tmp = theirs.with_name(theirs.stem + ".tmp.gguf")
-        emb, out = embedding_and_output_types(gguf_tensor_types(ours) if ours.exists() else {}, args.kept_type)
+        t_ours = gguf_tensor_types(ours) if ours.exists() else {}
+        emb, out = embedding_and_output_types(t_ours, args.kept_type)
         steps.llama("llama-quantize", ["--pure", "--imatrix", imatrix, "--token-embedding-type", emb,
                                        "--output-tensor-type", out, f16, tmp, LLAMA_TYPES[method], str(args.threads)],
                     theirs, f"quantize-llamacpp-{method}")
@@ -392,7 +393,6 @@ def vs_llamacpp(args: argparse.Namespace, steps: Steps) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"name": method, "ours_gguf": os.path.relpath(ours, pc.ROOT),
                                "llamacpp_gguf": os.path.relpath(theirs, pc.ROOT)}
         if ours.exists():
-            t_ours = gguf_tensor_types(ours)
             row["ours_contents"], row["ours_file_bytes"] = type_summary(t_ours), ours.stat().st_size
         if theirs.exists():
             t_theirs = gguf_tensor_types(theirs)
