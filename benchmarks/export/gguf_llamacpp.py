@@ -7,7 +7,8 @@ against llama.cpp's own quantizer with its imatrix.
         tiny-olmoe runs/q4k --max-tokens 0 --json benchmarks/results/gguf_parity.json
     # 2. vs-llamacpp: ours = `moequant quantize M --method qK` (LDLQ, PTB train 128x512) + `moequant export gguf`;
     #    theirs = `moequant export gguf M --types f16` + llama-imatrix (the same windows, as text)
-    #    + `llama-quantize --pure --imatrix`; both scored in llama.cpp on the same windows, paired bootstrap
+    #    + `llama-quantize --pure --imatrix`; both scored in llama.cpp on the same windows, paired bootstrap;
+    #    --parity q2_k: that run scored with `moequant eval ppl` too (the parity check on this model)
     OMP_NUM_THREADS=1 python benchmarks/export/gguf_llamacpp.py vs-llamacpp --model qwen2.5-coder-1.5b \\
         --types q2_k q3_k q4_k --max-tokens 0 --json benchmarks/results/gguf_vs_llamacpp.json
 
@@ -268,6 +269,18 @@ def write_calib_text(tok, calib: CalibData, path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- job 1: parity
 
 
+def moequant_ppl(steps: Steps, spec: str | Path, out: Path, max_tokens: int) -> dict[str, Any]:
+    """``moequant eval ppl SPEC`` on the PTB test windows into ``out`` (skipped when it exists; an interrupted
+    scoring continues from its progress file beside the temporary JSON) -> its result."""
+    mt = ["--max-tokens", str(max_tokens)] if max_tokens else []
+    tmp = out.with_name(out.name + ".tmp")
+    steps.moequant(["eval", "ppl", spec, "--data", pc.DATA, "--split", pc.SPLIT, *mt, "--json", tmp, "--resume"],
+                   out, f"ppl-moequant-{Path(spec).name}")
+    if tmp.exists():
+        tmp.replace(out)
+    return json.loads(out.read_text())
+
+
 def parity(args: argparse.Namespace, steps: Steps) -> list[dict[str, Any]]:
     rows = []
     for spec in args.models:
@@ -277,14 +290,8 @@ def parity(args: argparse.Namespace, steps: Steps) -> list[dict[str, Any]]:
         d = steps.work / "parity"
         gguf = d / f"{tag}.gguf"
         steps.moequant(["export", "gguf", spec, "--types", types, "--out", gguf], gguf, f"export-{tag}")
-        ours_json = d / f"{spec_tag(spec)}-moequant-{tokens_tag(args.max_tokens)}.json"
-        mt = ["--max-tokens", str(args.max_tokens)] if args.max_tokens else []
-        tmp = ours_json.with_name(ours_json.name + ".tmp")
-        steps.moequant(["eval", "ppl", spec, "--data", pc.DATA, "--split", pc.SPLIT, *mt, "--json", tmp],
-                       ours_json, f"ppl-moequant-{spec_tag(spec)}")
-        if tmp.exists():
-            tmp.replace(ours_json)
-        ours = json.loads(ours_json.read_text())
+        ours = moequant_ppl(steps, spec, d / f"{spec_tag(spec)}-moequant-{tokens_tag(args.max_tokens)}.json",
+                            args.max_tokens)
         row: dict[str, Any] = {"model": spec, "checkpoint": ckpt, "export_types": types,
                                "same_weights": ckpt or types == "f32", "gguf": os.path.relpath(gguf, pc.ROOT),
                                "moequant": ours}
@@ -406,6 +413,12 @@ def vs_llamacpp(args: argparse.Namespace, steps: Steps) -> list[dict[str, Any]]:
         if a is not None and b is not None:
             row["ours_over_llamacpp"] = paired_delta_ci(a["nll_per_window"], a["tokens_per_window"],
                                                         b["nll_per_window"], b["tokens_per_window"]).to_dict()
+        if method in args.parity and b is not None:  # the same weights in moequant: the parity check on this model
+            m = moequant_ppl(steps, run, d / f"moequant-ours-{method}-{tt}.json", args.max_tokens)
+            row["ours_moequant_score"] = m
+            row["ours_llamacpp_over_moequant"] = paired_delta_ci(m["nll_per_window"], m["tokens_per_window"],
+                                                                 b["nll_per_window"], b["tokens_per_window"]).to_dict()
+            row["ours_generation"] = llamacpp_generate(ours, tok, args.gen_tokens)
         rows.append(row)
     return rows
 
@@ -424,6 +437,15 @@ def vs_table(rows: list[dict[str, Any]], imatrix_source: str) -> str:
         ratio = f"{d['ratio']:.4f} [{d['ratio_ci'][0]:.4f}, {d['ratio_ci'][1]:.4f}]" if d else ""
         out.append(f"| {LLAMA_TYPES[r['name']]} | {sizes} | {ppl[0]} | {ppl[1]} | {ratio} | "
                    f"{d['verdict'] if d else ''} |")
+    par = [r for r in rows if "ours_llamacpp_over_moequant" in r]
+    if par:
+        out += ["", "| our run | PPL moequant | PPL llama.cpp (our GGUF) | llama.cpp / moequant [95% CI] | within 1% | "
+                "llama.cpp greedy continuation |", "|---|---|---|---|---|---|"]
+        for r in par:
+            d = r["ours_llamacpp_over_moequant"]
+            out.append(f"| {LLAMA_TYPES[r['name']]} | {r['ours_moequant_score']['ppl']:.3f} | "
+                       f"{r['ours_score']['ppl']:.3f} | {d['ratio']:.4f} [{d['ratio_ci'][0]:.4f}, {d['ratio_ci'][1]:.4f}] "
+                       f"| {abs(d['ratio'] - 1) <= 0.01} | {r['ours_generation']['greedy_text']!r} |")
     return "\n".join(out)
 
 
@@ -437,7 +459,6 @@ def main() -> int:
     pp.add_argument("models", nargs="+", help="zoo aliases, HF directories or moequant run directories")
     pp.add_argument("--float-type", default="f32", choices=["f32", "f16", "bf16", "q8_0"],
                     help="export type of float models (default f32: the weights moequant scores)")
-    pp.add_argument("--gen-tokens", type=int, default=16, help="greedy tokens generated in llama.cpp")
     pv = sub.add_parser("vs-llamacpp", help="our LDLQ k-quants vs llama-quantize with its imatrix, same size")
     pv.add_argument("--model", default="qwen2.5-coder-1.5b")
     pv.add_argument("--types", nargs="+", default=["q2_k", "q3_k", "q4_k"], choices=sorted(LLAMA_TYPES))
@@ -451,7 +472,11 @@ def main() -> int:
                     help="llama.cpp's imatrix: llama-imatrix on our calibration windows as text (default), or ours "
                          "(moequant export gguf --imatrix-out, the same windows)")
     pv.add_argument("--no-f16-score", action="store_true", help="do not score the f16 reference file")
+    pv.add_argument("--parity", nargs="+", default=[], choices=sorted(LLAMA_TYPES), metavar="TYPE",
+                    help="also score our run of these types with `moequant eval ppl` (the weights of our GGUF) and "
+                         "generate from our GGUF in llama.cpp: the parity check on this model")
     for q in (pp, pv):
+        q.add_argument("--gen-tokens", type=int, default=16, help="greedy tokens generated in llama.cpp")
         q.add_argument("--max-tokens", type=int, default=16384, help="PTB test tokens scored (0 = the whole split)")
         q.add_argument("--work", type=Path, default=WORK, help="artifacts, reused when present (default %(default)s)")
         q.add_argument("--json", type=Path, help="result JSON (default <work>/<job>-<tokens>.json)")
