@@ -275,7 +275,7 @@ def moequant_ppl(steps: Steps, spec: str | Path, out: Path, max_tokens: int) -> 
     mt = ["--max-tokens", str(max_tokens)] if max_tokens else []
     tmp = out.with_name(out.name + ".tmp")
     steps.moequant(["eval", "ppl", spec, "--data", pc.DATA, "--split", pc.SPLIT, *mt, "--json", tmp, "--resume"],
-                   out, f"ppl-moequant-{Path(spec).name}")
+                   out, f"ppl-moequant-{spec_tag(str(spec))}")
     if tmp.exists():
         tmp.replace(out)
     return json.loads(out.read_text())
