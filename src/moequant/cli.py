@@ -125,10 +125,11 @@ def _add_solver_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("solver and calibration")
     g.add_argument("--solver", default="auto", choices=["auto", "rtn", "ldlq"],
                    help="rtn: round to nearest; ldlq: GPTQ/BlockLDLQ error feedback with calibration Hessians; "
-                   "auto (default): ldlq for int at 4 bits and fewer and for the trellis, rtn at 5+ bits and for nf4/fp4")
+                   "auto (default): ldlq for int at 4 bits and fewer, the trellis, additive and the GGUF block types "
+                   "but q8_0; rtn at 5+ bits, for nf4/fp4 and q8_0")
     g.add_argument("--incoherence", default="auto", choices=["auto", "none", "rht"],
                    help="rht: random Hadamard transform with random signs on both sides before quantizing; "
-                   "auto (default): rht with ldlq, none with rtn")
+                   "auto (default): rht with ldlq (never for additive or the GGUF block types), none with rtn")
     g.add_argument("--damp", type=float, default=0.01, help="Hessian damping λ (H + λ·mean(diag H)·I), default 0.01")
     g.add_argument("--act-order", action="store_true", help="LDLQ columns by decreasing Hessian diagonal")
     g.add_argument("--seed", type=int, default=0, help="seed of the RHT sign vectors (default 0)")

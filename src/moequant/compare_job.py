@@ -299,7 +299,7 @@ def add_compare_parser(sub: Any) -> None:
                    "ppl-<data>.json / ppl.json / tasks.json) or bare ppl.json / tasks JSON files")
     c.add_argument("--ppl", default=None, help="comma-separated corpora to compare on (default: ptb, or none when "
                    "--tasks is given); a checkpoint without RUN/ppl-<data>.json is scored and the JSON saved")
-    c.add_argument("--tasks", default="", help="comma-separated zero-shot tasks read from RUN/tasks.json")
+    c.add_argument("--tasks", default="", help="comma-separated zero-shot tasks read from RUN/tasks.json or RUN/tasks-*.json")
     c.add_argument("--baseline", help="the run every other is compared with (default: the first)")
     c.add_argument("--out", default="runs/compare", help="output directory (default runs/compare; replaced if it "
                    "holds an earlier comparison)")
