@@ -42,6 +42,16 @@ def quantize(model: str, flags: list[str], out: Path) -> tuple[list[str], float]
     return cmd, run(cmd + (["--overwrite"] if out.exists() else []))
 
 
+def quantize_seconds(run_dir: Path, call_seconds: float) -> float | None:
+    """A quantize's time for a table: ``call_seconds`` when that call made the whole checkpoint; when it continued
+    an interrupted run (or made nothing: NaN), the report's layer-loop time summed over every run that made the
+    checkpoint (``layer_seconds.total``; None when an older report lacks a restored layer's time)."""
+    ls = json.loads((run_dir / "report.json").read_text()).get("layer_seconds") or {}
+    if call_seconds == call_seconds and not ls.get("restored"):
+        return call_seconds
+    return ls.get("total")
+
+
 def finetune(run_dir: Path, flags: list[str], out: Path) -> tuple[list[str], float]:
     """``moequant finetune RUN FLAGS --out OUT`` unless ``OUT/report.json`` exists (then NaN seconds). An
     interrupted finetune is continued with ``--resume`` where it left its work directory (its last saved

@@ -14,7 +14,8 @@ Rows per model: ``int2`` (``--method int --bits 2``: asym g128, LDLQ + RHT), ``t
 SmolLM2-135M's small matrices, past the issue's 2.1; ``--codebook-bits 16`` for AQLM's float16 ones), each
 additive run again after ``moequant finetune RUN --method pv --steps N`` (``...+pv``), and on MoE
 models ``additive-oaem-shared`` (``--share layer``, with its ``+pv``). ``--calib-samples`` goes to every
-quantize command (the same calibration for all rows). The JSON keeps every command, its wall time, the
+quantize command (the same calibration for all rows). The JSON keeps every command, its time (a quantize
+continued after an interruption: its layer loop over every run; a PV row: the training over every run), the
 counted bits/weight (``bits_per_weight`` of the quantized tensors, every codebook bit included) and both
 runs' per-window NLLs.
 """
@@ -29,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _cli_runs import eval_ppl, finetune, paired, quantize, write_json
+from _cli_runs import eval_ppl, finetune, paired, quantize, quantize_seconds, write_json
 
 log = logging.getLogger("additive_table")
 
@@ -58,6 +59,8 @@ def row(model: str, name: str, run_dir: Path, cmd: list[str], secs: float, base:
         res: dict[str, Any], ecmd: list[str], esecs: float) -> dict[str, Any]:
     rep = json.loads((run_dir / "report.json").read_text())
     d = paired(base, res)
+    # the time over every run that made the checkpoint (a quantize or finetune may continue an interrupted one)
+    secs = rep["finetune"]["seconds"] if "finetune" in rep else quantize_seconds(run_dir, secs)
     out = {"model": model, "row": name, "command": " ".join(cmd), "seconds": secs, "eval_command": " ".join(ecmd),
            "seconds_eval": esecs, "bits_per_weight": rep["bits_per_weight"],
            "bits_per_weight_model": rep.get("bits_per_weight_model"), "tokens": res["tokens"],

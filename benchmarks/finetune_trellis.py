@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _cli_runs import eval_ppl, finetune, fp_reference, paired, previous_rows, quantize, write_json
+from _cli_runs import eval_ppl, finetune, fp_reference, paired, previous_rows, quantize, quantize_seconds, write_json
 
 from moequant.alloc.recipe import DEFAULT_KEEP
 from moequant.codecs.config import TrellisConfig
@@ -90,7 +90,8 @@ def measure_ptq(layers: str, args: argparse.Namespace, base: dict[str, Any], wor
     d = paired(base, res)
     return {"slug": slug, "layers": layers, "method": "ptq", "config": cfg.to_dict(), "command": " ".join(qcmd),
             "eval_command": " ".join(ecmd), "bits_per_weight": rep["bits_per_weight"],
-            "bits_per_weight_model": rep["bits_per_weight_model"], "seconds": qsecs, "seconds_eval": esecs,
+            "bits_per_weight_model": rep["bits_per_weight_model"], "seconds": quantize_seconds(work / slug, qsecs),
+            "seconds_eval": esecs,
             "ppl": res["ppl"], "ratio": d.ratio, "ratio_ci95": list(d.ratio_ci), "nll_per_window": res["nll_per_window"]}
 
 
@@ -155,7 +156,7 @@ def tables(payload: dict[str, Any]) -> str:
         kl = f"{r['kl_before']:.5f} -> {r['kl_after']:.5f}" if "kl_after" in r else "-"
         cells = [r["layers"], r["method"], f"{r['bits_per_weight']:.3f}", f"{r['ppl']:.3f}", _ci(r, "ratio"),
                  _ci(r, "ratio_vs_ptq"), _ci(r, "ratio_vs_ste"), kl, f"{r.get('tokens_seen', 0):,}",
-                 f"{r['seconds']:.0f}"]
+                 "-" if r["seconds"] is None else f"{r['seconds']:.0f}"]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
