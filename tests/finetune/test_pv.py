@@ -10,7 +10,7 @@ from conftest import save_toy_olmoe
 from moequant.cli import main
 from moequant.codecs.additive import decode_groups, reconstruct
 from moequant.codecs.config import AdditiveConfig
-from moequant.finetune.pv import AdamState, adam_step, rate_for, v_step
+from moequant.finetune.pv import AdamState, adam_step, rate_for, st_target, v_step
 from moequant.finetune.packed_trainables import AdditiveTrainable
 from moequant.formats.additive import AdditiveTensor
 
@@ -43,6 +43,24 @@ def test_p_step_lowers_layer_loss():
     after = float(loss().detach())
     assert after < 0.995 * before  # measured 0.989 of the loss after one step
     assert torch.equal(t.codes, codes0)  # a P-step never touches the codes
+
+
+def test_st_target_steps_by_rate_in_rms_without_momentum():
+    # AQLM's code optimiser: Adam with beta1 = 0, scaled so that the step's RMS over the tensor is the rate
+    gen = torch.Generator().manual_seed(3)
+    w_hat, delta = torch.randn(16, 32, generator=gen), torch.randn(16, 32, generator=gen) * 0.01
+    grad = torch.randn(16, 32, generator=gen) * 1e-2  # small gradients: the step's size must not follow them
+    state = AdamState.zeros_like(w_hat)
+    t1 = st_target(w_hat, delta, grad, state, 0.003)
+    step = w_hat + delta - t1  # the first step of a bias-corrected Adam is sign(grad), so RMS 1 before scaling
+    assert torch.allclose(step, 0.003 * grad.sign(), atol=1e-5)  # ε and float32 rounding
+    assert abs(float(step.pow(2).mean().sqrt()) - 0.003) < 1e-7
+    grad2 = torch.randn(16, 32, generator=gen) * 100  # ten thousand times larger: still RMS 0.003
+    assert abs(float((w_hat - st_target(w_hat, torch.zeros_like(w_hat), grad2, state, 0.003)).pow(2).mean().sqrt())
+               - 0.003) < 1e-6
+    # no momentum: a zero gradient moves nothing (with beta1 = 0.9 it would keep going the last step's way)
+    assert torch.equal(st_target(w_hat, delta, torch.zeros_like(grad), state, 0.003), w_hat + delta)
+    assert state.t == 3
 
 
 @pytest.mark.parametrize("shape,share", [((24, 32), "expert"), ((3, 16, 32), "expert"), ((3, 16, 32), "layer")])

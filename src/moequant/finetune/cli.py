@@ -51,7 +51,8 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
     f.add_argument("--ste-every", type=int, default=None,
                    help="ste: recompute the latent weight's Viterbi codes every N-th step (default 8)")
     f.add_argument("--code-lr", type=float, default=None,
-                   help="pv: straight-through step of the V-step, relative to each weight's RMS (default 1e-3)")
+                   help="pv: RMS of the V-step's straight-through step, relative to each weight's RMS (default 3e-3, "
+                   "AQLM's)")
     f.add_argument("--max-change", type=float, default=None,
                    help="pv: largest fraction of a tensor's codes one V-step may change (default 0.01)")
     f.add_argument("--v-every", type=int, default=None, help="pv: a V-step after every N-th step (default 1)")

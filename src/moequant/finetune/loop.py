@@ -48,7 +48,7 @@ WORK_SUFFIX = ".moequant-finetune"
 
 # Options of one method only, their defaults, and the method they belong to.
 _METHOD_OPTIONS: dict[str, tuple[str, object]] = {
-    "code_lr": ("pv", 1e-3), "max_change": ("pv", 0.01), "v_every": ("pv", 1), "tau": ("bcjr", (0.3, 0.05)),
+    "code_lr": ("pv", 3e-3), "max_change": ("pv", 0.01), "v_every": ("pv", 1), "tau": ("bcjr", (0.3, 0.05)),
     "soft_bits": ("bcjr", 8), "ste_every": ("ste", 8)}
 
 # What a step minimises (``--loss``): the name and what the report says of it.
@@ -63,7 +63,7 @@ class FinetuneSettings:
     steps: int
     method: str = "pv"
     lr: float = 1e-3  # step size relative to each parameter's RMS
-    code_lr: float | None = None  # pv: straight-through step relative to each decoded weight's RMS (1e-3)
+    code_lr: float | None = None  # pv: RMS of the straight-through step relative to each decoded weight's RMS (3e-3)
     max_change: float | None = None  # pv: fraction of a tensor's codes a V-step may change (0.01)
     v_every: int | None = None  # pv: a V-step after every v_every-th step (1)
     tau: tuple[float, float] | None = None  # bcjr: (start, end) of the cosine temperature anneal ((0.3, 0.05))

@@ -9,8 +9,11 @@ norms beside them) and *discrete* ones (the codes). PV-tuning alternates:
   tensor. The step is ``lr`` times the tensor's RMS at the start (``rate_for``), so one learning rate suits
   codebooks (RMS ~1 in the row-normalised space), row scales (~the weights' RMS) and norm weights (~1).
 - **V-step**: the straight-through direction. The gradient of the loss in the decoded weight ``Ŵ`` moves a
-  continuous target ``T = Ŵ + δ`` by one Adam step (``δ`` carries what the codes could not follow, AQLM's
-  straight-through buffer written relative to ``Ŵ`` so it follows the P-steps); then the codes are re-chosen
+  continuous target ``T = Ŵ + δ`` by one step (``δ`` carries what the codes could not follow, AQLM's
+  straight-through buffer written relative to ``Ŵ`` so it follows the P-steps). The step is AQLM's published
+  code optimiser: Adam without momentum (β = (0, 0.95), ``V_BETAS``) scaled layer-wise as LAMB does, so that its
+  RMS over the tensor is exactly ``rate`` (``code_lr`` times the weight's RMS): the target of every tensor moves
+  the same relative distance per step, whatever the size of its gradients. Then the codes are re-chosen
   towards ``T`` under the current codebooks and scales (``v_step``): each group's codes by coordinate descent,
   one codebook at a time, to the nearest codeword of what the others leave. At most ``max_fraction`` of all
   codes may change per V-step: the groups whose squared error to ``T`` falls the most go first. Groups are
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from moequant.codecs.additive import assign, decode_groups
 
 BETAS = (0.9, 0.999)
+V_BETAS = (0.0, 0.95)  # the straight-through target's Adam: AQLM's PV recipe (code_beta1 0, code_beta2 0.95)
 EPS = 1e-8
 
 
@@ -57,9 +61,9 @@ def rate_for(p: torch.Tensor, lr: float) -> float:
     return lr * (rms if rms > 0 else 1.0)
 
 
-def adam_direction(grad: torch.Tensor, state: AdamState) -> torch.Tensor:
+def adam_direction(grad: torch.Tensor, state: AdamState, betas: tuple[float, float] = BETAS) -> torch.Tensor:
     """Advance ``state`` by ``grad`` (in place) and return the bias-corrected Adam direction ``m̂ / (√v̂ + ε)``."""
-    b1, b2 = BETAS
+    b1, b2 = betas
     g = grad.to(torch.float32)
     state.t += 1
     state.m.mul_(b1).add_(g, alpha=1 - b1)
@@ -84,8 +88,12 @@ def kl_loss(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.T
 
 def st_target(w_hat: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, state: AdamState, rate: float
               ) -> torch.Tensor:
-    """The straight-through target ``T = Ŵ + δ − rate · Adam(∂L/∂Ŵ)`` ``[*shape]`` (``state`` advances)."""
-    return w_hat.detach().to(torch.float32) + delta - rate * adam_direction(grad, state)
+    """The straight-through target ``T = Ŵ + δ − rate · u / RMS(u)`` ``[*shape]``, ``u`` the momentum-free Adam
+    direction of ``∂L/∂Ŵ`` (``V_BETAS``; ``state`` advances): a step whose RMS is ``rate`` (none where u = 0)."""
+    u = adam_direction(grad, state, V_BETAS)
+    rms = float(u.pow(2).mean().sqrt()) if u.numel() else 0.0
+    step = u * (rate / rms) if rms > 0 else u
+    return w_hat.detach().to(torch.float32) + delta - step
 
 
 def group_errors(y: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
