@@ -27,23 +27,13 @@ import torch
 
 from moequant.calib.data import CalibData, calibration_tokens
 from moequant.calib.float_pass import float_layer_stats
+from moequant.export.gguf_names import arch_for, place, placements
 from moequant.models.adapters import adapter_for, iter_targets
 from moequant.models.loader import load_model
 from moequant.runinfo import run_info
 from moequant.solvers.ldlq import proxy_loss
 
 log = logging.getLogger("kquant_layer_error")
-
-# moequant's linear name (last two parts) -> llama.cpp's tensor role (Llama / Qwen2 layouts)
-ROLES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-         "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
-
-
-def gguf_name(name: str) -> str:
-    """``model.layers.3.mlp.down_proj.weight`` -> ``blk.3.ffn_down.weight``."""
-    parts = name.split(".")
-    return f"blk.{parts[2]}.{ROLES[parts[-2]]}.weight"
-
 
 def layer_hessians(model, tok, layers: list[int], spec: CalibData) -> dict[str, torch.Tensor]:
     """{linear name: undamped ``H [K, K]``} of ``layers`` over the windows of ``spec``."""
@@ -87,11 +77,14 @@ def main() -> int:
           "held_out": layer_hessians(model, tok, args.layers, CalibData("ptb", "test", args.heldout_samples, 512, 0))}
     src = tensors_of(Path(args.source).expanduser()) if args.source else None
     readers = {label: tensors_of(Path(f)) for label, f in files.items()}
+    # each linear's GGUF tensor as the export names and orders it (llama's Q/K rows interleaved)
+    places = {pl.source: pl for pl in placements(arch_for(model.config.model_type), list(hs["in_sample"]),
+                                                 model.config.to_dict(), None)}
     rows = []
     for name in hs["in_sample"]:
         t = where[name]
-        w = getattr(model.get_submodule(t.module), t.param).detach().to(torch.float64)  # [N, K]
-        g = gguf_name(name)
+        w = place(places[name], getattr(model.get_submodule(t.module), t.param).detach().to(torch.float64))  # [N, K]
+        g = places[name].gguf_name
         row = {"tensor": name, "gguf": g, "source_type": src[g].tensor_type.name if src else None}
         for label, tens in readers.items():
             wq = decoded(tens[g])
