@@ -55,10 +55,15 @@ class AdamState:
         return cls(torch.zeros_like(p, dtype=torch.float32), torch.zeros_like(p, dtype=torch.float32))
 
 
+def rms(p: torch.Tensor) -> float:
+    """The root mean square of ``p``'s entries (0 for an empty tensor)."""
+    return float(p.detach().to(torch.float32).pow(2).mean().sqrt()) if p.numel() else 0.0
+
+
 def rate_for(p: torch.Tensor, lr: float) -> float:
     """The step size of a tensor: ``lr`` times its RMS (a tensor of zeros gets ``lr`` itself)."""
-    rms = float(p.detach().to(torch.float32).pow(2).mean().sqrt()) if p.numel() else 0.0
-    return lr * (rms if rms > 0 else 1.0)
+    r = rms(p)
+    return lr * (r if r > 0 else 1.0)
 
 
 def adam_direction(grad: torch.Tensor, state: AdamState, betas: tuple[float, float] = BETAS) -> torch.Tensor:
@@ -91,8 +96,8 @@ def st_target(w_hat: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, stat
     """The straight-through target ``T = Ŵ + δ − rate · u / RMS(u)`` ``[*shape]``, ``u`` the momentum-free Adam
     direction of ``∂L/∂Ŵ`` (``V_BETAS``; ``state`` advances): a step whose RMS is ``rate`` (none where u = 0)."""
     u = adam_direction(grad, state, V_BETAS)
-    rms = float(u.pow(2).mean().sqrt()) if u.numel() else 0.0
-    step = u * (rate / rms) if rms > 0 else u
+    size = rms(u)
+    step = u * (rate / size) if size > 0 else u
     return w_hat.detach().to(torch.float32) + delta - step
 
 
