@@ -134,10 +134,14 @@ def test_finetune_lowers_kl_and_loads_bit_exact(capsys, additive_run, tmp_path):
     out = tmp_path / "pv"
     rc = main(["-q", "finetune", str(additive_run), "--method", "pv", "--steps", "20", "--lr", "1e-2", "--code-lr", "0.05",
                "--max-change", "0.01", "--out", str(out)])
-    assert rc == 0, capsys.readouterr().err
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
     ft = json.loads((out / "report.json").read_text())["finetune"]
     assert len(ft["train_loss"]) == 20 and len(ft["changed_fraction"]) == 20
     assert all(0 <= c <= 0.01 for c in ft["changed_fraction"]) and max(ft["changed_fraction"]) > 0
+    # the summary line shows fractions of ~1e-5 too (four decimals printed 0.0000 for them)
+    lo, hi = min(ft["changed_fraction"]), max(ft["changed_fraction"])
+    assert f"codes changed per V-step {lo:.1e}-{hi:.1e}," in cap.out
     assert ft["loss_after"] < 0.7 * ft["loss_before"]  # measured 0.00110 -> 0.00063 (0.57)
     model = moequant.load(out)
     stored = {}

@@ -109,7 +109,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     extra = ""
     if "changed_fraction" in ft:
         changed = ft["changed_fraction"]
-        extra = f", codes changed per V-step {min(changed, default=0):.4f}-{max(changed, default=0):.4f}"
+        extra = f", codes changed per V-step {min(changed, default=0):.1e}-{max(changed, default=0):.1e}"
     if "tau_schedule" in ft:
         extra = f", tau {ft['tau_schedule']['start']:g} -> {ft['tau_schedule']['end']:g} (cosine)"
     layers = "all layers" if ft["layers"] is None else "layers " + ",".join(map(str, ft["layers"]))
