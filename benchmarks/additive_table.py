@@ -17,7 +17,9 @@ models ``additive-oaem-shared`` (``--share layer``, with its ``+pv``). ``--calib
 quantize command (the same calibration for all rows). The JSON keeps every command, its time (a quantize
 continued after an interruption: its layer loop over every run; a PV row: the training over every run), the
 counted bits/weight (``bits_per_weight`` of the quantized tensors, every codebook bit included) and both
-runs' per-window NLLs.
+runs' per-window NLLs; its ``pairs`` compare rows of one model on the same windows (``PAIRS``: OA-EM against
+k-means, each PV-tuned run against its start, shared against per-expert codebooks, against the trellis), remade
+from the kept rows on every run, so a run with nothing left to do only adds them.
 """
 
 from __future__ import annotations
@@ -48,6 +50,35 @@ def variants(model: str, codebooks: str, group: int, codebook_bits: int = 8) -> 
     if model in MOE_MODELS:
         rows.append(("additive-oaem-shared", [*add, "--init", "oa-em", "--share", "layer"], True))
     return rows
+
+
+# The paired comparisons the issue asks about, each ``(candidate, reference, what)``: PPL candidate / reference
+# over the same windows, where a model has both rows.
+PAIRS = (("additive-oaem", "additive-kmeans", "OA-EM vs k-means init"),
+         ("additive-oaem+pv", "additive-kmeans+pv", "OA-EM vs k-means init, both after PV"),
+         ("additive-kmeans+pv", "additive-kmeans", "PV-tuning from the k-means init"),
+         ("additive-oaem+pv", "additive-oaem", "PV-tuning from the OA-EM init"),
+         ("additive-oaem-shared", "additive-oaem", "layer-shared vs per-expert codebooks"),
+         ("additive-oaem-shared+pv", "additive-oaem+pv", "layer-shared vs per-expert codebooks, after PV"),
+         ("additive-oaem", "trellis2", "additive OA-EM vs the 2-bit trellis"),
+         ("additive-oaem+pv", "trellis2", "additive OA-EM + PV vs the 2-bit trellis"),
+         ("trellis2", "int2", "2-bit trellis vs int2 LDLQ + RHT"))
+
+
+def pairs(rows: list[dict[str, Any]], tokens_per_window: dict[str, list[int]]) -> list[dict[str, Any]]:
+    """The ``PAIRS`` that ``rows`` hold, per model: the candidate's PPL over the reference's, paired bootstrap
+    over the model's windows (``tokens_per_window[model]``, the same for every row of a model)."""
+    got = {(r["model"], r["row"]): r for r in rows}
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        tokens = tokens_per_window[model]
+        for cand, ref, what in PAIRS:
+            if (model, cand) in got and (model, ref) in got:
+                d = paired({"nll_per_window": got[model, ref]["nll_per_window"], "tokens_per_window": tokens},
+                           {"nll_per_window": got[model, cand]["nll_per_window"], "tokens_per_window": tokens})
+                out.append({"model": model, "candidate": cand, "reference": ref, "what": what, "ratio": d.ratio,
+                            "ratio_ci95": list(d.ratio_ci)})
+    return out
 
 
 def finetune_pv(src: Path, steps: int, out: Path) -> tuple[list[str], float]:
@@ -95,8 +126,12 @@ def main() -> int:
     done = {(r["model"], r["row"]) for r in rows}
     calib = [] if args.calib_samples is None else ["--calib-samples", str(args.calib_samples)]
     tag = "" if args.max_tokens is None else f"-{args.max_tokens}"
-    for model in args.models:
+    tokens_per_window = {}
+    for model in dict.fromkeys([*args.models, *(r["model"] for r in rows)]):
         base, _, _ = eval_ppl(model, work / f"{model}-fp-ppl{tag}.json", args.max_tokens)
+        tokens_per_window[model] = base["tokens_per_window"]
+        if model not in args.models:
+            continue
         for name, flags, pv in variants(model, args.codebooks, args.group, args.codebook_bits):
             if args.rows is not None and name not in args.rows:
                 continue
@@ -115,6 +150,8 @@ def main() -> int:
                 rows.append(row(model, f"{name}+pv", pv_dir, fcmd, fsecs, base, res, ecmd, esecs))
                 write_json(out_json, {"rows": rows}, "benchmarks/additive_table.py")
                 done.add((model, f"{name}+pv"))
+    compared = pairs(rows, tokens_per_window)
+    write_json(out_json, {"rows": rows, "pairs": compared}, "benchmarks/additive_table.py")
     print("| model | row | bits/weight (counted) | PTB tokens | PPL fp | PPL | × fp [95% CI] | seconds |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -122,6 +159,12 @@ def main() -> int:
         secs = "-" if r["seconds"] is None or math.isnan(r["seconds"]) else f"{r['seconds']:.0f}"
         print(f"| {r['model']} | {r['row']} | {r['bits_per_weight']:.3f} | {r['tokens']} | {r['ppl_fp']:.2f} | "
               f"{r['ppl']:.2f} | {r['ratio']:.3f} [{lo:.3f}, {hi:.3f}] | {secs} |")
+    print("\n| model | candidate / reference | PPL ratio [95% CI] | what |")
+    print("|---|---|---|---|")
+    for c in compared:
+        lo, hi = c["ratio_ci95"]
+        print(f"| {c['model']} | {c['candidate']} / {c['reference']} | {c['ratio']:.3f} [{lo:.3f}, {hi:.3f}] | "
+              f"{c['what']} |")
     return 0
 
 
