@@ -15,7 +15,9 @@ against fp and against the PTQ row of the same layers, and (bcjr) against the ST
 
 Runs the real command line in subprocesses (``_cli_runs``). Resumable: finished rows in ``--json`` are kept,
 finished checkpoints (a ``report.json``) and eval JSONs reused from ``--work``/MODEL/<digest of the settings>,
-an interrupted finetune continued with ``--resume``; a ``--json`` made with other settings is refused. ``--max-tokens`` scores only the first N PTB
+an interrupted finetune continued with ``--resume``; a ``--json`` made with other settings is refused. ``--ptq DIR``
+starts from an existing checkpoint of the one ``--layers`` set instead of quantizing (the whole-model rows from
+``moequant quantize MODEL --method trellis --bits 2``), after checking it quantizes exactly that set. ``--max-tokens`` scores only the first N PTB
 test tokens (default the whole split).
 """
 
@@ -31,7 +33,7 @@ from typing import Any
 
 from _cli_runs import eval_ppl, finetune, fp_reference, paired, previous_rows, quantize, quantize_seconds, write_json
 
-from moequant.alloc.recipe import DEFAULT_KEEP
+from moequant.alloc.recipe import DEFAULT_KEEP, Recipe
 from moequant.codecs.config import TrellisConfig
 
 log = logging.getLogger("finetune_trellis")
@@ -70,8 +72,39 @@ def relate(rows: dict[str, dict[str, Any]], base: dict[str, Any]) -> None:
                 r[f"ratio_vs_{key}"], r[f"ratio_vs_{key}_ci95"] = d.ratio, list(d.ratio_ci)
 
 
-def ptq_checkpoint(layers: str, args: argparse.Namespace, work: Path) -> tuple[TrellisConfig, list[str], float]:
-    """Quantize ``layers`` into ``work/ptq-<layers>`` unless that checkpoint exists."""
+def given_ptq(layers: str, args: argparse.Namespace) -> tuple[dict[str, Any], list[str], float]:
+    """``--ptq DIR``: an existing checkpoint as the PTQ row of ``layers`` -> (its trellis config, the command that
+    made it, its quantize seconds). It must quantize exactly the weights ``recipe(layers)`` would, all at
+    ``--bits``-bit trellis; otherwise: exit (its rows would not be the ones the table names)."""
+    rep = json.loads((Path(args.ptq) / "report.json").read_text())
+    want = Recipe.from_dict(recipe(layers, TrellisConfig(bits=args.bits)))
+    listed = [(t["name"], t.get("kind", "other")) for key in ("quantized_tensors", "exact_tensors", "kept_tensors")
+              for t in rep[key]]
+    selected = {name for name, kind in listed if want.match(name, kind)[0] is not None}
+    quantized = {t["name"]: t for t in rep["quantized_tensors"]}
+    wrong = sorted(n for n, t in quantized.items() if not t["method"].startswith(f"trellis{args.bits}-"))
+    if set(quantized) != selected or wrong:
+        missing, extra = sorted(selected - set(quantized)), sorted(set(quantized) - selected)
+        sys.exit(f"finetune_trellis: --ptq {args.ptq} is not layers {layers} at {args.bits}-bit trellis: "
+                 + "; ".join(f"{what} {names[0]} (+{len(names) - 1} more)" for what, names in
+                             (("not quantized:", missing), ("also quantized:", extra), ("not trellis:", wrong))
+                             if names))
+    rules = {r["match"]: r["config"] for r in rep["config"]["rules"]}
+    configs = {json.dumps(rules[t["rule"]], sort_keys=True) for t in quantized.values()}
+    if len(configs) != 1:
+        sys.exit(f"finetune_trellis: --ptq {args.ptq} quantizes with {len(configs)} trellis configs; give one")
+    return json.loads(configs.pop()), rep["command"].split(), quantize_seconds(Path(args.ptq), float("nan"))
+
+
+def ptq_dir(layers: str, args: argparse.Namespace, work: Path) -> Path:
+    """The PTQ checkpoint of ``layers``: ``--ptq`` when given, else the one this script quantizes."""
+    return Path(args.ptq) if args.ptq else work / f"ptq-{layer_slug(layers)}"
+
+
+def ptq_checkpoint(layers: str, args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[str], float]:
+    """Quantize ``layers`` into ``work/ptq-<layers>`` unless that checkpoint exists (or ``--ptq`` names one)."""
+    if args.ptq:
+        return given_ptq(layers, args)
     cfg = TrellisConfig(bits=args.bits, **({} if args.trellis_l is None else {"L": args.trellis_l}))
     slug = f"ptq-{layer_slug(layers)}"
     path = work / f"{slug}-recipe.json"
@@ -79,18 +112,19 @@ def ptq_checkpoint(layers: str, args: argparse.Namespace, work: Path) -> tuple[T
     flags = ["--recipe", str(path)] + [f"--{k.replace('_', '-')}={getattr(args, k)}"
                                        for k in ("calib_samples", "calib_seqlen") if getattr(args, k) is not None]
     qcmd, qsecs = quantize(args.model, flags, work / slug)
-    return cfg, qcmd, qsecs
+    return cfg.to_dict(), qcmd, quantize_seconds(work / slug, qsecs)
 
 
 def measure_ptq(layers: str, args: argparse.Namespace, base: dict[str, Any], work: Path) -> dict[str, Any]:
     slug = f"ptq-{layer_slug(layers)}"
     cfg, qcmd, qsecs = ptq_checkpoint(layers, args, work)
-    res, ecmd, esecs = eval_ppl(str(work / slug), work / f"{slug}-ppl.json", args.max_tokens)
-    rep = json.loads((work / slug / "report.json").read_text())
+    run_dir = ptq_dir(layers, args, work)
+    res, ecmd, esecs = eval_ppl(str(run_dir), work / f"{slug}-ppl.json", args.max_tokens)
+    rep = json.loads((run_dir / "report.json").read_text())
     d = paired(base, res)
-    return {"slug": slug, "layers": layers, "method": "ptq", "config": cfg.to_dict(), "command": " ".join(qcmd),
+    return {"slug": slug, "layers": layers, "method": "ptq", "config": cfg, "command": " ".join(qcmd),
             "eval_command": " ".join(ecmd), "bits_per_weight": rep["bits_per_weight"],
-            "bits_per_weight_model": rep["bits_per_weight_model"], "seconds": quantize_seconds(work / slug, qsecs),
+            "bits_per_weight_model": rep["bits_per_weight_model"], "seconds": qsecs,
             "seconds_eval": esecs,
             "ppl": res["ppl"], "ratio": d.ratio, "ratio_ci95": list(d.ratio_ci), "nll_per_window": res["nll_per_window"]}
 
@@ -104,7 +138,7 @@ def ensure_ptq(layers: str, args: argparse.Namespace, work: Path, kept: dict[str
     ptq_checkpoint(layers, args, work)
     if kept is None:
         return
-    res, _, _ = eval_ppl(str(work / slug), work / f"{slug}-ppl.json", args.max_tokens)
+    res, _, _ = eval_ppl(str(ptq_dir(layers, args, work)), work / f"{slug}-ppl.json", args.max_tokens)
     diff = max(abs(a - b) / abs(b) for a, b in zip(res["nll_per_window"], kept["nll_per_window"]))
     if len(res["nll_per_window"]) != len(kept["nll_per_window"]) or diff > 1e-7:
         sys.exit(f"finetune_trellis: the {slug} checkpoint rebuilt by this tree scores PPL {res['ppl']:.3f}, the kept "
@@ -114,7 +148,7 @@ def ensure_ptq(layers: str, args: argparse.Namespace, work: Path, kept: dict[str
 
 def measure_finetune(layers: str, method: str, args: argparse.Namespace, base: dict[str, Any], work: Path,
                      kept_ptq: dict[str, Any] | None = None) -> dict[str, Any]:
-    ptq = work / f"ptq-{layer_slug(layers)}"
+    ptq = ptq_dir(layers, args, work)
     ensure_ptq(layers, args, work, kept_ptq)
     slug = f"{method}-{layer_slug(layers)}"
     base_method, _, loss = method.partition("-")
@@ -183,12 +217,23 @@ def main() -> int:
     p.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default: the CLI's)")
     p.add_argument("--calib-seqlen", type=int, default=None, help="calibration window length (default: the CLI's)")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N PTB test tokens")
+    p.add_argument("--ptq", default=None, help="an existing checkpoint of the one --layers set at --bits-bit trellis "
+                   "(e.g. `moequant quantize MODEL --method trellis --bits 2` for 'all') to start from, instead of "
+                   "quantizing; checked against the set, its report's command and time recorded")
     p.add_argument("--work", default="runs/finetune_trellis", help="checkpoints and per-run JSON go here")
     p.add_argument("--json", required=True)
     args = p.parse_args()
+    if args.ptq and (len(args.layers) != 1 or args.trellis_l is not None or args.calib_samples is not None
+                     or args.calib_seqlen is not None):
+        p.error("--ptq is the PTQ checkpoint of one --layers set: give exactly one, and no --trellis-l or "
+                "--calib-* (the checkpoint fixed them)")
+    if args.ptq and not (Path(args.ptq) / "report.json").is_file():
+        p.error(f"--ptq {args.ptq}: no moequant checkpoint there (no report.json)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     settings = {k: getattr(args, k) for k in ("model", "bits", "trellis_l", "steps", "lr", "tau", "batch", "soft_bits",
                                               "ste_every", "calib_samples", "calib_seqlen", "max_tokens")}
+    if args.ptq:  # (absent otherwise: the settings, and so the work directory, of earlier runs stay as they were)
+        settings["ptq"] = str(Path(args.ptq).resolve())
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     work = Path(args.work) / Path(args.model).name / digest  # checkpoints are only reused under equal settings
     work.mkdir(parents=True, exist_ok=True)

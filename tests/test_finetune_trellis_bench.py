@@ -26,7 +26,7 @@ def _finetune_call(monkeypatch, tmp_path, layers: str, method: str) -> tuple[Pat
 
     monkeypatch.setattr(m, "ensure_ptq", lambda *a: None)
     monkeypatch.setattr(m, "finetune", finetune)
-    args = argparse.Namespace(steps=5, lr=1e-3, batch=4, tau="0.3:0.05", soft_bits=4, ste_every=8)
+    args = argparse.Namespace(steps=5, lr=1e-3, batch=4, tau="0.3:0.05", soft_bits=4, ste_every=8, ptq=None)
     with pytest.raises(_Ran):
         m.measure_finetune(layers, method, args, {}, tmp_path)
     return got[0]
@@ -70,3 +70,47 @@ def test_recipe_quantizes_exactly_the_layer_set(layers, quantized):
              "model.layers.3.mlp.shared_expert_gate.weight": "linear", "model.embed_tokens.weight": "embedding",
              "lm_head.weight": "head", "model.norm.weight": "other"}
     assert {n for n, kind in names.items() if r.match(n, kind)[0] is not None} == quantized
+
+
+def _report(quantized: dict[str, str], kept: list[str]) -> dict:
+    """A quantize report: ``quantized`` name -> method (linear, rule kind:linear), ``kept`` names unquantized."""
+    cfg = {"L": 16, "Q": 9, "V": 2, "bits": 2, "code": "hyb", "tail_biting": True, "tile": 16, "type": "TrellisConfig",
+           "version": 1}
+    return {"command": "moequant -q quantize smollm2-135m --method trellis --bits 2 --out X",
+            "layer_seconds": {"restored": 0, "this_run": 12.5, "total": 12.5},
+            "config": {"rules": [{"match": "re:.*norm.*", "config": None}, {"match": "kind:linear", "config": cfg}]},
+            "quantized_tensors": [{"name": n, "kind": "linear", "method": m, "rule": "kind:linear"}
+                                  for n, m in quantized.items()],
+            "exact_tensors": [{"name": "model.embed_tokens.weight", "kind": "embedding"}],
+            "kept_tensors": [{"name": n} for n in kept]}
+
+
+_NAMES = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+
+
+@pytest.mark.parametrize("layers, quantized, error", [
+    ("all", {n: "trellis2-hyb-L16" for n in _NAMES}, None),
+    ("0", {_NAMES[0]: "trellis2-hyb-L16"}, None),
+    ("all", {_NAMES[0]: "trellis2-hyb-L16"}, "not quantized: model.layers.1.mlp.down_proj.weight (+0 more)"),
+    ("0", {n: "trellis2-hyb-L16" for n in _NAMES}, "also quantized: model.layers.1.mlp.down_proj.weight (+0 more)"),
+    ("all", {_NAMES[0]: "trellis2-hyb-L16", _NAMES[1]: "int2-g128"},
+     "not trellis: model.layers.1.mlp.down_proj.weight (+0 more)"),
+])
+def test_given_ptq_must_quantize_exactly_the_layer_set(tmp_path, layers, quantized, error):
+    """``--ptq DIR`` is the PTQ row only when it quantizes exactly the set's weights at --bits-bit trellis; its
+    report's command, time and trellis config become the row's."""
+    import json
+
+    m = bench_module(BENCHMARKS / "finetune_trellis.py", "finetune_trellis_bench")
+    kept = ["model.layers.0.input_layernorm.weight"] + [n for n in _NAMES if n not in quantized]
+    (tmp_path / "report.json").write_text(json.dumps(_report(quantized, kept)))
+    args = argparse.Namespace(ptq=str(tmp_path), bits=2)
+    if error is None:
+        cfg, cmd, secs = m.given_ptq(layers, args)
+        assert cfg["L"] == 16 and cfg["bits"] == 2 and secs == 12.5
+        assert cmd[:4] == ["moequant", "-q", "quantize", "smollm2-135m"]
+        assert m.ptq_dir(layers, args, tmp_path / "work") == tmp_path
+    else:
+        with pytest.raises(SystemExit) as e:
+            m.given_ptq(layers, args)
+        assert str(e.value).endswith(error)
