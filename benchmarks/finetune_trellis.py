@@ -141,7 +141,8 @@ def ensure_ptq(layers: str, args: argparse.Namespace, work: Path, kept: dict[str
     res, _, _ = eval_ppl(str(ptq_dir(layers, args, work)), work / f"{slug}-ppl.json", args.max_tokens)
     diff = max(abs(a - b) / abs(b) for a, b in zip(res["nll_per_window"], kept["nll_per_window"]))
     if len(res["nll_per_window"]) != len(kept["nll_per_window"]) or diff > 1e-7:
-        sys.exit(f"finetune_trellis: the {slug} checkpoint rebuilt by this tree scores PPL {res['ppl']:.3f}, the kept "
+        made = f"--ptq {args.ptq}" if args.ptq else "rebuilt by this tree"
+        sys.exit(f"finetune_trellis: the {slug} checkpoint ({made}) scores PPL {res['ppl']:.3f}, the kept "
                  f"{slug} row {kept['ppl']:.3f}: new finetune rows would start from another model than the kept ones; "
                  "rerun every row with a new --json (or only the new methods with their own --json)")
 
