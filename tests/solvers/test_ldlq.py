@@ -91,9 +91,15 @@ def test_lazy_batches_match_naive(lazy, group):
     cfg = UniformConfig(bits=3, group_size=group)
     ref = _naive_gptq(w, hd, column_quantizer(cfg, w))
     got = ldlq(w, hd, column_quantizer(cfg, w), lazy=lazy).w_hat
-    # fp reassociation may flip a near-tie of one row's clip search, and with it that row's group
+    _assert_same_but_one_group(w, h, got, ref, group)  # measured: 0 groups, except 1 at lazy 32 / group 32
+
+
+def _assert_same_but_one_group(w, h, got, ref, group: int) -> None:
+    """``got`` equals ``ref`` but in at most one (row, group): fp reassociation may flip a near-tie of one row's
+    clip search, and with it that row's group scale (and every code fed back from it inside the group); a wrong
+    update differs in many groups."""
     flipped = {(int(r), int(c) // group) for r, c in (got != ref).nonzero()}
-    assert len(flipped) <= 1, flipped  # measured: 0, except 1 at lazy 32 / group 32
+    assert len(flipped) <= 1, flipped
     assert abs(proxy_loss(w, got, h) / proxy_loss(w, ref, h) - 1) <= 1e-5
 
 
@@ -123,12 +129,12 @@ class _JointUniform(UniformColumns):
 
 def test_block_feedback_matches_textbook_block_gptq():
     """BlockLDLQ in LDL form = GPTQ's block update ``e = Δ_B U_BB⁻¹``, rest ``-= e U_B,rest`` (16-column blocks)."""
-    w, _, hd = _problem()
+    w, h, hd = _problem()
     cfg = UniformConfig(bits=3, group_size=32)
     ref = _naive_gptq(w, hd, _JointUniform(64, 128, cfg))
     got = ldlq(w, hd, _JointUniform(64, 128, cfg)).w_hat
-    same = (got == ref).float().mean().item()
-    assert same >= 0.999 and (got - ref).abs().max() <= 0.5
+    # on an AVX-512 Xeon row 6's third group differs (27 codes, by <= 7e-4): a former ">= 99.9% equal" failed there
+    _assert_same_but_one_group(w, h, got, ref, cfg.group_size)
 
 
 def test_block_feedback_between_rtn_and_columnwise():
