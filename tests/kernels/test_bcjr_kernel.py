@@ -206,3 +206,52 @@ def test_zero_steps_are_refused_not_a_crash(ext):
     for mode in ("auto", "reference"):
         with kernels(mode), pytest.raises(ValueError, match=r"has no trellis steps"):
             B.soft_codeword(torch.zeros(3, 0, 2), table, 0.2, geom, torch.zeros(3, 0, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("case,V,soft_bits", [("experts", 2, 4), ("full-trellis", 2, 4), ("free-start", 2, 4),
+                                              ("experts", 1, 6), ("experts", 4, 8), ("one-table", 2, 8)])
+def test_the_hard_path_kernel_is_the_torch_viterbi_walk_for_walk(ext, case, V, soft_bits, monkeypatch):
+    # kernels.bcjr.hard_path against the chunked torch Viterbi of finetune.bcjr.hard_path: the same scores (the
+    # fused multiply-adds of torch's addcmul) and the same tie rule, so the same walks exactly; the tiles sit near
+    # codewords of other walks, so the best walk moves off the reference on most tiles
+    gen = torch.Generator().manual_seed(21)
+    L, kv, tiles, steps = 8, 4, 40, 32
+    tables = 3 if case == "experts" else 1
+    table = torch.randn(tables, 1 << L, V, generator=gen)  # [G, 2^L, V]
+    ref = torch.randint(0, 1 << L, (tiles, steps), generator=gen)  # [B, S]
+    other = torch.randint(0, 1 << L, (tiles, steps), generator=gen)
+    group = torch.randint(0, tables, (tiles,), generator=gen) if case == "experts" else None
+    geom = B.full_geometry(L, kv) if case == "full-trellis" else B.soft_geometry(L, kv, soft_bits)
+    overlap = None if case == "free-start" else B.soft_overlap(ref, geom)
+    flat = table.reshape(-1, V)
+    x = flat[other + (0 if group is None else group[:, None] << L)] + 0.1 * torch.randn(tiles, steps, V, generator=gen)
+    refs = None if case == "full-trellis" else ref
+    if tables == 1:
+        table = table[0]
+    calls = []
+    real = KB.hard_path
+    monkeypatch.setattr(KB, "hard_path", lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
+    with kernels("reference"):
+        want = B.hard_path(x, table, geom, refs, overlap, group)
+    assert calls == [None]
+    got = B.hard_path(x, table, geom, refs, overlap, group)
+    assert len(calls) == 2 and calls[1] is not None  # the auto run took the kernel
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    moved = (want != (ref if refs is not None else want.roll(1, 0))).any(1).float().mean()
+    assert moved > 0.5  # the walks differ from the reference: the comparison is not of two copies of ref
+
+
+def test_the_hard_path_kernel_misses_a_wrong_tie_or_mask(ext):
+    # the same walk only where the rule is the same: the first end state on a tie, the overlap masked at both ends
+    gen = torch.Generator().manual_seed(22)
+    table = torch.zeros(1 << 8, 2)  # every branch ties: the walk is the one the tie rules choose
+    ref = torch.randint(0, 1 << 8, (6, 16), generator=gen)
+    geom = B.soft_geometry(8, 4, 4)
+    overlap = B.soft_overlap(ref, geom)
+    x = torch.zeros(6, 16, 2)
+    with kernels("reference"):
+        want = B.hard_path(x, table, geom, ref, overlap)
+        free = B.hard_path(x, table, geom, ref, None)
+    assert torch.equal(B.hard_path(x, table, geom, ref, overlap), want)
+    assert torch.equal(B.hard_path(x, table, geom, ref, None), free)
+    assert not torch.equal(want, free)  # the overlap changes the tie-broken walk: the mask is checked

@@ -53,7 +53,10 @@ tail-biting, a 576x1536 matrix = 3456 tiles, ``max_bytes`` 128 MiB): ``F = 4`` (
 backward 0.75 s, ``hard_path`` 0.25 s; ``F = 8`` (``f = 2``): forward ~6 s, backward ~10 s. The codec's Viterbi at
 L=16 on the same matrix: ~90 s then; ~12 s on an idle core with the kernel's second version (2026-12-04).
 The pass in C++ (``kernels.bcjr.soft``), 2 idle threads, same matrix: ``F = 4`` 0.07 + 0.12 s, ``F = 8``
-0.6 + 1.2 s (``benchmarks/bcjr_soft_pass.py``; the torch path there: 0.23 + 0.35 s and 2.0 + 3.7 s).
+0.6 + 1.2 s (``benchmarks/bcjr_soft_pass.py``; the torch path there: 0.23 + 0.35 s and 2.0 + 3.7 s). ``hard_path``
+in C++ (``kernels.bcjr.hard_path``, the same walks): 0.02 s at ``F = 4``, 0.15 s at ``F = 8``, against 0.16 / 1.2 s
+for the torch loop below (2026-12-07): on the whole of smollm2-135m (~120 such matrices) the refresh before every
+BCJR step took ~20 s of torch loops.
 """
 
 from __future__ import annotations
@@ -442,6 +445,12 @@ def hard_path(x: torch.Tensor, table: torch.Tensor, geom: SoftGeometry, ref: tor
     out = torch.empty(b, steps, dtype=torch.int64)  # [B, S]
     with torch.no_grad():
         cols = _columns(table.to(x.dtype).reshape(-1, x.shape[-1]))
+        if ref is not None or geom.full:
+            dep, mask = geom.deposit()
+            fast = _kernels().hard_path(x, cols, ref, dep, ~mask, group, geom.L, geom.f,
+                                        None if overlap is None else overlap.to(torch.int64))
+            if fast is not None:
+                return fast
         for sl in _chunks(b, x, geom, max_bytes):
             idx = _idx(ref, None, geom, sl)  # [c|1, S|1, n]: stored-code states
             c = x[sl].shape[0]

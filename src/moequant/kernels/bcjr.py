@@ -1,5 +1,6 @@
-"""BCJR-QAT's soft trellis in C++ (``csrc/bcjr.cpp``, extension ``bcjr``): the whole pass (``soft``), and its two
-recursions on their own (``alpha_beta``, ``expectations``; the chunked torch path's loops).
+"""BCJR-QAT's soft trellis in C++ (``csrc/bcjr.cpp``, extension ``bcjr``): the whole pass (``soft``), its two
+recursions on their own (``alpha_beta``, ``expectations``; the chunked torch path's loops), and the sub-trellis
+Viterbi of the reference refresh (``hard_path``).
 
 ``finetune.bcjr`` runs two step-by-step recursions per chunk of tiles: the log-space forward–backward (``α``, ``β``
 and the forward's ``logsumexp``) and, in the backward pass, the expectations ``E[Σ_{u≤t} c_u | σ_t]`` and
@@ -10,6 +11,8 @@ no extension, not float32 / CPU, tracing); then the torch loops run. The arithme
 same floored exponents, sums in the same order) with another ``exp`` (a vectorised polynomial within ~2 ulp),
 so results agree to float rounding (``tests/kernels/test_bcjr_kernel.py``), not bit for bit. The fused ``soft`` also
 floors the posterior's exponents at −87, so a state the torch softmax gives exactly 0 gets ~1e-38 of the mass.
+``hard_path`` (no ``exp``) is exact: its branch scores are computed as the torch path computes them (the same fused
+multiply-adds as torch's vectorised ``addcmul``) and its ties go the same way, so it returns the same walks.
 """
 
 from __future__ import annotations
@@ -79,3 +82,20 @@ def soft(x: torch.Tensor, cols: torch.Tensor, ref: torch.Tensor | None, dep: tor
 
     return ext.bcjr_soft(x.contiguous(), cols.contiguous(), opt(ref), dep.to(torch.int64).contiguous(), int(keep),
                          opt(group), L, f, float(tau), opt(overlap), _FNONE if grad is None else grad.contiguous())
+
+
+def hard_path(x: torch.Tensor, cols: torch.Tensor, ref: torch.Tensor | None, dep: torch.Tensor, keep: int,
+              group: torch.Tensor | None, L: int, f: int, overlap: torch.Tensor | None) -> torch.Tensor | None:
+    """``finetune.bcjr.hard_path`` of the tiles ``x [B, S, V]`` in one call, each tile in cache: the stored-code
+    states of the best walks int64 ``[B, S]``; ``None`` where it does not apply (as ``soft``)."""
+    if dep.shape[0] > MAX_STATES or x.shape[-1] > 8:
+        return None
+    ext = _ext(x, cols)
+    if ext is None:
+        return None
+
+    def opt(t: torch.Tensor | None) -> torch.Tensor:
+        return _NONE if t is None else t.to(torch.int64).contiguous()
+
+    return ext.bcjr_hard_path(x.contiguous(), cols.contiguous(), opt(ref), dep.to(torch.int64).contiguous(),
+                              int(keep), opt(group), L, f, opt(overlap))

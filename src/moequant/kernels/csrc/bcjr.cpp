@@ -16,8 +16,8 @@
 //       fwd_0 = c_0, fwd_t[q*m + c'] = c_t[q*m + c'] + sum_j w_prev * fwd_{t-1}[j*r + q];
 //       bwd_{S-1} = 0, bwd_t[j*r + q] = sum_c w_next * (bwd_{t+1} + c_{t+1})[q*m + c] for every j.
 // logsumexp is max + log(sum exp(v - max)) as bcjr._lse computes it, every exponent floored at kExpFloor first (as
-// there). exp is a vectorised Cephes-style polynomial (within ~2 ulp of expf on [-87, 88]) under AVX2, std::exp
-// otherwise, so the results agree with the torch path to float rounding, not bit for bit
+// there). exp and log are vectorised Cephes-style polynomials (within ~2 ulp of expf on [-87, 88], ~1 ulp of logf
+// on the sums' range [1, 2^31)) under AVX2, std::exp / std::log otherwise, so the results agree with the torch path to float rounding, not bit for bit
 // (tests/kernels/test_bcjr_kernel.py). Tiles are independent: at::parallel_for over b, each tile walking its S steps
 // with its rows in cache.
 #include <torch/extension.h>
@@ -59,7 +59,41 @@ inline __m256 exp8(__m256 x) {
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));  // k >= -126 here: 2^k is a normal float
 }
+// ln x for x in [1, 2^31) (a sum of exps whose largest is 1): x = 2^e m, m in [sqrt(1/2), sqrt(2)), ln m by the
+// Cephes logf polynomial in m - 1, plus e ln2 in two parts (within ~1 ulp of logf there).
+inline __m256 log8(__m256 x) {
+  const __m256i bits = _mm256_castps_si256(x);
+  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
+  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)),
+                                                 _mm256_set1_epi32(0x3f000000)));  // [0.5, 1)
+  const __m256 low = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+  e = _mm256_sub_ps(e, _mm256_and_ps(_mm256_set1_ps(1.0f), low));
+  m = _mm256_add_ps(_mm256_sub_ps(m, _mm256_set1_ps(1.0f)), _mm256_and_ps(m, low));  // 2m - 1 or m - 1
+  const __m256 z = _mm256_mul_ps(m, m);
+  __m256 y = _mm256_set1_ps(7.0376836292e-2f);
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.1514610310e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.1676998740e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.2420140846e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.4249322787e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.6668057665e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(2.0000714765e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-2.4999993993e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(3.3333331174e-1f));
+  y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
+  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
+  y = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z, y);
+  return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(m, y));
+}
 #endif
+
+// v[q] = ln v[q], q < n (each v[q] in [1, 2^31): a sum of floored exps whose largest term is 1).
+void log_inplace(float* v, int64_t n) {
+  int64_t q = 0;
+#ifdef __AVX2__
+  for (; q + 8 <= n; q += 8) _mm256_storeu_ps(v + q, log8(_mm256_loadu_ps(v + q)));
+#endif
+  for (; q < n; ++q) v[q] = std::log(v[q]);
+}
 
 inline float exp1(float x) { return std::exp(std::max(x, kExpFloor)); }
 
@@ -94,7 +128,8 @@ void lse_rows(const float* rows, int64_t m, int64_t r, float* out, float* scratc
     for (int64_t j = 1; j < m; ++j) s += exp1(rows[j * r + q0] - mx[q0]);
     sum[q0] = s;
   }
-  for (int64_t q = 0; q < r; ++q) out[q] = std::log(sum[q]) + mx[q];
+  log_inplace(sum, r);
+  for (int64_t q = 0; q < r; ++q) out[q] = sum[q] + mx[q];
 }
 
 // out[q] = logsumexp_c (a + b)[q * m + c], c < m: the m-wide groups of one row (a, b: n = r * m floats); z, e:
@@ -109,11 +144,13 @@ void lse_groups(const float* a, const float* b, int64_t m, int64_t r, float* out
     out[q] = mx;
   }
   exp_diff(z, e, e, n);
-  for (int64_t q = 0; q < r; ++q) {
+  for (int64_t q = 0; q < r; ++q) {  // z is free now: the group sums go to its first r floats
     float s = e[q * m];
     for (int64_t c = 1; c < m; ++c) s += e[q * m + c];
-    out[q] = std::log(s) + out[q];
+    z[q] = s;
   }
+  log_inplace(z, r);
+  for (int64_t q = 0; q < r; ++q) out[q] = z[q] + out[q];
 }
 
 // --- one tile's recursions (rows of n floats, `stride` floats apart from one step to the next) -----------------
@@ -201,6 +238,33 @@ void tile_expectations(const float* cc, const float* sc, int64_t ss, const float
   }
 }
 
+// The stored state of every sub-state at every step of tile `i`, idx [S, n] ((ref_t & keep) | dep[sigma], plus the
+// tile's table offset; ref null: the full trellis, dep[sigma]), and its branch score sc [S, n]:
+// (2 <v, x_t> - ||v||^2) / tau, computed as torch's _scores is on an AVX2 CPU (-||v||^2 / tau, then for each k
+// fma((2/tau) v_k, x_k, score): torch's vectorised addcmul is fused, measured bit for bit), so that at tau = 1 the
+// scores, and the hard path's walks, are the torch path's exactly.
+void tile_scores(const float* xi, const float* cp, int64_t T, int64_t V, const int64_t* ref, const int64_t* dp,
+                 int64_t keep, int64_t offset, int64_t S, int64_t n, int64_t tile, float neg_tau, float two_tau,
+                 int32_t* idx, float* sc) {
+  for (int64_t t = 0; t < S; ++t) {
+    const int64_t base = ref ? (ref[t] & keep) : 0;
+    for (int64_t s = 0; s < n; ++s) {
+      const int64_t st = (base | dp[s]) + offset;
+      TORCH_CHECK(st >= 0 && st < T, "tile ", tile, " step ", t, ": state ", st, " is outside the ", T, " table rows");
+      idx[t * n + s] = static_cast<int32_t>(st);
+      float score = cp[st] / neg_tau;
+      for (int64_t k = 0; k < V; ++k) {
+#ifdef __FMA__
+        score = std::fma(two_tau * cp[(k + 1) * T + st], xi[t * V + k], score);
+#else
+        score += two_tau * cp[(k + 1) * T + st] * xi[t * V + k];
+#endif
+      }
+      sc[t * n + s] = score;
+    }
+  }
+}
+
 struct Dims {
   int64_t S, b, n, m, r;
 };
@@ -275,9 +339,21 @@ std::vector<at::Tensor> bcjr_expectations(const at::Tensor& c, const at::Tensor&
 // y_t = sum P v. With grad -> {dx [B, S, V], acc [1+V, T]}: finetune.bcjr._chunk_grads per tile, the table terms
 // (P g_k + (2/tau) dL/dl x_k, and dL/dl) summed per stored state into one buffer per task, the tasks' buffers then
 // added in task order (the same result for the same number of threads).
-std::vector<at::Tensor> bcjr_soft(const at::Tensor& x, const at::Tensor& cols, const at::Tensor& ref,
-                                  const at::Tensor& dep, int64_t keep, const at::Tensor& group, int64_t L, int64_t f,
-                                  double tau, const at::Tensor& overlap, const at::Tensor& grad) {
+namespace {
+
+// The tiles of one soft or hard pass (bcjr_soft's first arguments, checked).
+struct Tiles {
+  int64_t B, S, V, n, T, r;
+  const float* x;
+  const float* cols;
+  const int64_t* ref;  // null: the full trellis
+  const int64_t* dep;
+  const int64_t* group;
+  const int64_t* overlap;
+};
+
+Tiles check_tiles(const at::Tensor& x, const at::Tensor& cols, const at::Tensor& ref, const at::Tensor& dep,
+                  const at::Tensor& group, int64_t L, int64_t f, const at::Tensor& overlap) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
               "x must be a contiguous float32 CPU tensor [B, S, V]");
   const int64_t B = x.size(0), S = x.size(1), V = x.size(2);
@@ -295,16 +371,28 @@ std::vector<at::Tensor> bcjr_soft(const at::Tensor& x, const at::Tensor& cols, c
   if (has_ref)
     TORCH_CHECK(ref.dim() == 2 && ref.size(0) == B && ref.size(1) == S && ref.scalar_type() == at::kLong &&
                 ref.is_contiguous(), "ref must be int64 [B, S] or empty");
-  const int64_t* gr = optional_long(group, B, "group");
-  const int64_t* ov = optional_long(overlap, B, "overlap");
+  return {B, S, V, n, T, n >> f, x.data_ptr<float>(), cols.data_ptr<float>(),
+          has_ref ? ref.data_ptr<int64_t>() : nullptr, dep.data_ptr<int64_t>(), optional_long(group, B, "group"),
+          optional_long(overlap, B, "overlap")};
+}
+
+}  // namespace
+
+std::vector<at::Tensor> bcjr_soft(const at::Tensor& x, const at::Tensor& cols, const at::Tensor& ref,
+                                  const at::Tensor& dep, int64_t keep, const at::Tensor& group, int64_t L, int64_t f,
+                                  double tau, const at::Tensor& overlap, const at::Tensor& grad) {
+  const Tiles a = check_tiles(x, cols, ref, dep, group, L, f, overlap);
+  const int64_t B = a.B, S = a.S, V = a.V, n = a.n, T = a.T;
+  const int64_t* gr = a.group;
+  const int64_t* ov = a.overlap;
   const bool backward = grad.numel() > 0;
   if (backward)
     TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == at::kFloat && grad.is_contiguous(),
                 "grad must be float32 like x");
-  const float* xp = x.data_ptr<float>();
-  const float* cp = cols.data_ptr<float>();
-  const int64_t* rp = has_ref ? ref.data_ptr<int64_t>() : nullptr;
-  const int64_t* dp = dep.data_ptr<int64_t>();
+  const float* xp = a.x;
+  const float* cp = a.cols;
+  const int64_t* rp = a.ref;
+  const int64_t* dp = a.dep;
   const float* gp = backward ? grad.data_ptr<float>() : nullptr;
   const int64_t r = n >> f;
   const float neg_tau = static_cast<float>(-tau), two_tau = static_cast<float>(2.0 / tau);
@@ -330,18 +418,8 @@ std::vector<at::Tensor> bcjr_soft(const at::Tensor& x, const at::Tensor& cols, c
       }
       for (int64_t i = B * p / tasks; i < B * (p + 1) / tasks; ++i) {
         const float* xi = xp + i * S * V;
-        const int64_t offset = gr ? (gr[i] << L) : 0;
-        for (int64_t t = 0; t < S; ++t) {  // stored states and branch scores
-          const int64_t base = has_ref ? (rp[i * S + t] & keep) : 0;
-          for (int64_t s = 0; s < n; ++s) {
-            const int64_t st = (base | dp[s]) + offset;
-            TORCH_CHECK(st >= 0 && st < T, "tile ", i, " step ", t, ": state ", st, " is outside the ", T, " table rows");
-            idx[t * n + s] = static_cast<int32_t>(st);
-            float score = cp[st] / neg_tau;
-            for (int64_t k = 0; k < V; ++k) score += two_tau * cp[(k + 1) * T + st] * xi[t * V + k];
-            sc[t * n + s] = score;
-          }
-        }
+        tile_scores(xi, cp, T, V, rp ? rp + i * S : nullptr, dp, keep, gr ? (gr[i] << L) : 0, S, n, i, neg_tau,
+                    two_tau, idx.data(), sc.data());
         tile_alpha_beta(sc.data(), n, S, n, f, ov ? ov[i] : -1, al.data(), be.data(), n, ls.data(), r,
                         scratch.data());
         for (int64_t t = 0; t < S; ++t) {  // posterior: softmax over the states of step t
@@ -406,9 +484,69 @@ std::vector<at::Tensor> bcjr_soft(const at::Tensor& x, const at::Tensor& cols, c
   return {out, acc};
 }
 
+// The best walk of each tile's sub-trellis, finetune.bcjr.hard_path (its Viterbi of the tau = 1 scores; ties to the
+// smallest predecessor j and the smallest end state), as stored-code states (ref_t & keep) | dep[sigma] (no table
+// offset) -> int64 [B, S]. Arguments as bcjr_soft's. Tiles in parallel, each in cache: its scores [S, n] and
+// back-pointers [S, r].
+at::Tensor bcjr_hard_path(const at::Tensor& x, const at::Tensor& cols, const at::Tensor& ref, const at::Tensor& dep,
+                          int64_t keep, const at::Tensor& group, int64_t L, int64_t f, const at::Tensor& overlap) {
+  const Tiles a = check_tiles(x, cols, ref, dep, group, L, f, overlap);
+  const int64_t S = a.S, n = a.n, r = a.r, m = int64_t{1} << f;
+  const float neg = -1e30f;  // finetune.bcjr._NEG
+  at::Tensor out = at::empty({a.B, S}, x.options().dtype(at::kLong));
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, a.B, kGrainTiles, [&](int64_t i0, int64_t i1) {
+    std::vector<int32_t> idx(S * n), back(S * r);
+    std::vector<float> sc(S * n), cost(n), next(n), best(r);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t offset = a.group ? (a.group[i] << L) : 0;
+      tile_scores(a.x + i * S * a.V, a.cols, a.T, a.V, a.ref ? a.ref + i * S : nullptr, a.dep, keep, offset, S, n, i,
+                  -1.0f, 2.0f, idx.data(), sc.data());
+      const int64_t ov = a.overlap ? a.overlap[i] : -1;
+      std::copy(sc.begin(), sc.begin() + n, cost.begin());
+      if (ov >= 0)
+        for (int64_t s = 0; s < n; ++s)
+          if ((s >> f) != ov) cost[s] = neg;
+      for (int64_t t = 1; t < S; ++t) {
+        int32_t* bt = back.data() + t * r;
+        for (int64_t q = 0; q < r; ++q) {  // predecessors of q * m + c: j * r + q
+          float bv = cost[q];
+          int32_t bj = 0;
+          for (int64_t j = 1; j < m; ++j)
+            if (cost[j * r + q] > bv) {
+              bv = cost[j * r + q];
+              bj = static_cast<int32_t>(j);
+            }
+          best[q] = bv;
+          bt[q] = bj;
+        }
+        const float* st = sc.data() + t * n;
+        for (int64_t q = 0; q < r; ++q)
+          for (int64_t c = 0; c < m; ++c) next[q * m + c] = st[q * m + c] + best[q];
+        cost.swap(next);
+      }
+      if (ov >= 0)
+        for (int64_t s = 0; s < n; ++s)
+          if ((s & (r - 1)) != ov) cost[s] = neg;
+      int64_t sig = 0;
+      for (int64_t s = 1; s < n; ++s)
+        if (cost[s] > cost[sig]) sig = s;
+      int64_t* oi = op + i * S;
+      oi[S - 1] = idx[(S - 1) * n + sig] - offset;
+      for (int64_t t = S - 1; t > 0; --t) {
+        const int64_t q = sig >> f;
+        sig = q + back[t * r + q] * r;
+        oi[t - 1] = idx[(t - 1) * n + sig] - offset;
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bcjr_alpha_beta", &bcjr_alpha_beta, "log-space alpha, beta and the forward's lse of a chunk of tiles");
   m.def("bcjr_expectations", &bcjr_expectations, "E[G up to t | state] and E[G after t | state] of a chunk");
   m.def("bcjr_soft", &bcjr_soft, "the soft pass of B tiles (y), or its backward (dx and the table terms)");
+  m.def("bcjr_hard_path", &bcjr_hard_path, "the best walk of each tile's sub-trellis (Viterbi at tau = 1)");
   m.def("has_avx2", &moequant::built_with_avx2, "built with the AVX2 path");
 }
