@@ -17,8 +17,9 @@
 //       bwd_{S-1} = 0, bwd_t[j*r + q] = sum_c w_next * (bwd_{t+1} + c_{t+1})[q*m + c] for every j.
 // logsumexp is max + log(sum exp(v - max)) as bcjr._lse computes it, every exponent floored at kExpFloor first (as
 // there). exp and log are vectorised Cephes-style polynomials (within ~2 ulp of expf on [-87, 88], ~1 ulp of logf
-// on the sums' range [1, 2^31)) under AVX2, std::exp / std::log otherwise, so the results agree with the torch path to float rounding, not bit for bit
-// (tests/kernels/test_bcjr_kernel.py). Tiles are independent: at::parallel_for over b, each tile walking its S steps
+// on the sums' range [1, 2^31)) under AVX2, std::exp / std::log otherwise, so the results agree with the torch path
+// to float rounding, not bit for bit (tests/kernels/test_bcjr_kernel.py); bcjr_hard_path (no exp or log) returns the
+// torch path's walks exactly. Tiles are independent: at::parallel_for over b, each tile walking its S steps
 // with its rows in cache.
 #include <torch/extension.h>
 
@@ -330,15 +331,6 @@ std::vector<at::Tensor> bcjr_expectations(const at::Tensor& c, const at::Tensor&
   return {fwd, bwd};
 }
 
-// The whole soft pass of B tiles, one tile at a time in cache (finetune.bcjr._SoftTrellis): no [S, b, n] tensor.
-//   x [B, S, V] f32, cols [1+V, T] f32 (||v||^2 then each component of every stored state), ref [B, S] int64 |
-//   empty (the full trellis: sigma is the state), dep [n] int64 and keep (the reference bits kept: ~M) give the
-//   stored state of sub-state sigma at step t, ((ref_t & keep) | dep[sigma]) + group << L (group [B] | empty);
-//   overlap [B] | empty; grad [B, S, V] | empty.
-// Without grad -> {y [B, S, V]}: scores (2<v, x_t> - ||v||^2) / tau, alpha, beta, posterior softmax(alpha + beta),
-// y_t = sum P v. With grad -> {dx [B, S, V], acc [1+V, T]}: finetune.bcjr._chunk_grads per tile, the table terms
-// (P g_k + (2/tau) dL/dl x_k, and dL/dl) summed per stored state into one buffer per task, the tasks' buffers then
-// added in task order (the same result for the same number of threads).
 namespace {
 
 // The tiles of one soft or hard pass (bcjr_soft's first arguments, checked).
@@ -378,6 +370,15 @@ Tiles check_tiles(const at::Tensor& x, const at::Tensor& cols, const at::Tensor&
 
 }  // namespace
 
+// The whole soft pass of B tiles, one tile at a time in cache (finetune.bcjr._SoftTrellis): no [S, b, n] tensor.
+//   x [B, S, V] f32, cols [1+V, T] f32 (||v||^2 then each component of every stored state), ref [B, S] int64 |
+//   empty (the full trellis: sigma is the state), dep [n] int64 and keep (the reference bits kept: ~M) give the
+//   stored state of sub-state sigma at step t, ((ref_t & keep) | dep[sigma]) + group << L (group [B] | empty);
+//   overlap [B] | empty; grad [B, S, V] | empty.
+// Without grad -> {y [B, S, V]}: scores (2<v, x_t> - ||v||^2) / tau, alpha, beta, posterior softmax(alpha + beta),
+// y_t = sum P v. With grad -> {dx [B, S, V], acc [1+V, T]}: finetune.bcjr._chunk_grads per tile, the table terms
+// (P g_k + (2/tau) dL/dl x_k, and dL/dl) summed per stored state into one buffer per task, the tasks' buffers then
+// added in task order (the same result for the same number of threads).
 std::vector<at::Tensor> bcjr_soft(const at::Tensor& x, const at::Tensor& cols, const at::Tensor& ref,
                                   const at::Tensor& dep, int64_t keep, const at::Tensor& group, int64_t L, int64_t f,
                                   double tau, const at::Tensor& overlap, const at::Tensor& grad) {
