@@ -61,6 +61,11 @@ def expectations(c: torch.Tensor, scores: torch.Tensor, alpha: torch.Tensor, bet
     return fwd, bwd
 
 
+def _opt(t: torch.Tensor | None) -> torch.Tensor:
+    """An optional index tensor as the extension takes it: int64, contiguous, or empty for None."""
+    return _NONE if t is None else t.to(torch.int64).contiguous()
+
+
 MAX_STATES = 4096  # sub-trellis states per step the fused pass takes (its per-thread scratch is ~36·S·n bytes)
 
 
@@ -77,11 +82,8 @@ def soft(x: torch.Tensor, cols: torch.Tensor, ref: torch.Tensor | None, dep: tor
     if ext is None:
         return None
 
-    def opt(t: torch.Tensor | None) -> torch.Tensor:
-        return _NONE if t is None else t.to(torch.int64).contiguous()
-
-    return ext.bcjr_soft(x.contiguous(), cols.contiguous(), opt(ref), dep.to(torch.int64).contiguous(), int(keep),
-                         opt(group), L, f, float(tau), opt(overlap), _FNONE if grad is None else grad.contiguous())
+    return ext.bcjr_soft(x.contiguous(), cols.contiguous(), _opt(ref), dep.to(torch.int64).contiguous(), int(keep),
+                         _opt(group), L, f, float(tau), _opt(overlap), _FNONE if grad is None else grad.contiguous())
 
 
 def hard_path(x: torch.Tensor, cols: torch.Tensor, ref: torch.Tensor | None, dep: torch.Tensor, keep: int,
@@ -94,8 +96,5 @@ def hard_path(x: torch.Tensor, cols: torch.Tensor, ref: torch.Tensor | None, dep
     if ext is None:
         return None
 
-    def opt(t: torch.Tensor | None) -> torch.Tensor:
-        return _NONE if t is None else t.to(torch.int64).contiguous()
-
-    return ext.bcjr_hard_path(x.contiguous(), cols.contiguous(), opt(ref), dep.to(torch.int64).contiguous(),
-                              int(keep), opt(group), L, f, opt(overlap))
+    return ext.bcjr_hard_path(x.contiguous(), cols.contiguous(), _opt(ref), dep.to(torch.int64).contiguous(),
+                              int(keep), _opt(group), L, f, _opt(overlap))
