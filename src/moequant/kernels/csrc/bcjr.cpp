@@ -107,30 +107,19 @@ void exp_diff(const float* x, const float* y, float* out, int64_t n) {
   for (; s < n; ++s) out[s] = exp1(x[s] - y[s]);
 }
 
-// out[q] = logsumexp_j rows[j * r + q], j < m (rows: m rows of r floats, contiguous); the maximum first, then the
-// floored exps summed in j order.
-void lse_rows(const float* rows, int64_t m, int64_t r, float* out, float* scratch) {
-  float* mx = scratch;  // [r]
-  float* sum = scratch + r;  // [r]
+// out[q] = logsumexp_j rows[j * r + q], j < m (rows: m rows of r floats, contiguous, n = m r): the maximum first,
+// then the floored exps of all n floats at once (a vector pass whatever r is; going along q, r < 8 — F - f < 3 —
+// filled no lane), summed in j order. Scratch: mx [r], e and base [n] each.
+void lse_rows(const float* rows, int64_t m, int64_t r, float* out, float* mx, float* e, float* base) {
   std::copy(rows, rows + r, mx);
   for (int64_t j = 1; j < m; ++j)
     for (int64_t q = 0; q < r; ++q) mx[q] = std::max(mx[q], rows[j * r + q]);
-  int64_t q0 = 0;
-#ifdef __AVX2__
-  for (; q0 + 8 <= r; q0 += 8) {
-    const __m256 mv = _mm256_loadu_ps(mx + q0);
-    __m256 s = exp8(_mm256_sub_ps(_mm256_loadu_ps(rows + q0), mv));
-    for (int64_t j = 1; j < m; ++j) s = _mm256_add_ps(s, exp8(_mm256_sub_ps(_mm256_loadu_ps(rows + j * r + q0), mv)));
-    _mm256_storeu_ps(sum + q0, s);
-  }
-#endif
-  for (; q0 < r; ++q0) {
-    float s = exp1(rows[q0] - mx[q0]);
-    for (int64_t j = 1; j < m; ++j) s += exp1(rows[j * r + q0] - mx[q0]);
-    sum[q0] = s;
-  }
-  log_inplace(sum, r);
-  for (int64_t q = 0; q < r; ++q) out[q] = sum[q] + mx[q];
+  for (int64_t j = 0; j < m; ++j) std::copy(mx, mx + r, base + j * r);
+  exp_diff(rows, base, e, m * r);
+  for (int64_t j = 1; j < m; ++j)  // e's first row collects the sums
+    for (int64_t q = 0; q < r; ++q) e[q] += e[j * r + q];
+  log_inplace(e, r);
+  for (int64_t q = 0; q < r; ++q) out[q] = e[q] + mx[q];
 }
 
 // out[q] = logsumexp_c (a + b)[q * m + c], c < m: the m-wide groups of one row (a, b: n = r * m floats); z, e:
@@ -168,7 +157,7 @@ void tile_alpha_beta(const float* sc, int64_t ss, int64_t S, int64_t n, int64_t 
       if ((s >> f) != ov) al[s] = neg;
   for (int64_t t = 1; t < S; ++t) {
     float* lt = ls + t * sl;
-    lse_rows(al + (t - 1) * sa, m, r, lt, scratch);
+    lse_rows(al + (t - 1) * sa, m, r, lt, scratch, scratch + 3 * r, scratch + 3 * r + n);
     const float* st = sc + t * ss;
     float* at = al + t * sa;
     for (int64_t q = 0; q < r; ++q)
@@ -187,22 +176,15 @@ void tile_alpha_beta(const float* sc, int64_t ss, int64_t S, int64_t n, int64_t 
 // fwd, bwd (stride `sa`) of one tile from c, alpha, beta (stride `sa`), scores (stride `ss`) and lse (stride `sl`).
 void tile_expectations(const float* cc, const float* sc, int64_t ss, const float* al, const float* be, int64_t sa,
                        const float* ls, int64_t sl, int64_t S, int64_t n, int64_t f, float* fw, float* bw,
-                       float* w /* n */, float* mean /* r */) {
+                       float* w /* n */, float* base /* n */, float* mean /* r */) {
   const int64_t m = int64_t{1} << f, r = n >> f;
   std::copy(cc, cc + n, fw);
   for (int64_t t = 1; t < S; ++t) {
     const float* ap = al + (t - 1) * sa;
     const float* lt = ls + t * sl;
     const float* fp = fw + (t - 1) * sa;
-    int64_t i0 = 0;
-#ifdef __AVX2__
-    for (int64_t k = 0; k < m; ++k)
-      for (int64_t q0 = 0; q0 + 8 <= r; q0 += 8)
-        _mm256_storeu_ps(w + k * r + q0, exp8(_mm256_sub_ps(_mm256_loadu_ps(ap + k * r + q0), _mm256_loadu_ps(lt + q0))));
-    i0 = r / 8 * 8;
-#endif
-    for (int64_t k = 0; k < m; ++k)
-      for (int64_t q = i0; q < r; ++q) w[k * r + q] = exp1(ap[k * r + q] - lt[q]);
+    for (int64_t k = 0; k < m; ++k) std::copy(lt, lt + r, base + k * r);
+    exp_diff(ap, base, w, n);  // w[k * r + q] = exp(alpha_{t-1}[k * r + q] - lse_t[q]), all n at once
     for (int64_t q = 0; q < r; ++q) mean[q] = w[q] * fp[q];
     for (int64_t k = 1; k < m; ++k)
       for (int64_t q = 0; q < r; ++q) mean[q] += w[k * r + q] * fp[k * r + q];
@@ -321,12 +303,12 @@ std::vector<at::Tensor> bcjr_expectations(const at::Tensor& c, const at::Tensor&
   at::Tensor bwd = at::empty_like(c);
   const int64_t row = d.b * d.n;
   at::parallel_for(0, d.b, kGrainTiles, [&](int64_t j0, int64_t j1) {
-    std::vector<float> w(d.n), mean(d.r);
+    std::vector<float> w(d.n), base(d.n), mean(d.r);
     for (int64_t j = j0; j < j1; ++j)
       tile_expectations(c.data_ptr<float>() + j * d.n, scores.data_ptr<float>() + j * d.n, row,
                         alpha.data_ptr<float>() + j * d.n, beta.data_ptr<float>() + j * d.n, row,
                         lse.data_ptr<float>() + j * d.r, d.b * d.r, d.S, d.n, f, fwd.data_ptr<float>() + j * d.n,
-                        bwd.data_ptr<float>() + j * d.n, w.data(), mean.data());
+                        bwd.data_ptr<float>() + j * d.n, w.data(), base.data(), mean.data());
   });
   return {fwd, bwd};
 }
@@ -458,7 +440,7 @@ std::vector<at::Tensor> bcjr_soft(const at::Tensor& x, const at::Tensor& cols, c
             cc[t * n + s] = c;
           }
         tile_expectations(cc.data(), sc.data(), n, al.data(), be.data(), n, ls.data(), r, S, n, f, fw.data(),
-                          bw.data(), scratch.data(), mean.data());
+                          bw.data(), scratch.data(), scratch.data() + n, mean.data());
         double ex = 0.0;  // E[G], summed in double (the torch path: a float32 reduction)
         for (int64_t j = 0; j < S * n; ++j) ex += static_cast<double>(post[j] * cc[j]);
         const float expect = static_cast<float>(ex);
