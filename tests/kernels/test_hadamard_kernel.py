@@ -168,3 +168,42 @@ def test_shape_errors_still_raised(ext):
         inc.transform_input(torch.randn(2, 63))
     with pytest.raises(ValueError, match="does not match signs"):
         inc.restore_output(torch.randn(2, 64))
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("shape", [(576, 1536), (40, 12), (3, 64, 896)])
+def test_a_trained_weight_inverse_takes_the_kernel_forward_and_backward(ext, monkeypatch, rule, shape):
+    """Fine-tuning an rht run differentiates ``weight_inverse``: with shared signs its two sides run in the
+    kernel, and so does the gradient (the adjoint transform, the inverse rotation ``weight``)."""
+    inc = Incoherence.make(shape, seed=3, rule=rule)
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(*shape, generator=g).requires_grad_(True)  # [..., N, K], in the rotated domain
+    upstream = torch.randn(*shape, generator=g)
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            def call(*a):
+                calls.append(a[-1])  # transpose
+                return getattr(ext, name)(*a)
+            return call
+
+    monkeypatch.setattr(kh, "_extension", lambda: Spy())
+    y = inc.weight_inverse(w)
+    y.backward(upstream)
+    assert calls == [True, True, False, False]  # columns then rows, forward (H^T) and backward (H)
+    want = inc.weight_inverse(w.detach())  # the torch path (no grad)
+    scale = max(float(w.detach().abs().max()), 1.0) * max(shape[-1], shape[-2]) ** 0.5
+    assert float((y.detach() - want).abs().max()) / scale <= TOL
+    grad_want = inc.weight(upstream)  # the adjoint of an orthogonal map is its inverse
+    assert float((w.grad - grad_want).abs().max()) / scale <= TOL
+    assert float((grad_want - upstream).abs().max()) > 0.1  # the rotation is not the identity here
+
+
+def test_the_trained_weight_inverse_passes_gradcheck_in_float64():
+    """float64: the kernel declines, the same autograd function runs torch ops; gradcheck then checks its
+    backward (signs swapped, transpose flipped) against finite differences, on every rule."""
+    for rule in RULES:
+        inc = Incoherence.make((12, 40), seed=5, rule=rule)
+        w = torch.randn(12, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(6)).requires_grad_(True)
+        assert torch.autograd.gradcheck(inc.weight_inverse, (w,))

@@ -40,7 +40,9 @@ weaker and in a whole model it was barely faster than ``paley-outer``: it is opt
 ``n · (Σ f_i + m)`` per vector, the ``O(n log n)`` of a butterfly FWHT up to a small constant, with
 ``log p / _FACTOR_BITS`` batched matmuls instead of ``log p`` memory passes. At run time
 (``transform_input`` / ``restore_output``, float32 on the CPU, shared signs) one call of the C++ kernel
-``kernels.hadamard`` does the signs and the whole transform instead (the same math, fp32 rounding aside):
+``kernels.hadamard`` does the signs and the whole transform instead (the same math, fp32 rounding aside), and
+so does ``weight_inverse`` (``RotatedTensor.dequantize``; fine-tuning an rht run differentiates it: the adjoint
+transform backward, ``_SignedTransform``):
 this module imports torch only, so the kernel module installs itself here when it is imported
 (``set_fast_path``); ``solvers.incoherence`` and the rotated format's run-time path import it.
 """
@@ -70,6 +72,42 @@ def set_fast_path(fn: FastPath | None) -> None:
 def _apply_fast(x: torch.Tensor, before: torch.Tensor | None, after: torch.Tensor | None,
                 transpose: bool, rule: str) -> torch.Tensor | None:
     return None if _fast is None else _fast(x, before, after, transpose, rule)
+
+def _signed_transform(x: torch.Tensor, before: torch.Tensor | None, after: torch.Tensor | None, transpose: bool,
+                      rule: str) -> torch.Tensor:
+    """``S_after T (S_before v)`` for every ``v`` along the last dim of ``x`` (``T = H_n``, or ``H_nᵀ`` with
+    ``transpose``; a None sign is the identity): the C++ kernel where it applies, else torch ops."""
+    out = _apply_fast(x, before, after, transpose, rule)
+    if out is not None:
+        return out
+    y = x if before is None else x * before.to(x.dtype)
+    y = hadamard_transform(y, transpose, rule)
+    return y if after is None else y * after.to(y.dtype)
+
+
+class _SignedTransform(torch.autograd.Function):
+    """``_signed_transform`` with a backward: the map is linear, its adjoint ``S_before Tᵀ S_after`` is the same
+    transform with the signs swapped and ``transpose`` flipped, so the gradient takes the kernel too (the
+    kernel has no backward of its own)."""
+
+    @staticmethod
+    def forward(ctx, x, before, after, transpose, rule):
+        ctx.args = (before, after, transpose, rule)
+        return _signed_transform(x, before, after, transpose, rule)
+
+    @staticmethod
+    def backward(ctx, grad):
+        before, after, transpose, rule = ctx.args
+        return _signed_transform(grad.contiguous(), after, before, not transpose, rule), None, None, None, None
+
+
+def _two_sided(w: torch.Tensor, col_signs: torch.Tensor, row_signs: torch.Tensor, transpose: bool,
+               rule: str) -> torch.Tensor:
+    """``S_col T_N W T_Kᵀ S_row`` for ``w [..., N, K]`` (``T = H``, or ``Hᵀ`` with ``transpose``) by two
+    ``_SignedTransform``s, differentiable: each column ``c ↦ S_col T_N c``, then each row ``r ↦ S_row T_K r``."""
+    cols = _SignedTransform.apply(w.transpose(-1, -2).contiguous(), None, col_signs, transpose, rule)  # [..., K, N]
+    return _SignedTransform.apply(cols.transpose(-1, -2).contiguous(), None, row_signs, transpose, rule)  # [..., N, K]
+
 
 # Largest Sylvester factor applied as one dense matmul: 2^5 measured at least as fast as 2^6 and the
 # butterfly FWHT on CPU (x [4096, 3072] fp32, one thread); every cap gives the same matrix.
@@ -339,6 +377,11 @@ class Incoherence:
     def weight_inverse(self, w_rot: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         """``W = S_V H_Nᵀ W̃ H_K S_U`` for ``w_rot [..., N, K]``."""
         inc = self._at(expert)
+        if (_fast is not None and w_rot.dim() >= 2 and inc.sign_in.shape == w_rot.shape[-1:]
+                and inc.sign_out.shape == w_rot.shape[-2:-1]):
+            # shared signs: the C++ transform where it applies (float32 CPU), forward and, when fine-tuning
+            # differentiates it, backward; one path, so a trained weight is its checkpoint's dequantize bit for bit
+            return _two_sided(w_rot, inc.sign_out, inc.sign_in, True, self.rule)
         a = hadamard_transform(_left(w_rot, True, self.rule), True, self.rule)  # H_Nᵀ W̃ H_K
         return _times_signs(_times_signs(a, inc.sign_in, -1, "rotated weight"), inc.sign_out, -2, "rotated weight")
 
