@@ -73,6 +73,7 @@ def _apply_fast(x: torch.Tensor, before: torch.Tensor | None, after: torch.Tenso
                 transpose: bool, rule: str) -> torch.Tensor | None:
     return None if _fast is None else _fast(x, before, after, transpose, rule)
 
+
 def _signed_transform(x: torch.Tensor, before: torch.Tensor | None, after: torch.Tensor | None, transpose: bool,
                       rule: str) -> torch.Tensor:
     """``S_after T (S_before v)`` for every ``v`` along the last dim of ``x`` (``T = H_n``, or ``H_nᵀ`` with
