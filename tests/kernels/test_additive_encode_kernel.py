@@ -111,3 +111,29 @@ def test_assign_is_the_nearest_codeword_under_each_metric(ext, c, g):
     assert got.dtype == torch.int64 and got.shape == (2, 3, points)
     assert torch.allclose(best, dist.min(-1).values, rtol=1e-5, atol=1e-6)  # a nearest codeword (float ties aside)
     assert float((got == want).double().mean()) > 0.99
+
+
+@pytest.mark.parametrize("c", [256, 37])
+def test_the_fixed_group_of_8_picks_the_codes_of_the_general_path(ext, c):
+    # g = 8 takes nearest<8> (the point's broadcasts held in registers); the same problem padded to g = 9 with a
+    # zero coordinate (zero target, zero codeword entry, identity on the new axis) takes the general path. Every
+    # padded term adds an exact zero, so the scores and the codes must be the same bits, ties included: the
+    # codebook repeats 5 of its codewords further on (a tie goes to the smaller index).
+    gen = torch.Generator().manual_seed(c)
+    p = 2000
+    target = torch.randn(3, p, 8, generator=gen)  # [B, P, g]
+    a = torch.randn(3, 8, 8, generator=gen)
+    blocks = a @ a.transpose(-1, -2) + 0.1 * torch.eye(8)  # [B, 8, 8]
+    codebook = torch.randn(c, 8, generator=gen)
+    codebook[c - 5:] = codebook[:5]
+    target[:, :5] = codebook[:5]  # points on a repeated codeword: a tie at distance 0
+    got = KA.fast_assign(target, blocks, codebook)
+    pad_t = torch.cat([target, torch.zeros(3, p, 1)], -1).contiguous()
+    pad_h = torch.zeros(3, 9, 9)
+    pad_h[:, :8, :8] = blocks
+    pad_h[:, 8, 8] = 1.0
+    pad_c = torch.cat([codebook, torch.zeros(c, 1)], -1).contiguous()
+    want = KA.fast_assign(pad_t, pad_h, pad_c)
+    assert got is not None and want is not None
+    assert torch.equal(got, want)
+    assert got[:, :5].tolist() == [[0, 1, 2, 3, 4]] * 3

@@ -97,20 +97,32 @@ int64_t smallest(const float* vals, int64_t count, int64_t keep, float* best, in
   return size;
 }
 
-// argmin_c (qv[c] - 2 t.c), c < C, ties to the smallest c (cbt: the codebook transposed, [g, C])
+// argmin_c (qv[c] - 2 t.c), c < C, ties to the smallest c (cbt: the codebook transposed, [g, C]). G > 0: g == G
+// known at compile time, so the point's G broadcasts -2 t[k] are made once and held in registers across the
+// codebook (G = 8, the default group, scores ~2x faster); G = 0: any g. Same sums in the same order either way.
+template <int G>
 int64_t nearest(const float* t, int64_t g, const float* qv, const float* cbt, int64_t C) {
+  const int64_t n = G > 0 ? G : g;
   float best = std::numeric_limits<float>::infinity();
   int64_t where = 0;
   int64_t c = 0;
 #ifdef __AVX2__
   if (C >= 8) {
+    __m256 tk[G > 0 ? G : 1];
+    if constexpr (G > 0)
+      for (int k = 0; k < G; ++k) tk[k] = _mm256_set1_ps(-2.0f * t[k]);
     __m256 bv = _mm256_set1_ps(std::numeric_limits<float>::infinity());
     __m256i bi = _mm256_setzero_si256();
     __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i step = _mm256_set1_epi32(8);
     for (; c + 8 <= C; c += 8) {
       __m256 acc = _mm256_loadu_ps(qv + c);
-      for (int64_t k = 0; k < g; ++k) acc = _mm256_fmadd_ps(_mm256_set1_ps(-2.0f * t[k]), _mm256_loadu_ps(cbt + k * C + c), acc);
+      if constexpr (G > 0) {
+        for (int k = 0; k < G; ++k) acc = _mm256_fmadd_ps(tk[k], _mm256_loadu_ps(cbt + k * C + c), acc);
+      } else {
+        for (int64_t k = 0; k < g; ++k)
+          acc = _mm256_fmadd_ps(_mm256_set1_ps(-2.0f * t[k]), _mm256_loadu_ps(cbt + k * C + c), acc);
+      }
       const __m256 lt = _mm256_cmp_ps(acc, bv, _CMP_LT_OQ);  // strict: a lane keeps its first minimum
       bv = _mm256_blendv_ps(bv, acc, lt);
       bi = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bi), _mm256_castsi256_ps(idx), lt));
@@ -127,9 +139,9 @@ int64_t nearest(const float* t, int64_t g, const float* qv, const float* cbt, in
       }
   }
 #endif
-  for (; c < C; ++c) {
+  for (; c < C; ++c) {  // fused as in the vector lanes, so a tie across the two parts is a tie here too
     float acc = qv[c];
-    for (int64_t k = 0; k < g; ++k) acc += (-2.0f * t[k]) * cbt[k * C + c];
+    for (int64_t k = 0; k < n; ++k) acc = std::fma(-2.0f * t[k], cbt[k * C + c], acc);
     if (acc < best) {
       best = acc;
       where = c;
@@ -185,7 +197,8 @@ at::Tensor additive_assign(const at::Tensor& target, const at::Tensor& blocks, c
         for (int64_t l = 0; l < g; ++l) acc += h[k * g + l] * x[l];
         t[k] = acc;
       }
-      O[i] = nearest(t.data(), g, Q + b * C, cbt.data(), C);
+      const float* qb = Q + b * C;
+      O[i] = g == 8 ? nearest<8>(t.data(), g, qb, cbt.data(), C) : nearest<0>(t.data(), g, qb, cbt.data(), C);
     }
   });
   return out;
