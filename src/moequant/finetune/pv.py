@@ -101,9 +101,18 @@ def st_target(w_hat: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, stat
     return w_hat.detach().to(torch.float32) + delta - step
 
 
-def group_errors(y: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
-    """``s² ‖Σ_m C_m[b_m] − y‖²`` per group: y ``[E, N, G, g]``, codes ``[E, N, G, M]``, s2 ``[E, N]`` -> ``[E, N, G]``."""
-    return (decode_groups(codes, codebooks) - y).pow(2).sum(-1) * s2[..., None]
+def _parts(codes: torch.Tensor, books: torch.Tensor, m: int) -> torch.Tensor:
+    """Codebook ``m``'s codewords of every group: codes ``[E, N, G, M]``, books float32 ``[M, C, g]`` or
+    ``[E, M, C, g]`` -> ``[E, N, G, g]``."""
+    return decode_groups(codes[..., m:m + 1], books[..., m:m + 1, :, :])
+
+
+def _total(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``Σ_m parts[m]`` added in the order m = 0 .. M-1, as ``decode_groups`` adds them (the same bits)."""
+    out = parts[0]
+    for part in parts[1:]:
+        out = out + part
+    return out
 
 
 def _nearest(target: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -113,25 +122,58 @@ def _nearest(target: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return assign(target[None, None], torch.eye(g)[None, None], codebook)[0, 0]
 
 
-def coordinate_descent(y: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, sweeps: int) -> torch.Tensor:
+def _search(rest: torch.Tensor, books_m: torch.Tensor, expert: torch.Tensor | None) -> torch.Tensor:
+    """Nearest codeword of codebook m to each row of ``rest [D, g]``: books_m ``[C, g]`` (one set) or ``[E, C, g]``
+    with ``expert [D]`` the expert of each row -> codes ``[D]``."""
+    if books_m.dim() == 2:
+        return _nearest(rest, books_m)
+    out = torch.empty(rest.shape[0], dtype=torch.int64)
+    for i in range(books_m.shape[0]):
+        rows = torch.nonzero(expert == i).reshape(-1)
+        if rows.numel():
+            out[rows] = _nearest(rest[rows], books_m[i])
+    return out
+
+
+def coordinate_descent(y: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, sweeps: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes re-chosen one codebook at a time as the nearest codeword to what the others leave of ``y``.
 
     y ``[E, N, G, g]`` (row-normalised targets), codes ``[E, N, G, M]``, codebooks ``[M, C, g]`` or
-    ``[E, M, C, g]`` -> codes ``[E, N, G, M]``."""
+    ``[E, M, C, g]`` -> (codes ``[E, N, G, M]``, the start's decoded groups and the result's ``[E, N, G, g]``,
+    each equal to ``decode_groups`` of its codes).
+
+    Each codebook's codewords are gathered once, then only where its codes change. A sweep after the first
+    searches only the groups whose codes changed in the sweep before: a group that did not change meets the same
+    remainders, to the bit, as it did then, so it would choose the same codes again (in PV-tuning almost every
+    group, so the second sweep costs next to nothing)."""
     e, n, G, m_count = codes.shape
     g = y.shape[-1]
     books = codebooks.to(torch.float32)
-    out = codes.clone()
+    out = codes.reshape(e, n * G, m_count).clone()  # [E, P, M]
+    ys = y.reshape(e, n * G, g)  # [E, P, g]
+    parts = [_parts(out, books, m) for m in range(m_count)]  # M x [E, P, g]
+    start = _total(parts)
+    experts = torch.arange(e)[:, None].expand(e, n * G)  # [E, P]
+    active: torch.Tensor | None = None  # [D, 2] (expert, group) searched in this sweep; None: every group
     for _ in range(sweeps):
+        before = out.clone()
         for m in range(m_count):
-            mine = decode_groups(out[..., m:m + 1], books[..., m:m + 1, :, :])  # [E, N, G, g]
-            rest = y - (decode_groups(out, books) - mine)  # [E, N, G, g]: what codebook m should cover
-            if books.dim() == 3:
-                out[..., m] = _nearest(rest.reshape(-1, g), books[m]).reshape(e, n, G)
-            else:
-                for i in range(e):
-                    out[i, ..., m] = _nearest(rest[i].reshape(-1, g), books[i, m]).reshape(n, G)
-    return out
+            books_m = books[m] if books.dim() == 3 else books[:, m]  # [C, g] or [E, C, g]
+            if active is None:
+                rest = (ys - (_total(parts) - parts[m])).reshape(-1, g)  # [E·P, g]: what codebook m should cover
+                out[..., m] = _search(rest, books_m, experts.reshape(-1)).reshape(e, n * G)
+                parts[m] = _parts(out, books, m)
+                continue
+            ei, pi = active[:, 0], active[:, 1]  # [D] each
+            rest = ys[ei, pi] - (_total([p[ei, pi] for p in parts]) - parts[m][ei, pi])  # [D, g]
+            got = _search(rest, books_m, ei)  # [D]
+            out[ei, pi, m] = got
+            parts[m][ei, pi] = books_m[got] if books.dim() == 3 else books_m[ei, got]
+        active = torch.nonzero((out != before).any(-1))  # [D, 2]
+        if active.shape[0] == 0:
+            break
+    return out.reshape(codes.shape), start.reshape(y.shape), _total(parts).reshape(y.shape)
 
 
 def v_step(target: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scale: torch.Tensor,
@@ -148,16 +190,19 @@ def v_step(target: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, s
     s = scale.to(torch.float32)  # [E, N]
     safe = torch.where(s == 0, torch.ones_like(s), s)
     y = (target.to(torch.float32) / safe[..., None]).reshape(e, n, G, g)  # [E, N, G, g]
-    s2 = s.pow(2)
-    cand = coordinate_descent(y, codes, codebooks, sweeps)  # [E, N, G, M]
-    gain = (group_errors(y, codes, codebooks, s2) - group_errors(y, cand, codebooks, s2)).reshape(-1)  # [E·N·G]
+    cand, decoded, decoded_cand = coordinate_descent(y, codes, codebooks, sweeps)  # [E, N, G, M], 2 x [E, N, G, g]
     moved = (cand != codes).sum(-1).reshape(-1)  # [E·N·G] codes that would change per group
+    # the error s² ‖ŷ − y‖² of both codes, only where a group's codes differ (elsewhere the fall is exactly 0)
+    which = torch.nonzero(moved).reshape(-1)  # [D]
+    s2 = s.pow(2)[..., None].expand(e, n, G).reshape(-1)[which]  # [D]
+    y_d, old_d, new_d = (t.reshape(-1, g)[which] for t in (y, decoded, decoded_cand))  # 3 x [D, g]
+    gain = ((old_d - y_d).pow(2).sum(-1) * s2 - (new_d - y_d).pow(2).sum(-1) * s2)  # [D]
     budget = int(max_fraction * codes.numel())
     order = torch.argsort(gain, descending=True, stable=True)
     useful = gain[order] > 0
-    within = torch.cumsum(moved[order] * useful, 0) <= budget
-    take = torch.zeros_like(useful)
-    take[order] = useful & within  # the largest falls first, as many as the budget allows
+    within = torch.cumsum(moved[which][order] * useful, 0) <= budget
+    take = torch.zeros(moved.shape[0], dtype=torch.bool)
+    take[which[order]] = useful & within  # the largest falls first, as many as the budget allows
     flat_new, flat_old = cand.reshape(-1, m_count), codes.reshape(-1, m_count)
     out = torch.where(take[:, None], flat_new, flat_old).reshape(codes.shape)
     changed = int((out != codes).sum())
