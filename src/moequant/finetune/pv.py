@@ -122,7 +122,7 @@ def _nearest(target: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return assign(target[None, None], torch.eye(g)[None, None], codebook)[0, 0]
 
 
-def _search(rest: torch.Tensor, books_m: torch.Tensor, expert: torch.Tensor | None) -> torch.Tensor:
+def _search(rest: torch.Tensor, books_m: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
     """Nearest codeword of codebook m to each row of ``rest [D, g]``: books_m ``[C, g]`` (one set) or ``[E, C, g]``
     with ``expert [D]`` the expert of each row -> codes ``[D]``."""
     if books_m.dim() == 2:
@@ -154,15 +154,18 @@ def coordinate_descent(y: torch.Tensor, codes: torch.Tensor, codebooks: torch.Te
     ys = y.reshape(e, n * G, g)  # [E, P, g]
     parts = [_parts(out, books, m) for m in range(m_count)]  # M x [E, P, g]
     start = _total(parts)
-    experts = torch.arange(e)[:, None].expand(e, n * G)  # [E, P]
     active: torch.Tensor | None = None  # [D, 2] (expert, group) searched in this sweep; None: every group
     for _ in range(sweeps):
         before = out.clone()
         for m in range(m_count):
             books_m = books[m] if books.dim() == 3 else books[:, m]  # [C, g] or [E, C, g]
             if active is None:
-                rest = (ys - (_total(parts) - parts[m])).reshape(-1, g)  # [E·P, g]: what codebook m should cover
-                out[..., m] = _search(rest, books_m, experts.reshape(-1)).reshape(e, n * G)
+                rest = ys - (_total(parts) - parts[m])  # [E, P, g]: what codebook m should cover
+                if books.dim() == 3:
+                    out[..., m] = _nearest(rest.reshape(-1, g), books_m).reshape(e, n * G)
+                else:
+                    for i in range(e):
+                        out[i, :, m] = _nearest(rest[i], books_m[i])
                 parts[m] = _parts(out, books, m)
                 continue
             ei, pi = active[:, 0], active[:, 1]  # [D] each
