@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from moequant.eval.bootstrap import PplDelta, paired_delta_ci
 from moequant.finetune.loop import work_dir_for
@@ -104,3 +104,15 @@ def fp_reference(model: str, out: Path, max_tokens: int | None) -> tuple[dict[st
     fp = {k: base[k] for k in ("ppl", "tokens", "n_windows", "seqlen", "nll_per_window", "tokens_per_window")}
     fp.update(eval_command=" ".join(cmd), seconds_eval=secs)
     return base, fp
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """``fn`` once to warm (kernel builds, caches), then ``repeats`` timed calls: their median wall time in seconds
+    and the last call's result."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], out

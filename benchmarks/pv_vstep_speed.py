@@ -19,26 +19,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from _cli_runs import write_json
+from _cli_runs import median_seconds, write_json
 
 SHAPES = (("smollm2-135m gate_proj", (1, 1536, 576), False), ("smollm2-moe experts.gate_up_proj", (8, 288, 576), True),
           ("smollm2-moe experts.down_proj", (8, 576, 144), True))
-
-
-def median_seconds(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    out = fn()  # warm: the kernel's build
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2], out
 
 
 def digest(codes: torch.Tensor) -> str:

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from _cli_runs import write_json
+from _cli_runs import median_seconds, write_json
 
 SHAPES = {"smollm2-135m": [("q_proj", (576, 576)), ("k_proj", (192, 576)), ("v_proj", (192, 576)),
                            ("o_proj", (576, 576)), ("gate_proj", (1536, 576)), ("up_proj", (1536, 576)),
@@ -38,16 +37,6 @@ def autograd_inverse(inc, w: torch.Tensor) -> torch.Tensor:
     return _times_signs(_times_signs(a, inc.sign_in, -1, "w"), inc.sign_out, -2, "w")
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm: the kernel's build, the transform's factors
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def measure(name: str, shape: tuple[int, ...], repeats: int) -> dict[str, Any]:
     from moequant.codecs.hadamard import Incoherence
 
@@ -58,12 +47,12 @@ def measure(name: str, shape: tuple[int, ...], repeats: int) -> dict[str, Any]:
     out: dict[str, Any] = {"tensor": name, "shape": list(shape), "rule": inc.rule}
     grads = {}
     for path, fn in (("autograd", lambda: autograd_inverse(inc, w)), ("kernel", lambda: inc.weight_inverse(w))):
-        out[f"{path}_forward_s"] = median_seconds(fn, repeats)
+        out[f"{path}_forward_s"] = median_seconds(fn, repeats)[0]
 
         def both(fn=fn):
             w.grad = None
             fn().backward(upstream)
-        out[f"{path}_forward_backward_s"] = median_seconds(both, repeats)
+        out[f"{path}_forward_backward_s"] = median_seconds(both, repeats)[0]
         grads[path] = (fn().detach(), w.grad.clone())
     scale = float(w.detach().abs().max())
     out["max_weight_diff"] = float((grads["kernel"][0] - grads["autograd"][0]).abs().max()) / scale

@@ -197,7 +197,7 @@ def v_step(target: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, s
     moved = (cand != codes).sum(-1).reshape(-1)  # [E·N·G] codes that would change per group
     # the error s² ‖ŷ − y‖² of both codes, only where a group's codes differ (elsewhere the fall is exactly 0)
     which = torch.nonzero(moved).reshape(-1)  # [D]
-    s2 = s.pow(2)[..., None].expand(e, n, G).reshape(-1)[which]  # [D]
+    s2 = s.pow(2).reshape(-1)[which // G]  # [D]: each group's row scale, squared
     y_d, old_d, new_d = (t.reshape(-1, g)[which] for t in (y, decoded, decoded_cand))  # 3 x [D, g]
     gain = ((old_d - y_d).pow(2).sum(-1) * s2 - (new_d - y_d).pow(2).sum(-1) * s2)  # [D]
     budget = int(max_fraction * codes.numel())
