@@ -59,6 +59,7 @@ def nf4_run(tmp_path_factory):
     (["--method", "kd", "--layers", "2"], "--layers 2: the model has 2 decoder layers (0-1)"),
     (["--method", "kd", "--data-samples", "4"], "--data-samples/--data-seqlen need --data"),
     (["--method", "kd", "--lr", "0"], "--lr must be > 0"),
+    (["--method", "kd", "--save-minutes", "-1"], "--save-minutes must be >= 0, got -1.0"),
     (["--method", "kd", "--soft-bits", "4"], "--soft-bits applies to --method bcjr only, not kd"),
     (["--method", "bcjr", "--ste-every", "4"], "--ste-every applies to --method ste only, not bcjr"),
     (["--method", "ste", "--ste-every", "0"], "--ste-every must be >= 1"),

@@ -269,6 +269,43 @@ def test_kd_resume_ends_byte_identical(nf4_run, tmp_path):
     _interrupt_and_resume(nf4_run, settings, tmp_path, stop_at=3)
 
 
+def test_a_save_after_every_step_by_time_resumes_from_the_step_it_saved(nf4_run, tmp_path):
+    """--save-minutes 0: the state is saved after every step whatever --save-every says, so the resumed run
+    continues from the step the interrupt hit (not from step 0) and still ends byte-identical; the save policy is
+    not part of the fingerprint: a state written with another save_every in it (as older versions wrote) resumes."""
+    from moequant.finetune.loop import FinetuneJob, FinetuneSettings, run_finetune, work_dir_for
+
+    settings = FinetuneSettings(steps=5, method="kd", lr=1e-2, save_every=50, eval_windows=2)
+    a = run_finetune(FinetuneJob(nf4_run, tmp_path / "a", settings, progress=False, save_minutes=None))
+
+    def stop(step, _):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(FinetuneJob(nf4_run, tmp_path / "b", settings, progress=False, save_minutes=0), on_step=stop)
+    meta_path = work_dir_for(tmp_path / "b") / "state.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["step"] == 3 and "save_every" not in meta["fingerprint"]["settings"]
+    meta["fingerprint"]["settings"]["save_every"] = 2
+    meta_path.write_text(json.dumps(meta))
+    resumed = FinetuneSettings(steps=5, method="kd", lr=1e-2, save_every=7, eval_windows=2)
+    seen: list[int] = []
+    b = run_finetune(FinetuneJob(nf4_run, tmp_path / "b", resumed, resume=True, progress=False),
+                     on_step=lambda step, _: seen.append(step))
+    assert seen == [4, 5] and len(b["job_runs"]) == 2
+    assert len(b["finetune"]["train_loss"]) == 5 and a["finetune"]["train_loss"] == b["finetune"]["train_loss"]
+    files = [p.name for p in sorted((tmp_path / "a").iterdir()) if p.suffix == ".safetensors"]
+    assert files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+
+
+def test_save_minutes_must_not_be_negative(nf4_run, tmp_path):
+    from moequant.finetune.loop import FinetuneJob, FinetuneSettings
+
+    with pytest.raises(ValueError, match="--save-minutes must be >= 0, got -1"):
+        FinetuneJob(nf4_run, tmp_path / "o", FinetuneSettings(steps=1, method="kd"), save_minutes=-1)
+
+
 # ------------------------------------------------------------------------------------------------ trellis runs
 
 

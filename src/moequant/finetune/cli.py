@@ -73,6 +73,9 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
     f.add_argument("--out", default=None, help="output checkpoint (default: RUN-<method>)")
     f.add_argument("--overwrite", action="store_true", help="replace an existing moequant output at --out")
     f.add_argument("--save-every", type=int, default=50, help="save the training state every N steps (default 50)")
+    f.add_argument("--save-minutes", type=float, default=10.0,
+                   help="also save it after a step that ends M minutes or more after the last save (default 10; "
+                   "0: after every step)")
     f.add_argument("--resume", action="store_true", help="continue an interrupted finetune to --out")
     f.set_defaults(func=cmd_finetune)
     return f
@@ -103,8 +106,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if not run.is_dir():
         raise MoequantError(f"{run}: no such run directory")
     out = Path(args.out) if args.out else run.parent / f"{run.name}-{args.method}"
-    job = FinetuneJob(run=run, out=out, settings=settings, calib=calib, overwrite=args.overwrite, resume=args.resume,
-                      progress=not args.quiet)
+    try:
+        job = FinetuneJob(run=run, out=out, settings=settings, calib=calib, overwrite=args.overwrite,
+                          resume=args.resume, progress=not args.quiet, save_minutes=args.save_minutes)
+    except ValueError as e:
+        raise MoequantError(str(e)) from None
     ft = run_finetune(job, sys.argv[1:])["finetune"]
     extra = ""
     if "changed_fraction" in ft:

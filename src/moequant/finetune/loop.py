@@ -13,11 +13,12 @@ decoder layers; everything else stays as it was. The KL on the first ``eval_wind
 before and after, on the packed model.
 
 Work directory ``.<out-name>.moequant-finetune/`` beside ``--out``: ``log.jsonl`` (one line per step: step,
-loss, fraction of codes changed (pv), temperature (bcjr)), and every ``save_every`` steps
+loss, fraction of codes changed (pv), temperature (bcjr)), and every ``save_every`` steps (and after any step
+that ends ``save_minutes`` or more after the last save, so that a kill loses at most that much work)
 ``state-<step>.safetensors`` (every trainable's state, norms, every Adam moment, PV's straight-through offsets)
 with ``state.json`` (fingerprint, step, Adam step counts, step sizes, history) written after it. ``--resume``
-continues from the saved step and ends with the same checkpoint bytes as an uninterrupted run. The directory is
-removed once the checkpoint is in place.
+continues from the saved step and ends with the same checkpoint bytes as an uninterrupted run, whichever step was
+saved (the save policy is not part of the fingerprint). The directory is removed once the checkpoint is in place.
 """
 
 from __future__ import annotations
@@ -121,6 +122,11 @@ class FinetuneJob:
     overwrite: bool = False
     resume: bool = False
     progress: bool = True
+    save_minutes: float | None = 10.0  # also save after a step that ends this long after the last save; None: off
+
+    def __post_init__(self) -> None:
+        if self.save_minutes is not None and not self.save_minutes >= 0:
+            raise ValueError(f"--save-minutes must be >= 0, got {self.save_minutes}")
 
 
 def work_dir_for(out: Path) -> Path:
@@ -292,8 +298,11 @@ def _load_state(work: Path, state: FinetuneState, fp: dict[str, Any]) -> tuple[i
     meta = read_json_object(work / "state.json")
     if meta is None:
         return 0, {}
-    if meta.get("fingerprint") != fp:
-        diff = sorted(k for k in set(fp) | set(meta.get("fingerprint", {})) if meta["fingerprint"].get(k) != fp.get(k))
+    saved = dict(meta.get("fingerprint") or {})
+    if isinstance(saved.get("settings"), dict):  # an older moequant's state has save_every in it
+        saved["settings"] = {k: v for k, v in saved["settings"].items() if k not in _NOT_FINGERPRINTED}
+    if saved != fp:
+        diff = sorted(k for k in set(fp) | set(saved) if saved.get(k) != fp.get(k))
         raise MoequantError(f"--resume: {work} was written by a different run (differs in {', '.join(diff)}); "
                             "remove it to start over")
     state.load(load_file(str(work / meta["file"])), meta)
@@ -364,6 +373,11 @@ def _step(student, teacher, ids: torch.Tensor, state: FinetuneState, weights: di
     return float(loss.detach()), changed
 
 
+# Settings a resumed run may change: the steps (the schedule, when there is one, pins them separately) and
+# how often the state is saved, which never changes the result.
+_NOT_FINGERPRINTED = ("steps", "save_every")
+
+
 def _fingerprint(run: Path, settings: FinetuneSettings, calib: CalibData, tokens: torch.Tensor) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one, as JSON reads it back (tuples become lists).
     The number of steps may differ, except under a temperature schedule, which it stretches."""
@@ -372,7 +386,8 @@ def _fingerprint(run: Path, settings: FinetuneSettings, calib: CalibData, tokens
     schedule = None if settings.tau is None else {"tau": list(settings.tau), "anneal": "cosine",
                                                    "steps": settings.steps}
     fp = {"run": str(run.resolve()), "run_config": (run / "config.json").read_text(),
-          "settings": {k: v for k, v in asdict(settings).items() if k != "steps"}, "calib": calib.to_dict(),
+          "settings": {k: v for k, v in asdict(settings).items() if k not in _NOT_FINGERPRINTED},
+          "calib": calib.to_dict(),
           "tokens": tokens_digest(tokens), "schedule": schedule}
     return json.loads(json.dumps(fp))
 
@@ -410,7 +425,7 @@ def run_finetune(job: FinetuneJob, argv: list[str] | None = None,
         start, history = _load_state(work, state, fp)
         log.info("--resume: continuing from step %d", start)
     work.mkdir(exist_ok=True)
-    t0 = time.time()
+    t0 = last_save = time.time()
     if not history:
         history = {"loss_before": mean_kl(student, teacher, evalw, settings.batch), "loss": [], "changed": [],
                    "seconds": 0.0}
@@ -440,8 +455,11 @@ def run_finetune(job: FinetuneJob, argv: list[str] | None = None,
             logfh.flush()
             bar.set_postfix({settings.objective: f"{loss:.4f}", **({"tau": f"{tau:.3f}"} if tau is not None else {})})
             done = step + 1
-            if done % settings.save_every == 0 and done < settings.steps:
+            due = done % settings.save_every == 0 or (
+                job.save_minutes is not None and time.time() - last_save >= 60 * job.save_minutes)
+            if due and done < settings.steps:
                 _save_state(work, done, state, fp, {**history, "seconds": history["seconds"] + time.time() - t0})
+                last_save = time.time()
             if on_step is not None:
                 on_step(done, loss)
     for p in [*state.params.values(), *state.norms.values()]:
