@@ -32,8 +32,8 @@ def _rms(t: torch.Tensor) -> float:
     return float(t.double().square().mean().sqrt())
 
 
-def measure(t: Any, soft_bits: int, sigma: float, taus: list[float], seed: int) -> list[dict[str, Any]]:
-    """Rows for one ``TrellisBCJR`` ``t`` (its ``opts.soft_bits`` = ``soft_bits``)."""
+def measure(t: Any, sigma: float, taus: list[float], seed: int) -> list[dict[str, Any]]:
+    """Rows for one ``TrellisBCJR`` ``t`` (at its ``opts.soft_bits``)."""
     from moequant.finetune.bcjr import hard_path, soft_codeword
 
     g = torch.Generator().manual_seed(seed)
@@ -47,7 +47,7 @@ def measure(t: Any, soft_bits: int, sigma: float, taus: list[float], seed: int) 
     for tau in taus:
         soft = t._untile(soft_codeword(t._tiles(x), tables, tau, geom, walks, t._overlap(walks, geom), t._group(),
                                        t.opts.soft_bytes))  # [E, N, K]
-        rows.append({"soft_bits": soft_bits, "F": geom.F, "sigma": sigma, "tau": tau,
+        rows.append({"soft_bits": t.opts.soft_bits, "F": geom.F, "sigma": sigma, "tau": tau,
                      "rel_rms": _rms(soft - hard) / _rms(hard), "rel_rms_latent": _rms(x - hard) / _rms(hard)})
     return rows
 
@@ -88,7 +88,7 @@ def main() -> int:
             inner = opened.inner if isinstance(opened, Rotated) else opened
             assert isinstance(inner, TrellisBCJR)
             for sigma in args.sigma:
-                for r in measure(inner, sb, sigma, args.tau, args.seed):
+                for r in measure(inner, sigma, args.tau, args.seed):
                     rows.append({"tensor": name, **r})
                     print(f"{name} soft_bits {sb} sigma {sigma} tau {r['tau']}: rel_rms {r['rel_rms']:.5f} "
                           f"(latent {r['rel_rms_latent']:.5f})", flush=True)

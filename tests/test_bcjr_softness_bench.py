@@ -25,8 +25,8 @@ def _opened() -> TrellisBCJR:
 
 def test_a_cold_posterior_is_the_hard_walk_and_a_hot_one_is_not():
     m = bench_module(BENCHMARKS / "bcjr_softness.py", "bcjr_softness_bench")
-    start = m.measure(_opened(), 4, 0.0, [1e-4, 100.0], seed=0)
-    moved = m.measure(_opened(), 4, 0.3, [1e-4, 100.0], seed=0)
+    start = m.measure(_opened(), 0.0, [1e-4, 100.0], seed=0)
+    moved = m.measure(_opened(), 0.3, [1e-4, 100.0], seed=0)
     assert [(r["sigma"], r["tau"], r["F"]) for r in start + moved] == [
         (0.0, 1e-4, 4), (0.0, 100.0, 4), (0.3, 1e-4, 4), (0.3, 100.0, 4)]
     # on its codeword the latent's best sub-trellis walk is the PTQ walk itself
